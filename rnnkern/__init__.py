@@ -1,0 +1,14 @@
+"""rnnkern: compiled-kernel LSTM/GRU/RNN for Python.
+
+    >>> import rnnkern as rk
+    >>> lstm = rk.LSTM(5, 8, num_layers=2, forget_bias=0.0, seed=0)
+    >>> outputs, (h_n, c_n) = lstm(x)            # x [B,T,I] -> outputs [B,T,H]
+    >>> dx, (dh0, dc0) = lstm.backward(d_outputs)  # fills lstm.grads
+"""
+from .backends import available_backends, set_backend
+from .cellspec import CellSpec
+from .layers import GRU, LSTM, RNN
+
+__version__ = "0.1.0"
+
+__all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend", "__version__"]

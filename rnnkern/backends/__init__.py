@@ -1,0 +1,96 @@
+"""Backend registry and selection rules.
+
+A backend is a module with three functions, the seam between the layer API and the kernels
+(one layer, one direction, whole sequence; shape legend in :mod:`rnnkern.reference`)::
+
+    available() -> (ok: bool, reason: str)
+    forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+        -> outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved
+    backward(spec, saved, d_outputs, d_h_n, d_c_n)
+        -> dx [B,T,I], dh0 [B,H], dc0 [B,H] | None, {"w_ih", "w_hh", "b_ih", "b_hh"}
+
+Inputs arrive validated: C-contiguous arrays of one float dtype (float32 or float64), ``c0``
+only for LSTM, ``lengths`` None or int64 [B] within [0, T]; ``d_*`` may be None (zeros).
+Returned arrays belong to the caller (no workspace aliases).
+
+Selection: an explicit ``backend=`` wins, then :func:`set_backend` / ``RNNKERN_BACKEND``, then
+automatic: CuPy arrays -> ``cuda``; NumPy arrays -> first available of ``numba``, ``cpp``,
+``numpy``. An explicitly requested backend that is unavailable raises with its reason.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+_MODULES = {
+    "numpy": "rnnkern.backends.numpy_ref",
+    "numba": "rnnkern.backends.numba_cpu",
+    "cpp": "rnnkern.backends.cpp",
+    "cuda": "rnnkern.backends.cuda",
+}
+BACKENDS = tuple(_MODULES)
+_CPU_PREFERENCE = ("numba", "cpp", "numpy")
+_chosen = None  # set by set_backend()
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _module(name):
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as exc:  # the backend's module itself needs something missing
+        return exc
+
+
+def available_backends() -> dict:
+    """``{name: (available, reason)}`` for every backend, in preference order."""
+    result = {}
+    for name in BACKENDS:
+        mod = _module(name)
+        result[name] = (False, f"import failed: {mod}") if isinstance(mod, Exception) \
+            else mod.available()
+    return result
+
+
+def _check_name(name):
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {list(BACKENDS) + ['auto']}, got {name!r}")
+
+
+def set_backend(name):
+    """Choose the backend used by layers created with ``backend="auto"`` (None: automatic)."""
+    global _chosen
+    if name is not None and name != "auto":
+        _check_name(name)
+        get_backend(name)  # raise now, not at the first forward
+    _chosen = None if name == "auto" else name
+
+
+def get_backend(name):
+    """The backend module ``name``; raises :class:`BackendUnavailable` with the reason."""
+    _check_name(name)
+    mod = _module(name)
+    if isinstance(mod, Exception):
+        raise BackendUnavailable(f"backend {name!r} is unavailable: import failed: {mod}")
+    ok, reason = mod.available()
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
+    return mod
+
+
+def resolve(requested, x):
+    """The backend module for ``requested`` ("auto" or a name) and input array ``x``."""
+    if requested not in (None, "auto"):
+        return get_backend(requested)
+    preset = _chosen or os.environ.get("RNNKERN_BACKEND") or None
+    if preset and preset != "auto":
+        return get_backend(preset)
+    if type(x).__module__.startswith("cupy"):
+        return get_backend("cuda")
+    for name in _CPU_PREFERENCE:
+        mod = _module(name)
+        if not isinstance(mod, Exception) and mod.available()[0]:
+            return mod
+    raise BackendUnavailable("no CPU backend is available")  # numpy always is; unreachable

@@ -1,0 +1,334 @@
+"""Recurrent layers with PyTorch names: :class:`RNN`, :class:`LSTM`, :class:`GRU`.
+
+A layer owns its parameters (``params``, PyTorch names and layouts), validates every input,
+stacks ``num_layers`` cells, and hands each cell's whole sequence to a backend through the seam
+described in :mod:`rnnkern.backends`. It keeps what the last forward call saved so that
+:meth:`backward` can run BPTT and fill ``grads``.
+
+Shape legend: B batch, T time steps, I input size, H hidden size, L layers, G gates.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import backends
+from .cellspec import CellSpec
+
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _as_dtype(dtype):
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return np.dtype(_DTYPES[name])
+
+
+def _positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _xp(a):
+    """The array module of ``a``: NumPy, or CuPy for CuPy arrays."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+class _Recurrent:
+    """Common machinery of RNN, LSTM and GRU; use those classes."""
+
+    kind = None  # "rnn" | "lstm" | "gru", set by subclasses
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, dtype="float32",
+                 backend="auto", seed=None, dropout=0.0, **cell_options):
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.dtype = _as_dtype(dtype)
+        if backend != "auto":
+            backends._check_name(backend)
+        self.backend = backend
+        if not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        self.training = True
+        self.spec = CellSpec(self.kind, **cell_options)
+        self._rng = np.random.default_rng(seed)
+        self.params = self._init_params()
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._saved = None
+
+    # ------------------------------------------------------------------ parameters
+    def param_shapes(self):
+        """``{name: shape}`` of every parameter, PyTorch names: ``weight_ih_l0 [G*H,I]`` ..."""
+        G, H = self.spec.gates, self.hidden_size
+        shapes = {}
+        for k in range(self.num_layers):
+            n_in = self.input_size if k == 0 else H
+            shapes[f"weight_ih_l{k}"] = (G * H, n_in)
+            shapes[f"weight_hh_l{k}"] = (G * H, H)
+            shapes[f"bias_ih_l{k}"] = (G * H,)
+            shapes[f"bias_hh_l{k}"] = (G * H,)
+        return shapes
+
+    def _init_params(self):
+        """U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias, as PyTorch initialises them."""
+        bound = 1.0 / np.sqrt(self.hidden_size)
+        return {name: self._rng.uniform(-bound, bound, shape).astype(self.dtype)
+                for name, shape in self.param_shapes().items()}
+
+    def load_params(self, params):
+        """Replace every parameter (same names and shapes; values are copied and cast)."""
+        expected = self.param_shapes()
+        if set(params) != set(expected):
+            raise ValueError(f"params must have keys {sorted(expected)}, got {sorted(params)}")
+        new = {}
+        for name, shape in expected.items():
+            value = np.asarray(params[name])
+            if value.shape != shape:
+                raise ValueError(f"params[{name!r}] must have shape {shape}, got {value.shape}")
+            new[name] = np.array(value, dtype=self.dtype, order="C")
+        self.params = new
+        self.grads = {k: np.zeros_like(v) for k, v in new.items()}
+
+    def _layer_weights(self, k, xp):
+        p = self.params
+        return tuple(xp.ascontiguousarray(xp.asarray(p[f"{n}_l{k}"], dtype=self.dtype))
+                     for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # ------------------------------------------------------------------ validation
+    def _check_x(self, x):
+        xp = _xp(x)
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            x = np.asarray(x)
+            xp = np
+        if x.dtype.kind not in "f":
+            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+        if x.ndim != 3:
+            raise ValueError(f"x must have 3 dimensions [B,T,I], got shape {tuple(x.shape)}")
+        if x.shape[2] != self.input_size:
+            raise ValueError(f"x.shape[-1] must be equal to input_size. "
+                             f"Expected {self.input_size}, got {x.shape[2]}")
+        x = xp.ascontiguousarray(x, dtype=self.dtype)
+        if x.size and not bool(xp.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinity")
+        return x, xp
+
+    def _check_lengths(self, lengths, B, T):
+        if lengths is None:
+            return None
+        lengths = np.asarray(lengths.get() if hasattr(lengths, "get") else lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
+        if B and (lengths.min() < 0 or lengths.max() > T):
+            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], "
+                             f"got min {lengths.min()} and max {lengths.max()}")
+        return np.ascontiguousarray(lengths, dtype=np.int64)
+
+    def _check_state(self, state, name, B, xp):
+        """A [L,B,H] state array (or zeros for None), validated and cast."""
+        shape = (self.num_layers, B, self.hidden_size)
+        if state is None:
+            return xp.zeros(shape, dtype=self.dtype)
+        if not hasattr(state, "shape"):
+            state = np.asarray(state)
+        if state.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {state.dtype}")
+        if tuple(state.shape) != shape:
+            raise ValueError(f"{name} must have shape [L,B,H] = {shape}, got {tuple(state.shape)}")
+        state = xp.ascontiguousarray(xp.asarray(state), dtype=self.dtype)
+        if state.size and not bool(xp.isfinite(state).all()):
+            raise ValueError(f"{name} contains NaN or infinity")
+        return state
+
+    def _split_state(self, initial_state, B, xp):
+        """(h0 [L,B,H], c0 [L,B,H] or None) from the user's initial_state."""
+        if self.spec.has_cell_state:
+            if initial_state is None:
+                initial_state = (None, None)
+            if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+                raise ValueError("initial_state of an LSTM must be a tuple (h0, c0), "
+                                 "each [L,B,H]")
+            return (self._check_state(initial_state[0], "initial_state[0] (h0)", B, xp),
+                    self._check_state(initial_state[1], "initial_state[1] (c0)", B, xp))
+        if isinstance(initial_state, (tuple, list)):
+            raise ValueError(f"initial_state of a {self.kind.upper()} must be one array "
+                             f"[L,B,H], got a {type(initial_state).__name__}")
+        return self._check_state(initial_state, "initial_state", B, xp), None
+
+    def _pack_state(self, h, c):
+        return (h, c) if self.spec.has_cell_state else h
+
+    # ------------------------------------------------------------------ forward / backward
+    def __call__(self, x, initial_state=None, lengths=None):
+        return self.forward(x, initial_state, lengths)
+
+    def forward(self, x, initial_state=None, lengths=None):
+        """Run all layers over ``x``.
+
+        Args:
+            x:             [B,T,I] floating-point inputs
+            initial_state: LSTM ``(h0, c0)`` each [L,B,H]; GRU/RNN ``h0`` [L,B,H]; None: zeros
+            lengths:       None or ints [B] in [0, T]; steps at ``t >= lengths[b]`` output zeros
+                           and leave the state unchanged (TF ``dynamic_rnn``)
+
+        Returns:
+            outputs [B,T,H] of the last layer, and the final state with the structure of
+            ``initial_state`` (LSTM ``(h_n, c_n)``, else ``h_n``), each [L,B,H].
+        """
+        x, xp = self._check_x(x)
+        B, T, _ = x.shape
+        lengths = self._check_lengths(lengths, B, T)
+        h0, c0 = self._split_state(initial_state, B, xp)
+        backend = backends.resolve(self.backend, x)
+        layer_in = x
+        h_n, c_n, saved, masks = [], [], [], []
+        for k in range(self.num_layers):
+            out, h, c, s = backend.forward(self.spec, layer_in, *self._layer_weights(k, xp),
+                                           h0[k], None if c0 is None else c0[k], lengths)
+            h_n.append(h)
+            c_n.append(c)
+            saved.append(s)
+            mask = None
+            if self.dropout and self.training and k + 1 < self.num_layers:
+                keep = 1.0 - self.dropout
+                mask = xp.asarray((self._rng.random(out.shape) < keep) / keep, dtype=self.dtype)
+                out = out * mask
+            masks.append(mask)
+            layer_in = out
+        self._saved = dict(backend=backend, saved=saved, masks=masks, B=B, T=T, xp=xp)
+        h_n = xp.stack(h_n)
+        c_n = xp.stack(c_n) if self.spec.has_cell_state else None
+        return layer_in, self._pack_state(h_n, c_n)
+
+    def backward(self, d_outputs, d_state=None):
+        """Backprop through time for the last forward call; fills :attr:`grads`.
+
+        Args:
+            d_outputs: [B,T,H] gradient of the loss w.r.t. ``outputs`` (None: zeros)
+            d_state:   gradient w.r.t. the final state, same structure as the state (None: zeros)
+
+        Returns:
+            dx [B,T,I] and the gradient w.r.t. ``initial_state`` (same structure as the state).
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() call first")
+        run = self._saved
+        B, T, xp, backend = run["B"], run["T"], run["xp"], run["backend"]
+        H, L = self.hidden_size, self.num_layers
+        if d_outputs is not None:
+            if not hasattr(d_outputs, "shape"):
+                d_outputs = np.asarray(d_outputs)
+            if d_outputs.dtype.kind != "f":
+                raise TypeError(f"d_outputs must be a floating-point array, "
+                                f"got dtype {d_outputs.dtype}")
+            if tuple(d_outputs.shape) != (B, T, H):
+                raise ValueError(f"d_outputs must have shape [B,T,H] = {(B, T, H)}, "
+                                 f"got {tuple(d_outputs.shape)}")
+            d_outputs = xp.ascontiguousarray(xp.asarray(d_outputs), dtype=self.dtype)
+        d_h, d_c = (None, None)
+        if d_state is not None:
+            if self.spec.has_cell_state:
+                if not isinstance(d_state, (tuple, list)) or len(d_state) != 2:
+                    raise ValueError("d_state of an LSTM must be a tuple (d_h, d_c)")
+                d_h = None if d_state[0] is None else self._check_state(d_state[0], "d_state[0]", B, xp)
+                d_c = None if d_state[1] is None else self._check_state(d_state[1], "d_state[1]", B, xp)
+            else:
+                d_h = self._check_state(d_state, "d_state", B, xp)
+        dh0, dc0 = [None] * L, [None] * L
+        d_out = d_outputs
+        for k in reversed(range(L)):
+            if run["masks"][k] is not None and d_out is not None:
+                d_out = d_out * run["masks"][k]
+            dx, dh0[k], dc0[k], g = backend.backward(
+                self.spec, run["saved"][k], d_out,
+                None if d_h is None else d_h[k], None if d_c is None else d_c[k])
+            for short, name in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
+                                ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                self.grads[f"{name}_l{k}"] = g[short]
+            d_out = dx
+        dh0 = xp.stack(dh0)
+        dc0 = xp.stack(dc0) if self.spec.has_cell_state else None
+        return d_out, self._pack_state(dh0, dc0)
+
+    def __repr__(self):
+        opts = {"rnn": f"nonlinearity={self.spec.nonlinearity!r}",
+                "lstm": f"forget_bias={self.spec.forget_bias}",
+                "gru": f"reset_after={self.spec.reset_after}"}[self.kind]
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
+                f"num_layers={self.num_layers}, {opts}, dtype={self.dtype.name!r}, "
+                f"backend={self.backend!r})")
+
+
+class RNN(_Recurrent):
+    r"""Elman RNN: :math:`h_t = \mathrm{act}(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})`.
+
+    Args:
+        input_size (I), hidden_size (H), num_layers (L)
+        nonlinearity: "tanh" (default) or "relu"
+        dtype: "float32" or "float64";  backend: "auto" | "numpy" | "numba" | "cpp" | "cuda"
+        seed: seeds the U(-1/sqrt(H), 1/sqrt(H)) initialisation;  dropout: between layers
+
+    Example::
+
+        >>> rnn = RNN(5, 8, num_layers=2, seed=0)
+        >>> out, h_n = rnn(np.zeros((3, 7, 5), np.float32))     # out [3,7,8], h_n [2,3,8]
+    """
+
+    kind = "rnn"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, nonlinearity="tanh", **kwargs):
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, **kwargs)
+
+
+class LSTM(_Recurrent):
+    r"""LSTM with PyTorch's gate order ``i, f, g, o`` and TF1's run-time ``forget_bias``.
+
+    .. math::
+        i = \sigma(a_i),\ f = \sigma(a_f + \text{forget\_bias}),\ g = \tanh(a_g),\
+        o = \sigma(a_o),\ c' = f c + i g,\ h' = o \tanh(c')
+
+    with :math:`a = x W_{ih}^T + b_{ih} + h W_{hh}^T + b_{hh}`. ``forget_bias=1.0`` (default)
+    matches TF1 ``BasicLSTMCell``; ``forget_bias=0.0`` matches ``torch.nn.LSTM``.
+    State is ``(h, c)``, each [L,B,H]. Other arguments as :class:`RNN`.
+    """
+
+    kind = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, forget_bias=1.0, **kwargs):
+        if not isinstance(forget_bias, numbers.Real) or not np.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
+        super().__init__(input_size, hidden_size, num_layers, forget_bias=float(forget_bias),
+                         **kwargs)
+
+
+class GRU(_Recurrent):
+    r"""GRU with PyTorch's gate order ``r, z, n``, in either convention.
+
+    ``reset_after=True`` (default; PyTorch, cuDNN, Keras 2):
+    :math:`n = \tanh(x W_{in}^T + b_{in} + r (h W_{hn}^T + b_{hn}))`.
+    ``reset_after=False`` (TF1 ``GRUCell``): :math:`n = \tanh(x W_{in}^T + b_{in} + (r h) W_{hn}^T + b_{hn})`.
+    Both: :math:`h' = (1 - z) n + z h`. Other arguments as :class:`RNN`.
+    """
+
+    kind = "gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, reset_after=True, **kwargs):
+        super().__init__(input_size, hidden_size, num_layers, reset_after=bool(reset_after),
+                         **kwargs)
