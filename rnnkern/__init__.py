@@ -8,7 +8,10 @@
 from .backends import available_backends, set_backend
 from .cellspec import CellSpec
 from .layers import GRU, LSTM, RNN
+from .losses import mse, one_hot, sequence_loss, sum_squares
+from . import interop
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend", "__version__",
+           "sequence_loss", "mse", "sum_squares", "one_hot", "interop"]
