@@ -20,9 +20,13 @@
 // to if-convert the clamps); the CMake build sets it.
 #pragma once
 
+// NVRTC (CuPy's run-time compiler) has no host C headers; its built-ins declare the math
+// functions, and the host-only float helpers below are left out of its device-only compile.
+#if !defined(__CUDACC_RTC__)
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#endif
 
 #ifdef __CUDACC__
 #define RK_HD __host__ __device__
@@ -35,6 +39,7 @@ namespace rk {
 // ---------------------------------------------------------------------------------------------
 // activations
 
+#if !defined(__CUDACC_RTC__)
 namespace detail {
 
 RK_HD inline uint32_t float_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
@@ -82,6 +87,7 @@ RK_HD inline float tanh_f32(float x) {
 }
 
 }  // namespace detail
+#endif  // !__CUDACC_RTC__
 
 RK_HD inline double act_exp(double x) { return ::exp(x); }
 RK_HD inline double act_tanh(double x) { return ::tanh(x); }
