@@ -10,8 +10,21 @@ from .cellspec import CellSpec
 from .layers import GRU, LSTM, RNN
 from .losses import mse, one_hot, sequence_loss, sum_squares
 from . import interop
+from .modules import Dense, Dropout, Embedding, LastStep, OneHot
+from .model import Sequential
+from .optim import SGD, Adagrad, Adam, ExponentialDecay, RMSprop, clip_grad_norm, clip_grad_value
+from .trainer import Callback, LambdaCallback, Trainer
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import (CharVocab, MinMaxScaler, StreamBatches, next_step_windows, shifted_windows,
+                   train_test_split)
+from .sample import argmax, generate, sample_logits
 
 __version__ = "0.1.0"
 
 __all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend", "__version__",
            "sequence_loss", "mse", "sum_squares", "one_hot", "interop"]
+__all__ += ["Dense", "Dropout", "Embedding", "LastStep", "OneHot", "Sequential", "SGD", "Adagrad",
+            "Adam", "ExponentialDecay", "RMSprop", "clip_grad_norm", "clip_grad_value", "Callback",
+            "LambdaCallback", "Trainer", "load_checkpoint", "save_checkpoint", "CharVocab",
+            "MinMaxScaler", "StreamBatches", "next_step_windows", "shifted_windows",
+            "train_test_split", "argmax", "generate", "sample_logits"]

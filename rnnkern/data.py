@@ -1,0 +1,236 @@
+"""Data helpers: a deterministic character vocabulary, windows, stream batches, scaling, splits.
+
+Shape legend: N samples/windows, B batch, T time steps (``seq_length``), F features.
+"""
+from __future__ import annotations
+
+import collections
+import numbers
+
+import numpy as np
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------- vocabulary
+class CharVocab:
+    """Characters <-> integer ids, in a deterministic order (never ``set()`` iteration order).
+
+    Build with :meth:`from_text` (``order="sorted"``: by code point; ``"frequency"``: most
+    frequent first, ties by code point) or directly from an ordered sequence of distinct
+    characters (e.g. restored from a checkpoint via :meth:`to_list`).
+
+        >>> v = CharVocab.from_text("hihello")      # chars ('e', 'h', 'i', 'l', 'o')
+        >>> v.encode("hi"), v.decode([1, 2])          # (array([1, 2]), 'hi')
+    """
+
+    def __init__(self, chars):
+        chars = list(chars)
+        for c in chars:
+            if not isinstance(c, str) or len(c) != 1:
+                raise ValueError(f"vocabulary entries must be single characters, got {c!r}")
+        if len(set(chars)) != len(chars):
+            raise ValueError("vocabulary characters must be distinct")
+        if not chars:
+            raise ValueError("vocabulary must not be empty")
+        self.chars = tuple(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        # sorted code points -> ids, for a vectorised encode of long texts
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        order = np.argsort(codes, kind="stable")
+        self._codes, self._ids = codes[order], order.astype(np.int64)
+
+    @classmethod
+    def from_text(cls, text, order="sorted"):
+        if not isinstance(text, str) or not text:
+            raise ValueError("text must be a non-empty str")
+        if order == "sorted":
+            return cls(sorted(set(text)))  # sorted(): the order no longer depends on hashing
+        if order == "frequency":
+            counts = collections.Counter(text)
+            return cls(sorted(counts, key=lambda c: (-counts[c], c)))
+        raise ValueError(f"order must be 'sorted' or 'frequency', got {order!r}")
+
+    def __len__(self):
+        return len(self.chars)
+
+    @property
+    def size(self):
+        return len(self.chars)
+
+    def __repr__(self):
+        return f"CharVocab({''.join(self.chars)!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, CharVocab) and self.chars == other.chars
+
+    def to_list(self):
+        """The characters in id order (JSON-friendly); ``CharVocab(v.to_list()) == v``."""
+        return list(self.chars)
+
+    def encode(self, text):
+        """str -> int64 ids [len(text)]; unknown characters raise ValueError."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        pos = np.searchsorted(self._codes, codes)
+        pos = np.minimum(pos, len(self._codes) - 1)
+        bad = self._codes[pos] != codes
+        if bad.any():
+            c = chr(int(codes[np.argmax(bad)]))
+            raise ValueError(f"character {c!r} is not in the vocabulary")
+        return self._ids[pos]
+
+    def decode(self, ids):
+        """ids (any int sequence) -> str."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= len(self)):
+            raise ValueError(f"ids must be integers in [0, {len(self)})")
+        return "".join(self.chars[i] for i in ids.reshape(-1).tolist())
+
+
+# ---------------------------------------------------------------------- windows
+def shifted_windows(seq, seq_length, stride=1):
+    """Many-to-many training pairs from one sequence (lab 12-4).
+
+    ``x[n] = seq[s : s+T]``, ``y[n] = seq[s+1 : s+T+1]`` for ``s = 0, stride, ...`` while the target
+    fits: N = ``(len(seq) - T - 1) // stride + 1`` windows. Returns copies ``x, y [N,T,...]``.
+    """
+    seq = np.asarray(seq)
+    T = _positive_int("seq_length", seq_length)
+    stride = _positive_int("stride", stride)
+    if len(seq) < T + 1:
+        raise ValueError(f"seq has {len(seq)} items; windows of seq_length {T} need at least {T + 1}")
+    starts = np.arange(0, len(seq) - T, stride)
+    idx = starts[:, None] + np.arange(T)
+    return seq[idx], seq[idx + 1]
+
+
+def next_step_windows(data, seq_length, target=None):
+    """Many-to-one pairs (lab 12-5): ``x[n] = data[n : n+T]``, ``y[n] = target[n+T]``.
+
+    ``target`` defaults to ``data``; N = ``len(data) - T``. Returns copies ``x [N,T,...]``,
+    ``y [N,...]``.
+    """
+    data = np.asarray(data)
+    target = data if target is None else np.asarray(target)
+    T = _positive_int("seq_length", seq_length)
+    if len(target) != len(data):
+        raise ValueError(f"target must have len(data) = {len(data)} rows, got {len(target)}")
+    if len(data) < T + 1:
+        raise ValueError(f"data has {len(data)} rows; seq_length {T} needs at least {T + 1}")
+    N = len(data) - T
+    idx = np.arange(N)[:, None] + np.arange(T)
+    return data[idx], target[T:].copy()
+
+
+class StreamBatches:
+    """Contiguous batches from one long id stream, for truncated BPTT with carried state.
+
+    The stream (minus a tail that does not fill a batch) is cut into B equal rows; batch ``k`` is
+    columns ``[k*T, (k+1)*T)`` of every row, so row ``b`` of batch ``k+1`` continues row ``b`` of
+    batch ``k`` (char-rnn's ``TextLoader``, with targets taken from the next id instead of
+    wrapping around). Iterating yields ``(x [B,T], y [B,T])`` int64, ``y`` shifted by one.
+    Use with ``Trainer(..., stateful=True)``.
+    """
+
+    def __init__(self, ids, batch_size, seq_length):
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        self.batch_size = B = _positive_int("batch_size", batch_size)
+        self.seq_length = T = _positive_int("seq_length", seq_length)
+        self.num_batches = (len(ids) - 1) // (B * T)
+        if self.num_batches == 0:
+            raise ValueError(f"{len(ids)} ids are too few for one batch of {B}x{T} (+1 target)")
+        n = self.num_batches * B * T
+        self._x = np.ascontiguousarray(ids[:n].reshape(B, -1), dtype=np.int64)
+        self._y = np.ascontiguousarray(ids[1:n + 1].reshape(B, -1), dtype=np.int64)
+
+    def __len__(self):
+        return self.num_batches
+
+    def __getitem__(self, k):
+        if not -self.num_batches <= k < self.num_batches:
+            raise IndexError(f"batch index {k} out of range for {self.num_batches} batches")
+        k %= self.num_batches
+        cols = slice(k * self.seq_length, (k + 1) * self.seq_length)
+        return self._x[:, cols], self._y[:, cols]
+
+    def __iter__(self):
+        for k in range(self.num_batches):
+            yield self[k]
+
+    def __repr__(self):
+        return (f"StreamBatches(batch_size={self.batch_size}, seq_length={self.seq_length}, "
+                f"num_batches={self.num_batches})")
+
+
+# ---------------------------------------------------------------------- scaling and splits
+class MinMaxScaler:
+    """Per-column ``(x - min) / (max - min + 1e-7)``, the lab 12-5 ``MinMaxScaler``.
+
+    ``fit`` on ``[N, F]`` (or ``[N]``) data, then ``transform`` / ``inverse_transform`` any array
+    whose last axis has the same F (or a subset of columns via ``columns=``).
+    """
+
+    def __init__(self, eps=1e-7):
+        self.eps = float(eps)
+        self.min_ = self.scale_ = None
+
+    def fit(self, data):
+        data = np.asarray(data, dtype=np.float64)
+        if data.ndim == 0 or len(data) == 0:
+            raise ValueError("fit needs at least one row")
+        self.min_ = data.min(axis=0)
+        self.scale_ = data.max(axis=0) - self.min_ + self.eps
+        return self
+
+    def _check(self, columns):
+        if self.min_ is None:
+            raise RuntimeError("MinMaxScaler must be fit() first")
+        if columns is None:
+            return self.min_, self.scale_
+        return self.min_[columns], self.scale_[columns]
+
+    def transform(self, data, columns=None):
+        lo, scale = self._check(columns)
+        return (np.asarray(data, dtype=np.float64) - lo) / scale
+
+    def fit_transform(self, data):
+        return self.fit(data).transform(data)
+
+    def inverse_transform(self, data, columns=None):
+        lo, scale = self._check(columns)
+        return np.asarray(data, dtype=np.float64) * scale + lo
+
+
+def train_test_split(*arrays, train_fraction=0.7, overlap=0, shuffle=False, seed=None):
+    """Split arrays along axis 0: ``train = a[:n]``, ``test = a[n - overlap:]``, n =
+    ``int(len * train_fraction)`` (the lab's rule).
+
+    ``overlap`` repeats the last rows of train at the start of test (lab 12-5 keeps
+    ``seq_length`` rows so the first test window has its history). ``shuffle=True`` permutes the
+    rows first with ``np.random.default_rng(seed)`` (not for time series). Returns
+    ``train_0, test_0, train_1, test_1, ...``.
+    """
+    if not arrays:
+        raise ValueError("train_test_split needs at least one array")
+    if not (isinstance(train_fraction, numbers.Real) and 0.0 < train_fraction < 1.0):
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
+    arrays = [np.asarray(a) for a in arrays]
+    N = len(arrays[0])
+    if any(len(a) != N for a in arrays):
+        raise ValueError(f"arrays must have the same length, got {[len(a) for a in arrays]}")
+    n = int(N * train_fraction)
+    if isinstance(overlap, bool) or not isinstance(overlap, numbers.Integral) or not 0 <= overlap <= n:
+        raise ValueError(f"overlap must be an int in [0, {n}], got {overlap!r}")
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(N)
+        arrays = [a[order] for a in arrays]
+    out = []
+    for a in arrays:
+        out += [a[:n], a[n - overlap:]]
+    return tuple(out)

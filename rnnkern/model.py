@@ -1,0 +1,185 @@
+"""A thin composition of layers: :class:`Sequential`.
+
+Shape legend: B batch, T time steps, I input size, H hidden size, L layers, C classes/outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import _Recurrent
+
+
+def _is_recurrent(layer):
+    return isinstance(layer, _Recurrent)
+
+
+class Sequential:
+    """Layers applied in order; recurrent layers carry state, the others act per time step.
+
+    Layers are :class:`~rnnkern.LSTM`/:class:`~rnnkern.GRU`/:class:`~rnnkern.RNN` and the
+    modules of :mod:`rnnkern.modules` (``Dense``, ``Embedding``, ``OneHot``, ``Dropout``,
+    ``LastStep``), or any object with ``forward(x, lengths)``, ``backward(dy)``, ``params``,
+    ``grads``, ``train(mode)``.
+
+    State: a tuple with one entry per layer, the recurrent layer's state (LSTM ``(h, c)``, GRU/RNN
+    ``h``, each [L,B,H]) or None for the other layers. ``initial_state=None`` (or a None entry)
+    means zeros.
+
+    Parameters are exposed as one flat dict ``params`` with names ``"{index}.{name}"``, e.g.
+    ``"0.weight_ih_l0"``, ``"1.weight"``; ``grads`` has the same keys. Both are rebuilt on each
+    access from the layers' current arrays, so an optimizer that updates ``params[k]`` in place
+    updates the layer.
+
+    Example (lab 12-1, hihello)::
+
+        >>> model = Sequential([OneHot(5), LSTM(5, 5, seed=0), Dense(5, 5, seed=1)])
+        >>> logits = model(x_ids)                   # [B,T] ints -> [B,T,5]
+        >>> loss, d_logits = sequence_loss(logits, y_ids, return_grad=True)
+        >>> model.backward(d_logits)                # fills model.grads
+        >>> y_t, state = model.step(ids_t, state)   # one step, carrying state ([B] ints -> [B,5])
+    """
+
+    def __init__(self, layers):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            for attr in ("forward", "backward", "params", "grads", "train"):
+                if not hasattr(layer, attr):
+                    raise TypeError(f"layers[{i}] ({type(layer).__name__}) has no {attr!r}")
+        self.layers = layers
+        self.training = True
+        self.d_initial_state = None  # gradient w.r.t. initial_state after backward()
+        self._ran = False
+
+    # ------------------------------------------------------------------ container
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        body = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({body}\n)"
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def params(self):
+        """Flat ``{"{i}.{name}": array}`` of every layer's parameters (live arrays)."""
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.params.items()}
+
+    @property
+    def grads(self):
+        """Flat gradients, same keys as :attr:`params`; filled by :meth:`backward`."""
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.grads.items()}
+
+    def num_params(self):
+        return int(sum(v.size for v in self.params.values()))
+
+    def load_params(self, params):
+        """Copy values into the existing parameter arrays (same keys and shapes required)."""
+        mine = self.params
+        if set(params) != set(mine):
+            missing, extra = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
+            raise ValueError(f"params keys differ: missing {missing}, unexpected {extra}")
+        for k, dst in mine.items():
+            src = np.asarray(params[k])
+            if src.shape != dst.shape:
+                raise ValueError(f"params[{k!r}] must have shape {dst.shape}, got {src.shape}")
+        for k, dst in mine.items():
+            dst[...] = params[k]
+
+    def get_rng_state(self):
+        """The state of every layer's random generator (dropout masks), for checkpoints."""
+        states = {}
+        for i, layer in enumerate(self.layers):
+            rng = getattr(layer, "_rng", None)
+            if isinstance(rng, np.random.Generator):
+                states[str(i)] = rng.bit_generator.state
+        return states
+
+    def set_rng_state(self, states):
+        for i, layer in enumerate(self.layers):
+            if str(i) in states:
+                layer._rng.bit_generator.state = states[str(i)]
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode=True):
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # ------------------------------------------------------------------ forward / backward
+    def __call__(self, x, lengths=None, initial_state=None, return_state=False):
+        return self.forward(x, lengths, initial_state, return_state)
+
+    def forward(self, x, lengths=None, initial_state=None, return_state=False):
+        """Run every layer.
+
+        Args:
+            x:             input of the first layer: [B,T,I] floats, or [B,T] ids for
+                           ``Embedding``/``OneHot``
+            lengths:       None or ints [B]; passed to recurrent layers and ``LastStep``
+            initial_state: None, or a tuple with one entry per layer (see class docstring)
+            return_state:  also return the final state tuple
+
+        Returns:
+            the last layer's output (e.g. logits [B,T,C]), and the state if ``return_state``.
+        """
+        n = len(self.layers)
+        if initial_state is not None:
+            if not isinstance(initial_state, (tuple, list)) or len(initial_state) != n:
+                raise ValueError(f"initial_state must be a tuple with one entry per layer "
+                                 f"({n}), as returned by forward(..., return_state=True)")
+        state = [None] * n
+        y = x
+        for i, layer in enumerate(self.layers):
+            if _is_recurrent(layer):
+                s0 = None if initial_state is None else initial_state[i]
+                y, state[i] = layer.forward(y, s0, lengths)
+            else:
+                y = layer.forward(y, lengths)
+        self._ran = True
+        return (y, tuple(state)) if return_state else y
+
+    def backward(self, d_out, d_state=None):
+        """Backpropagate ``d_out`` (gradient w.r.t. the output of :meth:`forward`).
+
+        ``d_state``: None, or per-layer gradients w.r.t. the final state (tuple as the state).
+        Fills :attr:`grads` (overwrites; no accumulation) and :attr:`d_initial_state`.
+        Returns the gradient w.r.t. ``x`` (None when ``x`` was integer ids).
+        """
+        if not self._ran:
+            raise RuntimeError("backward() needs a forward() call first")
+        n = len(self.layers)
+        if d_state is not None and (not isinstance(d_state, (tuple, list)) or len(d_state) != n):
+            raise ValueError(f"d_state must be a tuple with one entry per layer ({n})")
+        d_init = [None] * n
+        d = d_out
+        for i in reversed(range(n)):
+            layer = self.layers[i]
+            if _is_recurrent(layer):
+                d, d_init[i] = layer.backward(d, None if d_state is None else d_state[i])
+            else:
+                d = layer.backward(d)
+        self.d_initial_state = tuple(d_init)
+        return d
+
+    def step(self, x_t, state=None):
+        """One time step, carrying state: ``x_t`` [B,I] floats or [B] ids -> ``(y_t, state)``.
+
+        ``y_t`` is the output at that step (e.g. logits [B,C]). Equivalent to running
+        :meth:`forward` over the whole prefix, without re-running it (call :meth:`eval` first to
+        switch dropout off).
+        """
+        x_t = np.asarray(x_t)
+        y, state = self.forward(x_t[:, None], None, state, return_state=True)
+        return (y[:, 0] if y.ndim == 3 else y), state

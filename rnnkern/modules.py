@@ -1,0 +1,273 @@
+"""Stateless-in-time building blocks that sit around the recurrent layers.
+
+:class:`Dense` (per time step), :class:`Embedding`, :class:`OneHot`, :class:`Dropout` and
+:class:`LastStep` (many-to-one: the output at each sequence's last valid step). Each one has
+``forward(x, lengths=None) -> y``, ``backward(dy) -> dx`` (None when the input is integer ids),
+``params``/``grads`` dicts and ``train()``/``eval()``. ``backward`` overwrites ``grads`` (it does
+not accumulate, unlike PyTorch's ``.grad``), as the recurrent layers do.
+
+Shape legend: B batch, T time steps, F features (``in_features``), O ``out_features``,
+V vocabulary (``num_embeddings``), E ``embedding_dim``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .layers import _as_dtype, _positive_int
+
+
+def _check_ids(x, limit, name):
+    """Integer ids array, every id in [0, limit)."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name} input must be integer ids, got dtype {x.dtype}")
+    if x.size and (x.min() < 0 or x.max() >= limit):
+        raise ValueError(f"{name} ids must lie in [0, {limit}), got min {x.min()} and max {x.max()}")
+    return x
+
+
+class Module:
+    """Shared plumbing: params/grads dicts, training flag, ``__call__``."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.training = True
+
+    def __call__(self, x, lengths=None):
+        return self.forward(x, lengths)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _need_forward(self, saved):
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() call first")
+
+
+class Dense(Module):
+    r"""Fully connected layer :math:`y = x W^T + b`, applied at every time step.
+
+    Args:
+        in_features (F), out_features (O)
+        bias:  add a bias (default True)
+        init:  "torch" (default): W and b ~ U(-1/sqrt(F), 1/sqrt(F)), as ``torch.nn.Linear``;
+               "glorot": W ~ U(+-sqrt(6/(F+O))) and b = 0, as TF1 ``fully_connected``/Keras ``Dense``
+        seed, dtype ("float32" | "float64")
+
+    Inputs ``x [B,F]`` or ``[B,T,F]`` (any leading dimensions); output ``[..., O]``.
+    Parameters ``weight [O,F]``, ``bias [O]`` (PyTorch layout).
+
+    Example::
+
+        >>> fc = Dense(8, 5, seed=0)
+        >>> logits = fc(outputs)          # outputs [B,T,8] -> logits [B,T,5]
+    """
+
+    def __init__(self, in_features, out_features, *, bias=True, init="torch", seed=None,
+                 dtype="float32"):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        self.dtype = _as_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        F, O = self.in_features, self.out_features
+        if init == "torch":
+            bound = 1.0 / np.sqrt(F)
+            w = rng.uniform(-bound, bound, (O, F))
+            b = rng.uniform(-bound, bound, O)
+        elif init == "glorot":
+            bound = np.sqrt(6.0 / (F + O))
+            w = rng.uniform(-bound, bound, (O, F))
+            b = np.zeros(O)
+        else:
+            raise ValueError(f"init must be 'torch' or 'glorot', got {init!r}")
+        self.params["weight"] = w.astype(self.dtype)
+        if bias:
+            self.params["bias"] = b.astype(self.dtype)
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._x = None
+
+    def forward(self, x, lengths=None):
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"Dense input must be a floating-point array, got dtype {x.dtype}")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Dense input.shape[-1] must be equal to in_features. "
+                             f"Expected {self.in_features}, got {x.shape[-1] if x.ndim else None}")
+        x = x.astype(self.dtype, copy=False)
+        self._x = x
+        # one 2-D GEMM over all B*T rows (3-D matmul broadcasting is much slower in NumPy)
+        y = x.reshape(-1, self.in_features) @ self.params["weight"].T
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return y.reshape(x.shape[:-1] + (self.out_features,))
+
+    def backward(self, dy):
+        self._need_forward(self._x)
+        x = self._x
+        dy = np.asarray(dy, dtype=self.dtype)
+        expected = x.shape[:-1] + (self.out_features,)
+        if dy.shape != expected:
+            raise ValueError(f"Dense dy must have shape {expected}, got {dy.shape}")
+        dy2 = dy.reshape(-1, self.out_features)
+        self.grads["weight"] = dy2.T @ x.reshape(-1, self.in_features)   # [O,F], one GEMM
+        if "bias" in self.params:
+            self.grads["bias"] = dy2.sum(axis=0)
+        return (dy2 @ self.params["weight"]).reshape(x.shape)
+
+    def __repr__(self):
+        return (f"Dense({self.in_features}, {self.out_features}, bias={'bias' in self.params}, "
+                f"dtype={self.dtype.name!r})")
+
+
+class Embedding(Module):
+    """Lookup table: integer ids ``[B,T]`` (or ``[B]``) -> vectors ``[B,T,E]``.
+
+    Args:
+        num_embeddings (V), embedding_dim (E), seed, dtype
+        init: "normal" (default; N(0,1) as ``torch.nn.Embedding``) or "uniform" (U(-0.05, 0.05),
+              Keras)
+
+    Parameter ``weight [V,E]``. ``backward`` returns None (ids have no gradient); repeated ids
+    accumulate into the same row of ``grads["weight"]``.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, *, init="normal", seed=None,
+                 dtype="float32"):
+        super().__init__()
+        self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
+        self.dtype = _as_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        shape = (self.num_embeddings, self.embedding_dim)
+        if init == "normal":
+            w = rng.standard_normal(shape)
+        elif init == "uniform":
+            w = rng.uniform(-0.05, 0.05, shape)
+        else:
+            raise ValueError(f"init must be 'normal' or 'uniform', got {init!r}")
+        self.params["weight"] = w.astype(self.dtype)
+        self.grads = {"weight": np.zeros_like(self.params["weight"])}
+        self._ids = None
+
+    def forward(self, x, lengths=None):
+        ids = _check_ids(x, self.num_embeddings, "Embedding")
+        self._ids = ids
+        return self.params["weight"][ids]
+
+    def backward(self, dy):
+        self._need_forward(self._ids)
+        E = self.embedding_dim
+        dy = np.asarray(dy, dtype=self.dtype)
+        if dy.shape != self._ids.shape + (E,):
+            raise ValueError(f"Embedding dy must have shape {self._ids.shape + (E,)}, got {dy.shape}")
+        g = np.zeros_like(self.params["weight"])
+        np.add.at(g, self._ids.reshape(-1), dy.reshape(-1, E))   # repeated ids add up
+        self.grads["weight"] = g
+        return None
+
+    def __repr__(self):
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype.name!r})"
+
+
+class OneHot(Module):
+    """Integer ids ``[B,T]`` (or ``[B]``) -> one-hot vectors ``[B,T,depth]``; no parameters.
+
+    The lab's ``tf.one_hot`` input: ``OneHot(V)`` followed by ``LSTM(V, H)``.
+    """
+
+    def __init__(self, depth, *, dtype="float32"):
+        super().__init__()
+        self.depth = _positive_int("depth", depth)
+        self.dtype = _as_dtype(dtype)
+
+    def forward(self, x, lengths=None):
+        from .losses import one_hot  # the one copy of one_hot lives with the losses
+        ids = _check_ids(x, self.depth, "OneHot")
+        return one_hot(ids, self.depth, dtype=self.dtype)
+
+    def backward(self, dy):
+        return None
+
+    def __repr__(self):
+        return f"OneHot({self.depth}, dtype={self.dtype.name!r})"
+
+
+class Dropout(Module):
+    """Inverted dropout: in training, zero each element with probability ``p`` and scale the rest
+    by ``1/(1-p)``; identity in eval mode. ``seed`` seeds its own generator."""
+
+    def __init__(self, p=0.5, *, seed=None):
+        super().__init__()
+        if not (isinstance(p, numbers.Real) and 0.0 <= p < 1.0):
+            raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
+        self._rng = np.random.default_rng(seed)
+        self._mask = None
+
+    def forward(self, x, lengths=None):
+        x = np.asarray(x)
+        if not self.training or self.p == 0.0:
+            self._mask = 1.0
+            return x
+        keep = 1.0 - self.p
+        self._mask = ((self._rng.random(x.shape) < keep) / keep).astype(x.dtype)
+        return x * self._mask
+
+    def backward(self, dy):
+        self._need_forward(self._mask)
+        return np.asarray(dy) * self._mask
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+class LastStep(Module):
+    """Many-to-one: ``[B,T,F] -> [B,F]``, each row's output at its last valid step.
+
+    With ``lengths`` (ints [B] in [0,T]) row ``b`` takes step ``lengths[b]-1``; a row with length 0
+    gives zeros (the recurrent layers output zeros there too). Without lengths: step ``T-1``.
+    Put it after a recurrent layer and before a :class:`Dense` (lab 12-5's ``outputs[:, -1]``).
+    """
+
+    def forward(self, x, lengths=None):
+        x = np.asarray(x)
+        if x.ndim != 3:
+            raise ValueError(f"LastStep input must have 3 dimensions [B,T,F], got shape {x.shape}")
+        B, T, _ = x.shape
+        if lengths is None:
+            idx = np.full(B, T - 1, dtype=np.int64)
+        else:
+            idx = np.asarray(lengths)
+            if idx.dtype.kind not in "iu" or idx.shape != (B,):
+                raise ValueError(f"lengths must be integers of shape [B] = ({B},), "
+                                 f"got {idx.dtype} {idx.shape}")
+            if B and (idx.min() < 0 or idx.max() > T):
+                raise ValueError(f"lengths must lie in [0, T] = [0, {T}]")
+            idx = idx.astype(np.int64) - 1
+        self._saved = (x.shape, x.dtype, idx)
+        rows = np.arange(B)
+        y = x[rows, np.maximum(idx, 0)]
+        y[idx < 0] = 0
+        return y
+
+    def backward(self, dy):
+        self._need_forward(getattr(self, "_saved", None))
+        shape, dtype, idx = self._saved
+        dy = np.asarray(dy)
+        if dy.shape != (shape[0], shape[2]):
+            raise ValueError(f"LastStep dy must have shape {(shape[0], shape[2])}, got {dy.shape}")
+        dx = np.zeros(shape, dtype=dtype)
+        valid = idx >= 0
+        dx[np.arange(shape[0])[valid], idx[valid]] = dy[valid]
+        return dx
+
+    def __repr__(self):
+        return "LastStep()"

@@ -1,0 +1,309 @@
+"""Optimizers that update a ``{name: array}`` params dict in place from a matching grads dict.
+
+    >>> opt = Adam(lr=0.1)
+    >>> opt.step(model.params, model.grads)       # after model.backward(...)
+
+Every optimizer follows ``torch.optim``'s update rule for its class (tested against it on the
+same gradient sequences), except :class:`Adam`, whose default ``eps_mode="tf"`` follows TF1
+``AdamOptimizer`` / Keras (see its docstring). Optimizer state is kept per parameter name, so it
+survives a model whose arrays are replaced (e.g. ``LSTM.load_params``).
+
+Gradient clipping (``clip_value``, then ``clip_norm``) happens inside :meth:`Optimizer.step`,
+in place on the grads arrays, as ``torch.nn.utils.clip_grad_*_`` do.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------- clipping
+def global_norm(grads):
+    """sqrt(sum of squares) over every array in ``grads`` (a dict or iterable), in float64."""
+    arrays = grads.values() if isinstance(grads, dict) else grads
+    return math.sqrt(sum(float(np.vdot(g, g)) for g in arrays))
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale every gradient in place by ``max_norm / max(norm, max_norm)``; return the norm.
+
+    This is TF's ``tf.clip_by_global_norm`` (char-rnn's ``grad_clip``). PyTorch's
+    ``clip_grad_norm_`` differs only by using ``max_norm / (norm + 1e-6)``.
+    """
+    _check_positive("max_norm", max_norm)
+    norm = global_norm(grads)
+    if norm > max_norm:
+        scale = max_norm / norm
+        for g in (grads.values() if isinstance(grads, dict) else grads):
+            g *= scale
+    return norm
+
+
+def clip_grad_value(grads, clip_value):
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place."""
+    _check_positive("clip_value", clip_value)
+    for g in (grads.values() if isinstance(grads, dict) else grads):
+        np.clip(g, -clip_value, clip_value, out=g)
+
+
+def _check_positive(name, value, allow_zero=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _check_unit(name, value):
+    if not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------- schedules
+class ExponentialDecay:
+    """``lr(epoch) = initial_lr * rate ** epoch`` (char-rnn: 0.97 per epoch). Epochs count from 0."""
+
+    def __init__(self, initial_lr, rate):
+        self.initial_lr = _check_positive("initial_lr", initial_lr)
+        self.rate = _check_positive("rate", rate)
+
+    def __call__(self, epoch):
+        return self.initial_lr * self.rate ** epoch
+
+    def __repr__(self):
+        return f"ExponentialDecay({self.initial_lr}, {self.rate})"
+
+
+# ---------------------------------------------------------------------- optimizers
+class Optimizer:
+    """Base class: validation, clipping, per-name state, ``state_dict``.
+
+    Args (every optimizer):
+        lr:          learning rate (an attribute; schedules set ``opt.lr``)
+        clip_norm:   clip the gradients' global norm to this (TF ``clip_by_global_norm``)
+        clip_value:  clamp each gradient element to ``[-clip_value, clip_value]``
+    """
+
+    _slots = ()  # names of the per-parameter state arrays
+
+    def __init__(self, lr, *, clip_norm=None, clip_value=None):
+        self.lr = _check_positive("lr", lr, allow_zero=True)
+        self.clip_norm = None if clip_norm is None else _check_positive("clip_norm", clip_norm)
+        self.clip_value = None if clip_value is None else _check_positive("clip_value", clip_value)
+        self.iterations = 0   # number of step() calls so far (Adam's t)
+        self.state = {}       # name -> {slot: array}
+        self.last_grad_norm = None  # global norm before clipping, when clip_norm is set
+
+    def _hyper(self):
+        return {}
+
+    def step(self, params, grads):
+        """Update every ``params[name]`` in place using ``grads[name]`` (clipped in place first)."""
+        if set(grads) != set(params):
+            raise ValueError(f"grads keys must match params keys: missing "
+                             f"{sorted(set(params) - set(grads))}, unexpected "
+                             f"{sorted(set(grads) - set(params))}")
+        for k, p in params.items():
+            g = grads[k]
+            if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+                raise TypeError(f"params[{k!r}] must be a floating-point NumPy array")
+            if g.shape != p.shape:
+                raise ValueError(f"grads[{k!r}] must have shape {p.shape}, got {g.shape}")
+        if self.clip_value is not None:
+            clip_grad_value(grads, self.clip_value)
+        if self.clip_norm is not None:
+            self.last_grad_norm = clip_grad_norm(grads, self.clip_norm)
+        self.iterations += 1
+        for k, p in params.items():
+            st = self.state.get(k)
+            if st is None:
+                st = self.state[k] = self._init_state(p)
+            self._update(p, np.asarray(grads[k], dtype=p.dtype), st)
+
+    def _init_state(self, p):
+        return {s: np.zeros_like(p) for s in self._slots}
+
+    def _update(self, p, g, st):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Everything needed to continue exactly: hyper-parameters, lr, step count, state arrays."""
+        return {"class": type(self).__name__, "lr": self.lr, "iterations": self.iterations,
+                "hyper": self._hyper(),
+                "state": {k: {s: a.copy() for s, a in st.items()} for k, st in self.state.items()}}
+
+    def load_state_dict(self, state):
+        if state["class"] != type(self).__name__:
+            raise ValueError(f"state is for {state['class']}, not {type(self).__name__}")
+        self.lr = float(state["lr"])
+        self.iterations = int(state["iterations"])
+        self.state = {k: {s: np.array(a) for s, a in st.items()} for k, st in state["state"].items()}
+
+    def __repr__(self):
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
+        return f"{type(self).__name__}(lr={self.lr!r}, {hyper})"
+
+
+class SGD(Optimizer):
+    """SGD with optional (Nesterov) momentum and L2 ``weight_decay``; ``torch.optim.SGD``'s rule.
+
+    ``buf = momentum*buf + g`` (``buf = g`` at the first step), ``p -= lr*buf`` (Nesterov:
+    ``p -= lr*(g + momentum*buf)``). TF1 ``MomentumOptimizer`` is the same update.
+    """
+
+    def __init__(self, lr=0.01, momentum=0.0, *, nesterov=False, weight_decay=0.0, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.momentum = _check_unit("momentum", momentum)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+
+    def _hyper(self):
+        return {"momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
+    def _init_state(self, p):
+        return {}
+
+    def _update(self, p, g, st):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = g.copy()
+            else:
+                buf *= self.momentum
+                buf += g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= self.lr * g
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba 2015). Defaults are TF's: ``beta1=0.9, beta2=0.999, eps=1e-8``.
+
+    ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, with ``t`` the step count:
+
+    * ``eps_mode="tf"`` (default; TF1 ``AdamOptimizer``, Keras, the labs):
+      ``p -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)`` -- the paper's "epsilon hat" form.
+    * ``eps_mode="torch"`` (``torch.optim.Adam``):
+      ``p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
+
+    The two agree exactly when ``eps=0``; otherwise TF's form equals PyTorch's with
+    ``eps_torch = eps / sqrt(1-b2^t)`` (larger early on). ``weight_decay`` adds ``wd*p`` to the
+    gradient (L2, as ``torch.optim.Adam``; not AdamW).
+    """
+
+    _slots = ("m", "v")
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, *, eps_mode="tf",
+                 weight_decay=0.0, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.beta1 = _check_unit("beta1", beta1)
+        self.beta2 = _check_unit("beta2", beta2)
+        self.eps = _check_positive("eps", eps, allow_zero=True)
+        if eps_mode not in ("tf", "torch"):
+            raise ValueError(f"eps_mode must be 'tf' or 'torch', got {eps_mode!r}")
+        self.eps_mode = eps_mode
+        self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+
+    def _hyper(self):
+        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                "eps_mode": self.eps_mode, "weight_decay": self.weight_decay}
+
+    def _update(self, p, g, st):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        t = self.iterations
+        m, v = st["m"], st["v"]
+        m *= self.beta1
+        m += (1.0 - self.beta1) * g
+        v *= self.beta2
+        v += (1.0 - self.beta2) * (g * g)
+        bc1 = 1.0 - self.beta1 ** t
+        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
+        if self.eps_mode == "tf":
+            denom = np.sqrt(v)
+            denom += self.eps
+            p -= (self.lr * bc2_sqrt / bc1) * (m / denom)
+        else:
+            denom = np.sqrt(v)
+            denom /= bc2_sqrt
+            denom += self.eps
+            p -= (self.lr / bc1) * (m / denom)
+
+
+class RMSprop(Optimizer):
+    """RMSprop with ``torch.optim.RMSprop``'s rule; ``rho`` is torch's ``alpha``.
+
+    ``v = rho v + (1-rho) g^2``; ``avg = sqrt(v) + eps`` (centered: ``sqrt(v - mean_g^2) + eps``);
+    ``p -= lr g/avg``, or with momentum ``buf = momentum buf + g/avg; p -= lr buf``.
+    Defaults ``rho=0.9`` (Keras, TF1) and ``eps=1e-8``; note TF1 ``RMSPropOptimizer`` starts ``v``
+    at 1 and puts eps inside the square root, so its first steps differ.
+    """
+
+    def __init__(self, lr=0.001, rho=0.9, eps=1e-8, *, momentum=0.0, centered=False, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.rho = _check_unit("rho", rho)
+        self.eps = _check_positive("eps", eps, allow_zero=True)
+        self.momentum = _check_unit("momentum", momentum)
+        self.centered = bool(centered)
+        self._slots = ("square_avg",) + (("grad_avg",) if self.centered else ()) + \
+            (("momentum_buffer",) if self.momentum else ())
+
+    def _hyper(self):
+        return {"rho": self.rho, "eps": self.eps, "momentum": self.momentum,
+                "centered": self.centered}
+
+    def _update(self, p, g, st):
+        sq = st["square_avg"]
+        sq *= self.rho
+        sq += (1.0 - self.rho) * (g * g)
+        if self.centered:
+            ga = st["grad_avg"]
+            ga *= self.rho
+            ga += (1.0 - self.rho) * g
+            avg = np.sqrt(sq - ga * ga)
+        else:
+            avg = np.sqrt(sq)
+        avg += self.eps
+        if self.momentum:
+            buf = st["momentum_buffer"]
+            buf *= self.momentum
+            buf += g / avg
+            p -= self.lr * buf
+        else:
+            p -= self.lr * (g / avg)
+
+
+class Adagrad(Optimizer):
+    """Adagrad with ``torch.optim.Adagrad``'s rule: ``s += g^2; p -= lr g/(sqrt(s) + eps)``.
+
+    ``initial_accumulator_value=0.1, eps=0`` gives TF1 ``AdagradOptimizer``.
+    """
+
+    _slots = ("sum",)
+
+    def __init__(self, lr=0.01, *, initial_accumulator_value=0.0, eps=1e-10, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.initial_accumulator_value = _check_positive(
+            "initial_accumulator_value", initial_accumulator_value, allow_zero=True)
+        self.eps = _check_positive("eps", eps, allow_zero=True)
+
+    def _hyper(self):
+        return {"initial_accumulator_value": self.initial_accumulator_value, "eps": self.eps}
+
+    def _init_state(self, p):
+        return {"sum": np.full_like(p, self.initial_accumulator_value)}
+
+    def _update(self, p, g, st):
+        s = st["sum"]
+        s += g * g
+        std = np.sqrt(s)
+        std += self.eps
+        p -= self.lr * (g / std)

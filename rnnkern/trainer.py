@@ -1,0 +1,334 @@
+"""A small training loop that knows nothing of the model's internals.
+
+The model needs ``forward(x, lengths=..., initial_state=..., return_state=...)``, ``backward(d)``,
+``params``/``grads`` dicts and ``train()``/``eval()`` (:class:`~rnnkern.Sequential` has them);
+``get_rng_state()``/``set_rng_state()`` are used when present so that checkpoints capture dropout
+masks' generators. The loss is ``loss(pred, target, return_grad=True[, weights=w]) -> (value,
+d_pred)``, as :func:`rnnkern.sequence_loss` and :func:`rnnkern.sum_squares`.
+
+Batches are ``(x, y)`` tuples or dicts with keys ``x``, ``y`` and optional ``lengths``,
+``weights``. ``fit`` accepts a sequence of batches (re-used every epoch; ``shuffle=True`` permutes
+it with the trainer's seeded generator), any re-iterable (e.g. :class:`rnnkern.StreamBatches`),
+or a callable ``data(epoch) -> iterable of batches``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+class Callback:
+    """Base class for callbacks; override what you need. Each receives the trainer.
+
+    Useful trainer attributes: ``epoch`` (0-based, current), ``global_step``, ``step_in_epoch``,
+    ``last_loss``, ``history`` (``{"loss": [...], "val_loss": [...], "lr": [...]}`` per epoch),
+    ``model``, ``optimizer``. Set ``trainer.stop_training = True`` to stop after this step/epoch.
+    """
+
+    def on_step_end(self, trainer):
+        pass
+
+    def on_epoch_end(self, trainer):
+        pass
+
+
+class LambdaCallback(Callback):
+    """Callback from plain functions: ``LambdaCallback(on_epoch_end=lambda t: print(t.epoch))``."""
+
+    def __init__(self, on_step_end=None, on_epoch_end=None):
+        if on_step_end is not None:
+            self.on_step_end = on_step_end
+        if on_epoch_end is not None:
+            self.on_epoch_end = on_epoch_end
+
+
+def _unpack(batch):
+    if isinstance(batch, dict):
+        if "x" not in batch or "y" not in batch:
+            raise ValueError(f"a batch dict needs keys 'x' and 'y', got {sorted(batch)}")
+        return batch["x"], batch["y"], batch.get("lengths"), batch.get("weights")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1], None, None
+    raise ValueError("a batch must be an (x, y) tuple or a dict with keys x, y[, lengths, weights]")
+
+
+def _batch_size(x):
+    return len(x)
+
+
+def _state_batch_size(state):
+    """B of a carried state (arrays are [L,B,H]), found without knowing the layers."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        for s in state:
+            b = _state_batch_size(s)
+            if b is not None:
+                return b
+        return None
+    return state.shape[-2]
+
+
+def _flatten_state(state, prefix, out):
+    """Nested tuples of arrays/None -> JSON structure; arrays go into ``out`` by key."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return [_flatten_state(s, f"{prefix}.{i}", out) for i, s in enumerate(state)]
+    out[prefix] = np.asarray(state)
+    return {"array": prefix}
+
+
+def _unflatten_state(spec, arrays):
+    if spec is None:
+        return None
+    if isinstance(spec, list):
+        return tuple(_unflatten_state(s, arrays) for s in spec)
+    return arrays[spec["array"]]
+
+
+class Trainer:
+    """Fit a model with an optimizer, a progress bar, callbacks and exact checkpoint/resume.
+
+    Args:
+        model, loss, optimizer: see the module docstring
+        lr_schedule:  None or ``callable(epoch) -> lr`` applied at the start of every epoch
+                      (e.g. ``ExponentialDecay(2e-3, 0.97)``)
+        stateful:     carry the recurrent state from one batch to the next within an epoch
+                      (char-rnn's truncated BPTT over contiguous batches); reset every epoch and
+                      whenever the batch size changes
+        shuffle:      permute a sequence of batches every epoch (seeded by ``seed``)
+        seed:         seeds the trainer's generator (shuffling)
+        progress:     show a ``tqdm`` bar (loss, steps/s); False: silent
+        callbacks:    objects with ``on_step_end(trainer)`` / ``on_epoch_end(trainer)``
+        checkpoint:   None or a path written by :meth:`fit` (atomically)
+        checkpoint_every: "epoch" (default) or an int N: every N optimizer steps
+
+    Example::
+
+        >>> trainer = Trainer(model, sequence_loss, Adam(0.1), progress=False)
+        >>> history = trainer.fit([(x, y)], epochs=50)
+        >>> history["loss"][-1]
+    """
+
+    def __init__(self, model, loss, optimizer, *, lr_schedule=None, stateful=False,
+                 shuffle=False, seed=0, progress=True, callbacks=(), checkpoint=None,
+                 checkpoint_every="epoch"):
+        for attr in ("forward", "backward", "params", "grads", "train", "eval"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model has no {attr!r} (see rnnkern.trainer's docstring)")
+        if not callable(loss):
+            raise TypeError("loss must be callable: loss(pred, target, return_grad=True)")
+        if not hasattr(optimizer, "step"):
+            raise TypeError("optimizer must have step(params, grads)")
+        if not (checkpoint_every == "epoch" or
+                (isinstance(checkpoint_every, int) and checkpoint_every > 0)):
+            raise ValueError(f"checkpoint_every must be 'epoch' or a positive int, "
+                             f"got {checkpoint_every!r}")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.lr_schedule = lr_schedule
+        self.stateful = bool(stateful)
+        self.shuffle = bool(shuffle)
+        self.progress = bool(progress)
+        self.callbacks = list(callbacks)
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0              # index of the epoch being (or next to be) run
+        self.global_step = 0        # optimizer steps taken
+        self.step_in_epoch = 0      # batches done in the current epoch
+        self.last_loss = None
+        self.stop_training = False
+        self.history = {"loss": [], "val_loss": [], "lr": []}
+        self._epoch_rng_state = None  # the generator's state when the current epoch began
+        self._loss_sum = 0.0          # running sums of the current epoch
+        self._loss_count = 0
+        self._state = None            # carried recurrent state (stateful=True)
+
+    # ------------------------------------------------------------------ one step
+    def _forward(self, x, lengths, state, want_state):
+        kwargs = {}
+        if lengths is not None:
+            kwargs["lengths"] = lengths
+        if want_state:
+            return self.model.forward(x, initial_state=state, return_state=True, **kwargs)
+        return self.model.forward(x, **kwargs), None
+
+    def _loss(self, pred, y, weights):
+        if weights is None:
+            return self.loss(pred, y, return_grad=True)
+        return self.loss(pred, y, weights=weights, return_grad=True)
+
+    def train_step(self, batch):
+        """Forward, loss, backward and one optimizer step on ``batch``; returns the loss."""
+        x, y, lengths, weights = _unpack(batch)
+        state = self._state
+        if state is not None and _state_batch_size(state) != _batch_size(x):
+            state = None
+        pred, state = self._forward(x, lengths, state, self.stateful)
+        value, d_pred = self._loss(pred, y, weights)
+        self.model.backward(d_pred)
+        self.optimizer.step(self.model.params, self.model.grads)
+        self._state = state
+        self.global_step += 1
+        self.last_loss = float(value)
+        return self.last_loss
+
+    def evaluate(self, data):
+        """Mean loss over ``data`` (weighted by batch size) in eval mode, no updates.
+
+        With ``stateful=True`` the state is carried across ``data``'s batches from zeros.
+        """
+        was_training = getattr(self.model, "training", True)
+        self.model.eval()
+        try:
+            total, count, state = 0.0, 0, None
+            for batch in self._iterate(data, self.epoch, shuffle=False):
+                x, y, lengths, weights = _unpack(batch)
+                if state is not None and _state_batch_size(state) != _batch_size(x):
+                    state = None
+                pred, state = self._forward(x, lengths, state, self.stateful)
+                value = self.loss(pred, y) if weights is None else self.loss(pred, y,
+                                                                             weights=weights)
+                n = _batch_size(x)
+                total += float(value) * n
+                count += n
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("evaluate() got no batches")
+        return total / count
+
+    # ------------------------------------------------------------------ epochs
+    def _iterate(self, data, epoch, shuffle):
+        if callable(data) and not hasattr(data, "__iter__"):
+            return iter(data(epoch))
+        if shuffle:
+            if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+                raise TypeError("shuffle=True needs data that supports len() and indexing")
+            order = self.rng.permutation(len(data))
+            return (data[i] for i in order)
+        return iter(data)
+
+    def fit(self, data, epochs=1, *, val_data=None):
+        """Train until ``epochs`` epochs are complete (counting epochs already done, as Keras'
+        ``initial_epoch``: after :meth:`load` of an epoch-2 checkpoint, ``fit(data, epochs=4)``
+        runs epochs 2 and 3). Returns :attr:`history`."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        self.stop_training = False
+        bar = None
+        if self.progress and self.epoch < epochs:
+            from tqdm.auto import tqdm
+            per_epoch = len(data) if hasattr(data, "__len__") else None
+            total = None if per_epoch is None else (epochs - self.epoch) * per_epoch - self.step_in_epoch
+            bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+        try:
+            while self.epoch < epochs and not self.stop_training:
+                self._run_epoch(data, epochs, val_data, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def _run_epoch(self, data, epochs, val_data, bar):
+        skip = self.step_in_epoch  # > 0 only when resuming mid-epoch
+        if skip:
+            self.rng.bit_generator.state = self._epoch_rng_state   # replay this epoch's order
+        else:
+            self._epoch_rng_state = self.rng.bit_generator.state
+            self._loss_sum, self._loss_count, self._state = 0.0, 0, None
+        if self.lr_schedule is not None:
+            self.optimizer.lr = float(self.lr_schedule(self.epoch))
+        self.model.train()
+        t0 = time.perf_counter()
+        for i, batch in enumerate(self._iterate(data, self.epoch, self.shuffle)):
+            if i < skip:
+                continue
+            loss = self.train_step(batch)
+            self.step_in_epoch = i + 1
+            self._loss_sum += loss
+            self._loss_count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=f"{self.epoch + 1}/{epochs}", loss=f"{loss:.4f}",
+                                refresh=False)
+            for cb in self.callbacks:
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(self)
+            if (self.checkpoint is not None and self.checkpoint_every != "epoch"
+                    and self.global_step % self.checkpoint_every == 0):
+                self.save(self.checkpoint)
+            if self.stop_training:
+                return
+        if self._loss_count == 0:
+            raise ValueError("an epoch of data gave no batches")
+        self.history["loss"].append(self._loss_sum / self._loss_count)
+        self.history["lr"].append(float(getattr(self.optimizer, "lr", math.nan)))
+        self.history["val_loss"].append(None if val_data is None else self.evaluate(val_data))
+        self.epoch_time = time.perf_counter() - t0
+        # the epoch is complete before callbacks run, so a checkpoint they write resumes cleanly
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._state = None
+        for cb in self.callbacks:
+            if hasattr(cb, "on_epoch_end"):
+                cb.on_epoch_end(self)
+        if self.checkpoint is not None and self.checkpoint_every == "epoch":
+            self.save(self.checkpoint)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path, user=None):
+        """Write params, optimizer state, RNG states, counters and history atomically.
+
+        ``user``: optional JSON-serialisable data stored alongside (e.g. a vocabulary).
+        """
+        arrays = {}
+        state_spec = _flatten_state(self._state, "state", arrays)
+        get_rng = getattr(self.model, "get_rng_state", None)
+        meta = {
+            "epoch": self.epoch, "global_step": self.global_step,
+            "step_in_epoch": self.step_in_epoch, "last_loss": self.last_loss,
+            "loss_sum": self._loss_sum, "loss_count": self._loss_count,
+            "history": self.history,
+            "rng": self.rng.bit_generator.state,
+            "epoch_rng": self._epoch_rng_state,
+            "model_rng": get_rng() if get_rng is not None else None,
+            "carried_state": state_spec,
+            "user": user,
+        }
+        opt_state = self.optimizer.state_dict() if hasattr(self.optimizer, "state_dict") else None
+        save_checkpoint(path, params=self.model.params, optimizer_state=opt_state,
+                        arrays=arrays, meta=meta)
+
+    def load(self, path):
+        """Restore everything :meth:`save` wrote; a following :meth:`fit` continues exactly as
+        the uninterrupted run would have. Returns the ``user`` data."""
+        ck = load_checkpoint(path)
+        params = self.model.params
+        if set(ck["params"]) != set(params):
+            raise ValueError(f"checkpoint parameters {sorted(ck['params'])} do not match the "
+                             f"model's {sorted(params)}")
+        for k, dst in params.items():
+            if ck["params"][k].shape != dst.shape:
+                raise ValueError(f"checkpoint parameter {k!r} has shape {ck['params'][k].shape}, "
+                                 f"the model's has {dst.shape}")
+        for k, dst in params.items():
+            dst[...] = ck["params"][k]
+        if ck["optimizer_state"] is not None and hasattr(self.optimizer, "load_state_dict"):
+            self.optimizer.load_state_dict(ck["optimizer_state"])
+        m = ck["meta"]
+        self.epoch, self.global_step = m["epoch"], m["global_step"]
+        self.step_in_epoch, self.last_loss = m["step_in_epoch"], m["last_loss"]
+        self._loss_sum, self._loss_count = m["loss_sum"], m["loss_count"]
+        self.history = m["history"]
+        self.rng.bit_generator.state = m["rng"]
+        self._epoch_rng_state = m["epoch_rng"]
+        if m["model_rng"] is not None and hasattr(self.model, "set_rng_state"):
+            self.model.set_rng_state(m["model_rng"])
+        self._state = _unflatten_state(m["carried_state"], ck["arrays"])
+        return m["user"]
