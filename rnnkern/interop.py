@@ -269,8 +269,13 @@ def from_torch(state_dict_or_module, cell=None, **layer_kwargs):
 def to_torch(layer, which="params"):
     """``{name: ndarray}`` in PyTorch names and shapes, ready for ``module.load_state_dict``
     (after ``torch.from_numpy``). LSTM ``params``: ``forget_bias`` is added to ``bias_ih``'s
-    f-block (torch has no runtime forget bias). ``which="grads"``: :attr:`layer.grads`."""
+    f-block (torch has no runtime forget bias). ``which="grads"``: :attr:`layer.grads`.
+    A ``reset_after=False`` GRU is refused: ``torch.nn.GRU`` resets after the matmul.
+    (For rnnkern's own save/load use ``layer.params`` / ``layer.load_params``.)"""
     out = _layer_arrays(layer, which)
+    if layer.kind == "gru" and not layer.spec.reset_after:
+        raise ValueError("a reset_after=False GRU cannot be expressed as a torch.nn.GRU (which "
+                         "applies the reset after the matmul); use reset_after=True")
     if which == "params" and layer.kind == "lstm":
         dtype = layer.dtype
         _shift_forget(out, layer.num_layers, layer.hidden_size, layer.spec.forget_bias)
