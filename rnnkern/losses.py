@@ -22,10 +22,13 @@ __all__ = ["sequence_loss", "mse", "sum_squares", "one_hot"]
 _EPS = 1e-12  # TF sequence_loss adds it to the weight total
 
 
-def _float_array(value, name):
-    """A float array from ``value``; Python lists become float64, integer arrays are refused."""
+def _float_array(value, name, allow_int=False):
+    """A float array from ``value``; Python lists become float64. Integer/bool arrays are
+    refused unless ``allow_int`` (masks, integer targets), which casts them to float64."""
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         a = np.asarray(value.get() if type(value).__module__.startswith("cupy") else value)
+        if allow_int and a.dtype.kind in "biu":
+            a = a.astype(np.float64)
         if a.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     else:
@@ -57,7 +60,7 @@ def sequence_loss(logits, targets, weights=None, return_grad=False):
     Args:
         logits:  [B,T,C] unnormalised scores (float32/float64; lists become float64)
         targets: [B,T] integer class ids in [0, C)
-        weights: [B,T] per-position weights, or None for ones
+        weights: [B,T] per-position weights (float, or an int/bool mask), or None for ones
         return_grad: also return ``d_logits`` [B,T,C] (dtype of ``logits``)
 
     Returns:
@@ -82,7 +85,7 @@ def sequence_loss(logits, targets, weights=None, return_grad=False):
     if weights is None:
         w = np.ones((B, T), dtype=logits.dtype)
     else:
-        w = _float_array(weights, "weights")
+        w = _float_array(weights, "weights", allow_int=True)  # 0/1 masks are common
         if w.shape != (B, T):
             raise ValueError(f"weights must have shape [B,T] = {(B, T)}, got {w.shape}")
         w = w.astype(logits.dtype, copy=False)
@@ -102,12 +105,12 @@ def sequence_loss(logits, targets, weights=None, return_grad=False):
 
 def _pair(pred, target):
     pred = _float_array(pred, "pred")
-    target = _float_array(target, "target")
+    target = _float_array(target, "target", allow_int=True)
     # no broadcasting: [B,1] vs [B] silently broadcasting to [B,B] is a classic bug
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {pred.shape} "
                          f"and {target.shape}")
-    return pred, target
+    return pred, target.astype(pred.dtype, copy=False)
 
 
 def mse(pred, target, return_grad=False):

@@ -32,6 +32,17 @@ def test_sequence_loss_is_weighted_mean_of_cross_entropy():
     assert sequence_loss(logits, targets) == pytest.approx(ce.mean(), rel=1e-12)
 
 
+def test_sequence_loss_accepts_mask_weights():
+    logits = np.random.default_rng(5).normal(size=(2, 3, 4))
+    t = np.zeros((2, 3), int)
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=bool)
+    assert sequence_loss(logits, t, mask) == pytest.approx(
+        sequence_loss(logits, t, mask.astype(np.float64)), rel=1e-15)
+    assert sequence_loss(logits, t, mask) == pytest.approx(
+        sequence_loss(logits[:, :1], t[:, :1]) * 2 / 3 + sequence_loss(logits[:1, 1:2], t[:1, 1:2]) / 3,
+        rel=1e-12)
+
+
 def test_sequence_loss_zero_weights_gives_zero_like_tf():
     logits = np.zeros((2, 3, 4))
     loss, d = sequence_loss(logits, np.zeros((2, 3), int), np.zeros((2, 3)), return_grad=True)
@@ -141,8 +152,9 @@ def test_squares_reject_bad_input(fn):
         fn(np.zeros((3, 1)), np.zeros(3))
     with pytest.raises(ValueError, match="pred"):
         fn(np.array([np.nan]), np.zeros(1))
-    with pytest.raises(TypeError, match="target"):
-        fn(np.zeros(2), np.zeros(2, int))
+    with pytest.raises(TypeError, match="pred"):
+        fn(np.zeros(2, int), np.zeros(2))
+    assert fn(np.ones(2), np.zeros(2, int)) > 0  # integer targets are cast
 
 
 def test_one_hot_rejects_bad_input():
