@@ -464,3 +464,21 @@ def test_from_keras_rejects_bad_weights():
 def test_to_rejects_bad_which(fn):
     with pytest.raises(ValueError, match="which"):
         fn(rand_layer("rnn"), "weights")
+
+
+def test_single_tf1_dict_is_one_layer():
+    w = rand_tf1("gru", L=1)
+    layer = interop.from_tf1("gru", w[0], backend="numpy")
+    assert layer.num_layers == 1
+    np.testing.assert_allclose(layer(X)[0], tf1_forward("gru", w, X), atol=1e-13)
+
+
+def test_importing_rnnkern_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, rnnkern; from rnnkern import interop, losses; print('torch' in sys.modules)"
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]  # finds the source tree if not installed
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=root)
+    assert out.stdout.strip() == "False"
