@@ -1,0 +1,106 @@
+"""Pieces shared by the Numba kernels: scalar activations specialised by dtype, and the
+weight-gradient GEMMs that follow every backward loop.
+
+float64 uses libm (``np.tanh``, ``np.exp``): the float64 path must agree with
+:mod:`rnnkern.reference` to ``rtol 1e-10``. float32 uses a rational approximation of tanh that
+LLVM can vectorise (glibc's scalar ``tanhf`` costs ~20 ns per element, this ~1 ns); its absolute
+error is <= 3.7e-7 over all float32 inputs, well inside the float32 test tolerance. The
+coefficients were fitted for this project by ``benchmarks/fit_fast_tanh.py`` (Sanathanan-Koerner
+iteration plus Lawson weights, the same odd 13/6-degree form Eigen's ``ptanh`` uses).
+
+Each public function here is a plain Python function (what runs under ``NUMBA_DISABLE_JIT=1``)
+plus a ``@overload`` giving Numba a per-dtype implementation. No module globals are read by the
+compiled code, so ``cache=True`` kernels never freeze a stale value.
+
+Caveat: Numba's on-disk cache does not track this module. After editing it, delete the
+``__pycache__/*.nbi``/``*.nbc`` files of the ``numba_*`` kernel modules (CI starts clean).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+
+def _tanh_f32(x):
+    """tanh for float32, |error| <= 3.7e-7; branch-free so loops over it vectorise."""
+    x = min(max(x, np.float32(-9.0)), np.float32(9.0))  # tanh(+-9) rounds to +-1 in float32
+    s = x * x
+    p = np.float32(-7.593025e-14)
+    p = p * s + np.float32(4.9252095e-11)
+    p = p * s + np.float32(-1.9486961e-08)
+    p = p * s + np.float32(1.0971199e-05)
+    p = p * s + np.float32(0.003086334)
+    p = p * s + np.float32(0.13068168)
+    p = p * s + np.float32(0.99999964)
+    q = np.float32(0.0002520569)
+    q = q * s + np.float32(0.02442481)
+    q = q * s + np.float32(0.4640148)
+    q = q * s + np.float32(1.0)
+    return x * p / q
+
+
+def _sigmoid_f32(x):
+    # sigmoid(x) = (1 + tanh(x/2)) / 2: reuses the vectorisable tanh, abs error <= 1.9e-7
+    return np.float32(0.5) * tanh(np.float32(0.5) * x) + np.float32(0.5)
+
+
+def _tanh_f64(x):
+    return np.tanh(x)
+
+
+def _sigmoid_f64(x):
+    return 1.0 / (1.0 + np.exp(-x))  # the reference's formula, for bitwise-close float64
+
+
+def tanh(x):
+    """tanh(x) for a float32 or float64 scalar (fast rational form for float32)."""
+    return _tanh_f32(x) if isinstance(x, np.float32) else _tanh_f64(x)
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) for a float32 or float64 scalar (via the fast tanh for float32)."""
+    return _sigmoid_f32(x) if isinstance(x, np.float32) else _sigmoid_f64(x)
+
+
+def _pick(f32, f64):
+    def typer(x):
+        if x == types.float32:
+            return f32
+        if x == types.float64:
+            return f64
+        return None
+    return typer
+
+
+overload(tanh, inline="always")(_pick(_tanh_f32, _tanh_f64))
+overload(sigmoid, inline="always")(_pick(_sigmoid_f32, _sigmoid_f64))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def weight_grads(x, h_prev, d_gx, d_gh, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh):
+    """After a backward loop, as single GEMMs over all B*T rows.
+
+    In:  x [B,T,I], h_prev [B,T,H] (what W_hh multiplied at each step), d_gx [B,T,G*H] and
+         d_gh [B,T,G*H] gradients of the input- and hidden-side pre-activations (often one array).
+    Out: dx = d_gx W_ih [B,T,I], dw_ih = d_gx^T x, dw_hh = d_gh^T h_prev, db_ih = sum d_gx,
+         db_hh = sum d_gh.
+    """
+    B, T, I = x.shape
+    GH = d_gx.shape[2]
+    Dx = d_gx.reshape(B * T, GH)
+    Dh = d_gh.reshape(B * T, GH)
+    np.dot(Dx, w_ih, dx.reshape(B * T, I))
+    np.dot(Dx.T, x.reshape(B * T, I), dw_ih)
+    np.dot(Dh.T, h_prev.reshape(B * T, h_prev.shape[2]), dw_hh)
+    column_sums(Dx, db_ih)
+    column_sums(Dh, db_hh)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def column_sums(D, out):
+    """out[j] = sum_r D[r, j] for a [R,N] array (a loop over rows that vectorises over j)."""
+    out[:] = 0
+    for r in range(D.shape[0]):
+        for j in range(D.shape[1]):
+            out[j] += D[r, j]
