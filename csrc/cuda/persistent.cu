@@ -1,0 +1,192 @@
+// persistent.cu -- strategy "persistent": ONE launch per layer runs the whole time loop.
+//
+// Block k owns hidden units j in [k*hb, k*hb + nj) and keeps the part of W_hh it needs in
+// shared memory for the whole sequence; blocks meet at a grid barrier (common.cuh) once per
+// step (twice for a GRU with reset_after=false), so a sequence costs one launch instead of 2T.
+// The host (rnnkern/backends/cuda.py, persistent_plan) launches at most one block per SM, with
+// the shared memory it computed, so every block is resident at once.
+//
+//   forward:  W_hh rows of the owned units, w_s [G][hb][ldw] (ldw = H | 1: odd stride, no bank
+//             conflicts); per step each block stages h_t (nbc batch rows at a time) and forms its
+//             own (h W_hh^T)[b, g*H + j], then the pointwise cell of its own elements.
+//   backward: W_hh columns of the owned units, wc [hb][ldc] (ldc = G*H | 1); per step phase A
+//             (own elements: gate grads into d_gx, d_gh), barrier, phase B (own columns of
+//             dh_prev = d_gh[t] W_hh, from the staged d_gh rows of every unit).
+//
+// Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real):
+//   forward  G*hb*ldw + nbc*H + nbc*G*hb        backward  hb*ldc + nbc*G*H
+#include "common.cuh"
+
+template <int KIND>
+__device__ __forceinline__ int rk_gates() { return KIND == RK_LSTM ? 4 : (KIND == RK_GRU ? 3 : 1); }
+
+// copy n contiguous elements another block may have written into shared memory
+__device__ __forceinline__ void rk_stage(real* dst, const real* src, i64 n) {
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) dst[i] = rk_ld_shared_state(src + i);
+}
+
+// copy rows [col0, col0 + ncol) of nb rows of length ld into dst [nb][ncol]
+__device__ __forceinline__ void rk_stage_cols(real* dst, const real* src, int nb, int ld,
+                                              int col0, int ncol) {
+    for (i64 i = threadIdx.x; i < (i64)nb * ncol; i += blockDim.x) {
+        const i64 r = i / ncol, c = i % ncol;
+        dst[i] = rk_ld_shared_state(src + r * ld + col0 + c);
+    }
+}
+
+__device__ __forceinline__ real rk_dot(const real* x, const real* w, int n) {
+    real acc = 0;
+    for (int k = 0; k < n; ++k) acc += x[k] * w[k];
+    return acc;
+}
+
+template <int KIND>
+__device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int flag, real forget_bias,
+                               const real* __restrict__ gx, const real* __restrict__ w_hh,
+                               const real* __restrict__ b_hh, const i64* __restrict__ lengths,
+                               real* h_all, real* c_all, real* outputs, real* acts, real* rh,
+                               unsigned int* bar) {
+    const int G = rk_gates<KIND>();
+    const int ldw = H | 1;
+    const int j0 = blockIdx.x * hb;
+    const int nj = min(hb, H - j0);
+    const bool two_phase = KIND == RK_GRU && !flag;  // reset_after=false: (r h) W_hn^T
+    const int Gd = two_phase ? 2 : G;                  // gate blocks formed from h_t
+    RK_DYNAMIC_SMEM(smem_raw);
+    real* w_s = reinterpret_cast<real*>(smem_raw);    // [G][hb][ldw]
+    real* h_s = w_s + (i64)G * hb * ldw;                // [nbc][H]
+    real* p_s = h_s + (i64)nbc * H;                     // [nbc][G][hb]
+    for (i64 i = threadIdx.x; i < (i64)G * nj * H; i += blockDim.x) {
+        const int row = (int)(i / H), k = (int)(i % H), g = row / nj, jl = row % nj;
+        w_s[((i64)g * hb + jl) * ldw + k] = w_hh[((i64)g * H + j0 + jl) * H + k];
+    }
+    const RkFwd a = {B, T, H, flag, forget_bias, gx, b_hh, lengths, h_all, c_all, outputs,
+                     acts, rh};
+    __syncthreads();
+    for (int t = 0; t < T; ++t) {
+        for (int b0 = 0; b0 < B; b0 += nbc) {
+            const int nb = min(nbc, B - b0);
+            rk_stage(h_s, h_all + ((i64)t * B + b0) * H, (i64)nb * H);
+            __syncthreads();
+            for (int i = threadIdx.x; i < nb * Gd * nj; i += blockDim.x) {
+                const int jl = i % nj, g = (i / nj) % Gd, bl = i / (nj * Gd);
+                p_s[((i64)bl * G + g) * hb + jl] =
+                    rk_dot(h_s + (i64)bl * H, w_s + ((i64)g * hb + jl) * ldw, H);
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
+                const int jl = i % nj, bl = i / nj, b = b0 + bl, j = j0 + jl;
+                const real* p = p_s + (i64)bl * G * hb + jl;
+                if (KIND == RK_RNN) {
+                    rk_rnn_fwd_elem(a, t, b, j, p[0]);
+                } else if (KIND == RK_LSTM) {
+                    rk_lstm_fwd_elem(a, t, b, j, p[0], p[hb], p[2 * hb], p[3 * hb]);
+                } else {
+                    rk_gru_fwd_gates_elem(a, t, b, j, p[0], p[hb]);
+                    if (!two_phase) rk_gru_fwd_cand_elem(a, t, b, j, p[2 * hb]);
+                }
+            }
+            __syncthreads();
+        }
+        if (two_phase) {
+            rk_grid_sync(bar);  // rh[t] of every unit is written
+            for (int b0 = 0; b0 < B; b0 += nbc) {
+                const int nb = min(nbc, B - b0);
+                rk_stage(h_s, rh + ((i64)t * B + b0) * H, (i64)nb * H);
+                __syncthreads();
+                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
+                    const int jl = i % nj, bl = i / nj;
+                    const real hp_n = rk_dot(h_s + (i64)bl * H, w_s + (2 * (i64)hb + jl) * ldw, H);
+                    rk_gru_fwd_cand_elem(a, t, b0 + bl, j0 + jl, hp_n);
+                }
+                __syncthreads();
+            }
+        }
+        rk_grid_sync(bar);  // h_all[t+1] of every unit is written
+    }
+}
+
+template <int KIND>
+__device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int flag,
+                               const real* __restrict__ w_hh, const i64* __restrict__ lengths,
+                               const real* __restrict__ acts, const real* __restrict__ h_all,
+                               const real* __restrict__ c_all, const real* __restrict__ d_out,
+                               int has_dout, real* dh, real* dc, real* d_gx, real* d_gh,
+                               unsigned int* bar) {
+    const int G = rk_gates<KIND>();
+    const int GH = G * H;
+    const int ldc = GH | 1;
+    const int j0 = blockIdx.x * hb;
+    const int nj = min(hb, H - j0);
+    const bool two_phase = KIND == RK_GRU && !flag;
+    const int rows = two_phase ? 2 * H : GH;  // W_hh rows that multiply h itself
+    RK_DYNAMIC_SMEM(smem_raw);
+    real* wc = reinterpret_cast<real*>(smem_raw);  // [hb][ldc], wc[jl][row] = W_hh[row][j0+jl]
+    real* g_s = wc + (i64)hb * ldc;                  // [nbc][rows] staged d_gh rows
+    for (i64 i = threadIdx.x; i < (i64)GH * nj; i += blockDim.x) {
+        const int row = (int)(i / nj), jl = (int)(i % nj);
+        wc[(i64)jl * ldc + row] = w_hh[(i64)row * H + j0 + jl];
+    }
+    const RkBwd a = {B, T, H, flag, lengths, acts, h_all, c_all, d_out, has_dout, dh, dc,
+                     d_gx, d_gh};
+    __syncthreads();
+    for (int t = T - 1; t >= 0; --t) {
+        // phase A: gate gradients of the owned elements
+        for (int i = threadIdx.x; i < B * nj; i += blockDim.x) {
+            const int b = i / nj, j = j0 + i % nj;
+            const real dh_in = dh[(i64)b * H + j];
+            if (KIND == RK_RNN) rk_rnn_bwd_elem(a, t, b, j, dh_in);
+            else if (KIND == RK_LSTM) rk_lstm_bwd_elem(a, t, b, j, dh_in);
+            else rk_gru_bwd_elem(a, t, b, j, dh_in);
+        }
+        rk_grid_sync(bar);  // d_gh[t] of every unit is written
+        const real* dg_t = d_gh + (i64)t * B * GH;
+        if (two_phase) {  // d_rh = d_an W_hn, then the r block
+            for (int b0 = 0; b0 < B; b0 += nbc) {
+                const int nb = min(nbc, B - b0);
+                rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 2 * H, H);
+                __syncthreads();
+                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
+                    const int jl = i % nj, bl = i / nj;
+                    const real d_rh = rk_dot(g_s + (i64)bl * H, wc + (i64)jl * ldc + 2 * H, H);
+                    rk_gru_bwd_reset_elem(a, t, b0 + bl, j0 + jl, d_rh);
+                }
+                __syncthreads();
+            }
+            rk_grid_sync(bar);  // r blocks of d_gh[t] are written
+        }
+        // phase B: dh_prev[b, j] += (d_gh[t] W_hh)[b, j] for the owned columns j
+        for (int b0 = 0; b0 < B; b0 += nbc) {
+            const int nb = min(nbc, B - b0);
+            rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 0, rows);
+            __syncthreads();
+            for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
+                const int jl = i % nj, bl = i / nj, b = b0 + bl;
+                const real s = rk_dot(g_s + (i64)bl * rows, wc + (i64)jl * ldc, rows);
+                if (t < lengths[b]) dh[(i64)b * H + j0 + jl] += s;
+            }
+            __syncthreads();
+        }
+    }
+}
+
+#define RK_PERSIST_FWD_ARGS                                                                  \
+    int B, int T, int H, int hb, int nbc, int flag, real forget_bias, const real* gx,         \
+        const real* w_hh, const real* b_hh, const i64* lengths, real* h_all, real* c_all,     \
+        real* outputs, real* acts, real* rh, unsigned int* bar
+#define RK_PERSIST_FWD_CALL \
+    (B, T, H, hb, nbc, flag, forget_bias, gx, w_hh, b_hh, lengths, h_all, c_all, outputs, acts, rh, bar)
+
+#define RK_PERSIST_BWD_ARGS                                                                  \
+    int B, int T, int H, int hb, int nbc, int flag, const real* w_hh, const i64* lengths,     \
+        const real* acts, const real* h_all, const real* c_all, const real* d_out,            \
+        int has_dout, real* dh, real* dc, real* d_gx, real* d_gh, unsigned int* bar
+#define RK_PERSIST_BWD_CALL \
+    (B, T, H, hb, nbc, flag, w_hh, lengths, acts, h_all, c_all, d_out, has_dout, dh, dc, d_gx, d_gh, bar)
+
+extern "C" __global__ void rk_rnn_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_RNN> RK_PERSIST_FWD_CALL; }
+extern "C" __global__ void rk_lstm_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_LSTM> RK_PERSIST_FWD_CALL; }
+extern "C" __global__ void rk_gru_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_GRU> RK_PERSIST_FWD_CALL; }
+extern "C" __global__ void rk_rnn_persist_bwd(RK_PERSIST_BWD_ARGS) { rk_persist_bwd<RK_RNN> RK_PERSIST_BWD_CALL; }
+extern "C" __global__ void rk_lstm_persist_bwd(RK_PERSIST_BWD_ARGS) { rk_persist_bwd<RK_LSTM> RK_PERSIST_BWD_CALL; }
+extern "C" __global__ void rk_gru_persist_bwd(RK_PERSIST_BWD_ARGS) { rk_persist_bwd<RK_GRU> RK_PERSIST_BWD_CALL; }

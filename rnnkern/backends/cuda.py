@@ -1,0 +1,455 @@
+"""CUDA backend: CuPy arrays, cuBLAS GEMMs and the kernels of ``csrc/cuda/*.cu``.
+
+The seam is the one in :mod:`rnnkern.backends` (one layer, one direction, whole sequence).
+Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3).
+
+Two strategies run the time loop; both share the buffers of ``csrc/cuda/common.cuh`` (so
+backward may use either, whichever forward ran) and both hoist what is not recurrent:
+``x W_ih^T`` is one GEMM over all ``B*T`` rows before the loop and ``dx, dW_ih, dW_hh`` are
+single GEMMs after the backward loop.
+
+* ``stepwise`` (``csrc/cuda/stepwise.cu``): per step a cuBLAS ``h W_hh^T`` (``matmul`` on the
+  current stream) and one fused pointwise kernel; backward one kernel and one GEMM per step
+  (a GRU with ``reset_after=False`` needs two of each). 2T launches; wins when GEMMs are big.
+* ``persistent`` (``csrc/cuda/persistent.cu``): one launch per layer and direction. Each block
+  keeps its slice of ``W_hh`` in shared memory for the whole sequence and the blocks meet at a
+  grid barrier once per step; see :func:`persistent_plan`. Wins when launches dominate.
+
+Size rule (:func:`choose_strategy`): ``persistent`` when the plan fits on chip, ``H <=
+config.persistent_max_h`` (256) and ``B*H <= config.persistent_max_bh`` (8192); otherwise
+``stepwise``. The cut-offs are a first guess from the work per block per step (``B*G*H/blocks``
+dot products of length H, done serially by one thread each): tune them with
+``benchmarks/gpu_check.sh``. Force a strategy with :func:`set_strategy` or the environment
+variable ``RNNKERN_CUDA_STRATEGY`` (``stepwise`` | ``persistent`` | ``auto``).
+
+Kernels compile lazily (first use per device and dtype) from the ``.cu`` sources shipped as
+package data (``rnnkern/csrc`` in a wheel, ``<repo>/csrc`` in a checkout), with CuPy's
+``RawModule`` (NVRTC). The local ``#include "..."`` files are inlined into the source text first,
+so CuPy's on-disk kernel cache (keyed by source text) never serves a binary built from an older
+header. Everything runs on CuPy's current stream.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+name = "cuda"
+
+STRATEGIES = ("stepwise", "persistent")
+ENV_STRATEGY = "RNNKERN_CUDA_STRATEGY"
+ENV_CSRC = "RNNKERN_CSRC"
+MODULES = ("stepwise", "persistent")
+
+
+@dataclass
+class Config:
+    """Tunables (tests patch them small so multi-block paths run on tiny inputs)."""
+
+    threads: int = 256              # threads per block, every kernel
+    persistent_max_h: int = 256     # size rule: persistent only up to this H ...
+    persistent_max_bh: int = 8192   # ... and up to this B*H
+    max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
+    n_sm: int | None = None         # None: the device's SM count (tests: a small number)
+    smem_limit: int | None = None   # None: the device's opt-in shared memory per block
+    check_barrier: bool = True      # persistent: read the barrier's error flag after a launch
+
+
+config = Config()
+_strategy_override = None
+
+
+def set_strategy(strategy):
+    """Force ``"stepwise"`` or ``"persistent"`` for later calls; None or ``"auto"``: size rule."""
+    global _strategy_override
+    if strategy not in (None, "auto") + STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES + ('auto',)}, got {strategy!r}")
+    _strategy_override = None if strategy == "auto" else strategy
+
+
+def _forced_strategy():
+    forced = _strategy_override or os.environ.get(ENV_STRATEGY) or None
+    if forced in (None, "auto"):
+        return None
+    if forced not in STRATEGIES:
+        raise ValueError(f"{ENV_STRATEGY} must be one of {STRATEGIES + ('auto',)}, got {forced!r}")
+    return forced
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def source_root():
+    """The ``csrc`` folder: ``$RNNKERN_CSRC``, then ``rnnkern/csrc`` (wheel), then ``<repo>/csrc``."""
+    here = Path(__file__).resolve().parent.parent  # the rnnkern package
+    candidates = [Path(os.environ[ENV_CSRC])] if os.environ.get(ENV_CSRC) else []
+    candidates += [here / "csrc", here.parent / "csrc"]
+    for root in candidates:
+        if (root / "cuda" / "stepwise.cu").is_file():
+            return root
+    raise FileNotFoundError("CUDA kernel sources not found; looked for cuda/stepwise.cu under "
+                            + ", ".join(str(c) for c in candidates))
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+def kernel_source(module, real="float", root=None):
+    """Source text of ``csrc/cuda/<module>.cu`` for element type ``real``, local includes inlined.
+
+    ``#include "x"`` is looked up beside the including file, then in ``csrc/include``; each file
+    is inlined once (the headers use ``#pragma once``). ``#include <...>`` lines are left alone.
+    """
+    if real not in ("float", "double"):
+        raise ValueError(f"real must be 'float' or 'double', got {real!r}")
+    root = Path(root) if root is not None else source_root()
+    seen = set()
+
+    def expand(path):
+        path = path.resolve()
+        if path in seen:
+            return ""
+        seen.add(path)
+        text = path.read_text()
+
+        def include(m):
+            for base in (path.parent, root / "include"):
+                if (base / m.group(1)).is_file():
+                    return expand(base / m.group(1))
+            raise FileNotFoundError(f'{path}: #include "{m.group(1)}" not found')
+
+        text = re.sub(r"^\s*#\s*pragma\s+once\s*$", "", text, flags=re.M)
+        return _INCLUDE.sub(include, text)
+
+    return f"#define RK_REAL {real}\n" + expand(root / "cuda" / f"{module}.cu")
+
+
+# ----------------------------------------------------------------------------------------------
+# runtime: CuPy (the emulated CPU runtime of the tests offers the same methods)
+
+
+def _versions():
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy not installed"
+    parts = [f"CuPy {cupy.__version__}"]
+    for label, fn in (("CUDA runtime", "runtimeGetVersion"), ("driver", "driverGetVersion")):
+        try:
+            v = getattr(cupy.cuda.runtime, fn)()
+            parts.append(f"{label} {v // 1000}.{(v % 1000) // 10}")
+        except Exception as exc:  # noqa: BLE001 - a version probe must not raise
+            parts.append(f"{label} unknown ({type(exc).__name__})")
+    return ", ".join(parts)
+
+
+class CupyRuntime:
+    """Compiles and launches the kernels with CuPy on the current device and stream."""
+
+    def __init__(self):
+        import cupy
+        self.xp = cupy
+        self._modules = {}
+        self._props = {}
+
+    def device_id(self):
+        return self.xp.cuda.Device().id
+
+    def props(self):
+        """``(n_sm, smem_optin_bytes)`` of the current device (cached)."""
+        dev = self.device_id()
+        if dev not in self._props:
+            attrs = self.xp.cuda.Device(dev).attributes
+            self._props[dev] = (int(attrs["MultiProcessorCount"]),
+                                int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024)))
+        return self._props[dev]
+
+    def kernel(self, module, fname, dtype):
+        real = "double" if np.dtype(dtype) == np.float64 else "float"
+        key = (self.device_id(), module, real)
+        if key not in self._modules:
+            try:
+                mod = self.xp.RawModule(code=kernel_source(module, real),
+                                        options=("--std=c++17",))
+                mod.compile()
+            except Exception as exc:
+                raise RuntimeError(f"compiling csrc/cuda/{module}.cu ({real}) failed with "
+                                   f"{_versions()}: {exc}") from exc
+            self._modules[key] = mod
+        return self._modules[key].get_function(fname)
+
+    def launch(self, kern, grid, block, args, smem=0):
+        if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
+            kern.max_dynamic_shared_size_bytes = smem
+        kern((grid,), (block,), args, shared_mem=smem)
+
+    def matmul(self, a, b, out):
+        self.xp.matmul(a, b, out=out)
+
+
+_runtime = None
+
+
+def available():
+    try:
+        import cupy
+    except ImportError:
+        return False, "CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - CUDARuntimeError and friends, without a driver
+        return False, f"no usable CUDA device ({type(exc).__name__}: {exc}; {_versions()})"
+    if n == 0:
+        return False, f"no CUDA device ({_versions()})"
+    try:
+        source_root()
+    except FileNotFoundError as exc:
+        return False, str(exc)
+    return True, f"{n} CUDA device(s), {_versions()}"
+
+
+def _get_runtime():
+    global _runtime
+    if _runtime is None:
+        ok, reason = available()
+        if not ok:
+            raise RuntimeError(f"the cuda backend is unavailable: {reason}")
+        _runtime = CupyRuntime()
+    return _runtime
+
+
+# ----------------------------------------------------------------------------------------------
+# size rule
+
+
+@dataclass(frozen=True)
+class PersistentPlan:
+    """Launch shape of the persistent kernels for one layer.
+
+    blocks  grid size (<= SMs: one resident block per SM);  hb  hidden units per block;
+    nbc     batch rows staged in shared memory at once;  smem_fwd/smem_bwd  bytes per block
+    """
+
+    blocks: int
+    threads: int
+    hb: int
+    nbc: int
+    smem_fwd: int
+    smem_bwd: int
+
+
+def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_batch_chunk=None):
+    """The :class:`PersistentPlan` for these sizes, or None when W_hh does not fit on chip.
+
+    Units are spread over as many blocks as there are SMs (``hb = ceil(H / n_sm)``); the batch
+    chunk halves until both kernels' shared memory (common.cuh formulas) fits ``smem_limit``.
+    """
+    threads = threads or config.threads
+    nbc = max(1, min(B, max_batch_chunk or config.max_batch_chunk))
+    G = spec.gates
+    hb = math.ceil(H / max(1, min(n_sm, H)))
+    ldw, ldc = H | 1, (G * H) | 1
+
+    def sizes(nbc):
+        fwd = (G * hb * ldw + nbc * H + nbc * G * hb) * itemsize
+        bwd = (hb * ldc + nbc * G * H) * itemsize
+        return fwd, bwd
+
+    while max(sizes(nbc)) > smem_limit and nbc > 1:
+        nbc = (nbc + 1) // 2
+    fwd, bwd = sizes(nbc)
+    if max(fwd, bwd) > smem_limit:
+        return None
+    return PersistentPlan(math.ceil(H / hb), threads, hb, nbc, fwd, bwd)
+
+
+def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit):
+    """``("persistent", plan)`` or ``("stepwise", None)`` by the size rule or the override."""
+    forced = _forced_strategy()
+    if forced == "stepwise":
+        return "stepwise", None
+    plan = persistent_plan(spec, B, H, itemsize, n_sm, smem_limit)
+    if forced == "persistent":
+        if plan is None:
+            raise ValueError(f"the persistent strategy cannot hold W_hh of H={H} on chip "
+                             f"({n_sm} SMs x {smem_limit} bytes); use stepwise")
+        return "persistent", plan
+    if plan is not None and H <= config.persistent_max_h and B * H <= config.persistent_max_bh:
+        return "persistent", plan
+    return "stepwise", None
+
+
+# ----------------------------------------------------------------------------------------------
+# the seam
+
+_SAVED_PER_UNIT = {"rnn": 1, "lstm": 5, "gru": 4}
+
+
+def _device_limits(rt):
+    n_sm, smem = rt.props()
+    return config.n_sm or n_sm, config.smem_limit or smem
+
+
+def _grid(n):
+    return max(1, math.ceil(n / config.threads))
+
+
+def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
+    """See :mod:`rnnkern.backends`; arrays may be CuPy or NumPy (copied to the device)."""
+    rt = _get_runtime()
+    xp = rt.xp
+    dtype = np.dtype(x.dtype)
+    x, w_ih, w_hh, b_ih, b_hh, h0 = (xp.ascontiguousarray(xp.asarray(a, dtype=dtype))
+                                     for a in (x, w_ih, w_hh, b_ih, b_hh, h0))
+    B, T, I = x.shape
+    H = w_hh.shape[1]
+    G = spec.gates
+    lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
+    flag = int(spec.nonlinearity == "relu") if spec.kind == "rnn" else int(spec.reset_after)
+    lengths_d = (xp.full((B,), T, dtype=np.int64) if lengths is None
+                 else xp.ascontiguousarray(xp.asarray(lengths, dtype=np.int64)))
+    gx = (x.reshape(B * T, I) @ w_ih.T + b_ih).reshape(B, T, G * H)  # hoisted input GEMM
+    h_all = xp.empty((T + 1, B, H), dtype=dtype)
+    h_all[0] = h0
+    c_all = xp.empty((T + 1, B, H) if lstm else (1,), dtype=dtype)
+    if lstm:
+        c_all[0] = xp.asarray(c0, dtype=dtype)
+    outputs = xp.empty((B, T, H), dtype=dtype)
+    acts = xp.empty((T, B, _SAVED_PER_UNIT[spec.kind] * H), dtype=dtype)
+    rh = xp.empty((T, B, H) if two_phase else (1,), dtype=dtype)
+    n_sm, smem_limit = _device_limits(rt)
+    strategy, plan = choose_strategy(spec, B, H, dtype.itemsize, n_sm, smem_limit)
+    real = dtype.type
+    i32 = np.int32
+    if B and T:
+        if strategy == "persistent":
+            bar = xp.zeros(4, dtype=np.uint32)
+            kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
+            rt.launch(kern, plan.blocks, plan.threads,
+                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(flag),
+                       real(spec.forget_bias), gx, w_hh, b_hh, lengths_d, h_all, c_all, outputs,
+                       acts, rh, bar), plan.smem_fwd)
+            _check_barrier(bar, "forward")
+        else:
+            _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_hh, lengths_d, h_all, c_all,
+                              outputs, acts, rh)
+    saved = dict(strategy=strategy, plan=plan, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths_d,
+                 h_all=h_all, c_all=c_all, acts=acts, rh=rh, flag=flag)
+    return outputs, h_all[T].copy(), (c_all[T].copy() if lstm else None), saved
+
+
+def _check_barrier(bar, where):
+    if config.check_barrier and int(bar[2]) != 0:
+        raise RuntimeError(f"persistent {where} kernel: blocks were not all resident at once "
+                           f"(grid barrier timed out; {_versions()}); use "
+                           f"{ENV_STRATEGY}=stepwise")
+
+
+def _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_hh, lengths, h_all, c_all, outputs,
+                      acts, rh):
+    xp = rt.xp
+    T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
+    G = spec.gates
+    i32 = np.int32
+    grid, threads = _grid(B * H), config.threads
+
+    def args(t, gh):
+        return (i32(B), i32(T), i32(H), i32(t), i32(flag), real(spec.forget_bias), gx, gh,
+                i32(gh.shape[1]), b_hh, lengths, h_all, c_all, outputs, acts, rh)
+
+    if spec.kind == "gru" and not spec.reset_after:
+        gates = rt.kernel("stepwise", "rk_gru_fwd_gates_step", gx.dtype)
+        cand = rt.kernel("stepwise", "rk_gru_fwd_cand_step", gx.dtype)
+        w_rz_t, w_n_t = w_hh[: 2 * H].T, w_hh[2 * H:].T
+        gh_rz = xp.empty((B, 2 * H), dtype=gx.dtype)
+        gh_n = xp.empty((B, H), dtype=gx.dtype)
+        for t in range(T):
+            rt.matmul(h_all[t], w_rz_t, gh_rz)
+            rt.launch(gates, grid, threads, args(t, gh_rz))
+            rt.matmul(rh[t], w_n_t, gh_n)
+            rt.launch(cand, grid, threads, args(t, gh_n))
+        return
+    step = rt.kernel("stepwise", f"rk_{spec.kind}_fwd_step", gx.dtype)
+    gh = xp.empty((B, G * H), dtype=gx.dtype)
+    w_t = w_hh.T
+    for t in range(T):
+        rt.matmul(h_all[t], w_t, gh)
+        rt.launch(step, grid, threads, args(t, gh))
+
+
+def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
+    """See :mod:`rnnkern.backends`."""
+    rt = _get_runtime()
+    xp = rt.xp
+    x, w_ih, w_hh = saved["x"], saved["w_ih"], saved["w_hh"]
+    h_all, c_all, acts, rh = saved["h_all"], saved["c_all"], saved["acts"], saved["rh"]
+    dtype = np.dtype(x.dtype)
+    B, T, I = x.shape
+    H = w_hh.shape[1]
+    G = spec.gates
+    GH = G * H
+    lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
+
+    def state(d):  # a fresh [B,H] buffer the kernels may update in place
+        return xp.zeros((B, H), dtype=dtype) if d is None else xp.array(d, dtype=dtype)
+
+    dh = state(d_h_n)
+    dc = state(d_c_n) if lstm else xp.zeros((1,), dtype=dtype)
+    has_dout = d_outputs is not None
+    d_out = (xp.ascontiguousarray(xp.asarray(d_outputs, dtype=dtype)) if has_dout
+             else xp.zeros((1,), dtype=dtype))
+    d_gx = xp.empty((B, T, GH), dtype=dtype)
+    d_gh = xp.empty((T, B, GH), dtype=dtype)
+    real, i32 = dtype.type, np.int32
+    flag, lengths = saved["flag"], saved["lengths"]
+    if B and T:
+        if saved["strategy"] == "persistent":
+            plan = saved["plan"]
+            bar = xp.zeros(4, dtype=np.uint32)
+            kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_bwd", dtype)
+            rt.launch(kern, plan.blocks, plan.threads,
+                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(flag), w_hh,
+                       lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc, d_gx, d_gh,
+                       bar), plan.smem_bwd)
+            _check_barrier(bar, "backward")
+        else:
+            dh_gemm = xp.zeros((B, H), dtype=dtype)
+            grid, threads = _grid(B * H), config.threads
+
+            def args(t, gemm):
+                return (i32(B), i32(T), i32(H), i32(t), i32(flag), lengths, acts, h_all, c_all,
+                        d_out, i32(has_dout), gemm, dh, dc, d_gx, d_gh)
+
+            step = rt.kernel("stepwise", f"rk_{spec.kind}_bwd_step", dtype)
+            if two_phase:
+                reset = rt.kernel("stepwise", "rk_gru_bwd_reset_step", dtype)
+                d_rh = xp.empty((B, H), dtype=dtype)
+                w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
+                for t in reversed(range(T)):
+                    rt.launch(step, grid, threads, args(t, dh_gemm))
+                    rt.matmul(d_gh[t][:, 2 * H:], w_n, d_rh)
+                    rt.launch(reset, grid, threads, args(t, d_rh))
+                    rt.matmul(d_gh[t][:, : 2 * H], w_rz, dh_gemm)
+            else:
+                for t in reversed(range(T)):
+                    rt.launch(step, grid, threads, args(t, dh_gemm))
+                    rt.matmul(d_gh[t], w_hh, dh_gemm)
+            dh += dh_gemm
+    # the non-recurrent gradients, one GEMM each over all B*T rows
+    d_gx2 = d_gx.reshape(B * T, GH)
+    d_gh2 = d_gh.reshape(T * B, GH)
+    h_prev = h_all[:T].reshape(T * B, H)
+    dx = (d_gx2 @ w_ih).reshape(B, T, I)
+    if two_phase:
+        dw_hh = xp.concatenate([d_gh2[:, : 2 * H].T @ h_prev,
+                                d_gh2[:, 2 * H:].T @ rh.reshape(T * B, H)], axis=0)
+    else:
+        dw_hh = d_gh2.T @ h_prev
+    grads = dict(w_ih=d_gx2.T @ x.reshape(B * T, I), w_hh=dw_hh,
+                 b_ih=d_gx2.sum(axis=0), b_hh=d_gh2.sum(axis=0))
+    return dx, dh, (dc if lstm else None), grads

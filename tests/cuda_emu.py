@@ -1,0 +1,125 @@
+"""Run the CUDA kernels of ``csrc/cuda`` on the CPU, for tests on machines without a GPU.
+
+Each ``.cu`` file is compiled by g++ as C++20 with ``cuda_emu_host.h`` standing in for the CUDA
+runtime (every CUDA thread becomes a host thread), once per element type, into a shared
+library with one ``emu_<kernel>(grid, block, smem, args...)`` launcher per ``extern "C"``
+kernel. :class:`EmuRuntime` offers the methods of ``rnnkern.backends.cuda.CupyRuntime`` over
+NumPy arrays, so the backend's own time loops, GEMMs and buffer handling run unchanged.
+
+What this checks: kernel logic, indexing, masking, the persistent kernels' work split, staging
+and grid barrier, and the host orchestration. What it cannot: NVRTC/CuPy specifics, GPU memory
+ordering and caches, launch limits, speed.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from rnnkern.backends import cuda
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "cuda_emu_host.h"
+_KERNEL = re.compile(r'extern\s+"C"\s+void\s+(rk_\w+)\s*\(([^)]*)\)\s*\{')
+
+
+def compiler():
+    return shutil.which("g++")
+
+
+def _ctype(param, real):
+    decl = " ".join(param.replace("__restrict__", "").split())
+    if "*" in decl:
+        return ctypes.c_void_p
+    typ = decl.rsplit(" ", 1)[0]
+    if typ == "int":
+        return ctypes.c_int
+    if typ == "long long":
+        return ctypes.c_longlong
+    if typ in ("real", "float", "double"):
+        return ctypes.c_double if real == "double" else ctypes.c_float
+    raise TypeError(f"emulator: unsupported kernel parameter {param!r}")
+
+
+def build(module, real, outdir):
+    """Compile csrc/cuda/<module>.cu for ``real``; returns (CDLL, {kernel: argtypes})."""
+    root = cuda.source_root()
+    src = root / "cuda" / f"{module}.cu"
+    flags = ["-std=c++20", "-O1", "-pthread", f"-DRK_REAL={real}", "-DRK_EXACT_MATH",
+             "-I", str(root / "include"), "-include", str(HEADER)]
+    expanded = subprocess.run(["g++", "-E", "-P", "-x", "c++", *flags, str(src)], check=True,
+                              capture_output=True, text=True).stdout
+    kernels, wrappers = {}, []
+    for m in _KERNEL.finditer(expanded):
+        kname, params = m.group(1), [p.strip() for p in m.group(2).split(",")]
+        names = [p.replace("*", " ").split()[-1] for p in params]
+        kernels[kname] = [_ctype(p, real) for p in params]
+        wrappers.append(
+            f'extern "C" void emu_{kname}(unsigned int grid, unsigned int block, '
+            f'unsigned long smem, {", ".join(params)}) {{\n'
+            f'  rk_emu::launch(grid, block, smem, [=] {{ {kname}({", ".join(names)}); }});\n}}\n')
+    tu = Path(outdir) / f"{module}_{real}.cpp"
+    tu.write_text(f'#include "{src}"\n' + "".join(wrappers))
+    key = hashlib.sha1(expanded.encode() + tu.read_bytes()).hexdigest()[:12]
+    lib = Path(outdir) / f"{module}_{real}_{key}.so"
+    subprocess.run(["g++", "-x", "c++", *flags, "-shared", "-fPIC", str(tu), "-o", str(lib)],
+                   check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(lib)), kernels
+
+
+class EmuKernel:
+    def __init__(self, lib, kname, argtypes):
+        self.fn = getattr(lib, f"emu_{kname}")
+        self.fn.restype = None
+        self.fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulong] + argtypes
+        self.name = kname
+        self.nargs = len(argtypes)
+
+
+class EmuRuntime:
+    """NumPy arrays + emulated kernels, with the interface of ``cuda.CupyRuntime``."""
+
+    xp = np
+
+    def __init__(self, n_sm=3, smem_limit=48 * 1024, outdir=None):
+        self._n_sm, self._smem = n_sm, smem_limit
+        self._dir = outdir or tempfile.mkdtemp(prefix="rk_cuda_emu_")
+        self._libs = {}
+        self.launches = []  # (kernel name, grid, block, smem) of every launch, for tests
+
+    def props(self):
+        return self._n_sm, self._smem
+
+    def kernel(self, module, fname, dtype):
+        real = "double" if np.dtype(dtype) == np.float64 else "float"
+        if (module, real) not in self._libs:
+            self._libs[(module, real)] = build(module, real, self._dir)
+        lib, kernels = self._libs[(module, real)]
+        if fname not in kernels:
+            raise AttributeError(f"{module}.cu has no kernel {fname!r}")
+        return EmuKernel(lib, fname, kernels[fname])
+
+    def launch(self, kern, grid, block, args, smem=0):
+        if len(args) != kern.nargs:
+            raise TypeError(f"{kern.name}: {len(args)} arguments, the kernel takes {kern.nargs}")
+        conv = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{kern.name}: non-contiguous array argument")
+                conv.append(a.ctypes.data)
+            else:
+                conv.append(a.item() if isinstance(a, np.generic) else a)
+        if smem > self._smem:
+            raise ValueError(f"{kern.name}: {smem} bytes of shared memory > limit {self._smem}")
+        self.launches.append((kern.name, grid, block, smem))
+        kern.fn(grid, block, smem, *conv)
+
+    def matmul(self, a, b, out):
+        np.matmul(a, b, out=out)

@@ -1,0 +1,85 @@
+// cuda_emu_host.h -- just enough of the CUDA execution model, on host threads, to run the
+// kernels of csrc/cuda/*.cu under g++ in the CPU test suite (tests/cuda_emu.py builds them).
+//
+// Every CUDA thread of a launch is one std::thread, all running at once, so __syncthreads is a
+// real barrier per block and the persistent kernels' grid barrier really synchronises blocks.
+// Only what the kernels use is here: 1-D launches, dynamic shared memory, __syncthreads,
+// __threadfence, atomicAdd/atomicExch on unsigned int, __ldcg, __nanosleep.
+// Not emulated: warps, memory-model subtleties of the GPU (L1 incoherence), performance.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstddef>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __align__(n) alignas(n)
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+namespace rk_emu {
+struct BlockState {
+    std::barrier<>* sync;
+    unsigned char* smem;
+};
+inline thread_local dim3 t_thread, t_block, t_blockdim, t_griddim;
+inline thread_local BlockState* t_state = nullptr;
+
+template <class F>
+void launch(unsigned int grid, unsigned int block, std::size_t smem, F body) {
+    std::vector<std::unique_ptr<std::barrier<>>> syncs;
+    std::vector<std::vector<unsigned char>> memory(grid);
+    std::vector<BlockState> states(grid);
+    for (unsigned int b = 0; b < grid; ++b) {
+        syncs.emplace_back(new std::barrier<>(block));
+        memory[b].assign(smem + 16, 0xCD);  // garbage-ish, as fresh shared memory is
+        states[b] = {syncs.back().get(), memory[b].data()};
+    }
+    std::vector<std::thread> threads;
+    threads.reserve((std::size_t)grid * block);
+    for (unsigned int b = 0; b < grid; ++b)
+        for (unsigned int t = 0; t < block; ++t)
+            threads.emplace_back([&, b, t] {
+                t_thread.x = t;
+                t_block.x = b;
+                t_blockdim.x = block;
+                t_griddim.x = grid;
+                t_state = &states[b];
+                body();
+            });
+    for (auto& th : threads) th.join();
+}
+}  // namespace rk_emu
+
+#define threadIdx (rk_emu::t_thread)
+#define blockIdx (rk_emu::t_block)
+#define blockDim (rk_emu::t_blockdim)
+#define gridDim (rk_emu::t_griddim)
+#define RK_DYNAMIC_SMEM(name) unsigned char* name = rk_emu::t_state->smem
+
+inline void __syncthreads() { rk_emu::t_state->sync->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned int) { std::this_thread::yield(); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+inline unsigned int atomicExch(unsigned int* p, unsigned int v) {
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
+template <class T>
+inline T __ldcg(const T* p) {
+    T v;
+    __atomic_load(p, &v, __ATOMIC_RELAXED);
+    return v;
+}
+using std::max;
+using std::min;
