@@ -1,9 +1,278 @@
 // rnnkern._C: thin pybind11 bindings over the C++ CPU kernels (csrc/cpu).
+// Each entry point checks every array (ndarray, dtype, C-contiguous, aligned, shape, lengths
+// range) and raises ValueError naming the argument, allocates the results, releases the GIL and
+// calls the kernel. Nothing is converted or copied silently: a wrong input is an error.
+// Shape legend: B batch, T time, I input, H hidden, G gates, S saved slots (csrc/cpu/kernels.h).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+#include "kernels.h"
 
 namespace py = pybind11;
 
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+}
+
+std::string shape_of(const py::array& a) {
+    std::vector<int64_t> s(a.shape(), a.shape() + a.ndim());
+    return shape_str(s);
+}
+
+// An ndarray of dtype `dt`, C-contiguous, aligned, with exactly `shape`; or None when allowed.
+py::object checked(py::handle obj, const char* name, const py::dtype& dt,
+                   const std::vector<int64_t>& shape, bool optional = false) {
+    if (obj.is_none()) {
+        if (optional) return py::none();
+        throw py::value_error(std::string(name) + " must be an array, got None");
+    }
+    if (!py::isinstance<py::array>(obj))
+        throw py::value_error(std::string(name) + " must be a numpy.ndarray, got " +
+                              std::string(Py_TYPE(obj.ptr())->tp_name));
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    if (!a.dtype().is(dt))
+        throw py::value_error(std::string(name) + " must have dtype " +
+                              std::string(py::str(dt)) + ", got " +
+                              std::string(py::str(a.dtype())));
+    std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+    if (got != shape)
+        throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) +
+                              ", got " + shape_of(a));
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+        throw py::value_error(std::string(name) + " must be aligned");
+    return std::move(a);
+}
+
+template <typename T>
+const T* cptr(const py::object& o) {
+    return o.is_none() ? nullptr : static_cast<const T*>(py::reinterpret_borrow<py::array>(o).data());
+}
+
+rk::Spec make_spec(const std::string& cell, const std::string& nonlinearity, double forget_bias,
+                   bool reset_after) {
+    rk::Spec s;
+    if (cell == "rnn") s.cell = rk::Cell::rnn;
+    else if (cell == "lstm") s.cell = rk::Cell::lstm;
+    else if (cell == "gru") s.cell = rk::Cell::gru;
+    else throw py::value_error("cell must be 'rnn', 'lstm' or 'gru', got '" + cell + "'");
+    if (nonlinearity != "tanh" && nonlinearity != "relu")
+        throw py::value_error("nonlinearity must be 'tanh' or 'relu', got '" + nonlinearity + "'");
+    s.relu = nonlinearity == "relu";
+    s.forget_bias = forget_bias;
+    s.reset_after = reset_after;
+    return s;
+}
+
+// x's dtype decides T; everything else must match it.
+py::dtype float_dtype_of(py::handle x) {
+    if (!py::isinstance<py::array>(x))
+        throw py::value_error("x must be a numpy.ndarray, got " +
+                              std::string(Py_TYPE(x.ptr())->tp_name));
+    auto dt = py::reinterpret_borrow<py::array>(x).dtype();
+    if (dt.is(py::dtype::of<float>()) || dt.is(py::dtype::of<double>())) return dt;
+    throw py::value_error("x must have dtype float32 or float64, got " + std::string(py::str(dt)));
+}
+
+struct Dims { int64_t B, T, I, H; };
+
+Dims dims_of(py::handle x, py::handle w_hh) {
+    auto xa = py::reinterpret_borrow<py::array>(x);
+    if (xa.ndim() != 3) throw py::value_error("x must be 3-D [B,T,I], got shape " + shape_of(xa));
+    if (!py::isinstance<py::array>(w_hh))
+        throw py::value_error("w_hh must be a numpy.ndarray");
+    auto wa = py::reinterpret_borrow<py::array>(w_hh);
+    if (wa.ndim() != 2) throw py::value_error("w_hh must be 2-D [G*H,H], got shape " + shape_of(wa));
+    return {xa.shape(0), xa.shape(1), xa.shape(2), wa.shape(1)};
+}
+
+py::object checked_lengths(py::handle obj, int64_t B, int64_t T) {
+    py::object l = checked(obj, "lengths", py::dtype::of<int64_t>(), {B}, true);
+    if (l.is_none()) return l;
+    const int64_t* p = cptr<int64_t>(l);
+    for (int64_t b = 0; b < B; ++b)
+        if (p[b] < 0 || p[b] > T)
+            throw py::value_error("lengths must lie in [0, T] = [0, " + std::to_string(T) +
+                                  "], got lengths[" + std::to_string(b) + "] = " +
+                                  std::to_string(p[b]));
+    return l;
+}
+
+template <typename T>
+py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
+                    py::handle b_ih, py::handle b_hh, py::handle h0, py::handle c0,
+                    py::handle lengths) {
+    const auto dt = py::dtype::of<T>();
+    const Dims d = dims_of(x, w_hh);
+    const int64_t G = rk::gates_of(spec.cell), GH = G * d.H, S = rk::slots_of(spec.cell);
+    const bool lstm = spec.cell == rk::Cell::lstm;
+    const bool gru_before = spec.cell == rk::Cell::gru && !spec.reset_after;
+    py::object xo = checked(x, "x", dt, {d.B, d.T, d.I});
+    py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
+    py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
+    py::object bi = checked(b_ih, "b_ih", dt, {GH});
+    py::object bh = checked(b_hh, "b_hh", dt, {GH});
+    py::object h = checked(h0, "h0", dt, {d.B, d.H}, true);
+    if (!lstm && !c0.is_none()) throw py::value_error("c0 is for LSTM only; pass None");
+    py::object c = checked(c0, "c0", dt, {d.B, d.H}, true);
+    py::object len = checked_lengths(lengths, d.B, d.T);
+
+    py::array_t<T> out({d.B, d.T, d.H}), h_n({d.B, d.H});
+    py::array_t<T> hprev({d.B, d.T, d.H}), act({d.B, d.T, S * d.H});
+    py::object c_n = py::none(), cprev = py::none(), rh = py::none();
+    rk::ForwardArgs<T> a;
+    a.spec = spec;
+    a.B = d.B; a.T_ = d.T; a.I = d.I; a.H = d.H;
+    a.x = cptr<T>(xo); a.w_ih = cptr<T>(wi); a.w_hh = cptr<T>(wh);
+    a.b_ih = cptr<T>(bi); a.b_hh = cptr<T>(bh); a.h0 = cptr<T>(h); a.c0 = cptr<T>(c);
+    a.lengths = cptr<int64_t>(len);
+    a.out = out.mutable_data(); a.h_n = h_n.mutable_data();
+    a.hprev = hprev.mutable_data(); a.act = act.mutable_data();
+    if (lstm) {
+        py::array_t<T> cn({d.B, d.H}), cp({d.B, d.T, d.H});
+        a.c_n = cn.mutable_data(); a.cprev = cp.mutable_data();
+        c_n = cn; cprev = cp;
+    }
+    if (gru_before) {
+        py::array_t<T> r({d.B, d.T, d.H});
+        a.rh = r.mutable_data();
+        rh = r;
+    }
+    {
+        py::gil_scoped_release nogil;
+        rk::forward<T>(a);
+    }
+    py::dict saved;
+    saved["hprev"] = hprev; saved["cprev"] = cprev; saved["act"] = act; saved["rh"] = rh;
+    return py::make_tuple(out, h_n, c_n, saved);
+}
+
+template <typename T>
+py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
+                     py::handle lengths, py::handle hprev, py::handle cprev, py::handle act,
+                     py::handle rh, py::handle d_out, py::handle d_h_n, py::handle d_c_n) {
+    const auto dt = py::dtype::of<T>();
+    const Dims d = dims_of(x, w_hh);
+    const int64_t G = rk::gates_of(spec.cell), GH = G * d.H, S = rk::slots_of(spec.cell);
+    const bool lstm = spec.cell == rk::Cell::lstm;
+    const bool gru_before = spec.cell == rk::Cell::gru && !spec.reset_after;
+    py::object xo = checked(x, "x", dt, {d.B, d.T, d.I});
+    py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
+    py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
+    py::object len = checked_lengths(lengths, d.B, d.T);
+    py::object hp = checked(hprev, "hprev", dt, {d.B, d.T, d.H});
+    py::object ac = checked(act, "act", dt, {d.B, d.T, S * d.H});
+    if (!lstm && !cprev.is_none()) throw py::value_error("cprev is for LSTM only; pass None");
+    py::object cp = checked(cprev, "cprev", dt, {d.B, d.T, d.H}, !lstm);
+    if (!gru_before && !rh.is_none())
+        throw py::value_error("rh is for GRU with reset_after=False only; pass None");
+    py::object r = checked(rh, "rh", dt, {d.B, d.T, d.H}, !gru_before);
+    py::object dout = checked(d_out, "d_outputs", dt, {d.B, d.T, d.H}, true);
+    py::object dhn = checked(d_h_n, "d_h_n", dt, {d.B, d.H}, true);
+    if (!lstm && !d_c_n.is_none()) throw py::value_error("d_c_n is for LSTM only; pass None");
+    py::object dcn = checked(d_c_n, "d_c_n", dt, {d.B, d.H}, true);
+
+    py::array_t<T> dx({d.B, d.T, d.I}), dh0({d.B, d.H});
+    py::array_t<T> dw_ih({GH, d.I}), dw_hh({GH, d.H}), db_ih({GH}), db_hh({GH});
+    py::object dc0 = py::none();
+    rk::BackwardArgs<T> a;
+    a.spec = spec;
+    a.B = d.B; a.T_ = d.T; a.I = d.I; a.H = d.H;
+    a.x = cptr<T>(xo); a.w_ih = cptr<T>(wi); a.w_hh = cptr<T>(wh);
+    a.lengths = cptr<int64_t>(len);
+    a.hprev = cptr<T>(hp); a.cprev = cptr<T>(cp); a.act = cptr<T>(ac); a.rh = cptr<T>(r);
+    a.d_out = cptr<T>(dout); a.d_h_n = cptr<T>(dhn); a.d_c_n = cptr<T>(dcn);
+    a.dx = dx.mutable_data(); a.dh0 = dh0.mutable_data();
+    a.dw_ih = dw_ih.mutable_data(); a.dw_hh = dw_hh.mutable_data();
+    a.db_ih = db_ih.mutable_data(); a.db_hh = db_hh.mutable_data();
+    if (lstm) {
+        py::array_t<T> dc({d.B, d.H});
+        a.dc0 = dc.mutable_data();
+        dc0 = dc;
+    }
+    {
+        py::gil_scoped_release nogil;
+        rk::backward<T>(a);
+    }
+    return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
+}
+
+void* capsule_pointer(py::handle cap, const char* name) {
+    if (!PyCapsule_CheckExact(cap.ptr()))
+        throw py::value_error(std::string(name) + " must be a PyCapsule holding a Fortran ?gemm");
+    void* p = PyCapsule_GetPointer(cap.ptr(), PyCapsule_GetName(cap.ptr()));
+    if (!p) throw py::error_already_set();
+    return p;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "rnnkern C++ CPU backend";
+    m.doc() = "rnnkern C++ CPU backend: one layer, one direction, whole sequence "
+              "(see rnnkern.backends.cpp)";
     m.attr("__version__") = RK_VERSION;
+
+    m.def("forward",
+          [](const std::string& cell, py::object x, py::object w_ih, py::object w_hh,
+             py::object b_ih, py::object b_hh, py::object h0, py::object c0, py::object lengths,
+             const std::string& nonlinearity, double forget_bias, bool reset_after) {
+              const rk::Spec s = make_spec(cell, nonlinearity, forget_bias, reset_after);
+              if (float_dtype_of(x).is(py::dtype::of<float>()))
+                  return forward_t<float>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths);
+              return forward_t<double>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths);
+          },
+          py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+          py::arg("b_hh"), py::arg("h0") = py::none(), py::arg("c0") = py::none(),
+          py::arg("lengths") = py::none(), py::kw_only(), py::arg("nonlinearity") = "tanh",
+          py::arg("forget_bias") = 0.0, py::arg("reset_after") = true,
+          "Forward over a whole sequence. x [B,T,I], w_ih [G*H,I], w_hh [G*H,H], b_* [G*H],\n"
+          "h0, c0 [B,H] or None (zeros), lengths int64 [B] in [0,T] or None.\n"
+          "Returns (outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved dict).");
+
+    m.def("backward",
+          [](const std::string& cell, py::object x, py::object w_ih, py::object w_hh,
+             py::object lengths, py::object hprev, py::object cprev, py::object act,
+             py::object rh, py::object d_out, py::object d_h_n, py::object d_c_n,
+             const std::string& nonlinearity, double forget_bias, bool reset_after) {
+              const rk::Spec s = make_spec(cell, nonlinearity, forget_bias, reset_after);
+              if (float_dtype_of(x).is(py::dtype::of<float>()))
+                  return backward_t<float>(s, x, w_ih, w_hh, lengths, hprev, cprev, act, rh,
+                                           d_out, d_h_n, d_c_n);
+              return backward_t<double>(s, x, w_ih, w_hh, lengths, hprev, cprev, act, rh, d_out,
+                                        d_h_n, d_c_n);
+          },
+          py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("lengths"),
+          py::arg("hprev"), py::arg("cprev"), py::arg("act"), py::arg("rh"),
+          py::arg("d_outputs") = py::none(), py::arg("d_h_n") = py::none(),
+          py::arg("d_c_n") = py::none(), py::kw_only(), py::arg("nonlinearity") = "tanh",
+          py::arg("forget_bias") = 0.0, py::arg("reset_after") = true,
+          "Backprop through time from forward's saved arrays (hprev, cprev, act, rh).\n"
+          "Returns (dx, dh0, dc0 | None, dw_ih, dw_hh, db_ih, db_hh).");
+
+    m.def("set_blas",
+          [](py::object sgemm, py::object dgemm) {
+              if (sgemm.is_none() && dgemm.is_none()) {
+                  rk::set_blas(nullptr, nullptr);
+                  return;
+              }
+              rk::set_blas(reinterpret_cast<rk::sgemm_fn>(capsule_pointer(sgemm, "sgemm")),
+                           reinterpret_cast<rk::dgemm_fn>(capsule_pointer(dgemm, "dgemm")));
+          },
+          py::arg("sgemm"), py::arg("dgemm"),
+          "Register Fortran BLAS sgemm/dgemm (PyCapsules, e.g. from scipy.linalg.cython_blas."
+          "__pyx_capi__); None, None unregisters (the built-in loop does every GEMM).");
+    m.def("have_blas", &rk::have_blas);
+    m.def("set_blas_min_flops", &rk::set_blas_min_flops, py::arg("m_n_k"),
+          "GEMMs with M*N*K below this use the built-in loop instead of BLAS.");
+    m.def("blas_min_flops", &rk::blas_min_flops);
 }

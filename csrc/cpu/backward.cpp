@@ -1,0 +1,189 @@
+// Backprop through time for RNN / LSTM / GRU (shape legend in kernels.h).
+// Per step: one fused pointwise pass from dh (and dc) to the gate gradients d_gx, then
+// dh_prev = d_gh W_hh as one GEMM accumulated into dh. After the loop, everything that is not
+// recurrent is one GEMM over all B*T rows: dx = d_gx W_ih, dW_ih = d_gx^T x, dW_hh = d_gh^T h_prev.
+// Steps past lengths[b] leave the rows of d_gx at zero, so the GEMMs need no masks, and carry dh
+// (and dc) unchanged.
+#include <cstring>
+#include <vector>
+
+#include "dispatch.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "rnnkern/cells.h"
+
+namespace rk {
+namespace {
+
+// ---- pointwise rows: one (b, t), j = 0..H-1 ------------------------------------------------
+// dh: this batch row of the running dh, replaced by the part of dh_prev that bypasses W_hh
+// (the GEMM adds the rest); d_out: this row of d_outputs or null.
+
+template <typename T>
+RK_ALWAYS_INLINE T dh_in(const T* __restrict__ dh, const T* __restrict__ d_out, int64_t j) {
+    return d_out ? dh[j] + d_out[j] : dh[j];
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, const T* __restrict__ act,
+                              const T* __restrict__ d_out, T* __restrict__ dh,
+                              T* __restrict__ dgx) {
+    for (int64_t j = 0; j < H; ++j) {
+        dgx[j] = rnn_backward_point(act[j], dh_in(dh, d_out, j), relu);
+        dh[j] = T(0);
+    }
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void lstm_row(int64_t H, const T* __restrict__ act, const T* __restrict__ c_prev,
+                               const T* __restrict__ d_out, T* __restrict__ dh,
+                               T* __restrict__ dc, T* __restrict__ dgx) {
+    for (int64_t j = 0; j < H; ++j) {
+        lstm_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], act[4 * H + j],
+                            c_prev[j], dh_in(dh, d_out, j), dc[j], dgx[j], dgx[H + j],
+                            dgx[2 * H + j], dgx[3 * H + j], dc[j]);
+        dh[j] = T(0);
+    }
+}
+
+// GRU reset_after=true: d_gh differs from d_gx in the n block (d_an * r).
+template <typename T>
+RK_ALWAYS_INLINE void gru_after_row(int64_t H, const T* __restrict__ act,
+                                    const T* __restrict__ h_prev, const T* __restrict__ d_out,
+                                    T* __restrict__ dh, T* __restrict__ dgx, T* __restrict__ dgh) {
+    for (int64_t j = 0; j < H; ++j) {
+        T d_ar, d_az, d_an, d_ghn, direct;
+        gru_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], h_prev[j],
+                           dh_in(dh, d_out, j), true, d_ar, d_az, d_an, d_ghn, direct);
+        dgx[j] = d_ar;
+        dgx[H + j] = d_az;
+        dgx[2 * H + j] = d_an;
+        dgh[j] = d_ar;
+        dgh[H + j] = d_az;
+        dgh[2 * H + j] = d_ghn;
+        dh[j] = direct;
+    }
+}
+
+// GRU reset_after=false, phase 1: z and n blocks; r needs d_rh = d_an W_hn first.
+template <typename T>
+RK_ALWAYS_INLINE void gru_before_row1(int64_t H, const T* __restrict__ act,
+                                      const T* __restrict__ h_prev, const T* __restrict__ d_out,
+                                      T* __restrict__ dh, T* __restrict__ dgx) {
+    for (int64_t j = 0; j < H; ++j) {
+        T d_ar, d_az, d_an, d_ghn, direct;
+        gru_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], h_prev[j],
+                           dh_in(dh, d_out, j), false, d_ar, d_az, d_an, d_ghn, direct);
+        dgx[H + j] = d_az;
+        dgx[2 * H + j] = d_an;
+        dh[j] = direct;
+    }
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void gru_before_row2(int64_t H, const T* __restrict__ act,
+                                      const T* __restrict__ h_prev, const T* __restrict__ d_rh,
+                                      T* __restrict__ dh, T* __restrict__ dgx) {
+    for (int64_t j = 0; j < H; ++j) {
+        T d_ar, add;
+        gru_backward_reset_before(act[j], h_prev[j], d_rh[j], d_ar, add);
+        dgx[j] = d_ar;
+        dh[j] += add;
+    }
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void column_sums(int64_t rows, int64_t cols, const T* __restrict__ m,
+                                  T* __restrict__ out) {
+    for (int64_t c = 0; c < cols; ++c) out[c] = T(0);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) out[c] += m[r * cols + c];
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void backward_impl(const BackwardArgs<T>& a) {
+    const Spec& s = a.spec;
+    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
+    const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
+    const bool lstm = s.cell == Cell::lstm;
+    const bool gru_after = s.cell == Cell::gru && s.reset_after;
+    const bool gru_before = s.cell == Cell::gru && !s.reset_after;
+
+    std::vector<T> d_gx(B * Tn * GH, T(0));                  // [B,T,G*H]
+    std::vector<T> d_gh_own(gru_after ? B * Tn * GH : 0, T(0));
+    T* d_gh = gru_after ? d_gh_own.data() : d_gx.data();      // [B,T,G*H]
+    std::vector<T> d_rh(gru_before ? B * H : 0);
+
+    T* dh = a.dh0;  // the running dh, [B,H]; ends as dh0
+    T* dc = a.dc0;
+    if (a.d_h_n) std::memcpy(dh, a.d_h_n, B * H * sizeof(T));
+    else std::memset(dh, 0, B * H * sizeof(T));
+    if (lstm) {
+        if (a.d_c_n) std::memcpy(dc, a.d_c_n, B * H * sizeof(T));
+        else std::memset(dc, 0, B * H * sizeof(T));
+    }
+
+    for (int64_t t = Tn - 1; t >= 0; --t) {
+        for (int64_t b = 0; b < B; ++b) {
+            if (a.lengths && t >= a.lengths[b]) continue;
+            const int64_t row = b * Tn + t;
+            const T* act = a.act + row * SH;
+            const T* d_out = a.d_out ? a.d_out + row * H : nullptr;
+            T* dgx = d_gx.data() + row * GH;
+            switch (s.cell) {
+                case Cell::rnn: rnn_row(H, s.relu, act, d_out, dh + b * H, dgx); break;
+                case Cell::lstm:
+                    lstm_row(H, act, a.cprev + row * H, d_out, dh + b * H, dc + b * H, dgx);
+                    break;
+                case Cell::gru:
+                    if (gru_after)
+                        gru_after_row(H, act, a.hprev + row * H, d_out, dh + b * H, dgx,
+                                      d_gh + row * GH);
+                    else
+                        gru_before_row1(H, act, a.hprev + row * H, d_out, dh + b * H, dgx);
+                    break;
+            }
+        }
+        if (gru_before) {
+            // d_rh = d_an W_hn; rows of finished sequences are zero
+            gemm<T>(false, B, H, H, T(1), d_gx.data() + t * GH + 2 * H, Tn * GH,
+                    a.w_hh + 2 * H * H, H, T(0), d_rh.data(), H);
+            for (int64_t b = 0; b < B; ++b) {
+                if (a.lengths && t >= a.lengths[b]) continue;
+                const int64_t row = b * Tn + t;
+                gru_before_row2(H, a.act + row * SH, a.hprev + row * H, d_rh.data() + b * H,
+                                dh + b * H, d_gx.data() + row * GH);
+            }
+            // dh += [d_ar d_az] W_h{r,z}
+            gemm<T>(false, B, H, 2 * H, T(1), d_gx.data() + t * GH, Tn * GH, a.w_hh, H, T(1),
+                    dh, H);
+        } else {
+            gemm<T>(false, B, H, GH, T(1), d_gh + t * GH, Tn * GH, a.w_hh, H, T(1), dh, H);
+        }
+    }
+
+    const int64_t BT = B * Tn;
+    gemm<T>(false, BT, I, GH, T(1), d_gx.data(), GH, a.w_ih, I, T(0), a.dx, I);
+    gemm<T>(true, GH, I, BT, T(1), d_gx.data(), GH, a.x, I, T(0), a.dw_ih, I);
+    column_sums(BT, GH, d_gx.data(), a.db_ih);
+    if (gru_before) {
+        gemm<T>(true, 2 * H, H, BT, T(1), d_gx.data(), GH, a.hprev, H, T(0), a.dw_hh, H);
+        gemm<T>(true, H, H, BT, T(1), d_gx.data() + 2 * H, GH, a.rh, H, T(0),
+                a.dw_hh + 2 * H * H, H);
+        std::memcpy(a.db_hh, a.db_ih, GH * sizeof(T));
+    } else {
+        gemm<T>(true, GH, H, BT, T(1), d_gh, GH, a.hprev, H, T(0), a.dw_hh, H);
+        if (gru_after) column_sums(BT, GH, d_gh, a.db_hh);
+        else std::memcpy(a.db_hh, a.db_ih, GH * sizeof(T));
+    }
+}
+
+RK_CLONES void backward_f32(const BackwardArgs<float>& a) { backward_impl(a); }
+RK_CLONES void backward_f64(const BackwardArgs<double>& a) { backward_impl(a); }
+
+}  // namespace
+
+template <> void backward<float>(const BackwardArgs<float>& a) { backward_f32(a); }
+template <> void backward<double>(const BackwardArgs<double>& a) { backward_f64(a); }
+
+}  // namespace rk

@@ -1,0 +1,187 @@
+// Forward time loop for RNN / LSTM / GRU (shape legend in kernels.h). Hoisted out of the loop:
+// x W_ih^T + b_ih for all B*T rows as one GEMM, written straight into the activation buffer
+// `act` (row stride S*H >= G*H); each step then runs one h W_hh^T GEMM and one fused pointwise
+// pass that turns those pre-activations into the saved activations in place.
+#include <cstring>
+#include <vector>
+
+#include "dispatch.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "rnnkern/cells.h"
+
+namespace rk {
+namespace {
+
+// ---- pointwise rows: one (b, t), j = 0..H-1 ------------------------------------------------
+// act: this row's S*H slots, holding gx (= x W_ih^T + b_ih, G*H of them) on entry.
+// gh: this row of h W_hh^T (no bias).
+
+template <typename T>
+RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, T* __restrict__ act, const T* __restrict__ gh,
+                              const T* __restrict__ b_hh, T* __restrict__ h_new) {
+    for (int64_t j = 0; j < H; ++j) {
+        const T h = rnn_forward_point(act[j] + gh[j] + b_hh[j], relu);
+        act[j] = h;
+        h_new[j] = h;
+    }
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void lstm_row(int64_t H, T fb, T* __restrict__ act, const T* __restrict__ gh,
+                               const T* __restrict__ b_hh, const T* __restrict__ c_prev,
+                               T* __restrict__ c_new, T* __restrict__ h_new) {
+    for (int64_t j = 0; j < H; ++j) {
+        T i, f, g, o, tc;
+        lstm_forward_point(act[j] + gh[j] + b_hh[j], act[H + j] + gh[H + j] + b_hh[H + j],
+                           act[2 * H + j] + gh[2 * H + j] + b_hh[2 * H + j],
+                           act[3 * H + j] + gh[3 * H + j] + b_hh[3 * H + j], c_prev[j], fb,
+                           i, f, g, o, tc, c_new[j], h_new[j]);
+        act[j] = i;
+        act[H + j] = f;
+        act[2 * H + j] = g;
+        act[3 * H + j] = o;
+        act[4 * H + j] = tc;
+    }
+}
+
+// GRU, reset_after=true: gh holds all three blocks of h W_hh^T.
+template <typename T>
+RK_ALWAYS_INLINE void gru_after_row(int64_t H, T* __restrict__ act, const T* __restrict__ gh,
+                                    const T* __restrict__ b_hh, const T* __restrict__ h_prev,
+                                    T* __restrict__ h_new) {
+    for (int64_t j = 0; j < H; ++j) {
+        T r, z, n;
+        gru_gates_point(act[j] + gh[j] + b_hh[j], act[H + j] + gh[H + j] + b_hh[H + j], r, z);
+        const T ghn = gh[2 * H + j] + b_hh[2 * H + j];
+        gru_forward_point(r, z, act[2 * H + j], ghn, h_prev[j], true, n, h_new[j]);
+        act[j] = r;
+        act[H + j] = z;
+        act[2 * H + j] = n;
+        act[3 * H + j] = ghn;
+    }
+}
+
+// GRU, reset_after=false, phase 1: gates r, z (gh holds the r, z blocks) and r*h for the W_hn GEMM.
+template <typename T>
+RK_ALWAYS_INLINE void gru_before_gates_row(int64_t H, T* __restrict__ act, const T* __restrict__ gh,
+                                           const T* __restrict__ b_hh,
+                                           const T* __restrict__ h_prev, T* __restrict__ rh) {
+    for (int64_t j = 0; j < H; ++j) {
+        T r, z;
+        gru_gates_point(act[j] + gh[j] + b_hh[j], act[H + j] + gh[H + j] + b_hh[H + j], r, z);
+        act[j] = r;
+        act[H + j] = z;
+        rh[j] = r * h_prev[j];
+    }
+}
+
+// GRU, reset_after=false, phase 2: ghn = (r h) W_hn^T without bias.
+template <typename T>
+RK_ALWAYS_INLINE void gru_before_new_row(int64_t H, T* __restrict__ act, const T* __restrict__ ghn,
+                                         const T* __restrict__ b_hn, const T* __restrict__ h_prev,
+                                         T* __restrict__ h_new) {
+    for (int64_t j = 0; j < H; ++j) {
+        T n;
+        const T g = ghn[j] + b_hn[j];
+        gru_forward_point(act[j], act[H + j], act[2 * H + j], g, h_prev[j], false, n, h_new[j]);
+        act[2 * H + j] = n;
+        act[3 * H + j] = g;
+    }
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void forward_impl(const ForwardArgs<T>& a) {
+    const Spec& s = a.spec;
+    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
+    const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
+    const bool lstm = s.cell == Cell::lstm;
+    const bool gru_before = s.cell == Cell::gru && !s.reset_after;
+    const T fb = T(s.forget_bias);
+
+    // transposed weights, so every GEMM reads its B operand as [K, N] rows
+    std::vector<T> w_ih_t(I * GH), w_hh_t(H * GH);
+    for (int64_t g = 0; g < GH; ++g) {
+        for (int64_t i = 0; i < I; ++i) w_ih_t[i * GH + g] = a.w_ih[g * I + i];
+        for (int64_t k = 0; k < H; ++k) w_hh_t[k * GH + g] = a.w_hh[g * H + k];
+    }
+    // act[:, :, :G*H] = b_ih + x W_ih^T  (all B*T rows at once)
+    for (int64_t r = 0; r < B * Tn; ++r) std::memcpy(a.act + r * SH, a.b_ih, GH * sizeof(T));
+    gemm<T>(false, B * Tn, GH, I, T(1), a.x, I, w_ih_t.data(), GH, T(1), a.act, SH);
+
+    // state entering step 0
+    for (int64_t b = 0; b < B; ++b) {
+        T* hp = Tn > 0 ? a.hprev + b * Tn * H : a.h_n + b * H;
+        if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
+        else std::memset(hp, 0, H * sizeof(T));
+        if (lstm) {
+            T* cp = Tn > 0 ? a.cprev + b * Tn * H : a.c_n + b * H;
+            if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
+            else std::memset(cp, 0, H * sizeof(T));
+        }
+    }
+
+    std::vector<T> gh(B * GH), ghn(gru_before ? B * H : 0);
+    const int64_t n_rec = gru_before ? 2 * H : GH;  // columns of h W_hh^T computed from h itself
+    for (int64_t t = 0; t < Tn; ++t) {
+        // gh = h_t W_hh^T: row b of h_t is hprev[b, t], rows T*H apart
+        gemm<T>(false, B, n_rec, H, T(1), a.hprev + t * H, Tn * H, w_hh_t.data(), GH, T(0),
+                gh.data(), GH);
+        if (gru_before) {
+            for (int64_t b = 0; b < B; ++b) {
+                const int64_t row = b * Tn + t;
+                T* rh = a.rh + row * H;
+                if (a.lengths && t >= a.lengths[b]) {
+                    std::memset(rh, 0, H * sizeof(T));  // unused, but keep the GEMM input defined
+                    continue;
+                }
+                gru_before_gates_row(H, a.act + row * SH, gh.data() + b * GH, a.b_hh,
+                                     a.hprev + row * H, rh);
+            }
+            gemm<T>(false, B, H, H, T(1), a.rh + t * H, Tn * H, w_hh_t.data() + 2 * H, GH, T(0),
+                    ghn.data(), H);
+        }
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t row = b * Tn + t;
+            const bool last = t + 1 == Tn;
+            const T* h_prev = a.hprev + row * H;
+            T* h_next = last ? a.h_n + b * H : a.hprev + (row + 1) * H;
+            T* out = a.out + row * H;
+            T* c_next = nullptr;
+            const T* c_prev = nullptr;
+            if (lstm) {
+                c_prev = a.cprev + row * H;
+                c_next = last ? a.c_n + b * H : a.cprev + (row + 1) * H;
+            }
+            if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
+                std::memset(out, 0, H * sizeof(T));
+                std::memcpy(h_next, h_prev, H * sizeof(T));
+                if (lstm) std::memcpy(c_next, c_prev, H * sizeof(T));
+                continue;
+            }
+            T* act = a.act + row * SH;
+            const T* ghb = gh.data() + b * GH;
+            switch (s.cell) {
+                case Cell::rnn: rnn_row(H, s.relu, act, ghb, a.b_hh, out); break;
+                case Cell::lstm: lstm_row(H, fb, act, ghb, a.b_hh, c_prev, c_next, out); break;
+                case Cell::gru:
+                    if (gru_before)
+                        gru_before_new_row(H, act, ghn.data() + b * H, a.b_hh + 2 * H, h_prev, out);
+                    else
+                        gru_after_row(H, act, ghb, a.b_hh, h_prev, out);
+                    break;
+            }
+            std::memcpy(h_next, out, H * sizeof(T));
+        }
+    }
+}
+
+RK_CLONES void forward_f32(const ForwardArgs<float>& a) { forward_impl(a); }
+RK_CLONES void forward_f64(const ForwardArgs<double>& a) { forward_impl(a); }
+
+}  // namespace
+
+template <> void forward<float>(const ForwardArgs<float>& a) { forward_f32(a); }
+template <> void forward<double>(const ForwardArgs<double>& a) { forward_f64(a); }
+
+}  // namespace rk

@@ -1,0 +1,75 @@
+// C++ CPU kernels: one layer, one direction, whole sequence (the seam of rnnkern.backends).
+//
+// Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3),
+// S saved slots per (b, t, j): RNN 1 (h'), LSTM 5 (i, f, g, o, tanh c'), GRU 4 (r, z, n, gh_n).
+// Every array is C-contiguous and batch-major; the bindings check shapes before calling.
+#pragma once
+
+#include <cstdint>
+
+namespace rk {
+
+enum class Cell { rnn, lstm, gru };
+
+inline int gates_of(Cell c) { return c == Cell::lstm ? 4 : c == Cell::gru ? 3 : 1; }
+inline int slots_of(Cell c) { return c == Cell::lstm ? 5 : c == Cell::gru ? 4 : 1; }
+
+struct Spec {
+    Cell cell = Cell::rnn;
+    bool relu = false;         // rnn: relu instead of tanh
+    double forget_bias = 0.0;  // lstm
+    bool reset_after = true;   // gru
+};
+
+template <typename T>
+struct ForwardArgs {
+    Spec spec;
+    int64_t B = 0, T_ = 0, I = 0, H = 0;
+    // inputs
+    const T* x = nullptr;               // [B,T,I]
+    const T* w_ih = nullptr;            // [G*H,I]
+    const T* w_hh = nullptr;            // [G*H,H]
+    const T* b_ih = nullptr;            // [G*H]
+    const T* b_hh = nullptr;            // [G*H]
+    const T* h0 = nullptr;              // [B,H]
+    const T* c0 = nullptr;              // [B,H], lstm only
+    const int64_t* lengths = nullptr;   // [B] in [0,T], or null (all T)
+    // outputs
+    T* out = nullptr;                   // [B,T,H], zero at t >= lengths[b]
+    T* h_n = nullptr;                   // [B,H]
+    T* c_n = nullptr;                   // [B,H], lstm only
+    // saved for backward
+    T* hprev = nullptr;                 // [B,T,H]: h entering step t
+    T* cprev = nullptr;                 // [B,T,H]: c entering step t, lstm only
+    T* act = nullptr;                   // [B,T,S*H]: activations (see legend)
+    T* rh = nullptr;                    // [B,T,H]: r*h, gru with reset_after=false only
+};
+
+template <typename T>
+struct BackwardArgs {
+    Spec spec;
+    int64_t B = 0, T_ = 0, I = 0, H = 0;
+    const T* x = nullptr;               // [B,T,I]
+    const T* w_ih = nullptr;            // [G*H,I]
+    const T* w_hh = nullptr;            // [G*H,H]
+    const int64_t* lengths = nullptr;   // [B] or null
+    const T* hprev = nullptr;           // as saved by forward
+    const T* cprev = nullptr;
+    const T* act = nullptr;
+    const T* rh = nullptr;
+    const T* d_out = nullptr;           // [B,T,H] or null (zeros)
+    const T* d_h_n = nullptr;           // [B,H] or null
+    const T* d_c_n = nullptr;           // [B,H] or null, lstm only
+    T* dx = nullptr;                    // [B,T,I]
+    T* dh0 = nullptr;                   // [B,H]
+    T* dc0 = nullptr;                   // [B,H], lstm only
+    T* dw_ih = nullptr;                 // [G*H,I]
+    T* dw_hh = nullptr;                 // [G*H,H]
+    T* db_ih = nullptr;                 // [G*H]
+    T* db_hh = nullptr;                 // [G*H]
+};
+
+template <typename T> void forward(const ForwardArgs<T>& a);
+template <typename T> void backward(const BackwardArgs<T>& a);
+
+}  // namespace rk

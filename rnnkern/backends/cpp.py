@@ -1,0 +1,65 @@
+"""C++ CPU backend: the pybind11 extension ``rnnkern._C`` (csrc/cpu, csrc/bindings.cpp).
+
+Same seam as :mod:`rnnkern.reference` (one layer, one direction, whole sequence; shape legend
+there). ``_C`` checks every array itself (dtype, C-contiguity, shapes, lengths range) and raises
+``ValueError`` naming the argument, then runs without the GIL.
+
+GEMMs: large ones go to SciPy's BLAS, whose Fortran ``sgemm``/``dgemm`` function pointers
+``scipy.linalg.cython_blas`` exports as capsules; they are handed to ``_C`` once, at import.
+Without SciPy the extension's own register-blocked loop does every product.
+"""
+from __future__ import annotations
+
+name = "cpp"
+
+try:
+    from .. import _C
+except ImportError as exc:  # not built: pip install . (or -e .) compiles it with CMake
+    _C = None
+    _IMPORT_ERROR = f"rnnkern._C is not built ({exc}); run `pip install .` or `pip install -e .`"
+else:
+    _IMPORT_ERROR = ""
+
+
+def _register_blas():
+    """Hand SciPy's BLAS to _C; returns a short description for available()."""
+    try:
+        from scipy.linalg import cython_blas
+        capi = cython_blas.__pyx_capi__
+        _C.set_blas(capi["sgemm"], capi["dgemm"])
+        return "SciPy BLAS for large GEMMs"
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the built-in loop in charge
+        _C.set_blas(None, None)
+        return f"built-in GEMM loop (SciPy BLAS unavailable: {exc})"
+
+
+_BLAS = _register_blas() if _C is not None else ""
+
+
+def available():
+    if _C is None:
+        return False, _IMPORT_ERROR
+    return True, f"rnnkern._C {_C.__version__}, {_BLAS}"
+
+
+def _options(spec):
+    return dict(nonlinearity=spec.nonlinearity, forget_bias=float(spec.forget_bias),
+                reset_after=bool(spec.reset_after))
+
+
+def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
+    """See :func:`rnnkern.reference.forward`; ``saved`` holds _C's activation buffers."""
+    out, h_n, c_n, buffers = _C.forward(spec.kind, x, w_ih, w_hh, b_ih, b_hh, h0,
+                                        c0 if spec.has_cell_state else None, lengths,
+                                        **_options(spec))
+    saved = dict(buffers, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths)
+    return out, h_n, c_n, saved
+
+
+def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
+    """See :func:`rnnkern.reference.backward`."""
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _C.backward(
+        spec.kind, saved["x"], saved["w_ih"], saved["w_hh"], saved["lengths"], saved["hprev"],
+        saved["cprev"], saved["act"], saved["rh"], d_outputs, d_h_n,
+        d_c_n if spec.has_cell_state else None, **_options(spec))
+    return dx, dh0, dc0, dict(w_ih=dw_ih, w_hh=dw_hh, b_ih=db_ih, b_hh=db_hh)
