@@ -1,0 +1,75 @@
+"""The CUDA backend's parity sweep against :mod:`rnnkern.reference`, shared by the GPU tests
+(``test_cuda.py``, CuPy arrays) and the emulated CPU tests (``test_cuda_emulated.py``).
+
+Shape legend: B batch, T time steps, I input, H hidden, G gates.
+"""
+import numpy as np
+
+from rnnkern import reference
+from rnnkern.cellspec import CellSpec
+
+SPECS = {
+    "rnn-tanh": CellSpec("rnn"),
+    "rnn-relu": CellSpec("rnn", nonlinearity="relu"),
+    "lstm-fb0": CellSpec("lstm", forget_bias=0.0),
+    "lstm-fb1": CellSpec("lstm", forget_bias=1.0),
+    "gru-after": CellSpec("gru", reset_after=True),
+    "gru-before": CellSpec("gru", reset_after=False),
+}
+
+# id: (B, T, I, H, lengths, random initial state and incoming state grads)
+SHAPES = {
+    "T1-B1-H1": (1, 1, 1, 1, None, True),
+    "odd-lengths": (3, 5, 4, 7, [5, 0, 3], True),       # lengths include 0 and T
+    "H1-lengths": (2, 4, 3, 1, [4, 1], False),
+    "all-zero-lengths": (2, 3, 2, 3, [0, 0], True),
+    "B5-odd": (5, 6, 3, 9, None, False),                 # no d_h_n/d_c_n, zero initial state
+}
+
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def make_case(spec, shape, dtype, seed=0):
+    """Inputs (NumPy) for forward and backward: (fwd_args, bwd_args)."""
+    B, T, I, H, lengths, with_state = shape
+    G = spec.gates
+    rng = np.random.default_rng(seed)
+
+    def u(*s, scale=0.6):
+        return rng.uniform(-scale, scale, s).astype(dtype)
+
+    lstm = spec.kind == "lstm"
+    h0 = u(B, H, scale=1.0) if with_state else np.zeros((B, H), dtype)
+    c0 = (u(B, H, scale=1.0) if with_state else np.zeros((B, H), dtype)) if lstm else None
+    fwd = (u(B, T, I, scale=1.0), u(G * H, I), u(G * H, H), u(G * H), u(G * H), h0, c0,
+           None if lengths is None else np.asarray(lengths, dtype=np.int64))
+    d_out = u(B, T, H, scale=1.0)
+    d_h = u(B, H, scale=1.0) if with_state else None
+    d_c = (u(B, H, scale=1.0) if with_state else None) if lstm else None
+    return fwd, (d_out, d_h, d_c)
+
+
+def host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+
+
+def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a):
+    """Run forward and backward on ``backend`` and on the reference; assert all results agree."""
+    fwd, bwd = make_case(spec, shape, dtype)
+    ref_out = reference.forward(spec, *fwd)
+    dev = [None if a is None else to_device(a) for a in fwd]
+    out = backend.forward(spec, *dev)
+    ref_b = reference.backward(spec, ref_out[3], *bwd)
+    got_b = backend.backward(spec, out[3], *[None if a is None else to_device(a) for a in bwd])
+    tol = TOL[dtype]
+    pairs = dict(outputs=(out[0], ref_out[0]), h_n=(out[1], ref_out[1]), c_n=(out[2], ref_out[2]),
+                 dx=(got_b[0], ref_b[0]), dh0=(got_b[1], ref_b[1]), dc0=(got_b[2], ref_b[2]))
+    pairs.update({f"d{k}": (got_b[3][k], ref_b[3][k]) for k in ref_b[3]})
+    for what, (mine, ref) in pairs.items():
+        if ref is None:
+            assert mine is None, what
+            continue
+        mine = host(mine)
+        assert mine.dtype == dtype and mine.shape == ref.shape, what
+        np.testing.assert_allclose(mine, ref, err_msg=what, **tol)
+    return out, got_b

@@ -1,0 +1,165 @@
+"""The CUDA backend without a GPU: its kernels run on host threads (``cuda_emu``), its host code
+(time loops, GEMMs, buffers, strategy choice) runs on NumPy, and everything is compared with the
+reference. The same sweep runs on a real GPU in ``test_cuda.py``.
+"""
+import numpy as np
+import pytest
+
+import rnnkern as rk
+from rnnkern import backends
+from rnnkern.backends import cuda
+
+import cuda_cases
+import cuda_emu
+
+if cuda_emu.compiler() is None:
+    pytest.skip("g++ not found: cannot build the host emulation of the CUDA kernels",
+                allow_module_level=True)
+
+DTYPES = [np.float64, np.float32]
+
+
+@pytest.fixture(scope="module")
+def emu_runtime(tmp_path_factory):
+    return cuda_emu.EmuRuntime(n_sm=3, smem_limit=48 * 1024,
+                               outdir=str(tmp_path_factory.mktemp("cuda_emu")))
+
+
+@pytest.fixture
+def emulated(emu_runtime, monkeypatch):
+    """The cuda backend on the emulated runtime, small blocks, 3 'SMs' and batch chunks of 2,
+    so multi-block barriers, several units per block and batch chunking all run."""
+    monkeypatch.setattr(cuda, "_runtime", emu_runtime)
+    monkeypatch.setattr(cuda, "available", lambda: (True, "emulated on host threads"))
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=32, max_batch_chunk=2))
+    monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
+    yield emu_runtime
+    cuda.set_strategy(None)
+
+
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", cuda_cases.SHAPES.values(), ids=cuda_cases.SHAPES.keys())
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_kernels_match_reference(emulated, spec, shape, dtype, strategy):
+    cuda.set_strategy(strategy)
+    n_before = len(emulated.launches)
+    out, _ = cuda_cases.check_against_reference(cuda, spec, shape, dtype)
+    assert out[3]["strategy"] == strategy
+    names = {n for n, *_ in emulated.launches[n_before:]}
+    B, T = shape[0], shape[1]
+    if strategy == "persistent":  # one launch forward, one backward
+        assert names == {f"rk_{spec.kind}_persist_fwd", f"rk_{spec.kind}_persist_bwd"}
+        assert len(emulated.launches) - n_before == 2
+    else:
+        assert all("_step" in n for n in names) and len(emulated.launches) - n_before >= 2 * T
+
+
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES)
+def test_persistent_grid_has_several_blocks_and_chunks(emulated, strategy):
+    """H=7 on 3 'SMs' -> 3 blocks of up to 3 units; B=5 in chunks of 2."""
+    cuda.set_strategy(strategy)
+    cuda_cases.check_against_reference(cuda, cuda_cases.SPECS["gru-before"],
+                                       (5, 4, 3, 7, [4, 2, 0, 3, 1], True), np.float64)
+    if strategy == "persistent":
+        assert [(g, b) for _, g, b, _ in emulated.launches[-2:]] == [(3, 32), (3, 32)]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_multilayer_layer_through_cuda_backend(emulated, kind):
+    """The layer API with backend='cuda': 2 layers, lengths, initial state, every gradient."""
+    cls = getattr(rk, kind)
+    x = np.random.default_rng(1).standard_normal((3, 5, 4))
+    lengths = np.array([5, 2, 0])
+    layers = {b: cls(4, 6, 2, dtype="float64", seed=3, backend=b) for b in ("numpy", "cuda")}
+    h0 = np.random.default_rng(2).standard_normal((2, 3, 6))
+    state0 = (h0, -h0) if kind == "LSTM" else h0
+    results = {}
+    for b, layer in layers.items():
+        out, state = layer(x, state0, lengths=lengths)
+        dx, dstate = layer.backward(np.ones_like(out), state)
+        results[b] = (out, state, dx, dstate, layer.grads)
+    ref, got = results["numpy"], results["cuda"]
+    for r, g in zip(ref[:4], got[:4]):
+        for rr, gg in zip(r if isinstance(r, tuple) else (r,), g if isinstance(g, tuple) else (g,)):
+            np.testing.assert_allclose(gg, rr, rtol=1e-10, atol=1e-12)
+    for k in ref[4]:
+        np.testing.assert_allclose(got[4][k], ref[4][k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_returned_arrays_are_not_workspaces(emulated):
+    spec, shape = cuda_cases.SPECS["lstm-fb1"], cuda_cases.SHAPES["odd-lengths"]
+    fwd, bwd = cuda_cases.make_case(spec, shape, np.float64)
+    out1, h1, c1, saved1 = cuda.forward(spec, *fwd)
+    keep = [a.copy() for a in (out1, h1, c1)]
+    cuda.forward(spec, *cuda_cases.make_case(spec, shape, np.float64, seed=9)[0])
+    for a, b in zip((out1, h1, c1), keep):
+        np.testing.assert_array_equal(a, b)
+    assert not np.shares_memory(h1, saved1["h_all"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the size rule and the override (pure Python)
+
+H200 = dict(n_sm=132, smem_limit=227 * 1024)
+BENCH_SHAPES = {(1, 6, 5, 5, 1): "persistent", (1, 100, 64, 128, 1): "persistent",
+                (32, 100, 128, 256, 1): "persistent", (50, 50, 65, 128, 2): "persistent",
+                (64, 100, 512, 512, 1): "stepwise", (128, 100, 1024, 1024, 1): "stepwise"}
+
+
+@pytest.fixture
+def no_override(monkeypatch):
+    monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
+    cuda.set_strategy(None)
+    yield
+    cuda.set_strategy(None)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("shape,expected", BENCH_SHAPES.items(), ids=str)
+def test_size_rule_on_the_benchmark_shapes(no_override, kind, shape, expected):
+    B, T, I, H, L = shape
+    strategy, plan = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200)
+    assert strategy == expected
+    if plan is not None:
+        assert plan.blocks <= H200["n_sm"] and plan.hb * plan.blocks >= H
+        assert max(plan.smem_fwd, plan.smem_bwd) <= H200["smem_limit"]
+
+
+def test_plan_shrinks_batch_chunk_then_gives_up():
+    spec = rk.CellSpec("lstm")
+    roomy = cuda.persistent_plan(spec, 64, 128, 4, 132, 227 * 1024)
+    tight = cuda.persistent_plan(spec, 64, 128, 4, 132, 12 * 1024)
+    assert roomy.nbc == 64 and 1 <= tight.nbc < 64
+    assert max(tight.smem_fwd, tight.smem_bwd) <= 12 * 1024
+    assert cuda.persistent_plan(spec, 1, 1024, 8, 4, 48 * 1024) is None  # W_hh too big
+
+
+def test_override_by_function_and_environment(no_override, monkeypatch):
+    spec = rk.CellSpec("lstm")
+    assert cuda.choose_strategy(spec, 1, 5, 4, **H200)[0] == "persistent"
+    cuda.set_strategy("stepwise")
+    assert cuda.choose_strategy(spec, 1, 5, 4, **H200)[0] == "stepwise"
+    cuda.set_strategy("auto")
+    monkeypatch.setenv(cuda.ENV_STRATEGY, "persistent")
+    assert cuda.choose_strategy(spec, 128, 1024, 4, **H200)[0] == "persistent"
+    with pytest.raises(ValueError, match="persistent strategy cannot hold"):
+        cuda.choose_strategy(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024)
+    monkeypatch.setenv(cuda.ENV_STRATEGY, "fast")
+    with pytest.raises(ValueError, match=cuda.ENV_STRATEGY):
+        cuda.choose_strategy(spec, 1, 5, 4, **H200)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        cuda.set_strategy("fast")
+
+
+def test_unavailable_without_cupy_names_the_reason():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        ok, reason = cuda.available()
+        assert ok is False and "CuPy" in reason
+        assert backends.available_backends()["cuda"] == (ok, reason)
+        with pytest.raises(backends.BackendUnavailable, match="CuPy"):
+            backends.get_backend("cuda")
+    else:
+        pytest.skip("CuPy is installed here")
