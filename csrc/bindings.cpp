@@ -265,8 +265,9 @@ PYBIND11_MODULE(_C, m) {
                   rk::set_blas(nullptr, nullptr);
                   return;
               }
-              rk::set_blas(reinterpret_cast<rk::sgemm_fn>(capsule_pointer(sgemm, "sgemm")),
-                           reinterpret_cast<rk::dgemm_fn>(capsule_pointer(dgemm, "dgemm")));
+              void* s = capsule_pointer(sgemm, "sgemm");  // in order: the error names the first
+              void* d = capsule_pointer(dgemm, "dgemm");
+              rk::set_blas(reinterpret_cast<rk::sgemm_fn>(s), reinterpret_cast<rk::dgemm_fn>(d));
           },
           py::arg("sgemm"), py::arg("dgemm"),
           "Register Fortran BLAS sgemm/dgemm (PyCapsules, e.g. from scipy.linalg.cython_blas."

@@ -1,0 +1,193 @@
+"""The binding boundary of the C++ extension ``rnnkern._C``: every bad input is a Python exception
+naming the argument (never a crash or a silent copy), and the two GEMM paths agree.
+
+Numerical parity with the reference lives in test_backend_parity.py (it covers ``cpp``).
+Shape legend: B batch, T time steps, I input size, H hidden size, G gates.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from rnnkern import reference
+from rnnkern.cellspec import CellSpec
+
+from conftest import assert_close
+
+_C = pytest.importorskip("rnnkern._C", reason="rnnkern._C is not built (pip install -e .)")
+from rnnkern.backends import cpp  # noqa: E402  (after the skip: it registers the BLAS)
+
+B, T, I, H = 3, 4, 5, 6
+
+
+def _args(cell="lstm", dtype=np.float64, seed=0):
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    rng = np.random.default_rng(seed)
+    n = lambda *s: (rng.standard_normal(s) * 0.5).astype(dtype)  # noqa: E731
+    return dict(x=n(B, T, I), w_ih=n(G * H, I), w_hh=n(G * H, H), b_ih=n(G * H), b_hh=n(G * H),
+                h0=n(B, H), c0=n(B, H) if cell == "lstm" else None,
+                lengths=np.array([T, 0, 2], np.int64))
+
+
+def _forward(cell="lstm", **kw):
+    a = _args(cell)
+    opts = {k: kw.pop(k) for k in ("nonlinearity", "forget_bias", "reset_after") if k in kw}
+    a.update(kw)
+    return _C.forward(cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"], a["c0"],
+                      a["lengths"], **opts)
+
+
+def _backward_kwargs(cell="lstm", reset_after=True):
+    a = _args(cell)
+    _, _, _, saved = _C.forward(cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"],
+                                a["c0"], a["lengths"], reset_after=reset_after)
+    return dict(cell=cell, x=a["x"], w_ih=a["w_ih"], w_hh=a["w_hh"], lengths=a["lengths"],
+                hprev=saved["hprev"], cprev=saved["cprev"], act=saved["act"], rh=saved["rh"],
+                d_outputs=np.ones((B, T, H)), d_h_n=np.ones((B, H)),
+                d_c_n=np.ones((B, H)) if cell == "lstm" else None, reset_after=reset_after)
+
+
+def test_valid_call_runs():
+    out, h_n, c_n, saved = _forward()
+    assert out.shape == (B, T, H) and h_n.shape == c_n.shape == (B, H)
+    assert np.all(out[1] == 0) and np.all(out[2, 2:] == 0)  # lengths 0 and 2
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("x", lambda a: np.asfortranarray(a["x"]), "x must be C-contiguous"),
+    ("x", lambda a: a["x"][:, ::2], "x must be C-contiguous"),  # T halves: lengths fixed below
+    ("w_hh", lambda a: a["w_hh"].T.copy().T, "w_hh must be C-contiguous"),
+    ("h0", lambda a: np.repeat(a["h0"], 2, axis=1)[:, ::2], "h0 must be C-contiguous"),
+    ("x", lambda a: a["x"].astype(np.int64), "x must have dtype float32 or float64"),
+    ("w_ih", lambda a: a["w_ih"].astype(np.float32), "w_ih must have dtype float64"),
+    ("b_hh", lambda a: a["b_hh"].astype(np.float32), "b_hh must have dtype float64"),
+    ("c0", lambda a: a["c0"].astype(np.float32), "c0 must have dtype float64"),
+    ("x", lambda a: a["x"][0], "x must be 3-D"),
+    ("x", lambda a: a["x"].tolist(), "x must be a numpy.ndarray, got list"),
+    ("w_ih", lambda a: a["w_ih"][:, :-1].copy(), "w_ih must have shape [24, 5], got [24, 4]"),
+    ("w_hh", lambda a: a["w_hh"][:-1].copy(), "w_hh must have shape [24, 6], got [23, 6]"),
+    ("w_hh", lambda a: a["w_hh"][:, :, None], "w_hh must be 2-D"),
+    ("b_ih", lambda a: a["b_ih"][:-1].copy(), "b_ih must have shape [24]"),
+    ("h0", lambda a: a["h0"][:-1].copy(), "h0 must have shape [3, 6], got [2, 6]"),
+    ("c0", lambda a: a["c0"][:, :-1].copy(), "c0 must have shape [3, 6]"),
+    ("lengths", lambda a: np.array([T, 0, T + 1], np.int64), "lengths[2] = 5"),
+    ("lengths", lambda a: np.array([-1, 0, 1], np.int64), "lengths[0] = -1"),
+    ("lengths", lambda a: a["lengths"].astype(np.int32), "lengths must have dtype int64"),
+    ("lengths", lambda a: a["lengths"][:2].copy(), "lengths must have shape [3]"),
+    ("w_ih", lambda a: None, "w_ih must be an array, got None"),
+])
+def test_forward_rejects_bad_input(name, bad, message):
+    a = _args("lstm")
+    a[name] = bad(a)
+    if name == "x" and isinstance(a["x"], np.ndarray) and a["x"].ndim == 3:
+        a["lengths"] = np.minimum(a["lengths"], a["x"].shape[1])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _C.forward("lstm", a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"], a["c0"],
+                   a["lengths"])
+
+
+def test_forward_rejects_bad_options_and_stray_state():
+    a = _args("rnn")
+    with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'conv'"):
+        _C.forward("conv", a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"])
+    with pytest.raises(ValueError, match="nonlinearity must be"):
+        _forward("rnn", nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="c0 is for LSTM only"):
+        _forward("gru", c0=np.zeros((B, H)))
+
+
+@pytest.mark.parametrize("cell, reset_after", [("lstm", True), ("gru", False), ("rnn", True)])
+@pytest.mark.parametrize("name, bad, message", [
+    ("d_outputs", lambda v: v[:, :-1].copy(), "d_outputs must have shape"),
+    ("d_outputs", lambda v: np.asfortranarray(v), "d_outputs must be C-contiguous"),
+    ("d_outputs", lambda v: v.astype(np.float32), "d_outputs must have dtype float64"),
+    ("d_h_n", lambda v: v[None], "d_h_n must have shape"),
+    ("act", lambda v: v[..., :-1].copy(), "act must have shape"),
+    ("hprev", lambda v: v[:, ::-1], "hprev must be C-contiguous"),
+    ("lengths", lambda v: v + 10, "lengths must lie in"),
+])
+def test_backward_rejects_bad_input(cell, reset_after, name, bad, message):
+    kw = _backward_kwargs(cell, reset_after)
+    kw[name] = bad(kw[name])
+    with pytest.raises(ValueError, match=message):
+        _C.backward(**kw)
+
+
+def test_backward_requires_the_cell_specific_buffers():
+    kw = _backward_kwargs("gru", reset_after=False)
+    with pytest.raises(ValueError, match="rh must be an array"):
+        _C.backward(**dict(kw, rh=None))
+    with pytest.raises(ValueError, match="rh is for GRU with reset_after=False only"):
+        _C.backward(**dict(kw, reset_after=True))
+    kw = _backward_kwargs("lstm")
+    with pytest.raises(ValueError, match="cprev must be an array"):
+        _C.backward(**dict(kw, cprev=None))
+    with pytest.raises(ValueError, match="d_c_n is for LSTM only"):
+        _C.backward(**dict(_backward_kwargs("rnn"), d_c_n=np.zeros((B, H))))
+
+
+def test_set_blas_rejects_non_capsules():
+    with pytest.raises(ValueError, match="sgemm must be a PyCapsule"):
+        _C.set_blas(1, 2)
+
+
+def test_results_are_fresh_arrays():
+    """Returned arrays belong to the caller: a second call must not overwrite the first's."""
+    out1, h1, _, saved1 = _forward()
+    kept = out1.copy(), saved1["act"].copy()
+    _forward(x=np.zeros((B, T, I)))
+    np.testing.assert_array_equal(out1, kept[0])
+    np.testing.assert_array_equal(saved1["act"], kept[1])
+
+
+@pytest.fixture
+def gemm_path():
+    """Yields a setter for the GEMM path; restores BLAS registration and threshold after."""
+    before = _C.blas_min_flops()
+
+    def use(path):
+        if path == "loop":
+            _C.set_blas(None, None)
+        else:
+            cpp._register_blas()
+            if not _C.have_blas():
+                pytest.skip("SciPy BLAS unavailable")
+            _C.set_blas_min_flops(0)  # every product through BLAS
+
+    yield use
+    cpp._register_blas()
+    _C.set_blas_min_flops(before)
+
+
+@pytest.mark.parametrize("path", ["loop", "blas"])
+@pytest.mark.parametrize("spec", [CellSpec("lstm", forget_bias=1.0), CellSpec("gru"),
+                                  CellSpec("gru", reset_after=False), CellSpec("rnn")],
+                         ids=["lstm", "gru", "gru_tf1", "rnn"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_both_gemm_paths_match_reference(gemm_path, path, spec, dtype):
+    """The built-in loop (5 rows: one 4-row block + remainder) and BLAS give the same answers."""
+    gemm_path(path)
+    rng = np.random.default_rng(3)
+    Bq, Tq, Iq, Hq, G = 5, 3, 7, 9, spec.gates
+    a = dict(x=rng.standard_normal((Bq, Tq, Iq)), w_ih=rng.standard_normal((G * Hq, Iq)) * 0.3,
+             w_hh=rng.standard_normal((G * Hq, Hq)) * 0.3, b_ih=rng.standard_normal(G * Hq),
+             b_hh=rng.standard_normal(G * Hq), h0=rng.standard_normal((Bq, Hq)),
+             c0=rng.standard_normal((Bq, Hq)) if spec.has_cell_state else None)
+    a = {k: None if v is None else v.astype(dtype) for k, v in a.items()}
+    lengths = np.array([3, 1, 0, 3, 2], np.int64)
+    d_out = rng.standard_normal((Bq, Tq, Hq)).astype(dtype)
+    got = cpp.forward(spec, **a, lengths=lengths)
+    want = reference.forward(spec, **{k: None if v is None else v.astype(np.float64)
+                                      for k, v in a.items()}, lengths=lengths)
+    for g, w, what in zip(got[:3], want[:3], ("outputs", "h_n", "c_n")):
+        if w is not None:
+            assert_close(g, w, what)
+    gb = cpp.backward(spec, got[3], d_out, None, None)
+    wb = reference.backward(spec, want[3], d_out.astype(np.float64), None, None)
+    for g, w, what in zip(gb[:3], wb[:3], ("dx", "dh0", "dc0")):
+        if w is not None:
+            assert_close(g, w, what)
+    for k in wb[3]:
+        assert_close(gb[3][k], wb[3][k], k)
