@@ -1,0 +1,94 @@
+"""The CUDA backend on a real GPU (CuPy arrays): every kernel of both strategies against the
+NumPy reference, the layer API on CuPy input, streams. Skips without CuPy or a device; the same
+sweep runs on the CPU through the kernel emulator in ``test_cuda_emulated.py``.
+"""
+import numpy as np
+import pytest
+
+import rnnkern as rk
+from rnnkern import backends
+from rnnkern.backends import cuda
+
+import cuda_cases
+
+pytestmark = pytest.mark.gpu
+
+_ok, _reason = cuda.available()
+if not _ok:
+    pytest.skip(f"cuda backend unavailable: {_reason}", allow_module_level=True)
+
+import cupy  # noqa: E402  (available() succeeded, so CuPy imports)
+
+DTYPES = [np.float64, np.float32]
+
+
+@pytest.fixture
+def strategy(request, monkeypatch):
+    monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
+    cuda.set_strategy(request.param)
+    yield request.param
+    cuda.set_strategy(None)
+
+
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", cuda_cases.SHAPES.values(), ids=cuda_cases.SHAPES.keys())
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_kernels_match_reference(spec, shape, dtype, strategy):
+    out, back = cuda_cases.check_against_reference(cuda, spec, shape, dtype, cupy.asarray)
+    assert out[3]["strategy"] == strategy
+    assert isinstance(out[0], cupy.ndarray) and isinstance(back[0], cupy.ndarray)
+
+
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_several_blocks_and_batch_chunks(spec, strategy, monkeypatch):
+    """Few 'SMs' and small batch chunks: several units per block, barrier across blocks."""
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, max_batch_chunk=3, n_sm=4))
+    cuda_cases.check_against_reference(cuda, spec, (7, 9, 5, 33, [9, 0, 4, 9, 1, 8, 2], True),
+                                       np.float64, cupy.asarray)
+
+
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
+                         ids=["lstm", "gru-before"])
+def test_larger_sizes_float32(spec, strategy):
+    """Sizes where float32 rounding and the real work split matter (H=128, B=32, T=40)."""
+    cuda_cases.check_against_reference(cuda, spec, (32, 40, 16, 128, None, True), np.float32,
+                                       cupy.asarray)
+
+
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+def test_runs_on_the_current_stream(strategy):
+    spec, shape = cuda_cases.SPECS["lstm-fb0"], cuda_cases.SHAPES["odd-lengths"]
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        cuda_cases.check_against_reference(cuda, spec, shape, np.float64, cupy.asarray)
+        stream.synchronize()
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_layer_auto_picks_cuda_for_cupy_input(kind, monkeypatch):
+    monkeypatch.delenv("RNNKERN_BACKEND", raising=False)
+    cls = getattr(rk, kind)
+    x = np.random.default_rng(1).standard_normal((3, 5, 4))
+    lengths = np.array([5, 2, 0])
+    cpu, gpu = (cls(4, 6, 2, dtype="float64", seed=3, backend=b) for b in ("numpy", "auto"))
+    out_c, _ = cpu(x, lengths=lengths)
+    out_g, _ = gpu(cupy.asarray(x), lengths=lengths)
+    assert backends.resolve("auto", cupy.asarray(x)) is cuda
+    assert isinstance(out_g, cupy.ndarray)
+    np.testing.assert_allclose(out_g.get(), out_c, rtol=1e-10, atol=1e-12)
+    dx_c, _ = cpu.backward(np.ones_like(out_c))
+    dx_g, _ = gpu.backward(cupy.ones_like(out_g))
+    np.testing.assert_allclose(dx_g.get(), dx_c, rtol=1e-10, atol=1e-12)
+    for k in cpu.grads:
+        np.testing.assert_allclose(cupy.asnumpy(gpu.grads[k]), cpu.grads[k], rtol=1e-10,
+                                   atol=1e-12, err_msg=k)
+
+
+def test_numpy_weights_are_moved_to_the_device():
+    spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["odd-lengths"]
+    fwd, _ = cuda_cases.make_case(spec, shape, np.float64)
+    x = cupy.asarray(fwd[0])
+    out, h_n, _, _ = cuda.forward(spec, x, *fwd[1:])  # weights, h0, lengths stay NumPy
+    assert isinstance(out, cupy.ndarray) and isinstance(h_n, cupy.ndarray)
