@@ -180,18 +180,20 @@ class Embedding(Module):
 class OneHot(Module):
     """Integer ids ``[B,T]`` (or ``[B]``) -> one-hot vectors ``[B,T,depth]``; no parameters.
 
-    The lab's ``tf.one_hot`` input: ``OneHot(V)`` followed by ``LSTM(V, H)``.
+    The lab's ``tf.one_hot`` input: ``OneHot(V)`` followed by ``LSTM(V, H)``. Same values as
+    :func:`rnnkern.one_hot`; implemented as a lookup in a fixed identity table (an
+    :class:`Embedding` that never trains) because that costs ~1 us per call at lab sizes, where
+    building the array element by element dominated a whole training step.
     """
 
     def __init__(self, depth, *, dtype="float32"):
         super().__init__()
         self.depth = _positive_int("depth", depth)
         self.dtype = _as_dtype(dtype)
+        self._table = np.eye(self.depth, dtype=self.dtype)
 
     def forward(self, x, lengths=None):
-        from .losses import one_hot  # the one copy of one_hot lives with the losses
-        ids = _check_ids(x, self.depth, "OneHot")
-        return one_hot(ids, self.depth, dtype=self.dtype)
+        return self._table[_check_ids(x, self.depth, "OneHot")]
 
     def backward(self, dy):
         return None

@@ -107,6 +107,8 @@ class Trainer:
         callbacks:    objects with ``on_step_end(trainer)`` / ``on_epoch_end(trainer)``
         checkpoint:   None or a path written by :meth:`fit` (atomically)
         checkpoint_every: "epoch" (default) or an int N: every N optimizer steps
+        checkpoint_meta:  JSON-serialisable data stored in every checkpoint :meth:`fit` writes
+                      (e.g. ``{"vocab": vocab.to_list(), "hidden": 128}``); :meth:`load` returns it
 
     Example::
 
@@ -117,7 +119,7 @@ class Trainer:
 
     def __init__(self, model, loss, optimizer, *, lr_schedule=None, stateful=False,
                  shuffle=False, seed=0, progress=True, callbacks=(), checkpoint=None,
-                 checkpoint_every="epoch"):
+                 checkpoint_every="epoch", checkpoint_meta=None):
         for attr in ("forward", "backward", "params", "grads", "train", "eval"):
             if not hasattr(model, attr):
                 raise TypeError(f"model has no {attr!r} (see rnnkern.trainer's docstring)")
@@ -137,6 +139,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_meta = checkpoint_meta
         self.rng = np.random.default_rng(seed)
         self.epoch = 0              # index of the epoch being (or next to be) run
         self.global_step = 0        # optimizer steps taken
@@ -285,8 +288,12 @@ class Trainer:
     def save(self, path, user=None):
         """Write params, optimizer state, RNG states, counters and history atomically.
 
-        ``user``: optional JSON-serialisable data stored alongside (e.g. a vocabulary).
+        ``user``: optional JSON-serialisable data stored alongside (e.g. a vocabulary);
+        default: the trainer's ``checkpoint_meta``. Read it back with :meth:`load` or
+        ``rk.load_checkpoint(path)["meta"]["user"]`` (parameters: ``[...]["params"]``).
         """
+        if user is None:
+            user = self.checkpoint_meta
         arrays = {}
         state_spec = _flatten_state(self._state, "state", arrays)
         get_rng = getattr(self.model, "get_rng_state", None)

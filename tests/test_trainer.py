@@ -169,7 +169,9 @@ def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
     t1.fit(batches, epochs=4)
     path = tmp_path / "ck.npz"
     m2, o2, t2 = resume_setup(0, checkpoint=path)
+    t2.checkpoint_meta = {"note": "meta travels"}
     t2.fit(batches, epochs=2)
+    assert rk.load_checkpoint(path)["meta"]["user"] == {"note": "meta travels"}
     m3, o3, t3 = resume_setup(99)       # different initial weights: load must replace them
     t3.load(path)
     t3.fit(batches, epochs=4)
