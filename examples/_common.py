@@ -1,0 +1,69 @@
+"""Bits shared by the example scripts: import path, data paths, TF1-style initialisation.
+
+The scripts run from a source checkout (``python examples/lab12_1_hello_rnn.py``) or through
+``python -m rnnkern labs``; either way ``import rnnkern`` must find the package.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(EXAMPLES_DIR)
+
+try:
+    import rnnkern  # noqa: F401  (installed, or run from the repo root)
+except ImportError:  # `python examples/x.py`: sys.path[0] is examples/, not the repo root
+    sys.path.insert(0, REPO_ROOT)
+    import rnnkern  # noqa: F401
+
+
+def shared_data(name):
+    """Default path of a data file: ``../shared/data/<name>`` relative to the repo root."""
+    return os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", name))
+
+
+def tf1_glorot_init(layer, seed):
+    """Initialise a recurrent layer as TF1's ``BasicLSTMCell``/``BasicRNNCell`` do.
+
+    TF1 keeps one kernel ``[I+H, G*H]`` per layer, drawn from glorot_uniform
+    (``U(+-sqrt(6 / (fan_in + fan_out)))``, fan_in = I+H, fan_out = G*H), and zero biases. The
+    distribution is the same for every element, so drawing PyTorch's two blocks
+    ``weight_ih [G*H, I]`` and ``weight_hh [G*H, H]`` with that bound is the same init.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = layer.param_shapes()
+    params = {}
+    for k in range(layer.num_layers):
+        gh, n_in = shapes[f"weight_ih_l{k}"]
+        H = layer.hidden_size
+        bound = np.sqrt(6.0 / (n_in + H + gh))
+        params[f"weight_ih_l{k}"] = rng.uniform(-bound, bound, (gh, n_in))
+        params[f"weight_hh_l{k}"] = rng.uniform(-bound, bound, (gh, H))
+        params[f"bias_ih_l{k}"] = np.zeros(gh)
+        params[f"bias_hh_l{k}"] = np.zeros(gh)
+    layer.load_params(params)
+    return layer
+
+
+def add_common_args(parser, *, seed=0, every=None):
+    """--seed, --backend, --quiet (and --every N when the lab prints per-step lines)."""
+    parser.add_argument("--seed", type=int, default=seed, help="random seed (default %(default)s)")
+    parser.add_argument("--backend", default="auto",
+                        help="rnnkern backend: auto (default), numba, cpp, numpy, cuda")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the final outcome, not the per-step lines")
+    if every is not None:
+        parser.add_argument("--every", type=int, default=every, metavar="N",
+                            help="print the per-step line every N steps (default %(default)s)")
+    return parser
+
+
+def should_print(args, step, last):
+    """Per-step printing rule: never with --quiet; else every N steps and the last one."""
+    if args.quiet:
+        return False
+    every = max(1, getattr(args, "every", 1))
+    return step % every == 0 or step == last
