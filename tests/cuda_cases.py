@@ -24,18 +24,20 @@ SHAPES = {
     "H1-lengths": (2, 4, 3, 1, [4, 1], False),
     "all-zero-lengths": (2, 3, 2, 3, [0, 0], True),
     "B5-odd": (5, 6, 3, 9, None, False),                 # no d_h_n/d_c_n, zero initial state
+    "T0": (2, 0, 3, 4, None, True),
+    "B0": (0, 3, 3, 4, None, True),
 }
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-def make_case(spec, shape, dtype, seed=0):
-    """Inputs (NumPy) for forward and backward: (fwd_args, bwd_args)."""
+def make_case(spec, shape, dtype, seed=0, wscale=0.6):
+    """Inputs (NumPy) for forward and backward: (fwd_args, bwd_args); weights U(-wscale, wscale)."""
     B, T, I, H, lengths, with_state = shape
     G = spec.gates
     rng = np.random.default_rng(seed)
 
-    def u(*s, scale=0.6):
+    def u(*s, scale=wscale):
         return rng.uniform(-scale, scale, s).astype(dtype)
 
     lstm = spec.kind == "lstm"
@@ -53,9 +55,9 @@ def host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
 
 
-def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a):
+def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a, wscale=0.6):
     """Run forward and backward on ``backend`` and on the reference; assert all results agree."""
-    fwd, bwd = make_case(spec, shape, dtype)
+    fwd, bwd = make_case(spec, shape, dtype, wscale=wscale)
     ref_out = reference.forward(spec, *fwd)
     dev = [None if a is None else to_device(a) for a in fwd]
     out = backend.forward(spec, *dev)

@@ -79,6 +79,7 @@ class EmuKernel:
         self.fn.restype = None
         self.fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulong] + argtypes
         self.name = kname
+        self.argtypes = argtypes
         self.nargs = len(argtypes)
 
 
@@ -109,13 +110,21 @@ class EmuRuntime:
         if len(args) != kern.nargs:
             raise TypeError(f"{kern.name}: {len(args)} arguments, the kernel takes {kern.nargs}")
         conv = []
-        for a in args:
+        for i, (a, ctype) in enumerate(zip(args, kern.argtypes)):
+            # CuPy packs arguments by their own type: insist on the exact one, as a GPU would
+            # silently misread a float64 given for a float parameter
+            want = {ctypes.c_void_p: np.ndarray, ctypes.c_int: np.int32,
+                    ctypes.c_longlong: np.int64, ctypes.c_float: np.float32,
+                    ctypes.c_double: np.float64}[ctype]
+            if type(a) is not want:
+                raise TypeError(f"{kern.name}: argument {i} is {type(a).__name__}, "
+                                f"the kernel wants {want.__name__}")
             if isinstance(a, np.ndarray):
                 if not a.flags.c_contiguous:
-                    raise ValueError(f"{kern.name}: non-contiguous array argument")
+                    raise ValueError(f"{kern.name}: non-contiguous array argument {i}")
                 conv.append(a.ctypes.data)
             else:
-                conv.append(a.item() if isinstance(a, np.generic) else a)
+                conv.append(a.item())
         if smem > self._smem:
             raise ValueError(f"{kern.name}: {smem} bytes of shared memory > limit {self._smem}")
         self.launches.append((kern.name, grid, block, smem))

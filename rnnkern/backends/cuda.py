@@ -155,6 +155,7 @@ class CupyRuntime:
         import cupy
         self.xp = cupy
         self._modules = {}
+        self._kernels = {}
         self._props = {}
 
     def device_id(self):
@@ -171,17 +172,17 @@ class CupyRuntime:
 
     def kernel(self, module, fname, dtype):
         real = "double" if np.dtype(dtype) == np.float64 else "float"
-        key = (self.device_id(), module, real)
-        if key not in self._modules:
+        key = (self.device_id(), module, real, fname)
+        if key not in self._kernels:
+            mkey = key[:3]
             try:
-                mod = self.xp.RawModule(code=kernel_source(module, real),
-                                        options=("--std=c++17",))
-                mod.compile()
+                if mkey not in self._modules:  # NVRTC's default dialect (C++17) is enough
+                    self._modules[mkey] = self.xp.RawModule(code=kernel_source(module, real))
+                self._kernels[key] = self._modules[mkey].get_function(fname)  # compiles
             except Exception as exc:
-                raise RuntimeError(f"compiling csrc/cuda/{module}.cu ({real}) failed with "
-                                   f"{_versions()}: {exc}") from exc
-            self._modules[key] = mod
-        return self._modules[key].get_function(fname)
+                raise RuntimeError(f"compiling csrc/cuda/{module}.cu ({real}) for device "
+                                   f"{key[0]} failed with {_versions()}: {exc}") from exc
+        return self._kernels[key]
 
     def launch(self, kern, grid, block, args, smem=0):
         if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
@@ -195,7 +196,18 @@ class CupyRuntime:
 _runtime = None
 
 
+_available = None
+
+
 def available():
+    """(ok, reason); probed once per process (the registry asks on every layer call)."""
+    global _available
+    if _available is None:
+        _available = _probe()
+    return _available
+
+
+def _probe():
     try:
         import cupy
     except ImportError:
