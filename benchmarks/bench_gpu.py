@@ -1,7 +1,7 @@
 """GPU timing: rnnkern's cuda backend (both strategies) vs torch.nn.LSTM/GRU on cuDNN, float32.
 
     python benchmarks/bench_gpu.py [--shapes "B,T,I,H,L;..."] [--kinds lstm,gru] [--budget 150]
-                                   [--tf32] [--json out.json]
+                                   [--tf32] [--seam] [--max-blocks N] [--json out.json]
 
 For each (B,T,I,H,L) and cell it prints forward and forward+backward milliseconds per call for
 cuDNN, rnnkern stepwise, rnnkern persistent, and which strategy the size rule picks.
@@ -96,7 +96,7 @@ class TorchTimer(Timer):
         return start.elapsed_time(end)
 
 
-def _rnnkern_fns(kind, B, T, I, H, L, strategy):
+def _rnnkern_fns(kind, B, T, I, H, L, strategy, seam=False):
     import cupy
     cls = rk.LSTM if kind == "lstm" else rk.GRU
     opts = dict(forget_bias=0.0) if kind == "lstm" else {}
@@ -106,6 +106,8 @@ def _rnnkern_fns(kind, B, T, I, H, L, strategy):
     rng = np.random.default_rng(0)
     x = cupy.asarray(rng.standard_normal((B, T, I)).astype(np.float32))
     d_out = cupy.asarray(rng.standard_normal((B, T, H)).astype(np.float32))
+    if seam:
+        return _seam_fns(layer, x, d_out, strategy)
 
     def fwd():
         cuda.set_strategy(strategy)
@@ -115,6 +117,30 @@ def _rnnkern_fns(kind, B, T, I, H, L, strategy):
         cuda.set_strategy(strategy)
         layer(x)
         layer.backward(d_out)
+
+    return fwd, fwd_bwd
+
+
+def _seam_fns(layer, x, d_out, strategy):
+    """The backend seam called directly, layer by layer: no input validation, no finite check."""
+    import cupy
+    spec, L, B, H = layer.spec, layer.num_layers, x.shape[0], layer.hidden_size
+    weights = [layer._layer_weights(k, cupy) for k in range(L)]
+    h0 = cupy.zeros((B, H), dtype=cupy.float32)
+    c0 = h0 if spec.has_cell_state else None
+
+    def fwd():
+        cuda.set_strategy(strategy)
+        out, saved = x, []
+        for w in weights:
+            out, _, _, s = cuda.forward(spec, out, *w, h0, c0, None)
+            saved.append(s)
+        return saved
+
+    def fwd_bwd():
+        d = d_out
+        for s in reversed(fwd()):
+            d = cuda.backward(spec, s, d, None, None)[0]
 
     return fwd, fwd_bwd
 
@@ -146,7 +172,12 @@ def main(argv=None):
                     help="seconds; shapes not started by then are skipped")
     ap.add_argument("--tf32", action="store_true", help="let cuDNN use TF32 (off by default)")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--seam", action="store_true",
+                    help="time rnnkern through the backend seam (no layer validation)")
+    ap.add_argument("--max-blocks", type=int, default=None,
+                    help="cap on persistent blocks (cuda.config.max_blocks; default one per SM)")
     args = ap.parse_args(argv)
+    cuda.config.max_blocks = args.max_blocks
 
     import cupy
     import torch
@@ -156,7 +187,9 @@ def main(argv=None):
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     print(f"# {gpu}; CuPy {cupy.__version__}; torch {torch.__version__} "
-          f"(cuDNN {torch.backends.cudnn.version()}); float32; TF32 in cuDNN: {args.tf32}")
+          f"(cuDNN {torch.backends.cudnn.version()}); float32; TF32 in cuDNN: {args.tf32}; "
+          f"rnnkern through {'the backend seam' if args.seam else 'the layer API'}; "
+          f"persistent max blocks: {args.max_blocks or 'one per SM'}")
     print(f"# ms per call, median of {REPEATS} repeats; ratio = cuDNN / best rnnkern "
           f"(> 1: rnnkern faster)")
     head = (f"{'cell':5} {'B,T,I,H,L':>20} {'mode':7} {'cuDNN':>9} {'stepwise':>9} "
@@ -182,7 +215,7 @@ def main(argv=None):
                 if strategy == "persistent" and \
                         cuda.persistent_plan(rk.CellSpec(kind), B, H, 4, n_sm, smem) is None:
                     continue
-                f, fb = _rnnkern_fns(kind, B, T, I, H, L, strategy)
+                f, fb = _rnnkern_fns(kind, B, T, I, H, L, strategy, args.seam)
                 timers["fwd"].append(CupyTimer(strategy, f))
                 timers["fwd+bwd"].append(CupyTimer(strategy, fb))
             for mode, ts in timers.items():

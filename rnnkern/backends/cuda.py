@@ -55,6 +55,8 @@ class Config:
     persistent_max_bh: int = 8192   # ... and up to this B*H
     max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
     n_sm: int | None = None         # None: the device's SM count (tests: a small number)
+    max_blocks: int | None = None   # persistent: cap on blocks (None: one per SM); fewer
+                                    # blocks = cheaper barrier, more units per block
     smem_limit: int | None = None   # None: the device's opt-in shared memory per block
     check_barrier: bool = True      # persistent: read the barrier's error flag after a launch
 
@@ -165,9 +167,14 @@ class CupyRuntime:
         """``(n_sm, smem_optin_bytes)`` of the current device (cached)."""
         dev = self.device_id()
         if dev not in self._props:
-            attrs = self.xp.cuda.Device(dev).attributes
-            self._props[dev] = (int(attrs["MultiProcessorCount"]),
-                                int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024)))
+            rt = self.xp.cuda.runtime
+            try:  # cudaDevAttrMultiProcessorCount = 16, ...MaxSharedMemoryPerBlockOptin = 97
+                n_sm, smem = rt.deviceGetAttribute(16, dev), rt.deviceGetAttribute(97, dev)
+            except Exception:  # noqa: BLE001 - fall back to the properties struct
+                p = rt.getDeviceProperties(dev)
+                n_sm = p["multiProcessorCount"]
+                smem = p.get("sharedMemPerBlockOptin", 48 * 1024)
+            self._props[dev] = (int(n_sm), int(smem))
         return self._props[dev]
 
     def kernel(self, module, fname, dtype):
@@ -258,13 +265,15 @@ class PersistentPlan:
 def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_batch_chunk=None):
     """The :class:`PersistentPlan` for these sizes, or None when W_hh does not fit on chip.
 
-    Units are spread over as many blocks as there are SMs (``hb = ceil(H / n_sm)``); the batch
-    chunk halves until both kernels' shared memory (common.cuh formulas) fits ``smem_limit``.
+    Units are spread over as many blocks as there are SMs (``hb = ceil(H / n_sm)``, or fewer
+    blocks with ``config.max_blocks``); the batch chunk halves until both kernels' shared memory
+    (common.cuh formulas) fits ``smem_limit``.
     """
     threads = threads or config.threads
     nbc = max(1, min(B, max_batch_chunk or config.max_batch_chunk))
     G = spec.gates
-    hb = math.ceil(H / max(1, min(n_sm, H)))
+    n_blocks = min(n_sm, config.max_blocks or n_sm, H)
+    hb = math.ceil(H / max(1, n_blocks))
     ldw, ldc = H | 1, (G * H) | 1
 
     def sizes(nbc):
