@@ -40,11 +40,14 @@ def test_kernels_match_reference(spec, shape, dtype, strategy):
     assert isinstance(out[0], cupy.ndarray) and isinstance(back[0], cupy.ndarray)
 
 
+@pytest.mark.parametrize("min_chunk", [2, 1000], ids=["split-dots", "serial-dots"])
 @pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
 @pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
-def test_several_blocks_and_batch_chunks(spec, strategy, monkeypatch):
-    """Few 'SMs' and small batch chunks: several units per block, barrier across blocks."""
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, max_batch_chunk=3, n_sm=4))
+def test_several_blocks_and_batch_chunks(spec, strategy, min_chunk, monkeypatch):
+    """Few 'SMs' and small batch chunks: several units per block, barrier across blocks;
+    dot products split over threads or not."""
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, max_batch_chunk=3, n_sm=4,
+                                                    dot_min_chunk=min_chunk))
     cuda_cases.check_against_reference(cuda, spec, (7, 9, 5, 33, [9, 0, 4, 9, 1, 8, 2], True),
                                        np.float64, cupy.asarray)
 

@@ -25,13 +25,15 @@ def emu_runtime(tmp_path_factory):
                                outdir=str(tmp_path_factory.mktemp("cuda_emu")))
 
 
-@pytest.fixture
-def emulated(emu_runtime, monkeypatch):
+@pytest.fixture(params=[2, 1000], ids=["split-dots", "serial-dots"])
+def emulated(emu_runtime, monkeypatch, request):
     """The cuda backend on the emulated runtime, small blocks, 3 'SMs' and batch chunks of 2,
-    so multi-block barriers, several units per block and batch chunking all run."""
+    so multi-block barriers, several units per block and batch chunking all run; dot products
+    split over threads (parts of >= 2 terms) or not at all."""
     monkeypatch.setattr(cuda, "_runtime", emu_runtime)
     monkeypatch.setattr(cuda, "available", lambda: (True, "emulated on host threads"))
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=32, max_batch_chunk=2))
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=32, max_batch_chunk=2,
+                                                    dot_min_chunk=request.param))
     monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
     yield emu_runtime
     cuda.set_strategy(None)

@@ -13,8 +13,13 @@
 //             (own elements: gate grads into d_gx, d_gh), barrier, phase B (own columns of
 //             dh_prev = d_gh[t] W_hh, from the staged d_gh rows of every unit).
 //
-// Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real):
-//   forward  G*hb*ldw + nbc*H + nbc*G*hb        backward  hb*ldc + nbc*G*H
+// Dot products: with few of them per block (small B), each is split over up to 32 threads
+// (partial sums of at least `min_chunk` terms, then one thread adds the partials), so a step
+// is not one thread's serial loop of length H (forward) or G*H (backward).
+//
+// Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real), with
+// P = blockDim.x partial sums:
+//   forward  G*hb*ldw + nbc*H + nbc*G*hb + P      backward  hb*ldc + nbc*G*H + nbc*hb + P
 #include "common.cuh"
 
 template <int KIND>
@@ -40,8 +45,43 @@ __device__ __forceinline__ real rk_dot(const real* x, const real* w, int n) {
     return acc;
 }
 
+// res[o] = dot(x, w, n) for each of n_items items, where operands(i, x, w) sets the operands of
+// item i and returns its output offset o. Each dot is split over ks threads (a power of two up
+// to 32, while n_items * ks fits the block and every part keeps >= min_chunk terms); the
+// partial sums go to part[] (blockDim.x elements). Ends with __syncthreads.
+template <class Operands>
+__device__ void rk_block_dots(int n_items, int n, int min_chunk, real* res, real* part,
+                              Operands operands) {
+    int ks = 1;
+    while (ks < 32 && n_items * ks * 2 <= (int)blockDim.x && n >= ks * 2 * min_chunk) ks *= 2;
+    const real* x;
+    const real* w;
+    if (ks == 1) {
+        for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
+            const int o = operands(i, x, w);
+            res[o] = rk_dot(x, w, n);
+        }
+        __syncthreads();
+        return;
+    }
+    const int chunk = (n + ks - 1) / ks;
+    for (int u = threadIdx.x; u < n_items * ks; u += blockDim.x) {
+        operands(u / ks, x, w);
+        const int k0 = (u % ks) * chunk;
+        part[u] = rk_dot(x + k0, w + k0, max(0, min(chunk, n - k0)));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
+        real acc = 0;
+        for (int k = 0; k < ks; ++k) acc += part[i * ks + k];
+        res[operands(i, x, w)] = acc;
+    }
+    __syncthreads();
+}
+
 template <int KIND>
-__device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int flag, real forget_bias,
+__device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int min_chunk, int flag,
+                               real forget_bias,
                                const real* __restrict__ gx, const real* __restrict__ w_hh,
                                const real* __restrict__ b_hh, const i64* __restrict__ lengths,
                                real* h_all, real* c_all, real* outputs, real* acts, real* rh,
@@ -55,7 +95,8 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int flag, r
     RK_DYNAMIC_SMEM(smem_raw);
     real* w_s = reinterpret_cast<real*>(smem_raw);    // [G][hb][ldw]
     real* h_s = w_s + (i64)G * hb * ldw;                // [nbc][H]
-    real* p_s = h_s + (i64)nbc * H;                     // [nbc][G][hb]
+    real* p_s = h_s + (i64)nbc * H;                     // [nbc][G][hb] dot products
+    real* part = p_s + (i64)nbc * G * hb;               // [blockDim.x] partial sums
     for (i64 i = threadIdx.x; i < (i64)G * nj * H; i += blockDim.x) {
         const int row = (int)(i / H), k = (int)(i % H), g = row / nj, jl = row % nj;
         w_s[((i64)g * hb + jl) * ldw + k] = w_hh[((i64)g * H + j0 + jl) * H + k];
@@ -68,12 +109,13 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int flag, r
             const int nb = min(nbc, B - b0);
             rk_stage(h_s, h_all + ((i64)t * B + b0) * H, (i64)nb * H);
             __syncthreads();
-            for (int i = threadIdx.x; i < nb * Gd * nj; i += blockDim.x) {
-                const int jl = i % nj, g = (i / nj) % Gd, bl = i / (nj * Gd);
-                p_s[((i64)bl * G + g) * hb + jl] =
-                    rk_dot(h_s + (i64)bl * H, w_s + ((i64)g * hb + jl) * ldw, H);
-            }
-            __syncthreads();
+            rk_block_dots(nb * Gd * nj, H, min_chunk, p_s, part,
+                          [&](int i, const real*& x, const real*& w) {
+                              const int jl = i % nj, g = (i / nj) % Gd, bl = i / (nj * Gd);
+                              x = h_s + (i64)bl * H;
+                              w = w_s + ((i64)g * hb + jl) * ldw;
+                              return (bl * G + g) * hb + jl;
+                          });
             for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
                 const int jl = i % nj, bl = i / nj, b = b0 + bl, j = j0 + jl;
                 const real* p = p_s + (i64)bl * G * hb + jl;
@@ -94,11 +136,15 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int flag, r
                 const int nb = min(nbc, B - b0);
                 rk_stage(h_s, rh + ((i64)t * B + b0) * H, (i64)nb * H);
                 __syncthreads();
-                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
-                    const int jl = i % nj, bl = i / nj;
-                    const real hp_n = rk_dot(h_s + (i64)bl * H, w_s + (2 * (i64)hb + jl) * ldw, H);
-                    rk_gru_fwd_cand_elem(a, t, b0 + bl, j0 + jl, hp_n);
-                }
+                rk_block_dots(nb * nj, H, min_chunk, p_s, part,
+                              [&](int i, const real*& x, const real*& w) {
+                                  const int jl = i % nj, bl = i / nj;
+                                  x = h_s + (i64)bl * H;
+                                  w = w_s + (2 * (i64)hb + jl) * ldw;
+                                  return i;
+                              });
+                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x)
+                    rk_gru_fwd_cand_elem(a, t, b0 + i / nj, j0 + i % nj, p_s[i]);
                 __syncthreads();
             }
         }
@@ -107,7 +153,7 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int flag, r
 }
 
 template <int KIND>
-__device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int flag,
+__device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int min_chunk, int flag,
                                const real* __restrict__ w_hh, const i64* __restrict__ lengths,
                                const real* __restrict__ acts, const real* __restrict__ h_all,
                                const real* __restrict__ c_all, const real* __restrict__ d_out,
@@ -123,6 +169,8 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int flag,
     RK_DYNAMIC_SMEM(smem_raw);
     real* wc = reinterpret_cast<real*>(smem_raw);  // [hb][ldc], wc[jl][row] = W_hh[row][j0+jl]
     real* g_s = wc + (i64)hb * ldc;                  // [nbc][rows] staged d_gh rows
+    real* r_s = g_s + (i64)nbc * GH;                 // [nbc][hb] dot products
+    real* part = r_s + (i64)nbc * hb;                // [blockDim.x] partial sums
     for (i64 i = threadIdx.x; i < (i64)GH * nj; i += blockDim.x) {
         const int row = (int)(i / nj), jl = (int)(i % nj);
         wc[(i64)jl * ldc + row] = w_hh[(i64)row * H + j0 + jl];
@@ -146,11 +194,14 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int flag,
                 const int nb = min(nbc, B - b0);
                 rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 2 * H, H);
                 __syncthreads();
-                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
-                    const int jl = i % nj, bl = i / nj;
-                    const real d_rh = rk_dot(g_s + (i64)bl * H, wc + (i64)jl * ldc + 2 * H, H);
-                    rk_gru_bwd_reset_elem(a, t, b0 + bl, j0 + jl, d_rh);
-                }
+                rk_block_dots(nb * nj, H, min_chunk, r_s, part,
+                              [&](int i, const real*& x, const real*& w) {
+                                  x = g_s + (i64)(i / nj) * H;
+                                  w = wc + (i64)(i % nj) * ldc + 2 * H;
+                                  return i;
+                              });
+                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x)
+                    rk_gru_bwd_reset_elem(a, t, b0 + i / nj, j0 + i % nj, r_s[i]);
                 __syncthreads();
             }
             rk_grid_sync(bar);  // r blocks of d_gh[t] are written
@@ -160,10 +211,15 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int flag,
             const int nb = min(nbc, B - b0);
             rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 0, rows);
             __syncthreads();
+            rk_block_dots(nb * nj, rows, min_chunk, r_s, part,
+                          [&](int i, const real*& x, const real*& w) {
+                              x = g_s + (i64)(i / nj) * rows;
+                              w = wc + (i64)(i % nj) * ldc;
+                              return i;
+                          });
             for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
-                const int jl = i % nj, bl = i / nj, b = b0 + bl;
-                const real s = rk_dot(g_s + (i64)bl * rows, wc + (i64)jl * ldc, rows);
-                if (t < lengths[b]) dh[(i64)b * H + j0 + jl] += s;
+                const int b = b0 + i / nj;
+                if (t < lengths[b]) dh[(i64)b * H + j0 + i % nj] += r_s[i];
             }
             __syncthreads();
         }
@@ -171,18 +227,20 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int flag,
 }
 
 #define RK_PERSIST_FWD_ARGS                                                                  \
-    int B, int T, int H, int hb, int nbc, int flag, real forget_bias, const real* gx,         \
+    int B, int T, int H, int hb, int nbc, int min_chunk, int flag, real forget_bias,          \
+        const real* gx,                                                                       \
         const real* w_hh, const real* b_hh, const i64* lengths, real* h_all, real* c_all,     \
         real* outputs, real* acts, real* rh, unsigned int* bar
 #define RK_PERSIST_FWD_CALL \
-    (B, T, H, hb, nbc, flag, forget_bias, gx, w_hh, b_hh, lengths, h_all, c_all, outputs, acts, rh, bar)
+    (B, T, H, hb, nbc, min_chunk, flag, forget_bias, gx, w_hh, b_hh, lengths, h_all, c_all, outputs, acts, rh, bar)
 
 #define RK_PERSIST_BWD_ARGS                                                                  \
-    int B, int T, int H, int hb, int nbc, int flag, const real* w_hh, const i64* lengths,     \
+    int B, int T, int H, int hb, int nbc, int min_chunk, int flag, const real* w_hh,          \
+        const i64* lengths,                                                                   \
         const real* acts, const real* h_all, const real* c_all, const real* d_out,            \
         int has_dout, real* dh, real* dc, real* d_gx, real* d_gh, unsigned int* bar
 #define RK_PERSIST_BWD_CALL \
-    (B, T, H, hb, nbc, flag, w_hh, lengths, acts, h_all, c_all, d_out, has_dout, dh, dc, d_gx, d_gh, bar)
+    (B, T, H, hb, nbc, min_chunk, flag, w_hh, lengths, acts, h_all, c_all, d_out, has_dout, dh, dc, d_gx, d_gh, bar)
 
 extern "C" __global__ void rk_rnn_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_RNN> RK_PERSIST_FWD_CALL; }
 extern "C" __global__ void rk_lstm_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_LSTM> RK_PERSIST_FWD_CALL; }

@@ -54,6 +54,8 @@ class Config:
     persistent_max_h: int = 256     # size rule: persistent only up to this H ...
     persistent_max_bh: int = 8192   # ... and up to this B*H
     max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
+    dot_min_chunk: int = 8          # persistent: split a dot product over threads only while
+                                    # every part keeps at least this many terms
     n_sm: int | None = None         # None: the device's SM count (tests: a small number)
     max_blocks: int | None = None   # persistent: cap on blocks (None: one per SM); fewer
                                     # blocks = cheaper barrier, more units per block
@@ -276,9 +278,9 @@ def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_ba
     hb = math.ceil(H / max(1, n_blocks))
     ldw, ldc = H | 1, (G * H) | 1
 
-    def sizes(nbc):
-        fwd = (G * hb * ldw + nbc * H + nbc * G * hb) * itemsize
-        bwd = (hb * ldc + nbc * G * H) * itemsize
+    def sizes(nbc):  # persistent.cu's shared memory layouts
+        fwd = (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize
+        bwd = (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize
         return fwd, bwd
 
     while max(sizes(nbc)) > smem_limit and nbc > 1:
@@ -352,8 +354,8 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
             bar = xp.zeros(4, dtype=np.uint32)
             kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
             rt.launch(kern, plan.blocks, plan.threads,
-                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(flag),
-                       real(spec.forget_bias), gx, w_hh, b_hh, lengths_d, h_all, c_all, outputs,
+                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc),
+                       i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh, b_hh, lengths_d, h_all, c_all, outputs,
                        acts, rh, bar), plan.smem_fwd)
             _check_barrier(bar, "forward")
         else:
@@ -434,7 +436,8 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
             bar = xp.zeros(4, dtype=np.uint32)
             kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_bwd", dtype)
             rt.launch(kern, plan.blocks, plan.threads,
-                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(flag), w_hh,
+                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc),
+                       i32(config.dot_min_chunk), i32(flag), w_hh,
                        lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc, d_gx, d_gh,
                        bar), plan.smem_bwd)
             _check_barrier(bar, "backward")
