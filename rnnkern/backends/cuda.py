@@ -355,8 +355,8 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
             kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
             rt.launch(kern, plan.blocks, plan.threads,
                       (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc),
-                       i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh, b_hh, lengths_d, h_all, c_all, outputs,
-                       acts, rh, bar), plan.smem_fwd)
+                       i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh,
+                       b_hh, lengths_d, h_all, c_all, outputs, acts, rh, bar), plan.smem_fwd)
             _check_barrier(bar, "forward")
         else:
             _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_hh, lengths_d, h_all, c_all,
