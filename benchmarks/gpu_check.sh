@@ -5,9 +5,10 @@
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
 #
-# Runs from the source tree (PYTHONPATH=repo root), so no install step is needed. The table
-# goes to stdout and to $OUT/gpu_bench.txt when $OUT is set. Exit status: non-zero if the
-# compile or the tests failed (the benchmark still runs after failed tests).
+# Runs from the source tree (PYTHONPATH=repo root), so no install step is needed. The tables
+# go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt and .json. Exit status: non-zero
+# if the compile, a test or a benchmark failed (later steps still run after a failure).
+# Time limits per step add up to under 5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,7 +26,7 @@ print("cuda backend:", cuda.available())
 PY
 
 echo "== compile (NVRTC through CuPy, float and double, every module)"
-timeout 60 python - <<'PY' || status=1
+timeout 45 python - <<'PY' || status=1
 import time, numpy as np
 from rnnkern.backends import cuda
 rt = cuda._get_runtime()
@@ -37,15 +38,31 @@ for module in cuda.MODULES:
 print("  device limits (SMs, opt-in shared memory per block):", rt.props())
 PY
 
-echo "== gpu tests"
-timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py || status=1
+echo "== gpu tests: tests/test_cuda.py"
+timeout 60 python -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py || status=1
+echo "== gpu tests: the cuda cases of the other suites (backend and torch parity)"
+timeout 40 python -m pytest -q -m gpu -p no:cacheprovider tests/ --ignore=tests/test_cuda.py \
+  || status=1
 
-echo "== benchmark (float32, ms per call)"
-if [ -n "$out_dir" ]; then
-  timeout 130 python benchmarks/bench_gpu.py --budget 100 --json "$out_dir/gpu_bench.json" "$@" \
-    | tee "$out_dir/gpu_bench.txt" || status=1
-else
-  timeout 130 python benchmarks/bench_gpu.py --budget 100 "$@" || status=1
-fi
+bench() {  # bench NAME TIMEOUT ARGS...: one bench_gpu.py run, its table also under $OUT
+  local name="$1" limit="$2"
+  shift 2
+  if [ -n "$out_dir" ]; then
+    timeout "$limit" python benchmarks/bench_gpu.py --json "$out_dir/$name.json" "$@" \
+      | tee "$out_dir/$name.txt" || status=1
+  else
+    timeout "$limit" python benchmarks/bench_gpu.py "$@" || status=1
+  fi
+}
+
+echo "== benchmark: layer API (what users call), float32, ms per call"
+bench gpu_bench 100 --budget 75 "$@"
+
+echo "== benchmark: backend seam (kernels without layer validation), small shapes, and the"
+echo "   persistent grid capped at 32 blocks (a tuning point for the size rule)"
+small="1,6,5,5,1;1,100,64,128,1;32,100,128,256,1;50,50,65,128,2"
+bench gpu_bench_seam 25 --seam --kinds lstm,gru --shapes "$small" --budget 18
+bench gpu_bench_seam_32blocks 25 --seam --kinds lstm --shapes "$small" --max-blocks 32 --budget 18
+
 echo "== done (status $status)"
 exit "$status"
