@@ -1,0 +1,270 @@
+"""char-rnn: a character-level language model on any text file, then sampled.
+
+    python examples/char_rnn.py train [--text [PATH]] [--epochs N] [--max-batches N] [--time-limit S]
+    python examples/char_rnn.py sample [--checkpoint save/char_rnn.npz] [-n 500] [--prime "def "]
+
+(also ``python -m rnnkern train|sample``). Defaults are char-rnn-tensorflow's: embedding 128 ->
+2-layer LSTM 128 (forget bias 1.0) -> dense to the vocabulary, sequences of 50, batches of 50,
+Adam 2e-3 decayed by 0.97 per epoch, gradients clipped to global norm 5, the state carried
+from batch to batch within an epoch (truncated BPTT over contiguous rows).
+
+Corpus: ``--text PATH`` (``--text`` alone: tiny-shakespeare at ../shared/data/tinyshakespeare.txt).
+Without it, the Python standard library's own ``.py`` sources (ASCII files only, sorted by path,
+capped at ``--max-chars``): Karpathy's "Linux source" experiment in miniature. The last 5% of the
+text is held out; each epoch prints its train and validation loss (nats/char). The checkpoint
+(params, optimizer, vocabulary, config) is written atomically after every epoch; ``--resume``
+continues from it exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import sysconfig
+import time
+
+import numpy as np
+
+from _common import add_common_args, shared_data, tf1_glorot_init
+
+import rnnkern as rk
+
+SHAKESPEARE = "tinyshakespeare.txt"
+DEFAULTS = dict(rnn_size=128, num_layers=2, seq_length=50, batch_size=50, learning_rate=2e-3,
+                decay_rate=0.97, grad_clip=5.0)   # char-rnn-tensorflow's train.py defaults
+
+
+# ---------------------------------------------------------------------- corpus
+def stdlib_corpus(max_chars=1_100_000):
+    """The stdlib's .py files (ASCII only), sorted by relative path, concatenated and capped.
+
+    Deterministic for a given Python installation: sorted walk, no set() or hash order.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "__pycache__", "idlelib", "test", "tests"}
+    parts, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    text = f.read().decode("ascii")
+            except (OSError, UnicodeDecodeError):
+                continue   # non-ASCII sources would only add rare characters to the vocabulary
+            parts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                return "".join(parts)[:max_chars]
+    return "".join(parts)
+
+
+def load_corpus(args):
+    if args.text:
+        if not os.path.isfile(args.text):
+            raise FileNotFoundError(f"text file not found: {args.text}")
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+        return text[:args.max_chars] if args.max_chars else text, args.text
+    return stdlib_corpus(args.max_chars or 1_100_000), "Python stdlib sources"
+
+
+def split_ids(ids, val_fraction, batch_size, seq_length):
+    """Train on the first 1-val_fraction of the stream, validate on the rest (contiguous)."""
+    n_val = int(len(ids) * val_fraction)
+    train_ids, val_ids = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    train = rk.StreamBatches(train_ids, batch_size, seq_length)
+    val = None
+    if n_val > seq_length:
+        # as many rows as the held-out text fills (up to batch_size), so small texts validate too
+        vb = max(1, min(batch_size, (n_val - 1) // seq_length))
+        val = rk.StreamBatches(val_ids, vb, seq_length)
+    return train, val
+
+
+# ---------------------------------------------------------------------- model
+def build_model(vocab_size, cfg, seed, backend="auto"):
+    """Embedding(V, H) -> LSTM(H, H, L) -> Dense(H, V), TF1-style init (glorot, zero biases)."""
+    H = cfg["rnn_size"]
+    emb = rk.Embedding(vocab_size, H, seed=seed)
+    bound = np.sqrt(6.0 / (vocab_size + H))   # TF get_variable's default glorot_uniform
+    emb.params["weight"][...] = np.random.default_rng(seed).uniform(-bound, bound,
+                                                                    (vocab_size, H))
+    lstm = tf1_glorot_init(rk.LSTM(H, H, cfg["num_layers"], backend=backend), seed + 1)
+    fc = rk.Dense(H, vocab_size, init="glorot", seed=seed + 2)
+    return rk.Sequential([emb, lstm, fc])
+
+
+class Limited:
+    """The first ``n`` batches of a batch sequence (``--max-batches``), indexable."""
+
+    def __init__(self, batches, n):
+        self.batches, self.n = batches, min(n, len(batches))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        return self.batches[k]
+
+
+def sample_text(model, vocab, prime, length, temperature, top_k, seed):
+    missing = sorted(set(prime) - set(vocab.chars))
+    if missing:
+        raise ValueError(f"--prime has characters not in the vocabulary: {missing}")
+    ids = rk.generate(model, vocab.encode(prime), length, temperature=temperature, top_k=top_k,
+                      rng=seed)
+    return prime + vocab.decode(ids)
+
+
+# ---------------------------------------------------------------------- train
+def train(args):
+    text, source = load_corpus(args)
+    vocab = rk.CharVocab.from_text(text)
+    ids = vocab.encode(text)
+    cfg = {k: getattr(args, k) for k in DEFAULTS}
+    train_b, val_b = split_ids(ids, args.val_fraction, cfg["batch_size"], cfg["seq_length"])
+    data = Limited(train_b, args.max_batches) if args.max_batches else train_b
+    model = build_model(len(vocab), cfg, args.seed, args.backend)
+    opt = rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"])
+    user = {"vocab": vocab.to_list(), "config": cfg, "seed": args.seed, "source": source}
+
+    def log(msg):
+        if not args.quiet:
+            print(msg, flush=True)
+
+    log(f"corpus: {source}, {len(text):,} chars, vocabulary {len(vocab)}; "
+        f"{len(data)} batches of {cfg['batch_size']}x{cfg['seq_length']} per epoch, "
+        f"{0 if val_b is None else len(val_b)} validation batches; "
+        f"model {model.num_params():,} params")
+
+    t_start = time.perf_counter()
+
+    class Report(rk.Callback):
+        def on_step_end(self, trainer):
+            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                trainer.stop_training = True
+
+        def on_epoch_end(self, trainer):
+            h = trainer.history
+            val = h["val_loss"][-1]
+            print(f"epoch {trainer.epoch}/{args.epochs}: train loss {h['loss'][-1]:.4f}, "
+                  f"val loss {'n/a' if val is None else f'{val:.4f}'}, lr {h['lr'][-1]:.6f}, "
+                  f"{trainer.epoch_time:.1f} s ({1e3 * trainer.epoch_time / len(data):.1f} "
+                  f"ms/batch)", flush=True)
+            if args.checkpoint:
+                trainer.save(args.checkpoint, user=user)
+
+    if args.checkpoint:
+        os.makedirs(os.path.dirname(os.path.abspath(args.checkpoint)), exist_ok=True)
+    trainer = rk.Trainer(model, rk.sequence_loss, opt, stateful=True, seed=args.seed,
+                         lr_schedule=rk.ExponentialDecay(cfg["learning_rate"], cfg["decay_rate"]),
+                         progress=args.progress, callbacks=[Report()])
+    if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
+        saved = trainer.load(args.checkpoint)
+        if saved is None or saved.get("vocab") != vocab.to_list() or saved.get("config") != cfg:
+            raise ValueError(f"{args.checkpoint} was written for another corpus or config")
+        log(f"resumed from {args.checkpoint} at epoch {trainer.epoch}, step {trainer.global_step}")
+    trainer.fit(data, epochs=args.epochs, val_data=val_b)
+
+    val_loss = trainer.history["val_loss"][-1] if trainer.history["val_loss"] else None
+    if trainer.stop_training:   # stopped by --time-limit mid-epoch: measure and save here
+        val_loss = trainer.evaluate(val_b) if val_b is not None else None
+        print(f"time limit reached after {trainer.global_step} steps "
+              f"({time.perf_counter() - t_start:.0f} s): val loss "
+              f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}", flush=True)
+        if args.checkpoint:
+            trainer.save(args.checkpoint, user=user)
+    sample = sample_text(model, vocab, args.prime, args.sample_length, args.temperature,
+                         args.top_k, args.seed) if args.sample_length else ""
+    if sample:
+        print("---- sample ----")
+        print(sample)
+    return {"history": trainer.history, "val_loss": val_loss, "vocab": vocab, "model": model,
+            "steps": trainer.global_step, "sample": sample, "checkpoint": args.checkpoint,
+            "seconds": time.perf_counter() - t_start}
+
+
+# ---------------------------------------------------------------------- sample
+def load_model(path, backend="auto"):
+    """(model, vocab, user data) from a checkpoint written by ``train``."""
+    ck = rk.load_checkpoint(path)
+    user = ck["meta"].get("user") or {}
+    if "vocab" not in user or "config" not in user:
+        raise ValueError(f"{path} has no vocabulary/config: not a char_rnn checkpoint")
+    vocab = rk.CharVocab(user["vocab"])
+    model = build_model(len(vocab), user["config"], 0, backend)
+    model.load_params(ck["params"])
+    return model, vocab, user
+
+
+def sample(args):
+    model, vocab, _ = load_model(args.checkpoint, args.backend)
+    text = sample_text(model, vocab, args.prime, args.length, args.temperature, args.top_k,
+                       args.seed)
+    print(text)
+    return {"sample": text}
+
+
+# ---------------------------------------------------------------------- CLI
+def parser():
+    p = argparse.ArgumentParser(prog="char_rnn", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train on a text file and sample from the result")
+    t.add_argument("--text", nargs="?", const=shared_data(SHAKESPEARE), default=None,
+                   metavar="PATH", help="training text (alone: tiny-shakespeare); default: the "
+                                        "Python stdlib's .py sources")
+    t.add_argument("--max-chars", type=int, default=0,
+                   help="use only the first N characters (stdlib corpus default 1,100,000)")
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--rnn-size", dest="rnn_size", type=int, default=DEFAULTS["rnn_size"])
+    t.add_argument("--num-layers", dest="num_layers", type=int, default=DEFAULTS["num_layers"])
+    t.add_argument("--seq-length", dest="seq_length", type=int, default=DEFAULTS["seq_length"])
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=DEFAULTS["batch_size"])
+    t.add_argument("--lr", dest="learning_rate", type=float, default=DEFAULTS["learning_rate"])
+    t.add_argument("--decay-rate", dest="decay_rate", type=float, default=DEFAULTS["decay_rate"])
+    t.add_argument("--grad-clip", dest="grad_clip", type=float, default=DEFAULTS["grad_clip"])
+    t.add_argument("--epochs", type=int, default=50, help="(char-rnn's default %(default)s)")
+    t.add_argument("--max-batches", type=int, default=0, help="batches per epoch (0: all)")
+    t.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
+                   help="stop training after this long (0: no limit)")
+    t.add_argument("--checkpoint", default=os.path.join("save", "char_rnn.npz"),
+                   help="checkpoint file, written every epoch ('' for none; default %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    t.add_argument("--progress", action="store_true", help="show a tqdm progress bar")
+    t.add_argument("--prime", default=None, help="sample prefix (default 'The ' or 'def ')")
+    t.add_argument("--sample-length", type=int, default=500)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--top-k", type=int, default=None)
+    add_common_args(t)
+
+    s = sub.add_parser("sample", help="sample from a checkpoint")
+    s.add_argument("--checkpoint", default=os.path.join("save", "char_rnn.npz"))
+    s.add_argument("-n", "--length", type=int, default=500)
+    s.add_argument("--prime", default="The ")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=None)
+    add_common_args(s)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.command == "train":
+        if args.prime is None:
+            args.prime = "The " if args.text else "def "
+        return train(args)
+    if not os.path.isfile(args.checkpoint):
+        msg = f"checkpoint not found: {args.checkpoint} (train first: char_rnn.py train)"
+        if __name__ == "__main__":
+            sys.exit(msg)
+        raise FileNotFoundError(msg)
+    return sample(args)
+
+
+if __name__ == "__main__":
+    main()
