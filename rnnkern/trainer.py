@@ -131,6 +131,9 @@ class Trainer:
                 (isinstance(checkpoint_every, int) and checkpoint_every > 0)):
             raise ValueError(f"checkpoint_every must be 'epoch' or a positive int, "
                              f"got {checkpoint_every!r}")
+        if stateful and shuffle:
+            raise ValueError("stateful=True carries state between consecutive batches; "
+                             "shuffle=True would break that order")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.lr_schedule = lr_schedule
         self.stateful = bool(stateful)

@@ -137,6 +137,8 @@ def test_bad_construction():
         rk.Trainer(object(), rk.sequence_loss, rk.Adam())
     with pytest.raises(ValueError, match="checkpoint_every"):
         rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), checkpoint_every=0)
+    with pytest.raises(ValueError, match="shuffle"):
+        rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), stateful=True, shuffle=True)
     with pytest.raises(ValueError, match="epochs"):
         rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), progress=False).fit([], epochs=-1)
 
