@@ -78,6 +78,18 @@ def test_embedding_lookup_and_accumulated_gradient():
         for t in range(3):
             expected[ids[b, t]] += R[b, t]      # id 1 appears three times
     close(emb.grads["weight"], expected, rtol=1e-14)
+    for dtype, rtol in (("float32", 1e-5), ("float64", 1e-13)):   # reduceat vs np.add.at
+        big = rk.Embedding(9, 5, seed=1, dtype=dtype)
+        ids = np.random.default_rng(2).integers(0, 9, (7, 40))
+        dy = np.random.default_rng(3).standard_normal((7, 40, 5)).astype(dtype)
+        big(ids)
+        big.backward(dy)
+        ref = np.zeros((9, 5), dtype)
+        np.add.at(ref, ids.reshape(-1), dy.reshape(-1, 5))
+        np.testing.assert_allclose(big.grads["weight"], ref, rtol=rtol, atol=rtol)
+    big(np.zeros((0, 3), np.int64))
+    big.backward(np.zeros((0, 3, 5)))
+    assert not big.grads["weight"].any()
     with pytest.raises(ValueError, match=r"\[0, 6\)"):
         emb(np.array([[6]]))
     with pytest.raises(TypeError, match="integer"):
