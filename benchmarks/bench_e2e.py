@@ -1,0 +1,265 @@
+"""End-to-end training benchmark: the examples' recipes in rnnkern and in PyTorch, one process.
+
+    python benchmarks/bench_e2e.py                         # hihello, lab12-4, char-rnn epoch
+    python benchmarks/bench_e2e.py --only hihello lab12-4 --repeats 5
+    python benchmarks/bench_e2e.py --only char-rnn --max-batches 100
+
+Workloads (float32, full training steps: forward, loss, backward, optimizer update):
+
+* ``hihello``:  one-hot(5) -> LSTM(5) -> dense 5, batch 1 x 6 steps, Adam 0.1, 2000 steps
+* ``lab12-4``:  one-hot(25) -> 2-layer LSTM(25) -> dense 25, 170 windows x 10, Adam 0.1, 500 steps
+* ``char-rnn``: embedding 128 -> 2-layer LSTM(128) -> dense 65 on tiny-shakespeare, batches
+  50 x 50 with the state carried between batches, Adam 2e-3, clip-by-global-norm 5, one epoch
+  over the 95% training part (``--max-batches`` shortens it), as examples/char_rnn.py trains.
+
+rnnkern runs the examples' own model builders and loop (``backend="auto"``: the fastest CPU
+backend); PyTorch runs ``nn.LSTM`` + ``nn.Linear`` (+ ``nn.Embedding``), ``F.cross_entropy``,
+``torch.optim.Adam`` and ``clip_grad_norm_`` with ``torch.set_num_threads(--threads)``. Each repeat
+runs both, alternating which goes first, after one untimed warm-up step each (Numba's compile or
+cache load, oneDNN's primitive creation). Reported: min and median seconds over repeats, and the
+speed-up (PyTorch min / rnnkern min). Both final losses are printed to show comparable work.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rnnkern as rk  # noqa: E402
+from rnnkern.labs import load_example  # noqa: E402
+
+SHAKESPEARE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+TARGETS = {"hihello": 20.0, "lab12-4": 5.0, "char-rnn": 1.5}
+
+
+# ---------------------------------------------------------------------- workloads: data
+def hihello_data():
+    lab = load_example("lab12_1_hello_rnn")
+    vocab = rk.CharVocab(lab.IDX2CHAR)
+    return vocab.encode(lab.X_TEXT)[None], vocab.encode(lab.Y_TEXT)[None], len(vocab)
+
+
+def lab12_4_data():
+    lab = load_example("lab12_4_rnn_long_char")
+    vocab = rk.CharVocab.from_text(lab.SENTENCE)
+    x, y = rk.shifted_windows(vocab.encode(lab.SENTENCE), 10)
+    return x, y, len(vocab)
+
+
+def char_rnn_data(path, max_batches):
+    cr = load_example("char_rnn")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    vocab = rk.CharVocab.from_text(text)
+    train, _ = cr.split_ids(vocab.encode(text), 0.05, 50, 50)
+    n = min(len(train), max_batches) if max_batches else len(train)
+    return [train[k] for k in range(n)], len(vocab)
+
+
+# ---------------------------------------------------------------------- rnnkern
+def rk_full_batch(build, x, y, steps, lr):
+    """The labs' loop: forward, sequence_loss, backward, Adam step on one full batch."""
+    model = build()
+    opt = rk.Adam(lr=lr)
+
+    def step():
+        logits = model(x)
+        loss, d = rk.sequence_loss(logits, y, return_grad=True)
+        model.backward(d)
+        opt.step(model.params, model.grads)
+        return loss
+
+    step()  # warm-up (compile / cache load), untimed, on the same model
+
+    def run():
+        for _ in range(steps):
+            loss = step()
+        return loss
+    return run
+
+
+def rk_hihello(steps):
+    x, y, C = hihello_data()
+    lab = load_example("lab12_1_hello_rnn")
+    return rk_full_batch(lambda: lab.build(C, C, 0, "auto"), x, y, steps, 0.1)
+
+
+def rk_lab12_4(steps):
+    x, y, C = lab12_4_data()
+    lab = load_example("lab12_4_rnn_long_char")
+    return rk_full_batch(lambda: lab.build(C, C, 2, 0, "auto"), x, y, steps, 0.1)
+
+
+def rk_char_rnn(batches, C):
+    cr = load_example("char_rnn")
+    cfg = dict(cr.DEFAULTS)
+    model = cr.build_model(C, cfg, 0)
+    opt = rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"])
+    trainer = rk.Trainer(model, rk.sequence_loss, opt, stateful=True, progress=False,
+                         lr_schedule=rk.ExponentialDecay(cfg["learning_rate"], cfg["decay_rate"]))
+    trainer.train_step(batches[0])   # warm-up
+    trainer._state = None
+
+    def run():
+        trainer.fit(batches, epochs=trainer.epoch + 1)
+        return trainer.history["loss"][-1]
+    return run
+
+
+# ---------------------------------------------------------------------- PyTorch
+class TorchCharModel:
+    """one-hot or embedding input -> nn.LSTM (batch_first) -> nn.Linear, float32."""
+
+    def __init__(self, torch, C, H, L, embed):
+        nn = torch.nn
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(C, H) if embed else None
+        self.lstm = nn.LSTM(H if embed else C, H, L, batch_first=True)
+        self.fc = nn.Linear(H, C)
+        self.modules = [m for m in (self.embed, self.lstm, self.fc) if m is not None]
+
+    def parameters(self):
+        return [p for m in self.modules for p in m.parameters()]
+
+    def __call__(self, x, state=None):
+        h = self.embed(x) if self.embed is not None else x
+        out, state = self.lstm(h, state)
+        return self.fc(out), state
+
+
+def torch_full_batch(torch, x_ids, y_ids, C, H, L, steps, lr):
+    F = torch.nn.functional
+    model = TorchCharModel(torch, C, H, L, embed=False)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x = F.one_hot(torch.from_numpy(x_ids), C).float()   # tf.one_hot of the lab's graph
+    y = torch.from_numpy(y_ids).reshape(-1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, C), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step()
+
+    def run():
+        for _ in range(steps):
+            loss = step()
+        return float(loss.detach())
+    return run
+
+
+def torch_char_rnn(torch, batches, C):
+    F = torch.nn.functional
+    model = TorchCharModel(torch, C, 128, 2, embed=True)
+    params = model.parameters()
+    opt = torch.optim.Adam(params, lr=2e-3)
+    data = [(torch.from_numpy(x), torch.from_numpy(y).reshape(-1)) for x, y in batches]
+    epoch = [0]
+
+    def step(x, y, state):
+        opt.zero_grad(set_to_none=True)
+        logits, state = model(x, state)
+        loss = F.cross_entropy(logits.reshape(-1, C), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        return float(loss), tuple(s.detach() for s in state)   # truncated BPTT
+
+    step(*data[0], None)
+
+    def run():
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * 0.97 ** epoch[0]
+        state, total = None, 0.0
+        for x, y in data:
+            loss, state = step(x, y, state)
+            total += loss
+        epoch[0] += 1
+        return total / len(data)
+    return run
+
+
+# ---------------------------------------------------------------------- driver
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of hihello/lab12-4 per contestant (default %(default)s; char-rnn: 1)")
+    p.add_argument("--char-repeats", type=int, default=1)
+    p.add_argument("--hihello-steps", type=int, default=2000)
+    p.add_argument("--lab4-steps", type=int, default=500)
+    p.add_argument("--text", default=SHAKESPEARE, help="char-rnn text (default %(default)s)")
+    p.add_argument("--max-batches", type=int, default=0, help="char-rnn batches (0: a full epoch)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    args = p.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from rnnkern.backends import resolve
+    backend = resolve("auto", np.zeros(1)).__name__.rsplit(".", 1)[-1]
+    print(f"# rnnkern {rk.__version__} (auto -> {backend}) vs torch {torch.__version__} "
+          f"({args.threads} threads); {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
+          f"load avg {os.getloadavg()[0]:.1f}", flush=True)
+
+    rows = []
+    for name in args.only:
+        if name == "hihello":
+            x, y, C = hihello_data()
+            label = f"hihello, {args.hihello_steps} Adam steps"
+            contestants = {"rnnkern": rk_hihello(args.hihello_steps),
+                           "torch": torch_full_batch(torch, x, y, C, C, 1, args.hihello_steps, 0.1)}
+            reps = args.repeats
+        elif name == "lab12-4":
+            x, y, C = lab12_4_data()
+            label = f"lab12-4, {args.lab4_steps} Adam steps (170x10, 2 layers)"
+            contestants = {"rnnkern": rk_lab12_4(args.lab4_steps),
+                           "torch": torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1)}
+            reps = args.repeats
+        else:
+            if not os.path.isfile(args.text):
+                print(f"# skip char-rnn: text not found: {args.text}")
+                continue
+            batches, C = char_rnn_data(args.text, args.max_batches)
+            label = f"char-rnn epoch, {len(batches)} batches 50x50 (tiny-shakespeare)"
+            contestants = {"rnnkern": rk_char_rnn(batches, C),
+                           "torch": torch_char_rnn(torch, batches, C)}
+            reps = args.char_repeats
+        times = {k: [] for k in contestants}
+        losses = {}
+        order = list(contestants)
+        for r in range(reps):
+            for k in (order if r % 2 == 0 else order[::-1]):   # alternate who goes first
+                time.sleep(0.2)   # let the other side's BLAS/OpenMP threads go idle
+                t0 = time.perf_counter()
+                losses[k] = contestants[k]()
+                times[k].append(time.perf_counter() - t0)
+            print(f"# {name} repeat {r + 1}/{reps}: "
+                  + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
+        t_rk, t_th = min(times["rnnkern"]), min(times["torch"])
+        rows.append((label, times, losses, t_th / t_rk, TARGETS[name]))
+
+    print()
+    print("| workload | rnnkern s (min / median) | PyTorch s (min / median) | speed-up | target "
+          "| final loss rnnkern / PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for label, times, losses, ratio, target in rows:
+        rk_t, th_t = times["rnnkern"], times["torch"]
+        print(f"| {label} | {min(rk_t):.3f} / {np.median(rk_t):.3f} | "
+              f"{min(th_t):.3f} / {np.median(th_t):.3f} | {ratio:.1f}x | >= {target:g}x "
+              f"{'met' if ratio >= target else 'NOT met'} | "
+              f"{losses['rnnkern']:.4f} / {losses['torch']:.4f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
