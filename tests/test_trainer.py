@@ -243,3 +243,20 @@ def test_checkpoint_roundtrip_of_optimizer_state(tmp_path):
     np.savez(tmp_path / "plain.npz", x=np.zeros(2))
     with pytest.raises(ValueError, match="not an rnnkern checkpoint"):
         rk.load_checkpoint(tmp_path / "plain.npz")
+
+
+def test_resume_mid_epoch_with_shuffled_batches_is_bit_exact(tmp_path):
+    rng = np.random.default_rng(8)
+    batches = [(rng.integers(0, 5, (2, 4)), rng.integers(0, 5, (2, 4))) for _ in range(5)]
+    m1, o1, t1 = resume_setup(0)
+    t1.fit(batches, epochs=3)
+    path = tmp_path / "mid.npz"
+    m2, o2, t2 = resume_setup(0, checkpoint=path, every=3)
+    t2.callbacks.append(rk.LambdaCallback(
+        on_step_end=lambda t: setattr(t, "stop_training", t.global_step == 9)))
+    t2.fit(batches, epochs=3)
+    m3, o3, t3 = resume_setup(3)
+    t3.load(path)
+    assert (t3.epoch, t3.step_in_epoch) == (1, 4)   # step 9 = epoch 1, 4th batch of its order
+    t3.fit(batches, epochs=3)
+    assert_same_run(m1, o1, t1, m3, o3, t3)
