@@ -92,10 +92,15 @@ class EmuRuntime:
         self._n_sm, self._smem = n_sm, smem_limit
         self._dir = outdir or tempfile.mkdtemp(prefix="rk_cuda_emu_")
         self._libs = {}
+        self.cache = {}
         self.launches = []  # (kernel name, grid, block, smem) of every launch, for tests
+        self.max_resident = None  # blocks that fit at once (None: any number), for tests
 
     def props(self):
         return self._n_sm, self._smem
+
+    def stream_key(self):
+        return 0, 0
 
     def kernel(self, module, fname, dtype):
         real = "double" if np.dtype(dtype) == np.float64 else "float"
@@ -106,7 +111,9 @@ class EmuRuntime:
             raise AttributeError(f"{module}.cu has no kernel {fname!r}")
         return EmuKernel(lib, fname, kernels[fname])
 
-    def launch(self, kern, grid, block, args, smem=0):
+    def launch(self, kern, grid, block, args, smem=0, resident=False):
+        if resident and self.max_resident is not None and grid > self.max_resident:
+            raise cuda.NotResident(f"{grid} blocks > {self.max_resident} (emulated limit)")
         if len(args) != kern.nargs:
             raise TypeError(f"{kern.name}: {len(args)} arguments, the kernel takes {kern.nargs}")
         conv = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rnnkern as rk
-from rnnkern import backends
+from rnnkern import backends, reference
 from rnnkern.backends import cuda
 
 import cuda_cases
@@ -91,15 +91,34 @@ def test_multilayer_layer_through_cuda_backend(emulated, kind):
         np.testing.assert_allclose(got[4][k], ref[4][k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-def test_returned_arrays_are_not_workspaces(emulated):
+@pytest.mark.parametrize("strategy", cuda.STRATEGIES)
+def test_returned_arrays_belong_to_the_caller(emulated, strategy):
+    """Later calls leave returned arrays alone, and scribbling on them leaves backward alone."""
+    cuda.set_strategy(strategy)
     spec, shape = cuda_cases.SPECS["lstm-fb1"], cuda_cases.SHAPES["odd-lengths"]
     fwd, bwd = cuda_cases.make_case(spec, shape, np.float64)
     out1, h1, c1, saved1 = cuda.forward(spec, *fwd)
     keep = [a.copy() for a in (out1, h1, c1)]
-    cuda.forward(spec, *cuda_cases.make_case(spec, shape, np.float64, seed=9)[0])
+    saved2 = cuda.forward(spec, *cuda_cases.make_case(spec, shape, np.float64, seed=9)[0])[3]
+    cuda.backward(spec, saved2, *bwd)
     for a, b in zip((out1, h1, c1), keep):
         np.testing.assert_array_equal(a, b)
-    assert not np.shares_memory(h1, saved1["h_all"])
+    for a in (out1, h1, c1):
+        a[...] = np.nan
+    ref = reference.backward(spec, reference.forward(spec, *fwd)[3], *bwd)
+    got = cuda.backward(spec, saved1, *bwd)
+    for r, g in zip(ref[:3], got[:3]):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_falls_back_to_stepwise_when_blocks_cannot_be_resident(emulated, monkeypatch):
+    spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["B5-odd"]
+    monkeypatch.setattr(emulated, "max_resident", 1)  # H=9 on 3 'SMs' needs 3 blocks
+    out, _ = cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
+    assert out[3]["strategy"] == "stepwise"
+    cuda.set_strategy("persistent")  # forced: the error surfaces instead
+    with pytest.raises(cuda.NotResident):
+        cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
 
 
 # ----------------------------------------------------------------------------------------------

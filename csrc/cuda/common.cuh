@@ -6,7 +6,7 @@
 // S saved activations per element (RNN 1: h'; LSTM 5: i f g o tanh(c'); GRU 4: r z n gh_n).
 //
 // Buffer layouts (every kernel and rnnkern/backends/cuda.py agree on these):
-//   gx      [B,T,G*H]  x W_ih^T + b_ih, one GEMM before the time loop
+//   gx      [B,T,G*H]  x W_ih^T, one GEMM before the time loop (b_ih is added in the kernels)
 //   h_all   [T+1,B,H]  carried hidden state; h_all[0] = h0, h_all[t+1] = state after step t
 //   c_all   [T+1,B,H]  carried cell state (LSTM)
 //   outputs [B,T,H]    zero at t >= lengths[b]
@@ -86,6 +86,7 @@ struct RkFwd {
     int B, T, H, flag;  // flag: RNN 1 = relu; GRU 1 = reset_after
     real forget_bias;
     const real* gx;
+    const real* b_ih;
     const real* b_hh;
     const i64* lengths;
     real* h_all;
@@ -97,6 +98,11 @@ struct RkFwd {
 
 __device__ __forceinline__ i64 rk_gx_at(const RkFwd& a, int t, int b, int G) {
     return ((i64)b * a.T + t) * G * a.H;
+}
+
+// pre-activation k of element row gx (already offset to (b, t)): x W_ih^T + b_ih + hp + b_hh
+__device__ __forceinline__ real rk_pre(const RkFwd& a, const real* gx, int k, real hp) {
+    return (gx[k] + a.b_ih[k]) + hp + a.b_hh[k];
 }
 
 // writes h_all[t+1], outputs[:, t] (and c_all[t+1]) for element (b, j) given the new values
@@ -111,7 +117,7 @@ __device__ inline void rk_rnn_fwd_elem(const RkFwd& a, int t, int b, int j, real
     const int H = a.H;
     const bool valid = t < a.lengths[b];
     const real h_prev = rk_ld_shared_state(a.h_all + ((i64)t * a.B + b) * H + j);
-    const real pre = a.gx[rk_gx_at(a, t, b, 1) + j] + hp + a.b_hh[j];
+    const real pre = rk_pre(a, a.gx + rk_gx_at(a, t, b, 1), j, hp);
     const real h_new = rk::rnn_forward_point(pre, a.flag != 0);
     a.acts[((i64)t * a.B + b) * H + j] = h_new;
     rk_fwd_store(a, t, b, j, valid, h_prev, h_new);
@@ -126,9 +132,9 @@ __device__ inline void rk_lstm_fwd_elem(const RkFwd& a, int t, int b, int j, rea
     const real c_prev = a.c_all[(i64)t * a.B * H + bj];
     const real* gx = a.gx + rk_gx_at(a, t, b, 4);
     real i, f, g, o, tanh_c, c_new, h_new;
-    rk::lstm_forward_point(gx[j] + hp_i + a.b_hh[j], gx[H + j] + hp_f + a.b_hh[H + j],
-                           gx[2 * H + j] + hp_g + a.b_hh[2 * H + j],
-                           gx[3 * H + j] + hp_o + a.b_hh[3 * H + j], c_prev, a.forget_bias,
+    rk::lstm_forward_point(rk_pre(a, gx, j, hp_i), rk_pre(a, gx, H + j, hp_f),
+                           rk_pre(a, gx, 2 * H + j, hp_g), rk_pre(a, gx, 3 * H + j, hp_o),
+                           c_prev, a.forget_bias,
                            i, f, g, o, tanh_c, c_new, h_new);
     real* s = a.acts + ((i64)t * a.B + b) * 5 * H + j;
     s[0] = i; s[H] = f; s[2 * H] = g; s[3 * H] = o; s[4 * H] = tanh_c;
@@ -142,7 +148,7 @@ __device__ inline void rk_gru_fwd_gates_elem(const RkFwd& a, int t, int b, int j
     const int H = a.H;
     const real* gx = a.gx + rk_gx_at(a, t, b, 3);
     real r, z;
-    rk::gru_gates_point(gx[j] + hp_r + a.b_hh[j], gx[H + j] + hp_z + a.b_hh[H + j], r, z);
+    rk::gru_gates_point(rk_pre(a, gx, j, hp_r), rk_pre(a, gx, H + j, hp_z), r, z);
     real* s = a.acts + ((i64)t * a.B + b) * 4 * H + j;
     s[0] = r; s[H] = z;
     if (!a.flag) {
@@ -157,7 +163,7 @@ __device__ inline void rk_gru_fwd_cand_elem(const RkFwd& a, int t, int b, int j,
     const int H = a.H;
     const bool valid = t < a.lengths[b];
     const real h_prev = rk_ld_shared_state(a.h_all + ((i64)t * a.B + b) * H + j);
-    const real gx_n = a.gx[rk_gx_at(a, t, b, 3) + 2 * H + j];
+    const real gx_n = a.gx[rk_gx_at(a, t, b, 3) + 2 * H + j] + a.b_ih[2 * H + j];
     const real gh_n = hp_n + a.b_hh[2 * H + j];
     real* s = a.acts + ((i64)t * a.B + b) * 4 * H + j;
     real n, h_new;

@@ -83,7 +83,8 @@ template <int KIND>
 __device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int min_chunk, int flag,
                                real forget_bias,
                                const real* __restrict__ gx, const real* __restrict__ w_hh,
-                               const real* __restrict__ b_hh, const i64* __restrict__ lengths,
+                               const real* __restrict__ b_ih, const real* __restrict__ b_hh,
+                               const i64* __restrict__ lengths,
                                real* h_all, real* c_all, real* outputs, real* acts, real* rh,
                                unsigned int* bar) {
     const int G = rk_gates<KIND>();
@@ -101,8 +102,8 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int nbc, int min_chu
         const int row = (int)(i / H), k = (int)(i % H), g = row / nj, jl = row % nj;
         w_s[((i64)g * hb + jl) * ldw + k] = w_hh[((i64)g * H + j0 + jl) * H + k];
     }
-    const RkFwd a = {B, T, H, flag, forget_bias, gx, b_hh, lengths, h_all, c_all, outputs,
-                     acts, rh};
+    const RkFwd a = {B, T, H, flag, forget_bias, gx, b_ih, b_hh, lengths, h_all, c_all,
+                     outputs, acts, rh};
     __syncthreads();
     for (int t = 0; t < T; ++t) {
         for (int b0 = 0; b0 < B; b0 += nbc) {
@@ -226,25 +227,29 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int nbc, int min_chu
     }
 }
 
-#define RK_PERSIST_FWD_ARGS                                                                  \
-    int B, int T, int H, int hb, int nbc, int min_chunk, int flag, real forget_bias,          \
-        const real* gx,                                                                       \
-        const real* w_hh, const real* b_hh, const i64* lengths, real* h_all, real* c_all,     \
-        real* outputs, real* acts, real* rh, unsigned int* bar
-#define RK_PERSIST_FWD_CALL \
-    (B, T, H, hb, nbc, min_chunk, flag, forget_bias, gx, w_hh, b_hh, lengths, h_all, c_all, outputs, acts, rh, bar)
+#define RK_PERSIST_FWD_ARGS                                                               \
+    int B, int T, int H, int hb, int nbc, int min_chunk, int flag, real forget_bias,       \
+        const real* gx, const real* w_hh, const real* b_ih, const real* b_hh,              \
+        const i64* lengths, real* h_all, real* c_all, real* outputs, real* acts, real* rh, \
+        unsigned int* bar
+#define RK_PERSIST_FWD_CALL                                                                \
+    (B, T, H, hb, nbc, min_chunk, flag, forget_bias, gx, w_hh, b_ih, b_hh, lengths, h_all, \
+     c_all, outputs, acts, rh, bar)
 
-#define RK_PERSIST_BWD_ARGS                                                                  \
-    int B, int T, int H, int hb, int nbc, int min_chunk, int flag, const real* w_hh,          \
-        const i64* lengths,                                                                   \
-        const real* acts, const real* h_all, const real* c_all, const real* d_out,            \
-        int has_dout, real* dh, real* dc, real* d_gx, real* d_gh, unsigned int* bar
-#define RK_PERSIST_BWD_CALL \
-    (B, T, H, hb, nbc, min_chunk, flag, w_hh, lengths, acts, h_all, c_all, d_out, has_dout, dh, dc, d_gx, d_gh, bar)
+#define RK_PERSIST_BWD_ARGS                                                               \
+    int B, int T, int H, int hb, int nbc, int min_chunk, int flag, const real* w_hh,       \
+        const i64* lengths, const real* acts, const real* h_all, const real* c_all,        \
+        const real* d_out, int has_dout, real* dh, real* dc, real* d_gx, real* d_gh,       \
+        unsigned int* bar
+#define RK_PERSIST_BWD_CALL                                                                \
+    (B, T, H, hb, nbc, min_chunk, flag, w_hh, lengths, acts, h_all, c_all, d_out, has_dout, \
+     dh, dc, d_gx, d_gh, bar)
 
+// clang-format off
 extern "C" __global__ void rk_rnn_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_RNN> RK_PERSIST_FWD_CALL; }
 extern "C" __global__ void rk_lstm_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_LSTM> RK_PERSIST_FWD_CALL; }
 extern "C" __global__ void rk_gru_persist_fwd(RK_PERSIST_FWD_ARGS) { rk_persist_fwd<RK_GRU> RK_PERSIST_FWD_CALL; }
 extern "C" __global__ void rk_rnn_persist_bwd(RK_PERSIST_BWD_ARGS) { rk_persist_bwd<RK_RNN> RK_PERSIST_BWD_CALL; }
 extern "C" __global__ void rk_lstm_persist_bwd(RK_PERSIST_BWD_ARGS) { rk_persist_bwd<RK_LSTM> RK_PERSIST_BWD_CALL; }
 extern "C" __global__ void rk_gru_persist_bwd(RK_PERSIST_BWD_ARGS) { rk_persist_bwd<RK_GRU> RK_PERSIST_BWD_CALL; }
+// clang-format on

@@ -21,11 +21,13 @@
 
 #define RK_FWD_ARGS                                                                      \
     int B, int T, int H, int t, int flag, real forget_bias, const real* __restrict__ gx,   \
-        const real* __restrict__ gh, int ldgh, const real* __restrict__ b_hh,            \
+        const real* __restrict__ gh, int ldgh, const real* __restrict__ b_ih,            \
+        const real* __restrict__ b_hh,                                                   \
         const i64* __restrict__ lengths, real* h_all, real* c_all, real* outputs,         \
         real* acts, real* rh
 
-#define RK_FWD_STRUCT {B, T, H, flag, forget_bias, gx, b_hh, lengths, h_all, c_all, outputs, acts, rh}
+#define RK_FWD_STRUCT \
+    {B, T, H, flag, forget_bias, gx, b_ih, b_hh, lengths, h_all, c_all, outputs, acts, rh}
 
 // gh [B, ldgh]: the step's GEMM output, gate block g of element (b, j) at g*H + j
 extern "C" __global__ void rk_rnn_fwd_step(RK_FWD_ARGS) {

@@ -158,12 +158,18 @@ class CupyRuntime:
     def __init__(self):
         import cupy
         self.xp = cupy
+        self.cache = {}       # small device buffers reused between calls (see _cached)
         self._modules = {}
         self._kernels = {}
         self._props = {}
+        self._occupancy = {}
 
     def device_id(self):
         return self.xp.cuda.Device().id
+
+    def stream_key(self):
+        """(device, current stream): work queued under one key runs in order."""
+        return self.device_id(), self.xp.cuda.get_current_stream().ptr
 
     def props(self):
         """``(n_sm, smem_optin_bytes)`` of the current device (cached)."""
@@ -193,13 +199,41 @@ class CupyRuntime:
                                    f"{key[0]} failed with {_versions()}: {exc}") from exc
         return self._kernels[key]
 
-    def launch(self, kern, grid, block, args, smem=0):
+    def launch(self, kern, grid, block, args, smem=0, resident=False):
+        """Launch on the current stream. ``resident``: every block must be on an SM at once
+        (the persistent kernels' grid barrier); raises :class:`NotResident` when the occupancy
+        calculator says they cannot be."""
         if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
             kern.max_dynamic_shared_size_bytes = smem
+        if resident and grid > self._max_resident(kern, block, smem):
+            raise NotResident(f"{grid} blocks of {block} threads and {smem} bytes of shared "
+                              f"memory cannot all be resident on device {self.device_id()}")
         kern((grid,), (block,), args, shared_mem=smem)
+
+    def _max_resident(self, kern, block, smem):
+        key = (self.device_id(), id(kern), block, smem)
+        if key not in self._occupancy:
+            try:
+                per_sm = self.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    kern.kernel.ptr, block, smem)
+                self._occupancy[key] = per_sm * self.props()[0]
+            except Exception:  # noqa: BLE001 - no calculator: rely on the barrier's timeout
+                self._occupancy[key] = float("inf")
+        return self._occupancy[key]
 
     def matmul(self, a, b, out):
         self.xp.matmul(a, b, out=out)
+
+
+class NotResident(RuntimeError):
+    """The persistent kernel's blocks cannot all be resident at once on this device."""
+
+
+def _cached(rt, key, make):
+    """A small device buffer kept in ``rt.cache`` under ``key`` (made by ``make`` once)."""
+    if key not in rt.cache:
+        rt.cache[key] = make()
+    return rt.cache[key]
 
 
 _runtime = None
@@ -334,9 +368,12 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     G = spec.gates
     lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
     flag = int(spec.nonlinearity == "relu") if spec.kind == "rnn" else int(spec.reset_after)
-    lengths_d = (xp.full((B,), T, dtype=np.int64) if lengths is None
-                 else xp.ascontiguousarray(xp.asarray(lengths, dtype=np.int64)))
-    gx = (x.reshape(B * T, I) @ w_ih.T + b_ih).reshape(B, T, G * H)  # hoisted input GEMM
+    if lengths is None:  # read-only, so one per device and shape serves every call
+        lengths_d = _cached(rt, ("lengths", rt.stream_key()[0], B, T),
+                            lambda: xp.full((B,), T, dtype=np.int64))
+    else:
+        lengths_d = xp.ascontiguousarray(xp.asarray(lengths, dtype=np.int64))
+    gx = (x.reshape(B * T, I) @ w_ih.T).reshape(B, T, G * H)  # hoisted GEMM; b_ih: kernels
     h_all = xp.empty((T + 1, B, H), dtype=dtype)
     h_all[0] = h0
     c_all = xp.empty((T + 1, B, H) if lstm else (1,), dtype=dtype)
@@ -349,32 +386,55 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     strategy, plan = choose_strategy(spec, B, H, dtype.itemsize, n_sm, smem_limit)
     real = dtype.type
     i32 = np.int32
-    if B and T:
-        if strategy == "persistent":
-            bar = xp.zeros(4, dtype=np.uint32)
-            kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
-            rt.launch(kern, plan.blocks, plan.threads,
-                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc),
-                       i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh,
-                       b_hh, lengths_d, h_all, c_all, outputs, acts, rh, bar), plan.smem_fwd)
-            _check_barrier(bar, "forward")
+    if B and T and strategy == "persistent":
+        kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
+        bar = _barrier(rt)
+        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(config.dot_min_chunk),
+                i32(flag), real(spec.forget_bias), gx, w_hh, b_ih, b_hh, lengths_d, h_all, c_all,
+                outputs, acts, rh, bar)
+        if _launch_resident(rt, kern, plan, args, plan.smem_fwd):
+            _check_barrier(rt, bar, "forward")
         else:
-            _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_hh, lengths_d, h_all, c_all,
-                              outputs, acts, rh)
+            strategy, plan = "stepwise", None
+    if B and T and strategy == "stepwise":
+        _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_ih, b_hh, lengths_d, h_all, c_all,
+                          outputs, acts, rh)
     saved = dict(strategy=strategy, plan=plan, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths_d,
                  h_all=h_all, c_all=c_all, acts=acts, rh=rh, flag=flag)
-    return outputs, h_all[T].copy(), (c_all[T].copy() if lstm else None), saved
+    # h_all[T] and c_all[T] are fresh per call and backward never reads them: safe to hand out
+    return outputs, h_all[T], (c_all[T] if lstm else None), saved
 
 
-def _check_barrier(bar, where):
+def _barrier(rt):
+    """The persistent kernels' barrier words for the current stream: [count, generation, error,
+    spare]. The count is back to 0 after every complete barrier, so launches queued in order on
+    one stream can share one buffer (it is zeroed again after an error)."""
+    return _cached(rt, ("barrier",) + tuple(rt.stream_key()),
+                   lambda: rt.xp.zeros(4, dtype=np.uint32))
+
+
+def _launch_resident(rt, kern, plan, args, smem):
+    """Launch a persistent kernel; False (nothing launched) when its blocks cannot all be
+    resident and the strategy was not forced, so the caller runs the stepwise path instead."""
+    try:
+        rt.launch(kern, plan.blocks, plan.threads, args, smem, resident=True)
+        return True
+    except NotResident:
+        if _forced_strategy() == "persistent":
+            raise
+        return False
+
+
+def _check_barrier(rt, bar, where):
     if config.check_barrier and int(bar[2]) != 0:
+        bar.fill(0)
         raise RuntimeError(f"persistent {where} kernel: blocks were not all resident at once "
                            f"(grid barrier timed out; {_versions()}); use "
                            f"{ENV_STRATEGY}=stepwise")
 
 
-def _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_hh, lengths, h_all, c_all, outputs,
-                      acts, rh):
+def _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_ih, b_hh, lengths, h_all, c_all,
+                      outputs, acts, rh):
     xp = rt.xp
     T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
     G = spec.gates
@@ -383,7 +443,7 @@ def _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_hh, lengths, h_all, c_al
 
     def args(t, gh):
         return (i32(B), i32(T), i32(H), i32(t), i32(flag), real(spec.forget_bias), gx, gh,
-                i32(gh.shape[1]), b_hh, lengths, h_all, c_all, outputs, acts, rh)
+                i32(gh.shape[1]), b_ih, b_hh, lengths, h_all, c_all, outputs, acts, rh)
 
     if spec.kind == "gru" and not spec.reset_after:
         gates = rt.kernel("stepwise", "rk_gru_fwd_gates_step", gx.dtype)
@@ -430,40 +490,41 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     d_gh = xp.empty((T, B, GH), dtype=dtype)
     real, i32 = dtype.type, np.int32
     flag, lengths = saved["flag"], saved["lengths"]
-    if B and T:
-        if saved["strategy"] == "persistent":
-            plan = saved["plan"]
-            bar = xp.zeros(4, dtype=np.uint32)
-            kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_bwd", dtype)
-            rt.launch(kern, plan.blocks, plan.threads,
-                      (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc),
-                       i32(config.dot_min_chunk), i32(flag), w_hh,
-                       lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc, d_gx, d_gh,
-                       bar), plan.smem_bwd)
-            _check_barrier(bar, "backward")
+    strategy = saved["strategy"]
+    if B and T and strategy == "persistent":
+        plan = saved["plan"]
+        kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_bwd", dtype)
+        bar = _barrier(rt)
+        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(config.dot_min_chunk),
+                i32(flag), w_hh, lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc,
+                d_gx, d_gh, bar)
+        if _launch_resident(rt, kern, plan, args, plan.smem_bwd):
+            _check_barrier(rt, bar, "backward")
         else:
-            dh_gemm = xp.zeros((B, H), dtype=dtype)
-            grid, threads = _grid(B * H), config.threads
+            strategy = "stepwise"
+    if B and T and strategy == "stepwise":
+        dh_gemm = xp.zeros((B, H), dtype=dtype)
+        grid, threads = _grid(B * H), config.threads
 
-            def args(t, gemm):
-                return (i32(B), i32(T), i32(H), i32(t), i32(flag), lengths, acts, h_all, c_all,
-                        d_out, i32(has_dout), gemm, dh, dc, d_gx, d_gh)
+        def args(t, gemm):
+            return (i32(B), i32(T), i32(H), i32(t), i32(flag), lengths, acts, h_all, c_all,
+                    d_out, i32(has_dout), gemm, dh, dc, d_gx, d_gh)
 
-            step = rt.kernel("stepwise", f"rk_{spec.kind}_bwd_step", dtype)
-            if two_phase:
-                reset = rt.kernel("stepwise", "rk_gru_bwd_reset_step", dtype)
-                d_rh = xp.empty((B, H), dtype=dtype)
-                w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
-                for t in reversed(range(T)):
-                    rt.launch(step, grid, threads, args(t, dh_gemm))
-                    rt.matmul(d_gh[t][:, 2 * H:], w_n, d_rh)
-                    rt.launch(reset, grid, threads, args(t, d_rh))
-                    rt.matmul(d_gh[t][:, : 2 * H], w_rz, dh_gemm)
-            else:
-                for t in reversed(range(T)):
-                    rt.launch(step, grid, threads, args(t, dh_gemm))
-                    rt.matmul(d_gh[t], w_hh, dh_gemm)
-            dh += dh_gemm
+        step = rt.kernel("stepwise", f"rk_{spec.kind}_bwd_step", dtype)
+        if two_phase:
+            reset = rt.kernel("stepwise", "rk_gru_bwd_reset_step", dtype)
+            d_rh = xp.empty((B, H), dtype=dtype)
+            w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
+            for t in reversed(range(T)):
+                rt.launch(step, grid, threads, args(t, dh_gemm))
+                rt.matmul(d_gh[t][:, 2 * H:], w_n, d_rh)
+                rt.launch(reset, grid, threads, args(t, d_rh))
+                rt.matmul(d_gh[t][:, : 2 * H], w_rz, dh_gemm)
+        else:
+            for t in reversed(range(T)):
+                rt.launch(step, grid, threads, args(t, dh_gemm))
+                rt.matmul(d_gh[t], w_hh, dh_gemm)
+        dh += dh_gemm
     # the non-recurrent gradients, one GEMM each over all B*T rows
     d_gx2 = d_gx.reshape(B * T, GH)
     d_gh2 = d_gh.reshape(T * B, GH)
