@@ -1,7 +1,8 @@
 """GPU timing: rnnkern's cuda backend (both strategies) vs torch.nn.LSTM/GRU on cuDNN, float32.
 
     python benchmarks/bench_gpu.py [--shapes "B,T,I,H,L;..."] [--kinds lstm,gru] [--budget 150]
-                                   [--tf32] [--seam] [--max-blocks N] [--json out.json]
+                                   [--tf32] [--seam] [--max-blocks N] [--no-barrier-check]
+                                   [--json out.json]
 
 For each (B,T,I,H,L) and cell it prints forward and forward+backward milliseconds per call for
 cuDNN, rnnkern stepwise, rnnkern persistent, and which strategy the size rule picks.
@@ -176,8 +177,11 @@ def main(argv=None):
                     help="time rnnkern through the backend seam (no layer validation)")
     ap.add_argument("--max-blocks", type=int, default=None,
                     help="cap on persistent blocks (cuda.config.max_blocks; default one per SM)")
+    ap.add_argument("--no-barrier-check", action="store_true",
+                    help="skip reading the persistent barrier's error flag (saves a sync)")
     args = ap.parse_args(argv)
     cuda.config.max_blocks = args.max_blocks
+    cuda.config.check_barrier = not args.no_barrier_check
 
     import cupy
     import torch
@@ -189,7 +193,8 @@ def main(argv=None):
     print(f"# {gpu}; CuPy {cupy.__version__}; torch {torch.__version__} "
           f"(cuDNN {torch.backends.cudnn.version()}); float32; TF32 in cuDNN: {args.tf32}; "
           f"rnnkern through {'the backend seam' if args.seam else 'the layer API'}; "
-          f"persistent max blocks: {args.max_blocks or 'one per SM'}")
+          f"persistent max blocks: {args.max_blocks or 'one per SM'}; "
+          f"barrier flag read: {not args.no_barrier_check}")
     print(f"# ms per call, median of {REPEATS} repeats; ratio = cuDNN / best rnnkern "
           f"(> 1: rnnkern faster)")
     head = (f"{'cell':5} {'B,T,I,H,L':>20} {'mode':7} {'cuDNN':>9} {'stepwise':>9} "

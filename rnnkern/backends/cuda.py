@@ -14,6 +14,11 @@ single GEMMs after the backward loop.
 * ``persistent`` (``csrc/cuda/persistent.cu``): one launch per layer and direction. Each block
   keeps its slice of ``W_hh`` in shared memory for the whole sequence and the blocks meet at a
   grid barrier once per step; see :func:`persistent_plan`. Wins when launches dominate.
+  The barrier needs every block resident at once: the grid is at most one block per SM, the
+  occupancy calculator is asked before the launch (if it says no, the call runs stepwise), and
+  a barrier that waits too long sets an error flag, read after the launch (one small sync;
+  ``config.check_barrier``), instead of hanging. CuPy's cooperative launch is not used: it
+  silently shrinks a grid that does not fit, and these kernels assign hidden units by block.
 
 Size rule (:func:`choose_strategy`): ``persistent`` when the plan fits on chip, ``H <=
 config.persistent_max_h`` (256) and ``B*H <= config.persistent_max_bh`` (8192); otherwise
