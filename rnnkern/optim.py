@@ -19,6 +19,21 @@ import numbers
 import numpy as np
 
 
+_KERNELS = None  # rnnkern._optim_numba once imported; False where Numba cannot be imported
+
+
+def _numba_kernels():
+    """The compiled update kernels, or None without Numba (imported on first use, not at import)."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import _optim_numba
+            _KERNELS = _optim_numba
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
+
+
 # ---------------------------------------------------------------------- clipping
 def global_norm(grads):
     """sqrt(sum of squares) over every array in ``grads`` (a dict or iterable), in float64."""
@@ -86,18 +101,24 @@ class Optimizer:
         lr:          learning rate (an attribute; schedules set ``opt.lr``)
         clip_norm:   clip the gradients' global norm to this (TF ``clip_by_global_norm``)
         clip_value:  clamp each gradient element to ``[-clip_value, clip_value]``
+        jit:         None (default): use a compiled update where one exists (Adam) and Numba is
+                     installed; False: NumPy only. Both give bitwise-identical results.
     """
 
     _slots = ()  # names of the per-parameter state arrays
 
-    def __init__(self, lr, *, clip_norm=None, clip_value=None):
+    def __init__(self, lr, *, clip_norm=None, clip_value=None, jit=None):
         self.lr = _check_positive("lr", lr, allow_zero=True)
+        if jit not in (None, False):
+            raise ValueError(f"jit must be None (automatic) or False, got {jit!r}")
+        self.jit = jit
         self.clip_norm = None if clip_norm is None else _check_positive("clip_norm", clip_norm)
         self.clip_value = None if clip_value is None else _check_positive("clip_value", clip_value)
         self.iterations = 0   # number of step() calls so far (Adam's t)
         self.state = {}       # name -> {slot: array}
         self.last_grad_norm = None  # global norm before clipping, when clip_norm is set
         self._flat = None     # layout and flat state of the concatenated update (see step)
+        self._kernels = None
 
     def _hyper(self):
         return {}
@@ -128,6 +149,7 @@ class Optimizer:
         if self.clip_norm is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip_norm)
         self.iterations += 1
+        self._kernels = None if self.jit is False else _numba_kernels()
         if len(dtypes) == 1 and total <= self.FLAT_MAX_ELEMENTS and self._step_flat(params, grads):
             return
         self._flat = None
@@ -135,7 +157,15 @@ class Optimizer:
             st = self.state.get(k)
             if st is None:
                 st = self.state[k] = self._init_state(p)
-            self._update(p, np.asarray(grads[k], dtype=p.dtype), st)
+            self._apply(p, np.asarray(grads[k], dtype=p.dtype), st)
+
+    def _apply(self, p, g, st):
+        if self._kernels is None or not self._update_compiled(p, g, st):
+            self._update(p, g, st)
+
+    def _update_compiled(self, p, g, st):
+        """Compiled version of :meth:`_update`; returns False where there is none."""
+        return False
 
     def _step_flat(self, params, grads):
         """One update over concatenated params/grads; per-name state are views of flat state.
@@ -151,7 +181,7 @@ class Optimizer:
         g_flat = np.concatenate([np.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
         st = flat["state"]
         slots = len(st)
-        self._update(p_flat, g_flat, st)
+        self._apply(p_flat, g_flat, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
         for (k, shape), (lo, hi) in zip(layout, flat["spans"]):
@@ -292,6 +322,23 @@ class Adam(Optimizer):
             denom /= bc2_sqrt
             denom += self.eps
             p -= (self.lr / bc1) * (m / denom)
+
+    def _update_compiled(self, p, g, st):
+        m, v = st["m"], st["v"]
+        arrays = (p, g, m, v)
+        if not all(a.flags.c_contiguous and a.dtype == p.dtype for a in arrays):
+            return False
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        t = self.iterations
+        bc1 = 1.0 - self.beta1 ** t
+        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
+        c = p.dtype.type  # scalars in the array dtype, as NumPy treats Python floats
+        step = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
+        self._kernels.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                           c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2),
+                           c(self.eps), c(step), c(bc2_sqrt), self.eps_mode == "tf")
+        return True
 
 
 class RMSprop(Optimizer):

@@ -266,3 +266,23 @@ def test_concatenated_update_is_bitwise_identical_to_per_array(make, dtype):
         np.testing.assert_array_equal(p1[k], p2[k])
         for s in o2.state[k]:
             np.testing.assert_array_equal(o1.state[k][s], o2.state[k][s])
+
+
+@pytest.mark.parametrize("flat_max", [0, 1 << 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(), dict(eps=1e-3, eps_mode="torch"), dict(weight_decay=0.1)])
+def test_compiled_adam_is_bitwise_identical_to_numpy(kw, dtype, flat_max):
+    pytest.importorskip("numba")
+    p1, seq = make_problem(7)
+    p1 = {k: v.astype(dtype) for k, v in p1.items()}
+    p2 = {k: v.copy() for k, v in p1.items()}
+    o1, o2 = rk.Adam(0.01, **kw), rk.Adam(0.01, jit=False, **kw)
+    o1.FLAT_MAX_ELEMENTS = o2.FLAT_MAX_ELEMENTS = flat_max
+    for g in seq:
+        o1.step(p1, {k: v.astype(dtype) for k, v in g.items()})
+        o2.step(p2, {k: v.astype(dtype) for k, v in g.items()})
+    assert o1._kernels is not None and o2._kernels is None
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k])
+        for s in ("m", "v"):
+            np.testing.assert_array_equal(o1.state[k][s], o2.state[k][s])
