@@ -260,3 +260,15 @@ def test_resume_mid_epoch_with_shuffled_batches_is_bit_exact(tmp_path):
     assert (t3.epoch, t3.step_in_epoch) == (1, 4)   # step 9 = epoch 1, 4th batch of its order
     t3.fit(batches, epochs=3)
     assert_same_run(m1, o1, t1, m3, o3, t3)
+
+
+def test_callable_data_gets_the_epoch():
+    v, x, y = hihello()
+    seen = []
+
+    def data(epoch):
+        seen.append(epoch)
+        return iter([(x, y)] * (epoch + 1))       # a generator-style source, fresh each epoch
+    tr = rk.Trainer(char_model(), rk.sequence_loss, rk.SGD(0.1), progress=False)
+    tr.fit(data, epochs=3)
+    assert seen == [0, 1, 2] and tr.global_step == 6
