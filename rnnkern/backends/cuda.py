@@ -23,8 +23,8 @@ single GEMMs after the backward loop.
 Size rule (:func:`choose_strategy`): ``persistent`` when the plan fits on chip, ``H <=
 config.persistent_max_h`` (256) and ``B*H <= config.persistent_max_bh`` (8192); otherwise
 ``stepwise``. The cut-offs are a first guess from the work per block per step (``B*G*H/blocks``
-dot products of length H, done serially by one thread each): tune them with
-``benchmarks/gpu_check.sh``. Force a strategy with :func:`set_strategy` or the environment
+dot products of length H from shared memory, each on 1 to 32 threads) against cuBLAS per step:
+tune them with ``benchmarks/gpu_check.sh``, which times both strategies on every shape. Force a strategy with :func:`set_strategy` or the environment
 variable ``RNNKERN_CUDA_STRATEGY`` (``stepwise`` | ``persistent`` | ``auto``).
 
 Kernels compile lazily (first use per device and dtype) from the ``.cu`` sources shipped as
@@ -493,7 +493,7 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
              else xp.zeros((1,), dtype=dtype))
     d_gx = xp.empty((B, T, GH), dtype=dtype)
     d_gh = xp.empty((T, B, GH), dtype=dtype)
-    real, i32 = dtype.type, np.int32
+    i32 = np.int32
     flag, lengths = saved["flag"], saved["lengths"]
     strategy = saved["strategy"]
     if B and T and strategy == "persistent":
