@@ -186,3 +186,24 @@ def test_unavailable_without_cupy_names_the_reason():
             backends.get_backend("cuda")
     else:
         pytest.skip("CuPy is installed here")
+
+
+def test_probe_reports_device_errors_and_cupy_warnings(monkeypatch):
+    """A CuPy that warns and finds no driver: (False, reason with both), never an exception."""
+    import sys
+    import types
+    import warnings
+
+    def no_driver():
+        warnings.warn("CUDA path could not be detected")
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    runtime = types.SimpleNamespace(getDeviceCount=no_driver, runtimeGetVersion=lambda: 12040,
+                                    driverGetVersion=lambda: 0)
+    fake = types.SimpleNamespace(__version__="0.fake", cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cuda, "_available", None)
+    ok, reason = cuda.available()
+    assert ok is False
+    assert "cudaErrorInsufficientDriver" in reason and "CuPy 0.fake" in reason
+    assert "CUDA runtime 12.4" in reason and "could not be detected" in reason

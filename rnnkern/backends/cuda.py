@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,8 +209,11 @@ class CupyRuntime:
         """Launch on the current stream. ``resident``: every block must be on an SM at once
         (the persistent kernels' grid barrier); raises :class:`NotResident` when the occupancy
         calculator says they cannot be."""
-        if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
-            kern.max_dynamic_shared_size_bytes = smem
+        if smem > 48 * 1024:
+            with warnings.catch_warnings():  # some CuPy versions deprecate the attribute
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if kern.max_dynamic_shared_size_bytes < smem:
+                    kern.max_dynamic_shared_size_bytes = smem
         if resident and grid > self._max_resident(kern, block, smem):
             raise NotResident(f"{grid} blocks of {block} threads and {smem} bytes of shared "
                               f"memory cannot all be resident on device {self.device_id()}")
@@ -256,21 +260,29 @@ def available():
 
 
 def _probe():
-    try:
-        import cupy
-    except ImportError:
-        return False, "CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # noqa: BLE001 - CUDARuntimeError and friends, without a driver
-        return False, f"no usable CUDA device ({type(exc).__name__}: {exc}; {_versions()})"
+    # CuPy may warn while it looks for the toolkit; keep the words for the reason instead of
+    # letting a warnings-as-errors setting turn the probe into an exception
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            import cupy
+            n = cupy.cuda.runtime.getDeviceCount()
+        except ImportError:
+            return False, "CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
+        except Exception as exc:  # noqa: BLE001 - CUDARuntimeError and friends, no driver
+            return False, (f"no usable CUDA device ({type(exc).__name__}: {exc}; "
+                           f"{_versions()}){_warned(caught)}")
     if n == 0:
-        return False, f"no CUDA device ({_versions()})"
+        return False, f"no CUDA device ({_versions()}){_warned(caught)}"
     try:
         source_root()
     except FileNotFoundError as exc:
         return False, str(exc)
-    return True, f"{n} CUDA device(s), {_versions()}"
+    return True, f"{n} CUDA device(s), {_versions()}{_warned(caught)}"
+
+
+def _warned(caught):
+    return "".join(f"; CuPy warned: {w.message}" for w in caught)
 
 
 def _get_runtime():
