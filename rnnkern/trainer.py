@@ -226,6 +226,9 @@ class Trainer:
         runs epochs 2 and 3). Returns :attr:`history`."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        if isinstance(data, (tuple, dict)) or hasattr(data, "shape"):
+            raise TypeError("data must be a collection of batches; wrap a single batch as "
+                            "[(x, y)]")
         self.stop_training = False
         bar = None
         if self.progress and self.epoch < epochs:

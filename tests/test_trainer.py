@@ -139,6 +139,9 @@ def test_bad_construction():
         rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), checkpoint_every=0)
     with pytest.raises(ValueError, match="shuffle"):
         rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), stateful=True, shuffle=True)
+    with pytest.raises(TypeError, match=r"\[\(x, y\)\]"):
+        rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), progress=False).fit(
+            (np.zeros((1, 2), np.int64), np.zeros((1, 2), np.int64)))
     with pytest.raises(ValueError, match="epochs"):
         rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(), progress=False).fit([], epochs=-1)
 
