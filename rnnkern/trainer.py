@@ -56,6 +56,11 @@ def _unpack(batch):
     raise ValueError("a batch must be an (x, y) tuple or a dict with keys x, y[, lengths, weights]")
 
 
+def _check_data(data):
+    if isinstance(data, (tuple, dict)) or hasattr(data, "shape"):
+        raise TypeError("data must be a collection of batches; wrap a single batch as [(x, y)]")
+
+
 def _batch_size(x):
     return len(x)
 
@@ -189,6 +194,7 @@ class Trainer:
 
         With ``stateful=True`` the state is carried across ``data``'s batches from zeros.
         """
+        _check_data(data)
         was_training = getattr(self.model, "training", True)
         self.model.eval()
         try:
@@ -226,9 +232,7 @@ class Trainer:
         runs epochs 2 and 3). Returns :attr:`history`."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if isinstance(data, (tuple, dict)) or hasattr(data, "shape"):
-            raise TypeError("data must be a collection of batches; wrap a single batch as "
-                            "[(x, y)]")
+        _check_data(data)
         self.stop_training = False
         bar = None
         if self.progress and self.epoch < epochs:
