@@ -171,12 +171,12 @@ class Optimizer:
         """One update over concatenated params/grads; per-name state are views of flat state.
         Returns False (nothing done) when the per-name state cannot be laid out flat."""
         layout = tuple((k, p.shape) for k, p in params.items())
-        flat = getattr(self, "_flat", None)
-        if flat is None or flat["layout"] != layout:
+        dtype = next(iter(params.values())).dtype
+        flat = self._flat
+        if flat is None or flat["layout"] != layout or flat["dtype"] != dtype:
             flat = self._build_flat(layout, params)
             if flat is None:
                 return False
-        dtype = next(iter(params.values())).dtype
         p_flat = np.concatenate([p.reshape(-1) for p in params.values()])
         g_flat = np.concatenate([np.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
         st = flat["state"]
@@ -201,7 +201,7 @@ class Optimizer:
         dtype = next(iter(params.values())).dtype
         state = {s: np.concatenate([np.asarray(per_name[k][s], dtype=dtype).reshape(-1)
                                     for k, _ in layout]) for s in next(iter(slots))}
-        flat = self._flat = {"layout": layout, "spans": spans, "state": state}
+        flat = self._flat = {"layout": layout, "spans": spans, "state": state, "dtype": dtype}
         self._bind_views(flat)
         return flat
 
