@@ -275,3 +275,41 @@ def test_callable_data_gets_the_epoch():
     tr = rk.Trainer(char_model(), rk.sequence_loss, rk.SGD(0.1), progress=False)
     tr.fit(data, epochs=3)
     assert seen == [0, 1, 2] and tr.global_step == 6
+
+
+def test_training_run_matches_pytorch():
+    """20 Adam steps of one-hot -> LSTM -> Linear with Trainer equal the same run in PyTorch."""
+    torch = pytest.importorskip("torch")
+    v, x, y = hihello()
+    model = rk.Sequential([rk.OneHot(5, dtype="float64"),
+                           rk.LSTM(5, 6, num_layers=2, forget_bias=0.0, seed=0, dtype="float64",
+                                   backend="numpy"),
+                           rk.Dense(6, 5, seed=1, dtype="float64")])
+    lstm = torch.nn.LSTM(5, 6, num_layers=2, batch_first=True).double()
+    fc = torch.nn.Linear(6, 5).double()
+    with torch.no_grad():
+        for k, p in model[1].params.items():
+            getattr(lstm, k).copy_(torch.from_numpy(p))
+        fc.weight.copy_(torch.from_numpy(model[2].params["weight"]))
+        fc.bias.copy_(torch.from_numpy(model[2].params["bias"]))
+    tr = rk.Trainer(model, rk.sequence_loss, rk.Adam(0.05, eps_mode="torch", clip_norm=1.0),
+                    progress=False)
+    hist = tr.fit([(x, y)], epochs=20)
+    params = list(lstm.parameters()) + list(fc.parameters())
+    opt = torch.optim.Adam(params, lr=0.05)
+    xt = torch.nn.functional.one_hot(torch.from_numpy(x), 5).double()
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(fc(lstm(xt)[0]).reshape(-1, 5),
+                                                 torch.from_numpy(y).reshape(-1))
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+        for p in params:                       # TF-style global-norm clipping, as rk's
+            p.grad *= 1.0 / max(norm.item(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    np.testing.assert_allclose(hist["loss"], losses, rtol=1e-9)
+    for k, p in model[1].params.items():
+        np.testing.assert_allclose(p, getattr(lstm, k).detach().numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(model[2].params["weight"], fc.weight.detach().numpy(), rtol=1e-8)
