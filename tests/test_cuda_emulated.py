@@ -153,7 +153,8 @@ def test_plan_shrinks_batch_chunk_then_gives_up():
     spec = rk.CellSpec("lstm")
     roomy = cuda.persistent_plan(spec, 64, 128, 4, 132, 227 * 1024)
     tight = cuda.persistent_plan(spec, 64, 128, 4, 132, 12 * 1024)
-    assert roomy.nbc == 64 and 1 <= tight.nbc < 64
+    assert roomy.nbc_fwd == roomy.nbc_bwd == 64
+    assert 1 <= tight.nbc_bwd < tight.nbc_fwd < 64  # backward stages G*H per batch row
     assert max(tight.smem_fwd, tight.smem_bwd) <= 12 * 1024
     assert cuda.persistent_plan(spec, 1, 1024, 8, 4, 48 * 1024) is None  # W_hh too big
 

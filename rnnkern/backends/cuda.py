@@ -304,13 +304,15 @@ class PersistentPlan:
     """Launch shape of the persistent kernels for one layer.
 
     blocks  grid size (<= SMs: one resident block per SM);  hb  hidden units per block;
-    nbc     batch rows staged in shared memory at once;  smem_fwd/smem_bwd  bytes per block
+    nbc_fwd, nbc_bwd  batch rows staged in shared memory at once by each kernel;
+    smem_fwd, smem_bwd  their dynamic shared memory, bytes per block
     """
 
     blocks: int
     threads: int
     hb: int
-    nbc: int
+    nbc_fwd: int
+    nbc_bwd: int
     smem_fwd: int
     smem_bwd: int
 
@@ -319,27 +321,26 @@ def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_ba
     """The :class:`PersistentPlan` for these sizes, or None when W_hh does not fit on chip.
 
     Units are spread over as many blocks as there are SMs (``hb = ceil(H / n_sm)``, or fewer
-    blocks with ``config.max_blocks``); the batch chunk halves until both kernels' shared memory
-    (common.cuh formulas) fits ``smem_limit``.
+    blocks with ``config.max_blocks``); each kernel's batch chunk halves until its shared memory
+    (persistent.cu's layouts) fits ``smem_limit``.
     """
     threads = threads or config.threads
-    nbc = max(1, min(B, max_batch_chunk or config.max_batch_chunk))
     G = spec.gates
     n_blocks = min(n_sm, config.max_blocks or n_sm, H)
     hb = math.ceil(H / max(1, n_blocks))
     ldw, ldc = H | 1, (G * H) | 1
-
-    def sizes(nbc):  # persistent.cu's shared memory layouts
-        fwd = (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize
-        bwd = (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize
-        return fwd, bwd
-
-    while max(sizes(nbc)) > smem_limit and nbc > 1:
-        nbc = (nbc + 1) // 2
-    fwd, bwd = sizes(nbc)
-    if max(fwd, bwd) > smem_limit:
-        return None
-    return PersistentPlan(math.ceil(H / hb), threads, hb, nbc, fwd, bwd)
+    layouts = (lambda nbc: (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize,   # fwd
+               lambda nbc: (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize)      # bwd
+    chunks = []
+    for size in layouts:
+        nbc = max(1, min(B, max_batch_chunk or config.max_batch_chunk))
+        while size(nbc) > smem_limit and nbc > 1:
+            nbc = (nbc + 1) // 2
+        if size(nbc) > smem_limit:
+            return None
+        chunks.append(nbc)
+    return PersistentPlan(math.ceil(H / hb), threads, hb, chunks[0], chunks[1],
+                          layouts[0](chunks[0]), layouts[1](chunks[1]))
 
 
 def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit):
@@ -406,8 +407,8 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     if B and T and strategy == "persistent":
         kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
         bar = _barrier(rt)
-        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(config.dot_min_chunk),
-                i32(flag), real(spec.forget_bias), gx, w_hh, b_ih, b_hh, lengths_d, h_all, c_all,
+        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc_fwd),
+                i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh, b_ih, b_hh, lengths_d, h_all, c_all,
                 outputs, acts, rh, bar)
         if _launch_resident(rt, kern, plan, args, plan.smem_fwd):
             _check_barrier(rt, bar, "forward")
@@ -512,8 +513,8 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         plan = saved["plan"]
         kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_bwd", dtype)
         bar = _barrier(rt)
-        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc), i32(config.dot_min_chunk),
-                i32(flag), w_hh, lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc,
+        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc_bwd),
+                i32(config.dot_min_chunk), i32(flag), w_hh, lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc,
                 d_gx, d_gh, bar)
         if _launch_resident(rt, kern, plan, args, plan.smem_bwd):
             _check_barrier(rt, bar, "backward")
