@@ -2,12 +2,16 @@
 
 #include <climits>
 
+#include "gemm_loop.h"
+
 namespace rk {
 
 namespace {
 sgemm_fn g_sgemm = nullptr;
 dgemm_fn g_dgemm = nullptr;
-int64_t g_min_flops = 4096;
+// M*N*K: below it the loop wins (no thread hand-off; OpenBLAS per-step calls spent most of their
+// time in thread sync at char-rnn size, perf); above it BLAS's two threads pay.
+int64_t g_min_flops = int64_t(1) << 23;
 
 inline void blas_call(char ta, char tb, int m, int n, int k, float al, const float* a, int lda,
                       const float* b, int ldb, float be, float* c, int ldc) {
@@ -23,48 +27,6 @@ template <typename T> bool blas_ready();
 template <> bool blas_ready<float>() { return g_sgemm != nullptr; }
 template <> bool blas_ready<double>() { return g_dgemm != nullptr; }
 
-// The loop: four rows of C at a time, so each row of B loaded from cache feeds four
-// multiply-adds; the innermost loop runs along N and vectorises.
-template <typename T>
-void gemm_loop(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-               const T* __restrict__ B, int64_t ldb, T beta, T* __restrict__ C, int64_t ldc) {
-    for (int64_t m = 0; m < M; ++m) {
-        T* c = C + m * ldc;
-        if (beta == T(0)) {
-            for (int64_t n = 0; n < N; ++n) c[n] = T(0);
-        } else if (beta != T(1)) {
-            for (int64_t n = 0; n < N; ++n) c[n] *= beta;
-        }
-    }
-    auto a_at = [&](int64_t m, int64_t k) { return trans_a ? A[k * lda + m] : A[m * lda + k]; };
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        T* __restrict__ c0 = C + m * ldc;
-        T* __restrict__ c1 = c0 + ldc;
-        T* __restrict__ c2 = c1 + ldc;
-        T* __restrict__ c3 = c2 + ldc;
-        for (int64_t k = 0; k < K; ++k) {
-            const T a0 = alpha * a_at(m, k), a1 = alpha * a_at(m + 1, k);
-            const T a2 = alpha * a_at(m + 2, k), a3 = alpha * a_at(m + 3, k);
-            const T* __restrict__ b = B + k * ldb;
-            for (int64_t n = 0; n < N; ++n) {
-                const T bn = b[n];
-                c0[n] += a0 * bn;
-                c1[n] += a1 * bn;
-                c2[n] += a2 * bn;
-                c3[n] += a3 * bn;
-            }
-        }
-    }
-    for (; m < M; ++m) {
-        T* __restrict__ c = C + m * ldc;
-        for (int64_t k = 0; k < K; ++k) {
-            const T a = alpha * a_at(m, k);
-            const T* __restrict__ b = B + k * ldb;
-            for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
-        }
-    }
-}
 }  // namespace
 
 void set_blas(sgemm_fn s, dgemm_fn d) {
@@ -80,7 +42,7 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, in
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // C = beta C
-        gemm_loop<T>(false, M, N, 0, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_loop(false, M, N, 0, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     const bool fits = M < INT_MAX && N < INT_MAX && K < INT_MAX && lda < INT_MAX &&
@@ -92,7 +54,7 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, in
                   int(lda), beta, C, int(ldc));
         return;
     }
-    gemm_loop<T>(trans_a, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_loop(trans_a, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 template void gemm<float>(bool, int64_t, int64_t, int64_t, float, const float*, int64_t,

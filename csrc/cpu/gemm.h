@@ -19,7 +19,7 @@ using dgemm_fn = void (*)(char*, char*, int*, int*, int*, double*, double*, int*
 
 void set_blas(sgemm_fn s, dgemm_fn d);
 bool have_blas();
-// products with M*N*K below this use the loop (tuned by benchmarks; settable for tests)
+// products with M*N*K below this use the loop (default 2^23, from benchmarks; settable)
 void set_blas_min_flops(int64_t v);
 int64_t blas_min_flops();
 

@@ -1,0 +1,124 @@
+// Included once by each gemm_loop_<isa>.cpp with RK_GEMM_ISA set; the vector width follows the
+// -m flags that file is compiled with. Shape legend and tiling: gemm_loop.h.
+#include <cstring>
+#include <vector>
+
+#include "gemm_loop.h"
+
+#if defined(__AVX512F__)
+#define RK_VB 64
+#define RK_NV 4  // 4 rows x 4 zmm accumulators + 4 B vectors: 21 of 32 registers
+#elif defined(__AVX2__)
+#define RK_VB 32
+#define RK_NV 2  // 4 x 2 ymm + 2: 11 of 16
+#else
+#define RK_VB 16
+#define RK_NV 2
+#endif
+
+#define RK_CAT2(a, b) a##b
+#define RK_CAT(a, b) RK_CAT2(a, b)
+
+namespace rk {
+namespace RK_CAT(loop_, RK_GEMM_ISA) {
+
+// GCC vector types (loaded and stored via memcpy, so any alignment); the attribute cannot sit on
+// a template parameter, hence one typedef per element type
+typedef float vec_f __attribute__((vector_size(RK_VB)));
+typedef double vec_d __attribute__((vector_size(RK_VB)));
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { using type = vec_f; };
+template <> struct VecOf<double> { using type = vec_d; };
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+inline Vec<T> vload(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T>
+inline void vstore(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof v); }
+
+template <typename T, int R, int NV>
+inline __attribute__((always_inline)) void tile(bool trans_a, int64_t K, const T* A, int64_t lda,
+                                                const T* B, int64_t ldb, T* C, int64_t ldc) {
+    constexpr int W = int(sizeof(Vec<T>) / sizeof(T));
+    Vec<T> acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * W);
+    for (int64_t k = 0; k < K; ++k) {
+        Vec<T> b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
+        for (int r = 0; r < R; ++r) {
+            const T a = trans_a ? A[k * lda + r] : A[r * lda + k];
+            for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
+}
+
+// every row of C for one column panel of NV vectors
+template <typename T, int NV>
+void panel(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+           T* C, int64_t ldc) {
+    auto a_row = [&](int64_t m) { return trans_a ? A + m : A + m * lda; };
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile<T, 4, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc);
+    switch (M - m) {
+        case 3: tile<T, 3, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+        case 2: tile<T, 2, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+        case 1: tile<T, 1, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+        default: break;
+    }
+}
+
+template <typename T>
+void run(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+         const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+    for (int64_t m = 0; m < M; ++m) {  // C = beta C first; the tiles then accumulate
+        T* c = C + m * ldc;
+        if (beta == T(0)) {
+            for (int64_t n = 0; n < N; ++n) c[n] = T(0);
+        } else if (beta != T(1)) {
+            for (int64_t n = 0; n < N; ++n) c[n] *= beta;
+        }
+    }
+    if (K <= 0 || alpha == T(0)) return;
+    std::vector<T> scaled;
+    if (alpha != T(1)) {  // the kernels only use alpha = 1; kept correct rather than fast
+        const int64_t rows = trans_a ? K : M, cols = trans_a ? M : K;
+        scaled.resize(rows * cols);
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c) scaled[r * cols + c] = alpha * A[r * lda + c];
+        A = scaled.data();
+        lda = cols;
+    }
+    constexpr int64_t W = int64_t(sizeof(Vec<T>) / sizeof(T));
+    int64_t n = 0;
+    for (; n + RK_NV * W <= N; n += RK_NV * W)
+        panel<T, RK_NV>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc);
+    for (; n + W <= N; n += W) panel<T, 1>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc);
+    if (n < N) {  // the last N % W columns, scalar
+        for (int64_t m = 0; m < M; ++m) {
+            T* c = C + m * ldc;
+            for (int64_t k = 0; k < K; ++k) {
+                const T a = trans_a ? A[k * lda + m] : A[m * lda + k];
+                for (int64_t j = n; j < N; ++j) c[j] += a * B[k * ldb + j];
+            }
+        }
+    }
+}
+
+}  // namespace loop_<isa>
+
+void RK_CAT(gemm_loop_, RK_GEMM_ISA)(bool ta, int64_t M, int64_t N, int64_t K, float al,
+                                     const float* A, int64_t lda, const float* B, int64_t ldb,
+                                     float be, float* C, int64_t ldc) {
+    RK_CAT(loop_, RK_GEMM_ISA)::run(ta, M, N, K, al, A, lda, B, ldb, be, C, ldc);
+}
+void RK_CAT(gemm_loop_, RK_GEMM_ISA)(bool ta, int64_t M, int64_t N, int64_t K, double al,
+                                     const double* A, int64_t lda, const double* B, int64_t ldb,
+                                     double be, double* C, int64_t ldc) {
+    RK_CAT(loop_, RK_GEMM_ISA)::run(ta, M, N, K, al, A, lda, B, ldb, be, C, ldc);
+}
+
+}  // namespace rk
