@@ -98,9 +98,15 @@ class _Recurrent:
         self.grads = {k: np.zeros_like(v) for k, v in new.items()}
 
     def _layer_weights(self, k, xp):
-        p = self.params
-        return tuple(xp.ascontiguousarray(xp.asarray(p[f"{n}_l{k}"], dtype=self.dtype))
-                     for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        """(w_ih, w_hh, b_ih, b_hh) of layer k as C-contiguous arrays of the layer's dtype."""
+        weights = []
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            w = self.params[f"{n}_l{k}"]
+            # fast path: what load_params/optimizers keep is already right (no copy, no cast)
+            if not (type(w) is xp.ndarray and w.dtype == self.dtype and w.flags.c_contiguous):
+                w = xp.ascontiguousarray(xp.asarray(w), dtype=self.dtype)
+            weights.append(w)
+        return weights
 
     # ------------------------------------------------------------------ modes
     def train(self, mode=True):
@@ -175,6 +181,11 @@ class _Recurrent:
     def _pack_state(self, h, c):
         return (h, c) if self.spec.has_cell_state else h
 
+    @staticmethod
+    def _stack(xp, arrays):
+        """[L,B,H] from L arrays [B,H]; a view for one layer (the arrays are ours to give)."""
+        return arrays[0][None] if len(arrays) == 1 else xp.stack(arrays)
+
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x, initial_state=None, lengths=None):
         return self.forward(x, initial_state, lengths)
@@ -213,8 +224,8 @@ class _Recurrent:
             masks.append(mask)
             layer_in = out
         self._saved = dict(backend=backend, saved=saved, masks=masks, B=B, T=T, xp=xp)
-        h_n = xp.stack(h_n)
-        c_n = xp.stack(c_n) if self.spec.has_cell_state else None
+        h_n = self._stack(xp, h_n)
+        c_n = self._stack(xp, c_n) if self.spec.has_cell_state else None
         return layer_in, self._pack_state(h_n, c_n)
 
     def backward(self, d_outputs, d_state=None):
@@ -263,8 +274,8 @@ class _Recurrent:
                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
                 self.grads[f"{name}_l{k}"] = g[short]
             d_out = dx
-        dh0 = xp.stack(dh0)
-        dc0 = xp.stack(dc0) if self.spec.has_cell_state else None
+        dh0 = self._stack(xp, dh0)
+        dc0 = self._stack(xp, dc0) if self.spec.has_cell_state else None
         return d_out, self._pack_state(dh0, dc0)
 
     def __repr__(self):

@@ -31,6 +31,7 @@ _MODULES = {
 BACKENDS = tuple(_MODULES)
 _CPU_PREFERENCE = ("numba", "cpp", "numpy")
 _chosen = None  # set by set_backend()
+_availability = {}  # name -> module or ImportError, and (ok, reason): fixed for a process
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,14 +45,21 @@ def _module(name):
         return exc
 
 
+def _probe(name):
+    """(module or None, ok, reason), asked once per process: availability cannot change."""
+    if name not in _availability:
+        mod = _module(name)
+        if isinstance(mod, Exception):
+            _availability[name] = (None, False, f"import failed: {mod}")
+        else:
+            ok, reason = mod.available()
+            _availability[name] = (mod, bool(ok), reason)
+    return _availability[name]
+
+
 def available_backends() -> dict:
     """``{name: (available, reason)}`` for every backend, in preference order."""
-    result = {}
-    for name in BACKENDS:
-        mod = _module(name)
-        result[name] = (False, f"import failed: {mod}") if isinstance(mod, Exception) \
-            else mod.available()
-    return result
+    return {name: _probe(name)[1:] for name in BACKENDS}
 
 
 def _check_name(name):
@@ -71,10 +79,7 @@ def set_backend(name):
 def get_backend(name):
     """The backend module ``name``; raises :class:`BackendUnavailable` with the reason."""
     _check_name(name)
-    mod = _module(name)
-    if isinstance(mod, Exception):
-        raise BackendUnavailable(f"backend {name!r} is unavailable: import failed: {mod}")
-    ok, reason = mod.available()
+    mod, ok, reason = _probe(name)
     if not ok:
         raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
     return mod
@@ -90,7 +95,7 @@ def resolve(requested, x):
     if type(x).__module__.startswith("cupy"):
         return get_backend("cuda")
     for name in _CPU_PREFERENCE:
-        mod = _module(name)
-        if not isinstance(mod, Exception) and mod.available()[0]:
+        mod, ok, _ = _probe(name)
+        if ok:
             return mod
     raise BackendUnavailable("no CPU backend is available")  # numpy always is; unreachable
