@@ -1,7 +1,7 @@
 """Numba GRU kernels, both conventions: whole-layer forward and BPTT, one compiled call each.
 
 Shape legend: B batch, T time steps, I input size, H hidden size; gate blocks r, z, n (3H).
-Math: :mod:`rnnkern.reference`; structure and length handling as in
+Math: :mod:`rnnkern.reference`; structure, row helpers and length handling as in
 :mod:`rnnkern.backends.numba_lstm`.
 
 ``reset_after=True`` (PyTorch/cuDNN): one GEMM per step, ``h W_hh^T``, and ``b_hn`` stays inside
@@ -13,10 +13,51 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_math import column_sums, sigmoid, tanh, weight_grads
+from .numba_math import JIT, add_into, column_sums, sigmoid, tanh, weight_grads
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+# ------------------------------------------------------------------------- reset_after=True
+
+@njit(**JIT)
+def _after_fwd_row(a, g, bias, b_hn, gh_n, h, out, H):
+    """a [3H]: x W_ih^T in, r,z,n out; g [3H] = h W_hh^T; gh_n [H] out: W_hn h + b_hn;
+    h [H]: state in, new state out; out [H] new state."""
+    one = a.dtype.type(1)
+    for j in range(H):
+        r = sigmoid(a[j] + g[j] + bias[j])
+        z = sigmoid(a[H + j] + g[H + j] + bias[H + j])
+        hn = g[2 * H + j] + b_hn[j]
+        n = tanh(a[2 * H + j] + bias[2 * H + j] + r * hn)
+        hnew = (one - z) * n + z * h[j]
+        a[j] = r
+        a[H + j] = z
+        a[2 * H + j] = n
+        gh_n[j] = hn
+        h[j] = hnew
+        out[j] = hnew
+
+
+@njit(**JIT)
+def _after_back_row(a, gh_n, h_prev, dh, d_gx, d_gh, dh_z, H):
+    """dh [H] total gradient reaching h_t; out: d_gx, d_gh [3H] pre-activation gradients of
+    the input and hidden sides; dh_z [H] = dh * z, the direct path to h_{t-1}."""
+    one = a.dtype.type(1)
+    for j in range(H):
+        r, z, n = a[j], a[H + j], a[2 * H + j]
+        dht = dh[j]
+        dan = dht * (one - z) * (one - n * n)
+        daz = dht * (h_prev[j] - n) * z * (one - z)
+        dar = dan * gh_n[j] * r * (one - r)
+        d_gx[j] = dar
+        d_gx[H + j] = daz
+        d_gx[2 * H + j] = dan
+        d_gh[j] = dar
+        d_gh[H + j] = daz
+        d_gh[2 * H + j] = dan * r
+        dh_z[j] = dht * z
+
+
+@njit(**JIT)
 def gru_after_forward(x, w_ih, w_hh, bias, b_hn, h0, lengths, out, h, acts, gh_n, h_prev):
     """Forward over all T steps, ``reset_after=True``.
 
@@ -27,37 +68,20 @@ def gru_after_forward(x, w_ih, w_hh, bias, b_hn, h0, lengths, out, h, acts, gh_n
     """
     B, T, I = x.shape
     H = h.shape[1]
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
     h[:] = h0
     gh = np.empty((B, 3 * H), x.dtype)
     for t in range(T):
         np.dot(h, w_hh.T, gh)
         for b in range(B):
-            hb, hp, ob = h[b], h_prev[b, t], out[b, t]
-            for j in range(H):
-                hp[j] = hb[j]
-            if t >= lengths[b]:
-                for j in range(H):
-                    ob[j] = zero
-                continue
-            a, g, ghn = acts[b, t], gh[b], gh_n[b, t]
-            for j in range(H):
-                r = sigmoid(a[j] + g[j] + bias[j])
-                z = sigmoid(a[H + j] + g[H + j] + bias[H + j])
-                hn = g[2 * H + j] + b_hn[j]
-                n = tanh(a[2 * H + j] + bias[2 * H + j] + r * hn)
-                hnew = (one - z) * n + z * hb[j]
-                a[j] = r
-                a[H + j] = z
-                a[2 * H + j] = n
-                ghn[j] = hn
-                hb[j] = hnew
-                ob[j] = hnew
+            h_prev[b, t] = h[b]
+            if t < lengths[b]:
+                _after_fwd_row(acts[b, t], gh[b], bias, b_hn, gh_n[b, t], h[b], out[b, t], H)
+            else:
+                out[b, t] = 0
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**JIT)
 def gru_after_backward(x, w_ih, w_hh, acts, gh_n, h_prev, lengths, d_out, has_d_out,
                        dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_gx, d_gh):
     """BPTT over all T steps, ``reset_after=True``, from what :func:`gru_after_forward` saved.
@@ -69,51 +93,79 @@ def gru_after_backward(x, w_ih, w_hh, acts, gh_n, h_prev, lengths, d_out, has_d_
     """
     B, T, I = x.shape
     H = dh.shape[1]
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
     dg = np.empty((B, 3 * H), x.dtype)  # this step's d_gh, contiguous for the GEMM
     dh_z = np.empty((B, H), x.dtype)    # the direct path dh * z
     dh_rec = np.empty((B, H), x.dtype)
     for t in range(T - 1, -1, -1):
         for b in range(B):
-            Dx, Dh, s = d_gx[b, t], d_gh[b, t], dg[b]
             if t >= lengths[b]:
-                for j in range(3 * H):
-                    Dx[j] = zero
-                    Dh[j] = zero
-                    s[j] = zero
+                dg[b] = 0
+                d_gx[b, t] = 0
+                d_gh[b, t] = 0
                 continue
-            dhb = dh[b]
             if has_d_out:
-                do = d_out[b, t]
-                for j in range(H):
-                    dhb[j] += do[j]
-            a, ghn, hp, dz = acts[b, t], gh_n[b, t], h_prev[b, t], dh_z[b]
-            for j in range(H):
-                r, z, n = a[j], a[H + j], a[2 * H + j]
-                dht = dhb[j]
-                dan = dht * (one - z) * (one - n * n)
-                daz = dht * (hp[j] - n) * z * (one - z)
-                dar = dan * ghn[j] * r * (one - r)
-                Dx[j] = dar
-                Dx[H + j] = daz
-                Dx[2 * H + j] = dan
-                Dh[j] = dar
-                Dh[H + j] = daz
-                Dh[2 * H + j] = dan * r
-                s[j] = dar
-                s[H + j] = daz
-                s[2 * H + j] = dan * r
-                dz[j] = dht * z
+                add_into(dh[b], d_out[b, t])
+            _after_back_row(acts[b, t], gh_n[b, t], h_prev[b, t], dh[b], d_gx[b, t], dg[b],
+                            dh_z[b], H)
+            d_gh[b, t] = dg[b]
         np.dot(dg, w_hh, dh_rec)
         for b in range(B):
             if t < lengths[b]:
-                for j in range(H):
-                    dh[b, j] = dh_rec[b, j] + dh_z[b, j]
+                dh[b] = dh_rec[b]
+                add_into(dh[b], dh_z[b])
     weight_grads(x, h_prev, d_gx, d_gh, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+# ------------------------------------------------------------------------ reset_after=False
+
+@njit(**JIT)
+def _before_fwd_row_rz(a, g, bias, h, rh, H):
+    """a [3H]: r and z blocks from x W_ih^T to activations; g [2H] = h W_hrz^T; rh [H] = r h."""
+    for j in range(H):
+        r = sigmoid(a[j] + g[j] + bias[j])
+        a[j] = r
+        a[H + j] = sigmoid(a[H + j] + g[H + j] + bias[H + j])
+        rh[j] = r * h[j]
+
+
+@njit(**JIT)
+def _before_fwd_row_n(a, g, bias, h, out, H):
+    """a [3H]: n block to its activation; g [H] = (r h) W_hn^T; h, out [H]: the new state."""
+    one = a.dtype.type(1)
+    for j in range(H):
+        z = a[H + j]
+        n = tanh(a[2 * H + j] + g[j] + bias[2 * H + j])
+        hnew = (one - z) * n + z * h[j]
+        a[2 * H + j] = n
+        h[j] = hnew
+        out[j] = hnew
+
+
+@njit(**JIT)
+def _before_back_row_nz(a, h_prev, dh, d_n, d_rz, direct, H):
+    """dh [H] total gradient reaching h_t; out: d_n [H], the z half of d_rz [2H], and
+    direct [H] = dh * z (the path to h_{t-1} that skips the GEMMs)."""
+    one = a.dtype.type(1)
+    for j in range(H):
+        z, n = a[H + j], a[2 * H + j]
+        dht = dh[j]
+        d_n[j] = dht * (one - z) * (one - n * n)
+        d_rz[H + j] = dht * (h_prev[j] - n) * z * (one - z)
+        direct[j] = dht * z
+
+
+@njit(**JIT)
+def _before_back_row_r(a, h_prev, d_rh, d_rz, direct, H):
+    """d_rh [H] = d_n W_hn, gradient reaching r h; out: the r half of d_rz [2H], and
+    direct [H] += d_rh * r."""
+    one = a.dtype.type(1)
+    for j in range(H):
+        r = a[j]
+        d_rz[j] = d_rh[j] * h_prev[j] * r * (one - r)
+        direct[j] += d_rh[j] * r
+
+
+@njit(**JIT)
 def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_prev):
     """Forward over all T steps, ``reset_after=False`` (TF1 ``GRUCell``).
 
@@ -124,8 +176,6 @@ def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_pre
     """
     B, T, I = x.shape
     H = h.shape[1]
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
     w_rz, w_n = w_hh[:2 * H], w_hh[2 * H:]
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
     h[:] = h0
@@ -135,39 +185,21 @@ def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_pre
     for t in range(T):
         np.dot(h, w_rz.T, g_rz)
         for b in range(B):
-            hb, hp, rhs, rhb = h[b], h_prev[b, t], rh_t[b], rh[b, t]
-            for j in range(H):
-                hp[j] = hb[j]
-            if t >= lengths[b]:
-                for j in range(H):
-                    rhs[j] = zero
-                    rhb[j] = zero  # finite: the dW_hh GEMM multiplies it by a zero gradient
-                continue
-            a, g = acts[b, t], g_rz[b]
-            for j in range(H):
-                r = sigmoid(a[j] + g[j] + bias[j])
-                a[j] = r
-                a[H + j] = sigmoid(a[H + j] + g[H + j] + bias[H + j])
-                rhs[j] = r * hb[j]
-                rhb[j] = rhs[j]
+            h_prev[b, t] = h[b]
+            if t < lengths[b]:
+                _before_fwd_row_rz(acts[b, t], g_rz[b], bias, h[b], rh_t[b], H)
+            else:
+                rh_t[b] = 0  # finite: the dW_hh GEMM multiplies it by a zero gradient
+            rh[b, t] = rh_t[b]
         np.dot(rh_t, w_n.T, g_n)
         for b in range(B):
-            hb, ob = h[b], out[b, t]
-            if t >= lengths[b]:
-                for j in range(H):
-                    ob[j] = zero
-                continue
-            a, g = acts[b, t], g_n[b]
-            for j in range(H):
-                z = a[H + j]
-                n = tanh(a[2 * H + j] + g[j] + bias[2 * H + j])
-                hnew = (one - z) * n + z * hb[j]
-                a[2 * H + j] = n
-                hb[j] = hnew
-                ob[j] = hnew
+            if t < lengths[b]:
+                _before_fwd_row_n(acts[b, t], g_n[b], bias, h[b], out[b, t], H)
+            else:
+                out[b, t] = 0
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**JIT)
 def gru_before_backward(x, w_ih, w_hh, acts, rh, h_prev, lengths, d_out, has_d_out,
                         dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_rz, d_n):
     """BPTT over all T steps, ``reset_after=False``, from what :func:`gru_before_forward` saved.
@@ -179,8 +211,6 @@ def gru_before_backward(x, w_ih, w_hh, acts, rh, h_prev, lengths, d_out, has_d_o
     """
     B, T, I = x.shape
     H = dh.shape[1]
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
     w_rz, w_n = w_hh[:2 * H], w_hh[2 * H:]
     s_n = np.empty((B, H), x.dtype)        # this step's d_n
     s_rz = np.empty((B, 2 * H), x.dtype)   # this step's d_rz
@@ -189,48 +219,26 @@ def gru_before_backward(x, w_ih, w_hh, acts, rh, h_prev, lengths, d_out, has_d_o
     dh_rec = np.empty((B, H), x.dtype)
     for t in range(T - 1, -1, -1):
         for b in range(B):
-            Drz, Dn, sn, srz = d_rz[b, t], d_n[b, t], s_n[b], s_rz[b]
             if t >= lengths[b]:
-                for j in range(H):
-                    Dn[j] = zero
-                    sn[j] = zero
-                for j in range(2 * H):
-                    Drz[j] = zero
-                    srz[j] = zero
+                s_n[b] = 0
+                s_rz[b] = 0
+                d_n[b, t] = 0
+                d_rz[b, t] = 0
                 continue
-            dhb = dh[b]
             if has_d_out:
-                do = d_out[b, t]
-                for j in range(H):
-                    dhb[j] += do[j]
-            a, hp, dr = acts[b, t], h_prev[b, t], direct[b]
-            for j in range(H):
-                z, n = a[H + j], a[2 * H + j]
-                dht = dhb[j]
-                dan = dht * (one - z) * (one - n * n)
-                daz = dht * (hp[j] - n) * z * (one - z)
-                Dn[j] = dan
-                sn[j] = dan
-                Drz[H + j] = daz
-                srz[H + j] = daz
-                dr[j] = dht * z
+                add_into(dh[b], d_out[b, t])
+            _before_back_row_nz(acts[b, t], h_prev[b, t], dh[b], s_n[b], s_rz[b], direct[b], H)
+            d_n[b, t] = s_n[b]
         np.dot(s_n, w_n, d_rh)
         for b in range(B):
-            if t >= lengths[b]:
-                continue
-            a, hp, Drz, srz, dr, drh = acts[b, t], h_prev[b, t], d_rz[b, t], s_rz[b], \
-                direct[b], d_rh[b]
-            for j in range(H):
-                r = a[j]
-                dar = drh[j] * hp[j] * r * (one - r)
-                Drz[j] = dar
-                srz[j] = dar
-                dr[j] += drh[j] * r
+            if t < lengths[b]:
+                _before_back_row_r(acts[b, t], h_prev[b, t], d_rh[b], s_rz[b], direct[b], H)
+                d_rz[b, t] = s_rz[b]
         np.dot(s_rz, w_rz, dh_rec)
         for b in range(B):
             if t < lengths[b]:
-                for j in range(H):
-                    dh[b, j] = dh_rec[b, j] + direct[b, j]
+                dh[b] = dh_rec[b]
+                add_into(dh[b], direct[b])
     # weight gradients, one GEMM per gate group over all B*T rows
     BT = B * T
     X, D_rz, D_n = x.reshape(BT, I), d_rz.reshape(BT, 2 * H), d_n.reshape(BT, H)

@@ -1,17 +1,45 @@
 """Numba Elman RNN kernels (tanh or relu): whole-layer forward and BPTT, one compiled call each.
 
 Shape legend: B batch, T time steps, I input size, H hidden size. Math: :mod:`rnnkern.reference`;
-structure and length handling as in :mod:`rnnkern.backends.numba_lstm`.
+structure, row helpers and length handling as in :mod:`rnnkern.backends.numba_lstm`.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .numba_math import tanh, weight_grads
+from .numba_math import JIT, add_into, tanh, weight_grads
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**JIT)
+def _fwd_row(a, g, bias, relu, h, out, H):
+    """a [H]: x W_ih^T in, the new hidden state out; g [H] = h W_hh^T; h, out [H] new state."""
+    zero = a.dtype.type(0)
+    if relu:
+        for j in range(H):
+            a[j] = max(a[j] + g[j] + bias[j], zero)
+    else:
+        for j in range(H):
+            a[j] = tanh(a[j] + g[j] + bias[j])
+    for j in range(H):
+        h[j] = a[j]
+        out[j] = a[j]
+
+
+@njit(**JIT)
+def _back_row(a, relu, dh, d, H):
+    """a [H] the saved new state, dh [H] gradient reaching it; d [H] out: pre-activation grad."""
+    zero = a.dtype.type(0)
+    one = a.dtype.type(1)
+    if relu:
+        for j in range(H):
+            d[j] = dh[j] if a[j] > zero else zero
+    else:
+        for j in range(H):
+            d[j] = dh[j] * (one - a[j] * a[j])
+
+
+@njit(**JIT)
 def rnn_forward(x, w_ih, w_hh, bias, relu, h0, lengths, out, h, acts, h_prev):
     """Forward over all T steps.
 
@@ -22,33 +50,20 @@ def rnn_forward(x, w_ih, w_hh, bias, relu, h0, lengths, out, h, acts, h_prev):
     """
     B, T, I = x.shape
     H = h.shape[1]
-    zero = x.dtype.type(0)
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, H))
     h[:] = h0
     gh = np.empty((B, H), x.dtype)
     for t in range(T):
         np.dot(h, w_hh.T, gh)
         for b in range(B):
-            hb, hp, ob = h[b], h_prev[b, t], out[b, t]
-            for j in range(H):
-                hp[j] = hb[j]
-            if t >= lengths[b]:
-                for j in range(H):
-                    ob[j] = zero
-                continue
-            a, g = acts[b, t], gh[b]
-            if relu:
-                for j in range(H):
-                    a[j] = max(a[j] + g[j] + bias[j], zero)
+            h_prev[b, t] = h[b]
+            if t < lengths[b]:
+                _fwd_row(acts[b, t], gh[b], bias, relu, h[b], out[b, t], H)
             else:
-                for j in range(H):
-                    a[j] = tanh(a[j] + g[j] + bias[j])
-            for j in range(H):
-                hb[j] = a[j]
-                ob[j] = a[j]
+                out[b, t] = 0
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**JIT)
 def rnn_backward(x, w_ih, w_hh, relu, acts, h_prev, lengths, d_out, has_d_out,
                  dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_pre):
     """BPTT over all T steps, from the arrays :func:`rnn_forward` saved.
@@ -59,32 +74,18 @@ def rnn_backward(x, w_ih, w_hh, relu, acts, h_prev, lengths, d_out, has_d_out,
     """
     B, T, I = x.shape
     H = dh.shape[1]
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
     dg = np.empty((B, H), x.dtype)
     dh_rec = np.empty((B, H), x.dtype)
     for t in range(T - 1, -1, -1):
         for b in range(B):
-            D, s = d_pre[b, t], dg[b]
             if t >= lengths[b]:
-                for j in range(H):
-                    D[j] = zero
-                    s[j] = zero
+                dg[b] = 0
+                d_pre[b, t] = 0
                 continue
-            dhb = dh[b]
             if has_d_out:
-                do = d_out[b, t]
-                for j in range(H):
-                    dhb[j] += do[j]
-            a = acts[b, t]
-            if relu:
-                for j in range(H):
-                    s[j] = dhb[j] if a[j] > zero else zero
-            else:
-                for j in range(H):
-                    s[j] = dhb[j] * (one - a[j] * a[j])
-            for j in range(H):
-                D[j] = s[j]
+                add_into(dh[b], d_out[b, t])
+            _back_row(acts[b, t], relu, dh[b], dg[b], H)
+            d_pre[b, t] = dg[b]
         np.dot(dg, w_hh, dh_rec)
         for b in range(B):
             if t < lengths[b]:
