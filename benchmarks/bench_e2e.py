@@ -200,7 +200,13 @@ def main(argv=None):
     p.add_argument("--text", default=SHAKESPEARE, help="char-rnn text (default %(default)s)")
     p.add_argument("--max-batches", type=int, default=0, help="char-rnn batches (0: a full epoch)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--blas-threads", type=int, default=0,
+                   help="set NumPy's and SciPy's OpenBLAS pools (rnnkern's GEMMs) to N threads "
+                        "(default 0: leave them as they are)")
     args = p.parse_args(argv)
+    if args.blas_threads:
+        from rnnkern.labs import limit_blas_threads
+        limit_blas_threads(args.blas_threads)
 
     import torch
     torch.set_num_threads(args.threads)
@@ -208,7 +214,8 @@ def main(argv=None):
     backend = resolve("auto", np.zeros(1)).__name__.rsplit(".", 1)[-1]
     print(f"# rnnkern {rk.__version__} (auto -> {backend}) vs torch {torch.__version__} "
           f"({args.threads} threads); {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+          f"--blas-threads {args.blas_threads or 'unchanged'}; "
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
 
     rows = []
