@@ -6,11 +6,15 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <chrono>
+#include <climits>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "gemm.h"
+#include "gemm_loop.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -276,4 +280,30 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_blas_min_flops", &rk::set_blas_min_flops, py::arg("m_n_k"),
           "GEMMs with M*N*K below this use the built-in loop instead of BLAS.");
     m.def("blas_min_flops", &rk::blas_min_flops);
+    m.def("gemm_loop_isa", &rk::gemm_loop_isa, "Which ISA build of the GEMM loop runs here.");
+    m.def("_bench_gemm",
+          [](int64_t M, int64_t N, int64_t K, bool trans_a, bool blas, int reps) {
+              // float32 C[M,N] = op(A) B, best of `reps` (for benchmarks/bench_cpp_gemm.py)
+              if (M <= 0 || N <= 0 || K <= 0 || reps <= 0)
+                  throw py::value_error("M, N, K and reps must be positive");
+              std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
+              const int64_t before = rk::blas_min_flops();
+              if (blas && !rk::have_blas()) throw py::value_error("no BLAS registered");
+              rk::set_blas_min_flops(blas ? 0 : INT64_MAX);
+              double best = 1e30;
+              {
+                  py::gil_scoped_release nogil;
+                  for (int r = 0; r < reps; ++r) {
+                      auto t0 = std::chrono::steady_clock::now();
+                      rk::gemm<float>(trans_a, M, N, K, 1.0f, A.data(), trans_a ? M : K,
+                                      B.data(), N, 0.0f, C.data(), N);
+                      std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+                      best = std::min(best, dt.count());
+                  }
+              }
+              rk::set_blas_min_flops(before);
+              return best;
+          },
+          py::arg("M"), py::arg("N"), py::arg("K"), py::arg("trans_a"), py::arg("blas"),
+          py::arg("reps"));
 }

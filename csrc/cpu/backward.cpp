@@ -20,16 +20,11 @@ namespace {
 // (the GEMM adds the rest); d_out: this row of d_outputs or null.
 
 template <typename T>
-RK_ALWAYS_INLINE T dh_in(const T* __restrict__ dh, const T* __restrict__ d_out, int64_t j) {
-    return d_out ? dh[j] + d_out[j] : dh[j];
-}
-
-template <typename T>
 RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, const T* __restrict__ act,
                               const T* __restrict__ d_out, T* __restrict__ dh,
                               T* __restrict__ dgx) {
     for (int64_t j = 0; j < H; ++j) {
-        dgx[j] = rnn_backward_point(act[j], dh_in(dh, d_out, j), relu);
+        dgx[j] = rnn_backward_point(act[j], (d_out ? dh[j] + d_out[j] : dh[j]), relu);
         dh[j] = T(0);
     }
 }
@@ -37,11 +32,21 @@ RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, const T* __restrict__ act,
 template <typename T>
 RK_ALWAYS_INLINE void lstm_row(int64_t H, const T* __restrict__ act, const T* __restrict__ c_prev,
                                const T* __restrict__ d_out, T* __restrict__ dh,
-                               T* __restrict__ dc, T* __restrict__ dgx) {
+                               T* __restrict__ dc, T* dgx) {
+    // one restrict pointer per gate block of dgx, so GCC sees the stores cannot overlap
+    T* __restrict__ d_i = dgx;
+    T* __restrict__ d_f = dgx + H;
+    T* __restrict__ d_g = dgx + 2 * H;
+    T* __restrict__ d_o = dgx + 3 * H;
     for (int64_t j = 0; j < H; ++j) {
+        T di, df, dg, dO, dcp;
         lstm_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], act[4 * H + j],
-                            c_prev[j], dh_in(dh, d_out, j), dc[j], dgx[j], dgx[H + j],
-                            dgx[2 * H + j], dgx[3 * H + j], dc[j]);
+                            c_prev[j], (d_out ? dh[j] + d_out[j] : dh[j]), dc[j], di, df, dg, dO, dcp);
+        d_i[j] = di;
+        d_f[j] = df;
+        d_g[j] = dg;
+        d_o[j] = dO;
+        dc[j] = dcp;
         dh[j] = T(0);
     }
 }
@@ -50,17 +55,23 @@ RK_ALWAYS_INLINE void lstm_row(int64_t H, const T* __restrict__ act, const T* __
 template <typename T>
 RK_ALWAYS_INLINE void gru_after_row(int64_t H, const T* __restrict__ act,
                                     const T* __restrict__ h_prev, const T* __restrict__ d_out,
-                                    T* __restrict__ dh, T* __restrict__ dgx, T* __restrict__ dgh) {
+                                    T* __restrict__ dh, T* dgx, T* dgh) {
+    T* __restrict__ x_r = dgx;
+    T* __restrict__ x_z = dgx + H;
+    T* __restrict__ x_n = dgx + 2 * H;
+    T* __restrict__ h_r = dgh;
+    T* __restrict__ h_z = dgh + H;
+    T* __restrict__ h_n = dgh + 2 * H;
     for (int64_t j = 0; j < H; ++j) {
         T d_ar, d_az, d_an, d_ghn, direct;
         gru_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], h_prev[j],
-                           dh_in(dh, d_out, j), true, d_ar, d_az, d_an, d_ghn, direct);
-        dgx[j] = d_ar;
-        dgx[H + j] = d_az;
-        dgx[2 * H + j] = d_an;
-        dgh[j] = d_ar;
-        dgh[H + j] = d_az;
-        dgh[2 * H + j] = d_ghn;
+                           (d_out ? dh[j] + d_out[j] : dh[j]), true, d_ar, d_az, d_an, d_ghn, direct);
+        x_r[j] = d_ar;
+        x_z[j] = d_az;
+        x_n[j] = d_an;
+        h_r[j] = d_ar;
+        h_z[j] = d_az;
+        h_n[j] = d_ghn;
         dh[j] = direct;
     }
 }
@@ -69,13 +80,15 @@ RK_ALWAYS_INLINE void gru_after_row(int64_t H, const T* __restrict__ act,
 template <typename T>
 RK_ALWAYS_INLINE void gru_before_row1(int64_t H, const T* __restrict__ act,
                                       const T* __restrict__ h_prev, const T* __restrict__ d_out,
-                                      T* __restrict__ dh, T* __restrict__ dgx) {
+                                      T* __restrict__ dh, T* dgx) {
+    T* __restrict__ x_z = dgx + H;
+    T* __restrict__ x_n = dgx + 2 * H;
     for (int64_t j = 0; j < H; ++j) {
         T d_ar, d_az, d_an, d_ghn, direct;
         gru_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], h_prev[j],
-                           dh_in(dh, d_out, j), false, d_ar, d_az, d_an, d_ghn, direct);
-        dgx[H + j] = d_az;
-        dgx[2 * H + j] = d_an;
+                           (d_out ? dh[j] + d_out[j] : dh[j]), false, d_ar, d_az, d_an, d_ghn, direct);
+        x_z[j] = d_az;
+        x_n[j] = d_an;
         dh[j] = direct;
     }
 }

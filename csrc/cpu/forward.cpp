@@ -28,65 +28,86 @@ RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, T* __restrict__ act, const T
 }
 
 template <typename T>
-RK_ALWAYS_INLINE void lstm_row(int64_t H, T fb, T* __restrict__ act, const T* __restrict__ gh,
-                               const T* __restrict__ b_hh, const T* __restrict__ c_prev,
-                               T* __restrict__ c_new, T* __restrict__ h_new) {
+RK_ALWAYS_INLINE void lstm_row(int64_t H, T fb, T* act, const T* __restrict__ gh, const T* __restrict__ bh,
+                               const T* __restrict__ c_prev, T* __restrict__ c_new,
+                               T* __restrict__ h_new) {
+    // one restrict pointer per gate block: with a single `act` GCC cannot rule out that a write
+    // to act[j] feeds a later read of act[H + j'] and leaves the loop scalar
+    T* __restrict__ s_i = act;
+    T* __restrict__ s_f = act + H;
+    T* __restrict__ s_g = act + 2 * H;
+    T* __restrict__ s_o = act + 3 * H;
+    T* __restrict__ s_tc = act + 4 * H;
     for (int64_t j = 0; j < H; ++j) {
-        T i, f, g, o, tc;
-        lstm_forward_point(act[j] + gh[j] + b_hh[j], act[H + j] + gh[H + j] + b_hh[H + j],
-                           act[2 * H + j] + gh[2 * H + j] + b_hh[2 * H + j],
-                           act[3 * H + j] + gh[3 * H + j] + b_hh[3 * H + j], c_prev[j], fb,
-                           i, f, g, o, tc, c_new[j], h_new[j]);
-        act[j] = i;
-        act[H + j] = f;
-        act[2 * H + j] = g;
-        act[3 * H + j] = o;
-        act[4 * H + j] = tc;
+        // results into locals first: writing through references into the arrays being read
+        // also keeps GCC from vectorising
+        T i, f, g, o, tc, c, h;
+        lstm_forward_point(s_i[j] + gh[j] + bh[j], s_f[j] + gh[H + j] + bh[H + j],
+                           s_g[j] + gh[2 * H + j] + bh[2 * H + j],
+                           s_o[j] + gh[3 * H + j] + bh[3 * H + j], c_prev[j], fb,
+                           i, f, g, o, tc, c, h);
+        s_i[j] = i;
+        s_f[j] = f;
+        s_g[j] = g;
+        s_o[j] = o;
+        s_tc[j] = tc;
+        c_new[j] = c;
+        h_new[j] = h;
     }
 }
 
 // GRU, reset_after=true: gh holds all three blocks of h W_hh^T.
 template <typename T>
-RK_ALWAYS_INLINE void gru_after_row(int64_t H, T* __restrict__ act, const T* __restrict__ gh,
-                                    const T* __restrict__ b_hh, const T* __restrict__ h_prev,
-                                    T* __restrict__ h_new) {
+RK_ALWAYS_INLINE void gru_after_row(int64_t H, T* act, const T* __restrict__ gh, const T* __restrict__ bh,
+                                    const T* __restrict__ h_prev, T* __restrict__ h_new) {
+    T* __restrict__ s_r = act;  // one restrict pointer per slot block (see lstm_row)
+    T* __restrict__ s_z = act + H;
+    T* __restrict__ s_n = act + 2 * H;
+    T* __restrict__ s_ghn = act + 3 * H;
     for (int64_t j = 0; j < H; ++j) {
-        T r, z, n;
-        gru_gates_point(act[j] + gh[j] + b_hh[j], act[H + j] + gh[H + j] + b_hh[H + j], r, z);
-        const T ghn = gh[2 * H + j] + b_hh[2 * H + j];
-        gru_forward_point(r, z, act[2 * H + j], ghn, h_prev[j], true, n, h_new[j]);
-        act[j] = r;
-        act[H + j] = z;
-        act[2 * H + j] = n;
-        act[3 * H + j] = ghn;
+        T r, z, n, h;
+        gru_gates_point(s_r[j] + gh[j] + bh[j], s_z[j] + gh[H + j] + bh[H + j], r, z);
+        const T ghn = gh[2 * H + j] + bh[2 * H + j];
+        gru_forward_point(r, z, s_n[j], ghn, h_prev[j], true, n, h);
+        h_new[j] = h;
+        s_r[j] = r;
+        s_z[j] = z;
+        s_n[j] = n;
+        s_ghn[j] = ghn;
     }
 }
 
 // GRU, reset_after=false, phase 1: gates r, z (gh holds the r, z blocks) and r*h for the W_hn GEMM.
 template <typename T>
-RK_ALWAYS_INLINE void gru_before_gates_row(int64_t H, T* __restrict__ act, const T* __restrict__ gh,
-                                           const T* __restrict__ b_hh,
+RK_ALWAYS_INLINE void gru_before_gates_row(int64_t H, T* act, const T* __restrict__ gh, const T* __restrict__ bh,
                                            const T* __restrict__ h_prev, T* __restrict__ rh) {
+    T* __restrict__ s_r = act;
+    T* __restrict__ s_z = act + H;
     for (int64_t j = 0; j < H; ++j) {
         T r, z;
-        gru_gates_point(act[j] + gh[j] + b_hh[j], act[H + j] + gh[H + j] + b_hh[H + j], r, z);
-        act[j] = r;
-        act[H + j] = z;
+        gru_gates_point(s_r[j] + gh[j] + bh[j], s_z[j] + gh[H + j] + bh[H + j], r, z);
+        s_r[j] = r;
+        s_z[j] = z;
         rh[j] = r * h_prev[j];
     }
 }
 
 // GRU, reset_after=false, phase 2: ghn = (r h) W_hn^T without bias.
 template <typename T>
-RK_ALWAYS_INLINE void gru_before_new_row(int64_t H, T* __restrict__ act, const T* __restrict__ ghn,
+RK_ALWAYS_INLINE void gru_before_new_row(int64_t H, T* act, const T* __restrict__ ghn,
                                          const T* __restrict__ b_hn, const T* __restrict__ h_prev,
                                          T* __restrict__ h_new) {
+    const T* __restrict__ s_r = act;
+    const T* __restrict__ s_z = act + H;
+    T* __restrict__ s_n = act + 2 * H;
+    T* __restrict__ s_ghn = act + 3 * H;
     for (int64_t j = 0; j < H; ++j) {
-        T n;
+        T n, h;
         const T g = ghn[j] + b_hn[j];
-        gru_forward_point(act[j], act[H + j], act[2 * H + j], g, h_prev[j], false, n, h_new[j]);
-        act[2 * H + j] = n;
-        act[3 * H + j] = g;
+        gru_forward_point(s_r[j], s_z[j], s_n[j], g, h_prev[j], false, n, h);
+        h_new[j] = h;
+        s_n[j] = n;
+        s_ghn[j] = g;
     }
 }
 

@@ -12,6 +12,9 @@
 
 namespace rk {
 
+// which build runs here: "avx512", "avx2" or "base"
+const char* gemm_loop_isa();
+
 void gemm_loop(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm_loop(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
