@@ -191,3 +191,46 @@ def test_both_gemm_paths_match_reference(gemm_path, path, spec, dtype):
             assert_close(g, w, what)
     for k in wb[3]:
         assert_close(gb[3][k], wb[3][k], k)
+
+
+_ISA_CHECK = """
+import numpy as np
+from rnnkern import reference
+from rnnkern.backends import cpp
+from rnnkern.cellspec import CellSpec
+cpp._C.set_blas(None, None)  # every product through the loop build under test
+print(cpp._C.gemm_loop_isa())
+rng = np.random.default_rng(5)
+for spec in (CellSpec("lstm"), CellSpec("gru", reset_after=False)):
+    B, T, I, H, G = 6, 3, 19, 37, spec.gates  # 4-row blocks + remainder, full and tail columns
+    a = dict(x=rng.standard_normal((B, T, I)), w_ih=rng.standard_normal((G * H, I)) * 0.2,
+             w_hh=rng.standard_normal((G * H, H)) * 0.2, b_ih=rng.standard_normal(G * H),
+             b_hh=rng.standard_normal(G * H), h0=rng.standard_normal((B, H)),
+             c0=rng.standard_normal((B, H)) if spec.has_cell_state else None, lengths=None)
+    d = rng.standard_normal((B, T, H))
+    got, want = cpp.forward(spec, **a), reference.forward(spec, **a)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+    gb = cpp.backward(spec, got[3], d, None, None)
+    wb = reference.backward(spec, want[3], d, None, None)
+    np.testing.assert_allclose(gb[0], wb[0], rtol=1e-10, atol=1e-12)
+    for k in wb[3]:
+        np.testing.assert_allclose(gb[3][k], wb[3][k], rtol=1e-10, atol=1e-12)
+"""
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_narrower_gemm_builds_match_reference(isa):
+    """The GEMM loop is compiled per ISA; this machine runs its widest, so force the others."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RNNKERN_GEMM_ISA=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    ran = run.stdout.split()[0]
+    if ran != isa:  # avx2 requested on a CPU without it: the base build ran instead
+        assert isa == "avx2" and ran == "base", ran
+        pytest.skip("this CPU lacks AVX2")
