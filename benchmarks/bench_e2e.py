@@ -172,7 +172,7 @@ def torch_char_rnn(torch, batches, C):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
-        return float(loss), tuple(s.detach() for s in state)   # truncated BPTT
+        return float(loss.detach()), tuple(s.detach() for s in state)   # truncated BPTT
 
     step(*data[0], None)
 
