@@ -1,0 +1,24 @@
+"""Tunables of the CPU backends, in one place. Read at call time, so tests may patch them.
+
+Never read inside a compiled (cached) kernel: Numba would freeze the value into its cache.
+"""
+
+# Workspace pool of the Numba backend (rnnkern.backends.numba_cpu): arrays of at least this many
+# bytes (saved activations, backward scratch) are recycled instead of freshly allocated, since a
+# fresh large array page-faults on first touch (measured at B=50, T=50, H=128: 5 ms of a 13 ms
+# LSTM forward). Smaller ones come cheaply from malloc.
+POOL_MIN_BYTES = 1 << 18
+
+# The pool keeps at most this many idle bytes; beyond it, returned arrays are simply dropped.
+POOL_MAX_BYTES = 1 << 30
+
+# Batch-parallel runs of the Numba backend: the batch is cut into contiguous chunks that run the
+# whole recurrence independently on THREADS threads (no synchronisation per time step), with the
+# BLAS pinned to one thread meanwhile. None: the CPUs this process may use.
+THREADS = None
+
+# Cut only when each chunk keeps at least SPLIT_MIN_ROWS batch rows and the layer's GEMM work,
+# 2*B*T*G*H*(I+H) flops, reaches SPLIT_MIN_FLOPS (below it, handing work to a thread costs more
+# than it saves).
+SPLIT_MIN_ROWS = 8
+SPLIT_MIN_FLOPS = 4_000_000

@@ -1,0 +1,173 @@
+"""Numba backend specifics: the float32 fast activations, batch-parallel chunks, the workspace
+pool, and the BLAS thread count it restores. Parity of the kernels themselves with the reference
+lives in test_backend_parity.py. Tunables in rnnkern.config are patched small so the multi-chunk
+and pooled paths run on tiny inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnnkern as rk
+from rnnkern import config, reference
+from rnnkern.cellspec import CellSpec
+
+numba = pytest.importorskip("numba")
+from rnnkern.backends import numba_cpu, numba_math  # noqa: E402
+
+from conftest import assert_close  # noqa: E402
+
+SPECS = [CellSpec("lstm", forget_bias=1.0), CellSpec("gru"), CellSpec("gru", reset_after=False),
+         CellSpec("rnn"), CellSpec("rnn", nonlinearity="relu")]
+IDS = ["lstm", "gru", "gru_tf1", "rnn_tanh", "rnn_relu"]
+
+
+@numba.njit
+def _apply(fn_id, x, out):
+    for i in range(x.shape[0]):
+        out[i] = numba_math.tanh(x[i]) if fn_id == 0 else numba_math.sigmoid(x[i])
+
+
+def _activations(x):
+    t, s = np.empty_like(x), np.empty_like(x)
+    _apply(0, x, t)
+    _apply(1, x, s)
+    return t, s
+
+
+def test_float32_activations_are_accurate_everywhere():
+    x = np.concatenate([np.linspace(-30, 30, 400_001), [-np.inf, np.inf, 0.0, -0.0],
+                        np.geomspace(1e-30, 1e-3, 50)]).astype(np.float32)
+    t, s = _activations(x)
+    x64 = x.astype(np.float64)
+    assert t.dtype == np.float32
+    assert np.abs(t - np.tanh(x64)).max() <= 4e-7
+    assert np.abs(s - 1 / (1 + np.exp(-x64))).max() <= 4e-7
+    small = np.abs(x64) < 1e-3                      # tanh(x) ~ x: relative accuracy near zero
+    assert np.all(np.abs(t[small] - x64[small]) <= 1e-6 * np.abs(x64[small]))
+    assert t[-1] == 0 or np.all(np.sign(t) == np.sign(x))  # odd, saturates at +-1
+    assert np.all(np.abs(t) <= 1) and np.all((s >= 0) & (s <= 1))
+
+
+def test_float32_activations_match_their_pure_python_version():
+    x = np.linspace(-12, 12, 2001).astype(np.float32)
+    t, s = _activations(x)
+    py_t = np.array([numba_math.tanh(v) for v in x], np.float32)
+    py_s = np.array([numba_math.sigmoid(v) for v in x], np.float32)
+    np.testing.assert_allclose(t, py_t, rtol=0, atol=2e-7)   # FMA contraction only
+    np.testing.assert_allclose(s, py_s, rtol=0, atol=2e-7)
+
+
+def test_float64_activations_are_libm():
+    x = np.linspace(-40, 40, 10_001)
+    t, s = _activations(x)
+    np.testing.assert_allclose(t, np.tanh(x), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(s, 1 / (1 + np.exp(-x)), rtol=1e-15, atol=0)
+
+
+def _seam_case(spec, dtype, B=7, T=5, I=3, H=6, lengths=(5, 0, 3, 5, 1, 2, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    G = spec.gates
+
+    def n(*shape):
+        return (0.5 * rng.standard_normal(shape)).astype(dtype)
+
+    args = dict(x=n(B, T, I), w_ih=n(G * H, I), w_hh=n(G * H, H), b_ih=n(G * H), b_hh=n(G * H),
+                h0=n(B, H), c0=n(B, H) if spec.has_cell_state else None,
+                lengths=np.asarray(lengths, np.int64))
+    grads = (n(B, T, H), n(B, H), n(B, H) if spec.has_cell_state else None)
+    return args, grads
+
+
+def _check_against_reference(spec, args, grads):
+    out, h, c, saved = numba_cpu.forward(spec, **args)
+    dx, dh0, dc0, g = numba_cpu.backward(spec, saved, *grads)
+
+    def f64(a):
+        return None if a is None or a.dtype.kind != "f" else a.astype(np.float64)
+
+    r_out, r_h, r_c, r_saved = reference.forward(
+        spec, **{k: (v if k == "lengths" else f64(v)) for k, v in args.items()})
+    r_dx, r_dh0, r_dc0, r_g = reference.backward(spec, r_saved, *map(f64, grads))
+    for got, want, what in [(out, r_out, "outputs"), (h, r_h, "h_n"), (dx, r_dx, "dx"),
+                            (dh0, r_dh0, "dh0")] + [(g[k], r_g[k], k) for k in r_g]:
+        assert_close(got, want, f"{spec}: {what}")
+    if spec.has_cell_state:
+        assert_close(c, r_c, f"{spec}: c_n")
+        assert_close(dc0, r_dc0, f"{spec}: dc0")
+
+
+@pytest.fixture
+def split_small(monkeypatch):
+    """Force batch-parallel runs on tiny inputs: 3 chunks of >= 1 row."""
+    monkeypatch.setattr(config, "THREADS", 3)
+    monkeypatch.setattr(config, "SPLIT_MIN_ROWS", 1)
+    monkeypatch.setattr(config, "SPLIT_MIN_FLOPS", 0)
+    if not numba_cpu._BLAS.locate():
+        pytest.skip("no OpenBLAS thread control found: runs are never split here")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_batch_chunks_match_reference(split_small, spec, dtype):
+    assert len(numba_cpu._chunks(spec, 7, 5, 3, 6)) == 3
+    args, grads = _seam_case(spec, dtype)
+    _check_against_reference(spec, args, grads)
+
+
+def test_batch_chunks_restore_the_blas_thread_count(split_small):
+    blas = numba_cpu._BLAS
+    before = blas._get()
+    args, grads = _seam_case(CellSpec("lstm"), np.float32)
+    out, *_ = numba_cpu.forward(CellSpec("lstm"), **args)
+    assert blas._get() == before and blas._depth == 0
+
+
+def test_chunk_rule_keeps_small_work_on_one_thread(monkeypatch):
+    monkeypatch.setattr(config, "THREADS", 2)
+    lstm = CellSpec("lstm")
+    assert numba_cpu._chunks(lstm, 1, 6, 5, 5) == [(0, 1)]               # lab size
+    assert numba_cpu._chunks(lstm, 15, 100, 512, 512) == [(0, 15)]       # too few rows
+    monkeypatch.setattr(config, "THREADS", 1)
+    assert numba_cpu._chunks(lstm, 64, 100, 512, 512) == [(0, 64)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_pooled_workspaces_never_leak_between_calls(monkeypatch, spec):
+    """With every array pooled, repeated calls (saved records dying in between) stay exact."""
+    monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
+    numba_cpu.clear_workspaces()
+    for seed in range(4):
+        args, grads = _seam_case(spec, np.float64, seed=seed)
+        _check_against_reference(spec, args, grads)
+    assert numba_cpu._POOL._bytes > 0, "nothing came back to the pool"
+    numba_cpu.clear_workspaces()
+    assert numba_cpu._POOL._bytes == 0
+
+
+def test_pool_respects_its_byte_limit(monkeypatch):
+    monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(config, "POOL_MAX_BYTES", 1000)
+    numba_cpu.clear_workspaces()
+    numba_cpu._POOL.give([np.empty(100), np.empty(100)])  # 800 bytes each
+    assert numba_cpu._POOL._bytes == 800
+    numba_cpu.clear_workspaces()
+
+
+def test_layer_results_survive_later_calls_with_pooling(monkeypatch):
+    monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
+    layer = rk.LSTM(3, 4, 2, backend="numba", dtype="float64", seed=0)
+    x1 = np.random.default_rng(1).standard_normal((2, 5, 3))
+    out1, (h1, c1) = layer(x1)
+    dx1, _ = layer.backward(np.ones_like(out1))
+    keep = [a.copy() for a in (out1, h1, c1, dx1)]
+    for seed in range(2, 5):
+        out, _ = layer(np.random.default_rng(seed).standard_normal((2, 5, 3)))
+        layer.backward(np.ones_like(out))
+    for a, b in zip((out1, h1, c1, dx1), keep):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_available_reports_numba_version():
+    ok, reason = numba_cpu.available()
+    assert ok and numba.__version__ in reason
