@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib
+import math
 import os
 import threading
 import weakref
@@ -45,8 +46,15 @@ def available():
     return True, f"Numba {numba.__version__} JIT kernels"
 
 
+_KERNEL_MODULES = {}
+
+
 def _kernels(kind):
-    return importlib.import_module(f"rnnkern.backends.numba_{kind}")
+    """The kernel module of a cell kind, imported on first use (importing Numba with it)."""
+    mod = _KERNEL_MODULES.get(kind)
+    if mod is None:
+        mod = _KERNEL_MODULES[kind] = importlib.import_module(f"rnnkern.backends.numba_{kind}")
+    return mod
 
 
 # ------------------------------------------------------------------------------ workspace pool
@@ -60,8 +68,8 @@ class _Pool:
         self._lock = threading.Lock()
 
     def take(self, shape, dtype):
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        """An array of ``shape`` and ``dtype`` (a np.dtype), recycled or new; contents undefined."""
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < config.POOL_MIN_BYTES:
             return np.empty(shape, dtype)
         with self._lock:
@@ -167,13 +175,18 @@ _EXECUTOR = None
 _EXECUTOR_LOCK = threading.Lock()
 
 
-def _threads():
-    if config.THREADS is not None:
-        return max(1, int(config.THREADS))
+def _cpus():
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+_CPUS = _cpus()
+
+
+def _threads():
+    return _CPUS if config.THREADS is None else max(1, int(config.THREADS))
 
 
 def _chunks(spec, B, T, I, H):
