@@ -14,10 +14,10 @@ Workloads (float32, full training steps: forward, loss, backward, optimizer upda
 
 rnnkern runs the examples' own model builders and loop (``backend="auto"``: the fastest CPU
 backend); PyTorch runs ``nn.LSTM`` + ``nn.Linear`` (+ ``nn.Embedding``), ``F.cross_entropy``,
-``torch.optim.Adam`` and ``clip_grad_norm_`` with ``torch.set_num_threads(--threads)``. Each repeat
-runs both, alternating which goes first, after one untimed warm-up step each (Numba's compile or
-cache load, oneDNN's primitive creation). Reported: min and median seconds over repeats, and the
-speed-up (PyTorch min / rnnkern min). Both final losses are printed to show comparable work.
+``torch.optim.Adam`` and ``clip_grad_norm_`` with ``torch.set_num_threads(--threads)`` (several
+counts: one PyTorch contestant each). Each repeat runs all, alternating which goes first, after
+one untimed warm-up step each (Numba's compile or cache load, oneDNN's primitive creation). Reported: min and median seconds over repeats, and the
+speed-up (PyTorch min / rnnkern min). Final losses are printed to show comparable work.
 """
 from __future__ import annotations
 
@@ -189,17 +189,29 @@ def torch_char_rnn(torch, batches, C):
 
 
 # ---------------------------------------------------------------------- driver
+def _timed(run, threads, torch):
+    if threads is not None:
+        torch.set_num_threads(threads)
+    time.sleep(0.2)   # let the other contestants' BLAS/OpenMP threads go idle
+    t0 = time.perf_counter()
+    loss = run()
+    return loss, time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     p.add_argument("--repeats", type=int, default=3,
-                   help="runs of hihello/lab12-4 per contestant (default %(default)s; char-rnn: 1)")
-    p.add_argument("--char-repeats", type=int, default=1)
+                   help="runs of hihello/lab12-4 per contestant (default %(default)s)")
+    p.add_argument("--char-repeats", type=int, default=1, help="char-rnn epochs per contestant")
     p.add_argument("--hihello-steps", type=int, default=2000)
     p.add_argument("--lab4-steps", type=int, default=500)
     p.add_argument("--text", default=SHAKESPEARE, help="char-rnn text (default %(default)s)")
     p.add_argument("--max-batches", type=int, default=0, help="char-rnn batches (0: a full epoch)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--threads", type=int, nargs="+", default=[2],
+                   help="torch.set_num_threads for each PyTorch contestant (default 2; e.g. "
+                        "'2 1' also runs a 1-thread PyTorch: on a loaded machine OpenMP's "
+                        "2-thread barriers can cost 10x). Targets are checked against the first.")
     p.add_argument("--blas-threads", type=int, default=0,
                    help="set NumPy's and SciPy's OpenBLAS pools (rnnkern's GEMMs) to N threads "
                         "(default 0: leave them as they are)")
@@ -209,28 +221,30 @@ def main(argv=None):
         limit_blas_threads(args.blas_threads)
 
     import torch
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     from rnnkern.backends import resolve
     backend = resolve("auto", np.zeros(1)).__name__.rsplit(".", 1)[-1]
     print(f"# rnnkern {rk.__version__} (auto -> {backend}) vs torch {torch.__version__} "
-          f"({args.threads} threads); {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+          f"(threads {args.threads}); {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
           f"--blas-threads {args.blas_threads or 'unchanged'}; "
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
+    tnames = [f"torch {n}t" for n in args.threads]
 
     rows = []
     for name in args.only:
         if name == "hihello":
             x, y, C = hihello_data()
             label = f"hihello, {args.hihello_steps} Adam steps"
-            contestants = {"rnnkern": rk_hihello(args.hihello_steps),
-                           "torch": torch_full_batch(torch, x, y, C, C, 1, args.hihello_steps, 0.1)}
+            make_rk = lambda: rk_hihello(args.hihello_steps)  # noqa: E731
+            make_th = lambda: torch_full_batch(torch, x, y, C, C, 1, args.hihello_steps, 0.1)  # noqa: E731
             reps = args.repeats
         elif name == "lab12-4":
             x, y, C = lab12_4_data()
             label = f"lab12-4, {args.lab4_steps} Adam steps (170x10, 2 layers)"
-            contestants = {"rnnkern": rk_lab12_4(args.lab4_steps),
-                           "torch": torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1)}
+            make_rk = lambda: rk_lab12_4(args.lab4_steps)  # noqa: E731
+            make_th = lambda: torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1)  # noqa: E731
             reps = args.repeats
         else:
             if not os.path.isfile(args.text):
@@ -238,33 +252,39 @@ def main(argv=None):
                 continue
             batches, C = char_rnn_data(args.text, args.max_batches)
             label = f"char-rnn epoch, {len(batches)} batches 50x50 (tiny-shakespeare)"
-            contestants = {"rnnkern": rk_char_rnn(batches, C),
-                           "torch": torch_char_rnn(torch, batches, C)}
+            make_rk = lambda: rk_char_rnn(batches, C)  # noqa: E731
+            make_th = lambda: torch_char_rnn(torch, batches, C)  # noqa: E731
             reps = args.char_repeats
+        contestants = {"rnnkern": (make_rk(), None)}
+        for n, tn in zip(args.threads, tnames):
+            torch.set_num_threads(n)
+            contestants[tn] = (make_th(), n)   # its own model: each contestant trains alone
         times = {k: [] for k in contestants}
         losses = {}
         order = list(contestants)
         for r in range(reps):
             for k in (order if r % 2 == 0 else order[::-1]):   # alternate who goes first
-                time.sleep(0.2)   # let the other side's BLAS/OpenMP threads go idle
-                t0 = time.perf_counter()
-                losses[k] = contestants[k]()
-                times[k].append(time.perf_counter() - t0)
+                run, n = contestants[k]
+                losses[k], dt = _timed(run, n, torch)
+                times[k].append(dt)
             print(f"# {name} repeat {r + 1}/{reps}: "
                   + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
-        t_rk, t_th = min(times["rnnkern"]), min(times["torch"])
-        rows.append((label, times, losses, t_th / t_rk, TARGETS[name]))
+        rows.append((label, times, losses, TARGETS[name]))
 
     print()
-    print("| workload | rnnkern s (min / median) | PyTorch s (min / median) | speed-up | target "
-          "| final loss rnnkern / PyTorch |")
-    print("|---|---|---|---|---|---|")
-    for label, times, losses, ratio, target in rows:
-        rk_t, th_t = times["rnnkern"], times["torch"]
-        print(f"| {label} | {min(rk_t):.3f} / {np.median(rk_t):.3f} | "
-              f"{min(th_t):.3f} / {np.median(th_t):.3f} | {ratio:.1f}x | >= {target:g}x "
-              f"{'met' if ratio >= target else 'NOT met'} | "
-              f"{losses['rnnkern']:.4f} / {losses['torch']:.4f} |")
+    print("| workload | rnnkern s (min / median) | "
+          + " | ".join(f"PyTorch {n} thr s (min / median)" for n in args.threads)
+          + f" | speed-up vs {args.threads[0]} thr | vs fastest PyTorch | target | final loss "
+            "rnnkern / PyTorch |")
+    print("|---" * (6 + len(args.threads)) + "|")
+    for label, times, losses, target in rows:
+        t_rk = min(times["rnnkern"])
+        ratio = min(times[tnames[0]]) / t_rk
+        best = min(min(times[t]) for t in tnames) / t_rk
+        cells = " | ".join(f"{min(times[t]):.3f} / {np.median(times[t]):.3f}" for t in tnames)
+        print(f"| {label} | {t_rk:.3f} / {np.median(times['rnnkern']):.3f} | {cells} | "
+              f"{ratio:.1f}x | {best:.1f}x | >= {target:g}x {'met' if ratio >= target else 'NOT met'}"
+              f" | {losses['rnnkern']:.4f} / {losses[tnames[0]]:.4f} |")
     return rows
 
 
