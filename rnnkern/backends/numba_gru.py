@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_math import JIT, add_into, column_sums, sigmoid, tanh, weight_grads
+from .numba_math import JIT, add_into, copy_into, column_sums, sigmoid, tanh, weight_grads
 
 
 # ------------------------------------------------------------------------- reset_after=True
@@ -69,12 +69,12 @@ def gru_after_forward(x, w_ih, w_hh, bias, b_hn, h0, lengths, out, h, acts, gh_n
     B, T, I = x.shape
     H = h.shape[1]
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
-    h[:] = h0
+    copy_into(h.reshape(h.size), h0.reshape(h0.size))
     gh = np.empty((B, 3 * H), x.dtype)
     for t in range(T):
         np.dot(h, w_hh.T, gh)
         for b in range(B):
-            h_prev[b, t] = h[b]
+            copy_into(h_prev[b, t], h[b])
             if t < lengths[b]:
                 _after_fwd_row(acts[b, t], gh[b], bias, b_hn, gh_n[b, t], h[b], out[b, t], H)
             else:
@@ -107,11 +107,11 @@ def gru_after_backward(x, w_ih, w_hh, acts, gh_n, h_prev, lengths, d_out, has_d_
                 add_into(dh[b], d_out[b, t])
             _after_back_row(acts[b, t], gh_n[b, t], h_prev[b, t], dh[b], d_gx[b, t], dg[b],
                             dh_z[b], H)
-            d_gh[b, t] = dg[b]
+            copy_into(d_gh[b, t], dg[b])
         np.dot(dg, w_hh, dh_rec)
         for b in range(B):
             if t < lengths[b]:
-                dh[b] = dh_rec[b]
+                copy_into(dh[b], dh_rec[b])
                 add_into(dh[b], dh_z[b])
     weight_grads(x, h_prev, d_gx, d_gh, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
 
@@ -178,19 +178,19 @@ def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_pre
     H = h.shape[1]
     w_rz, w_n = w_hh[:2 * H], w_hh[2 * H:]
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
-    h[:] = h0
+    copy_into(h.reshape(h.size), h0.reshape(h0.size))
     g_rz = np.empty((B, 2 * H), x.dtype)
     rh_t = np.empty((B, H), x.dtype)
     g_n = np.empty((B, H), x.dtype)
     for t in range(T):
         np.dot(h, w_rz.T, g_rz)
         for b in range(B):
-            h_prev[b, t] = h[b]
+            copy_into(h_prev[b, t], h[b])
             if t < lengths[b]:
                 _before_fwd_row_rz(acts[b, t], g_rz[b], bias, h[b], rh_t[b], H)
             else:
                 rh_t[b] = 0  # finite: the dW_hh GEMM multiplies it by a zero gradient
-            rh[b, t] = rh_t[b]
+            copy_into(rh[b, t], rh_t[b])
         np.dot(rh_t, w_n.T, g_n)
         for b in range(B):
             if t < lengths[b]:
@@ -228,27 +228,27 @@ def gru_before_backward(x, w_ih, w_hh, acts, rh, h_prev, lengths, d_out, has_d_o
             if has_d_out:
                 add_into(dh[b], d_out[b, t])
             _before_back_row_nz(acts[b, t], h_prev[b, t], dh[b], s_n[b], s_rz[b], direct[b], H)
-            d_n[b, t] = s_n[b]
+            copy_into(d_n[b, t], s_n[b])
         np.dot(s_n, w_n, d_rh)
         for b in range(B):
             if t < lengths[b]:
                 _before_back_row_r(acts[b, t], h_prev[b, t], d_rh[b], s_rz[b], direct[b], H)
-                d_rz[b, t] = s_rz[b]
+                copy_into(d_rz[b, t], s_rz[b])
         np.dot(s_rz, w_rz, dh_rec)
         for b in range(B):
             if t < lengths[b]:
-                dh[b] = dh_rec[b]
+                copy_into(dh[b], dh_rec[b])
                 add_into(dh[b], direct[b])
     # weight gradients, one GEMM per gate group over all B*T rows
     BT = B * T
     X, D_rz, D_n = x.reshape(BT, I), d_rz.reshape(BT, 2 * H), d_n.reshape(BT, H)
     dX = dx.reshape(BT, I)
     np.dot(D_rz, w_ih[:2 * H], dX)
-    dX += np.dot(D_n, w_ih[2 * H:])
+    add_into(dX.reshape(BT * I), np.dot(D_n, w_ih[2 * H:]).reshape(BT * I))
     np.dot(D_rz.T, X, dw_ih[:2 * H])
     np.dot(D_n.T, X, dw_ih[2 * H:])
     np.dot(D_rz.T, h_prev.reshape(BT, H), dw_hh[:2 * H])
     np.dot(D_n.T, rh.reshape(BT, H), dw_hh[2 * H:])
     column_sums(D_rz, db_ih[:2 * H])
     column_sums(D_n, db_ih[2 * H:])
-    db_hh[:] = db_ih
+    copy_into(db_hh, db_ih)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_math import JIT, add_into, sigmoid, tanh, weight_grads
+from .numba_math import JIT, add_into, copy_into, sigmoid, tanh, weight_grads
 
 
 @njit(**JIT)
@@ -75,14 +75,14 @@ def lstm_forward(x, w_ih, w_hh, bias, forget_bias, h0, c0, lengths,
     H = h.shape[1]
     # x W_ih^T for all B*T rows at once, written straight into acts (overwritten by activations)
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 4 * H))
-    h[:] = h0
-    c[:] = c0
+    copy_into(h.reshape(h.size), h0.reshape(h0.size))
+    copy_into(c.reshape(c.size), c0.reshape(c0.size))
     gh = np.empty((B, 4 * H), x.dtype)  # h W_hh^T of one step
     for t in range(T):
         np.dot(h, w_hh.T, gh)
         for b in range(B):
-            h_prev[b, t] = h[b]
-            c_prev[b, t] = c[b]
+            copy_into(h_prev[b, t], h[b])
+            copy_into(c_prev[b, t], c[b])
             if t < lengths[b]:
                 _fwd_row(acts[b, t], gh[b], bias, forget_bias, c[b], tanh_c[b, t], h[b],
                          out[b, t], H)
@@ -113,9 +113,9 @@ def lstm_backward(x, w_ih, w_hh, acts, c_prev, tanh_c, h_prev, lengths, d_out, h
             if has_d_out:
                 add_into(dh[b], d_out[b, t])
             _back_row(acts[b, t], c_prev[b, t], tanh_c[b, t], dh[b], dc[b], dg[b], H)
-            d_gates[b, t] = dg[b]
+            copy_into(d_gates[b, t], dg[b])
         np.dot(dg, w_hh, dh_rec)
         for b in range(B):
             if t < lengths[b]:
-                dh[b] = dh_rec[b]
+                copy_into(dh[b], dh_rec[b])
     weight_grads(x, h_prev, d_gates, d_gates, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)

@@ -80,8 +80,8 @@ def _pick(f32, f64):
     return typer
 
 
-overload(tanh, inline="always")(_pick(_tanh_f32, _tanh_f64))
-overload(sigmoid, inline="always")(_pick(_sigmoid_f32, _sigmoid_f64))
+overload(tanh)(_pick(_tanh_f32, _tanh_f64))
+overload(sigmoid)(_pick(_sigmoid_f32, _sigmoid_f64))
 
 
 @njit(**JIT)
@@ -111,6 +111,14 @@ def column_sums(D, out):
     for r in range(D.shape[0]):
         for j in range(D.shape[1]):
             out[j] += D[r, j]
+
+
+@njit(**JIT)
+def copy_into(a, b):
+    """a[:] = b for 1-D arrays. (Numba's own array slice assignment compiles ~6 s of
+    shape-mismatch error formatting; this loop compiles in milliseconds.)"""
+    for j in range(a.shape[0]):
+        a[j] = b[j]
 
 
 @njit(**JIT)

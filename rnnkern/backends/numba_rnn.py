@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_math import JIT, add_into, tanh, weight_grads
+from .numba_math import JIT, add_into, copy_into, tanh, weight_grads
 
 
 @njit(**JIT)
@@ -51,12 +51,12 @@ def rnn_forward(x, w_ih, w_hh, bias, relu, h0, lengths, out, h, acts, h_prev):
     B, T, I = x.shape
     H = h.shape[1]
     np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, H))
-    h[:] = h0
+    copy_into(h.reshape(h.size), h0.reshape(h0.size))
     gh = np.empty((B, H), x.dtype)
     for t in range(T):
         np.dot(h, w_hh.T, gh)
         for b in range(B):
-            h_prev[b, t] = h[b]
+            copy_into(h_prev[b, t], h[b])
             if t < lengths[b]:
                 _fwd_row(acts[b, t], gh[b], bias, relu, h[b], out[b, t], H)
             else:
@@ -85,9 +85,9 @@ def rnn_backward(x, w_ih, w_hh, relu, acts, h_prev, lengths, d_out, has_d_out,
             if has_d_out:
                 add_into(dh[b], d_out[b, t])
             _back_row(acts[b, t], relu, dh[b], dg[b], H)
-            d_pre[b, t] = dg[b]
+            copy_into(d_pre[b, t], dg[b])
         np.dot(dg, w_hh, dh_rec)
         for b in range(B):
             if t < lengths[b]:
-                dh[b] = dh_rec[b]
+                copy_into(dh[b], dh_rec[b])
     weight_grads(x, h_prev, d_pre, d_pre, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
