@@ -240,6 +240,9 @@ def parser():
     t.add_argument("--sample-length", type=int, default=500)
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--top-k", type=int, default=None)
+    t.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads (default 1: at these sizes a second thread costs more "
+                        "than it gives on 2 cores; 0 = leave as is)")
     add_common_args(t)
 
     s = sub.add_parser("sample", help="sample from a checkpoint")
@@ -254,6 +257,9 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if getattr(args, "blas_threads", 0):
+        from rnnkern.labs import limit_blas_threads
+        limit_blas_threads(args.blas_threads)
     if args.command == "train":
         if args.prime is None:
             args.prime = "The " if args.text else "def "
