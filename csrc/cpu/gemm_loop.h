@@ -3,8 +3,8 @@
 // (gemm_loop_{base,avx2,avx512}.cpp with matching -m flags) and picked at run time from the CPU's
 // features, because the register tiling depends on the vector width.
 //
-// Tiling: C is cut into tiles of up to 4 rows x NV vectors whose accumulators stay in registers
-// while k runs; each B vector loaded feeds up to four rows. Column panels are the outer loop, so
+// Tiling: C is cut into tiles of up to MR rows x NV vectors (AVX-512: 6 x 4 zmm; else 4 x 2)
+// whose accumulators stay in registers while k runs; each B vector loaded feeds MR rows. Column panels are the outer loop, so
 // a panel of B stays in L1 while every row block of A passes over it.
 #pragma once
 

@@ -7,13 +7,17 @@
 
 #if defined(__AVX512F__)
 #define RK_VB 64
-#define RK_NV 4  // 4 rows x 4 zmm accumulators + 4 B vectors: 21 of 32 registers
+#define RK_NV 4  // 6 rows x 4 zmm accumulators + 4 B vectors + 1 broadcast: 29 of 32 registers
+#define RK_MR 6
 #elif defined(__AVX2__)
 #define RK_VB 32
 #define RK_NV 2  // 4 x 2 ymm + 2: 11 of 16
 #else
 #define RK_VB 16
 #define RK_NV 2
+#endif
+#ifndef RK_MR
+#define RK_MR 4
 #endif
 
 #define RK_CAT2(a, b) a##b
@@ -62,8 +66,13 @@ void panel(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda, const T*
            T* C, int64_t ldc) {
     auto a_row = [&](int64_t m) { return trans_a ? A + m : A + m * lda; };
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile<T, 4, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc);
-    switch (M - m) {
+    for (; m + RK_MR <= M; m += RK_MR)
+        tile<T, RK_MR, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc);
+    switch (M - m) {  // the last M % RK_MR rows
+#if RK_MR > 5
+        case 5: tile<T, 5, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+        case 4: tile<T, 4, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+#endif
         case 3: tile<T, 3, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
         case 2: tile<T, 2, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
         case 1: tile<T, 1, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
