@@ -4,8 +4,9 @@
 // features, because the register tiling depends on the vector width.
 //
 // Tiling: C is cut into tiles of up to MR rows x NV vectors (AVX-512: 6 x 4 zmm; else 4 x 2)
-// whose accumulators stay in registers while k runs; each B vector loaded feeds MR rows. Column panels are the outer loop, so
-// a panel of B stays in L1 while every row block of A passes over it.
+// whose accumulators stay in registers while k runs; each B vector loaded feeds MR rows. Column
+// panels are the outer loop and K runs in chunks of 128, so a panel of B stays in L1 while every
+// row block of A passes over it.
 #pragma once
 
 #include <cstdint>
