@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <climits>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -287,21 +286,19 @@ PYBIND11_MODULE(_C, m) {
               if (M <= 0 || N <= 0 || K <= 0 || reps <= 0)
                   throw py::value_error("M, N, K and reps must be positive");
               std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
-              const int64_t before = rk::blas_min_flops();
               if (blas && !rk::have_blas()) throw py::value_error("no BLAS registered");
-              rk::set_blas_min_flops(blas ? 0 : INT64_MAX);
+              const auto path = blas ? rk::GemmPath::blas : rk::GemmPath::loop;
               double best = 1e30;
               {
                   py::gil_scoped_release nogil;
                   for (int r = 0; r < reps; ++r) {
                       auto t0 = std::chrono::steady_clock::now();
                       rk::gemm<float>(trans_a, M, N, K, 1.0f, A.data(), trans_a ? M : K,
-                                      B.data(), N, 0.0f, C.data(), N);
+                                      B.data(), N, 0.0f, C.data(), N, path);
                       std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
                       best = std::min(best, dt.count());
                   }
               }
-              rk::set_blas_min_flops(before);
               return best;
           },
           py::arg("M"), py::arg("N"), py::arg("K"), py::arg("trans_a"), py::arg("blas"),

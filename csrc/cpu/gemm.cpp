@@ -39,7 +39,7 @@ int64_t blas_min_flops() { return g_min_flops; }
 
 template <typename T>
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc, GemmPath path) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // C = beta C
         gemm_loop(false, M, N, 0, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -47,7 +47,9 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, in
     }
     const bool fits = M < INT_MAX && N < INT_MAX && K < INT_MAX && lda < INT_MAX &&
                       ldb < INT_MAX && ldc < INT_MAX;
-    if (blas_ready<T>() && fits && M * N * K >= g_min_flops) {
+    const bool big = M * N * K >= g_min_flops;
+    if (blas_ready<T>() && fits &&
+        (path == GemmPath::blas || (path == GemmPath::automatic && big))) {
         // row-major C = op(A) B  <=>  column-major C^T = B^T op(A)^T: swap the operands;
         // a row-major [r,c] matrix with stride ld is a column-major [c,r] one with the same ld
         blas_call('N', trans_a ? 'T' : 'N', int(N), int(M), int(K), alpha, B, int(ldb), A,
@@ -58,8 +60,8 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, in
 }
 
 template void gemm<float>(bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
-                          const float*, int64_t, float, float*, int64_t);
+                          const float*, int64_t, float, float*, int64_t, GemmPath);
 template void gemm<double>(bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
-                           const double*, int64_t, double, double*, int64_t);
+                           const double*, int64_t, double, double*, int64_t, GemmPath);
 
 }  // namespace rk

@@ -23,8 +23,13 @@ bool have_blas();
 void set_blas_min_flops(int64_t v);
 int64_t blas_min_flops();
 
+// automatic: BLAS from blas_min_flops() up; loop / blas force one path (benchmarks; blas falls
+// back to the loop when none is registered or a dimension exceeds BLAS's 32-bit int)
+enum class GemmPath { automatic, loop, blas };
+
 template <typename T>
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc,
+          GemmPath path = GemmPath::automatic);
 
 }  // namespace rk
