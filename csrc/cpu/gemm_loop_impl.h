@@ -117,7 +117,12 @@ void run(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int
     int64_t n = 0;
     for (; n + RK_NV * W <= N; n += RK_NV * W)
         panel<T, RK_NV>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc);
-    for (; n + W <= N; n += W) panel<T, 1>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc);
+    switch ((N - n) / W) {  // whole vectors left: one panel of that width (1-wide is slowest)
+        case 3: panel<T, 3>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc); n += 3 * W; break;
+        case 2: panel<T, 2>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc); n += 2 * W; break;
+        case 1: panel<T, 1>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc); n += W; break;
+        default: break;
+    }
     if (n < N) {
         // the last N % W columns: copy them into zero-padded one-vector panels of B and C, run
         // the same vector tiles there, copy the valid columns back (a scalar tail was the
