@@ -31,7 +31,8 @@ _MODULES = {
 BACKENDS = tuple(_MODULES)
 _CPU_PREFERENCE = ("numba", "cpp", "numpy")
 _chosen = None  # set by set_backend()
-_availability = {}  # name -> module or ImportError, and (ok, reason): fixed for a process
+_imported = {}  # name -> backend module, or the ImportError its import raised
+_answers = {}   # name -> (the module's available function, its answer)
 
 
 class BackendUnavailable(RuntimeError):
@@ -46,15 +47,20 @@ def _module(name):
 
 
 def _probe(name):
-    """(module or None, ok, reason), asked once per process: availability cannot change."""
-    if name not in _availability:
-        mod = _module(name)
-        if isinstance(mod, Exception):
-            _availability[name] = (None, False, f"import failed: {mod}")
-        else:
-            ok, reason = mod.available()
-            _availability[name] = (mod, bool(ok), reason)
-    return _availability[name]
+    """(module or None, ok, reason). Import and probe once per process: availability does not
+    change while it runs. The answer is keyed on the module's ``available`` function, so a test
+    that patches it is asked afresh."""
+    mod = _imported.get(name)
+    if mod is None:
+        mod = _imported[name] = _module(name)
+    if isinstance(mod, Exception):
+        return None, False, f"import failed: {mod}"
+    probe = mod.available
+    cached = _answers.get(name)
+    if cached is None or cached[0] is not probe:
+        ok, reason = probe()
+        cached = _answers[name] = (probe, (bool(ok), reason))
+    return (mod,) + cached[1]
 
 
 def available_backends() -> dict:
