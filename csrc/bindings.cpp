@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "chunks.h"
 #include "gemm.h"
 #include "gemm_loop.h"
 #include "kernels.h"
@@ -280,6 +281,12 @@ PYBIND11_MODULE(_C, m) {
           "GEMMs with M*N*K below this use the built-in loop instead of BLAS.");
     m.def("blas_min_flops", &rk::blas_min_flops);
     m.def("gemm_loop_isa", &rk::gemm_loop_isa, "Which ISA build of the GEMM loop runs here.");
+    m.def("set_threads", &rk::set_threads, py::arg("n"),
+          "Threads for the time loop (batch chunks); 0 = the CPUs this process may use, max 8.");
+    m.def("threads", &rk::threads);
+    m.def("set_split_min_work", &rk::set_split_min_work, py::arg("b_t_g_h_h"),
+          "Recurrent multiply-adds B*T*G*H*H below which the time loop stays on one thread.");
+    m.def("split_min_work", &rk::split_min_work);
     m.def("_bench_gemm",
           [](int64_t M, int64_t N, int64_t K, bool trans_a, bool blas, int reps) {
               // float32 C[M,N] = op(A) B, best of `reps` (for benchmarks/bench_cpp_gemm.py)

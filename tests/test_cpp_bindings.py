@@ -235,3 +235,46 @@ def test_narrower_gemm_builds_match_reference(isa):
     if ran != isa:  # avx2 requested on a CPU without it: the base build ran instead
         assert isa == "avx2" and ran == "base", ran
         pytest.skip("this CPU lacks AVX2")
+
+
+@pytest.fixture
+def split_time_loop():
+    """Forces the time loop onto batch chunks on threads, even at test sizes; restores after."""
+    before_work = _C.split_min_work()
+
+    def use(n):
+        _C.set_threads(n)
+        _C.set_split_min_work(0)
+
+    yield use
+    _C.set_threads(0)  # automatic
+    _C.set_split_min_work(before_work)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spec", [CellSpec("lstm", forget_bias=1.0), CellSpec("gru"),
+                                  CellSpec("gru", reset_after=False),
+                                  CellSpec("rnn", nonlinearity="relu")],
+                         ids=["lstm", "gru", "gru_tf1", "rnn_relu"])
+def test_batch_chunks_on_threads_match_reference(split_time_loop, threads, spec):
+    """B=5 rows over 2 or 3 threads (uneven ranges), lengths incl. 0: same as the reference."""
+    split_time_loop(threads)
+    rng = np.random.default_rng(11)
+    Bq, Tq, Iq, Hq, G = 5, 4, 3, 6, spec.gates
+    a = dict(x=rng.standard_normal((Bq, Tq, Iq)), w_ih=rng.standard_normal((G * Hq, Iq)) * 0.4,
+             w_hh=rng.standard_normal((G * Hq, Hq)) * 0.4, b_ih=rng.standard_normal(G * Hq),
+             b_hh=rng.standard_normal(G * Hq), h0=rng.standard_normal((Bq, Hq)),
+             c0=rng.standard_normal((Bq, Hq)) if spec.has_cell_state else None,
+             lengths=np.array([4, 0, 2, 4, 1], np.int64))
+    d_out, d_h = rng.standard_normal((Bq, Tq, Hq)), rng.standard_normal((Bq, Hq))
+    got, want = cpp.forward(spec, **a), reference.forward(spec, **a)
+    for g, w, what in zip(got[:3], want[:3], ("outputs", "h_n", "c_n")):
+        if w is not None:
+            assert_close(g, w, what)
+    gb = cpp.backward(spec, got[3], d_out, d_h, None)
+    wb = reference.backward(spec, want[3], d_out, d_h, None)
+    for g, w, what in zip(gb[:3], wb[:3], ("dx", "dh0", "dc0")):
+        if w is not None:
+            assert_close(g, w, what)
+    for k in wb[3]:
+        assert_close(gb[3][k], wb[3][k], k)

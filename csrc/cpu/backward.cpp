@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "chunks.h"
 #include "dispatch.h"
 #include "gemm.h"
 #include "kernels.h"
@@ -106,43 +107,33 @@ RK_ALWAYS_INLINE void gru_before_row2(int64_t H, const T* __restrict__ act,
 }
 
 template <typename T>
-RK_ALWAYS_INLINE void column_sums(int64_t rows, int64_t cols, const T* __restrict__ m,
+inline void column_sums(int64_t rows, int64_t cols, const T* __restrict__ m,
                                   T* __restrict__ out) {
     for (int64_t c = 0; c < cols; ++c) out[c] = T(0);
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) out[c] += m[r * cols + c];
 }
 
+// The backward time loop for batch rows [lo, hi): fills those rows of d_gx (and d_gh) and
+// leaves dh0 (and dc0) rows holding the running dh (and dc), initialised by the caller.
 template <typename T>
-RK_ALWAYS_INLINE void backward_impl(const BackwardArgs<T>& a) {
+RK_ALWAYS_INLINE void backward_steps_impl(const BackwardArgs<T>& a, T* d_gx, T* d_gh, int64_t lo,
+                                          int64_t hi, GemmPath path) {
     const Spec& s = a.spec;
-    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
+    const int64_t Tn = a.T_, H = a.H, Bc = hi - lo;
     const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
-    const bool lstm = s.cell == Cell::lstm;
     const bool gru_after = s.cell == Cell::gru && s.reset_after;
     const bool gru_before = s.cell == Cell::gru && !s.reset_after;
-
-    std::vector<T> d_gx(B * Tn * GH, T(0));                  // [B,T,G*H]
-    std::vector<T> d_gh_own(gru_after ? B * Tn * GH : 0, T(0));
-    T* d_gh = gru_after ? d_gh_own.data() : d_gx.data();      // [B,T,G*H]
-    std::vector<T> d_rh(gru_before ? B * H : 0);
-
-    T* dh = a.dh0;  // the running dh, [B,H]; ends as dh0
+    std::vector<T> d_rh(gru_before ? Bc * H : 0);
+    T* dh = a.dh0;
     T* dc = a.dc0;
-    if (a.d_h_n) std::memcpy(dh, a.d_h_n, B * H * sizeof(T));
-    else std::memset(dh, 0, B * H * sizeof(T));
-    if (lstm) {
-        if (a.d_c_n) std::memcpy(dc, a.d_c_n, B * H * sizeof(T));
-        else std::memset(dc, 0, B * H * sizeof(T));
-    }
-
     for (int64_t t = Tn - 1; t >= 0; --t) {
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = lo; b < hi; ++b) {
             if (a.lengths && t >= a.lengths[b]) continue;
             const int64_t row = b * Tn + t;
             const T* act = a.act + row * SH;
             const T* d_out = a.d_out ? a.d_out + row * H : nullptr;
-            T* dgx = d_gx.data() + row * GH;
+            T* dgx = d_gx + row * GH;
             switch (s.cell) {
                 case Cell::rnn: rnn_row(H, s.relu, act, d_out, dh + b * H, dgx); break;
                 case Cell::lstm:
@@ -157,23 +148,76 @@ RK_ALWAYS_INLINE void backward_impl(const BackwardArgs<T>& a) {
                     break;
             }
         }
+        const int64_t first = lo * Tn + t;  // row (lo, t); rows of one step are T*G*H apart
         if (gru_before) {
             // d_rh = d_an W_hn; rows of finished sequences are zero
-            gemm<T>(false, B, H, H, T(1), d_gx.data() + t * GH + 2 * H, Tn * GH,
-                    a.w_hh + 2 * H * H, H, T(0), d_rh.data(), H);
-            for (int64_t b = 0; b < B; ++b) {
+            gemm<T>(false, Bc, H, H, T(1), d_gx + first * GH + 2 * H, Tn * GH, a.w_hh + 2 * H * H,
+                    H, T(0), d_rh.data(), H, path);
+            for (int64_t b = lo; b < hi; ++b) {
                 if (a.lengths && t >= a.lengths[b]) continue;
                 const int64_t row = b * Tn + t;
-                gru_before_row2(H, a.act + row * SH, a.hprev + row * H, d_rh.data() + b * H,
-                                dh + b * H, d_gx.data() + row * GH);
+                gru_before_row2(H, a.act + row * SH, a.hprev + row * H,
+                                d_rh.data() + (b - lo) * H, dh + b * H, d_gx + row * GH);
             }
             // dh += [d_ar d_az] W_h{r,z}
-            gemm<T>(false, B, H, 2 * H, T(1), d_gx.data() + t * GH, Tn * GH, a.w_hh, H, T(1),
-                    dh, H);
+            gemm<T>(false, Bc, H, 2 * H, T(1), d_gx + first * GH, Tn * GH, a.w_hh, H, T(1),
+                    dh + lo * H, H, path);
         } else {
-            gemm<T>(false, B, H, GH, T(1), d_gh + t * GH, Tn * GH, a.w_hh, H, T(1), dh, H);
+            gemm<T>(false, Bc, H, GH, T(1), d_gh + first * GH, Tn * GH, a.w_hh, H, T(1),
+                    dh + lo * H, H, path);
         }
     }
+}
+
+// the time loop per ISA (the pointwise rows vectorise to the widest one available)
+RK_CLONES void backward_steps(const BackwardArgs<float>& a, float* d_gx, float* d_gh, int64_t lo,
+                              int64_t hi, GemmPath p) {
+    backward_steps_impl(a, d_gx, d_gh, lo, hi, p);
+}
+RK_CLONES void backward_steps(const BackwardArgs<double>& a, double* d_gx, double* d_gh,
+                              int64_t lo, int64_t hi, GemmPath p) {
+    backward_steps_impl(a, d_gx, d_gh, lo, hi, p);
+}
+
+template <typename T>
+struct StepsCtx {
+    const BackwardArgs<T>* a;
+    T* d_gx;
+    T* d_gh;
+    GemmPath path;
+};
+
+template <typename T>
+void backward_chunk(void* ctx, int64_t lo, int64_t hi) {
+    auto* c = static_cast<StepsCtx<T>*>(ctx);
+    backward_steps(*c->a, c->d_gx, c->d_gh, lo, hi, c->path);
+}
+
+template <typename T>
+void backward_impl(const BackwardArgs<T>& a) {
+    const Spec& s = a.spec;
+    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
+    const int64_t G = gates_of(s.cell), GH = G * H;
+    const bool lstm = s.cell == Cell::lstm;
+    const bool gru_after = s.cell == Cell::gru && s.reset_after;
+    const bool gru_before = s.cell == Cell::gru && !s.reset_after;
+
+    std::vector<T> d_gx(B * Tn * GH, T(0));                  // [B,T,G*H]
+    std::vector<T> d_gh_own(gru_after ? B * Tn * GH : 0, T(0));
+    T* d_gh = gru_after ? d_gh_own.data() : d_gx.data();      // [B,T,G*H]
+
+    // the running dh (and dc) live in dh0 (and dc0), [B,H]
+    if (a.d_h_n) std::memcpy(a.dh0, a.d_h_n, B * H * sizeof(T));
+    else std::memset(a.dh0, 0, B * H * sizeof(T));
+    if (lstm) {
+        if (a.d_c_n) std::memcpy(a.dc0, a.d_c_n, B * H * sizeof(T));
+        else std::memset(a.dc0, 0, B * H * sizeof(T));
+    }
+
+    const int n = chunks_for(B, B * Tn * GH * H);
+    // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
+    StepsCtx<T> ctx{&a, d_gx.data(), d_gh, n > 1 ? GemmPath::loop : GemmPath::automatic};
+    run_chunks(B, n, &backward_chunk<T>, &ctx);
 
     const int64_t BT = B * Tn;
     gemm<T>(false, BT, I, GH, T(1), d_gx.data(), GH, a.w_ih, I, T(0), a.dx, I);
@@ -191,12 +235,9 @@ RK_ALWAYS_INLINE void backward_impl(const BackwardArgs<T>& a) {
     }
 }
 
-RK_CLONES void backward_f32(const BackwardArgs<float>& a) { backward_impl(a); }
-RK_CLONES void backward_f64(const BackwardArgs<double>& a) { backward_impl(a); }
-
 }  // namespace
 
-template <> void backward<float>(const BackwardArgs<float>& a) { backward_f32(a); }
-template <> void backward<double>(const BackwardArgs<double>& a) { backward_f64(a); }
+template <> void backward<float>(const BackwardArgs<float>& a) { backward_impl(a); }
+template <> void backward<double>(const BackwardArgs<double>& a) { backward_impl(a); }
 
 }  // namespace rk

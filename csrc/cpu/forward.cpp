@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "chunks.h"
 #include "dispatch.h"
 #include "gemm.h"
 #include "kernels.h"
@@ -112,13 +113,99 @@ RK_ALWAYS_INLINE void gru_before_new_row(int64_t H, T* act, const T* __restrict_
 }
 
 template <typename T>
-RK_ALWAYS_INLINE void forward_impl(const ForwardArgs<T>& a) {
+RK_ALWAYS_INLINE void forward_steps_impl(const ForwardArgs<T>& a, const T* w_hh_t, int64_t lo,
+                                         int64_t hi, GemmPath path) {
     const Spec& s = a.spec;
-    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
+    const int64_t Tn = a.T_, H = a.H, Bc = hi - lo;
     const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
     const bool lstm = s.cell == Cell::lstm;
     const bool gru_before = s.cell == Cell::gru && !s.reset_after;
     const T fb = T(s.forget_bias);
+    std::vector<T> gh(Bc * GH), ghn(gru_before ? Bc * H : 0);
+    const int64_t n_rec = gru_before ? 2 * H : GH;  // columns of h W_hh^T computed from h itself
+    for (int64_t t = 0; t < Tn; ++t) {
+        // gh = h_t W_hh^T: row b of h_t is hprev[b, t], rows T*H apart
+        gemm<T>(false, Bc, n_rec, H, T(1), a.hprev + lo * Tn * H + t * H, Tn * H, w_hh_t, GH,
+                T(0), gh.data(), GH, path);
+        if (gru_before) {
+            for (int64_t b = lo; b < hi; ++b) {
+                const int64_t row = b * Tn + t;
+                T* rh = a.rh + row * H;
+                if (a.lengths && t >= a.lengths[b]) {
+                    std::memset(rh, 0, H * sizeof(T));  // unused, but keep the GEMM input defined
+                    continue;
+                }
+                gru_before_gates_row(H, a.act + row * SH, gh.data() + (b - lo) * GH, a.b_hh,
+                                     a.hprev + row * H, rh);
+            }
+            gemm<T>(false, Bc, H, H, T(1), a.rh + lo * Tn * H + t * H, Tn * H, w_hh_t + 2 * H, GH,
+                    T(0), ghn.data(), H, path);
+        }
+        for (int64_t b = lo; b < hi; ++b) {
+            const int64_t row = b * Tn + t;
+            const bool last = t + 1 == Tn;
+            const T* h_prev = a.hprev + row * H;
+            T* h_next = last ? a.h_n + b * H : a.hprev + (row + 1) * H;
+            T* out = a.out + row * H;
+            T* c_next = nullptr;
+            const T* c_prev = nullptr;
+            if (lstm) {
+                c_prev = a.cprev + row * H;
+                c_next = last ? a.c_n + b * H : a.cprev + (row + 1) * H;
+            }
+            if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
+                std::memset(out, 0, H * sizeof(T));
+                std::memcpy(h_next, h_prev, H * sizeof(T));
+                if (lstm) std::memcpy(c_next, c_prev, H * sizeof(T));
+                continue;
+            }
+            T* act = a.act + row * SH;
+            const T* ghb = gh.data() + (b - lo) * GH;
+            switch (s.cell) {
+                case Cell::rnn: rnn_row(H, s.relu, act, ghb, a.b_hh, out); break;
+                case Cell::lstm: lstm_row(H, fb, act, ghb, a.b_hh, c_prev, c_next, out); break;
+                case Cell::gru:
+                    if (gru_before)
+                        gru_before_new_row(H, act, ghn.data() + (b - lo) * H, a.b_hh + 2 * H,
+                                           h_prev, out);
+                    else
+                        gru_after_row(H, act, ghb, a.b_hh, h_prev, out);
+                    break;
+            }
+            std::memcpy(h_next, out, H * sizeof(T));
+        }
+    }
+}
+
+// the time loop per ISA (the pointwise rows vectorise to the widest one available)
+RK_CLONES void forward_steps(const ForwardArgs<float>& a, const float* w, int64_t lo, int64_t hi,
+                             GemmPath p) {
+    forward_steps_impl(a, w, lo, hi, p);
+}
+RK_CLONES void forward_steps(const ForwardArgs<double>& a, const double* w, int64_t lo,
+                             int64_t hi, GemmPath p) {
+    forward_steps_impl(a, w, lo, hi, p);
+}
+
+template <typename T>
+struct StepsCtx {
+    const ForwardArgs<T>* a;
+    const T* w_hh_t;
+    GemmPath path;
+};
+
+template <typename T>
+void forward_chunk(void* ctx, int64_t lo, int64_t hi) {
+    auto* c = static_cast<StepsCtx<T>*>(ctx);
+    forward_steps(*c->a, c->w_hh_t, lo, hi, c->path);
+}
+
+template <typename T>
+void forward_impl(const ForwardArgs<T>& a) {
+    const Spec& s = a.spec;
+    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
+    const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
+    const bool lstm = s.cell == Cell::lstm;
 
     // transposed weights, so every GEMM reads its B operand as [K, N] rows
     std::vector<T> w_ih_t(I * GH), w_hh_t(H * GH);
@@ -142,67 +229,15 @@ RK_ALWAYS_INLINE void forward_impl(const ForwardArgs<T>& a) {
         }
     }
 
-    std::vector<T> gh(B * GH), ghn(gru_before ? B * H : 0);
-    const int64_t n_rec = gru_before ? 2 * H : GH;  // columns of h W_hh^T computed from h itself
-    for (int64_t t = 0; t < Tn; ++t) {
-        // gh = h_t W_hh^T: row b of h_t is hprev[b, t], rows T*H apart
-        gemm<T>(false, B, n_rec, H, T(1), a.hprev + t * H, Tn * H, w_hh_t.data(), GH, T(0),
-                gh.data(), GH);
-        if (gru_before) {
-            for (int64_t b = 0; b < B; ++b) {
-                const int64_t row = b * Tn + t;
-                T* rh = a.rh + row * H;
-                if (a.lengths && t >= a.lengths[b]) {
-                    std::memset(rh, 0, H * sizeof(T));  // unused, but keep the GEMM input defined
-                    continue;
-                }
-                gru_before_gates_row(H, a.act + row * SH, gh.data() + b * GH, a.b_hh,
-                                     a.hprev + row * H, rh);
-            }
-            gemm<T>(false, B, H, H, T(1), a.rh + t * H, Tn * H, w_hh_t.data() + 2 * H, GH, T(0),
-                    ghn.data(), H);
-        }
-        for (int64_t b = 0; b < B; ++b) {
-            const int64_t row = b * Tn + t;
-            const bool last = t + 1 == Tn;
-            const T* h_prev = a.hprev + row * H;
-            T* h_next = last ? a.h_n + b * H : a.hprev + (row + 1) * H;
-            T* out = a.out + row * H;
-            T* c_next = nullptr;
-            const T* c_prev = nullptr;
-            if (lstm) {
-                c_prev = a.cprev + row * H;
-                c_next = last ? a.c_n + b * H : a.cprev + (row + 1) * H;
-            }
-            if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
-                std::memset(out, 0, H * sizeof(T));
-                std::memcpy(h_next, h_prev, H * sizeof(T));
-                if (lstm) std::memcpy(c_next, c_prev, H * sizeof(T));
-                continue;
-            }
-            T* act = a.act + row * SH;
-            const T* ghb = gh.data() + b * GH;
-            switch (s.cell) {
-                case Cell::rnn: rnn_row(H, s.relu, act, ghb, a.b_hh, out); break;
-                case Cell::lstm: lstm_row(H, fb, act, ghb, a.b_hh, c_prev, c_next, out); break;
-                case Cell::gru:
-                    if (gru_before)
-                        gru_before_new_row(H, act, ghn.data() + b * H, a.b_hh + 2 * H, h_prev, out);
-                    else
-                        gru_after_row(H, act, ghb, a.b_hh, h_prev, out);
-                    break;
-            }
-            std::memcpy(h_next, out, H * sizeof(T));
-        }
-    }
+    const int n = chunks_for(B, B * Tn * GH * H);
+    // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
+    StepsCtx<T> ctx{&a, w_hh_t.data(), n > 1 ? GemmPath::loop : GemmPath::automatic};
+    run_chunks(B, n, &forward_chunk<T>, &ctx);
 }
-
-RK_CLONES void forward_f32(const ForwardArgs<float>& a) { forward_impl(a); }
-RK_CLONES void forward_f64(const ForwardArgs<double>& a) { forward_impl(a); }
 
 }  // namespace
 
-template <> void forward<float>(const ForwardArgs<float>& a) { forward_f32(a); }
-template <> void forward<double>(const ForwardArgs<double>& a) { forward_f64(a); }
+template <> void forward<float>(const ForwardArgs<float>& a) { forward_impl(a); }
+template <> void forward<double>(const ForwardArgs<double>& a) { forward_impl(a); }
 
 }  // namespace rk

@@ -1,0 +1,26 @@
+// Batch chunks on threads. The recurrence of one sequence never reads another's, so the time loop
+// can run for rows [lo, hi) of the batch on each thread with no synchronisation until the end:
+// one spawn and one join per call, instead of OpenBLAS's hand-off at every step (which perf showed
+// costing more than the arithmetic at char-rnn size, and stalling for whole time slices on a busy
+// machine). Each thread's per-step GEMMs then run on the single-threaded loop.
+#pragma once
+
+#include <cstdint>
+
+namespace rk {
+
+// Threads for the time loop: 0 = automatic (CPUs this process may use, at most 8);
+// a minimum of recurrent work B*T*G*H*H multiply-adds below which one thread runs everything.
+void set_threads(int n);
+int threads();
+void set_split_min_work(int64_t v);
+int64_t split_min_work();
+
+// How many chunks a time loop over B rows with `work` recurrent multiply-adds gets.
+int chunks_for(int64_t B, int64_t work);
+
+// Calls body(lo, hi) for `n` contiguous ranges covering [0, B), ranges 1.. on new threads and
+// range 0 on this one; joins them all and rethrows the first exception any of them threw.
+void run_chunks(int64_t B, int n, void (*body)(void* ctx, int64_t lo, int64_t hi), void* ctx);
+
+}  // namespace rk
