@@ -167,6 +167,9 @@ RK_ALWAYS_INLINE void backward_steps_impl(const BackwardArgs<T>& a, T* d_gx, T* 
                     dh + lo * H, H, path);
         }
     }
+    // dx for this chunk's B*T rows: d_gx W_ih (the weight gradients need every row: caller)
+    gemm<T>(false, Bc * Tn, a.I, GH, T(1), d_gx + lo * Tn * GH, GH, a.w_ih, a.I, T(0),
+            a.dx + lo * Tn * a.I, a.I, path);
 }
 
 // the time loop per ISA (the pointwise rows vectorise to the widest one available)
@@ -220,7 +223,6 @@ void backward_impl(const BackwardArgs<T>& a) {
     run_chunks(B, n, &backward_chunk<T>, &ctx);
 
     const int64_t BT = B * Tn;
-    gemm<T>(false, BT, I, GH, T(1), d_gx.data(), GH, a.w_ih, I, T(0), a.dx, I);
     gemm<T>(true, GH, I, BT, T(1), d_gx.data(), GH, a.x, I, T(0), a.dw_ih, I);
     column_sums(BT, GH, d_gx.data(), a.db_ih);
     if (gru_before) {

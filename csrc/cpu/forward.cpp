@@ -113,14 +113,22 @@ RK_ALWAYS_INLINE void gru_before_new_row(int64_t H, T* act, const T* __restrict_
 }
 
 template <typename T>
-RK_ALWAYS_INLINE void forward_steps_impl(const ForwardArgs<T>& a, const T* w_hh_t, int64_t lo,
-                                         int64_t hi, GemmPath path) {
+RK_ALWAYS_INLINE void forward_steps_impl(const ForwardArgs<T>& a, const T* w_ih_t,
+                                         const T* w_hh_t, int64_t lo, int64_t hi,
+                                         GemmPath path) {
     const Spec& s = a.spec;
-    const int64_t Tn = a.T_, H = a.H, Bc = hi - lo;
+    const int64_t Tn = a.T_, I = a.I, H = a.H, Bc = hi - lo;
     const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
     const bool lstm = s.cell == Cell::lstm;
     const bool gru_before = s.cell == Cell::gru && !s.reset_after;
     const T fb = T(s.forget_bias);
+
+    // act[lo:hi, :, :G*H] = b_ih + x W_ih^T: this chunk's B*T rows at once, hoisted out of the
+    // time loop (each chunk does its own, so no BLAS thread pool runs beside the chunk threads)
+    for (int64_t r = lo * Tn; r < hi * Tn; ++r)
+        std::memcpy(a.act + r * SH, a.b_ih, GH * sizeof(T));
+    gemm<T>(false, Bc * Tn, GH, I, T(1), a.x + lo * Tn * I, I, w_ih_t, GH, T(1),
+            a.act + lo * Tn * SH, SH, path);
     std::vector<T> gh(Bc * GH), ghn(gru_before ? Bc * H : 0);
     const int64_t n_rec = gru_before ? 2 * H : GH;  // columns of h W_hh^T computed from h itself
     for (int64_t t = 0; t < Tn; ++t) {
@@ -178,18 +186,19 @@ RK_ALWAYS_INLINE void forward_steps_impl(const ForwardArgs<T>& a, const T* w_hh_
 }
 
 // the time loop per ISA (the pointwise rows vectorise to the widest one available)
-RK_CLONES void forward_steps(const ForwardArgs<float>& a, const float* w, int64_t lo, int64_t hi,
-                             GemmPath p) {
-    forward_steps_impl(a, w, lo, hi, p);
+RK_CLONES void forward_steps(const ForwardArgs<float>& a, const float* w_ih_t,
+                             const float* w_hh_t, int64_t lo, int64_t hi, GemmPath p) {
+    forward_steps_impl(a, w_ih_t, w_hh_t, lo, hi, p);
 }
-RK_CLONES void forward_steps(const ForwardArgs<double>& a, const double* w, int64_t lo,
-                             int64_t hi, GemmPath p) {
-    forward_steps_impl(a, w, lo, hi, p);
+RK_CLONES void forward_steps(const ForwardArgs<double>& a, const double* w_ih_t,
+                             const double* w_hh_t, int64_t lo, int64_t hi, GemmPath p) {
+    forward_steps_impl(a, w_ih_t, w_hh_t, lo, hi, p);
 }
 
 template <typename T>
 struct StepsCtx {
     const ForwardArgs<T>* a;
+    const T* w_ih_t;
     const T* w_hh_t;
     GemmPath path;
 };
@@ -197,14 +206,14 @@ struct StepsCtx {
 template <typename T>
 void forward_chunk(void* ctx, int64_t lo, int64_t hi) {
     auto* c = static_cast<StepsCtx<T>*>(ctx);
-    forward_steps(*c->a, c->w_hh_t, lo, hi, c->path);
+    forward_steps(*c->a, c->w_ih_t, c->w_hh_t, lo, hi, c->path);
 }
 
 template <typename T>
 void forward_impl(const ForwardArgs<T>& a) {
     const Spec& s = a.spec;
     const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
-    const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
+    const int64_t G = gates_of(s.cell), GH = G * H;
     const bool lstm = s.cell == Cell::lstm;
 
     // transposed weights, so every GEMM reads its B operand as [K, N] rows
@@ -213,10 +222,6 @@ void forward_impl(const ForwardArgs<T>& a) {
         for (int64_t i = 0; i < I; ++i) w_ih_t[i * GH + g] = a.w_ih[g * I + i];
         for (int64_t k = 0; k < H; ++k) w_hh_t[k * GH + g] = a.w_hh[g * H + k];
     }
-    // act[:, :, :G*H] = b_ih + x W_ih^T  (all B*T rows at once)
-    for (int64_t r = 0; r < B * Tn; ++r) std::memcpy(a.act + r * SH, a.b_ih, GH * sizeof(T));
-    gemm<T>(false, B * Tn, GH, I, T(1), a.x, I, w_ih_t.data(), GH, T(1), a.act, SH);
-
     // state entering step 0
     for (int64_t b = 0; b < B; ++b) {
         T* hp = Tn > 0 ? a.hprev + b * Tn * H : a.h_n + b * H;
@@ -231,7 +236,8 @@ void forward_impl(const ForwardArgs<T>& a) {
 
     const int n = chunks_for(B, B * Tn * GH * H);
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
-    StepsCtx<T> ctx{&a, w_hh_t.data(), n > 1 ? GemmPath::loop : GemmPath::automatic};
+    StepsCtx<T> ctx{&a, w_ih_t.data(), w_hh_t.data(),
+                    n > 1 ? GemmPath::loop : GemmPath::automatic};
     run_chunks(B, n, &forward_chunk<T>, &ctx);
 }
 
