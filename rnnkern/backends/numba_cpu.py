@@ -109,6 +109,8 @@ class _Saved(dict):
 
 
 def _saved_record(pooled, **items):
+    if all(a.nbytes < config.POOL_MIN_BYTES for a in pooled.values()):
+        return dict(items, **pooled)  # nothing to recycle: a plain dict is cheaper
     saved = _Saved(items, **pooled)
     big = [a for a in pooled.values() if a.nbytes >= config.POOL_MIN_BYTES]
     if big:
@@ -191,9 +193,10 @@ def _threads():
 
 def _chunks(spec, B, T, I, H):
     """Contiguous batch ranges [(lo, hi), ...]: one range unless splitting pays (config)."""
+    if 2 * B * T * spec.gates * H * (I + H) < config.SPLIT_MIN_FLOPS:
+        return [(0, B)]
     n = min(_threads(), B // max(1, config.SPLIT_MIN_ROWS))
-    flops = 2 * B * T * spec.gates * H * (I + H)
-    if n < 2 or flops < config.SPLIT_MIN_FLOPS or not _BLAS.locate():
+    if n < 2 or not _BLAS.locate():
         return [(0, B)]
     bounds = [B * k // n for k in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -232,17 +235,34 @@ def _launch(kernel, chunks, args, batched):
 
 # ------------------------------------------------------------------------------ the seam
 
+_FULL = {}
+
+
+def _full_lengths(B, T):
+    """An int64 [B] array of T, shared between calls (kernels only read lengths; a read-only
+    flag would make Numba compile a second specialisation)."""
+    key = (B, T)
+    lens = _FULL.get(key)
+    if lens is None:
+        if len(_FULL) > 64:
+            _FULL.clear()
+        lens = np.full(B, T, np.int64)
+        _FULL[key] = lens
+    return lens
+
+
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     """See :mod:`rnnkern.backends`: outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved."""
     B, T, I = x.shape
     H = w_hh.shape[1]
     G = spec.gates
     dt = x.dtype
-    lens = np.full(B, T, np.int64) if lengths is None else lengths
+    lens = _full_lengths(B, T) if lengths is None else lengths
     out = np.empty((B, T, H), dt)
     h = np.empty((B, H), dt)
     c = np.empty((B, H), dt) if spec.has_cell_state else None
-    take = _POOL.take
+    # arrays too small for the pool skip it (per-call overhead matters at lab sizes)
+    take = np.empty if B * T * G * H * dt.itemsize < config.POOL_MIN_BYTES else _POOL.take
     acts = take((B, T, G * H), dt)  # input projection, then gate activations
     h_prev = take((B, T, H), dt)
     K = _kernels(spec.kind)
@@ -294,7 +314,7 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     # weight gradients: one set per chunk (the first is returned), summed after
     grads = [(np.empty_like(w_ih), np.empty_like(w_hh), np.empty(w_ih.shape[0], dt),
               np.empty(w_ih.shape[0], dt)) for _ in chunks]
-    take = _POOL.take
+    take = np.empty if acts.nbytes < config.POOL_MIN_BYTES else _POOL.take
     K = _kernels(spec.kind)
     head = [(x, 1), (w_ih, 0), (w_hh, 0)]
     tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (dx, 1), (dh, 1)]
@@ -327,6 +347,7 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         for other in grads[1:]:
             for total, part in zip(grads[0], other):
                 total += part
-    _POOL.give(scratch)
+    if take is not np.empty:
+        _POOL.give(scratch)
     g = dict(zip(("w_ih", "w_hh", "b_ih", "b_hh"), grads[0]))
     return dx, dh, dc, g
