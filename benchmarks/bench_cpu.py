@@ -212,29 +212,32 @@ def main(argv=None):
           f"; threads {args.threads}; float32; cpu count {os.cpu_count()}")
     gemm = measure_gemm_rate()  # re-measured before every config; the best rate seen is kept
     torch_gemm = measure_torch_gemm_rate() if use_torch else 0.0
-    print("| cell | (B,T,I,H,L) | backend | fwd ms med / min | fwd+bwd ms med / min | "
-          "vs torch fwd (med / min) | vs torch fwd+bwd (med / min) | fwd+bwd GFLOP/s (min) | "
-          "% of GEMM rate |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    results = []  # (cell, shape, name, med, low); printed at the end against the best GEMM rate
     for cell in args.cells:
         for size in args.sizes:
             shape = SIZES[size]
             reps = args.repeats or default_repeats(size)
             gemm = max(gemm, measure_gemm_rate(2))
             times = bench_config(cell, size, backends, reps, use_torch, args.pause)
-            flops = 3 * gemm_flops(cell, *shape)
-            med = {n: {m: float(np.median(v)) for m, v in t.items()} for n, t in times.items()}
-            low = {n: {m: float(np.min(v)) for m, v in t.items()} for n, t in times.items()}
-            for name in times:
-                rate = flops / low[name]["fwdbwd"] / 1e9
-                vs = {m: "-" for m in ("fwd", "fwdbwd")}
-                if use_torch and name != "torch":
-                    vs = {m: f"{med['torch'][m] / med[name][m]:.2f}x / "
-                             f"{low['torch'][m] / low[name][m]:.2f}x" for m in vs}
-                print(f"| {cell} | {shape} | {name} | {med[name]['fwd'] * 1e3:.3f} / "
-                      f"{low[name]['fwd'] * 1e3:.3f} | {med[name]['fwdbwd'] * 1e3:.3f} / "
-                      f"{low[name]['fwdbwd'] * 1e3:.3f} | {vs['fwd']} | {vs['fwdbwd']} | "
-                      f"{rate:.1f} | {100 * rate / gemm:.0f}% |", flush=True)
+            for name, t in times.items():
+                results.append((cell, shape, name, {m: float(np.median(v)) for m, v in t.items()},
+                                {m: float(np.min(v)) for m, v in t.items()}))
+            print(f"# done {cell} {shape}", file=sys.stderr, flush=True)
+    gemm = max(gemm, measure_gemm_rate(2))
+    print("| cell | (B,T,I,H,L) | backend | fwd ms med / min | fwd+bwd ms med / min | "
+          "vs torch fwd (med / min) | vs torch fwd+bwd (med / min) | fwd+bwd GFLOP/s (min) | "
+          "% of GEMM rate |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    torch_rows = {(c, sh): (md, lw) for c, sh, n, md, lw in results if n == "torch"}
+    for cell, shape, name, med, low in results:
+        rate = 3 * gemm_flops(cell, *shape) / low["fwdbwd"] / 1e9
+        vs = {m: "-" for m in ("fwd", "fwdbwd")}
+        if (cell, shape) in torch_rows and name != "torch":
+            t_med, t_low = torch_rows[cell, shape]
+            vs = {m: f"{t_med[m] / med[m]:.2f}x / {t_low[m] / low[m]:.2f}x" for m in vs}
+        print(f"| {cell} | {shape} | {name} | {med['fwd'] * 1e3:.3f} / {low['fwd'] * 1e3:.3f} | "
+              f"{med['fwdbwd'] * 1e3:.3f} / {low['fwdbwd'] * 1e3:.3f} | {vs['fwd']} | "
+              f"{vs['fwdbwd']} | {rate:.1f} | {100 * rate / gemm:.0f}% |")
     print()
     line = f"float32 GEMM [6400,512]x[512,2048], best of the run: numba/OpenBLAS {gemm:.0f} GFLOP/s"
     if use_torch:
