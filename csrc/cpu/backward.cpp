@@ -1,7 +1,8 @@
 // Backprop through time for RNN / LSTM / GRU (shape legend in kernels.h).
 // Per step: one fused pointwise pass from dh (and dc) to the gate gradients d_gx, then
 // dh_prev = d_gh W_hh as one GEMM accumulated into dh. After the loop, everything that is not
-// recurrent is one GEMM over all B*T rows: dx = d_gx W_ih, dW_ih = d_gx^T x, dW_hh = d_gh^T h_prev.
+// recurrent is one GEMM over all B*T rows: dx = d_gx W_ih (per row chunk when the loop runs on
+// threads, chunks.h), dW_ih = d_gx^T x and dW_hh = d_gh^T h_prev (after the chunks join).
 // Steps past lengths[b] leave the rows of d_gx at zero, so the GEMMs need no masks, and carry dh
 // (and dc) unchanged.
 #include <cstring>

@@ -1,7 +1,8 @@
 // Forward time loop for RNN / LSTM / GRU (shape legend in kernels.h). Hoisted out of the loop:
 // x W_ih^T + b_ih for all B*T rows as one GEMM, written straight into the activation buffer
 // `act` (row stride S*H >= G*H); each step then runs one h W_hh^T GEMM and one fused pointwise
-// pass that turns those pre-activations into the saved activations in place.
+// pass that turns those pre-activations into the saved activations in place. Large batches run
+// as row chunks on threads (chunks.h), each chunk doing its own share of all of this.
 #include <cstring>
 #include <vector>
 

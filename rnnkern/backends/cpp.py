@@ -4,9 +4,15 @@ Same seam as :mod:`rnnkern.reference` (one layer, one direction, whole sequence;
 there). ``_C`` checks every array itself (dtype, C-contiguity, shapes, lengths range) and raises
 ``ValueError`` naming the argument, then runs without the GIL.
 
-GEMMs: large ones go to SciPy's BLAS, whose Fortran ``sgemm``/``dgemm`` function pointers
-``scipy.linalg.cython_blas`` exports as capsules; they are handed to ``_C`` once, at import.
-Without SciPy the extension's own register-blocked loop does every product.
+GEMMs: products from M*N*K = 2^23 up go to SciPy's BLAS, whose Fortran ``sgemm``/``dgemm``
+function pointers ``scipy.linalg.cython_blas`` exports as capsules (handed to ``_C`` once, at
+import); smaller ones, and all of them without SciPy, to the extension's register-tiled loop,
+built per ISA and chosen at run time (``_C.gemm_loop_isa()``; ``RNNKERN_GEMM_ISA=base|avx2``
+forces a narrower build). Measured: ``benchmarks/bench_cpp_gemm.py``.
+
+Threads: from B*T*G*H*H = 2^23 recurrent multiply-adds up, the batch is cut into row chunks that
+run their whole time loop on their own thread (``_C.set_threads(n)``, 0 = the CPUs this process
+may use, at most 8; ``_C.set_split_min_work``), so nothing synchronises per step.
 """
 from __future__ import annotations
 
