@@ -241,3 +241,11 @@ def test_limit_blas_threads_sets_and_restores():
     assert [get() for _, get in libs] == [1] * len(libs)
     restore_blas_threads(previous)
     assert [get() for _, get in libs] == before
+
+
+def test_cli_bench_e2e_runs_a_tiny_table():
+    pytest.importorskip("torch")
+    proc = _run_cli("bench", "e2e", "--only", "hihello", "--repeats", "1", "--hihello-steps", "5",
+                    "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "| hihello, 5 Adam steps |" in proc.stdout and "speed-up" in proc.stdout
