@@ -13,7 +13,7 @@ Workloads (float32, full training steps: forward, loss, backward, optimizer upda
   over the 95% training part (``--max-batches`` shortens it), as examples/char_rnn.py trains.
 
 rnnkern runs the examples' own model builders and loop (``backend="auto"``: the fastest CPU
-backend); PyTorch runs ``nn.LSTM`` + ``nn.Linear`` (+ ``nn.Embedding``), ``F.cross_entropy``,
+backend) with the examples' single-thread OpenBLAS (``--blas-threads``); PyTorch runs ``nn.LSTM`` + ``nn.Linear`` (+ ``nn.Embedding``), ``F.cross_entropy``,
 ``torch.optim.Adam`` and ``clip_grad_norm_`` with ``torch.set_num_threads(--threads)`` (several
 counts: one PyTorch contestant each). Each repeat runs all, alternating which goes first, after
 one untimed warm-up step each (Numba's compile or cache load, oneDNN's primitive creation). Reported: min and median seconds over repeats, and the
@@ -212,9 +212,9 @@ def main(argv=None):
                    help="torch.set_num_threads for each PyTorch contestant (default 2; e.g. "
                         "'2 1' also runs a 1-thread PyTorch: on a loaded machine OpenMP's "
                         "2-thread barriers can cost 10x). Targets are checked against the first.")
-    p.add_argument("--blas-threads", type=int, default=0,
-                   help="set NumPy's and SciPy's OpenBLAS pools (rnnkern's GEMMs) to N threads "
-                        "(default 0: leave them as they are)")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="set NumPy's and SciPy's OpenBLAS pools (rnnkern's GEMMs) to N threads, "
+                        "as the examples do (default 1; 0: leave them as they are)")
     args = p.parse_args(argv)
     if args.blas_threads:
         from rnnkern.labs import limit_blas_threads

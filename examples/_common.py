@@ -53,12 +53,23 @@ def add_common_args(parser, *, seed=0, every=None):
     parser.add_argument("--seed", type=int, default=seed, help="random seed (default %(default)s)")
     parser.add_argument("--backend", default="auto",
                         help="rnnkern backend: auto (default), numba, cpp, numpy, cuda")
+    parser.add_argument("--blas-threads", type=int, default=1, metavar="N",
+                        help="OpenBLAS threads (default 1: the labs' GEMMs are tiny; 0 = as is)")
     parser.add_argument("--quiet", action="store_true",
                         help="print only the final outcome, not the per-step lines")
     if every is not None:
         parser.add_argument("--every", type=int, default=every, metavar="N",
                             help="print the per-step line every N steps (default %(default)s)")
     return parser
+
+
+def parse(parser, argv):
+    """Parse the arguments and apply --blas-threads (see rnnkern.labs.limit_blas_threads)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "blas_threads", 0):
+        from rnnkern.labs import limit_blas_threads
+        limit_blas_threads(args.blas_threads)
+    return args
 
 
 def should_print(args, step, last):

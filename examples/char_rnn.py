@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from _common import add_common_args, shared_data, tf1_glorot_init
+from _common import add_common_args, parse, shared_data, tf1_glorot_init
 
 import rnnkern as rk
 
@@ -240,9 +240,6 @@ def parser():
     t.add_argument("--sample-length", type=int, default=500)
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--top-k", type=int, default=None)
-    t.add_argument("--blas-threads", type=int, default=1,
-                   help="OpenBLAS threads (default 1: at these sizes a second thread costs more "
-                        "than it gives on 2 cores; 0 = leave as is)")
     add_common_args(t)
 
     s = sub.add_parser("sample", help="sample from a checkpoint")
@@ -256,10 +253,7 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    if getattr(args, "blas_threads", 0):
-        from rnnkern.labs import limit_blas_threads
-        limit_blas_threads(args.blas_threads)
+    args = parse(parser(), argv)
     if args.command == "train":
         if args.prime is None:
             args.prime = "The " if args.text else "def "

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from _common import add_common_args, tf1_glorot_init
+from _common import add_common_args, parse, tf1_glorot_init
 
 import rnnkern as rk
 
@@ -44,7 +44,7 @@ def _show(args, title, arr):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     seed, be = args.seed, args.backend
     result = {}
 

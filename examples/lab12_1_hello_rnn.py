@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from _common import add_common_args, should_print, tf1_glorot_init
+from _common import add_common_args, parse, should_print, tf1_glorot_init
 
 import rnnkern as rk
 
@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=0.1)
     add_common_args(p, every=1)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
 
     vocab = rk.CharVocab(IDX2CHAR)
     x_data = vocab.encode(X_TEXT)[None]     # [B=1,T=6] ids

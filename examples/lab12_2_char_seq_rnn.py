@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import add_common_args, should_print
+from _common import add_common_args, parse, should_print
 from lab12_1_hello_rnn import build
 
 import rnnkern as rk
@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--sample", default=SAMPLE, help="the string to learn (default %(default)r)")
     add_common_args(p, every=1)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
 
     vocab = rk.CharVocab.from_text(args.sample)
     ids = vocab.encode(args.sample)

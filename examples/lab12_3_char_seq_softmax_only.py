@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from _common import add_common_args, should_print
+from _common import add_common_args, parse, should_print
 from lab12_2_char_seq_rnn import SAMPLE
 
 import rnnkern as rk
@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=0.1)
     add_common_args(p, every=100)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
 
     vocab = rk.CharVocab.from_text(SAMPLE)
     ids = vocab.encode(SAMPLE)

@@ -17,8 +17,7 @@ import argparse
 
 import numpy as np
 
-from _common import add_common_args, should_print
-from _common import tf1_glorot_init
+from _common import add_common_args, parse, should_print, tf1_glorot_init
 
 import rnnkern as rk
 
@@ -48,7 +47,7 @@ def main(argv=None):
     p.add_argument("--all-windows", action="store_true",
                    help="print every window's prediction at each printed step (the lab's output)")
     add_common_args(p, every=50)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
 
     vocab = rk.CharVocab.from_text(SENTENCE)
     C = len(vocab)

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from _common import add_common_args, shared_data, should_print, tf1_glorot_init
+from _common import add_common_args, parse, shared_data, should_print, tf1_glorot_init
 
 import rnnkern as rk
 
@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--seq-length", type=int, default=7)
     p.add_argument("--hidden", type=int, default=10)
     add_common_args(p, every=50)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
 
     if not os.path.isfile(args.csv):
         msg = (f"lab12-5 stock prediction: data file not found: {args.csv}\n"

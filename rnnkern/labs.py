@@ -167,7 +167,8 @@ def main(argv=None):
     failures, skipped = [], []
     for name, title, check in selected:
         print(f"\n== {title} ({name}.py)", flush=True)
-        common = ["--quiet", "--seed", str(args.seed), "--backend", args.backend]
+        common = ["--quiet", "--seed", str(args.seed), "--backend", args.backend,
+                  "--blas-threads", str(args.blas_threads)]
         extra = []
         if name == "lab12_5_rnn_stock_prediction":
             mod = load_example(name)
