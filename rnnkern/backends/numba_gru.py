@@ -113,7 +113,7 @@ def gru_after_backward(x, w_ih, w_hh, acts, gh_n, h_prev, lengths, d_out, has_d_
             if t < lengths[b]:
                 copy_into(dh[b], dh_rec[b])
                 add_into(dh[b], dh_z[b])
-    weight_grads(x, h_prev, d_gx, d_gh, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
+    weight_grads(x, h_prev, d_gx, d_gh, False, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
 
 
 # ------------------------------------------------------------------------ reset_after=False

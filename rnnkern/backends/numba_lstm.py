@@ -118,4 +118,4 @@ def lstm_backward(x, w_ih, w_hh, acts, c_prev, tanh_c, h_prev, lengths, d_out, h
         for b in range(B):
             if t < lengths[b]:
                 copy_into(dh[b], dh_rec[b])
-    weight_grads(x, h_prev, d_gates, d_gates, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
+    weight_grads(x, h_prev, d_gates, d_gates, True, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)

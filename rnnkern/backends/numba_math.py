@@ -85,11 +85,12 @@ overload(sigmoid)(_pick(_sigmoid_f32, _sigmoid_f64))
 
 
 @njit(**JIT)
-def weight_grads(x, h_prev, d_gx, d_gh, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh):
+def weight_grads(x, h_prev, d_gx, d_gh, same, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh):
     """After a backward loop, as single GEMMs over all B*T rows.
 
     In:  x [B,T,I], h_prev [B,T,H] (what W_hh multiplied at each step), d_gx [B,T,G*H] and
-         d_gh [B,T,G*H] gradients of the input- and hidden-side pre-activations (often one array).
+         d_gh [B,T,G*H] gradients of the input- and hidden-side pre-activations; ``same``: they
+         are one array (RNN, LSTM), so the bias gradients are summed once.
     Out: dx = d_gx W_ih [B,T,I], dw_ih = d_gx^T x, dw_hh = d_gh^T h_prev, db_ih = sum d_gx,
          db_hh = sum d_gh.
     """
@@ -101,7 +102,10 @@ def weight_grads(x, h_prev, d_gx, d_gh, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh):
     np.dot(Dx.T, x.reshape(B * T, I), dw_ih)
     np.dot(Dh.T, h_prev.reshape(B * T, h_prev.shape[2]), dw_hh)
     column_sums(Dx, db_ih)
-    column_sums(Dh, db_hh)
+    if same:
+        copy_into(db_hh, db_ih)
+    else:
+        column_sums(Dh, db_hh)
 
 
 @njit(**JIT)

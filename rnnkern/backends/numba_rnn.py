@@ -90,4 +90,4 @@ def rnn_backward(x, w_ih, w_hh, relu, acts, h_prev, lengths, d_out, has_d_out,
         for b in range(B):
             if t < lengths[b]:
                 copy_into(dh[b], dh_rec[b])
-    weight_grads(x, h_prev, d_pre, d_pre, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
+    weight_grads(x, h_prev, d_pre, d_pre, True, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
