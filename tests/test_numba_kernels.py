@@ -171,3 +171,28 @@ def test_layer_results_survive_later_calls_with_pooling(monkeypatch):
 def test_available_reports_numba_version():
     ok, reason = numba_cpu.available()
     assert ok and numba.__version__ in reason
+
+
+def _child_run(queue):
+    args, grads = _seam_case(CellSpec("gru"), np.float64)
+    out, *_ = numba_cpu.forward(CellSpec("gru"), **args)
+    queue.put(float(out.sum()))
+
+
+def test_batch_chunks_work_in_a_forked_child(split_small):
+    """A fork after batch-parallel runs must not inherit dead pool threads (it would hang)."""
+    import multiprocessing
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    args, _ = _seam_case(CellSpec("gru"), np.float64)
+    expected = float(numba_cpu.forward(CellSpec("gru"), **args)[0].sum())  # starts the pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_run, args=(queue,))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in a batch-parallel run")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == pytest.approx(expected, rel=1e-12)

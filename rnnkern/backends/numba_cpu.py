@@ -187,6 +187,22 @@ def _cpus():
 _CPUS = _cpus()
 
 
+def _reset_after_fork():
+    """In a forked child the parent's pool threads do not exist and a lock may have been held
+    mid-call: start afresh (else the first batch-parallel run would wait forever)."""
+    global _EXECUTOR, _EXECUTOR_LOCK
+    _EXECUTOR, _EXECUTOR_LOCK = None, threading.Lock()
+    _POOL._lock = threading.Lock()
+    _BLAS._lock = threading.Lock()
+    if _BLAS._depth:  # forked during a batch-parallel run: undo its one-thread BLAS setting
+        _BLAS._set(_BLAS._saved)
+        _BLAS._depth = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _threads():
     return _CPUS if config.THREADS is None else max(1, int(config.THREADS))
 
