@@ -196,3 +196,27 @@ def test_batch_chunks_work_in_a_forked_child(split_small):
         pytest.fail("the forked child hung in a batch-parallel run")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name, bad, error", [
+    ("h0", lambda a: a[:, :-1], ValueError),                 # wrong shape
+    ("w_hh", lambda a: a.astype(np.float64), TypeError),     # wrong dtype
+    ("x", lambda a: np.asfortranarray(a), ValueError),       # not C-contiguous
+    ("c0", lambda a: a[:1], ValueError),
+    ("lengths", lambda a: a.astype(np.int32), TypeError),
+])
+def test_seam_rejects_bad_arrays_with_the_argument_name(name, bad, error):
+    """Direct callers of the seam get an error, never an out-of-bounds kernel."""
+    spec = CellSpec("lstm")
+    args, _ = _seam_case(spec, np.float32)
+    args[name] = bad(args[name])
+    with pytest.raises(error, match=name):
+        numba_cpu.forward(spec, **args)
+
+
+def test_backward_rejects_a_wrong_gradient_shape():
+    spec = CellSpec("gru")
+    args, (d_out, d_h, _) = _seam_case(spec, np.float32)
+    saved = numba_cpu.forward(spec, **args)[3]
+    with pytest.raises(ValueError, match="d_outputs"):
+        numba_cpu.backward(spec, saved, d_out[:, :-1], d_h)

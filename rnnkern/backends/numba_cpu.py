@@ -252,6 +252,7 @@ def _launch(kernel, chunks, args, batched):
 # ------------------------------------------------------------------------------ the seam
 
 _FULL = {}
+_INT64 = np.dtype(np.int64)
 
 
 def _full_lengths(B, T):
@@ -267,10 +268,33 @@ def _full_lengths(B, T):
     return lens
 
 
+def _check(dtype, *arrays):
+    """Each ``(name, array, shape)``: a C-contiguous NumPy array of ``dtype`` and that shape.
+    The layer API validates already; this guards direct callers of the seam, since a wrong
+    shape would make the compiled kernels read or write out of bounds."""
+    for name, a, shape in arrays:
+        if type(a) is not np.ndarray or a.dtype != dtype:
+            raise TypeError(f"{name} must be a NumPy array of dtype {dtype}, got "
+                            f"{type(a).__name__} {getattr(a, 'dtype', '')}")
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+
+
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     """See :mod:`rnnkern.backends`: outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved."""
+    if type(x) is not np.ndarray or x.ndim != 3 or x.dtype not in (np.float32, np.float64):
+        raise TypeError("x must be a float32 or float64 NumPy array [B,T,I]")
     B, T, I = x.shape
-    H = w_hh.shape[1]
+    H = w_hh.shape[-1]
+    GH = spec.gates * H
+    _check(x.dtype, ("w_ih", w_ih, (GH, I)), ("w_hh", w_hh, (GH, H)), ("b_ih", b_ih, (GH,)),
+           ("b_hh", b_hh, (GH,)), ("h0", h0, (B, H)), ("x", x, (B, T, I)))
+    if spec.has_cell_state:
+        _check(x.dtype, ("c0", c0, (B, H)))
+    if lengths is not None:
+        _check(_INT64, ("lengths", lengths, (B,)))
     G = spec.gates
     dt = x.dtype
     lens = _full_lengths(B, T) if lengths is None else lengths
@@ -319,6 +343,9 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     B, T, I = x.shape
     H = w_hh.shape[1]
     dt = x.dtype
+    _check(dt, *((k, v, shape) for k, v, shape in (
+        ("d_outputs", d_outputs, (B, T, H)), ("d_h_n", d_h_n, (B, H)), ("d_c_n", d_c_n, (B, H)))
+        if v is not None))
     has_d_out = d_outputs is not None
     d_out = d_outputs if has_d_out else np.empty((B, 1, 1), dt)  # never read
     dh = np.zeros((B, H), dt) if d_h_n is None else np.array(d_h_n, dtype=dt, order="C")
