@@ -13,7 +13,7 @@ from rnnkern import config, reference
 from rnnkern.cellspec import CellSpec
 
 numba = pytest.importorskip("numba")
-from rnnkern.backends import numba_cpu, numba_math  # noqa: E402
+from rnnkern.backends import numba_cpu, numba_math, numba_runtime  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
 
@@ -103,20 +103,20 @@ def split_small(monkeypatch):
     monkeypatch.setattr(config, "THREADS", 3)
     monkeypatch.setattr(config, "SPLIT_MIN_ROWS", 1)
     monkeypatch.setattr(config, "SPLIT_MIN_FLOPS", 0)
-    if not numba_cpu._BLAS.locate():
+    if not numba_runtime.BLAS.locate():
         pytest.skip("no OpenBLAS thread control found: runs are never split here")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_batch_chunks_match_reference(split_small, spec, dtype):
-    assert len(numba_cpu._chunks(spec, 7, 5, 3, 6)) == 3
+    assert len(numba_runtime.plan_chunks(spec, 7, 5, 3, 6)) == 3
     args, grads = _seam_case(spec, dtype)
     _check_against_reference(spec, args, grads)
 
 
 def test_batch_chunks_restore_the_blas_thread_count(split_small):
-    blas = numba_cpu._BLAS
+    blas = numba_runtime.BLAS
     before = blas._get()
     args, grads = _seam_case(CellSpec("lstm"), np.float32)
     out, *_ = numba_cpu.forward(CellSpec("lstm"), **args)
@@ -126,10 +126,10 @@ def test_batch_chunks_restore_the_blas_thread_count(split_small):
 def test_chunk_rule_keeps_small_work_on_one_thread(monkeypatch):
     monkeypatch.setattr(config, "THREADS", 2)
     lstm = CellSpec("lstm")
-    assert numba_cpu._chunks(lstm, 1, 6, 5, 5) == [(0, 1)]               # lab size
-    assert numba_cpu._chunks(lstm, 15, 100, 512, 512) == [(0, 15)]       # too few rows
+    assert numba_runtime.plan_chunks(lstm, 1, 6, 5, 5) == [(0, 1)]               # lab size
+    assert numba_runtime.plan_chunks(lstm, 15, 100, 512, 512) == [(0, 15)]       # too few rows
     monkeypatch.setattr(config, "THREADS", 1)
-    assert numba_cpu._chunks(lstm, 64, 100, 512, 512) == [(0, 64)]
+    assert numba_runtime.plan_chunks(lstm, 64, 100, 512, 512) == [(0, 64)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -140,17 +140,17 @@ def test_pooled_workspaces_never_leak_between_calls(monkeypatch, spec):
     for seed in range(4):
         args, grads = _seam_case(spec, np.float64, seed=seed)
         _check_against_reference(spec, args, grads)
-    assert numba_cpu._POOL._bytes > 0, "nothing came back to the pool"
+    assert numba_runtime.POOL._bytes > 0, "nothing came back to the pool"
     numba_cpu.clear_workspaces()
-    assert numba_cpu._POOL._bytes == 0
+    assert numba_runtime.POOL._bytes == 0
 
 
 def test_pool_respects_its_byte_limit(monkeypatch):
     monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
     monkeypatch.setattr(config, "POOL_MAX_BYTES", 1000)
     numba_cpu.clear_workspaces()
-    numba_cpu._POOL.give([np.empty(100), np.empty(100)])  # 800 bytes each
-    assert numba_cpu._POOL._bytes == 800
+    numba_runtime.POOL.give([np.empty(100), np.empty(100)])  # 800 bytes each
+    assert numba_runtime.POOL._bytes == 800
     numba_cpu.clear_workspaces()
 
 
