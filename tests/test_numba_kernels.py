@@ -220,3 +220,22 @@ def test_backward_rejects_a_wrong_gradient_shape():
     saved = numba_cpu.forward(spec, **args)[3]
     with pytest.raises(ValueError, match="d_outputs"):
         numba_cpu.backward(spec, saved, d_out[:, :-1], d_h)
+
+
+def test_without_numba_the_backend_says_why_and_auto_moves_on():
+    """available() is truthful: with Numba unimportable, numba reports it and auto skips it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import numpy as np, rnnkern as rk\n"
+            "from rnnkern import backends\n"
+            "ok, reason = rk.available_backends()['numba']\n"
+            "assert not ok and 'numba is not importable' in reason, reason\n"
+            "assert backends.resolve('auto', np.zeros((1, 1, 1))).name in ('cpp', 'numpy')\n"
+            "print('OK')\n")
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "RNNKERN_BACKEND"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=root)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
