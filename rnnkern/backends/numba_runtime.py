@@ -38,7 +38,8 @@ class _Pool:
     def __init__(self):
         self._idle = {}
         self._bytes = 0
-        self._lock = threading.Lock()
+        # reentrant: the cyclic GC may run a saved record's finalizer (-> give) inside give
+        self._lock = threading.RLock()
 
     def take(self, shape, dtype):
         """An array of ``shape`` and ``dtype`` (a np.dtype), recycled or new; contents undefined."""
@@ -168,7 +169,7 @@ def _reset_after_fork():
     mid-call: start afresh (else the first batch-parallel run would wait forever)."""
     global _EXECUTOR, _EXECUTOR_SIZE, _EXECUTOR_LOCK
     _EXECUTOR, _EXECUTOR_SIZE, _EXECUTOR_LOCK = None, 0, threading.Lock()
-    POOL._lock = threading.Lock()
+    POOL._lock = threading.RLock()
     BLAS._lock = threading.Lock()
     if BLAS._depth:  # forked during a batch-parallel run: undo its one-thread BLAS setting
         BLAS._set(BLAS._saved)
