@@ -31,7 +31,8 @@ import rnnkern as rk
 
 SHAKESPEARE = "tinyshakespeare.txt"
 DEFAULTS = dict(rnn_size=128, num_layers=2, seq_length=50, batch_size=50, learning_rate=2e-3,
-                decay_rate=0.97, grad_clip=5.0)   # char-rnn-tensorflow's train.py defaults
+                decay_rate=0.97, grad_clip=5.0,   # char-rnn-tensorflow's train.py defaults
+                dropout=0.0)                      # its output_keep_prob=1.0
 
 
 # ---------------------------------------------------------------------- corpus
@@ -85,15 +86,20 @@ def split_ids(ids, val_fraction, batch_size, seq_length):
 
 # ---------------------------------------------------------------------- model
 def build_model(vocab_size, cfg, seed, backend="auto"):
-    """Embedding(V, H) -> LSTM(H, H, L) -> Dense(H, V), TF1-style init (glorot, zero biases)."""
-    H = cfg["rnn_size"]
+    """Embedding(V, H) -> LSTM(H, H, L) -> Dense(H, V), TF1-style init (glorot, zero biases).
+
+    ``cfg["dropout"] = p > 0`` drops each LSTM layer's outputs with probability p in training
+    (char-rnn's ``DropoutWrapper(output_keep_prob=1-p)``): between the layers and before the dense.
+    """
+    H, p = cfg["rnn_size"], cfg.get("dropout", 0.0)
     emb = rk.Embedding(vocab_size, H, seed=seed)
     bound = np.sqrt(6.0 / (vocab_size + H))   # TF get_variable's default glorot_uniform
     emb.params["weight"][...] = np.random.default_rng(seed).uniform(-bound, bound,
                                                                     (vocab_size, H))
-    lstm = tf1_glorot_init(rk.LSTM(H, H, cfg["num_layers"], backend=backend), seed + 1)
+    lstm = tf1_glorot_init(rk.LSTM(H, H, cfg["num_layers"], backend=backend, dropout=p,
+                                   seed=seed + 3), seed + 1)
     fc = rk.Dense(H, vocab_size, init="glorot", seed=seed + 2)
-    return rk.Sequential([emb, lstm, fc])
+    return rk.Sequential([emb, lstm] + ([rk.Dropout(p, seed=seed + 4)] if p else []) + [fc])
 
 
 class Limited:
@@ -228,6 +234,8 @@ def parser():
     t.add_argument("--lr", dest="learning_rate", type=float, default=DEFAULTS["learning_rate"])
     t.add_argument("--decay-rate", dest="decay_rate", type=float, default=DEFAULTS["decay_rate"])
     t.add_argument("--grad-clip", dest="grad_clip", type=float, default=DEFAULTS["grad_clip"])
+    t.add_argument("--dropout", type=float, default=DEFAULTS["dropout"],
+                   help="drop LSTM outputs with this probability in training (default 0)")
     t.add_argument("--epochs", type=int, default=50, help="(char-rnn's default %(default)s)")
     t.add_argument("--max-batches", type=int, default=0, help="batches per epoch (0: all)")
     t.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
