@@ -115,6 +115,24 @@ def test_batch_chunks_match_reference(split_small, spec, dtype):
     _check_against_reference(spec, args, grads)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_backward_cuts_the_chunks_its_forward_cut(split_small, monkeypatch, dtype):
+    # the LSTM kernels keep a chunk's saved arrays in a private (time-major) layout: a backward
+    # that re-planned the chunks after a config change would misread them
+    spec = CellSpec("lstm", forget_bias=1.0)
+    args, grads = _seam_case(spec, dtype)
+    out, h, c, saved = numba_cpu.forward(spec, **args)
+    monkeypatch.setattr(config, "THREADS", 1)
+    dx, dh0, dc0, g = numba_cpu.backward(spec, saved, *grads)
+    monkeypatch.undo()
+    one = _seam_case(spec, dtype)[0]
+    assert len(numba_runtime.plan_chunks(spec, 7, 5, 3, 6)) == 1
+    _, _, _, saved1 = numba_cpu.forward(spec, **one)
+    dx1, dh01, dc01, g1 = numba_cpu.backward(spec, saved1, *grads)
+    for got, want in [(dx, dx1), (dh0, dh01), (dc0, dc01)] + [(g[k], g1[k]) for k in g]:
+        assert_close(got, want, "chunked vs one-chunk backward")
+
+
 def test_batch_chunks_restore_the_blas_thread_count(split_small):
     blas = numba_runtime.BLAS
     before = blas._get()

@@ -125,9 +125,12 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
         kernel = K.rnn_forward
         args = [(x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (spec.nonlinearity == "relu", 0),
                 (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
-    launch(kernel, plan_chunks(spec, B, T, I, H), *zip(*args))
+    chunks = plan_chunks(spec, B, T, I, H)
+    launch(kernel, chunks, *zip(*args))
+    # the backward must cut the same chunks: the LSTM kernels store a chunk's saved arrays in a
+    # private layout (numba_lstm) that only the same chunk boundaries read back correctly
     saved = saved_record(dict(pooled, acts=acts, h_prev=h_prev), spec=spec, x=x, w_ih=w_ih,
-                          w_hh=w_hh, lengths=lens)
+                          w_hh=w_hh, lengths=lens, chunks=chunks)
     return out, h, c, saved
 
 
@@ -148,7 +151,7 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     if spec.has_cell_state:
         dc = np.zeros((B, H), dt) if d_c_n is None else np.array(d_c_n, dtype=dt, order="C")
     dx = np.empty(x.shape, dt)
-    chunks = plan_chunks(spec, B, T, I, H)
+    chunks = saved["chunks"]
     # weight gradients: one set per chunk (the first is returned), summed after
     grads = [(np.empty_like(w_ih), np.empty_like(w_hh), np.empty(w_ih.shape[0], dt),
               np.empty(w_ih.shape[0], dt)) for _ in chunks]
