@@ -11,9 +11,11 @@ them when the run is split), but the kernels store them TIME-major, [T,B,H] and 
 with the gate columns INTERLEAVED: column 4j+k holds gate k of unit j (the weights' rows are
 permuted to match, and the weight gradients permuted back). Then one step's pointwise math is a
 single loop over the B*H contiguous cells (``_fwd_cells``, ``_back_cells``) that LLVM
-vectorises whatever H is; per batch row (the previous design) an H of 25 left most lanes idle:
-measured 3 vs 7-16 ns per cell at B=170, H=25. The backward reads the same chunk of the same
-buffers, so only these two kernels ever see the layout.
+vectorises whatever H is; per batch row (the previous design) an H of 25 left most lanes idle.
+Measured at (B,T,I,H) = (170,10,25,25), float32, one thread: forward 0.72 -> 0.43 ms, backward
+0.88 -> 0.67 ms. The biases (and the forget bias) are added once to the input projection. The
+backward reads the same chunk of the same buffers (numba_cpu keeps the forward's chunk plan),
+so only these two kernels ever see the layout.
 
 Variable lengths: at ``t >= lengths[b]`` the output row is zero, the state is carried, and the
 backward writes zero gate gradients so those steps add nothing to the weight gradients. The
@@ -145,7 +147,8 @@ def lstm_forward(x, w_ih, w_hh, bias, forget_bias, h0, c0, lengths,
     ghf = gh.reshape(B * 4 * H)
     for t in range(T):
         np.dot(h, wh.T, gh)
-        if t < shortest:  # every row live: one loop (the run loop below measured 3x slower)
+        if t < shortest:  # every row live: one call (the run loop below made the
+            # whole forward 3x slower at B=170, H=25: LLVM no longer vectorised the cells)
             _fwd_cells(A[t], ghf, cf, hf, CP[t], HP[t], TC[t], 0, N)
             for b in range(B):
                 copy_into(out[b, t], h[b])
