@@ -22,3 +22,9 @@ THREADS = None
 # than it saves).
 SPLIT_MIN_ROWS = 8
 SPLIT_MIN_FLOPS = 4_000_000
+
+# The Numba kernels hold SciPy's OpenBLAS (what np.dot inside @njit calls) to one thread while they
+# run, from this much GEMM work (2*B*T*G*H*(I+H) flops) up: NumPy's own OpenBLAS copy and
+# SciPy's would otherwise spin their idle pools against each other on 2 cores (lab 12-4 training
+# 15x slower). Below it OpenBLAS stays single-threaded by itself and the switch would only cost.
+BLAS_ONE_THREAD_MIN_FLOPS = 1_000_000

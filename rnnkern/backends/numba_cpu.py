@@ -18,7 +18,8 @@ import importlib
 import numpy as np
 
 from .. import config
-from .numba_runtime import POOL, clear_workspaces, launch, plan_chunks, run_chunks, saved_record
+from .numba_runtime import (POOL, clear_workspaces, launch, one_blas_thread, plan_chunks,
+                            run_chunks, saved_record)
 
 __all__ = ["available", "forward", "backward", "clear_workspaces"]
 
@@ -126,7 +127,8 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
         args = [(x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (spec.nonlinearity == "relu", 0),
                 (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
     chunks = plan_chunks(spec, B, T, I, H)
-    launch(kernel, chunks, *zip(*args))
+    with one_blas_thread(spec, B, T, I, H):
+        launch(kernel, chunks, *zip(*args))
     # the backward must cut the same chunks: the LSTM kernels store a chunk's saved arrays in a
     # private layout (numba_lstm) that only the same chunk boundaries read back correctly
     saved = saved_record(dict(pooled, acts=acts, h_prev=h_prev), spec=spec, x=x, w_ih=w_ih,
@@ -178,7 +180,8 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         args = head[:3] + [(spec.nonlinearity == "relu", 0), (acts, 1), (h_prev, 1)] + tail
     values, batched = (list(v) for v in zip(*args))
     if len(chunks) == 1:
-        kernel(*values, *grads[0], *scratch)
+        with one_blas_thread(spec, B, T, I, H):
+            kernel(*values, *grads[0], *scratch)
     else:
         def call(lo, hi):
             k = chunks.index((lo, hi))

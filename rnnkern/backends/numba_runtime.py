@@ -17,6 +17,7 @@ Shape legend: B batch, T time steps, I input size, H hidden size, G gates.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import math
@@ -98,8 +99,15 @@ def saved_record(pooled, **items):
 
 class _OneBlasThread:
     """Context manager: SciPy's OpenBLAS (what np.dot inside @njit calls) runs single-threaded
-    while any batch-parallel run is active. OpenBLAS's thread count is process-wide (its
-    ``_local`` setter is global too), so nested/concurrent users share one counter."""
+    while any kernel of this backend runs, and gets its own setting back after. OpenBLAS's thread
+    count is process-wide (its ``_local`` setter is global too), so nested/concurrent users share
+    one counter. A no-op where the setter cannot be found.
+
+    Why every run, not only batch-parallel ones: the process also holds NumPy's own OpenBLAS
+    copy (dense layers, losses), and the two copies' idle 2-thread pools spin against each other
+    on a 2-core machine (lab 12-4 training measured 0.17 s with either pool at one thread vs
+    2.6-2.8 s with both at two, benchmarks/README.md); the per-step GEMMs here are too small for
+    a second BLAS thread to pay anyway, and large runs take their threads from batch chunks."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -135,6 +143,8 @@ class _OneBlasThread:
         return False
 
     def __enter__(self):
+        if not self.locate():
+            return
         with self._lock:
             if self._depth == 0:
                 self._saved = self._get()
@@ -142,6 +152,8 @@ class _OneBlasThread:
             self._depth += 1
 
     def __exit__(self, *exc):
+        if not self.found:
+            return
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
@@ -182,6 +194,14 @@ if hasattr(os, "register_at_fork"):
 
 def _threads():
     return _CPUS if config.THREADS is None else max(1, int(config.THREADS))
+
+
+def one_blas_thread(spec, B, T, I, H):
+    """``BLAS`` (hold SciPy's OpenBLAS to one thread) for a run whose GEMMs are big enough for
+    OpenBLAS to wake its pool; a no-op context below that (the switch costs a few us)."""
+    if 2 * B * T * spec.gates * H * (I + H) < config.BLAS_ONE_THREAD_MIN_FLOPS:
+        return contextlib.nullcontext()
+    return BLAS
 
 
 def plan_chunks(spec, B, T, I, H):
