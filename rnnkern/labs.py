@@ -14,54 +14,11 @@ import sys
 import tempfile
 import time
 
-
-def _openblas_libs():
-    """(set_num_threads, get_num_threads) of every OpenBLAS loaded in this process (Linux)."""
-    import ctypes
-    import re
-    try:
-        import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS so it can be set now)
-        with open("/proc/self/maps") as f:
-            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
-    except (ImportError, OSError):
-        return []
-    found = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("openblas", ""), ("scipy_openblas", ""),
-                               ("openblas", "64_"), ("scipy_openblas", "64_")):
-            set_fn = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            get_fn = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            if set_fn is not None and get_fn is not None:
-                found.append((set_fn, get_fn))
-                break
-    return found
+from .blas_threads import limit_blas_threads, loaded_openblas, restore_blas_threads  # noqa: F401
 
 
-def limit_blas_threads(n):
-    """Set every OpenBLAS loaded in this process to ``n`` threads; returns the previous counts
-    (for :func:`restore_blas_threads`).
-
-    Why: the labs' GEMMs are tiny (DESIGN.md: two threads pay off only from about
-    64x256 @ 256x1024 up), and this process holds two OpenBLAS copies, NumPy's (dense layers) and
-    SciPy's (``np.dot`` inside the Numba kernels), each with its own pool whose idle threads spin.
-    On a 2-core machine the pools fight: lab 12-4 measured 4-7x slower with 2 threads each than
-    with 1 (more under load). Linux only (reads /proc/self/maps); elsewhere a no-op.
-    ``OPENBLAS_NUM_THREADS=1`` before starting Python has the same effect.
-    """
-    libs = _openblas_libs()
-    previous = [(set_fn, get_fn()) for set_fn, get_fn in libs]
-    for set_fn, _ in libs:
-        set_fn(int(n))
-    return previous
-
-
-def restore_blas_threads(previous):
-    for set_fn, n in previous:
-        set_fn(n)
+# re-exported for the examples, bench_e2e and tests (one copy lives in rnnkern.blas_threads)
+_openblas_libs = loaded_openblas
 
 
 def examples_dir():

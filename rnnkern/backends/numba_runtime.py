@@ -18,8 +18,6 @@ Shape legend: B batch, T time steps, I input size, H hidden size, G gates.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import math
 import os
 import threading
@@ -27,6 +25,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
+
+from ..blas_threads import scipy_openblas
 
 from .. import config
 
@@ -120,27 +120,12 @@ class _OneBlasThread:
         """Find the library's thread setter once; False if none (then runs are not split)."""
         if self.found:
             return True
-        try:
-            import scipy
-            import scipy.linalg.cython_blas  # noqa: F401 - loads the library numba uses
-        except ImportError:
+        controls = scipy_openblas()
+        if controls is None:
             return False
-        root = os.path.dirname(scipy.__file__)
-        paths = sorted(glob.glob(os.path.join(root, os.pardir, "scipy.libs", "*openblas*"))
-                       + glob.glob(os.path.join(root, ".dylibs", "*openblas*")))
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix in ("scipy_openblas", "openblas"):
-                get = getattr(lib, prefix + "_get_num_threads", None)
-                set_ = getattr(lib, prefix + "_set_num_threads", None)
-                if get is not None and set_ is not None:
-                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                    self._get, self._set, self.found = get, set_, True
-                    return True
-        return False
+        self._set, self._get = controls
+        self.found = True
+        return True
 
     def __enter__(self):
         if not self.locate():
