@@ -1,8 +1,9 @@
 """Numba GRU kernels, both conventions: whole-layer forward and BPTT, one compiled call each.
 
 Shape legend: B batch, T time steps, I input size, H hidden size; gate blocks r, z, n (3H).
-Math: :mod:`rnnkern.reference`; structure, row helpers and length handling as in
-:mod:`rnnkern.backends.numba_lstm`.
+Math: :mod:`rnnkern.reference`. The pointwise math of one batch row sits in its own small
+function (``_*_row*``), where LLVM vectorises the H loop; ``numba_lstm`` instead runs its gate
+math over all B*H cells of a step at once, which pays at small H (not yet done here).
 
 ``reset_after=True`` (PyTorch/cuDNN): one GEMM per step, ``h W_hh^T``, and ``b_hn`` stays inside
 ``r * (W_hn h + b_hn)``. ``reset_after=False`` (TF1): two GEMMs per step, because the n block
