@@ -159,6 +159,43 @@ class Optimizer:
                 st = self.state[k] = self._init_state(p)
             self._apply(p, np.asarray(grads[k], dtype=p.dtype), st)
 
+    def step_flat(self, flat_params, flat_grads, layout):
+        """:meth:`step` for parameters that live in one flat array, as a fused training step
+        keeps them (:class:`rnnkern.TrainStep`): the same clipping, update and per-name state.
+
+        Args:
+            flat_params, flat_grads: 1-D arrays of one float dtype, updated / clipped in place
+            layout: ``((name, shape), ...)``, the parameters in the order they are concatenated
+        """
+        if self.clip_value is not None:
+            clip_grad_value([flat_grads], self.clip_value)
+        if self.clip_norm is not None:
+            self.last_grad_norm = clip_grad_norm([flat_grads], self.clip_norm)
+        self.iterations += 1
+        self._kernels = None if self.jit is False else _numba_kernels()
+        flat = self._flat
+        if flat is None or flat["layout"] != layout or flat["dtype"] != flat_params.dtype:
+            views, lo = {}, 0     # name -> (param view, grad view)
+            for k, shape in layout:
+                n = int(np.prod(shape, dtype=np.int64))
+                views[k] = (flat_params[lo:lo + n].reshape(shape),
+                            flat_grads[lo:lo + n].reshape(shape))
+                lo += n
+            flat = self._build_flat(layout, {k: p for k, (p, _) in views.items()})
+            if flat is None:  # per-name state that cannot be laid out flat: name by name
+                self._flat = None
+                for k, (p, g) in views.items():
+                    st = self.state.get(k)
+                    if st is None:
+                        st = self.state[k] = self._init_state(p)
+                    self._apply(p, g, st)
+                return
+        st = flat["state"]
+        slots = len(st)
+        self._apply(flat_params, flat_grads, st)
+        if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
+            self._bind_views(flat)
+
     def _apply(self, p, g, st):
         if self._kernels is None or not self._update_compiled(p, g, st):
             self._update(p, g, st)
@@ -297,6 +334,7 @@ class Adam(Optimizer):
             raise ValueError(f"eps_mode must be 'tf' or 'torch', got {eps_mode!r}")
         self.eps_mode = eps_mode
         self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self._fixed_scalars = None  # (key, the update's constant scalars in the params' dtype)
 
     def _hyper(self):
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
@@ -325,8 +363,15 @@ class Adam(Optimizer):
 
     def _update_compiled(self, p, g, st):
         m, v = st["m"], st["v"]
-        arrays = (p, g, m, v)
-        if not all(a.flags.c_contiguous and a.dtype == p.dtype for a in arrays):
+        for a in (g, m, v):
+            if a.dtype != p.dtype:
+                return False
+        if p.ndim != 1:
+            if not all(a.flags.c_contiguous for a in (p, g, m, v)):
+                return False
+            p, g, m, v = (a.reshape(-1) for a in (p, g, m, v))
+        elif not (p.flags.c_contiguous and g.flags.c_contiguous and m.flags.c_contiguous
+                  and v.flags.c_contiguous):
             return False
         if self.weight_decay:
             g = g + self.weight_decay * p
@@ -334,10 +379,13 @@ class Adam(Optimizer):
         bc1 = 1.0 - self.beta1 ** t
         bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
         c = p.dtype.type  # scalars in the array dtype, as NumPy treats Python floats
+        key = (c, self.beta1, self.beta2, self.eps)
+        if self._fixed_scalars is None or self._fixed_scalars[0] != key:  # built once, not per step
+            self._fixed_scalars = (key, (c(self.beta1), c(1.0 - self.beta1), c(self.beta2),
+                                         c(1.0 - self.beta2), c(self.eps)))
         step = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
-        self._kernels.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                           c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2),
-                           c(self.eps), c(step), c(bc2_sqrt), self.eps_mode == "tf")
+        self._kernels.adam(p, g, m, v, *self._fixed_scalars[1], c(step), c(bc2_sqrt),
+                           self.eps_mode == "tf")
         return True
 
 

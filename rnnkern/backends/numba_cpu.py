@@ -21,7 +21,8 @@ from .. import config
 from .numba_runtime import (POOL, clear_workspaces, launch, one_blas_thread, plan_chunks,
                             run_chunks, saved_record)
 
-__all__ = ["available", "forward", "backward", "clear_workspaces"]
+__all__ = ["available", "forward", "backward", "clear_workspaces", "saved_shapes",
+           "scratch_shapes", "forward_call", "backward_call", "run_backward"]
 
 name = "numba"
 
@@ -78,6 +79,93 @@ def _check(dtype, *arrays):
             raise ValueError(f"{name} must be C-contiguous")
 
 
+def saved_shapes(spec, B, T, H):
+    """``{name: shape}`` of the arrays a forward saves for its backward (besides x, weights,
+    lengths): ``acts`` [B,T,G*H] and ``h_prev`` [B,T,H] for every cell, plus the cell's own."""
+    shapes = {"acts": (B, T, spec.gates * H), "h_prev": (B, T, H)}
+    extra = {"lstm": ("c_prev", "tanh_c"), "gru": ("gh_n",) if spec.reset_after else ("rh",),
+             "rnn": ()}[spec.kind]
+    shapes.update((name, (B, T, H)) for name in extra)
+    return shapes
+
+
+def scratch_shapes(spec, B, T, H):
+    """Shapes of the backward's scratch arrays, in the order its kernel takes them."""
+    G = spec.gates * H
+    if spec.kind == "gru":
+        return [(B, T, G), (B, T, G)] if spec.reset_after else [(B, T, 2 * H), (B, T, H)]
+    return [(B, T, G)]
+
+
+def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved):
+    """The kernel and its ``[(arg, batch_major)]`` list for one layer's forward.
+
+    ``saved``: arrays of :func:`saved_shapes`; every array is allocated and checked by the
+    caller (the seam below, or a fused training step that keeps them between calls).
+    """
+    K = _kernels(spec.kind)
+    acts, h_prev = saved["acts"], saved["h_prev"]
+    if spec.kind == "lstm":
+        return K.lstm_forward, [
+            (x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (x.dtype.type(spec.forget_bias), 0),
+            (h0, 1), (c0, 1), (lens, 1), (out, 1), (h, 1), (c, 1), (acts, 1),
+            (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1)]
+    H = w_hh.shape[1]
+    if spec.kind == "gru" and spec.reset_after:
+        bias = b_ih.copy()
+        bias[:2 * H] += b_hh[:2 * H]
+        return K.gru_after_forward, [
+            (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (np.ascontiguousarray(b_hh[2 * H:]), 0),
+            (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1)]
+    if spec.kind == "gru":
+        return K.gru_before_forward, [
+            (x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (h0, 1), (lens, 1), (out, 1),
+            (h, 1), (acts, 1), (saved["rh"], 1), (h_prev, 1)]
+    return K.rnn_forward, [
+        (x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (spec.nonlinearity == "relu", 0),
+        (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
+
+
+def backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc):
+    """The kernel and its ``[(arg, batch_major)]`` list for one layer's backward, without the
+    trailing weight-gradient and scratch arrays (the caller appends those)."""
+    K = _kernels(spec.kind)
+    head = [(x, 1), (w_ih, 0), (w_hh, 0)]
+    tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (dx, 1), (dh, 1)]
+    acts, h_prev = saved["acts"], saved["h_prev"]
+    if spec.kind == "lstm":
+        return K.lstm_backward, head + [(acts, 1), (saved["c_prev"], 1), (saved["tanh_c"], 1),
+                                        (h_prev, 1)] + tail + [(dc, 1)]
+    if spec.kind == "gru" and spec.reset_after:
+        return K.gru_after_backward, head + [(acts, 1), (saved["gh_n"], 1), (h_prev, 1)] + tail
+    if spec.kind == "gru":
+        return K.gru_before_backward, head + [(acts, 1), (saved["rh"], 1), (h_prev, 1)] + tail
+    return K.rnn_backward, head + [(spec.nonlinearity == "relu", 0), (acts, 1), (h_prev, 1)] + tail
+
+
+def run_backward(kernel, args, chunks, grads, scratch):
+    """Run a backward kernel over the forward's batch chunks.
+
+    ``grads`` (dw_ih, dw_hh, db_ih, db_hh) receive the weight gradients: the first chunk's
+    written there directly, the others' into temporaries summed in after. ``scratch``: the
+    kernel's scratch arrays over the whole batch (each chunk takes its rows).
+    """
+    values, batched = (list(v) for v in zip(*args))
+    if len(chunks) == 1:
+        kernel(*values, *grads, *scratch)
+        return
+    sets = [grads] + [tuple(np.empty_like(g) for g in grads) for _ in chunks[1:]]
+
+    def call(lo, hi):
+        k = chunks.index((lo, hi))
+        kernel(*[a[lo:hi] if cut else a for a, cut in zip(values, batched)], *sets[k],
+               *[a[lo:hi] for a in scratch])
+    run_chunks(chunks, call)
+    for other in sets[1:]:
+        for total, part in zip(grads, other):
+            total += part
+
+
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     """See :mod:`rnnkern.backends`: outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved."""
     if type(x) is not np.ndarray or x.ndim != 3 or x.dtype not in (np.float32, np.float64):
@@ -91,55 +179,29 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
         _check(x.dtype, ("c0", c0, (B, H)))
     if lengths is not None:
         _check(_INT64, ("lengths", lengths, (B,)))
-    G = spec.gates
     dt = x.dtype
     lens = _full_lengths(B, T) if lengths is None else lengths
     out = np.empty((B, T, H), dt)
     h = np.empty((B, H), dt)
     c = np.empty((B, H), dt) if spec.has_cell_state else None
     # arrays too small for the pool skip it (per-call overhead matters at lab sizes)
-    take = np.empty if B * T * G * H * dt.itemsize < config.POOL_MIN_BYTES else POOL.take
-    acts = take((B, T, G * H), dt)  # input projection, then gate activations
-    h_prev = take((B, T, H), dt)
-    K = _kernels(spec.kind)
-    if spec.kind == "lstm":
-        pooled = dict(c_prev=take((B, T, H), dt), tanh_c=take((B, T, H), dt))
-        kernel = K.lstm_forward
-        args = [(x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (dt.type(spec.forget_bias), 0),
-                (h0, 1), (c0, 1), (lens, 1), (out, 1), (h, 1), (c, 1), (acts, 1),
-                (pooled["c_prev"], 1), (pooled["tanh_c"], 1), (h_prev, 1)]
-    elif spec.kind == "gru" and spec.reset_after:
-        bias = b_ih.copy()
-        bias[:2 * H] += b_hh[:2 * H]
-        pooled = dict(gh_n=take((B, T, H), dt))
-        kernel = K.gru_after_forward
-        args = [(x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (np.ascontiguousarray(b_hh[2 * H:]), 0),
-                (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (pooled["gh_n"], 1),
-                (h_prev, 1)]
-    elif spec.kind == "gru":
-        pooled = dict(rh=take((B, T, H), dt))
-        kernel = K.gru_before_forward
-        args = [(x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (h0, 1), (lens, 1), (out, 1),
-                (h, 1), (acts, 1), (pooled["rh"], 1), (h_prev, 1)]
-    else:
-        pooled = {}
-        kernel = K.rnn_forward
-        args = [(x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (spec.nonlinearity == "relu", 0),
-                (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
+    take = np.empty if B * T * GH * dt.itemsize < config.POOL_MIN_BYTES else POOL.take
+    pooled = {k: take(shape, dt) for k, shape in saved_shapes(spec, B, T, H).items()}
+    kernel, args = forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, pooled)
     chunks = plan_chunks(spec, B, T, I, H)
     with one_blas_thread(spec, B, T, I, H):
         launch(kernel, chunks, *zip(*args))
     # the backward must cut the same chunks: the LSTM kernels store a chunk's saved arrays in a
     # private layout (numba_lstm) that only the same chunk boundaries read back correctly
-    saved = saved_record(dict(pooled, acts=acts, h_prev=h_prev), spec=spec, x=x, w_ih=w_ih,
-                          w_hh=w_hh, lengths=lens, chunks=chunks)
+    saved = saved_record(pooled, spec=spec, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lens,
+                         chunks=chunks)
     return out, h, c, saved
 
 
 def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     """See :mod:`rnnkern.backends`: dx [B,T,I], dh0 [B,H], dc0 [B,H] | None, weight grads."""
     x, w_ih, w_hh, lens = saved["x"], saved["w_ih"], saved["w_hh"], saved["lengths"]
-    acts, h_prev = saved["acts"], saved["h_prev"]
+    acts = saved["acts"]
     B, T, I = x.shape
     H = w_hh.shape[1]
     dt = x.dtype
@@ -154,44 +216,14 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         dc = np.zeros((B, H), dt) if d_c_n is None else np.array(d_c_n, dtype=dt, order="C")
     dx = np.empty(x.shape, dt)
     chunks = saved["chunks"]
-    # weight gradients: one set per chunk (the first is returned), summed after
-    grads = [(np.empty_like(w_ih), np.empty_like(w_hh), np.empty(w_ih.shape[0], dt),
-              np.empty(w_ih.shape[0], dt)) for _ in chunks]
+    grads = (np.empty_like(w_ih), np.empty_like(w_hh), np.empty(w_ih.shape[0], dt),
+             np.empty(w_ih.shape[0], dt))
     take = np.empty if acts.nbytes < config.POOL_MIN_BYTES else POOL.take
-    K = _kernels(spec.kind)
-    head = [(x, 1), (w_ih, 0), (w_hh, 0)]
-    tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (dx, 1), (dh, 1)]
-    if spec.kind == "lstm":
-        kernel = K.lstm_backward
-        scratch = [take(acts.shape, dt)]
-        args = head + [(acts, 1), (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1)] + \
-            tail + [(dc, 1)]
-    elif spec.kind == "gru" and spec.reset_after:
-        kernel = K.gru_after_backward
-        scratch = [take(acts.shape, dt), take(acts.shape, dt)]
-        args = head + [(acts, 1), (saved["gh_n"], 1), (h_prev, 1)] + tail
-    elif spec.kind == "gru":
-        kernel = K.gru_before_backward
-        scratch = [take((B, T, 2 * H), dt), take((B, T, H), dt)]
-        args = head + [(acts, 1), (saved["rh"], 1), (h_prev, 1)] + tail
-    else:
-        kernel = K.rnn_backward
-        scratch = [take(acts.shape, dt)]
-        args = head[:3] + [(spec.nonlinearity == "relu", 0), (acts, 1), (h_prev, 1)] + tail
-    values, batched = (list(v) for v in zip(*args))
-    if len(chunks) == 1:
-        with one_blas_thread(spec, B, T, I, H):
-            kernel(*values, *grads[0], *scratch)
-    else:
-        def call(lo, hi):
-            k = chunks.index((lo, hi))
-            kernel(*[a[lo:hi] if cut else a for a, cut in zip(values, batched)], *grads[k],
-                   *[a[lo:hi] for a in scratch])
-        run_chunks(chunks, call)
-        for other in grads[1:]:
-            for total, part in zip(grads[0], other):
-                total += part
+    scratch = [take(shape, dt) for shape in scratch_shapes(spec, B, T, H)]
+    kernel, args = backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc)
+    with one_blas_thread(spec, B, T, I, H):
+        run_backward(kernel, args, chunks, grads, scratch)
     if take is not np.empty:
         POOL.give(scratch)
-    g = dict(zip(("w_ih", "w_hh", "b_ih", "b_hh"), grads[0]))
+    g = dict(zip(("w_ih", "w_hh", "b_ih", "b_hh"), grads))
     return dx, dh, dc, g

@@ -1,0 +1,89 @@
+"""Compiled pieces of the fused training step (:mod:`rnnkern.train_step`), imported lazily.
+
+Shape legend: N = B*T rows, F features entering the dense head (the recurrent H), C classes,
+V vocabulary, E input width (one-hot depth or embedding size).
+
+The math is that of :class:`rnnkern.Dense`, :func:`rnnkern.sequence_loss` and
+:class:`rnnkern.Embedding` (their docstrings; one row at a time here instead of whole-array NumPy
+operations, so sums round in a different order: results agree to float rounding, not bitwise).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+JIT = dict(cache=True, nogil=True, error_model="numpy")
+
+
+@njit(**JIT)
+def gather_rows(ids, table, out):
+    """out[n] = table[ids[n]] for ids [N] (int64), table [V,E], out [N,E].
+
+    Returns -1 when every id lies in [0, V), else the position of the first one outside."""
+    V = table.shape[0]
+    for n in range(ids.shape[0]):
+        if ids[n] < 0 or ids[n] >= V:
+            return n
+    for n in range(ids.shape[0]):
+        out[n] = table[ids[n]]
+    return -1
+
+
+@njit(**JIT)
+def scatter_add_rows(ids, rows, out):
+    """out = 0, then out[ids[n]] += rows[n]: an embedding table's gradient. ids [N], rows [N,E]."""
+    out[:] = 0
+    for n in range(ids.shape[0]):
+        out[ids[n]] += rows[n]
+
+
+@njit(**JIT)
+def dense_sequence_loss(h, weight, bias, has_bias, targets, w, has_w, d_logits, dw, db, dh):
+    """Dense head, sequence_loss and their backward over all N rows in one call.
+
+    In:  h [N,F], weight [C,F], bias [C] (read if has_bias), targets int64 [N],
+         w [N] position weights (read if has_w; else all ones).
+    Out: d_logits [N,C] (the gradient of the loss w.r.t. the logits; scratch), dw [C,F],
+         db [C] (written if has_bias), dh [N,F].
+    Returns the loss (float64), or -1 - n when targets[n] is the first target outside [0, C).
+    """
+    N = h.shape[0]
+    C = weight.shape[0]
+    for n in range(N):
+        if targets[n] < 0 or targets[n] >= C:
+            return -1.0 - n
+    np.dot(h, weight.T, d_logits)                        # logits
+    total = 0.0
+    if has_w:
+        for n in range(N):
+            total += w[n]
+    else:
+        total = float(N)
+    total += 1e-12                                       # TF's guard: all-zero weights give 0
+    inv = 1.0 / total
+    loss = 0.0
+    for n in range(N):
+        z = d_logits[n]
+        if has_bias:
+            for j in range(C):
+                z[j] += bias[j]
+        m = z[0]
+        for j in range(1, C):
+            m = max(m, z[j])
+        s = z.dtype.type(0)
+        for j in range(C):
+            z[j] = np.exp(z[j] - m)
+            s += z[j]
+        wn = w[n] if has_w else 1.0
+        loss -= wn * (np.log(z[targets[n]]) - np.log(s))   # -log softmax at the target
+        scale = z.dtype.type(wn * inv)
+        for j in range(C):
+            z[j] = z[j] / s * scale
+        z[targets[n]] -= scale
+    np.dot(d_logits.T, h, dw)
+    if has_bias:
+        db[:] = 0
+        for n in range(N):
+            db += d_logits[n]
+    np.dot(d_logits, weight, dh)
+    return loss * inv

@@ -1,0 +1,389 @@
+"""One training step -- forward, loss, backward, optimizer update -- as one object: :class:`TrainStep`.
+
+Shape legend: B batch, T time steps, V vocabulary, E input width, H hidden size, C classes,
+N = B*T rows.
+
+The generic step is the four lines every loop writes::
+
+    pred = model(x); loss, d = loss_fn(pred, y, return_grad=True)
+    model.backward(d); optimizer.step(model.params, model.grads)
+
+For the most common recurrent model the step is also *fused*: ``Sequential([OneHot | Embedding
+(optional), LSTM/GRU/RNN ..., Dense])`` with :func:`rnnkern.sequence_loss`, any optimizer of
+:mod:`rnnkern.optim`, recurrent layers on the Numba backend and no dropout active. The fused step
+computes the same function from the same kernels, but without the per-layer Python around
+them: validation is done once per shape, workspaces are kept between steps, the dense head,
+loss and their backward are one compiled call, and the parameters, gradients and optimizer
+state live in flat arrays (the layers' ``params``/``grads`` and the optimizer's per-name state
+are views of them, so everything that reads them -- checkpoints, ``state_dict``, the generic
+path -- sees the same values). At lab sizes the layer glue was ~85% of a step (lab 12-1: 175 us
+per step generic; the fused step's figures are in benchmarks/README.md).
+Results agree with the generic step to float rounding (tests/test_train_step.py).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from . import backends
+from .layers import _Recurrent
+from .losses import sequence_loss
+from .model import Sequential
+from .modules import Dense, Embedding, OneHot
+from .optim import Optimizer
+
+__all__ = ["TrainStep"]
+
+
+class TrainStep:
+    """``loss = step(x, y)``: one training step of ``model`` on a batch, fused where possible.
+
+    Args:
+        model:     any model with ``forward``/``backward``/``params``/``grads`` (see
+                   :class:`rnnkern.Trainer`); a :class:`~rnnkern.Sequential` of the form in the
+                   module docstring gets the fused step
+        loss:      ``loss(pred, target, return_grad=True[, weights=w]) -> (value, d_pred)``
+        optimizer: an object with ``step(params, grads)``
+        fused:     None (default): fuse when the model, loss and optimizer allow it;
+                   False: always the generic step
+
+    Call: ``step(x, y, lengths=None, weights=None, initial_state=None, return_state=False)``
+    with ``x`` as the model takes it (ids [B,T] or floats [B,T,I]), ``y`` the loss's targets,
+    ``weights`` passed to the loss when given, ``initial_state`` as ``model.forward`` takes it.
+    Returns the loss (float), and the final state when ``return_state``.
+
+    ``fused_reason`` says why the last call was not fused (None when it was).
+
+    Example (lab 12-1)::
+
+        >>> step = TrainStep(model, sequence_loss, Adam(0.1))
+        >>> for i in range(50):
+        ...     loss = step(x_ids, y_ids)
+    """
+
+    def __init__(self, model, loss, optimizer, *, fused=None):
+        if fused not in (None, False):
+            raise ValueError(f"fused must be None (automatic) or False, got {fused!r}")
+        if not callable(loss):
+            raise TypeError("loss must be callable: loss(pred, target, return_grad=True)")
+        if not hasattr(optimizer, "step"):
+            raise TypeError("optimizer must have step(params, grads)")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.fused = fused
+        self.fused_reason = None
+        self._plan = None   # _FusedPlan while the model keeps the fused form
+
+    def __call__(self, x, y, lengths=None, weights=None, initial_state=None,
+                 return_state=False):
+        reason = self._why_not_fused(x)
+        self.fused_reason = reason
+        if reason is None:
+            return self._plan.step(x, y, lengths, weights, initial_state, return_state)
+        return self._generic(x, y, lengths, weights, initial_state, return_state)
+
+    # ------------------------------------------------------------------ generic
+    def _generic(self, x, y, lengths, weights, initial_state, return_state):
+        kwargs = {} if lengths is None else {"lengths": lengths}
+        state = None
+        if return_state or initial_state is not None:
+            pred, state = self.model.forward(x, initial_state=initial_state, return_state=True,
+                                             **kwargs)
+        else:
+            pred = self.model.forward(x, **kwargs)
+        if weights is None:
+            value, d_pred = self.loss(pred, y, return_grad=True)
+        else:
+            value, d_pred = self.loss(pred, y, weights=weights, return_grad=True)
+        self.model.backward(d_pred)
+        self.optimizer.step(self.model.params, self.model.grads)
+        return (float(value), state) if return_state else float(value)
+
+    # ------------------------------------------------------------------ eligibility
+    def _why_not_fused(self, x):
+        """None if the fused step applies now, else a short reason."""
+        if self.fused is False:
+            return "fused=False"
+        plan = self._plan
+        if plan is not None and plan.still_valid():
+            return plan.why_not(x)
+        self._plan = None
+        reason = _structure_reason(self.model, self.loss, self.optimizer)
+        if reason is not None:
+            return reason
+        self._plan = _FusedPlan(self.model, self.optimizer)
+        return self._plan.why_not(x)
+
+
+def _structure_reason(model, loss, optimizer):
+    """Why ``model``/``loss``/``optimizer`` do not have the fused form (None if they do)."""
+    if type(model) is not Sequential:
+        return "model is not a Sequential"
+    if loss is not sequence_loss:
+        return "loss is not rnnkern.sequence_loss"
+    if not isinstance(optimizer, Optimizer) or type(optimizer).step is not Optimizer.step:
+        return "optimizer is not one of rnnkern.optim's"
+    layers = list(model.layers)
+    if layers and type(layers[0]) in (OneHot, Embedding):
+        layers = layers[1:]
+    if len(layers) < 2 or type(layers[-1]) is not Dense:
+        return "layers are not [OneHot|Embedding], recurrent layers..., Dense"
+    recurrent = layers[:-1]
+    if not all(isinstance(r, _Recurrent) for r in recurrent):
+        return "layers are not [OneHot|Embedding], recurrent layers..., Dense"
+    dtypes = {m.dtype for m in model.layers if hasattr(m, "dtype")}
+    if len(dtypes) != 1:
+        return "layers have different dtypes"
+    for r in recurrent:
+        if r.backend not in ("auto", "numba"):
+            return f"a recurrent layer asks for backend {r.backend!r}"
+        if r.dropout and r.training:
+            return "dropout between recurrent layers is active (training mode)"
+    sizes = [model.layers[0].depth if type(model.layers[0]) is OneHot else
+             model.layers[0].embedding_dim if type(model.layers[0]) is Embedding else None]
+    sizes += [r.hidden_size for r in recurrent]
+    for r, n_in in zip(recurrent, sizes):
+        if n_in is not None and n_in != r.input_size:
+            return "a layer's input size does not match the previous layer's output"
+    if layers[-1].in_features != recurrent[-1].hidden_size:
+        return "the Dense layer's in_features do not match the last hidden size"
+    return None
+
+
+class _Sublayer:
+    """One cell of one recurrent layer (layer ``r``, stacked cell ``k``), and its workspace."""
+
+    def __init__(self, layer, k):
+        self.layer, self.k, self.spec = layer, k, layer.spec
+        self.H = layer.hidden_size
+        self.I = layer.input_size if k == 0 else layer.hidden_size
+        self.names = tuple(f"{n}_l{k}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+
+class _FusedPlan:
+    """The fused form of one model: flat parameters bound into the layers, and workspaces."""
+
+    def __init__(self, model, optimizer):
+        from .backends import numba_cpu
+        self.nc = numba_cpu
+        self.model, self.optimizer = model, optimizer
+        layers = list(model.layers)
+        self.encoder = layers[0] if type(layers[0]) in (OneHot, Embedding) else None
+        self.recurrent = layers[1 if self.encoder else 0:-1]
+        self.head = layers[-1]
+        self.dtype = self.head.dtype
+        self.cells = [_Sublayer(r, k) for r in self.recurrent for k in range(r.num_layers)]
+        self._bind_flat()
+        self._ws_key = None
+        self._kernels = None
+
+    # ---------------------------------------------------------------- flat parameters
+    def _bind_flat(self):
+        """Copy every parameter into one flat array and make the layers' dicts views of it."""
+        model = self.model
+        self.layout = tuple((f"{i}.{k}", v.shape) for i, layer in enumerate(model.layers)
+                            for k, v in layer.params.items())
+        total = sum(int(np.prod(s, dtype=np.int64)) for _, s in self.layout)
+        self.flat_params = np.empty(total, self.dtype)
+        self.flat_grads = np.zeros(total, self.dtype)
+        self.bound = []   # (layer, key, param view, grad view)
+        lo = 0
+        for layer in model.layers:
+            for k in list(layer.params):
+                value = np.asarray(layer.params[k])
+                n = value.size
+                p = self.flat_params[lo:lo + n].reshape(value.shape)
+                g = self.flat_grads[lo:lo + n].reshape(value.shape)
+                p[...] = value
+                layer.params[k] = p
+                layer.grads[k] = g
+                self.bound.append((layer, k, p, g))
+                lo += n
+
+    def still_valid(self):
+        """The layers still hold our parameter views (``load_params`` or an assignment replaces
+        them; then the plan is rebuilt from the new values)."""
+        for layer, k, p, _ in self.bound:
+            if layer.params.get(k) is not p:
+                return False
+        return True
+
+    def _rebind_grads(self):
+        """Point the layers' ``grads`` at the flat gradient again (a generic backward replaces
+        the arrays)."""
+        for layer, k, _, g in self.bound:
+            layer.grads[k] = g
+
+    def why_not(self, x):
+        """Per-call conditions: training-mode dropout, sizes the Numba backend splits on threads."""
+        for r in self.recurrent:
+            if r.dropout and r.training:
+                return "dropout between recurrent layers is active (training mode)"
+        for r in self.recurrent:
+            if backends.resolve(r.backend, x).name != "numba":
+                return "a recurrent layer would run on a backend other than Numba"
+        shape = np.shape(x)
+        if len(shape) < 2:
+            return None  # the step raises the model's own error
+        B, T = shape[0], shape[1]
+        for c in self.cells:
+            if len(self.nc.plan_chunks(c.spec, B, T, c.I, c.H)) > 1:
+                return "batch large enough for the Numba backend's batch-parallel threads"
+        return None
+
+    # ---------------------------------------------------------------- workspaces
+    def _workspace(self, B, T):
+        key = (B, T)
+        if self._ws_key == key:
+            return
+        dt = self.dtype
+        nc = self.nc
+        for c in self.cells:
+            c.saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
+            c.scratch = [np.empty(s, dt) for s in nc.scratch_shapes(c.spec, B, T, c.H)]
+            c.out = np.empty((B, T, c.H), dt)
+            c.h = np.empty((B, c.H), dt)
+            c.c = np.empty((B, c.H), dt) if c.spec.has_cell_state else None
+            c.zeros = np.zeros((B, c.H), dt)
+            c.dx = np.empty((B, T, c.I), dt)
+            c.dh = np.empty((B, c.H), dt)
+            c.dc = np.empty((B, c.H), dt) if c.spec.has_cell_state else None
+        E = self.cells[0].I
+        self.x_buf = np.empty((B, T, E), dt) if self.encoder is not None else None
+        self.d_logits = np.empty((B * T, self.head.out_features), dt)
+        self.d_head = np.empty((B, T, self.head.in_features), dt)
+        self.no_weights = np.empty(0, dt)
+        self._ws_key = key
+
+    # ---------------------------------------------------------------- the step
+    def step(self, x, y, lengths, weights, initial_state, return_state):
+        if self._kernels is None:
+            from . import _train_numba
+            self._kernels = _train_numba
+        K, nc, dt = self._kernels, self.nc, self.dtype
+        first = self.recurrent[0]
+        # -- inputs, validated as the layers would
+        if self.encoder is not None:
+            ids = np.asarray(x)
+            if ids.dtype.kind not in "iu":
+                raise TypeError(f"{type(self.encoder).__name__} input must be integer ids, "
+                                f"got dtype {ids.dtype}")
+            if ids.ndim != 2:
+                raise ValueError(f"x must be ids [B,T], got shape {ids.shape}")
+            B, T = ids.shape
+            self._workspace(B, T)
+            table = self.encoder._table if type(self.encoder) is OneHot else \
+                self.encoder.params["weight"]
+            ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+            bad = K.gather_rows(ids, table, self.x_buf.reshape(B * T, -1))
+            if bad >= 0:
+                raise ValueError(f"{type(self.encoder).__name__} ids must lie in "
+                                 f"[0, {table.shape[0]}), got {ids[bad]}")
+            layer_in = self.x_buf
+        else:
+            layer_in, _ = first._check_x(x)
+            B, T, _ = layer_in.shape
+            self._workspace(B, T)
+        targets = np.asarray(y)
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have shape [B,T] = {(B, T)}, got {targets.shape}")
+        targets = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)
+        w = self.no_weights
+        if weights is not None:
+            w = np.asarray(weights)
+            if w.dtype.kind not in "biuf":
+                raise TypeError(f"weights must be a floating-point array, got dtype {w.dtype}")
+            if w.shape != (B, T):
+                raise ValueError(f"weights must have shape [B,T] = {(B, T)}, got {w.shape}")
+            if w.size and not np.isfinite(w).all():
+                raise ValueError("weights contains NaN or infinity")
+            w = np.ascontiguousarray(w, dtype=dt).reshape(-1)
+        lens = first._check_lengths(lengths, B, T)
+        if lens is None:
+            lens = nc._full_lengths(B, T)
+        states = self._initial_states(initial_state, B)
+        self._rebind_grads()
+        # -- forward through every cell
+        blas = _blas_hold(nc, self.cells, B, T)
+        with blas:
+            for c, (h0, c0) in zip(self.cells, states):
+                p = c.layer.params
+                kernel, args = nc.forward_call(c.spec, layer_in, *(p[n] for n in c.names),
+                                               h0, c0, lens, c.out, c.h, c.c, c.saved)
+                kernel(*[a for a, _ in args])
+                c.x = layer_in
+                layer_in = c.out
+            # -- dense head, loss and their backward
+            head = self.head
+            has_bias = "bias" in head.params
+            bias = head.params["bias"] if has_bias else self.no_weights
+            db = head.grads["bias"] if has_bias else self.no_weights
+            loss = K.dense_sequence_loss(
+                layer_in.reshape(B * T, -1), head.params["weight"], bias, has_bias, targets,
+                w, weights is not None, self.d_logits, head.grads["weight"], db,
+                self.d_head.reshape(B * T, -1))
+            if loss < 0:
+                n = int(-1.0 - loss)
+                raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
+                                 f"got {targets[n]}")
+            # -- backward through every cell, last first
+            d_out = self.d_head
+            for c in reversed(self.cells):
+                c.dh.fill(0)
+                if c.dc is not None:
+                    c.dc.fill(0)
+                p = c.layer.params
+                kernel, args = nc.backward_call(c.spec, c.x, p[c.names[0]], p[c.names[1]], lens,
+                                                c.saved, d_out, True, c.dx, c.dh, c.dc)
+                g = c.layer.grads
+                kernel(*[a for a, _ in args], *(g[n] for n in c.names), *c.scratch)
+                d_out = c.dx
+            if type(self.encoder) is Embedding:
+                K.scatter_add_rows(ids, d_out.reshape(B * T, -1), self.encoder.grads["weight"])
+            # -- the update, on the flat arrays
+            self.optimizer.step_flat(self.flat_params, self.flat_grads, self.layout)
+        self.model._ran = False   # the layers hold no forward of this batch for backward()
+        value = float(loss)
+        if not return_state:
+            return value
+        return value, self._final_states()
+
+    def _initial_states(self, initial_state, B):
+        """[(h0, c0 | None)] per cell, validated by each layer."""
+        n = len(self.model.layers)
+        if initial_state is not None and (not isinstance(initial_state, (tuple, list))
+                                          or len(initial_state) != n):
+            raise ValueError(f"initial_state must be a tuple with one entry per layer "
+                             f"({n}), as returned by forward(..., return_state=True)")
+        offset = 1 if self.encoder is not None else 0
+        states = []
+        for i, r in enumerate(self.recurrent):
+            s0 = None if initial_state is None else initial_state[offset + i]
+            if s0 is None:
+                states += [(c.zeros, c.zeros if c.c is not None else None)
+                           for c in self.cells if c.layer is r]
+                continue
+            h0, c0 = r._split_state(s0, B, np)
+            states += [(h0[k], None if c0 is None else c0[k]) for k in range(r.num_layers)]
+        return states
+
+    def _final_states(self):
+        """The state tuple of ``Sequential.forward(..., return_state=True)``, fresh arrays."""
+        state = [None] * len(self.model.layers)
+        offset = 1 if self.encoder is not None else 0
+        for i, r in enumerate(self.recurrent):
+            cells = [c for c in self.cells if c.layer is r]
+            h = np.stack([c.h for c in cells])
+            if r.spec.has_cell_state:
+                state[offset + i] = (h, np.stack([c.c for c in cells]))
+            else:
+                state[offset + i] = h
+        return tuple(state)
+
+
+def _blas_hold(nc, cells, B, T):
+    """The Numba backend's one-BLAS-thread hold if any cell's GEMMs are big enough for it."""
+    holds = [nc.one_blas_thread(c.spec, B, T, c.I, c.H) for c in cells]
+    return next((h for h in holds if not isinstance(h, contextlib.nullcontext)), holds[0])
