@@ -1,0 +1,248 @@
+"""TrainStep: the fused training step gives the generic step's results (float64: to rounding),
+keeps the model's params/grads and the optimizer's state consistent with the generic path, falls
+back where it does not apply, and rejects bad input with the generic path's errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnnkern as rk
+
+pytest.importorskip("numba")
+
+F64 = dict(rtol=1e-9, atol=1e-12)
+
+
+def make_model(enc="onehot", cell="lstm", layers=(1,), V=6, H=5, C=4, dtype="float64",
+               dropout=0.0, bias=True, seed=0, **cell_opts):
+    """[OneHot(V) | Embedding(V,E) | nothing] -> recurrent layers -> Dense(C)."""
+    cls = {"lstm": rk.LSTM, "gru": rk.GRU, "rnn": rk.RNN}[cell]
+    mods, n_in = [], V
+    if enc == "onehot":
+        mods.append(rk.OneHot(V, dtype=dtype))
+    elif enc == "embedding":
+        mods.append(rk.Embedding(V, 3, seed=seed, dtype=dtype))
+        n_in = 3
+    for i, L in enumerate(layers):
+        mods.append(cls(n_in, H, L, dtype=dtype, seed=seed + 1 + i, dropout=dropout,
+                        **cell_opts))
+        n_in = H
+    mods.append(rk.Dense(H, C, bias=bias, seed=seed + 9, dtype=dtype))
+    return rk.Sequential(mods)
+
+
+def batch(enc, B=3, T=4, V=6, C=4, dtype="float64", seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, V, (B, T)) if enc != "none" else rng.standard_normal((B, T, V)).astype(dtype)
+    return x, rng.integers(0, C, (B, T))
+
+
+def run_both(build, opt_factory, calls, loss=rk.sequence_loss):
+    """The same calls through a fused and a generic TrainStep on identical models."""
+    results = []
+    for fused in (None, False):
+        model, opt = build(), opt_factory()
+        step = rk.TrainStep(model, loss, opt, fused=fused)
+        losses = [step(*args, **kwargs) for args, kwargs in calls]
+        results.append((model, opt, step, losses))
+    return results
+
+
+def assert_same_run(fused, generic):
+    (m1, o1, s1, l1), (m2, o2, s2, l2) = fused, generic
+    assert s1.fused_reason is None, s1.fused_reason
+    assert s2.fused_reason == "fused=False"
+    for a, b in zip(l1, l2):
+        if isinstance(a, tuple):
+            np.testing.assert_allclose(a[0], b[0], **F64)
+            for sa, sb in zip(a[1], b[1]):
+                for xa, xb in zip(np.atleast_1d(sa if isinstance(sa, tuple) else (sa,)),
+                                  np.atleast_1d(sb if isinstance(sb, tuple) else (sb,))):
+                    if xa is not None:
+                        np.testing.assert_allclose(xa, xb, **F64)
+        else:
+            np.testing.assert_allclose(a, b, **F64)
+    p1, p2 = m1.params, m2.params
+    assert p1.keys() == p2.keys()
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], err_msg=k, **F64)
+        np.testing.assert_allclose(m1.grads[k], m2.grads[k], err_msg=k, **F64)
+    assert o1.iterations == o2.iterations
+    st1, st2 = o1.state_dict()["state"], o2.state_dict()["state"]
+    assert st1.keys() == st2.keys()
+    for k in st1:
+        for slot in st1[k]:
+            np.testing.assert_allclose(st1[k][slot], st2[k][slot], err_msg=f"{k}.{slot}", **F64)
+
+
+CELLS = [("lstm", {}), ("lstm", {"forget_bias": 0.0}), ("gru", {"reset_after": True}),
+         ("gru", {"reset_after": False}), ("rnn", {"nonlinearity": "tanh"}),
+         ("rnn", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("cell,opts", CELLS, ids=[f"{c}-{o}" for c, o in CELLS])
+@pytest.mark.parametrize("enc", ["onehot", "embedding", "none"])
+def test_fused_equals_generic_for_every_cell_and_input(cell, opts, enc):
+    x, y = batch(enc)
+    calls = [((x, y), {})] * 3
+    assert_same_run(*run_both(lambda: make_model(enc, cell, **opts), lambda: rk.Adam(0.05),
+                              calls))
+
+
+@pytest.mark.parametrize("layers", [(2,), (1, 2)], ids=["one-2-layer", "two-stacked"])
+def test_fused_equals_generic_stacked(layers):
+    x, y = batch("onehot")
+    assert_same_run(*run_both(lambda: make_model("onehot", "lstm", layers), lambda: rk.Adam(0.05),
+                              [((x, y), {})] * 3))
+
+
+def test_fused_equals_generic_with_lengths_weights_state():
+    x, y = batch("embedding", B=4, T=5)
+    lengths = np.array([5, 0, 3, 1])
+    weights = (np.arange(5)[None] < lengths[:, None]).astype(float)
+    rng = np.random.default_rng(3)
+    h0 = rng.standard_normal((2, 4, 5))
+    c0 = rng.standard_normal((2, 4, 5))
+    state = (None, (h0, c0), None)
+    calls = [((x, y), dict(lengths=lengths, weights=weights, initial_state=state,
+                           return_state=True)),
+             ((x, y), dict(lengths=lengths, return_state=True)),
+             ((x, y), dict(weights=weights))]
+    runs = run_both(lambda: make_model("embedding", "lstm", (2,)), lambda: rk.Adam(0.05), calls)
+    assert_same_run(*runs)
+    final = runs[0][3][0][1]
+    assert final[0] is None and final[2] is None
+    assert final[1][0].shape == (2, 4, 5) and final[1][1].shape == (2, 4, 5)
+    # a zero-length row keeps its initial state
+    np.testing.assert_allclose(final[1][0][:, 1], h0[:, 1])
+
+
+@pytest.mark.parametrize("opt", [
+    lambda: rk.SGD(0.1, momentum=0.9, clip_norm=0.5),
+    lambda: rk.RMSprop(0.01, momentum=0.5, centered=True, clip_value=0.05),
+    lambda: rk.Adagrad(0.1, initial_accumulator_value=0.1),
+    lambda: rk.Adam(0.05, eps_mode="torch", weight_decay=0.01, clip_norm=0.3),
+], ids=["sgd-momentum-clipnorm", "rmsprop-clipvalue", "adagrad", "adam-torch-wd"])
+def test_fused_equals_generic_for_every_optimizer(opt):
+    x, y = batch("onehot")
+    runs = run_both(lambda: make_model("onehot", "gru"), opt, [((x, y), {})] * 3)
+    assert_same_run(*runs)
+    if runs[0][1].clip_norm is not None:
+        np.testing.assert_allclose(runs[0][1].last_grad_norm, runs[1][1].last_grad_norm, **F64)
+
+
+def test_float32_fused_close_to_generic():
+    x, y = batch("onehot", dtype="float32")
+    (m1, *_), (m2, *_) = run_both(lambda: make_model(dtype="float32"), lambda: rk.Adam(0.05),
+                                  [((x, y), {})] * 5)
+    for k in m1.params:
+        assert m1.params[k].dtype == np.float32
+        np.testing.assert_allclose(m1.params[k], m2.params[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_params_grads_and_state_stay_consistent_when_paths_mix():
+    """fused, generic, load_params (new arrays), fused again == generic all the way."""
+    x, y = batch("onehot")
+    models = [make_model(), make_model()]
+    opts = [rk.Adam(0.05), rk.Adam(0.05)]
+    fused = rk.TrainStep(models[0], rk.sequence_loss, opts[0])
+    generic0 = rk.TrainStep(models[0], rk.sequence_loss, opts[0], fused=False)
+    generic1 = rk.TrainStep(models[1], rk.sequence_loss, opts[1], fused=False)
+    fused(x, y)
+    generic1(x, y)
+    generic0(x, y)          # generic backward replaces the layers' grads arrays
+    generic1(x, y)
+    new = {k: v + 0.01 for k, v in models[1].layers[1].params.items()}
+    for m in models:
+        m.layers[1].load_params(new)   # replaces the arrays the fused plan had bound
+    fused(x, y)
+    assert fused.fused_reason is None
+    generic1(x, y)
+    for k in models[0].params:
+        np.testing.assert_allclose(models[0].params[k], models[1].params[k], err_msg=k, **F64)
+        np.testing.assert_allclose(models[0].grads[k], models[1].grads[k], err_msg=k, **F64)
+    s0, s1 = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
+    for k in s1:
+        np.testing.assert_allclose(s0[k]["m"], s1[k]["m"], **F64)
+    # after a fused step the layers hold no forward for a bare backward() call
+    with pytest.raises(RuntimeError, match="forward"):
+        models[0].backward(np.zeros((3, 4, 4)))
+
+
+def test_falls_back_where_fusing_does_not_apply():
+    x, y = batch("onehot")
+    model = make_model(layers=(2,), dropout=0.5)
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05))
+    step(x, y)
+    assert "dropout" in step.fused_reason
+    model.eval()                         # no active dropout: fused
+    step(x, y)
+    assert step.fused_reason is None
+
+    def my_loss(pred, target, return_grad=False):
+        return rk.sequence_loss(pred, target, return_grad=return_grad)
+    step = rk.TrainStep(make_model(), my_loss, rk.Adam(0.05))
+    step(x, y)
+    assert "loss" in step.fused_reason
+
+    model = make_model()
+    model.layers[1].backend = "numpy"
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05))
+    step(x, y)
+    assert "backend" in step.fused_reason
+
+    no_head = rk.Sequential([rk.OneHot(6, dtype="float64"), rk.LSTM(6, 4, dtype="float64")])
+    step = rk.TrainStep(no_head, rk.sequence_loss, rk.Adam(0.05))
+    step(x, y)
+    assert "Dense" in step.fused_reason
+
+
+def test_batch_parallel_sizes_use_the_generic_step(monkeypatch):
+    from rnnkern import config
+    from rnnkern.backends import numba_runtime
+    if not numba_runtime.BLAS.locate():
+        pytest.skip("no OpenBLAS thread control found: runs are never split here")
+    monkeypatch.setattr(config, "SPLIT_MIN_FLOPS", 1)
+    monkeypatch.setattr(config, "SPLIT_MIN_ROWS", 1)
+    x, y = batch("onehot", B=4)
+    step = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05))
+    step(x, y)
+    assert "threads" in step.fused_reason
+
+
+def test_bad_input_raises_like_the_generic_step():
+    step = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05))
+    x, y = batch("onehot")
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 6\)"):
+        step(np.full((3, 4), 6), y)
+    with pytest.raises(TypeError, match="integer ids"):
+        step(x.astype(float), y)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, C\) = \[0, 4\)"):
+        step(x, np.full((3, 4), 4))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        step(x, y[:, :2])
+    with pytest.raises(ValueError, match="lengths must lie"):
+        step(x, y, lengths=np.array([1, 2, 9]))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        step(x, y, weights=np.ones((3, 3)))
+    with pytest.raises(ValueError, match="initial_state"):
+        step(x, y, initial_state=(None,))
+    # nothing was updated by the failed calls
+    assert step.optimizer.iterations == 0
+    with pytest.raises(ValueError, match="fused"):
+        rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05), fused=True)
+
+
+def test_trainer_steps_are_fused_and_equal_generic():
+    x, y = batch("embedding", B=2, T=5)
+    hist = []
+    for fused in (None, False):
+        model = make_model("embedding", "lstm", (2,))
+        trainer = rk.Trainer(model, rk.sequence_loss, rk.Adam(0.05), stateful=True,
+                             progress=False, fused=fused)
+        hist.append((trainer.fit([(x, y), (x, y)], epochs=2)["loss"], model.params,
+                     trainer._step.fused_reason))
+    np.testing.assert_allclose(hist[0][0], hist[1][0], **F64)
+    for k in hist[0][1]:
+        np.testing.assert_allclose(hist[0][1][k], hist[1][1][k], err_msg=k, **F64)
+    assert hist[0][2] is None and hist[1][2] == "fused=False"
