@@ -64,22 +64,13 @@ def char_rnn_data(path, max_batches):
 
 # ---------------------------------------------------------------------- rnnkern
 def rk_full_batch(build, x, y, steps, lr):
-    """The labs' loop: forward, sequence_loss, backward, Adam step on one full batch."""
-    model = build()
-    opt = rk.Adam(lr=lr)
-
-    def step():
-        logits = model(x)
-        loss, d = rk.sequence_loss(logits, y, return_grad=True)
-        model.backward(d)
-        opt.step(model.params, model.grads)
-        return loss
-
-    step()  # warm-up (compile / cache load), untimed, on the same model
+    """The labs' loop: one rk.TrainStep (forward, sequence_loss, backward, Adam) per step."""
+    step = rk.TrainStep(build(), rk.sequence_loss, rk.Adam(lr=lr))
+    step(x, y)  # warm-up (compile / cache load), untimed, on the same model
 
     def run():
         for _ in range(steps):
-            loss = step()
+            loss = step(x, y)
         return loss
     return run
 

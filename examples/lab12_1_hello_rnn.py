@@ -39,13 +39,10 @@ def main(argv=None):
     x_data = vocab.encode(X_TEXT)[None]     # [B=1,T=6] ids
     y_data = vocab.encode(Y_TEXT)[None]
     model = build(len(vocab), len(vocab), args.seed, args.backend)
-    opt = rk.Adam(lr=args.lr)
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(lr=args.lr))
 
     for i in range(args.steps):
-        logits = model(x_data)
-        loss, d_logits = rk.sequence_loss(logits, y_data, return_grad=True)
-        model.backward(d_logits)
-        opt.step(model.params, model.grads)
+        loss = step(x_data, y_data)      # forward, sequence_loss, backward, Adam
         if should_print(args, i, args.steps - 1):
             result = rk.argmax(model(x_data))   # prediction after the update, as the lab
             print(i, "loss:", f"{loss:.6f}", "prediction: ", result, "true Y: ", y_data.tolist())

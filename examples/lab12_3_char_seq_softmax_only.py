@@ -35,13 +35,10 @@ def main(argv=None):
     C = len(vocab)
     # the lab's softmax_w [C,C] and softmax_b [C] on the one-hot input (glorot, as get_variable)
     model = rk.Sequential([rk.OneHot(C), rk.Dense(C, C, init="glorot", seed=args.seed)])
-    opt = rk.Adam(lr=args.lr)
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(lr=args.lr))
 
     for i in range(args.steps):
-        logits = model(x_data)
-        loss, d_logits = rk.sequence_loss(logits, y_data, return_grad=True)
-        model.backward(d_logits)
-        opt.step(model.params, model.grads)
+        loss = step(x_data, y_data)      # forward, sequence_loss, backward, Adam
         if should_print(args, i, args.steps - 1):
             result = rk.argmax(model(x_data))
             print(i, "loss:", f"{loss:.6f}", "Prediction:", vocab.decode(result[0]))

@@ -56,14 +56,14 @@ def main(argv=None):
         print(f"{len(x_data)} windows of {args.seq_length}, vocabulary of {C}: "
               f"{''.join(vocab.chars)!r}")
     model = build(C, C, args.layers, args.seed, args.backend)
-    opt = rk.Adam(lr=args.lr)
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(lr=args.lr))
 
     for i in range(args.steps):
-        logits = model(x_data)          # the lab prints these pre-update outputs with the loss
-        loss, d_logits = rk.sequence_loss(logits, y_data, return_grad=True)
-        model.backward(d_logits)
-        opt.step(model.params, model.grads)
-        if should_print(args, i, args.steps - 1):
+        show = should_print(args, i, args.steps - 1)
+        if show:
+            logits = model(x_data)      # the lab prints these pre-update outputs with the loss
+        loss = step(x_data, y_data)     # forward, sequence_loss, backward, Adam
+        if show:
             index = rk.argmax(logits)
             for j in range(len(index) if args.all_windows else 1):
                 print(i, j, vocab.decode(index[j]), f"{loss:.6f}")

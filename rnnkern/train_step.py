@@ -23,10 +23,11 @@ Results agree with the generic step to float rounding (tests/test_train_step.py)
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
-from . import backends
+from . import backends, config
 from .layers import _Recurrent
 from .losses import sequence_loss
 from .model import Sequential
@@ -150,11 +151,13 @@ def _structure_reason(model, loss, optimizer):
     return None
 
 
-class _Sublayer:
-    """One cell of one recurrent layer (layer ``r``, stacked cell ``k``), and its workspace."""
+class _Cell:
+    """One stacked cell ``k`` of a recurrent layer: its parameter names and, per batch shape,
+    its workspace and the kernels' argument lists (kept between steps: every array in them is
+    either a workspace the step refills or a parameter/gradient view of the flat arrays)."""
 
     def __init__(self, layer, k):
-        self.layer, self.k, self.spec = layer, k, layer.spec
+        self.layer, self.spec = layer, layer.spec
         self.H = layer.hidden_size
         self.I = layer.input_size if k == 0 else layer.hidden_size
         self.names = tuple(f"{n}_l{k}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
@@ -172,9 +175,10 @@ class _FusedPlan:
         self.recurrent = layers[1 if self.encoder else 0:-1]
         self.head = layers[-1]
         self.dtype = self.head.dtype
-        self.cells = [_Sublayer(r, k) for r in self.recurrent for k in range(r.num_layers)]
+        self.cells = [_Cell(r, k) for r in self.recurrent for k in range(r.num_layers)]
         self._bind_flat()
         self._ws_key = None
+        self._checked = None      # (key, reason) of the last why_not()
         self._kernels = None
 
     # ---------------------------------------------------------------- flat parameters
@@ -215,54 +219,77 @@ class _FusedPlan:
             layer.grads[k] = g
 
     def why_not(self, x):
-        """Per-call conditions: training-mode dropout, sizes the Numba backend splits on threads."""
+        """Per-call conditions: training-mode dropout, the backend the layers resolve to, sizes
+        the Numba backend would split on threads (the last two cached per shape and setting)."""
         for r in self.recurrent:
             if r.dropout and r.training:
                 return "dropout between recurrent layers is active (training mode)"
-        for r in self.recurrent:
-            if backends.resolve(r.backend, x).name != "numba":
-                return "a recurrent layer would run on a backend other than Numba"
         shape = np.shape(x)
         if len(shape) < 2:
-            return None  # the step raises the model's own error
-        B, T = shape[0], shape[1]
+            return None  # the step raises the input error
+        key = (shape[:2], backends._chosen, os.environ.get("RNNKERN_BACKEND"),
+               config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
+        if self._checked is not None and self._checked[0] == key:
+            return self._checked[1]
+        reason = None
+        for r in self.recurrent:
+            if backends.resolve(r.backend, x).name != "numba":
+                reason = "a recurrent layer would run on a backend other than Numba"
+        B, T = shape[:2]
         for c in self.cells:
             if len(self.nc.plan_chunks(c.spec, B, T, c.I, c.H)) > 1:
-                return "batch large enough for the Numba backend's batch-parallel threads"
-        return None
+                reason = "batch large enough for the Numba backend's batch-parallel threads"
+        self._checked = (key, reason)
+        return reason
 
     # ---------------------------------------------------------------- workspaces
     def _workspace(self, B, T):
-        key = (B, T)
-        if self._ws_key == key:
+        """Buffers for a [B,T] batch and the kernels' argument lists over them."""
+        if self._ws_key == (B, T):
             return
-        dt = self.dtype
-        nc = self.nc
+        dt, nc = self.dtype, self.nc
+        N = B * T
+        E = self.cells[0].I
+        self.x_in = np.empty((B, T, E), dt)            # first cell's input (encoded ids)
+        self.lens = np.empty(B, np.int64)
+        self.targets = np.empty(N, np.int64)
+        self.weights = np.empty(N, dt)
+        layer_in = self.x_in
         for c in self.cells:
-            c.saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
-            c.scratch = [np.empty(s, dt) for s in nc.scratch_shapes(c.spec, B, T, c.H)]
-            c.out = np.empty((B, T, c.H), dt)
+            p, g = c.layer.params, c.layer.grads
+            c.h0 = np.zeros((B, c.H), dt)
+            c.c0 = np.zeros((B, c.H), dt) if c.spec.has_cell_state else None
             c.h = np.empty((B, c.H), dt)
             c.c = np.empty((B, c.H), dt) if c.spec.has_cell_state else None
-            c.zeros = np.zeros((B, c.H), dt)
+            c.out = np.empty((B, T, c.H), dt)
+            c.bias = np.empty(c.spec.gates * c.H, dt)
+            saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
+            kernel, args = nc.forward_call(c.spec, layer_in, *(p[n] for n in c.names), c.h0,
+                                           c.c0, self.lens, c.out, c.h, c.c, saved, c.bias)
+            c.forward = (kernel, [a for a, _ in args])
+            c.saved, c.x = saved, layer_in
+            layer_in = c.out
+        self.d_logits = np.empty((N, self.head.out_features), dt)
+        d_out = np.empty((B, T, self.head.in_features), dt)
+        self.d_head = d_out
+        for c in reversed(self.cells):
+            p, g = c.layer.params, c.layer.grads
             c.dx = np.empty((B, T, c.I), dt)
             c.dh = np.empty((B, c.H), dt)
             c.dc = np.empty((B, c.H), dt) if c.spec.has_cell_state else None
-        E = self.cells[0].I
-        self.x_buf = np.empty((B, T, E), dt) if self.encoder is not None else None
-        self.d_logits = np.empty((B * T, self.head.out_features), dt)
-        self.d_head = np.empty((B, T, self.head.in_features), dt)
-        self.no_weights = np.empty(0, dt)
-        self._ws_key = key
+            kernel, args = nc.backward_call(c.spec, c.x, p[c.names[0]], p[c.names[1]], self.lens,
+                                            c.saved, d_out, True, c.dx, c.dh, c.dc)
+            scratch = [np.empty(s, dt) for s in nc.scratch_shapes(c.spec, B, T, c.H)]
+            c.backward = (kernel, [a for a, _ in args] + [g[n] for n in c.names] + scratch)
+            d_out = c.dx
+        self._ws_key = (B, T)
 
     # ---------------------------------------------------------------- the step
-    def step(self, x, y, lengths, weights, initial_state, return_state):
-        if self._kernels is None:
-            from . import _train_numba
-            self._kernels = _train_numba
-        K, nc, dt = self._kernels, self.nc, self.dtype
-        first = self.recurrent[0]
-        # -- inputs, validated as the layers would
+    def _load_inputs(self, x, y, lengths, weights):
+        """Validate the batch (as the layers and sequence_loss would) into the workspace;
+        returns (B, T, ids [N] or None)."""
+        K = self._kernels
+        ids = None
         if self.encoder is not None:
             ids = np.asarray(x)
             if ids.dtype.kind not in "iu":
@@ -275,22 +302,21 @@ class _FusedPlan:
             table = self.encoder._table if type(self.encoder) is OneHot else \
                 self.encoder.params["weight"]
             ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-            bad = K.gather_rows(ids, table, self.x_buf.reshape(B * T, -1))
+            bad = K.gather_rows(ids, table, self.x_in.reshape(B * T, -1))
             if bad >= 0:
                 raise ValueError(f"{type(self.encoder).__name__} ids must lie in "
                                  f"[0, {table.shape[0]}), got {ids[bad]}")
-            layer_in = self.x_buf
         else:
-            layer_in, _ = first._check_x(x)
-            B, T, _ = layer_in.shape
+            x, _ = self.recurrent[0]._check_x(x)
+            B, T, _ = x.shape
             self._workspace(B, T)
+            np.copyto(self.x_in, x)
         targets = np.asarray(y)
         if targets.dtype.kind not in "iu":
             raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
         if targets.shape != (B, T):
             raise ValueError(f"targets must have shape [B,T] = {(B, T)}, got {targets.shape}")
-        targets = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)
-        w = self.no_weights
+        np.copyto(self.targets, targets.reshape(-1), casting="unsafe")  # range: in the kernel
         if weights is not None:
             w = np.asarray(weights)
             if w.dtype.kind not in "biuf":
@@ -299,75 +325,77 @@ class _FusedPlan:
                 raise ValueError(f"weights must have shape [B,T] = {(B, T)}, got {w.shape}")
             if w.size and not np.isfinite(w).all():
                 raise ValueError("weights contains NaN or infinity")
-            w = np.ascontiguousarray(w, dtype=dt).reshape(-1)
-        lens = first._check_lengths(lengths, B, T)
-        if lens is None:
-            lens = nc._full_lengths(B, T)
-        states = self._initial_states(initial_state, B)
-        self._rebind_grads()
-        # -- forward through every cell
-        blas = _blas_hold(nc, self.cells, B, T)
-        with blas:
-            for c, (h0, c0) in zip(self.cells, states):
-                p = c.layer.params
-                kernel, args = nc.forward_call(c.spec, layer_in, *(p[n] for n in c.names),
-                                               h0, c0, lens, c.out, c.h, c.c, c.saved)
-                kernel(*[a for a, _ in args])
-                c.x = layer_in
-                layer_in = c.out
-            # -- dense head, loss and their backward
-            head = self.head
-            has_bias = "bias" in head.params
-            bias = head.params["bias"] if has_bias else self.no_weights
-            db = head.grads["bias"] if has_bias else self.no_weights
-            loss = K.dense_sequence_loss(
-                layer_in.reshape(B * T, -1), head.params["weight"], bias, has_bias, targets,
-                w, weights is not None, self.d_logits, head.grads["weight"], db,
-                self.d_head.reshape(B * T, -1))
-            if loss < 0:
-                n = int(-1.0 - loss)
-                raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
-                                 f"got {targets[n]}")
-            # -- backward through every cell, last first
-            d_out = self.d_head
-            for c in reversed(self.cells):
-                c.dh.fill(0)
-                if c.dc is not None:
-                    c.dc.fill(0)
-                p = c.layer.params
-                kernel, args = nc.backward_call(c.spec, c.x, p[c.names[0]], p[c.names[1]], lens,
-                                                c.saved, d_out, True, c.dx, c.dh, c.dc)
-                g = c.layer.grads
-                kernel(*[a for a, _ in args], *(g[n] for n in c.names), *c.scratch)
-                d_out = c.dx
-            if type(self.encoder) is Embedding:
-                K.scatter_add_rows(ids, d_out.reshape(B * T, -1), self.encoder.grads["weight"])
-            # -- the update, on the flat arrays
-            self.optimizer.step_flat(self.flat_params, self.flat_grads, self.layout)
-        self.model._ran = False   # the layers hold no forward of this batch for backward()
-        value = float(loss)
-        if not return_state:
-            return value
-        return value, self._final_states()
+            np.copyto(self.weights, w.reshape(-1), casting="unsafe")
+        lens = self.recurrent[0]._check_lengths(lengths, B, T)
+        self.lens[:] = T if lens is None else lens
+        return B, T, ids
 
-    def _initial_states(self, initial_state, B):
-        """[(h0, c0 | None)] per cell, validated by each layer."""
+    def _load_states(self, initial_state, B):
+        """Copy the initial state (validated by each layer) into the cells' h0/c0 (zeros for
+        None)."""
         n = len(self.model.layers)
         if initial_state is not None and (not isinstance(initial_state, (tuple, list))
                                           or len(initial_state) != n):
             raise ValueError(f"initial_state must be a tuple with one entry per layer "
                              f"({n}), as returned by forward(..., return_state=True)")
         offset = 1 if self.encoder is not None else 0
-        states = []
+        cells = iter(self.cells)
         for i, r in enumerate(self.recurrent):
             s0 = None if initial_state is None else initial_state[offset + i]
-            if s0 is None:
-                states += [(c.zeros, c.zeros if c.c is not None else None)
-                           for c in self.cells if c.layer is r]
-                continue
-            h0, c0 = r._split_state(s0, B, np)
-            states += [(h0[k], None if c0 is None else c0[k]) for k in range(r.num_layers)]
-        return states
+            h0, c0 = (None, None) if s0 is None else r._split_state(s0, B, np)
+            for k in range(r.num_layers):
+                c = next(cells)
+                if h0 is None:
+                    if c.h0.any():
+                        c.h0.fill(0)
+                    if c.c0 is not None and c.c0.any():
+                        c.c0.fill(0)
+                else:
+                    c.h0[...] = h0[k]
+                    if c0 is not None:
+                        c.c0[...] = c0[k]
+
+    def step(self, x, y, lengths, weights, initial_state, return_state):
+        if self._kernels is None:
+            from . import _train_numba
+            self._kernels = _train_numba
+        K, nc = self._kernels, self.nc
+        B, T, ids = self._load_inputs(x, y, lengths, weights)
+        self._load_states(initial_state, B)
+        self._rebind_grads()
+        head = self.head
+        has_bias = "bias" in head.params
+        with _blas_hold(nc, self.cells, B, T):
+            for c in self.cells:
+                p = c.layer.params
+                nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
+                kernel, args = c.forward
+                kernel(*args)
+            last = self.cells[-1].out
+            loss = K.dense_sequence_loss(
+                last.reshape(B * T, -1), head.params["weight"],
+                head.params["bias"] if has_bias else self.weights, has_bias, self.targets,
+                self.weights, weights is not None, self.d_logits, head.grads["weight"],
+                head.grads["bias"] if has_bias else self.weights, self.d_head.reshape(B * T, -1))
+            if loss < 0:
+                n = int(-1.0 - loss)
+                raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
+                                 f"got {self.targets[n]}")
+            for c in reversed(self.cells):
+                c.dh.fill(0)
+                if c.dc is not None:
+                    c.dc.fill(0)
+                kernel, args = c.backward
+                kernel(*args)
+            if type(self.encoder) is Embedding:
+                K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1),
+                                   self.encoder.grads["weight"])
+            self.optimizer.step_flat(self.flat_params, self.flat_grads, self.layout)
+        self.model._ran = False   # the layers hold no forward of this batch for backward()
+        value = float(loss)
+        if not return_state:
+            return value
+        return value, self._final_states()
 
     def _final_states(self):
         """The state tuple of ``Sequential.forward(..., return_state=True)``, fresh arrays."""

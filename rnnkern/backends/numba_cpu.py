@@ -22,7 +22,7 @@ from .numba_runtime import (POOL, clear_workspaces, launch, one_blas_thread, pla
                             run_chunks, saved_record)
 
 __all__ = ["available", "forward", "backward", "clear_workspaces", "saved_shapes",
-           "scratch_shapes", "forward_call", "backward_call", "run_backward"]
+           "scratch_shapes", "combine_bias", "forward_call", "backward_call", "run_backward"]
 
 name = "numba"
 
@@ -97,32 +97,47 @@ def scratch_shapes(spec, B, T, H):
     return [(B, T, G)]
 
 
-def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved):
+def combine_bias(spec, b_ih, b_hh, out):
+    """Write the bias the forward kernel adds to the input projection into ``out`` [G*H]:
+    ``b_ih + b_hh``, except GRU ``reset_after`` (``b_hh``'s n block stays inside ``r * (...)``,
+    so only the r, z blocks combine). Returns ``out``."""
+    if spec.kind == "gru" and spec.reset_after:
+        two_h = 2 * (b_ih.shape[0] // 3)
+        np.add(b_ih[:two_h], b_hh[:two_h], out=out[:two_h])
+        out[two_h:] = b_ih[two_h:]
+    else:
+        np.add(b_ih, b_hh, out=out)
+    return out
+
+
+def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved, bias=None):
     """The kernel and its ``[(arg, batch_major)]`` list for one layer's forward.
 
     ``saved``: arrays of :func:`saved_shapes`; every array is allocated and checked by the
     caller (the seam below, or a fused training step that keeps them between calls).
+    ``bias``: None, or a [G*H] array the caller refreshes with :func:`combine_bias` before each
+    call of a kept argument list; None combines into a new array now.
     """
     K = _kernels(spec.kind)
     acts, h_prev = saved["acts"], saved["h_prev"]
+    if bias is None:
+        bias = combine_bias(spec, b_ih, b_hh, np.empty_like(b_ih))
     if spec.kind == "lstm":
         return K.lstm_forward, [
-            (x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (x.dtype.type(spec.forget_bias), 0),
+            (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (x.dtype.type(spec.forget_bias), 0),
             (h0, 1), (c0, 1), (lens, 1), (out, 1), (h, 1), (c, 1), (acts, 1),
             (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1)]
-    H = w_hh.shape[1]
     if spec.kind == "gru" and spec.reset_after:
-        bias = b_ih.copy()
-        bias[:2 * H] += b_hh[:2 * H]
+        H = w_hh.shape[1]
         return K.gru_after_forward, [
-            (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (np.ascontiguousarray(b_hh[2 * H:]), 0),
-            (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1)]
+            (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (b_hh[2 * H:], 0), (h0, 1), (lens, 1),
+            (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1)]
     if spec.kind == "gru":
         return K.gru_before_forward, [
-            (x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (h0, 1), (lens, 1), (out, 1),
+            (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (h0, 1), (lens, 1), (out, 1),
             (h, 1), (acts, 1), (saved["rh"], 1), (h_prev, 1)]
     return K.rnn_forward, [
-        (x, 1), (w_ih, 0), (w_hh, 0), (b_ih + b_hh, 0), (spec.nonlinearity == "relu", 0),
+        (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (spec.nonlinearity == "relu", 0),
         (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
 
 
