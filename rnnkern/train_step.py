@@ -219,8 +219,8 @@ class _FusedPlan:
             layer.grads[k] = g
 
     def why_not(self, x):
-        """Per-call conditions: training-mode dropout, the backend the layers resolve to, sizes
-        the Numba backend would split on threads (the last two cached per shape and setting)."""
+        """Per-call conditions: training-mode dropout, and the backend the layers resolve to
+        (cached per shape and setting)."""
         for r in self.recurrent:
             if r.dropout and r.training:
                 return "dropout between recurrent layers is active (training mode)"
@@ -235,17 +235,14 @@ class _FusedPlan:
         for r in self.recurrent:
             if backends.resolve(r.backend, x).name != "numba":
                 reason = "a recurrent layer would run on a backend other than Numba"
-        B, T = shape[:2]
-        for c in self.cells:
-            if len(self.nc.plan_chunks(c.spec, B, T, c.I, c.H)) > 1:
-                reason = "batch large enough for the Numba backend's batch-parallel threads"
         self._checked = (key, reason)
         return reason
 
     # ---------------------------------------------------------------- workspaces
     def _workspace(self, B, T):
         """Buffers for a [B,T] batch and the kernels' argument lists over them."""
-        if self._ws_key == (B, T):
+        key = (B, T, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
+        if self._ws_key == key:
             return
         dt, nc = self.dtype, self.nc
         N = B * T
@@ -266,7 +263,9 @@ class _FusedPlan:
             saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
             kernel, args = nc.forward_call(c.spec, layer_in, *(p[n] for n in c.names), c.h0,
                                            c.c0, self.lens, c.out, c.h, c.c, saved, c.bias)
-            c.forward = (kernel, [a for a, _ in args])
+            # the Numba backend's batch chunks (threads), as its seam would cut them
+            c.chunks = nc.plan_chunks(c.spec, B, T, c.I, c.H)
+            c.forward = (kernel, *zip(*args))
             c.saved, c.x = saved, layer_in
             layer_in = c.out
         self.d_logits = np.empty((N, self.head.out_features), dt)
@@ -280,9 +279,9 @@ class _FusedPlan:
             kernel, args = nc.backward_call(c.spec, c.x, p[c.names[0]], p[c.names[1]], self.lens,
                                             c.saved, d_out, True, c.dx, c.dh, c.dc)
             scratch = [np.empty(s, dt) for s in nc.scratch_shapes(c.spec, B, T, c.H)]
-            c.backward = (kernel, [a for a, _ in args] + [g[n] for n in c.names] + scratch)
+            c.backward = (kernel, args, tuple(g[n] for n in c.names), scratch)
             d_out = c.dx
-        self._ws_key = (B, T)
+        self._ws_key = key
 
     # ---------------------------------------------------------------- the step
     def _load_inputs(self, x, y, lengths, weights):
@@ -369,8 +368,11 @@ class _FusedPlan:
             for c in self.cells:
                 p = c.layer.params
                 nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
-                kernel, args = c.forward
-                kernel(*args)
+                kernel, values, batched = c.forward
+                if len(c.chunks) == 1:
+                    kernel(*values)
+                else:
+                    nc.launch(kernel, c.chunks, values, batched)
             last = self.cells[-1].out
             loss = K.dense_sequence_loss(
                 last.reshape(B * T, -1), head.params["weight"],
@@ -385,8 +387,8 @@ class _FusedPlan:
                 c.dh.fill(0)
                 if c.dc is not None:
                     c.dc.fill(0)
-                kernel, args = c.backward
-                kernel(*args)
+                kernel, args, grads, scratch = c.backward
+                nc.run_backward(kernel, args, c.chunks, grads, scratch)
             if type(self.encoder) is Embedding:
                 K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1),
                                    self.encoder.grads["weight"])

@@ -197,17 +197,21 @@ def test_falls_back_where_fusing_does_not_apply():
     assert "Dense" in step.fused_reason
 
 
-def test_batch_parallel_sizes_use_the_generic_step(monkeypatch):
+@pytest.mark.parametrize("cell,opts", [("lstm", {}), ("gru", {"reset_after": False})])
+def test_fused_equals_generic_with_batch_chunks_on_threads(monkeypatch, cell, opts):
     from rnnkern import config
     from rnnkern.backends import numba_runtime
     if not numba_runtime.BLAS.locate():
         pytest.skip("no OpenBLAS thread control found: runs are never split here")
     monkeypatch.setattr(config, "SPLIT_MIN_FLOPS", 1)
     monkeypatch.setattr(config, "SPLIT_MIN_ROWS", 1)
-    x, y = batch("onehot", B=4)
-    step = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05))
-    step(x, y)
-    assert "threads" in step.fused_reason
+    monkeypatch.setattr(config, "THREADS", 3)
+    assert len(numba_runtime.plan_chunks(rk.CellSpec(cell, **opts), 7, 4, 6, 5)) == 3
+    x, y = batch("embedding", B=7)
+    lengths = np.array([4, 0, 3, 1, 4, 2, 4])
+    calls = [((x, y), dict(lengths=lengths, return_state=True))] * 3
+    assert_same_run(*run_both(lambda: make_model("embedding", cell, (2,), **opts),
+                              lambda: rk.Adam(0.05, clip_norm=0.5), calls))
 
 
 def test_bad_input_raises_like_the_generic_step():
