@@ -131,8 +131,11 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     py::object c = checked(c0, "c0", dt, {d.B, d.H}, true);
     py::object len = checked_lengths(lengths, d.B, d.T);
 
+    // the LSTM's saved arrays are time-major and padded (kernels.h); the others batch-major
+    const int64_t Hs = lstm ? rk::lstm_padded_hidden(d.H, sizeof(T)) : d.H;
     py::array_t<T> out({d.B, d.T, d.H}), h_n({d.B, d.H});
-    py::array_t<T> hprev({d.B, d.T, d.H}), act({d.B, d.T, S * d.H});
+    py::array_t<T> hprev = lstm ? py::array_t<T>({d.T + 1, d.B, Hs}) : py::array_t<T>({d.B, d.T, d.H});
+    py::array_t<T> act = lstm ? py::array_t<T>({d.T, d.B, S * Hs}) : py::array_t<T>({d.B, d.T, S * d.H});
     py::object c_n = py::none(), cprev = py::none(), rh = py::none();
     rk::ForwardArgs<T> a;
     a.spec = spec;
@@ -143,7 +146,7 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     a.out = out.mutable_data(); a.h_n = h_n.mutable_data();
     a.hprev = hprev.mutable_data(); a.act = act.mutable_data();
     if (lstm) {
-        py::array_t<T> cn({d.B, d.H}), cp({d.B, d.T, d.H});
+        py::array_t<T> cn({d.B, d.H}), cp({d.T + 1, d.B, Hs});
         a.c_n = cn.mutable_data(); a.cprev = cp.mutable_data();
         c_n = cn; cprev = cp;
     }
@@ -157,7 +160,13 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
         rk::forward<T>(a);
     }
     py::dict saved;
-    saved["hprev"] = hprev; saved["cprev"] = cprev; saved["act"] = act; saved["rh"] = rh;
+    if (lstm) {  // the backward reads the states entering steps 0..T-1: rows [0, T)
+        py::slice first_t(0, d.T, 1);
+        saved["hprev"] = hprev[first_t]; saved["cprev"] = cprev[first_t];
+    } else {
+        saved["hprev"] = hprev; saved["cprev"] = cprev;
+    }
+    saved["act"] = act; saved["rh"] = rh;
     return py::make_tuple(out, h_n, c_n, saved);
 }
 
@@ -174,10 +183,16 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
     py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
     py::object len = checked_lengths(lengths, d.B, d.T);
-    py::object hp = checked(hprev, "hprev", dt, {d.B, d.T, d.H});
-    py::object ac = checked(act, "act", dt, {d.B, d.T, S * d.H});
+    // shapes as forward saved them (the LSTM's: time-major, padded to Hs; kernels.h)
+    const int64_t Hs = lstm ? rk::lstm_padded_hidden(d.H, sizeof(T)) : d.H;
+    const std::vector<int64_t> state = lstm ? std::vector<int64_t>{d.T, d.B, Hs}
+                                            : std::vector<int64_t>{d.B, d.T, d.H};
+    const std::vector<int64_t> acts = lstm ? std::vector<int64_t>{d.T, d.B, S * Hs}
+                                           : std::vector<int64_t>{d.B, d.T, S * d.H};
+    py::object hp = checked(hprev, "hprev", dt, state);
+    py::object ac = checked(act, "act", dt, acts);
     if (!lstm && !cprev.is_none()) throw py::value_error("cprev is for LSTM only; pass None");
-    py::object cp = checked(cprev, "cprev", dt, {d.B, d.T, d.H}, !lstm);
+    py::object cp = checked(cprev, "cprev", dt, state, !lstm);
     if (!gru_before && !rh.is_none())
         throw py::value_error("rh is for GRU with reset_after=False only; pass None");
     py::object r = checked(rh, "rh", dt, {d.B, d.T, d.H}, !gru_before);

@@ -1,10 +1,10 @@
-// Backprop through time for RNN / LSTM / GRU (shape legend in kernels.h).
-// Per step: one fused pointwise pass from dh (and dc) to the gate gradients d_gx, then
+// Backprop through time for RNN / GRU (shape legend in kernels.h; the LSTM has its own: lstm.cpp).
+// Per step: one fused pointwise pass from dh to the gate gradients d_gx, then
 // dh_prev = d_gh W_hh as one GEMM accumulated into dh. After the loop, everything that is not
 // recurrent is one GEMM over all B*T rows: dx = d_gx W_ih (per row chunk when the loop runs on
 // threads, chunks.h), dW_ih = d_gx^T x and dW_hh = d_gh^T h_prev (after the chunks join).
 // Steps past lengths[b] leave the rows of d_gx at zero, so the GEMMs need no masks, and carry dh
-// (and dc) unchanged.
+// unchanged.
 #include <cstring>
 #include <vector>
 
@@ -27,28 +27,6 @@ RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, const T* __restrict__ act,
                               T* __restrict__ dgx) {
     for (int64_t j = 0; j < H; ++j) {
         dgx[j] = rnn_backward_point(act[j], (d_out ? dh[j] + d_out[j] : dh[j]), relu);
-        dh[j] = T(0);
-    }
-}
-
-template <typename T>
-RK_ALWAYS_INLINE void lstm_row(int64_t H, const T* __restrict__ act, const T* __restrict__ c_prev,
-                               const T* __restrict__ d_out, T* __restrict__ dh,
-                               T* __restrict__ dc, T* dgx) {
-    // one restrict pointer per gate block of dgx, so GCC sees the stores cannot overlap
-    T* __restrict__ d_i = dgx;
-    T* __restrict__ d_f = dgx + H;
-    T* __restrict__ d_g = dgx + 2 * H;
-    T* __restrict__ d_o = dgx + 3 * H;
-    for (int64_t j = 0; j < H; ++j) {
-        T di, df, dg, dO, dcp;
-        lstm_backward_point(act[j], act[H + j], act[2 * H + j], act[3 * H + j], act[4 * H + j],
-                            c_prev[j], (d_out ? dh[j] + d_out[j] : dh[j]), dc[j], di, df, dg, dO, dcp);
-        d_i[j] = di;
-        d_f[j] = df;
-        d_g[j] = dg;
-        d_o[j] = dO;
-        dc[j] = dcp;
         dh[j] = T(0);
     }
 }
@@ -116,7 +94,7 @@ inline void column_sums(int64_t rows, int64_t cols, const T* __restrict__ m,
 }
 
 // The backward time loop for batch rows [lo, hi): fills those rows of d_gx (and d_gh) and
-// leaves dh0 (and dc0) rows holding the running dh (and dc), initialised by the caller.
+// leaves dh0 rows holding the running dh, initialised by the caller.
 template <typename T>
 RK_ALWAYS_INLINE void backward_steps_impl(const BackwardArgs<T>& a, T* d_gx, T* d_gh, int64_t lo,
                                           int64_t hi, GemmPath path) {
@@ -127,7 +105,6 @@ RK_ALWAYS_INLINE void backward_steps_impl(const BackwardArgs<T>& a, T* d_gx, T* 
     const bool gru_before = s.cell == Cell::gru && !s.reset_after;
     std::vector<T> d_rh(gru_before ? Bc * H : 0);
     T* dh = a.dh0;
-    T* dc = a.dc0;
     for (int64_t t = Tn - 1; t >= 0; --t) {
         for (int64_t b = lo; b < hi; ++b) {
             if (a.lengths && t >= a.lengths[b]) continue;
@@ -137,9 +114,7 @@ RK_ALWAYS_INLINE void backward_steps_impl(const BackwardArgs<T>& a, T* d_gx, T* 
             T* dgx = d_gx + row * GH;
             switch (s.cell) {
                 case Cell::rnn: rnn_row(H, s.relu, act, d_out, dh + b * H, dgx); break;
-                case Cell::lstm:
-                    lstm_row(H, act, a.cprev + row * H, d_out, dh + b * H, dc + b * H, dgx);
-                    break;
+                case Cell::lstm: break;  // lstm.cpp
                 case Cell::gru:
                     if (gru_after)
                         gru_after_row(H, act, a.hprev + row * H, d_out, dh + b * H, dgx,
@@ -202,7 +177,6 @@ void backward_impl(const BackwardArgs<T>& a) {
     const Spec& s = a.spec;
     const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
     const int64_t G = gates_of(s.cell), GH = G * H;
-    const bool lstm = s.cell == Cell::lstm;
     const bool gru_after = s.cell == Cell::gru && s.reset_after;
     const bool gru_before = s.cell == Cell::gru && !s.reset_after;
 
@@ -210,13 +184,9 @@ void backward_impl(const BackwardArgs<T>& a) {
     std::vector<T> d_gh_own(gru_after ? B * Tn * GH : 0, T(0));
     T* d_gh = gru_after ? d_gh_own.data() : d_gx.data();      // [B,T,G*H]
 
-    // the running dh (and dc) live in dh0 (and dc0), [B,H]
+    // the running dh lives in dh0, [B,H]
     if (a.d_h_n) std::memcpy(a.dh0, a.d_h_n, B * H * sizeof(T));
     else std::memset(a.dh0, 0, B * H * sizeof(T));
-    if (lstm) {
-        if (a.d_c_n) std::memcpy(a.dc0, a.d_c_n, B * H * sizeof(T));
-        else std::memset(a.dc0, 0, B * H * sizeof(T));
-    }
 
     const int n = chunks_for(B, B * Tn * GH * H);
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
@@ -240,7 +210,13 @@ void backward_impl(const BackwardArgs<T>& a) {
 
 }  // namespace
 
-template <> void backward<float>(const BackwardArgs<float>& a) { backward_impl(a); }
-template <> void backward<double>(const BackwardArgs<double>& a) { backward_impl(a); }
+template <> void backward<float>(const BackwardArgs<float>& a) {
+    if (a.spec.cell == Cell::lstm) lstm_backward(a);
+    else backward_impl(a);
+}
+template <> void backward<double>(const BackwardArgs<double>& a) {
+    if (a.spec.cell == Cell::lstm) lstm_backward(a);
+    else backward_impl(a);
+}
 
 }  // namespace rk

@@ -1,4 +1,5 @@
-// Forward time loop for RNN / LSTM / GRU (shape legend in kernels.h). Hoisted out of the loop:
+// Forward time loop for RNN / GRU (shape legend in kernels.h; the LSTM has its own: lstm.cpp).
+// Hoisted out of the loop:
 // x W_ih^T + b_ih for all B*T rows as one GEMM, written straight into the activation buffer
 // `act` (row stride S*H >= G*H); each step then runs one h W_hh^T GEMM and one fused pointwise
 // pass that turns those pre-activations into the saved activations in place. Large batches run
@@ -29,40 +30,14 @@ RK_ALWAYS_INLINE void rnn_row(int64_t H, bool relu, T* __restrict__ act, const T
     }
 }
 
-template <typename T>
-RK_ALWAYS_INLINE void lstm_row(int64_t H, T fb, T* act, const T* __restrict__ gh, const T* __restrict__ bh,
-                               const T* __restrict__ c_prev, T* __restrict__ c_new,
-                               T* __restrict__ h_new) {
-    // one restrict pointer per gate block: with a single `act` GCC cannot rule out that a write
-    // to act[j] feeds a later read of act[H + j'] and leaves the loop scalar
-    T* __restrict__ s_i = act;
-    T* __restrict__ s_f = act + H;
-    T* __restrict__ s_g = act + 2 * H;
-    T* __restrict__ s_o = act + 3 * H;
-    T* __restrict__ s_tc = act + 4 * H;
-    for (int64_t j = 0; j < H; ++j) {
-        // results into locals first: writing through references into the arrays being read
-        // also keeps GCC from vectorising
-        T i, f, g, o, tc, c, h;
-        lstm_forward_point(s_i[j] + gh[j] + bh[j], s_f[j] + gh[H + j] + bh[H + j],
-                           s_g[j] + gh[2 * H + j] + bh[2 * H + j],
-                           s_o[j] + gh[3 * H + j] + bh[3 * H + j], c_prev[j], fb,
-                           i, f, g, o, tc, c, h);
-        s_i[j] = i;
-        s_f[j] = f;
-        s_g[j] = g;
-        s_o[j] = o;
-        s_tc[j] = tc;
-        c_new[j] = c;
-        h_new[j] = h;
-    }
-}
-
 // GRU, reset_after=true: gh holds all three blocks of h W_hh^T.
 template <typename T>
 RK_ALWAYS_INLINE void gru_after_row(int64_t H, T* act, const T* __restrict__ gh, const T* __restrict__ bh,
                                     const T* __restrict__ h_prev, T* __restrict__ h_new) {
-    T* __restrict__ s_r = act;  // one restrict pointer per slot block (see lstm_row)
+    // one restrict pointer per slot block: with a single `act` GCC cannot rule out that a write
+    // to act[j] feeds a later read of act[H + j'] and leaves the loop scalar; results go into
+    // locals first for the same reason
+    T* __restrict__ s_r = act;
     T* __restrict__ s_z = act + H;
     T* __restrict__ s_n = act + 2 * H;
     T* __restrict__ s_ghn = act + 3 * H;
@@ -120,9 +95,7 @@ RK_ALWAYS_INLINE void forward_steps_impl(const ForwardArgs<T>& a, const T* w_ih_
     const Spec& s = a.spec;
     const int64_t Tn = a.T_, I = a.I, H = a.H, Bc = hi - lo;
     const int64_t G = gates_of(s.cell), GH = G * H, SH = slots_of(s.cell) * H;
-    const bool lstm = s.cell == Cell::lstm;
     const bool gru_before = s.cell == Cell::gru && !s.reset_after;
-    const T fb = T(s.forget_bias);
 
     // act[lo:hi, :, :G*H] = b_ih + x W_ih^T: this chunk's B*T rows at once, hoisted out of the
     // time loop (each chunk does its own, so no BLAS thread pool runs beside the chunk threads)
@@ -156,23 +129,16 @@ RK_ALWAYS_INLINE void forward_steps_impl(const ForwardArgs<T>& a, const T* w_ih_
             const T* h_prev = a.hprev + row * H;
             T* h_next = last ? a.h_n + b * H : a.hprev + (row + 1) * H;
             T* out = a.out + row * H;
-            T* c_next = nullptr;
-            const T* c_prev = nullptr;
-            if (lstm) {
-                c_prev = a.cprev + row * H;
-                c_next = last ? a.c_n + b * H : a.cprev + (row + 1) * H;
-            }
             if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
                 std::memset(out, 0, H * sizeof(T));
                 std::memcpy(h_next, h_prev, H * sizeof(T));
-                if (lstm) std::memcpy(c_next, c_prev, H * sizeof(T));
                 continue;
             }
             T* act = a.act + row * SH;
             const T* ghb = gh.data() + (b - lo) * GH;
             switch (s.cell) {
                 case Cell::rnn: rnn_row(H, s.relu, act, ghb, a.b_hh, out); break;
-                case Cell::lstm: lstm_row(H, fb, act, ghb, a.b_hh, c_prev, c_next, out); break;
+                case Cell::lstm: break;  // lstm.cpp
                 case Cell::gru:
                     if (gru_before)
                         gru_before_new_row(H, act, ghn.data() + (b - lo) * H, a.b_hh + 2 * H,
@@ -215,7 +181,6 @@ void forward_impl(const ForwardArgs<T>& a) {
     const Spec& s = a.spec;
     const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
     const int64_t G = gates_of(s.cell), GH = G * H;
-    const bool lstm = s.cell == Cell::lstm;
 
     // transposed weights, so every GEMM reads its B operand as [K, N] rows
     std::vector<T> w_ih_t(I * GH), w_hh_t(H * GH);
@@ -228,11 +193,6 @@ void forward_impl(const ForwardArgs<T>& a) {
         T* hp = Tn > 0 ? a.hprev + b * Tn * H : a.h_n + b * H;
         if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
         else std::memset(hp, 0, H * sizeof(T));
-        if (lstm) {
-            T* cp = Tn > 0 ? a.cprev + b * Tn * H : a.c_n + b * H;
-            if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
-            else std::memset(cp, 0, H * sizeof(T));
-        }
     }
 
     const int n = chunks_for(B, B * Tn * GH * H);
@@ -244,7 +204,13 @@ void forward_impl(const ForwardArgs<T>& a) {
 
 }  // namespace
 
-template <> void forward<float>(const ForwardArgs<float>& a) { forward_impl(a); }
-template <> void forward<double>(const ForwardArgs<double>& a) { forward_impl(a); }
+template <> void forward<float>(const ForwardArgs<float>& a) {
+    if (a.spec.cell == Cell::lstm) lstm_forward(a);
+    else forward_impl(a);
+}
+template <> void forward<double>(const ForwardArgs<double>& a) {
+    if (a.spec.cell == Cell::lstm) lstm_forward(a);
+    else forward_impl(a);
+}
 
 }  // namespace rk

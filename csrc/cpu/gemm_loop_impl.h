@@ -41,13 +41,15 @@ inline Vec<T> vload(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return
 template <typename T>
 inline void vstore(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof v); }
 
+// C tile (+)= op(A) B; `zero`: start from 0 instead of C (beta = 0 needs no pass over C first)
 template <typename T, int R, int NV>
-inline __attribute__((always_inline)) void tile(bool trans_a, int64_t K, const T* A, int64_t lda,
-                                                const T* B, int64_t ldb, T* C, int64_t ldc) {
+inline __attribute__((always_inline)) void tile(bool trans_a, bool zero, int64_t K, const T* A,
+                                                int64_t lda, const T* B, int64_t ldb, T* C,
+                                                int64_t ldc) {
     constexpr int W = int(sizeof(Vec<T>) / sizeof(T));
     Vec<T> acc[R][NV];
     for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * W);
+        for (int v = 0; v < NV; ++v) acc[r][v] = zero ? Vec<T>{} : vload(C + r * ldc + v * W);
     for (int64_t k = 0; k < K; ++k) {
         Vec<T> b[NV];
         for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
@@ -62,36 +64,70 @@ inline __attribute__((always_inline)) void tile(bool trans_a, int64_t K, const T
 
 // every row of C for one column panel of NV vectors
 template <typename T, int NV>
-void panel(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-           T* C, int64_t ldc) {
+void panel(bool trans_a, bool zero, int64_t M, int64_t K, const T* A, int64_t lda, const T* B,
+           int64_t ldb, T* C, int64_t ldc) {
     auto a_row = [&](int64_t m) { return trans_a ? A + m : A + m * lda; };
     int64_t m = 0;
     for (; m + RK_MR <= M; m += RK_MR)
-        tile<T, RK_MR, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc);
+        tile<T, RK_MR, NV>(trans_a, zero, K, a_row(m), lda, B, ldb, C + m * ldc, ldc);
+    T* c = C + m * ldc;
     switch (M - m) {  // the last M % RK_MR rows
 #if RK_MR > 5
-        case 5: tile<T, 5, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
-        case 4: tile<T, 4, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+        case 5: tile<T, 5, NV>(trans_a, zero, K, a_row(m), lda, B, ldb, c, ldc); break;
+        case 4: tile<T, 4, NV>(trans_a, zero, K, a_row(m), lda, B, ldb, c, ldc); break;
 #endif
-        case 3: tile<T, 3, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
-        case 2: tile<T, 2, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
-        case 1: tile<T, 1, NV>(trans_a, K, a_row(m), lda, B, ldb, C + m * ldc, ldc); break;
+        case 3: tile<T, 3, NV>(trans_a, zero, K, a_row(m), lda, B, ldb, c, ldc); break;
+        case 2: tile<T, 2, NV>(trans_a, zero, K, a_row(m), lda, B, ldb, c, ldc); break;
+        case 1: tile<T, 1, NV>(trans_a, zero, K, a_row(m), lda, B, ldb, c, ldc); break;
         default: break;
+    }
+}
+
+// one K chunk: every column panel, then the N % W tail; `zero`: C starts from 0, not read
+template <typename T>
+void block(bool trans_a, bool zero, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+           const T* B, int64_t ldb, T* C, int64_t ldc) {
+    constexpr int64_t W = int64_t(sizeof(Vec<T>) / sizeof(T));
+    int64_t n = 0;
+    for (; n + RK_NV * W <= N; n += RK_NV * W)
+        panel<T, RK_NV>(trans_a, zero, M, K, A, lda, B + n, ldb, C + n, ldc);
+    switch ((N - n) / W) {  // whole vectors left: one panel of that width (1-wide is slowest)
+        case 3: panel<T, 3>(trans_a, zero, M, K, A, lda, B + n, ldb, C + n, ldc); n += 3 * W; break;
+        case 2: panel<T, 2>(trans_a, zero, M, K, A, lda, B + n, ldb, C + n, ldc); n += 2 * W; break;
+        case 1: panel<T, 1>(trans_a, zero, M, K, A, lda, B + n, ldb, C + n, ldc); n += W; break;
+        default: break;
+    }
+    if (n < N) {
+        // the last N % W columns: copy them into zero-padded one-vector panels of B and C, run
+        // the same vector tiles there, copy the valid columns back (a scalar tail was the
+        // bottleneck at H = 25); the panels live in per-thread buffers reused across calls
+        const int64_t tail = N - n;
+        thread_local std::vector<T> bp, cp;
+        if (int64_t(bp.size()) < K * W) bp.resize(K * W);
+        if (int64_t(cp.size()) < M * W) cp.resize(M * W);
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t j = 0; j < W; ++j) bp[k * W + j] = j < tail ? B[k * ldb + n + j] : T(0);
+        if (!zero)
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t j = 0; j < tail; ++j) cp[m * W + j] = C[m * ldc + n + j];
+        panel<T, 1>(trans_a, zero, M, K, A, lda, bp.data(), W, cp.data(), W);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < tail; ++j) C[m * ldc + n + j] = cp[m * W + j];
     }
 }
 
 template <typename T>
 void run(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-    for (int64_t m = 0; m < M; ++m) {  // C = beta C first; the tiles then accumulate
-        T* c = C + m * ldc;
-        if (beta == T(0)) {
-            for (int64_t n = 0; n < N; ++n) c[n] = T(0);
-        } else if (beta != T(1)) {
-            for (int64_t n = 0; n < N; ++n) c[n] *= beta;
+    const bool product = K > 0 && alpha != T(0);
+    if (beta != T(1) && !(beta == T(0) && product)) {  // C = beta C here; the tiles add to it
+        for (int64_t m = 0; m < M; ++m) {
+            T* c = C + m * ldc;
+            for (int64_t n = 0; n < N; ++n) c[n] = beta == T(0) ? T(0) : beta * c[n];
         }
     }
-    if (K <= 0 || alpha == T(0)) return;
+    if (!product) return;
+    const bool zero = beta == T(0);  // the first K chunk's tiles start from 0 instead
     std::vector<T> scaled;
     if (alpha != T(1)) {  // the kernels only use alpha = 1; kept correct rather than fast
         const int64_t rows = trans_a ? K : M, cols = trans_a ? M : K;
@@ -105,37 +141,10 @@ void run(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int
     // stays in L1 across the row blocks; without it the weight-gradient GEMMs (K = B*T) ran
     // from L2 at a third of the speed
     constexpr int64_t KC = 128;
-    if (K > KC) {
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kc = K - k0 < KC ? K - k0 : KC;
-            const T* Ak = trans_a ? A + k0 * lda : A + k0;
-            run(trans_a, M, N, kc, T(1), Ak, lda, B + k0 * ldb, ldb, T(1), C, ldc);
-        }
-        return;
-    }
-    constexpr int64_t W = int64_t(sizeof(Vec<T>) / sizeof(T));
-    int64_t n = 0;
-    for (; n + RK_NV * W <= N; n += RK_NV * W)
-        panel<T, RK_NV>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc);
-    switch ((N - n) / W) {  // whole vectors left: one panel of that width (1-wide is slowest)
-        case 3: panel<T, 3>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc); n += 3 * W; break;
-        case 2: panel<T, 2>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc); n += 2 * W; break;
-        case 1: panel<T, 1>(trans_a, M, K, A, lda, B + n, ldb, C + n, ldc); n += W; break;
-        default: break;
-    }
-    if (n < N) {
-        // the last N % W columns: copy them into zero-padded one-vector panels of B and C, run
-        // the same vector tiles there, copy the valid columns back (a scalar tail was the
-        // bottleneck at H = 25)
-        const int64_t tail = N - n;
-        std::vector<T> bp(K * W, T(0)), cp(M * W, T(0));
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t j = 0; j < tail; ++j) bp[k * W + j] = B[k * ldb + n + j];
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < tail; ++j) cp[m * W + j] = C[m * ldc + n + j];
-        panel<T, 1>(trans_a, M, K, A, lda, bp.data(), W, cp.data(), W);
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < tail; ++j) C[m * ldc + n + j] = cp[m * W + j];
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = K - k0 < KC ? K - k0 : KC;
+        const T* Ak = trans_a ? A + k0 * lda : A + k0;
+        block(trans_a, zero && k0 == 0, M, N, kc, Ak, lda, B + k0 * ldb, ldb, C, ldc);
     }
 }
 

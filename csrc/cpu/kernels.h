@@ -2,7 +2,10 @@
 //
 // Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3),
 // S saved slots per (b, t, j): RNN 1 (h'), LSTM 5 (i, f, g, o, tanh c'), GRU 4 (r, z, n, gh_n).
-// Every array is C-contiguous and batch-major; the bindings check shapes before calling.
+// Every array is C-contiguous and batch-major, except the LSTM's saved arrays (lstm.cpp): those
+// are time-major with H padded to Hp = lstm_padded_hidden(H, sizeof(T)) and gates interleaved:
+// hprev, cprev [T+1,B,Hp] in the forward (row T: the final state; the backward reads rows < T),
+// act [T,B,5Hp]. The bindings check shapes.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +16,12 @@ enum class Cell { rnn, lstm, gru };
 
 inline int gates_of(Cell c) { return c == Cell::lstm ? 4 : c == Cell::gru ? 3 : 1; }
 inline int slots_of(Cell c) { return c == Cell::lstm ? 5 : c == Cell::gru ? 4 : 1; }
+
+// H rounded up to whole 64-byte vectors of T (the LSTM's private layout, lstm.cpp)
+inline int64_t lstm_padded_hidden(int64_t H, int64_t elem_size) {
+    const int64_t v = 64 / elem_size;
+    return (H + v - 1) / v * v;
+}
 
 struct Spec {
     Cell cell = Cell::rnn;
@@ -71,5 +80,8 @@ struct BackwardArgs {
 
 template <typename T> void forward(const ForwardArgs<T>& a);
 template <typename T> void backward(const BackwardArgs<T>& a);
+// the LSTM's own kernels (forward / backward dispatch to them)
+template <typename T> void lstm_forward(const ForwardArgs<T>& a);
+template <typename T> void lstm_backward(const BackwardArgs<T>& a);
 
 }  // namespace rk

@@ -13,7 +13,8 @@
 //
 // Templates are meant for T = float or double. double uses libm (exact to the NumPy reference to
 // ~1 ulp). float on the host uses a branch-free exp (Cody-Waite range reduction + degree-7 Taylor
-// polynomial, relative error ~2e-7) that GCC auto-vectorises, because glibc's scalar tanhf/expf
+// polynomial, relative error ~2e-7) and a divide-free reciprocal (recip_f32) that GCC
+// auto-vectorises, because glibc's scalar tanhf/expf
 // keep the pointwise loops from vectorising (see DESIGN.md, "Measured"); on the device float uses
 // CUDA's expf/tanhf. Define RK_EXACT_MATH to route float through libm on the host too.
 // Host loops over these functions vectorise only with -fno-trapping-math (GCC otherwise refuses
@@ -70,12 +71,26 @@ RK_HD inline float exp_f32(float x) {
     return p * bits_float(scale);
 }
 
+// 1/d for float d >= 1 (the denominators below) without a divide: the vector divider was the
+// bottleneck of the LSTM's pointwise pass (5 divides per cell; perf). Bit-trick estimate (~5%
+// error), then three Newton steps y <- y (2 - d y), each squaring the error: 1.5e-7 relative at
+// most (checked over [1, 2^126]). d is capped at 2^126 so the estimate stays a normal float
+// (1/d is below 1.2e-38 there anyway); NaN propagates.
+RK_HD inline float recip_f32(float d) {
+    d = d > 8.507059e37f ? 8.507059e37f : d;
+    float y = bits_float(0x7EF311C3u - float_bits(d));
+    y = y * (2.0f - d * y);
+    y = y * (2.0f - d * y);
+    y = y * (2.0f - d * y);
+    return y;
+}
+
 // tanh(x) for float: odd Taylor polynomial near 0 (avoids the cancellation in 1 - e^-2|x|),
 // (1 - e^-2|x|) / (1 + e^-2|x|) elsewhere. Absolute error ~2e-7.
 RK_HD inline float tanh_f32(float x) {
     const float ax = x < 0.0f ? -x : x;
     const float t = exp_f32(-2.0f * ax);
-    const float big = (1.0f - t) / (1.0f + t);
+    const float big = (1.0f - t) * recip_f32(1.0f + t);
     const float x2 = x * x;  // tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - ...
     float s = 62.0f / 2835.0f;
     s = s * x2 - 17.0f / 315.0f;
@@ -111,6 +126,14 @@ RK_HD inline float act_tanh(float x) {
 // logistic sigmoid, written as in the reference: 1 / (1 + exp(-a))
 template <typename T>
 RK_HD inline T act_sigmoid(T a) { return T(1) / (T(1) + act_exp(-a)); }
+
+RK_HD inline float act_sigmoid(float a) {
+#if defined(__CUDA_ARCH__) || defined(RK_EXACT_MATH)
+    return 1.0f / (1.0f + ::expf(-a));
+#else
+    return detail::recip_f32(1.0f + detail::exp_f32(-a));
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // RNN:  h' = act(a),  act = tanh | relu
