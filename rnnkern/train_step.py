@@ -238,6 +238,12 @@ class _FusedPlan:
         self._checked = (key, reason)
         return reason
 
+    def _table(self):
+        """The encoder's [V,E] lookup table (one-hot: the identity)."""
+        if type(self.encoder) is OneHot:
+            return self.encoder._table
+        return self.encoder.params["weight"]
+
     # ---------------------------------------------------------------- workspaces
     def _workspace(self, B, T):
         """Buffers for a [B,T] batch and the kernels' argument lists over them."""
@@ -246,13 +252,21 @@ class _FusedPlan:
             return
         dt, nc = self.dtype, self.nc
         N = B * T
-        E = self.cells[0].I
-        self.x_in = np.empty((B, T, E), dt)            # first cell's input (encoded ids)
+        first = self.cells[0]
+        V = None if self.encoder is None else self._table().shape[0]
+        # ids in: the first cell's input projection x W_ih^T is a row of table W_ih^T [V,G*H],
+        # computed once per step instead of once per row, when there are fewer ids than rows
+        self.project = V is not None and V <= N
+        GH = first.spec.gates * first.H
+        self.x_in = np.empty((B, T, GH if self.project else first.I), dt)
+        self.proj_table = np.empty((V, GH), dt) if self.project else None
+        self.proj_grad = np.empty((V, GH), dt) if self.project else None
         self.lens = np.empty(B, np.int64)
         self.targets = np.empty(N, np.int64)
         self.weights = np.empty(N, dt)
         layer_in = self.x_in
         for c in self.cells:
+            projected = self.project and c is first
             p, g = c.layer.params, c.layer.grads
             c.h0 = np.zeros((B, c.H), dt)
             c.c0 = np.zeros((B, c.H), dt) if c.spec.has_cell_state else None
@@ -262,7 +276,8 @@ class _FusedPlan:
             c.bias = np.empty(c.spec.gates * c.H, dt)
             saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
             kernel, args = nc.forward_call(c.spec, layer_in, *(p[n] for n in c.names), c.h0,
-                                           c.c0, self.lens, c.out, c.h, c.c, saved, c.bias)
+                                           c.c0, self.lens, c.out, c.h, c.c, saved, c.bias,
+                                           projected)
             # the Numba backend's batch chunks (threads), as its seam would cut them
             c.chunks = nc.plan_chunks(c.spec, B, T, c.I, c.H)
             c.forward = (kernel, *zip(*args))
@@ -273,11 +288,12 @@ class _FusedPlan:
         self.d_head = d_out
         for c in reversed(self.cells):
             p, g = c.layer.params, c.layer.grads
-            c.dx = np.empty((B, T, c.I), dt)
+            projected = self.project and c is first
+            c.dx = np.empty(c.x.shape, dt)
             c.dh = np.empty((B, c.H), dt)
             c.dc = np.empty((B, c.H), dt) if c.spec.has_cell_state else None
             kernel, args = nc.backward_call(c.spec, c.x, p[c.names[0]], p[c.names[1]], self.lens,
-                                            c.saved, d_out, True, c.dx, c.dh, c.dc)
+                                            c.saved, d_out, True, c.dx, c.dh, c.dc, projected)
             scratch = [np.empty(s, dt) for s in nc.scratch_shapes(c.spec, B, T, c.H)]
             c.backward = (kernel, args, tuple(g[n] for n in c.names), scratch)
             d_out = c.dx
@@ -298,8 +314,14 @@ class _FusedPlan:
                 raise ValueError(f"x must be ids [B,T], got shape {ids.shape}")
             B, T = ids.shape
             self._workspace(B, T)
-            table = self.encoder._table if type(self.encoder) is OneHot else \
-                self.encoder.params["weight"]
+            table = self._table()
+            if self.project:   # the rows the first cell's kernels take: table W_ih^T
+                w_ih = self.cells[0].layer.params["weight_ih_l0"]
+                if type(self.encoder) is OneHot:
+                    np.copyto(self.proj_table, w_ih.T)
+                else:
+                    np.dot(table, w_ih.T, out=self.proj_table)
+                table = self.proj_table
             ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
             bad = K.gather_rows(ids, table, self.x_in.reshape(B * T, -1))
             if bad >= 0:
@@ -389,7 +411,18 @@ class _FusedPlan:
                     c.dc.fill(0)
                 kernel, args, grads, scratch = c.backward
                 nc.run_backward(kernel, args, c.chunks, grads, scratch)
-            if type(self.encoder) is Embedding:
+            if self.project:    # d table W_ih^T, summed per id, gives d W_ih and d table
+                S = self.proj_grad
+                K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), S)
+                d_w_ih = self.cells[0].layer.grads["weight_ih_l0"]
+                if type(self.encoder) is OneHot:
+                    np.copyto(d_w_ih, S.T)
+                else:
+                    table = self.encoder.params["weight"]
+                    np.dot(S.T, table, out=d_w_ih)
+                    np.dot(S, self.cells[0].layer.params["weight_ih_l0"],
+                           out=self.encoder.grads["weight"])
+            elif type(self.encoder) is Embedding:
                 K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1),
                                    self.encoder.grads["weight"])
             self.optimizer.step_flat(self.flat_params, self.flat_grads, self.layout)

@@ -89,6 +89,19 @@ def test_fused_equals_generic_for_every_cell_and_input(cell, opts, enc):
                               calls))
 
 
+@pytest.mark.parametrize("cell,opts", CELLS, ids=[f"{c}-{o}" for c, o in CELLS])
+@pytest.mark.parametrize("enc", ["onehot", "embedding"])
+@pytest.mark.parametrize("B,T", [(3, 4), (1, 2)], ids=["projected", "more-ids-than-rows"])
+def test_ids_input_projected_or_not(cell, opts, enc, B, T):
+    """With fewer vocabulary rows than batch rows the first projection is gathered from a table
+    W_ih^T (projected); otherwise the ids are encoded and multiplied as the layers do."""
+    x, y = batch(enc, B=B, T=T)
+    runs = run_both(lambda: make_model(enc, cell, (2,), **opts), lambda: rk.Adam(0.05),
+                    [((x, y), {})] * 2)
+    assert_same_run(*runs)
+    assert runs[0][2]._plan.project == (6 <= B * T)
+
+
 @pytest.mark.parametrize("layers", [(2,), (1, 2)], ids=["one-2-layer", "two-stacked"])
 def test_fused_equals_generic_stacked(layers):
     x, y = batch("onehot")

@@ -110,13 +110,16 @@ def combine_bias(spec, b_ih, b_hh, out):
     return out
 
 
-def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved, bias=None):
+def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved, bias=None,
+                 projected=False):
     """The kernel and its ``[(arg, batch_major)]`` list for one layer's forward.
 
     ``saved``: arrays of :func:`saved_shapes`; every array is allocated and checked by the
     caller (the seam below, or a fused training step that keeps them between calls).
     ``bias``: None, or a [G*H] array the caller refreshes with :func:`combine_bias` before each
     call of a kept argument list; None combines into a new array now.
+    ``projected``: ``x`` [B,T,G*H] is already ``x W_ih^T`` (the kernels skip that GEMM; a fused
+    training step gathers it from a [V,G*H] table for one-hot or embedded ids).
     """
     K = _kernels(spec.kind)
     acts, h_prev = saved["acts"], saved["h_prev"]
@@ -126,27 +129,30 @@ def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved
         return K.lstm_forward, [
             (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (x.dtype.type(spec.forget_bias), 0),
             (h0, 1), (c0, 1), (lens, 1), (out, 1), (h, 1), (c, 1), (acts, 1),
-            (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1)]
+            (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1), (projected, 0)]
     if spec.kind == "gru" and spec.reset_after:
         H = w_hh.shape[1]
         return K.gru_after_forward, [
             (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (b_hh[2 * H:], 0), (h0, 1), (lens, 1),
-            (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1)]
+            (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1), (projected, 0)]
     if spec.kind == "gru":
         return K.gru_before_forward, [
             (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (h0, 1), (lens, 1), (out, 1),
-            (h, 1), (acts, 1), (saved["rh"], 1), (h_prev, 1)]
+            (h, 1), (acts, 1), (saved["rh"], 1), (h_prev, 1), (projected, 0)]
     return K.rnn_forward, [
         (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (spec.nonlinearity == "relu", 0),
-        (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
+        (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1), (projected, 0)]
 
 
-def backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc):
+def backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc,
+                  projected=False):
     """The kernel and its ``[(arg, batch_major)]`` list for one layer's backward, without the
-    trailing weight-gradient and scratch arrays (the caller appends those)."""
+    trailing weight-gradient and scratch arrays (the caller appends those). ``projected``: as
+    in :func:`forward_call`; then ``dx`` [B,T,G*H] receives the gradient of ``x W_ih^T`` and
+    the kernel leaves ``dw_ih`` to the caller."""
     K = _kernels(spec.kind)
     head = [(x, 1), (w_ih, 0), (w_hh, 0)]
-    tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (dx, 1), (dh, 1)]
+    tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (projected, 0), (dx, 1), (dh, 1)]
     acts, h_prev = saved["acts"], saved["h_prev"]
     if spec.kind == "lstm":
         return K.lstm_backward, head + [(acts, 1), (saved["c_prev"], 1), (saved["tanh_c"], 1),

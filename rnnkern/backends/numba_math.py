@@ -85,21 +85,25 @@ overload(sigmoid)(_pick(_sigmoid_f32, _sigmoid_f64))
 
 
 @njit(**JIT)
-def weight_grads(x, h_prev, d_gx, d_gh, same, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh):
+def weight_grads(x, h_prev, d_gx, d_gh, same, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh, projected):
     """After a backward loop, as single GEMMs over all B*T rows.
 
     In:  x [B,T,I], h_prev [B,T,H] (what W_hh multiplied at each step), d_gx [B,T,G*H] and
          d_gh [B,T,G*H] gradients of the input- and hidden-side pre-activations; ``same``: they
          are one array (RNN, LSTM), so the bias gradients are summed once.
     Out: dx = d_gx W_ih [B,T,I], dw_ih = d_gx^T x, dw_hh = d_gh^T h_prev, db_ih = sum d_gx,
-         db_hh = sum d_gh.
+         db_hh = sum d_gh. ``projected`` (x was already x W_ih^T, I = G*H): dx = d_gx and
+         dw_ih is left to the caller.
     """
     B, T, I = x.shape
     GH = d_gx.shape[2]
     Dx = d_gx.reshape(B * T, GH)
     Dh = d_gh.reshape(B * T, GH)
-    np.dot(Dx, w_ih, dx.reshape(B * T, I))
-    np.dot(Dx.T, x.reshape(B * T, I), dw_ih)
+    if projected:
+        copy_into(dx.reshape(B * T * GH), d_gx.reshape(B * T * GH))
+    else:
+        np.dot(Dx, w_ih, dx.reshape(B * T, I))
+        np.dot(Dx.T, x.reshape(B * T, I), dw_ih)
     np.dot(Dh.T, h_prev.reshape(B * T, h_prev.shape[2]), dw_hh)
     column_sums(Dx, db_ih)
     if same:
