@@ -10,7 +10,8 @@ The generic step is the four lines every loop writes::
 
 For the most common recurrent model the step is also *fused*: ``Sequential([OneHot | Embedding
 (optional), LSTM/GRU/RNN ..., Dense])`` with :func:`rnnkern.sequence_loss`, any optimizer of
-:mod:`rnnkern.optim`, recurrent layers on the Numba backend and no dropout active. The fused step
+:mod:`rnnkern.optim`, recurrent layers on the Numba backend (dropout between stacked cells
+included: the same masks from the layer's generator as its own forward draws). The fused step
 computes the same function from the same kernels, but without the per-layer Python around
 them: validation is done once per shape, workspaces are kept between steps, the dense head,
 loss and their backward are one compiled call, and the parameters, gradients and optimizer
@@ -138,8 +139,6 @@ def _structure_reason(model, loss, optimizer):
     for r in recurrent:
         if r.backend not in ("auto", "numba"):
             return f"a recurrent layer asks for backend {r.backend!r}"
-        if r.dropout and r.training:
-            return "dropout between recurrent layers is active (training mode)"
     sizes = [model.layers[0].depth if type(model.layers[0]) is OneHot else
              model.layers[0].embedding_dim if type(model.layers[0]) is Embedding else None]
     sizes += [r.hidden_size for r in recurrent]
@@ -157,7 +156,7 @@ class _Cell:
     either a workspace the step refills or a parameter/gradient view of the flat arrays)."""
 
     def __init__(self, layer, k):
-        self.layer, self.spec = layer, layer.spec
+        self.layer, self.spec, self.k = layer, layer.spec, k
         self.H = layer.hidden_size
         self.I = layer.input_size if k == 0 else layer.hidden_size
         self.names = tuple(f"{n}_l{k}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
@@ -219,11 +218,7 @@ class _FusedPlan:
             layer.grads[k] = g
 
     def why_not(self, x):
-        """Per-call conditions: training-mode dropout, and the backend the layers resolve to
-        (cached per shape and setting)."""
-        for r in self.recurrent:
-            if r.dropout and r.training:
-                return "dropout between recurrent layers is active (training mode)"
+        """Per-call condition: the backend the layers resolve to (cached per shape and setting)."""
         shape = np.shape(x)
         if len(shape) < 2:
             return None  # the step raises the input error
@@ -247,7 +242,10 @@ class _FusedPlan:
     # ---------------------------------------------------------------- workspaces
     def _workspace(self, B, T):
         """Buffers for a [B,T] batch and the kernels' argument lists over them."""
-        key = (B, T, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
+        # dropout after cell k of a layer (not its last), as _Recurrent.forward applies it
+        drops = tuple(bool(c.layer.dropout and c.layer.training and c.k + 1 < c.layer.num_layers)
+                      for c in self.cells)
+        key = (B, T, drops, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
         if self._ws_key == key:
             return
         dt, nc = self.dtype, self.nc
@@ -282,7 +280,8 @@ class _FusedPlan:
             c.chunks = nc.plan_chunks(c.spec, B, T, c.I, c.H)
             c.forward = (kernel, *zip(*args))
             c.saved, c.x = saved, layer_in
-            layer_in = c.out
+            c.dropped = np.empty_like(c.out) if drops[self.cells.index(c)] else None
+            layer_in = c.out if c.dropped is None else c.dropped
         self.d_logits = np.empty((N, self.head.out_features), dt)
         d_out = np.empty((B, T, self.head.in_features), dt)
         self.d_head = d_out
@@ -395,6 +394,11 @@ class _FusedPlan:
                     kernel(*values)
                 else:
                     nc.launch(kernel, c.chunks, values, batched)
+                if c.dropped is not None:
+                    keep = 1.0 - c.layer.dropout
+                    c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
+                                        dtype=c.out.dtype)
+                    np.multiply(c.out, c.mask, out=c.dropped)
             last = self.cells[-1].out
             loss = K.dense_sequence_loss(
                 last.reshape(B * T, -1), head.params["weight"],
@@ -405,7 +409,11 @@ class _FusedPlan:
                 n = int(-1.0 - loss)
                 raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
                                  f"got {self.targets[n]}")
-            for c in reversed(self.cells):
+            for i in reversed(range(len(self.cells))):
+                c = self.cells[i]
+                if c.dropped is not None:      # d out = d (dropped out) * mask
+                    d_next = self.cells[i + 1].dx
+                    np.multiply(d_next, c.mask, out=d_next)
                 c.dh.fill(0)
                 if c.dc is not None:
                     c.dc.fill(0)
