@@ -272,3 +272,14 @@ def test_trainer_steps_are_fused_and_equal_generic():
     for k in hist[0][1]:
         np.testing.assert_allclose(hist[0][1][k], hist[1][1][k], err_msg=k, **F64)
     assert hist[0][2] is None and hist[1][2] == "fused=False"
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("enc,cell,B", [("onehot", "lstm", 3), ("embedding", "gru", 1),
+                                        ("none", "rnn", 2)])
+def test_nojit_fused_step_source(enc, cell, B):
+    """Small enough to run interpreted (CI repeats the nojit tests with NUMBA_DISABLE_JIT=1), so
+    the fused step's compiled helpers are covered as Python too."""
+    x, y = batch(enc, B=B, T=3)
+    assert_same_run(*run_both(lambda: make_model(enc, cell, (2,), dropout=0.3),
+                              lambda: rk.Adam(0.05, clip_norm=1.0), [((x, y), {})] * 2))
