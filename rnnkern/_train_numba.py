@@ -5,14 +5,16 @@ V vocabulary, E input width (one-hot depth or embedding size).
 
 The math is that of :class:`rnnkern.Dense`, :func:`rnnkern.sequence_loss` and
 :class:`rnnkern.Embedding` (their docstrings; one row at a time here instead of whole-array NumPy
-operations, so sums round in a different order: results agree to float rounding, not bitwise).
+operations, so sums round in a different order: results agree to float rounding, not bitwise;
+float32 softmax uses the fast exp of :mod:`rnnkern.backends.numba_math`, abs error <= 1.4e-7).
+Numba's cache does not track that module: see its caveat.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-JIT = dict(cache=True, nogil=True, error_model="numpy")
+from .backends.numba_math import JIT, exp_nonpos
 
 
 @njit(**JIT)
@@ -70,16 +72,18 @@ def dense_sequence_loss(h, weight, bias, has_bias, targets, w, has_w, d_logits, 
         m = z[0]
         for j in range(1, C):
             m = max(m, z[j])
+        shifted_target = z[targets[n]] - m
+        for j in range(C):
+            z[j] = exp_nonpos(z[j] - m)
         s = z.dtype.type(0)
         for j in range(C):
-            z[j] = np.exp(z[j] - m)
             s += z[j]
         wn = w[n] if has_w else 1.0
-        loss -= wn * (np.log(z[targets[n]]) - np.log(s))   # -log softmax at the target
-        scale = z.dtype.type(wn * inv)
+        loss -= wn * (shifted_target - np.log(s))   # log softmax at the target
+        scale = z.dtype.type(wn * inv) / s
         for j in range(C):
-            z[j] = z[j] / s * scale
-        z[targets[n]] -= scale
+            z[j] *= scale
+        z[targets[n]] -= z.dtype.type(wn * inv)
     np.dot(d_logits.T, h, dw)
     if has_bias:
         db[:] = 0

@@ -175,7 +175,8 @@ def run_backward(kernel, args, chunks, grads, scratch):
     if len(chunks) == 1:
         kernel(*values, *grads, *scratch)
         return
-    sets = [grads] + [tuple(np.empty_like(g) for g in grads) for _ in chunks[1:]]
+    # zeros, not empty: a projected kernel leaves dw_ih unwritten (and its caller overwrites it)
+    sets = [grads] + [tuple(np.zeros_like(g) for g in grads) for _ in chunks[1:]]
 
     def call(lo, hi):
         k = chunks.index((lo, hi))

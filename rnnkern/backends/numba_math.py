@@ -52,6 +52,18 @@ def _sigmoid_f32(x):
     return np.float32(0.5) * tanh(np.float32(0.5) * x) + np.float32(0.5)
 
 
+def _exp_nonpos_f32(x):
+    # exp(x) = (1 + tanh(x/2)) / (1 - tanh(x/2)): the vectorisable tanh again (scalar libm expf
+    # keeps a softmax loop scalar: 0.39 -> 0.10 ms for 1700 rows of 25). For x <= 0 the absolute
+    # error is <= 1.4e-7 (relative 1e-4 at exp(x) = 1e-3); below x = -18 it returns 0.
+    t = tanh(np.float32(0.5) * x)
+    return (np.float32(1.0) + t) / (np.float32(1.0) - t)
+
+
+def _exp_nonpos_f64(x):
+    return np.exp(x)
+
+
 def _tanh_f64(x):
     return np.tanh(x)
 
@@ -70,6 +82,12 @@ def sigmoid(x):
     return _sigmoid_f32(x) if isinstance(x, np.float32) else _sigmoid_f64(x)
 
 
+def exp_nonpos(x):
+    """exp(x) for a float32 or float64 scalar x <= 0, e.g. a softmax's shifted logits (fast form
+    for float32, absolute error <= 1.4e-7; libm for float64)."""
+    return _exp_nonpos_f32(x) if isinstance(x, np.float32) else _exp_nonpos_f64(x)
+
+
 def _pick(f32, f64):
     def typer(x):
         if x == types.float32:
@@ -82,6 +100,7 @@ def _pick(f32, f64):
 
 overload(tanh)(_pick(_tanh_f32, _tanh_f64))
 overload(sigmoid)(_pick(_sigmoid_f32, _sigmoid_f64))
+overload(exp_nonpos)(_pick(_exp_nonpos_f32, _exp_nonpos_f64))
 
 
 @njit(**JIT)
