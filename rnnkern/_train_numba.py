@@ -6,7 +6,7 @@ V vocabulary, E input width (one-hot depth or embedding size).
 The math is that of :class:`rnnkern.Dense`, :func:`rnnkern.sequence_loss` and
 :class:`rnnkern.Embedding` (their docstrings; one row at a time here instead of whole-array NumPy
 operations, so sums round in a different order: results agree to float rounding, not bitwise;
-float32 softmax uses the fast exp of :mod:`rnnkern.backends.numba_math`, abs error <= 1.4e-7).
+float32 softmax uses the fast exp of :mod:`rnnkern.backends.numba_math`, abs error <= 1.5e-7).
 Numba's cache does not track that module: see its caveat.
 """
 from __future__ import annotations

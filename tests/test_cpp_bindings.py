@@ -278,3 +278,45 @@ def test_batch_chunks_on_threads_match_reference(split_time_loop, threads, spec)
             assert_close(g, w, what)
     for k in wb[3]:
         assert_close(gb[3][k], wb[3][k], k)
+
+
+@pytest.fixture
+def lstm_ring_rows():
+    """Sets the LSTM backward's ring size (rows per dx / weight-gradient flush); restores after."""
+    before = _C.lstm_ring_rows()
+    yield _C.set_lstm_ring_rows
+    _C.set_lstm_ring_rows(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("ring_rows", [1, 8, 1000])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lstm_ring_flushes_match_reference(split_time_loop, lstm_ring_rows, threads, ring_rows,
+                                           dtype):
+    """The LSTM backward gathers steps of gate gradients in a ring of about ``ring_rows`` rows
+    before its dx and weight GEMMs (lstm.cpp). Steps per ring for T=7, B=5: one thread 1, 2, 7;
+    two threads (chunks of 2 and 3 rows) 1, 4, 7: every step, rings with a shorter last one,
+    and all steps at once; lengths incl. 0. H=17 and I=19 pad to two float vectors (three
+    double ones), so interleaved gate blocks and padding are both exercised."""
+    split_time_loop(threads)
+    lstm_ring_rows(ring_rows)
+    rng = np.random.default_rng(17)
+    spec = CellSpec("lstm", forget_bias=0.5)
+    Bq, Tq, Iq, Hq = 5, 7, 19, 17
+    a = dict(x=rng.standard_normal((Bq, Tq, Iq)), w_ih=rng.standard_normal((4 * Hq, Iq)) * 0.3,
+             w_hh=rng.standard_normal((4 * Hq, Hq)) * 0.3, b_ih=rng.standard_normal(4 * Hq),
+             b_hh=rng.standard_normal(4 * Hq), h0=rng.standard_normal((Bq, Hq)),
+             c0=rng.standard_normal((Bq, Hq)))
+    a = {k: v.astype(dtype) for k, v in a.items()}
+    lengths = np.array([7, 0, 3, 7, 1], np.int64)
+    d_out, d_h, d_c = (rng.standard_normal(s).astype(dtype) for s in
+                       ((Bq, Tq, Hq), (Bq, Hq), (Bq, Hq)))
+    got = cpp.forward(spec, **a, lengths=lengths)
+    want = reference.forward(spec, **{k: v.astype(np.float64) for k, v in a.items()},
+                             lengths=lengths)
+    gb = cpp.backward(spec, got[3], d_out, d_h, d_c)
+    wb = reference.backward(spec, want[3], *(v.astype(np.float64) for v in (d_out, d_h, d_c)))
+    for g, w, what in zip(gb[:3], wb[:3], ("dx", "dh0", "dc0")):
+        assert_close(g, w, what)
+    for k in wb[3]:
+        assert_close(gb[3][k], wb[3][k], k)
