@@ -64,7 +64,7 @@ def test_fast_exp_of_shifted_logits_is_accurate():
     ref = np.exp(x.astype(np.float32).astype(np.float64))
     assert np.abs(out - ref).max() <= 1.5e-7
     assert out[-2] == 1.0 and out[-1] == 0.0
-    assert np.all((out >= 0) & (out <= 1)) and np.all(np.diff(out[:-2]) <= 1e-7)
+    assert np.all((out >= 0) & (out <= 1)) and np.all(np.diff(out[:-2]) <= 3e-7)  # decreasing, up to the error
     out64 = np.empty(x.shape)
     _exp_nonpos_all(x, out64)
     np.testing.assert_array_equal(out64, np.exp(x))
