@@ -134,7 +134,8 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     // the LSTM's saved arrays are time-major and padded (kernels.h); the others batch-major
     const int64_t Hs = lstm ? rk::lstm_padded_hidden(d.H, sizeof(T)) : d.H;
     py::array_t<T> out({d.B, d.T, d.H}), h_n({d.B, d.H});
-    py::array_t<T> hprev = lstm ? py::array_t<T>({d.T + 1, d.B, Hs}) : py::array_t<T>({d.B, d.T, d.H});
+    py::array_t<T> hprev = lstm ? py::array_t<T>({d.T + 1, d.B, rk::lstm_xh_width(d.I, d.H, sizeof(T))})
+                                : py::array_t<T>({d.B, d.T, d.H});
     py::array_t<T> act = lstm ? py::array_t<T>({d.T, d.B, S * Hs}) : py::array_t<T>({d.B, d.T, S * d.H});
     py::object c_n = py::none(), cprev = py::none(), rh = py::none();
     rk::ForwardArgs<T> a;
@@ -187,9 +188,11 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     const int64_t Hs = lstm ? rk::lstm_padded_hidden(d.H, sizeof(T)) : d.H;
     const std::vector<int64_t> state = lstm ? std::vector<int64_t>{d.T, d.B, Hs}
                                             : std::vector<int64_t>{d.B, d.T, d.H};
+    const std::vector<int64_t> hstate =
+        lstm ? std::vector<int64_t>{d.T, d.B, rk::lstm_xh_width(d.I, d.H, sizeof(T))} : state;
     const std::vector<int64_t> acts = lstm ? std::vector<int64_t>{d.T, d.B, S * Hs}
                                            : std::vector<int64_t>{d.B, d.T, S * d.H};
-    py::object hp = checked(hprev, "hprev", dt, state);
+    py::object hp = checked(hprev, "hprev", dt, hstate);
     py::object ac = checked(act, "act", dt, acts);
     if (!lstm && !cprev.is_none()) throw py::value_error("cprev is for LSTM only; pass None");
     py::object cp = checked(cprev, "cprev", dt, state, !lstm);
@@ -302,6 +305,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_split_min_work", &rk::set_split_min_work, py::arg("b_t_g_h_h"),
           "Recurrent multiply-adds B*T*G*H*H below which the time loop stays on one thread.");
     m.def("split_min_work", &rk::split_min_work);
+    m.def("set_lstm_ring_rows", &rk::set_lstm_ring_rows, py::arg("rows"),
+          "LSTM backward: rows (steps x chunk rows) of gate gradients gathered per dx and "
+          "weight-gradient GEMM (default 256).");
+    m.def("lstm_ring_rows", &rk::lstm_ring_rows);
     m.def("_bench_gemm",
           [](int64_t M, int64_t N, int64_t K, bool trans_a, bool blas, int reps) {
               // float32 C[M,N] = op(A) B, best of `reps` (for benchmarks/bench_cpp_gemm.py)

@@ -4,8 +4,9 @@
 // S saved slots per (b, t, j): RNN 1 (h'), LSTM 5 (i, f, g, o, tanh c'), GRU 4 (r, z, n, gh_n).
 // Every array is C-contiguous and batch-major, except the LSTM's saved arrays (lstm.cpp): those
 // are time-major with H padded to Hp = lstm_padded_hidden(H, sizeof(T)) and gates interleaved:
-// hprev, cprev [T+1,B,Hp] in the forward (row T: the final state; the backward reads rows < T),
-// act [T,B,5Hp]. The bindings check shapes.
+// hprev [T+1,B,R] (rows [h | x | 1], R = lstm_xh_width(I, H, sizeof(T))), cprev [T+1,B,Hp] in
+// the forward (row T: the final state; the backward reads rows < T), act [T,B,5Hp].
+// The bindings check shapes.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,10 @@ inline int slots_of(Cell c) { return c == Cell::lstm ? 5 : c == Cell::gru ? 4 : 
 inline int64_t lstm_padded_hidden(int64_t H, int64_t elem_size) {
     const int64_t v = 64 / elem_size;
     return (H + v - 1) / v * v;
+}
+// row width of the LSTM's saved [h | x | 1] rows, whole 64-byte vectors
+inline int64_t lstm_xh_width(int64_t I, int64_t H, int64_t elem_size) {
+    return lstm_padded_hidden(lstm_padded_hidden(H, elem_size) + I + 1, elem_size);
 }
 
 struct Spec {
@@ -83,5 +88,9 @@ template <typename T> void backward(const BackwardArgs<T>& a);
 // the LSTM's own kernels (forward / backward dispatch to them)
 template <typename T> void lstm_forward(const ForwardArgs<T>& a);
 template <typename T> void lstm_backward(const BackwardArgs<T>& a);
+// rows (steps x batch rows of a chunk) the LSTM backward gathers before its dx and weight-
+// gradient GEMMs (lstm.cpp); small values exercise the flushes in tests
+void set_lstm_ring_rows(int64_t rows);
+int64_t lstm_ring_rows();
 
 }  // namespace rk

@@ -6,19 +6,21 @@
 //     holds gate k (i, f, g, o) of unit j, so each step's pointwise pass reads every gate as
 //     whole vectors whatever H is (the per-row layout of the other cells left most lanes idle
 //     at H = 25 and spent more time than the GEMMs);
-//   * saved arrays TIME-major: hs [T+1,B,Hp] (h entering step t; hs[T] is the final h),
-//     cs [T+1,B,Hp] likewise for c, act [T,B,5Hp] = gate activations (4Hp, interleaved) then
-//     tanh(c') (Hp). Rows of one step are contiguous, so a batch chunk's per-step GEMMs are
-//     plain strided products.
-// The weights are repacked once per call into that column order (transposed for the forward,
-// row-permuted for the backward) in per-thread workspaces that are reused, not reallocated.
+//   * saved arrays TIME-major, rows of one step contiguous:
+//       xh  [T+1, B, R]  row (t, b) = [h_t (Hp) | x_t (I) | 1 | 0...], R = K rounded up to V,
+//                        K = Hp + I + 1; so ONE GEMM per step, xh[t] Wc (Wc = [W_hh^T; W_ih^T;
+//                        b_ih + b_hh], K x 4Hp), gives every gate pre-activation with its bias,
+//                        and one GEMM gives [dW_hh; dW_ih; db] in the backward; xh[T] holds h_T;
+//       cs  [T+1, B, Hp] the cell state entering step t (cs[T]: the final one);
+//       act [T, B, 5Hp]  gate activations (4Hp, interleaved), then tanh(c') (Hp).
+// The weights are repacked once per call into per-thread workspaces that are reused.
 //
-// Forward, per step t and batch chunk: act[t] = x_t W_ih'^T, += h_t W_hh'^T (two GEMMs into the
-// same rows), then one fused pass adds the bias and turns pre-activations into activations,
-// c and h. Backward, per step: one fused pass from dh, dc to the gate gradients dG[t], then
-// dh = dG[t] W_hh' (GEMM); after the loop dx = dG W_ih' per chunk, and after the chunks join
-// [dW_ih | db]^T = [x | 1]^T dG and dW_hh^T = h^T dG as two GEMMs over all T*B rows, split by
-// columns across the threads.
+// Backward, per batch chunk on its thread: per step one fused pass from dh, dc to the gate
+// gradients dG (into a ring of Tb steps), then dh = dG W_hh'. Every Tb steps the ring's rows go
+// through two GEMMs while they are still in cache: dx = dG W_ih', and this chunk's partial
+// [dW_hh; dW_ih; db]^T += xh^T dG. Only the partials (K x 4Hp per chunk) are summed after the
+// join; dG never goes to memory in full (it did at first: 5 MB per char-rnn layer written, then
+// read back by separate weight-gradient GEMMs).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -36,6 +38,9 @@ template <typename T>
 constexpr int64_t lanes() { return int64_t(64 / sizeof(T)); }
 
 template <typename T>
+inline int64_t round_lanes(int64_t n) { return (n + lanes<T>() - 1) / lanes<T>() * lanes<T>(); }
+
+template <typename T>
 inline int64_t icol(int64_t k, int64_t j) {
     constexpr int64_t V = lanes<T>();
     return (j / V) * 4 * V + k * V + j % V;
@@ -49,26 +54,33 @@ T* scratch(size_t n) {
     return buf.data();
 }
 
+// Sizes of the private layout for one call.
+template <typename T>
+struct Dims {
+    int64_t B, Tn, I, H, Hp, GP, SP, K, R;
+    Dims(int64_t B_, int64_t T_, int64_t I_, int64_t H_)
+        : B(B_), Tn(T_), I(I_), H(H_), Hp(lstm_padded_hidden(H_, sizeof(T))), GP(4 * Hp),
+          SP(5 * Hp), K(Hp + I_ + 1), R(round_lanes<T>(Hp + I_ + 1)) {}
+};
+
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
 
-// g: this row's 4Hp pre-activations (without bias) in, activations out; tc: tanh(c') out.
+// g: this row's 4Hp pre-activations in, activations out; tc: tanh(c') out.
 template <typename T>
 RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, T* __restrict__ tc,
-                                const T* __restrict__ bias, const T* __restrict__ c_prev,
-                                T* __restrict__ c_new, T* __restrict__ h_new) {
+                                const T* __restrict__ c_prev, T* __restrict__ c_new,
+                                T* __restrict__ h_new) {
     constexpr int64_t V = lanes<T>();
     for (int64_t q = 0; q < nblk; ++q) {
         T* __restrict__ gq = g + q * 4 * V;
-        const T* __restrict__ bq = bias + q * 4 * V;
         const T* __restrict__ cp = c_prev + q * V;
         T* __restrict__ cn = c_new + q * V;
         T* __restrict__ hn = h_new + q * V;
         T* __restrict__ tq = tc + q * V;
         for (int64_t l = 0; l < V; ++l) {
             T i, f, gg, o, t, c, h;
-            lstm_forward_point(gq[l] + bq[l], gq[V + l] + bq[V + l],
-                               gq[2 * V + l] + bq[2 * V + l], gq[3 * V + l] + bq[3 * V + l],
-                               cp[l], fb, i, f, gg, o, t, c, h);
+            lstm_forward_point(gq[l], gq[V + l], gq[2 * V + l], gq[3 * V + l], cp[l], fb, i, f,
+                               gg, o, t, c, h);
             gq[l] = i;
             gq[V + l] = f;
             gq[2 * V + l] = gg;
@@ -114,39 +126,45 @@ RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act,
 template <typename T>
 struct Fwd {
     const ForwardArgs<T>* a;
-    int64_t Hp;
-    const T* wx;    // [I, 4Hp]  W_ih^T, columns interleaved, padding zero
-    const T* wh;    // [H, 4Hp]  W_hh^T, likewise
-    const T* bias;  // [4Hp]     b_ih + b_hh, interleaved
+    Dims<T> d;
+    const T* wc;  // [K, 4Hp] = [W_hh^T (H rows), 0 (Hp - H rows), W_ih^T, b_ih + b_hh]
     GemmPath path;
 };
 
 template <typename T>
 RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     const ForwardArgs<T>& a = *f.a;
-    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H, Hp = f.Hp, GP = 4 * Hp, SP = 5 * Hp;
-    const int64_t Bc = hi - lo, nblk = Hp / lanes<T>();
+    const Dims<T>& d = f.d;
+    const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, R = d.R;
+    const int64_t nblk = Hp / lanes<T>();
     const T fb = T(a.spec.forget_bias);
-    T* hs = a.hprev;
+    T* xh = a.hprev;
     T* cs = a.cprev;
+    // the x part of this chunk's xh rows: [x_t | 1 | 0...] after the h slot
+    for (int64_t t = 0; t <= Tn; ++t)
+        for (int64_t b = lo; b < hi; ++b) {
+            T* row = xh + (t * B + b) * R + Hp;
+            if (t < Tn) std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
+            else std::memset(row, 0, I * sizeof(T));
+            row[I] = T(1);
+            std::memset(row + I + 1, 0, (R - d.K) * sizeof(T));
+        }
     for (int64_t t = 0; t < Tn; ++t) {
-        T* act = a.act + (t * B + lo) * SP;
-        gemm<T>(false, Bc, GP, I, T(1), a.x + (lo * Tn + t) * I, Tn * I, f.wx, GP, T(0), act, SP,
-                f.path);
-        gemm<T>(false, Bc, GP, H, T(1), hs + (t * B + lo) * Hp, Hp, f.wh, GP, T(1), act, SP,
-                f.path);
+        T* act = a.act + (t * B + lo) * d.SP;
+        gemm<T>(false, hi - lo, d.GP, d.K, T(1), xh + (t * B + lo) * R, R, f.wc, d.GP, T(0), act,
+                d.SP, f.path);
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b, rn = r + B;  // row (t, b) and (t + 1, b)
             T* out = a.out + (b * Tn + t) * H;
             if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
-                std::memcpy(hs + rn * Hp, hs + r * Hp, Hp * sizeof(T));
+                std::memcpy(xh + rn * R, xh + r * R, Hp * sizeof(T));
                 std::memcpy(cs + rn * Hp, cs + r * Hp, Hp * sizeof(T));
                 std::memset(out, 0, H * sizeof(T));
                 continue;
             }
-            T* g = a.act + r * SP;
-            fwd_cells(nblk, fb, g, g + GP, f.bias, cs + r * Hp, cs + rn * Hp, hs + rn * Hp);
-            std::memcpy(out, hs + rn * Hp, H * sizeof(T));
+            T* g = a.act + r * d.SP;
+            fwd_cells(nblk, fb, g, g + d.GP, cs + r * Hp, cs + rn * Hp, xh + rn * R);
+            std::memcpy(out, xh + rn * R, H * sizeof(T));
         }
     }
 }
@@ -161,24 +179,20 @@ void fwd_chunk(void* ctx, int64_t lo, int64_t hi) {
 
 template <typename T>
 void forward_impl(const ForwardArgs<T>& a) {
-    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
-    const int64_t Hp = lstm_padded_hidden(H, sizeof(T)), GP = 4 * Hp;
-    T* wx = scratch<T, 0>(I * GP);
-    T* wh = scratch<T, 1>(H * GP);
-    T* bias = scratch<T, 2>(GP);
-    std::memset(wx, 0, I * GP * sizeof(T));
-    std::memset(wh, 0, H * GP * sizeof(T));
-    std::memset(bias, 0, GP * sizeof(T));
+    const Dims<T> d(a.B, a.T_, a.I, a.H);
+    const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
+    T* wc = scratch<T, 0>(d.K * GP);
+    std::memset(wc, 0, d.K * GP * sizeof(T));
     for (int64_t k = 0; k < 4; ++k)
         for (int64_t j = 0; j < H; ++j) {
             const int64_t g = k * H + j, c = icol<T>(k, j);
-            for (int64_t i = 0; i < I; ++i) wx[i * GP + c] = a.w_ih[g * I + i];
-            for (int64_t m = 0; m < H; ++m) wh[m * GP + c] = a.w_hh[g * H + m];
-            bias[c] = a.b_ih[g] + a.b_hh[g];
+            for (int64_t m = 0; m < H; ++m) wc[m * GP + c] = a.w_hh[g * H + m];
+            for (int64_t i = 0; i < I; ++i) wc[(Hp + i) * GP + c] = a.w_ih[g * I + i];
+            wc[(Hp + I) * GP + c] = a.b_ih[g] + a.b_hh[g];
         }
     // state entering step 0, padding zero
     for (int64_t b = 0; b < B; ++b) {
-        T* hp = a.hprev + b * Hp;
+        T* hp = a.hprev + b * d.R;
         T* cp = a.cprev + b * Hp;
         std::memset(hp, 0, Hp * sizeof(T));
         std::memset(cp, 0, Hp * sizeof(T));
@@ -187,66 +201,82 @@ void forward_impl(const ForwardArgs<T>& a) {
     }
     const int n = chunks_for(B, B * Tn * 4 * H * H);
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
-    Fwd<T> f{&a, Hp, wx, wh, bias, n > 1 ? GemmPath::loop : GemmPath::automatic};
+    Fwd<T> f{&a, d, wc, n > 1 ? GemmPath::loop : GemmPath::automatic};
     run_chunks(B, n, &fwd_chunk<T>, &f);
     for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(a.h_n + b * H, a.hprev + (Tn * B + b) * Hp, H * sizeof(T));
+        std::memcpy(a.h_n + b * H, a.hprev + (Tn * B + b) * d.R, H * sizeof(T));
         std::memcpy(a.c_n + b * H, a.cprev + (Tn * B + b) * Hp, H * sizeof(T));
     }
 }
 
 // ---- backward --------------------------------------------------------------------------------
 
+// rows of xh^T dG per ring flush: enough for the weight-gradient GEMM to amortise its pass
+// over the K x 4Hp partial, few enough that the ring stays in L2 (settable: tests, benchmarks)
+int64_t g_ring_rows = 256;
+
 template <typename T>
 struct Bwd {
     const BackwardArgs<T>* a;
-    int64_t Hp;
-    const T* whb;  // [4Hp, Hp] W_hh, rows interleaved, padding zero
-    const T* wxb;  // [4Hp, Ip] W_ih, likewise (I padded to whole vectors: no GEMM column tail)
-    int64_t Ip;
-    T* dxs;        // [T, B, Ip] dx, time-major
-    T* dg;         // [T, B, 4Hp] gate gradients
-    T* dh;         // [B, Hp] running dh
-    T* dc;         // [B, Hp] running dc
-    T* x1;         // [T, B, I+1] x time-major with a column of ones (for db)
+    Dims<T> d;
+    int n;          // chunks
+    int64_t Tb;     // steps per ring
+    int64_t Ip;     // I padded to whole vectors (no GEMM column tail in dx)
+    const T* whb;   // [4Hp, Hp] W_hh, rows interleaved, padding zero
+    const T* wxb;   // [4Hp, Ip] W_ih, likewise
+    T* dh;          // [B, Hp] running dh
+    T* dc;          // [B, Hp] running dc
+    T* ring_g;      // per chunk [Tb, Bc, 4Hp]: gate gradients of the last steps
+    T* ring_x;      // per chunk [Tb, Bc, R]: their xh rows
+    T* ring_dx;     // per chunk [Tb, Bc, Ip]: their dx
+    T* part;        // per chunk [K, 4Hp]: partial [dW_hh; dW_ih; db]^T (interleaved columns)
     GemmPath path;
 };
 
 template <typename T>
 RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     const BackwardArgs<T>& a = *w.a;
-    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H, Hp = w.Hp, GP = 4 * Hp, SP = 5 * Hp;
-    const int64_t Bc = hi - lo, nblk = Hp / lanes<T>();
+    const Dims<T>& d = w.d;
+    const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP, R = d.R;
+    const int64_t Bc = hi - lo, nblk = Hp / lanes<T>(), Tb = w.Tb, Ip = w.Ip;
+    int chunk = 0;  // this range's index among the n chunks (run_chunks: lo = B*k/n)
+    while (B * chunk / w.n != lo) ++chunk;
+    T* rg = w.ring_g + Tb * lo * GP;
+    T* rx = w.ring_x + Tb * lo * R;
+    T* rdx = w.ring_dx + Tb * lo * Ip;
+    T* part = w.part + chunk * d.K * GP;
+    std::memset(part, 0, d.K * GP * sizeof(T));
+    int64_t t_top = Tn - 1;  // the ring holds steps t_top, t_top - 1, ... (slot s = t_top - t)
     for (int64_t t = Tn - 1; t >= 0; --t) {
+        const int64_t s = t_top - t;
+        T* g = rg + s * Bc * GP;
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b;
-            T* dg = w.dg + r * GP;
+            T* dg = g + (b - lo) * GP;
+            std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, R * sizeof(T));
             if (a.lengths && t >= a.lengths[b]) {  // dh, dc pass through; no gate gradient
                 std::memset(dg, 0, GP * sizeof(T));
                 continue;
             }
             T* dh = w.dh + b * Hp;
             if (a.d_out) {
-                const T* __restrict__ d = a.d_out + (b * Tn + t) * H;
-                for (int64_t j = 0; j < H; ++j) dh[j] += d[j];
+                const T* __restrict__ dout = a.d_out + (b * Tn + t) * H;
+                for (int64_t j = 0; j < H; ++j) dh[j] += dout[j];
             }
-            back_cells(nblk, a.act + r * SP, a.cprev + r * Hp, dh, w.dc + b * Hp, dg);
+            back_cells(nblk, a.act + r * d.SP, a.cprev + r * Hp, dh, w.dc + b * Hp, dg);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
-        gemm<T>(false, Bc, Hp, GP, T(1), w.dg + (t * B + lo) * GP, GP, w.whb, Hp, T(1),
-                w.dh + lo * Hp, Hp, w.path);
-    }
-    const int64_t Ip = w.Ip;
-    for (int64_t t = 0; t < Tn; ++t) {
-        // dx rows of this chunk at step t
-        gemm<T>(false, Bc, Ip, GP, T(1), w.dg + (t * B + lo) * GP, GP, w.wxb, Ip, T(0),
-                w.dxs + (t * B + lo) * Ip, Ip, w.path);
-        for (int64_t b = lo; b < hi; ++b) {
-            std::memcpy(a.dx + (b * Tn + t) * I, w.dxs + (t * B + b) * Ip, I * sizeof(T));
-            T* row = w.x1 + (t * B + b) * (I + 1);  // [x | 1], time-major, for the weight GEMMs
-            std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
-            row[I] = T(1);
-        }
+        gemm<T>(false, Bc, Hp, GP, T(1), g, GP, w.whb, Hp, T(1), w.dh + lo * Hp, Hp, w.path);
+        if (s + 1 < Tb && t > 0) continue;
+        // flush the ring (steps t_top down to t): dx and this chunk's weight gradients
+        const int64_t rows = (s + 1) * Bc;
+        gemm<T>(false, rows, Ip, GP, T(1), rg, GP, w.wxb, Ip, T(0), rdx, Ip, w.path);
+        for (int64_t q = 0; q <= s; ++q)
+            for (int64_t b = lo; b < hi; ++b)
+                std::memcpy(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip,
+                            I * sizeof(T));
+        gemm<T>(true, d.K, GP, rows, T(1), rx, R, rg, GP, T(1), part, GP, w.path);
+        t_top = t - 1;
     }
 }
 
@@ -258,35 +288,13 @@ void back_chunk(void* ctx, int64_t lo, int64_t hi) {
     back_steps(*static_cast<const Bwd<T>*>(ctx), lo, hi);
 }
 
-// Weight gradients, transposed and interleaved: columns [c0, c1) of
-//   gx1 [I+1, 4Hp] = [x | 1]^T dG     and     gh [H, 4Hp] = h^T dG   (sums over all T*B rows)
-template <typename T>
-struct WGrad {
-    const Bwd<T>* w;
-    T* gx1;
-    T* gh;
-    GemmPath path;
-};
-
-template <typename T>
-void wgrad_cols(void* ctx, int64_t c0, int64_t c1) {
-    const auto& g = *static_cast<const WGrad<T>*>(ctx);
-    const Bwd<T>& w = *g.w;
-    const BackwardArgs<T>& a = *w.a;
-    constexpr int64_t CB = 4 * lanes<T>();  // column blocks of one interleaved unit block
-    const int64_t GP = 4 * w.Hp, TB = a.T_ * a.B, n = (c1 - c0) * CB, off = c0 * CB;
-    gemm<T>(true, a.I + 1, n, TB, T(1), w.x1, a.I + 1, w.dg + off, GP, T(0), g.gx1 + off, GP,
-            g.path);
-    gemm<T>(true, a.H, n, TB, T(1), a.hprev, w.Hp, w.dg + off, GP, T(0), g.gh + off, GP, g.path);
-}
-
 template <typename T>
 void backward_impl(const BackwardArgs<T>& a) {
-    const int64_t B = a.B, Tn = a.T_, I = a.I, H = a.H;
-    const int64_t Hp = lstm_padded_hidden(H, sizeof(T)), GP = 4 * Hp;
-    const int64_t Ip = lstm_padded_hidden(I, sizeof(T));
-    T* whb = scratch<T, 3>(GP * Hp);
-    T* wxb = scratch<T, 4>(GP * Ip);
+    const Dims<T> d(a.B, a.T_, a.I, a.H);
+    const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
+    const int64_t Ip = round_lanes<T>(I);
+    T* whb = scratch<T, 1>(GP * Hp);
+    T* wxb = scratch<T, 2>(GP * Ip);
     std::memset(whb, 0, GP * Hp * sizeof(T));
     std::memset(wxb, 0, GP * Ip * sizeof(T));
     for (int64_t k = 0; k < 4; ++k)
@@ -295,44 +303,45 @@ void backward_impl(const BackwardArgs<T>& a) {
             std::memcpy(whb + c * Hp, a.w_hh + g * H, H * sizeof(T));
             std::memcpy(wxb + c * Ip, a.w_ih + g * I, I * sizeof(T));
         }
-    T* dxs = scratch<T, 11>(Tn * B * Ip);
-    T* dg = scratch<T, 5>(Tn * B * GP);
-    T* dh = scratch<T, 6>(B * Hp);
-    T* dc = scratch<T, 7>(B * Hp);
-    T* x1 = scratch<T, 8>(Tn * B * (I + 1));
+    const int n = chunks_for(B, B * Tn * 4 * H * H);
+    const int64_t Bc_min = std::max<int64_t>(1, B / n);
+    const int64_t Tb = std::max<int64_t>(1, std::min<int64_t>(Tn, (g_ring_rows + Bc_min - 1) / Bc_min));
+    T* dh = scratch<T, 3>(B * Hp);
+    T* dc = scratch<T, 4>(B * Hp);
     std::memset(dh, 0, B * Hp * sizeof(T));
     std::memset(dc, 0, B * Hp * sizeof(T));
     for (int64_t b = 0; b < B; ++b) {
         if (a.d_h_n) std::memcpy(dh + b * Hp, a.d_h_n + b * H, H * sizeof(T));
         if (a.d_c_n) std::memcpy(dc + b * Hp, a.d_c_n + b * H, H * sizeof(T));
     }
-    const int n = chunks_for(B, B * Tn * 4 * H * H);
-    Bwd<T> w{&a, Hp, whb, wxb, Ip, dxs, dg, dh, dc, x1,
-             n > 1 ? GemmPath::loop : GemmPath::automatic};
+    Bwd<T> w{&a, d, n, Tb, Ip, whb, wxb, dh, dc,
+             scratch<T, 5>(Tb * B * GP), scratch<T, 6>(Tb * B * d.R), scratch<T, 7>(Tb * B * Ip),
+             scratch<T, 8>(n * d.K * GP), n > 1 ? GemmPath::loop : GemmPath::automatic};
     run_chunks(B, n, &back_chunk<T>, &w);
     for (int64_t b = 0; b < B; ++b) {
         std::memcpy(a.dh0 + b * H, dh + b * Hp, H * sizeof(T));
         std::memcpy(a.dc0 + b * H, dc + b * Hp, H * sizeof(T));
     }
-
-    // weight gradients: column blocks of the interleaved layout split across the threads
-    T* gx1 = scratch<T, 9>((I + 1) * GP);
-    T* gh = scratch<T, 10>(H * GP);
-    const int64_t nb = GP / (4 * lanes<T>());
-    const int nw = chunks_for(nb, Tn * B * GP * (I + 1 + H));
-    WGrad<T> wg{&w, gx1, gh, nw > 1 ? GemmPath::loop : GemmPath::automatic};
-    run_chunks(nb, nw, &wgrad_cols<T>, &wg);
+    // sum the chunks' partials, then undo the interleaving and transposition
+    T* p = w.part;
+    for (int k = 1; k < n; ++k) {
+        const T* __restrict__ q = w.part + k * d.K * GP;
+        for (int64_t e = 0; e < d.K * GP; ++e) p[e] += q[e];
+    }
     for (int64_t k = 0; k < 4; ++k)
         for (int64_t j = 0; j < H; ++j) {
             const int64_t g = k * H + j, c = icol<T>(k, j);
-            for (int64_t i = 0; i < I; ++i) a.dw_ih[g * I + i] = gx1[i * GP + c];
-            for (int64_t m = 0; m < H; ++m) a.dw_hh[g * H + m] = gh[m * GP + c];
-            a.db_ih[g] = gx1[I * GP + c];
+            for (int64_t m = 0; m < H; ++m) a.dw_hh[g * H + m] = p[m * GP + c];
+            for (int64_t i = 0; i < I; ++i) a.dw_ih[g * I + i] = p[(Hp + i) * GP + c];
+            a.db_ih[g] = p[(Hp + I) * GP + c];
             a.db_hh[g] = a.db_ih[g];
         }
 }
 
 }  // namespace
+
+void set_lstm_ring_rows(int64_t rows) { g_ring_rows = std::max<int64_t>(1, rows); }
+int64_t lstm_ring_rows() { return g_ring_rows; }
 
 template <> void lstm_forward<float>(const ForwardArgs<float>& a) { forward_impl(a); }
 template <> void lstm_forward<double>(const ForwardArgs<double>& a) { forward_impl(a); }
