@@ -40,14 +40,18 @@ def scatter_add_rows(ids, rows, out):
 
 
 @njit(**JIT)
-def dense_sequence_loss(h, weight, bias, has_bias, targets, w, has_w, d_logits, dw, db, dh):
-    """Dense head, sequence_loss and their backward over all N rows in one call.
+def dense_sequence_loss(h, weight, bias, has_bias, targets, w, has_w, inv_total, d_logits, dw,
+                        db, dh):
+    """Dense head, sequence_loss and their backward over N rows (all rows, or one chunk of
+    them: the loss is a sum over rows, so chunks add up).
 
     In:  h [N,F], weight [C,F], bias [C] (read if has_bias), targets int64 [N],
-         w [N] position weights (read if has_w; else all ones).
+         w [N] position weights (read if has_w; else all ones), inv_total = 1 / (sum of all
+         weights + 1e-12) over the whole batch.
     Out: d_logits [N,C] (the gradient of the loss w.r.t. the logits; scratch), dw [C,F],
          db [C] (written if has_bias), dh [N,F].
-    Returns the loss (float64), or -1 - n when targets[n] is the first target outside [0, C).
+    Returns these rows' share of the loss (float64), or -1 - n when targets[n] is the first
+    target outside [0, C).
     """
     N = h.shape[0]
     C = weight.shape[0]
@@ -55,14 +59,6 @@ def dense_sequence_loss(h, weight, bias, has_bias, targets, w, has_w, d_logits, 
         if targets[n] < 0 or targets[n] >= C:
             return -1.0 - n
     np.dot(h, weight.T, d_logits)                        # logits
-    total = 0.0
-    if has_w:
-        for n in range(N):
-            total += w[n]
-    else:
-        total = float(N)
-    total += 1e-12                                       # TF's guard: all-zero weights give 0
-    inv = 1.0 / total
     loss = 0.0
     for n in range(N):
         z = d_logits[n]
@@ -80,14 +76,14 @@ def dense_sequence_loss(h, weight, bias, has_bias, targets, w, has_w, d_logits, 
             s += z[j]
         wn = w[n] if has_w else 1.0
         loss -= wn * (shifted_target - np.log(s))   # log softmax at the target
-        scale = z.dtype.type(wn * inv) / s
+        scale = z.dtype.type(wn * inv_total) / s
         for j in range(C):
             z[j] *= scale
-        z[targets[n]] -= z.dtype.type(wn * inv)
+        z[targets[n]] -= z.dtype.type(wn * inv_total)
     np.dot(d_logits.T, h, dw)
     if has_bias:
         db[:] = 0
         for n in range(N):
             db += d_logits[n]
     np.dot(d_logits, weight, dh)
-    return loss * inv
+    return loss * inv_total

@@ -383,8 +383,6 @@ class _FusedPlan:
         B, T, ids = self._load_inputs(x, y, lengths, weights)
         self._load_states(initial_state, B)
         self._rebind_grads()
-        head = self.head
-        has_bias = "bias" in head.params
         with _blas_hold(nc, self.cells, B, T):
             for c in self.cells:
                 p = c.layer.params
@@ -399,16 +397,7 @@ class _FusedPlan:
                     c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
                                         dtype=c.out.dtype)
                     np.multiply(c.out, c.mask, out=c.dropped)
-            last = self.cells[-1].out
-            loss = K.dense_sequence_loss(
-                last.reshape(B * T, -1), head.params["weight"],
-                head.params["bias"] if has_bias else self.weights, has_bias, self.targets,
-                self.weights, weights is not None, self.d_logits, head.grads["weight"],
-                head.grads["bias"] if has_bias else self.weights, self.d_head.reshape(B * T, -1))
-            if loss < 0:
-                n = int(-1.0 - loss)
-                raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
-                                 f"got {self.targets[n]}")
+            loss = self._head(B, T, weights is not None)
             for i in reversed(range(len(self.cells))):
                 c = self.cells[i]
                 if c.dropped is not None:      # d out = d (dropped out) * mask
@@ -439,6 +428,44 @@ class _FusedPlan:
         if not return_state:
             return value
         return value, self._final_states()
+
+    def _head(self, B, T, has_w):
+        """Dense head + sequence_loss + their backward; rows cut as the last cell's batch
+        chunks, on threads (the loss is a sum over rows; dw, db summed over chunks)."""
+        head, K = self.head, self._kernels
+        has_bias = "bias" in head.params
+        N = B * T
+        total = (float(self.weights.sum(dtype=np.float64)) if has_w else float(N)) + 1e-12
+        inv = 1.0 / total   # TF's 1e-12: all-zero weights give a zero loss
+        none = self.weights  # placeholder for unused arrays (never read)
+        h = self.cells[-1].out.reshape(N, -1)
+        dh = self.d_head.reshape(N, -1)
+        grads = [(head.grads["weight"], head.grads["bias"] if has_bias else none)]
+        chunks = self.cells[-1].chunks
+        grads += [(np.empty_like(grads[0][0]), np.empty_like(grads[0][1])) for _ in chunks[1:]]
+        parts = [0.0] * len(chunks)
+
+        def rows(k, lo, hi):
+            r = slice(lo * T, hi * T)
+            parts[k] = K.dense_sequence_loss(
+                h[r], head.params["weight"], head.params["bias"] if has_bias else none,
+                has_bias, self.targets[r], self.weights[r], has_w, inv, self.d_logits[r],
+                grads[k][0], grads[k][1], dh[r])
+            if parts[k] < 0:
+                n = lo * T + int(-1.0 - parts[k])
+                raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
+                                 f"got {self.targets[n]}")
+
+        if len(chunks) == 1:
+            rows(0, 0, B)
+        else:
+            self.nc.run_chunks(chunks, lambda lo, hi: rows(chunks.index((lo, hi)), lo, hi))
+            total_dw, total_db = grads[0]
+            for dw, db in grads[1:]:
+                total_dw += dw
+                if has_bias:
+                    total_db += db
+        return sum(parts)
 
     def _final_states(self):
         """The state tuple of ``Sequential.forward(..., return_state=True)``, fresh arrays."""

@@ -22,7 +22,7 @@ from .numba_runtime import (POOL, clear_workspaces, launch, one_blas_thread, pla
                             run_chunks, saved_record)
 
 __all__ = ["available", "forward", "backward", "clear_workspaces", "saved_shapes",
-           "scratch_shapes", "combine_bias", "forward_call", "backward_call", "run_backward", "launch", "plan_chunks", "one_blas_thread"]
+           "scratch_shapes", "combine_bias", "forward_call", "backward_call", "run_backward", "launch", "plan_chunks", "one_blas_thread", "run_chunks"]
 
 name = "numba"
 
