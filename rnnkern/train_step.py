@@ -222,6 +222,8 @@ class _FusedPlan:
         shape = np.shape(x)
         if len(shape) < 2:
             return None  # the step raises the input error
+        if shape[0] * shape[1] == 0:
+            return "empty batch (B*T = 0)"
         key = (shape[:2], backends._chosen, os.environ.get("RNNKERN_BACKEND"),
                config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
         if self._checked is not None and self._checked[0] == key:

@@ -102,6 +102,19 @@ def test_ids_input_projected_or_not(cell, opts, enc, B, T):
     assert runs[0][2]._plan.project == (6 <= B * T)
 
 
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 0), (0, 3)])
+@pytest.mark.parametrize("enc", ["onehot", "none"])
+def test_awkward_batch_shapes(enc, B, T):
+    x, y = batch(enc, B=B, T=T)
+    runs = run_both(lambda: make_model(enc, "lstm", (2,)), lambda: rk.Adam(0.05),
+                    [((x, y), {})] * 2)
+    if B * T:
+        assert_same_run(*runs)
+    else:                        # nothing to fuse: the generic step's zero loss, zero grads
+        assert runs[0][2].fused_reason.startswith("empty batch")
+        assert runs[0][3] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("layers", [(2,), (1, 2)], ids=["one-2-layer", "two-stacked"])
 def test_fused_equals_generic_stacked(layers):
     x, y = batch("onehot")
