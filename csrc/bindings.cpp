@@ -16,6 +16,7 @@
 #include "gemm.h"
 #include "gemm_loop.h"
 #include "kernels.h"
+#include "pool.h"
 
 namespace py = pybind11;
 
@@ -56,6 +57,18 @@ py::object checked(py::handle obj, const char* name, const py::dtype& dt,
     if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
         throw py::value_error(std::string(name) + " must be aligned");
     return std::move(a);
+}
+
+// A new C-contiguous array; from about 256 KiB up its memory comes from rk's pool (pool.h) and
+// goes back there when the array (and every view of it) is gone.
+template <typename T>
+py::array_t<T> new_array(const std::vector<int64_t>& shape) {
+    size_t n = 1;
+    for (int64_t s : shape) n *= size_t(s);
+    if (n * sizeof(T) < (size_t(1) << 18)) return py::array_t<T>(shape);
+    void* p = rk::pool_take(n * sizeof(T));
+    py::capsule owner(p, [](void* q) { rk::pool_give(q); });
+    return py::array_t<T>(shape, static_cast<T*>(p), owner);
 }
 
 template <typename T>
@@ -133,10 +146,11 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
 
     // the LSTM's saved arrays are time-major and padded (kernels.h); the others batch-major
     const int64_t Hs = lstm ? rk::lstm_padded_hidden(d.H, sizeof(T)) : d.H;
-    py::array_t<T> out({d.B, d.T, d.H}), h_n({d.B, d.H});
-    py::array_t<T> hprev = lstm ? py::array_t<T>({d.T + 1, d.B, rk::lstm_xh_width(d.I, d.H, sizeof(T))})
-                                : py::array_t<T>({d.B, d.T, d.H});
-    py::array_t<T> act = lstm ? py::array_t<T>({d.T, d.B, S * Hs}) : py::array_t<T>({d.B, d.T, S * d.H});
+    auto out = new_array<T>({d.B, d.T, d.H});
+    py::array_t<T> h_n({d.B, d.H});
+    auto hprev = lstm ? new_array<T>({d.T + 1, d.B, rk::lstm_xh_width(d.I, d.H, sizeof(T))})
+                      : new_array<T>({d.B, d.T, d.H});
+    auto act = lstm ? new_array<T>({d.T, d.B, S * Hs}) : new_array<T>({d.B, d.T, S * d.H});
     py::object c_n = py::none(), cprev = py::none(), rh = py::none();
     rk::ForwardArgs<T> a;
     a.spec = spec;
@@ -147,12 +161,13 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     a.out = out.mutable_data(); a.h_n = h_n.mutable_data();
     a.hprev = hprev.mutable_data(); a.act = act.mutable_data();
     if (lstm) {
-        py::array_t<T> cn({d.B, d.H}), cp({d.T + 1, d.B, Hs});
+        py::array_t<T> cn({d.B, d.H});
+        auto cp = new_array<T>({d.T + 1, d.B, Hs});
         a.c_n = cn.mutable_data(); a.cprev = cp.mutable_data();
         c_n = cn; cprev = cp;
     }
     if (gru_before) {
-        py::array_t<T> r({d.B, d.T, d.H});
+        auto r = new_array<T>({d.B, d.T, d.H});
         a.rh = r.mutable_data();
         rh = r;
     }
@@ -204,7 +219,8 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     if (!lstm && !d_c_n.is_none()) throw py::value_error("d_c_n is for LSTM only; pass None");
     py::object dcn = checked(d_c_n, "d_c_n", dt, {d.B, d.H}, true);
 
-    py::array_t<T> dx({d.B, d.T, d.I}), dh0({d.B, d.H});
+    auto dx = new_array<T>({d.B, d.T, d.I});
+    py::array_t<T> dh0({d.B, d.H});
     py::array_t<T> dw_ih({GH, d.I}), dw_hh({GH, d.H}), db_ih({GH}), db_hh({GH});
     py::object dc0 = py::none();
     rk::BackwardArgs<T> a;
@@ -305,6 +321,14 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_split_min_work", &rk::set_split_min_work, py::arg("b_t_g_h_h"),
           "Recurrent multiply-adds B*T*G*H*H below which the time loop stays on one thread.");
     m.def("split_min_work", &rk::split_min_work);
+    m.def("set_pool_limit", [](int64_t bytes) {
+              if (bytes < 0) throw py::value_error("bytes must be >= 0, got " + std::to_string(bytes));
+              rk::set_pool_limit(size_t(bytes));
+          }, py::arg("bytes"),
+          "Bytes of freed result arrays kept for reuse by later calls (default 256 MiB; 0: none).");
+    m.def("pool_limit", [] { return int64_t(rk::pool_limit()); });
+    m.def("pool_held", [] { return int64_t(rk::pool_held()); },
+          "Bytes of freed result arrays held for reuse now.");
     m.def("set_lstm_ring_rows", &rk::set_lstm_ring_rows, py::arg("rows"),
           "LSTM backward: rows (steps x chunk rows) of gate gradients gathered per dx and "
           "weight-gradient GEMM (default 256).");

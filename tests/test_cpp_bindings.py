@@ -320,3 +320,39 @@ def test_lstm_ring_flushes_match_reference(split_time_loop, lstm_ring_rows, thre
         assert_close(g, w, what)
     for k in wb[3]:
         assert_close(gb[3][k], wb[3][k], k)
+
+
+@pytest.fixture
+def pool_limit():
+    """Sets the result-array pool's byte limit; restores it after."""
+    before = _C.pool_limit()
+    yield _C.set_pool_limit
+    _C.set_pool_limit(before)
+
+
+def test_large_results_are_recycled_only_after_release(pool_limit):
+    """From ~256 KiB up, result arrays come from a pool of freed blocks (pool.h): a block is
+    reused only once every array and view of it is gone, never while the caller holds one."""
+    pool_limit(1 << 30)
+    rng = np.random.default_rng(2)
+    Bq, Tq, Iq, Hq = 32, 40, 16, 48  # act: 40*32*5*48 doubles = 2.4 MB
+    a = dict(x=rng.standard_normal((Bq, Tq, Iq)), w_ih=rng.standard_normal((4 * Hq, Iq)) * 0.2,
+             w_hh=rng.standard_normal((4 * Hq, Hq)) * 0.2, b_ih=np.zeros(4 * Hq),
+             b_hh=np.zeros(4 * Hq), h0=None, c0=None)
+    out1, _, _, saved1 = _C.forward("lstm", **a)
+    kept = out1.copy(), saved1["hprev"].copy(), saved1["act"].copy()
+    hprev_view = saved1["hprev"]  # a view of a larger pooled block
+    del saved1
+    for _ in range(3):  # more calls while out1 and the view are alive: they must not change
+        _C.forward("lstm", **dict(a, x=-a["x"]))
+    np.testing.assert_array_equal(out1, kept[0])
+    np.testing.assert_array_equal(hprev_view, kept[1])
+    held = _C.pool_held()
+    assert held > 0  # the later calls' arrays went back to the pool
+    _, _, _, saved2 = _C.forward("lstm", **a)  # same shapes: served from the pool
+    assert _C.pool_held() < held
+    np.testing.assert_array_equal(saved2["act"], kept[2])  # and fully rewritten
+    pool_limit(0)
+    assert _C.pool_held() == 0
+    with pytest.raises(ValueError, match="bytes must be >= 0"):
+        _C.set_pool_limit(-1)

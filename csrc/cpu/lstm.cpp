@@ -54,6 +54,62 @@ T* scratch(size_t n) {
     return buf.data();
 }
 
+// For every unit block (gate k, units j0 .. j0+V-1, whose interleaved columns are contiguous):
+// f(k, j0, c0, cnt) with c0 = icol(k, j0) and cnt valid units. The weight packing and the
+// gradient unpacking walk blocks of V rows of the [4H, .] matrices at once, so both their
+// reads and their writes stay within a few cache lines per step (row by row, the strided side
+// cost ~0.45 ms per char-rnn layer call).
+template <typename T, typename F>
+inline void for_unit_blocks(int64_t H, F f) {
+    constexpr int64_t V = lanes<T>();
+    for (int64_t k = 0; k < 4; ++k)
+        for (int64_t j0 = 0; j0 < H; j0 += V) f(k, j0, icol<T>(k, j0), std::min(V, H - j0));
+}
+
+// A GEMM B operand [K, N] stored as column panels of PW = 4V columns, each [K, w] and
+// contiguous (w = PW but for a narrower last panel). The GEMM loop sweeps one such panel per
+// pass (gemm_loop.h); read from a row-major [K, N] matrix its rows were N apart, and at
+// char-rnn size (K, N) = (194, 512) the 2 KB stride left the forward ~20% slower (A/B in
+// separate processes, alternating: min 3.22 -> 2.63 ms, median 4.47 -> 3.66 ms per layer).
+template <typename T>
+struct Panels {
+    static constexpr int64_t PW = 4 * lanes<T>();
+    int64_t K, N;
+    T* p;
+    Panels(int64_t K_, int64_t N_, T* buf) : K(K_), N(N_), p(buf) {
+        std::memset(p, 0, K * N * sizeof(T));
+    }
+    T& at(int64_t k, int64_t c) const {
+        const int64_t c0 = c / PW * PW;
+        return p[c0 * K + k * std::min(PW, N - c0) + c - c0];
+    }
+};
+
+// C[M, N] = A[M, K] B (+ beta C), B in panels
+template <typename T>
+void gemm_panels(int64_t M, const T* A, int64_t lda, const Panels<T>& b, T beta, T* C,
+                 int64_t ldc, GemmPath path) {
+    for (int64_t c0 = 0; c0 < b.N; c0 += b.PW) {
+        const int64_t w = std::min(b.PW, b.N - c0);
+        gemm<T>(false, M, w, b.K, T(1), A, lda, b.p + c0 * b.K, w, beta, C + c0, ldc, path);
+    }
+}
+
+// C[M, N] = A B (+ beta C) with A [M, 4Hp] stored as column blocks of PW (one interleaved unit
+// block each), block q at A + q * qstride with rows PW apart, and B [4Hp, N] in panels: one
+// contiguous [PW, w] piece of B per call.
+template <typename T>
+void gemm_blocks(int64_t M, const T* A, int64_t qstride, const Panels<T>& b, T beta, T* C,
+                 int64_t ldc, GemmPath path) {
+    const int64_t PW = b.PW;
+    for (int64_t c0 = 0; c0 < b.N; c0 += PW) {
+        const int64_t w = std::min(PW, b.N - c0);
+        for (int64_t q = 0; q < b.K / PW; ++q)
+            gemm<T>(false, M, w, PW, T(1), A + q * qstride, PW, b.p + c0 * b.K + q * PW * w, w,
+                    q == 0 ? beta : T(1), C + c0, ldc, path);
+    }
+}
+
 // Sizes of the private layout for one call.
 template <typename T>
 struct Dims {
@@ -93,16 +149,17 @@ RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, T* __rest
 }
 
 // act: this row's saved activations (4Hp gates, then Hp tanh c'); dh: total gradient at h'
-// (zeroed here: the GEMM adds dG W_hh after); dc: in from step t+1, out to step t-1.
+// (zeroed here: the GEMM adds dG W_hh after); dc: in from step t+1, out to step t-1;
+// dg: this row's gate gradients, unit block q (4V values) at dg + q * qstride.
 template <typename T>
 RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act,
                                  const T* __restrict__ c_prev, T* __restrict__ dh,
-                                 T* __restrict__ dc, T* __restrict__ dg) {
+                                 T* __restrict__ dc, T* __restrict__ dg, int64_t qstride) {
     constexpr int64_t V = lanes<T>();
     const T* __restrict__ tc = act + nblk * 4 * V;
     for (int64_t q = 0; q < nblk; ++q) {
         const T* __restrict__ a = act + q * 4 * V;
-        T* __restrict__ d = dg + q * 4 * V;
+        T* __restrict__ d = dg + q * qstride;
         const T* __restrict__ cp = c_prev + q * V;
         const T* __restrict__ tq = tc + q * V;
         T* __restrict__ dhq = dh + q * V;
@@ -123,11 +180,18 @@ RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act,
 
 // ---- forward ---------------------------------------------------------------------------------
 
+// Batch chunks on threads (chunks.h) for B*T*4H*H recurrent multiply-adds: the LSTM's
+// per-step work pays for the two threads from a quarter of the generic threshold (lab-batch,
+// (B,T,H) = (170,10,25), 4.2e6: fwd+bwd 1.27-1.48 -> 0.89-0.98 ms min, one layer)
+inline int lstm_chunks(int64_t B, int64_t Tn, int64_t H) {
+    return chunks_for(B, 4 * (B * Tn * 4 * H * H));
+}
+
 template <typename T>
 struct Fwd {
     const ForwardArgs<T>* a;
     Dims<T> d;
-    const T* wc;  // [K, 4Hp] = [W_hh^T (H rows), 0 (Hp - H rows), W_ih^T, b_ih + b_hh]
+    Panels<T> wc;  // [K, 4Hp] = [W_hh^T (H rows), 0 (Hp - H rows), W_ih^T, b_ih + b_hh]
     GemmPath path;
 };
 
@@ -151,8 +215,7 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
         }
     for (int64_t t = 0; t < Tn; ++t) {
         T* act = a.act + (t * B + lo) * d.SP;
-        gemm<T>(false, hi - lo, d.GP, d.K, T(1), xh + (t * B + lo) * R, R, f.wc, d.GP, T(0), act,
-                d.SP, f.path);
+        gemm_panels<T>(hi - lo, xh + (t * B + lo) * R, R, f.wc, T(0), act, d.SP, f.path);
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b, rn = r + B;  // row (t, b) and (t + 1, b)
             T* out = a.out + (b * Tn + t) * H;
@@ -181,15 +244,20 @@ template <typename T>
 void forward_impl(const ForwardArgs<T>& a) {
     const Dims<T> d(a.B, a.T_, a.I, a.H);
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
-    T* wc = scratch<T, 0>(d.K * GP);
-    std::memset(wc, 0, d.K * GP * sizeof(T));
-    for (int64_t k = 0; k < 4; ++k)
-        for (int64_t j = 0; j < H; ++j) {
-            const int64_t g = k * H + j, c = icol<T>(k, j);
-            for (int64_t m = 0; m < H; ++m) wc[m * GP + c] = a.w_hh[g * H + m];
-            for (int64_t i = 0; i < I; ++i) wc[(Hp + i) * GP + c] = a.w_ih[g * I + i];
-            wc[(Hp + I) * GP + c] = a.b_ih[g] + a.b_hh[g];
+    const Panels<T> wc(d.K, GP, scratch<T, 0>(d.K * GP));
+    for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
+        const int64_t g0 = k * H + j0;  // rows g0 .. g0+cnt-1 of the weights
+        for (int64_t m = 0; m < H; ++m) {
+            T* row = &wc.at(m, c0);  // a unit block never straddles two panels
+            for (int64_t l = 0; l < cnt; ++l) row[l] = a.w_hh[(g0 + l) * H + m];
         }
+        for (int64_t i = 0; i < I; ++i) {
+            T* row = &wc.at(Hp + i, c0);
+            for (int64_t l = 0; l < cnt; ++l) row[l] = a.w_ih[(g0 + l) * I + i];
+        }
+        T* row = &wc.at(Hp + I, c0);
+        for (int64_t l = 0; l < cnt; ++l) row[l] = a.b_ih[g0 + l] + a.b_hh[g0 + l];
+    });
     // state entering step 0, padding zero
     for (int64_t b = 0; b < B; ++b) {
         T* hp = a.hprev + b * d.R;
@@ -199,7 +267,7 @@ void forward_impl(const ForwardArgs<T>& a) {
         if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
         if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
     }
-    const int n = chunks_for(B, B * Tn * 4 * H * H);
+    const int n = lstm_chunks(B, Tn, H);
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
     Fwd<T> f{&a, d, wc, n > 1 ? GemmPath::loop : GemmPath::automatic};
     run_chunks(B, n, &fwd_chunk<T>, &f);
@@ -222,11 +290,12 @@ struct Bwd {
     int n;          // chunks
     int64_t Tb;     // steps per ring
     int64_t Ip;     // I padded to whole vectors (no GEMM column tail in dx)
-    const T* whb;   // [4Hp, Hp] W_hh, rows interleaved, padding zero
-    const T* wxb;   // [4Hp, Ip] W_ih, likewise
+    Panels<T> whb;  // [4Hp, Hp] W_hh, rows interleaved, padding zero
+    Panels<T> wxb;  // [4Hp, Ip] W_ih, likewise
     T* dh;          // [B, Hp] running dh
     T* dc;          // [B, Hp] running dc
-    T* ring_g;      // per chunk [Tb, Bc, 4Hp]: gate gradients of the last steps
+    T* ring_g;      // per chunk [4Hp/PW, Tb*Bc, PW]: gate gradients of the last steps, one
+                    // block of rows per unit block, so the GEMMs read them contiguously
     T* ring_x;      // per chunk [Tb, Bc, R]: their xh rows
     T* ring_dx;     // per chunk [Tb, Bc, Ip]: their dx
     T* part;        // per chunk [K, 4Hp]: partial [dW_hh; dW_ih; db]^T (interleaved columns)
@@ -239,6 +308,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     const Dims<T>& d = w.d;
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP, R = d.R;
     const int64_t Bc = hi - lo, nblk = Hp / lanes<T>(), Tb = w.Tb, Ip = w.Ip;
+    constexpr int64_t PW = 4 * lanes<T>();
+    const int64_t qs = Tb * Bc * PW;  // ring_g: stride of its unit blocks
     int chunk = 0;  // this range's index among the n chunks (run_chunks: lo = B*k/n)
     while (B * chunk / w.n != lo) ++chunk;
     T* rg = w.ring_g + Tb * lo * GP;
@@ -249,13 +320,13 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     int64_t t_top = Tn - 1;  // the ring holds steps t_top, t_top - 1, ... (slot s = t_top - t)
     for (int64_t t = Tn - 1; t >= 0; --t) {
         const int64_t s = t_top - t;
-        T* g = rg + s * Bc * GP;
+        T* g = rg + s * Bc * PW;  // this step's rows in block 0
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b;
-            T* dg = g + (b - lo) * GP;
+            T* dg = g + (b - lo) * PW;
             std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, R * sizeof(T));
             if (a.lengths && t >= a.lengths[b]) {  // dh, dc pass through; no gate gradient
-                std::memset(dg, 0, GP * sizeof(T));
+                for (int64_t q = 0; q < nblk; ++q) std::memset(dg + q * qs, 0, PW * sizeof(T));
                 continue;
             }
             T* dh = w.dh + b * Hp;
@@ -263,19 +334,21 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
                 const T* __restrict__ dout = a.d_out + (b * Tn + t) * H;
                 for (int64_t j = 0; j < H; ++j) dh[j] += dout[j];
             }
-            back_cells(nblk, a.act + r * d.SP, a.cprev + r * Hp, dh, w.dc + b * Hp, dg);
+            back_cells(nblk, a.act + r * d.SP, a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
-        gemm<T>(false, Bc, Hp, GP, T(1), g, GP, w.whb, Hp, T(1), w.dh + lo * Hp, Hp, w.path);
+        gemm_blocks<T>(Bc, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
         if (s + 1 < Tb && t > 0) continue;
         // flush the ring (steps t_top down to t): dx and this chunk's weight gradients
         const int64_t rows = (s + 1) * Bc;
-        gemm<T>(false, rows, Ip, GP, T(1), rg, GP, w.wxb, Ip, T(0), rdx, Ip, w.path);
+        gemm_blocks<T>(rows, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
         for (int64_t q = 0; q <= s; ++q)
             for (int64_t b = lo; b < hi; ++b)
                 std::memcpy(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip,
                             I * sizeof(T));
-        gemm<T>(true, d.K, GP, rows, T(1), rx, R, rg, GP, T(1), part, GP, w.path);
+        for (int64_t q = 0; q < nblk; ++q)
+            gemm<T>(true, d.K, PW, rows, T(1), rx, R, rg + q * qs, PW, T(1), part + q * PW, GP,
+                    w.path);
         t_top = t - 1;
     }
 }
@@ -293,17 +366,14 @@ void backward_impl(const BackwardArgs<T>& a) {
     const Dims<T> d(a.B, a.T_, a.I, a.H);
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
     const int64_t Ip = round_lanes<T>(I);
-    T* whb = scratch<T, 1>(GP * Hp);
-    T* wxb = scratch<T, 2>(GP * Ip);
-    std::memset(whb, 0, GP * Hp * sizeof(T));
-    std::memset(wxb, 0, GP * Ip * sizeof(T));
+    const Panels<T> whb(GP, Hp, scratch<T, 1>(GP * Hp)), wxb(GP, Ip, scratch<T, 2>(GP * Ip));
     for (int64_t k = 0; k < 4; ++k)
         for (int64_t j = 0; j < H; ++j) {
             const int64_t g = k * H + j, c = icol<T>(k, j);
-            std::memcpy(whb + c * Hp, a.w_hh + g * H, H * sizeof(T));
-            std::memcpy(wxb + c * Ip, a.w_ih + g * I, I * sizeof(T));
+            for (int64_t m = 0; m < H; ++m) whb.at(c, m) = a.w_hh[g * H + m];
+            for (int64_t i = 0; i < I; ++i) wxb.at(c, i) = a.w_ih[g * I + i];
         }
-    const int n = chunks_for(B, B * Tn * 4 * H * H);
+    const int n = lstm_chunks(B, Tn, H);
     const int64_t Bc_min = std::max<int64_t>(1, B / n);
     const int64_t Tb = std::max<int64_t>(1, std::min<int64_t>(Tn, (g_ring_rows + Bc_min - 1) / Bc_min));
     T* dh = scratch<T, 3>(B * Hp);
@@ -328,14 +398,14 @@ void backward_impl(const BackwardArgs<T>& a) {
         const T* __restrict__ q = w.part + k * d.K * GP;
         for (int64_t e = 0; e < d.K * GP; ++e) p[e] += q[e];
     }
-    for (int64_t k = 0; k < 4; ++k)
-        for (int64_t j = 0; j < H; ++j) {
-            const int64_t g = k * H + j, c = icol<T>(k, j);
-            for (int64_t m = 0; m < H; ++m) a.dw_hh[g * H + m] = p[m * GP + c];
-            for (int64_t i = 0; i < I; ++i) a.dw_ih[g * I + i] = p[(Hp + i) * GP + c];
-            a.db_ih[g] = p[(Hp + I) * GP + c];
-            a.db_hh[g] = a.db_ih[g];
-        }
+    for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
+        const int64_t g0 = k * H + j0;
+        for (int64_t m = 0; m < H; ++m)
+            for (int64_t l = 0; l < cnt; ++l) a.dw_hh[(g0 + l) * H + m] = p[m * GP + c0 + l];
+        for (int64_t i = 0; i < I; ++i)
+            for (int64_t l = 0; l < cnt; ++l) a.dw_ih[(g0 + l) * I + i] = p[(Hp + i) * GP + c0 + l];
+        for (int64_t l = 0; l < cnt; ++l) a.db_ih[g0 + l] = a.db_hh[g0 + l] = p[(Hp + I) * GP + c0 + l];
+    });
 }
 
 }  // namespace
