@@ -434,40 +434,43 @@ class _FusedPlan:
     def _head(self, B, T, has_w):
         """Dense head + sequence_loss + their backward; rows cut as the last cell's batch
         chunks, on threads (the loss is a sum over rows; dw, db summed over chunks)."""
-        head, K = self.head, self._kernels
-        has_bias = "bias" in head.params
+        head = self.head
         N = B * T
         total = (float(self.weights.sum(dtype=np.float64)) if has_w else float(N)) + 1e-12
         inv = 1.0 / total   # TF's 1e-12: all-zero weights give a zero loss
-        none = self.weights  # placeholder for unused arrays (never read)
-        h = self.cells[-1].out.reshape(N, -1)
-        dh = self.d_head.reshape(N, -1)
-        grads = [(head.grads["weight"], head.grads["bias"] if has_bias else none)]
+        grads = [(head.grads["weight"], head.grads.get("bias", self.weights))]
         chunks = self.cells[-1].chunks
+        if len(chunks) == 1:
+            return self._head_rows(0, B, T, has_w, inv, grads[0])
         grads += [(np.empty_like(grads[0][0]), np.empty_like(grads[0][1])) for _ in chunks[1:]]
         parts = [0.0] * len(chunks)
 
-        def rows(k, lo, hi):
-            r = slice(lo * T, hi * T)
-            parts[k] = K.dense_sequence_loss(
-                h[r], head.params["weight"], head.params["bias"] if has_bias else none,
-                has_bias, self.targets[r], self.weights[r], has_w, inv, self.d_logits[r],
-                grads[k][0], grads[k][1], dh[r])
-            if parts[k] < 0:
-                n = lo * T + int(-1.0 - parts[k])
-                raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
-                                 f"got {self.targets[n]}")
-
-        if len(chunks) == 1:
-            rows(0, 0, B)
-        else:
-            self.nc.run_chunks(chunks, lambda lo, hi: rows(chunks.index((lo, hi)), lo, hi))
-            total_dw, total_db = grads[0]
-            for dw, db in grads[1:]:
-                total_dw += dw
-                if has_bias:
-                    total_db += db
+        def rows(lo, hi):
+            k = chunks.index((lo, hi))
+            parts[k] = self._head_rows(lo, hi, T, has_w, inv, grads[k])
+        self.nc.run_chunks(chunks, rows)
+        total_dw, total_db = grads[0]
+        for dw, db in grads[1:]:
+            total_dw += dw
+            if "bias" in head.params:
+                total_db += db
         return sum(parts)
+
+    def _head_rows(self, lo, hi, T, has_w, inv, grads):
+        """The head kernel over batch rows [lo, hi) (rows lo*T .. hi*T of the flat arrays)."""
+        head = self.head
+        r = slice(lo * T, hi * T)
+        has_bias = "bias" in head.params
+        loss = self._kernels.dense_sequence_loss(
+            self.cells[-1].out[lo:hi].reshape((hi - lo) * T, -1), head.params["weight"],
+            head.params["bias"] if has_bias else self.weights, has_bias, self.targets[r],
+            self.weights[r], has_w, inv, self.d_logits[r], grads[0], grads[1],
+            self.d_head[lo:hi].reshape((hi - lo) * T, -1))
+        if loss < 0:
+            n = lo * T + int(-1.0 - loss)
+            raise ValueError(f"targets must lie in [0, C) = [0, {head.out_features}), "
+                             f"got {self.targets[n]}")
+        return loss
 
     def _final_states(self):
         """The state tuple of ``Sequential.forward(..., return_state=True)``, fresh arrays."""
