@@ -247,7 +247,8 @@ class _FusedPlan:
         # dropout after cell k of a layer (not its last), as _Recurrent.forward applies it
         drops = tuple(bool(c.layer.dropout and c.layer.training and c.k + 1 < c.layer.num_layers)
                       for c in self.cells)
-        key = (B, T, drops, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
+        key = (B, T, drops, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS,
+               config.BLAS_ONE_THREAD_MIN_FLOPS)
         if self._ws_key == key:
             return
         dt, nc = self.dtype, self.nc
@@ -297,7 +298,10 @@ class _FusedPlan:
                                             c.saved, d_out, True, c.dx, c.dh, c.dc, projected)
             scratch = [np.empty(s, dt) for s in nc.scratch_shapes(c.spec, B, T, c.H)]
             c.backward = (kernel, args, tuple(g[n] for n in c.names), scratch)
+            c.backward_values = [a for a, _ in args] + list(c.backward[2]) + scratch
             d_out = c.dx
+        self._states_dirty = False       # h0/c0 buffers hold zeros
+        self.blas_hold = _blas_hold(nc, self.cells, B, T)
         self._ws_key = key
 
     # ---------------------------------------------------------------- the step
@@ -355,27 +359,29 @@ class _FusedPlan:
     def _load_states(self, initial_state, B):
         """Copy the initial state (validated by each layer) into the cells' h0/c0 (zeros for
         None)."""
+        if initial_state is None:
+            if self._states_dirty:
+                for c in self.cells:
+                    c.h0.fill(0)
+                    if c.c0 is not None:
+                        c.c0.fill(0)
+                self._states_dirty = False
+            return
         n = len(self.model.layers)
-        if initial_state is not None and (not isinstance(initial_state, (tuple, list))
-                                          or len(initial_state) != n):
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != n:
             raise ValueError(f"initial_state must be a tuple with one entry per layer "
                              f"({n}), as returned by forward(..., return_state=True)")
         offset = 1 if self.encoder is not None else 0
         cells = iter(self.cells)
         for i, r in enumerate(self.recurrent):
-            s0 = None if initial_state is None else initial_state[offset + i]
+            s0 = initial_state[offset + i]
             h0, c0 = (None, None) if s0 is None else r._split_state(s0, B, np)
             for k in range(r.num_layers):
                 c = next(cells)
-                if h0 is None:
-                    if c.h0.any():
-                        c.h0.fill(0)
-                    if c.c0 is not None and c.c0.any():
-                        c.c0.fill(0)
-                else:
-                    c.h0[...] = h0[k]
-                    if c0 is not None:
-                        c.c0[...] = c0[k]
+                self._states_dirty = True
+                c.h0[...] = 0 if h0 is None else h0[k]
+                if c.c0 is not None:
+                    c.c0[...] = 0 if c0 is None else c0[k]
 
     def step(self, x, y, lengths, weights, initial_state, return_state):
         if self._kernels is None:
@@ -385,7 +391,7 @@ class _FusedPlan:
         B, T, ids = self._load_inputs(x, y, lengths, weights)
         self._load_states(initial_state, B)
         self._rebind_grads()
-        with _blas_hold(nc, self.cells, B, T):
+        with self.blas_hold:
             for c in self.cells:
                 p = c.layer.params
                 nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
@@ -408,8 +414,10 @@ class _FusedPlan:
                 c.dh.fill(0)
                 if c.dc is not None:
                     c.dc.fill(0)
-                kernel, args, grads, scratch = c.backward
-                nc.run_backward(kernel, args, c.chunks, grads, scratch)
+                if len(c.chunks) == 1:
+                    c.backward[0](*c.backward_values)
+                else:
+                    nc.run_backward(*c.backward[:2], c.chunks, *c.backward[2:])
             if self.project:    # d table W_ih^T, summed per id, gives d W_ih and d table
                 S = self.proj_grad
                 K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), S)
