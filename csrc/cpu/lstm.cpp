@@ -12,7 +12,9 @@
 //                        b_ih + b_hh], K x 4Hp), gives every gate pre-activation with its bias,
 //                        and one GEMM gives [dW_hh; dW_ih; db] in the backward; xh[T] holds h_T;
 //       cs  [T+1, B, Hp] the cell state entering step t (cs[T]: the final one);
-//       act [T, B, 5Hp]  gate activations (4Hp, interleaved), then tanh(c') (Hp).
+//       act [T, Hp/V, B, 5V] (shaped [T, B, 5Hp]): per step and unit block, every batch
+//                        row's 4V gate activations (interleaved), then its V values tanh(c');
+//                        so each GEMM call of the forward writes one contiguous block of rows.
 // The weights are repacked once per call into per-thread workspaces that are reused.
 //
 // Backward, per batch chunk on its thread: per step one fused pass from dh, dc to the gate
@@ -85,16 +87,6 @@ struct Panels {
     }
 };
 
-// C[M, N] = A[M, K] B (+ beta C), B in panels
-template <typename T>
-void gemm_panels(int64_t M, const T* A, int64_t lda, const Panels<T>& b, T beta, T* C,
-                 int64_t ldc, GemmPath path) {
-    for (int64_t c0 = 0; c0 < b.N; c0 += b.PW) {
-        const int64_t w = std::min(b.PW, b.N - c0);
-        gemm<T>(false, M, w, b.K, T(1), A, lda, b.p + c0 * b.K, w, beta, C + c0, ldc, path);
-    }
-}
-
 // C[M, N] = A B (+ beta C) with A [M, 4Hp] stored as column blocks of PW (one interleaved unit
 // block each), block q at A + q * qstride with rows PW apart, and B [4Hp, N] in panels: one
 // contiguous [PW, w] piece of B per call.
@@ -121,18 +113,19 @@ struct Dims {
 
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
 
-// g: this row's 4Hp pre-activations in, activations out; tc: tanh(c') out.
+// g: this row's act slots, unit block q at g + q * qstride: 4V pre-activations in, the gate
+// activations out, then tanh(c') (V) out.
 template <typename T>
-RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, T* __restrict__ tc,
+RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, int64_t qstride,
                                 const T* __restrict__ c_prev, T* __restrict__ c_new,
                                 T* __restrict__ h_new) {
     constexpr int64_t V = lanes<T>();
     for (int64_t q = 0; q < nblk; ++q) {
-        T* __restrict__ gq = g + q * 4 * V;
+        T* __restrict__ gq = g + q * qstride;
         const T* __restrict__ cp = c_prev + q * V;
         T* __restrict__ cn = c_new + q * V;
         T* __restrict__ hn = h_new + q * V;
-        T* __restrict__ tq = tc + q * V;
+        T* __restrict__ tq = gq + 4 * V;
         for (int64_t l = 0; l < V; ++l) {
             T i, f, gg, o, t, c, h;
             lstm_forward_point(gq[l], gq[V + l], gq[2 * V + l], gq[3 * V + l], cp[l], fb, i, f,
@@ -148,20 +141,19 @@ RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, T* __rest
     }
 }
 
-// act: this row's saved activations (4Hp gates, then Hp tanh c'); dh: total gradient at h'
-// (zeroed here: the GEMM adds dG W_hh after); dc: in from step t+1, out to step t-1;
-// dg: this row's gate gradients, unit block q (4V values) at dg + q * qstride.
+// act: this row's saved slots (unit block q at act + q * aqstride: 4V gate activations, then
+// V tanh c'); dh: total gradient at h' (zeroed here: the GEMM adds dG W_hh after); dc: in from
+// step t+1, out to step t-1; dg: this row's gate gradients, unit block q at dg + q * qstride.
 template <typename T>
-RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act,
+RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act, int64_t aqstride,
                                  const T* __restrict__ c_prev, T* __restrict__ dh,
                                  T* __restrict__ dc, T* __restrict__ dg, int64_t qstride) {
     constexpr int64_t V = lanes<T>();
-    const T* __restrict__ tc = act + nblk * 4 * V;
     for (int64_t q = 0; q < nblk; ++q) {
-        const T* __restrict__ a = act + q * 4 * V;
+        const T* __restrict__ a = act + q * aqstride;
         T* __restrict__ d = dg + q * qstride;
         const T* __restrict__ cp = c_prev + q * V;
-        const T* __restrict__ tq = tc + q * V;
+        const T* __restrict__ tq = a + 4 * V;
         T* __restrict__ dhq = dh + q * V;
         T* __restrict__ dcq = dc + q * V;
         for (int64_t l = 0; l < V; ++l) {
@@ -200,7 +192,8 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     const ForwardArgs<T>& a = *f.a;
     const Dims<T>& d = f.d;
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, R = d.R;
-    const int64_t nblk = Hp / lanes<T>();
+    constexpr int64_t V = lanes<T>(), PW = 4 * V;
+    const int64_t nblk = Hp / V, aq = B * 5 * V;  // act: stride of a step's unit blocks
     const T fb = T(a.spec.forget_bias);
     T* xh = a.hprev;
     T* cs = a.cprev;
@@ -214,8 +207,10 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
             std::memset(row + I + 1, 0, (R - d.K) * sizeof(T));
         }
     for (int64_t t = 0; t < Tn; ++t) {
-        T* act = a.act + (t * B + lo) * d.SP;
-        gemm_panels<T>(hi - lo, xh + (t * B + lo) * R, R, f.wc, T(0), act, d.SP, f.path);
+        // one unit block (4V columns) per call, into that block's contiguous act rows
+        for (int64_t q = 0; q < nblk; ++q)
+            gemm<T>(false, hi - lo, PW, d.K, T(1), xh + (t * B + lo) * R, R, f.wc.p + q * PW * d.K,
+                    PW, T(0), a.act + t * B * d.SP + q * aq + lo * 5 * V, 5 * V, f.path);
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b, rn = r + B;  // row (t, b) and (t + 1, b)
             T* out = a.out + (b * Tn + t) * H;
@@ -225,8 +220,8 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
                 std::memset(out, 0, H * sizeof(T));
                 continue;
             }
-            T* g = a.act + r * d.SP;
-            fwd_cells(nblk, fb, g, g + d.GP, cs + r * Hp, cs + rn * Hp, xh + rn * R);
+            fwd_cells(nblk, fb, a.act + t * B * d.SP + b * 5 * V, aq, cs + r * Hp, cs + rn * Hp,
+                      xh + rn * R);
             std::memcpy(out, xh + rn * R, H * sizeof(T));
         }
     }
@@ -334,7 +329,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
                 const T* __restrict__ dout = a.d_out + (b * Tn + t) * H;
                 for (int64_t j = 0; j < H; ++j) dh[j] += dout[j];
             }
-            back_cells(nblk, a.act + r * d.SP, a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
+            back_cells(nblk, a.act + t * B * d.SP + b * 5 * PW / 4, B * 5 * PW / 4,
+                       a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
         gemm_blocks<T>(Bc, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
@@ -367,11 +363,16 @@ void backward_impl(const BackwardArgs<T>& a) {
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
     const int64_t Ip = round_lanes<T>(I);
     const Panels<T> whb(GP, Hp, scratch<T, 1>(GP * Hp)), wxb(GP, Ip, scratch<T, 2>(GP * Ip));
+    // row c = icol(k, j) of both is row g = kH + j of the weights, cut into panels
+    auto put_row = [](const Panels<T>& dst, int64_t c, const T* src, int64_t n) {
+        for (int64_t c0 = 0; c0 < n; c0 += dst.PW)
+            std::memcpy(&dst.at(c, c0), src + c0, std::min(dst.PW, n - c0) * sizeof(T));
+    };
     for (int64_t k = 0; k < 4; ++k)
         for (int64_t j = 0; j < H; ++j) {
             const int64_t g = k * H + j, c = icol<T>(k, j);
-            for (int64_t m = 0; m < H; ++m) whb.at(c, m) = a.w_hh[g * H + m];
-            for (int64_t i = 0; i < I; ++i) wxb.at(c, i) = a.w_ih[g * I + i];
+            put_row(whb, c, a.w_hh + g * H, H);
+            put_row(wxb, c, a.w_ih + g * I, I);
         }
     const int n = lstm_chunks(B, Tn, H);
     const int64_t Bc_min = std::max<int64_t>(1, B / n);
