@@ -5,7 +5,8 @@
 // Every array is C-contiguous and batch-major, except the LSTM's saved arrays (lstm.cpp): those
 // are time-major with H padded to Hp = lstm_padded_hidden(H, sizeof(T)) and gates interleaved:
 // hprev [T+1,B,R] (rows [h | x | 1], R = lstm_xh_width(I, H, sizeof(T))), cprev [T+1,B,Hp] in
-// the forward (row T: the final state; the backward reads rows < T), act [T,B,5Hp].
+// the forward (row T: the final state; the backward reads rows < T), act shaped [T,B,5Hp]
+// (laid out [T,Hp/V,B,5V], V = 64 / sizeof(T); lstm.cpp).
 // The bindings check shapes.
 #pragma once
 

@@ -15,7 +15,8 @@
 //       act [T, Hp/V, B, 5V] (shaped [T, B, 5Hp]): per step and unit block, every batch
 //                        row's 4V gate activations (interleaved), then its V values tanh(c');
 //                        so each GEMM call of the forward writes one contiguous block of rows.
-// The weights are repacked once per call into per-thread workspaces that are reused.
+// The weights are repacked once per call, as contiguous GEMM panels (Panels), into per-thread
+// workspaces that are reused.
 //
 // Backward, per batch chunk on its thread: per step one fused pass from dh, dc to the gate
 // gradients dG (into a ring of Tb steps), then dh = dG W_hh'. Every Tb steps the ring's rows go

@@ -10,9 +10,18 @@ import); smaller ones, and all of them without SciPy, to the extension's registe
 built per ISA and chosen at run time (``_C.gemm_loop_isa()``; ``RNNKERN_GEMM_ISA=base|avx2``
 forces a narrower build). Measured: ``benchmarks/bench_cpp_gemm.py``.
 
-Threads: from B*T*G*H*H = 2^23 recurrent multiply-adds up, the batch is cut into row chunks that
-run their whole time loop on their own thread (``_C.set_threads(n)``, 0 = the CPUs this process
-may use, at most 8; ``_C.set_split_min_work``), so nothing synchronises per step.
+Threads: from B*T*G*H*H = 2^23 recurrent multiply-adds up (the LSTM: a quarter of that), the
+batch is cut into row chunks that run their whole time loop on their own thread
+(``_C.set_threads(n)``, 0 = the CPUs this process may use, at most 8; ``_C.set_split_min_work``),
+so nothing synchronises per step.
+
+The LSTM has its own kernels (csrc/cpu/lstm.cpp): its ``saved`` arrays are private, time-major,
+with H padded to whole vectors and the gate columns interleaved per vector block, so every
+pointwise pass runs on full vectors; its weights are repacked per call into contiguous GEMM
+panels, and its backward gathers a few steps of gate gradients before the dx and weight-gradient
+GEMMs (``_C.set_lstm_ring_rows``). Result arrays from about 256 KiB up come from a pool of freed
+blocks, so repeated calls with the same shapes do not page-fault (``_C.set_pool_limit``,
+``_C.pool_held``).
 """
 from __future__ import annotations
 
