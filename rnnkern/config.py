@@ -28,3 +28,10 @@ SPLIT_MIN_FLOPS = 4_000_000
 # SciPy's would otherwise spin their idle pools against each other on 2 cores (lab 12-4 training
 # 15x slower). Below it OpenBLAS stays single-threaded by itself and the switch would only cost.
 BLAS_ONE_THREAD_MIN_FLOPS = 1_000_000
+
+# rnnkern.TrainStep runs recurrent layers left on backend="auto" through the Numba kernels (its
+# lowest per-step overhead: their argument lists are kept between steps) when one step's
+# recurrent GEMM work, the sum of 2*B*T*G*H*(I+H) over the stacked cells, is below this; above
+# it, through the backend "auto" picks for the cell. Measured (28 Nov 2026, quiet): lab 12-1
+# (2.4 kflop) Numba 64 us vs C++ 73 us a step; lab 12-4 (34 Mflop) C++ 2.8 vs Numba 3.6 ms.
+TRAIN_STEP_NUMBA_MAX_FLOPS = 1_000_000

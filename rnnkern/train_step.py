@@ -136,9 +136,6 @@ def _structure_reason(model, loss, optimizer):
     dtypes = {m.dtype for m in model.layers if hasattr(m, "dtype")}
     if len(dtypes) != 1:
         return "layers have different dtypes"
-    for r in recurrent:
-        if r.backend not in ("auto", "numba"):
-            return f"a recurrent layer asks for backend {r.backend!r}"
     sizes = [model.layers[0].depth if type(model.layers[0]) is OneHot else
              model.layers[0].embedding_dim if type(model.layers[0]) is Embedding else None]
     sizes += [r.hidden_size for r in recurrent]
@@ -178,6 +175,7 @@ class _FusedPlan:
         self._bind_flat()
         self._ws_key = None
         self._checked = None      # (key, reason) of the last why_not()
+        self.backend = None       # the backend module the recurrent layers resolve to
         self._kernels = None
 
     # ---------------------------------------------------------------- flat parameters
@@ -218,20 +216,34 @@ class _FusedPlan:
             layer.grads[k] = g
 
     def why_not(self, x):
-        """Per-call condition: the backend the layers resolve to (cached per shape and setting)."""
+        """Per-call condition: the backend the layers resolve to (cached per shape and setting).
+
+        Layers left on "auto" with no backend preset run on Numba's kept argument lists when a
+        step's recurrent GEMM work is below ``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` (per-call
+        overhead dominates there), else on the backend "auto" picks for their cell."""
         shape = np.shape(x)
         if len(shape) < 2:
             return None  # the step raises the input error
         if shape[0] * shape[1] == 0:
             return "empty batch (B*T = 0)"
-        key = (shape[:2], backends._chosen, os.environ.get("RNNKERN_BACKEND"),
-               config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS)
+        preset = backends.preset()
+        key = (shape[:2], preset, config.TRAIN_STEP_NUMBA_MAX_FLOPS)
         if self._checked is not None and self._checked[0] == key:
             return self._checked[1]
+        B, T = shape[:2]
+        names = {backends.resolve(r.backend, x, r.kind).name for r in self.recurrent}
+        flops = sum(2 * B * T * c.spec.gates * c.H * (c.I + c.H) for c in self.cells)
+        if (preset is None and all(r.backend == "auto" for r in self.recurrent)
+                and flops < config.TRAIN_STEP_NUMBA_MAX_FLOPS
+                and backends.available_backends()["numba"][0]):
+            names = {"numba"}
         reason = None
-        for r in self.recurrent:
-            if backends.resolve(r.backend, x).name != "numba":
-                reason = "a recurrent layer would run on a backend other than Numba"
+        if len(names) > 1:
+            reason = f"recurrent layers on different backends ({', '.join(sorted(names))})"
+        elif names - {"numba", "cpp", "numpy"}:
+            reason = f"recurrent layers on the {names.pop()} backend (CPU backends only)"
+        else:
+            self.backend = backends.get_backend(names.pop())
         self._checked = (key, reason)
         return reason
 
@@ -247,8 +259,10 @@ class _FusedPlan:
         # dropout after cell k of a layer (not its last), as _Recurrent.forward applies it
         drops = tuple(bool(c.layer.dropout and c.layer.training and c.k + 1 < c.layer.num_layers)
                       for c in self.cells)
-        key = (B, T, drops, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS, config.THREADS,
-               config.BLAS_ONE_THREAD_MIN_FLOPS)
+        # Numba: the kernels' argument lists are kept here; other backends: their seam per call
+        self.kept = self.backend is self.nc
+        key = (B, T, drops, self.kept, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS,
+               config.THREADS, config.BLAS_ONE_THREAD_MIN_FLOPS)
         if self._ws_key == key:
             return
         dt, nc = self.dtype, self.nc
@@ -257,7 +271,8 @@ class _FusedPlan:
         V = None if self.encoder is None else self._table().shape[0]
         # ids in: the first cell's input projection x W_ih^T is a row of table W_ih^T [V,G*H],
         # computed once per step instead of once per row, when there are fewer ids than rows
-        self.project = V is not None and V <= N
+        # (Numba's kernels take it precomputed)
+        self.project = self.kept and V is not None and V <= N
         GH = first.spec.gates * first.H
         self.x_in = np.empty((B, T, GH if self.project else first.I), dt)
         self.proj_table = np.empty((V, GH), dt) if self.project else None
@@ -274,21 +289,24 @@ class _FusedPlan:
             c.h = np.empty((B, c.H), dt)
             c.c = np.empty((B, c.H), dt) if c.spec.has_cell_state else None
             c.out = np.empty((B, T, c.H), dt)
-            c.bias = np.empty(c.spec.gates * c.H, dt)
-            saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
-            kernel, args = nc.forward_call(c.spec, layer_in, *(p[n] for n in c.names), c.h0,
-                                           c.c0, self.lens, c.out, c.h, c.c, saved, c.bias,
-                                           projected)
-            # the Numba backend's batch chunks (threads), as its seam would cut them
+            # the Numba backend's batch chunks (threads), as its seam would cut them; the head
+            # cuts its rows as the last cell's
             c.chunks = nc.plan_chunks(c.spec, B, T, c.I, c.H)
-            c.forward = (kernel, *zip(*args))
-            c.saved, c.x = saved, layer_in
             c.dropped = np.empty_like(c.out) if drops[self.cells.index(c)] else None
+            c.x = layer_in
             layer_in = c.out if c.dropped is None else c.dropped
+            if not self.kept:
+                continue
+            c.bias = np.empty(c.spec.gates * c.H, dt)
+            c.saved = {n: np.empty(s, dt) for n, s in nc.saved_shapes(c.spec, B, T, c.H).items()}
+            kernel, args = nc.forward_call(c.spec, c.x, *(p[n] for n in c.names), c.h0,
+                                           c.c0, self.lens, c.out, c.h, c.c, c.saved, c.bias,
+                                           projected)
+            c.forward = (kernel, *zip(*args))
         self.d_logits = np.empty((N, self.head.out_features), dt)
         d_out = np.empty((B, T, self.head.in_features), dt)
         self.d_head = d_out
-        for c in reversed(self.cells):
+        for c in reversed(self.cells if self.kept else ()):
             p, g = c.layer.params, c.layer.grads
             projected = self.project and c is first
             c.dx = np.empty(c.x.shape, dt)
@@ -392,32 +410,46 @@ class _FusedPlan:
         self._load_states(initial_state, B)
         self._rebind_grads()
         with self.blas_hold:
+            lens = self.lens if self.kept or lengths is not None else None
+            layer_in = self.x_in
             for c in self.cells:
                 p = c.layer.params
-                nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
-                kernel, values, batched = c.forward
-                if len(c.chunks) == 1:
-                    kernel(*values)
+                if self.kept:
+                    nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
+                    kernel, values, batched = c.forward
+                    if len(c.chunks) == 1:
+                        kernel(*values)
+                    else:
+                        nc.launch(kernel, c.chunks, values, batched)
                 else:
-                    nc.launch(kernel, c.chunks, values, batched)
+                    c.out, c.h, c.c, c.saved = self.backend.forward(
+                        c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens)
                 if c.dropped is not None:
                     keep = 1.0 - c.layer.dropout
                     c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
                                         dtype=c.out.dtype)
                     np.multiply(c.out, c.mask, out=c.dropped)
+                layer_in = c.out if c.dropped is None else c.dropped
             loss = self._head(B, T, weights is not None)
+            d_out = self.d_head
             for i in reversed(range(len(self.cells))):
                 c = self.cells[i]
                 if c.dropped is not None:      # d out = d (dropped out) * mask
-                    d_next = self.cells[i + 1].dx
-                    np.multiply(d_next, c.mask, out=d_next)
-                c.dh.fill(0)
-                if c.dc is not None:
-                    c.dc.fill(0)
-                if len(c.chunks) == 1:
-                    c.backward[0](*c.backward_values)
+                    np.multiply(d_out, c.mask, out=d_out)
+                if self.kept:
+                    c.dh.fill(0)
+                    if c.dc is not None:
+                        c.dc.fill(0)
+                    if len(c.chunks) == 1:
+                        c.backward[0](*c.backward_values)
+                    else:
+                        nc.run_backward(*c.backward[:2], c.chunks, *c.backward[2:])
                 else:
-                    nc.run_backward(*c.backward[:2], c.chunks, *c.backward[2:])
+                    c.dx, _, _, g = self.backend.backward(c.spec, c.saved, d_out, None, None)
+                    grads = c.layer.grads
+                    for name, short in zip(c.names, ("w_ih", "w_hh", "b_ih", "b_hh")):
+                        np.copyto(grads[name], g[short])
+                d_out = c.dx
             if self.project:    # d table W_ih^T, summed per id, gives d W_ih and d table
                 S = self.proj_grad
                 K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), S)

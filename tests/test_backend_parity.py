@@ -213,7 +213,14 @@ def test_auto_picks_numba_for_numpy_input_when_numba_imports():
     os_preset = os.environ.get("RNNKERN_BACKEND")
     if os_preset not in (None, "", "auto"):
         pytest.skip(f"RNNKERN_BACKEND={os_preset} overrides the automatic choice")
-    assert backends.resolve("auto", np.zeros((1, 1, 1), np.float32)).name == "numba"
+    x = np.zeros((1, 1, 1), np.float32)
+    assert backends.resolve("auto", x).name == "numba"
+    assert backends.resolve("auto", x, "gru").name == "numba"
+    assert backends.resolve("auto", x, "rnn").name == "numba"
+    # the LSTM: the C++ kernels where built (measured faster at every size), else Numba
+    lstm = "cpp" if rk.available_backends()["cpp"][0] else "numba"
+    assert backends.resolve("auto", x, "lstm").name == lstm
+    assert backends.resolve("numba", x, "lstm").name == "numba"   # an explicit name wins
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,29 @@ def test_awkward_batch_shapes(enc, B, T):
         assert runs[0][3] == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpp", "numba"])
+@pytest.mark.parametrize("cell,opts", [("lstm", {}), ("gru", {"reset_after": False}),
+                                       ("rnn", {})])
+def test_fused_through_any_cpu_backend(backend, cell, opts):
+    """Layers on another CPU backend run through its seam inside the fused step (head, loss,
+    update and dropout still fused): the same results as the generic step on that backend."""
+    ok, why = rk.available_backends()[backend]
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    x, y = batch("embedding", B=4, T=5)
+    lengths = np.array([5, 0, 3, 2])
+
+    def build():
+        model = make_model("embedding", cell, (3, 1), dropout=0.3, **opts)
+        for layer in model.layers[1:3]:
+            layer.backend = backend
+        return model
+    calls = [((x, y), dict(lengths=lengths, return_state=True)), ((x, y), {})]
+    runs = run_both(build, lambda: rk.Adam(0.05), calls)
+    assert_same_run(*runs)
+    assert runs[0][2]._plan.backend.name == backend
+
+
 @pytest.mark.parametrize("layers", [(2,), (1, 2)], ids=["one-2-layer", "two-stacked"])
 def test_fused_equals_generic_stacked(layers):
     x, y = batch("onehot")
@@ -220,11 +243,11 @@ def test_falls_back_where_fusing_does_not_apply():
     step(x, y)
     assert "loss" in step.fused_reason
 
-    model = make_model()
+    model = make_model(layers=(1, 1))
     model.layers[1].backend = "numpy"
     step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05))
     step(x, y)
-    assert "backend" in step.fused_reason
+    assert "different backends" in step.fused_reason
 
     no_head = rk.Sequential([rk.OneHot(6, dtype="float64"), rk.LSTM(6, 4, dtype="float64")])
     step = rk.TrainStep(no_head, rk.sequence_loss, rk.Adam(0.05))
@@ -296,3 +319,22 @@ def test_nojit_fused_step_source(enc, cell, B):
     x, y = batch(enc, B=B, T=3)
     assert_same_run(*run_both(lambda: make_model(enc, cell, (2,), dropout=0.3),
                               lambda: rk.Adam(0.05, clip_norm=1.0), [((x, y), {})] * 2))
+
+
+def test_auto_layers_take_numba_when_small_and_the_cell_backend_when_large(monkeypatch):
+    """The size rule of TrainStep for layers left on "auto" (config.TRAIN_STEP_NUMBA_MAX_FLOPS);
+    a preset backend (set_backend / RNNKERN_BACKEND) always wins."""
+    from rnnkern import backends, config
+    if backends.preset() is not None:
+        pytest.skip("a backend preset overrides the automatic choice")
+    x, y = batch("onehot")
+    step = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05))
+    step(x, y)
+    assert step._plan.backend.name == "numba" and step._plan.kept
+    monkeypatch.setattr(config, "TRAIN_STEP_NUMBA_MAX_FLOPS", 0)
+    step(x, y)
+    expected = backends.resolve("auto", np.zeros(1), "lstm").name
+    assert step._plan.backend.name == expected and step.fused_reason is None
+    monkeypatch.setattr(backends, "_chosen", "numpy")
+    step(x, y)
+    assert step._plan.backend.name == "numpy" and not step._plan.kept

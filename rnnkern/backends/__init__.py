@@ -14,8 +14,12 @@ only for LSTM, ``lengths`` None or int64 [B] within [0, T]; ``d_*`` may be None 
 Returned arrays belong to the caller (no workspace aliases).
 
 Selection: an explicit ``backend=`` wins, then :func:`set_backend` / ``RNNKERN_BACKEND``, then
-automatic: CuPy arrays -> ``cuda``; NumPy arrays -> first available of ``numba``, ``cpp``,
-``numpy``. An explicitly requested backend that is unavailable raises with its reason.
+automatic: CuPy arrays -> ``cuda``; NumPy arrays -> the first available of the CPU backends in
+the order measured fastest for the cell (``benchmarks/README.md``, 28 Nov 2026, fwd+bwd on
+this 2-core machine): LSTM ``cpp``, ``numba``, ``numpy`` (the C++ LSTM kernels were 1.1-2x
+faster than Numba's at every size); GRU and RNN ``numba``, ``cpp``, ``numpy`` (level with C++
+up to char-rnn size, 10% faster at (64,100,512,512)). An explicitly requested backend that is
+unavailable raises with its reason.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ _MODULES = {
 }
 BACKENDS = tuple(_MODULES)
 _CPU_PREFERENCE = ("numba", "cpp", "numpy")
+_CPU_PREFERENCE_BY_KIND = {"lstm": ("cpp", "numba", "numpy")}
 _chosen = None  # set by set_backend()
 _imported = {}  # name -> backend module, or the ImportError its import raised
 _answers = {}   # name -> (the module's available function, its answer)
@@ -91,16 +96,23 @@ def get_backend(name):
     return mod
 
 
-def resolve(requested, x):
-    """The backend module for ``requested`` ("auto" or a name) and input array ``x``."""
+def preset():
+    """The backend set by :func:`set_backend` or ``RNNKERN_BACKEND``, or None (automatic)."""
+    name = _chosen or os.environ.get("RNNKERN_BACKEND") or None
+    return None if name == "auto" else name
+
+
+def resolve(requested, x, kind=None):
+    """The backend module for ``requested`` ("auto" or a name), input array ``x`` and cell
+    ``kind`` ("rnn" | "lstm" | "gru"; None: the general CPU order)."""
     if requested not in (None, "auto"):
         return get_backend(requested)
-    preset = _chosen or os.environ.get("RNNKERN_BACKEND") or None
-    if preset and preset != "auto":
-        return get_backend(preset)
+    name = preset()
+    if name:
+        return get_backend(name)
     if type(x).__module__.startswith("cupy"):
         return get_backend("cuda")
-    for name in _CPU_PREFERENCE:
+    for name in _CPU_PREFERENCE_BY_KIND.get(kind, _CPU_PREFERENCE):
         mod, ok, _ = _probe(name)
         if ok:
             return mod
