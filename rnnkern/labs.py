@@ -118,8 +118,9 @@ def main(argv=None):
     import rnnkern as rk
     from rnnkern.backends import resolve
     import numpy as np
-    backend = resolve(args.backend, np.zeros(1)).__name__.rsplit(".", 1)[-1]
-    print(f"rnnkern {rk.__version__}, backend {args.backend} -> {backend}")
+    lstm, gru = (resolve(args.backend, np.zeros(1), kind).name for kind in ("lstm", "gru"))
+    print(f"rnnkern {rk.__version__}, backend {args.backend} -> LSTM {lstm}, GRU/RNN {gru} "
+          f"(training steps of small models: numba when available)")
     t_all = time.perf_counter()
     failures, skipped = [], []
     for name, title, check in selected:
