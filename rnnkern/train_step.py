@@ -10,15 +10,21 @@ The generic step is the four lines every loop writes::
 
 For the most common recurrent model the step is also *fused*: ``Sequential([OneHot | Embedding
 (optional), LSTM/GRU/RNN ..., Dense])`` with :func:`rnnkern.sequence_loss`, any optimizer of
-:mod:`rnnkern.optim`, recurrent layers on the Numba backend (dropout between stacked cells
-included: the same masks from the layer's generator as its own forward draws). The fused step
-computes the same function from the same kernels, but without the per-layer Python around
-them: validation is done once per shape, workspaces are kept between steps, the dense head,
-loss and their backward are one compiled call, and the parameters, gradients and optimizer
-state live in flat arrays (the layers' ``params``/``grads`` and the optimizer's per-name state
-are views of them, so everything that reads them -- checkpoints, ``state_dict``, the generic
-path -- sees the same values). At lab sizes the layer glue was ~85% of a step (lab 12-1: 175 us
-per step generic; the fused step's figures are in benchmarks/README.md).
+:mod:`rnnkern.optim`, recurrent layers on a CPU backend (dropout between stacked cells included:
+the same masks from the layer's generator as its own forward draws). The fused step computes
+the same function from the same kernels, without the per-layer Python around them: a batch is
+validated once, the dense head, loss and their backward are one compiled call (rows split over
+the threads), and the parameters, gradients and optimizer state live in flat arrays (the
+layers' ``params``/``grads`` and the optimizer's per-name state are views of them, so
+everything that reads them -- checkpoints, ``state_dict``, the generic path -- sees the same
+values).
+
+Recurrent cells run either on Numba with their argument lists kept between steps (and ids fed
+to the first cell through a [V,G*H] table W_ih^T instead of a GEMM), or through the seam of
+another CPU backend. Layers left on ``backend="auto"`` take the first below
+``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` of recurrent work a step, where per-call overhead rules
+(lab 12-1: 175 us a step generic, ~40 us fused), and the backend "auto" picks for their cell
+above it. Figures: benchmarks/README.md.
 Results agree with the generic step to float rounding (tests/test_train_step.py).
 """
 from __future__ import annotations
