@@ -38,7 +38,7 @@ from . import backends, config
 from .layers import _Recurrent
 from .losses import sequence_loss
 from .model import Sequential
-from .modules import Dense, Embedding, OneHot
+from .modules import Dense, Dropout, Embedding, OneHot
 from .optim import Optimizer
 
 __all__ = ["TrainStep"]
@@ -134,11 +134,13 @@ def _structure_reason(model, loss, optimizer):
     layers = list(model.layers)
     if layers and type(layers[0]) in (OneHot, Embedding):
         layers = layers[1:]
+    if len(layers) >= 2 and type(layers[-2]) is Dropout:
+        layers = layers[:-2] + layers[-1:]
     if len(layers) < 2 or type(layers[-1]) is not Dense:
-        return "layers are not [OneHot|Embedding], recurrent layers..., Dense"
+        return "layers are not [OneHot|Embedding], recurrent layers..., [Dropout], Dense"
     recurrent = layers[:-1]
     if not all(isinstance(r, _Recurrent) for r in recurrent):
-        return "layers are not [OneHot|Embedding], recurrent layers..., Dense"
+        return "layers are not [OneHot|Embedding], recurrent layers..., [Dropout], Dense"
     dtypes = {m.dtype for m in model.layers if hasattr(m, "dtype")}
     if len(dtypes) != 1:
         return "layers have different dtypes"
@@ -174,8 +176,9 @@ class _FusedPlan:
         self.model, self.optimizer = model, optimizer
         layers = list(model.layers)
         self.encoder = layers[0] if type(layers[0]) in (OneHot, Embedding) else None
-        self.recurrent = layers[1 if self.encoder else 0:-1]
         self.head = layers[-1]
+        self.head_dropout = layers[-2] if type(layers[-2]) is Dropout else None
+        self.recurrent = layers[1 if self.encoder else 0:-2 if self.head_dropout else -1]
         self.dtype = self.head.dtype
         self.cells = [_Cell(r, k) for r in self.recurrent for k in range(r.num_layers)]
         self._bind_flat()
@@ -265,9 +268,11 @@ class _FusedPlan:
         # dropout after cell k of a layer (not its last), as _Recurrent.forward applies it
         drops = tuple(bool(c.layer.dropout and c.layer.training and c.k + 1 < c.layer.num_layers)
                       for c in self.cells)
+        hd = self.head_dropout
+        head_drop = hd is not None and hd.training and hd.p > 0
         # Numba: the kernels' argument lists are kept here; other backends: their seam per call
         self.kept = self.backend is self.nc
-        key = (B, T, drops, self.kept, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS,
+        key = (B, T, drops, head_drop, self.kept, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS,
                config.THREADS, config.BLAS_ONE_THREAD_MIN_FLOPS)
         if self._ws_key == key:
             return
@@ -309,6 +314,8 @@ class _FusedPlan:
                                            c.c0, self.lens, c.out, c.h, c.c, c.saved, c.bias,
                                            projected)
             c.forward = (kernel, *zip(*args))
+        # the Dropout module before the head, when active: its input, masked
+        self.head_dropped = np.empty((B, T, self.head.in_features), dt) if head_drop else None
         self.d_logits = np.empty((N, self.head.out_features), dt)
         d_out = np.empty((B, T, self.head.in_features), dt)
         self.d_head = d_out
@@ -436,8 +443,18 @@ class _FusedPlan:
                                         dtype=c.out.dtype)
                     np.multiply(c.out, c.mask, out=c.dropped)
                 layer_in = c.out if c.dropped is None else c.dropped
+            if self.head_dropped is not None:   # as Dropout.forward draws it
+                keep = 1.0 - self.head_dropout.p
+                self.head_mask = np.asarray(
+                    (self.head_dropout._rng.random(layer_in.shape) < keep) / keep,
+                    dtype=layer_in.dtype)
+                np.multiply(layer_in, self.head_mask, out=self.head_dropped)
+                layer_in = self.head_dropped
+            self.head_in = layer_in
             loss = self._head(B, T, weights is not None)
             d_out = self.d_head
+            if self.head_dropped is not None:
+                np.multiply(d_out, self.head_mask, out=d_out)
             for i in reversed(range(len(self.cells))):
                 c = self.cells[i]
                 if c.dropped is not None:      # d out = d (dropped out) * mask
@@ -508,7 +525,7 @@ class _FusedPlan:
         r = slice(lo * T, hi * T)
         has_bias = "bias" in head.params
         loss = self._kernels.dense_sequence_loss(
-            self.cells[-1].out[lo:hi].reshape((hi - lo) * T, -1), head.params["weight"],
+            self.head_in[lo:hi].reshape((hi - lo) * T, -1), head.params["weight"],
             head.params["bias"] if has_bias else self.weights, has_bias, self.targets[r],
             self.weights[r], has_w, inv, self.d_logits[r], grads[0], grads[1],
             self.d_head[lo:hi].reshape((hi - lo) * T, -1))

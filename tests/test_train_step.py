@@ -234,6 +234,22 @@ def test_fused_equals_generic_with_dropout_between_cells(cell):
     assert fused.fused_reason is None
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_fused_equals_generic_with_a_dropout_module_before_the_head(backend):
+    """char-rnn's --dropout model: [Embedding, LSTM(dropout), Dropout, Dense]."""
+    if backend != "auto" and not rk.available_backends()[backend][0]:
+        pytest.skip(f"backend {backend!r} unavailable")
+    x, y = batch("embedding", B=3, T=4)
+
+    def build():
+        m = make_model("embedding", "lstm", (2,), dropout=0.25)
+        m.layers[1].backend = backend
+        return rk.Sequential(m.layers[:2] + [rk.Dropout(0.3, seed=7)] + m.layers[2:])
+    runs = run_both(build, lambda: rk.Adam(0.05), [((x, y), dict(return_state=True))] * 3)
+    assert_same_run(*runs)
+    assert runs[0][2]._plan.head_dropped is not None
+
+
 def test_falls_back_where_fusing_does_not_apply():
     x, y = batch("onehot")
 
