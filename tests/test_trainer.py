@@ -35,10 +35,13 @@ def test_fit_learns_hihello():
 def test_fit_equals_hand_written_loop():
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 5, (3, 4)), rng.integers(0, 5, (3, 4))) for _ in range(3)]
-    m1, m2 = char_model(), char_model()
-    o1, o2 = rk.Adam(0.05, clip_norm=1.0), rk.Adam(0.05, clip_norm=1.0)
-    rk.Trainer(m1, rk.sequence_loss, o1, progress=False,
-               lr_schedule=rk.ExponentialDecay(0.05, 0.5)).fit(batches, epochs=3)
+    m1, m2, m3 = char_model(), char_model(), char_model()
+    o1, o2, o3 = (rk.Adam(0.05, clip_norm=1.0) for _ in range(3))
+    # fused=False: the very same operations as the loop below, so bitwise equal; the default
+    # (fused) step computes the same function with other rounding
+    for m, o, fused in ((m1, o1, False), (m3, o3, None)):
+        rk.Trainer(m, rk.sequence_loss, o, progress=False, fused=fused,
+                   lr_schedule=rk.ExponentialDecay(0.05, 0.5)).fit(batches, epochs=3)
     for epoch in range(3):
         o2.lr = 0.05 * 0.5 ** epoch
         for x, y in batches:
@@ -47,6 +50,7 @@ def test_fit_equals_hand_written_loop():
             o2.step(m2.params, m2.grads)
     for k, p in m1.params.items():
         np.testing.assert_array_equal(p, m2.params[k])
+        np.testing.assert_allclose(m3.params[k], m2.params[k], rtol=1e-9, atol=1e-12)
 
 
 def test_callbacks_history_and_stop():
@@ -110,7 +114,8 @@ def test_stateful_carries_state_within_epoch_and_resets():
     rng = np.random.default_rng(2)
     stream = rk.StreamBatches(rng.integers(0, 5, 200), batch_size=3, seq_length=6)
     m1, m2, m3 = char_model(), char_model(), char_model()
-    rk.Trainer(m1, rk.sequence_loss, rk.SGD(0.1), stateful=True, progress=False).fit(stream, 2)
+    rk.Trainer(m1, rk.sequence_loss, rk.SGD(0.1), stateful=True, progress=False,
+               fused=False).fit(stream, 2)   # bitwise the loop below (fused: test_train_step)
     o2 = rk.SGD(0.1)
     for _ in range(2):
         state = None
