@@ -30,6 +30,7 @@ Results agree with the generic step to float rounding (tests/test_train_step.py)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import numpy as np
@@ -283,7 +284,8 @@ class _FusedPlan:
         # ids in: the first cell's input projection x W_ih^T is a row of table W_ih^T [V,G*H],
         # computed once per step instead of once per row, when there are fewer ids than rows
         # (Numba's kernels take it precomputed)
-        self.project = self.kept and V is not None and V <= N
+        self.project = (V is not None and V <= N
+                        and (self.kept or _seam_takes_projected(self.backend, first.spec)))
         GH = first.spec.gates * first.H
         self.x_in = np.empty((B, T, GH if self.project else first.I), dt)
         self.proj_table = np.empty((V, GH), dt) if self.project else None
@@ -435,8 +437,9 @@ class _FusedPlan:
                     else:
                         nc.launch(kernel, c.chunks, values, batched)
                 else:
+                    extra = {"projected": True} if self.project and c is self.cells[0] else {}
                     c.out, c.h, c.c, c.saved = self.backend.forward(
-                        c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens)
+                        c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens, **extra)
                 if c.dropped is not None:
                     keep = 1.0 - c.layer.dropout
                     c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
@@ -547,6 +550,13 @@ class _FusedPlan:
             else:
                 state[offset + i] = h
         return tuple(state)
+
+
+def _seam_takes_projected(backend, spec):
+    """Whether ``backend``'s seam takes the first cell's input as the projection x W_ih^T
+    (``forward(..., projected=True)``; then its backward's dx is that projection's gradient):
+    the C++ LSTM does."""
+    return spec.kind == "lstm" and "projected" in inspect.signature(backend.forward).parameters
 
 
 def _blas_hold(nc, cells, B, T):
