@@ -103,14 +103,31 @@ py::dtype float_dtype_of(py::handle x) {
 
 struct Dims { int64_t B, T, I, H; };
 
-Dims dims_of(py::handle x, py::handle w_hh) {
+py::array matrix(py::handle w, const char* name, const char* legend) {
+    if (!py::isinstance<py::array>(w))
+        throw py::value_error(std::string(name) + " must be a numpy.ndarray");
+    auto wa = py::reinterpret_borrow<py::array>(w);
+    if (wa.ndim() != 2)
+        throw py::value_error(std::string(name) + " must be 2-D " + legend + ", got shape " +
+                              shape_of(wa));
+    return wa;
+}
+
+// projected (LSTM only): x holds x_orig W_ih^T, [B,T,G*H]; I is then w_ih's width.
+Dims dims_of(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
+             bool projected) {
+    if (projected && spec.cell != rk::Cell::lstm)
+        throw py::value_error("projected input is supported for the LSTM only");
     auto xa = py::reinterpret_borrow<py::array>(x);
     if (xa.ndim() != 3) throw py::value_error("x must be 3-D [B,T,I], got shape " + shape_of(xa));
-    if (!py::isinstance<py::array>(w_hh))
-        throw py::value_error("w_hh must be a numpy.ndarray");
-    auto wa = py::reinterpret_borrow<py::array>(w_hh);
-    if (wa.ndim() != 2) throw py::value_error("w_hh must be 2-D [G*H,H], got shape " + shape_of(wa));
-    return {xa.shape(0), xa.shape(1), xa.shape(2), wa.shape(1)};
+    const int64_t H = matrix(w_hh, "w_hh", "[G*H,H]").shape(1);
+    if (!projected) return {xa.shape(0), xa.shape(1), xa.shape(2), H};
+    const int64_t I = matrix(w_ih, "w_ih", "[G*H,I]").shape(1), GH = rk::gates_of(spec.cell) * H;
+    if (xa.shape(2) != GH)
+        throw py::value_error("x must have shape [B, T, G*H] = " +
+                              shape_str({xa.shape(0), xa.shape(1), GH}) +
+                              " when projected (x_orig W_ih^T), got " + shape_of(xa));
+    return {xa.shape(0), xa.shape(1), I, H};
 }
 
 py::object checked_lengths(py::handle obj, int64_t B, int64_t T) {
@@ -128,13 +145,14 @@ py::object checked_lengths(py::handle obj, int64_t B, int64_t T) {
 template <typename T>
 py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
                     py::handle b_ih, py::handle b_hh, py::handle h0, py::handle c0,
-                    py::handle lengths) {
+                    py::handle lengths, bool projected) {
     const auto dt = py::dtype::of<T>();
-    const Dims d = dims_of(x, w_hh);
+    const Dims d = dims_of(spec, x, w_ih, w_hh, projected);
     const int64_t G = rk::gates_of(spec.cell), GH = G * d.H, S = rk::slots_of(spec.cell);
     const bool lstm = spec.cell == rk::Cell::lstm;
     const bool gru_before = spec.cell == rk::Cell::gru && !spec.reset_after;
-    py::object xo = checked(x, "x", dt, {d.B, d.T, d.I});
+    const int64_t Ix = projected ? GH : d.I;  // x's last dim; I of the saved rows: 0
+    py::object xo = checked(x, "x", dt, {d.B, d.T, Ix});
     py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
     py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
     py::object bi = checked(b_ih, "b_ih", dt, {GH});
@@ -148,7 +166,8 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     const int64_t Hs = lstm ? rk::lstm_padded_hidden(d.H, sizeof(T)) : d.H;
     auto out = new_array<T>({d.B, d.T, d.H});
     py::array_t<T> h_n({d.B, d.H});
-    auto hprev = lstm ? new_array<T>({d.T + 1, d.B, rk::lstm_xh_width(d.I, d.H, sizeof(T))})
+    auto hprev = lstm ? new_array<T>({d.T + 1, d.B,
+                                      rk::lstm_xh_width(projected ? 0 : d.I, d.H, sizeof(T))})
                       : new_array<T>({d.B, d.T, d.H});
     auto act = lstm ? new_array<T>({d.T, d.B, S * Hs}) : new_array<T>({d.B, d.T, S * d.H});
     py::object c_n = py::none(), cprev = py::none(), rh = py::none();
@@ -158,6 +177,7 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     a.x = cptr<T>(xo); a.w_ih = cptr<T>(wi); a.w_hh = cptr<T>(wh);
     a.b_ih = cptr<T>(bi); a.b_hh = cptr<T>(bh); a.h0 = cptr<T>(h); a.c0 = cptr<T>(c);
     a.lengths = cptr<int64_t>(len);
+    a.projected = projected;
     a.out = out.mutable_data(); a.h_n = h_n.mutable_data();
     a.hprev = hprev.mutable_data(); a.act = act.mutable_data();
     if (lstm) {
@@ -189,13 +209,15 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
 template <typename T>
 py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
                      py::handle lengths, py::handle hprev, py::handle cprev, py::handle act,
-                     py::handle rh, py::handle d_out, py::handle d_h_n, py::handle d_c_n) {
+                     py::handle rh, py::handle d_out, py::handle d_h_n, py::handle d_c_n,
+                     bool projected) {
     const auto dt = py::dtype::of<T>();
-    const Dims d = dims_of(x, w_hh);
+    const Dims d = dims_of(spec, x, w_ih, w_hh, projected);
     const int64_t G = rk::gates_of(spec.cell), GH = G * d.H, S = rk::slots_of(spec.cell);
     const bool lstm = spec.cell == rk::Cell::lstm;
     const bool gru_before = spec.cell == rk::Cell::gru && !spec.reset_after;
-    py::object xo = checked(x, "x", dt, {d.B, d.T, d.I});
+    const int64_t Ix = projected ? GH : d.I;  // x's and dx's last dim
+    py::object xo = checked(x, "x", dt, {d.B, d.T, Ix});
     py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
     py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
     py::object len = checked_lengths(lengths, d.B, d.T);
@@ -204,7 +226,9 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     const std::vector<int64_t> state = lstm ? std::vector<int64_t>{d.T, d.B, Hs}
                                             : std::vector<int64_t>{d.B, d.T, d.H};
     const std::vector<int64_t> hstate =
-        lstm ? std::vector<int64_t>{d.T, d.B, rk::lstm_xh_width(d.I, d.H, sizeof(T))} : state;
+        lstm ? std::vector<int64_t>{d.T, d.B,
+                                    rk::lstm_xh_width(projected ? 0 : d.I, d.H, sizeof(T))}
+             : state;
     const std::vector<int64_t> acts = lstm ? std::vector<int64_t>{d.T, d.B, S * Hs}
                                            : std::vector<int64_t>{d.B, d.T, S * d.H};
     py::object hp = checked(hprev, "hprev", dt, hstate);
@@ -219,7 +243,7 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     if (!lstm && !d_c_n.is_none()) throw py::value_error("d_c_n is for LSTM only; pass None");
     py::object dcn = checked(d_c_n, "d_c_n", dt, {d.B, d.H}, true);
 
-    auto dx = new_array<T>({d.B, d.T, d.I});
+    auto dx = new_array<T>({d.B, d.T, Ix});
     py::array_t<T> dh0({d.B, d.H});
     py::array_t<T> dw_ih({GH, d.I}), dw_hh({GH, d.H}), db_ih({GH}), db_hh({GH});
     py::object dc0 = py::none();
@@ -228,6 +252,7 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     a.B = d.B; a.T_ = d.T; a.I = d.I; a.H = d.H;
     a.x = cptr<T>(xo); a.w_ih = cptr<T>(wi); a.w_hh = cptr<T>(wh);
     a.lengths = cptr<int64_t>(len);
+    a.projected = projected;
     a.hprev = cptr<T>(hp); a.cprev = cptr<T>(cp); a.act = cptr<T>(ac); a.rh = cptr<T>(r);
     a.d_out = cptr<T>(dout); a.d_h_n = cptr<T>(dhn); a.d_c_n = cptr<T>(dcn);
     a.dx = dx.mutable_data(); a.dh0 = dh0.mutable_data();
@@ -263,38 +288,46 @@ PYBIND11_MODULE(_C, m) {
     m.def("forward",
           [](const std::string& cell, py::object x, py::object w_ih, py::object w_hh,
              py::object b_ih, py::object b_hh, py::object h0, py::object c0, py::object lengths,
-             const std::string& nonlinearity, double forget_bias, bool reset_after) {
+             const std::string& nonlinearity, double forget_bias, bool reset_after,
+             bool projected) {
               const rk::Spec s = make_spec(cell, nonlinearity, forget_bias, reset_after);
               if (float_dtype_of(x).is(py::dtype::of<float>()))
-                  return forward_t<float>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths);
-              return forward_t<double>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths);
+                  return forward_t<float>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
+                                          projected);
+              return forward_t<double>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, projected);
           },
           py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
           py::arg("b_hh"), py::arg("h0") = py::none(), py::arg("c0") = py::none(),
           py::arg("lengths") = py::none(), py::kw_only(), py::arg("nonlinearity") = "tanh",
           py::arg("forget_bias") = 0.0, py::arg("reset_after") = true,
+          py::arg("projected") = false,
           "Forward over a whole sequence. x [B,T,I], w_ih [G*H,I], w_hh [G*H,H], b_* [G*H],\n"
           "h0, c0 [B,H] or None (zeros), lengths int64 [B] in [0,T] or None.\n"
+          "projected (LSTM only): x is [B,T,G*H] = x_orig W_ih^T (no bias); w_ih is not read.\n"
           "Returns (outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved dict).");
 
     m.def("backward",
           [](const std::string& cell, py::object x, py::object w_ih, py::object w_hh,
              py::object lengths, py::object hprev, py::object cprev, py::object act,
              py::object rh, py::object d_out, py::object d_h_n, py::object d_c_n,
-             const std::string& nonlinearity, double forget_bias, bool reset_after) {
+             const std::string& nonlinearity, double forget_bias, bool reset_after,
+             bool projected) {
               const rk::Spec s = make_spec(cell, nonlinearity, forget_bias, reset_after);
               if (float_dtype_of(x).is(py::dtype::of<float>()))
                   return backward_t<float>(s, x, w_ih, w_hh, lengths, hprev, cprev, act, rh,
-                                           d_out, d_h_n, d_c_n);
+                                           d_out, d_h_n, d_c_n, projected);
               return backward_t<double>(s, x, w_ih, w_hh, lengths, hprev, cprev, act, rh, d_out,
-                                        d_h_n, d_c_n);
+                                        d_h_n, d_c_n, projected);
           },
           py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("lengths"),
           py::arg("hprev"), py::arg("cprev"), py::arg("act"), py::arg("rh"),
           py::arg("d_outputs") = py::none(), py::arg("d_h_n") = py::none(),
           py::arg("d_c_n") = py::none(), py::kw_only(), py::arg("nonlinearity") = "tanh",
           py::arg("forget_bias") = 0.0, py::arg("reset_after") = true,
+          py::arg("projected") = false,
           "Backprop through time from forward's saved arrays (hprev, cprev, act, rh).\n"
+          "projected: as the forward was called; x is the projected input, dx [B,T,G*H] the\n"
+          "gate pre-activation gradients, dw_ih zeros (not computed).\n"
           "Returns (dx, dh0, dc0 | None, dw_ih, dw_hh, db_ih, db_hh).");
 
     m.def("set_blas",

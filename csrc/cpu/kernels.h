@@ -7,6 +7,10 @@
 // hprev [T+1,B,R] (rows [h | x | 1], R = lstm_xh_width(I, H, sizeof(T))), cprev [T+1,B,Hp] in
 // the forward (row T: the final state; the backward reads rows < T), act shaped [T,B,5Hp]
 // (laid out [T,Hp/V,B,5V], V = 64 / sizeof(T); lstm.cpp).
+// Projected input (LSTM only, `projected`): x is [B,T,G*H] = x_orig W_ih^T (gate order i,f,g,o,
+// no bias), the saved rows are [h | 1] (R = lstm_xh_width(0, H, ...)), w_ih [G*H,I] is not read
+// (I is its width), dx is [B,T,G*H] = the gate pre-activation gradients and dw_ih comes back zero
+// (the caller forms it from dx and its own x_orig, e.g. as a [V,G*H] table scatter).
 // The bindings check shapes.
 #pragma once
 
@@ -49,6 +53,7 @@ struct ForwardArgs {
     const T* h0 = nullptr;              // [B,H]
     const T* c0 = nullptr;              // [B,H], lstm only
     const int64_t* lengths = nullptr;   // [B] in [0,T], or null (all T)
+    bool projected = false;             // lstm only: x is [B,T,G*H] (see the legend)
     // outputs
     T* out = nullptr;                   // [B,T,H], zero at t >= lengths[b]
     T* h_n = nullptr;                   // [B,H]
@@ -68,6 +73,7 @@ struct BackwardArgs {
     const T* w_ih = nullptr;            // [G*H,I]
     const T* w_hh = nullptr;            // [G*H,H]
     const int64_t* lengths = nullptr;   // [B] or null
+    bool projected = false;             // as in the forward: x, dx [B,T,G*H]; dw_ih zero
     const T* hprev = nullptr;           // as saved by forward
     const T* cprev = nullptr;
     const T* act = nullptr;

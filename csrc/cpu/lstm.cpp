@@ -24,6 +24,13 @@
 // [dW_hh; dW_ih; db]^T += xh^T dG. Only the partials (K x 4Hp per chunk) are summed after the
 // join; dG never goes to memory in full (it did at first: 5 MB per char-rnn layer written, then
 // read back by separate weight-gradient GEMMs).
+//
+// Projected input (a.projected: x [B,T,4H] is already x_orig W_ih^T, kernels.h): the rows are
+// [h | 1] (K = Hp + 1), so the per-step GEMM gives h W_hh^T + b and the pointwise pass first
+// adds the step's projected row into the pre-activations; the backward has no dx GEMM (each
+// row's dG goes straight to dx, un-interleaved, as it is made) and its weight-gradient GEMM
+// gives [dW_hh; db] only. At char-rnn size, (B,T,H,I) = (50,50,128,128), that drops 1 of the
+// 4 GEMM shares (the x W_ih^T part of the forward GEMM, dx and dW_ih in the backward).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -53,7 +60,7 @@ inline int64_t icol(int64_t k, int64_t j) {
 template <typename T, int Tag>
 T* scratch(size_t n) {
     thread_local std::vector<T> buf;
-    if (buf.size() < n) buf.resize(n);
+    if (buf.size() < std::max<size_t>(n, 1)) buf.resize(std::max<size_t>(n, 1));  // never null
     return buf.data();
 }
 
@@ -103,7 +110,8 @@ void gemm_blocks(int64_t M, const T* A, int64_t qstride, const Panels<T>& b, T b
     }
 }
 
-// Sizes of the private layout for one call.
+// Sizes of the private layout for one call. I: the x columns of the saved rows (0 when the
+// input comes projected: rows [h | 1]).
 template <typename T>
 struct Dims {
     int64_t B, Tn, I, H, Hp, GP, SP, K, R;
@@ -111,6 +119,37 @@ struct Dims {
         : B(B_), Tn(T_), I(I_), H(H_), Hp(lstm_padded_hidden(H_, sizeof(T))), GP(4 * Hp),
           SP(5 * Hp), K(Hp + I_ + 1), R(round_lanes<T>(Hp + I_ + 1)) {}
 };
+
+// Projected input: the columns of unit block q (units j0 = qV ..) of one row of a [.., 4H]
+// array in the canonical gate order (i, f, g, o) are, per gate k, the cnt = min(V, H - j0)
+// values at k*H + j0; in the interleaved layout they sit at k*V of that block.
+// Forward: add x W_ih^T (xp, [4H]) into this row's pre-activations (block q at g + q * qstride).
+template <typename T>
+RK_ALWAYS_INLINE void add_projected(int64_t H, const T* __restrict__ xp, T* __restrict__ g,
+                                    int64_t qstride) {
+    constexpr int64_t V = lanes<T>();
+    for (int64_t k = 0; k < 4; ++k)
+        for (int64_t j0 = 0, q = 0; j0 < H; j0 += V, ++q) {
+            T* __restrict__ gq = g + q * qstride + k * V;
+            const T* __restrict__ xq = xp + k * H + j0;
+            const int64_t cnt = std::min(V, H - j0);
+            for (int64_t l = 0; l < cnt; ++l) gq[l] += xq[l];
+        }
+}
+
+// Backward: this row's gate gradients (block q at dg + q * qstride) out to dx ([4H]).
+template <typename T>
+RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t qstride,
+                                    T* __restrict__ dx) {
+    constexpr int64_t V = lanes<T>();
+    for (int64_t k = 0; k < 4; ++k)
+        for (int64_t j0 = 0, q = 0; j0 < H; j0 += V, ++q) {
+            const T* __restrict__ d = dg + q * qstride + k * V;
+            T* __restrict__ xq = dx + k * H + j0;
+            const int64_t cnt = std::min(V, H - j0);
+            for (int64_t l = 0; l < cnt; ++l) xq[l] = d[l];
+        }
+}
 
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
 
@@ -221,8 +260,9 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
                 std::memset(out, 0, H * sizeof(T));
                 continue;
             }
-            fwd_cells(nblk, fb, a.act + t * B * d.SP + b * 5 * V, aq, cs + r * Hp, cs + rn * Hp,
-                      xh + rn * R);
+            T* g = a.act + t * B * d.SP + b * 5 * V;
+            if (a.projected) add_projected(H, a.x + (b * Tn + t) * 4 * H, g, aq);
+            fwd_cells(nblk, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
             std::memcpy(out, xh + rn * R, H * sizeof(T));
         }
     }
@@ -238,7 +278,7 @@ void fwd_chunk(void* ctx, int64_t lo, int64_t hi) {
 
 template <typename T>
 void forward_impl(const ForwardArgs<T>& a) {
-    const Dims<T> d(a.B, a.T_, a.I, a.H);
+    const Dims<T> d(a.B, a.T_, a.projected ? 0 : a.I, a.H);
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
     const Panels<T> wc(d.K, GP, scratch<T, 0>(d.K * GP));
     for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
@@ -323,6 +363,7 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, R * sizeof(T));
             if (a.lengths && t >= a.lengths[b]) {  // dh, dc pass through; no gate gradient
                 for (int64_t q = 0; q < nblk; ++q) std::memset(dg + q * qs, 0, PW * sizeof(T));
+                if (a.projected) std::memset(a.dx + (b * Tn + t) * 4 * H, 0, 4 * H * sizeof(T));
                 continue;
             }
             T* dh = w.dh + b * Hp;
@@ -332,17 +373,21 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             }
             back_cells(nblk, a.act + t * B * d.SP + b * 5 * PW / 4, B * 5 * PW / 4,
                        a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
+            if (a.projected) put_projected(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
         gemm_blocks<T>(Bc, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
         if (s + 1 < Tb && t > 0) continue;
-        // flush the ring (steps t_top down to t): dx and this chunk's weight gradients
+        // flush the ring (steps t_top down to t): dx (projected: written above) and this
+        // chunk's weight gradients
         const int64_t rows = (s + 1) * Bc;
-        gemm_blocks<T>(rows, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
-        for (int64_t q = 0; q <= s; ++q)
-            for (int64_t b = lo; b < hi; ++b)
-                std::memcpy(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip,
-                            I * sizeof(T));
+        if (!a.projected) {
+            gemm_blocks<T>(rows, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
+            for (int64_t q = 0; q <= s; ++q)
+                for (int64_t b = lo; b < hi; ++b)
+                    std::memcpy(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip,
+                                I * sizeof(T));
+        }
         for (int64_t q = 0; q < nblk; ++q)
             gemm<T>(true, d.K, PW, rows, T(1), rx, R, rg + q * qs, PW, T(1), part + q * PW, GP,
                     w.path);
@@ -360,7 +405,7 @@ void back_chunk(void* ctx, int64_t lo, int64_t hi) {
 
 template <typename T>
 void backward_impl(const BackwardArgs<T>& a) {
-    const Dims<T> d(a.B, a.T_, a.I, a.H);
+    const Dims<T> d(a.B, a.T_, a.projected ? 0 : a.I, a.H);
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
     const int64_t Ip = round_lanes<T>(I);
     const Panels<T> whb(GP, Hp, scratch<T, 1>(GP * Hp)), wxb(GP, Ip, scratch<T, 2>(GP * Ip));
@@ -400,6 +445,7 @@ void backward_impl(const BackwardArgs<T>& a) {
         const T* __restrict__ q = w.part + k * d.K * GP;
         for (int64_t e = 0; e < d.K * GP; ++e) p[e] += q[e];
     }
+    if (a.projected) std::memset(a.dw_ih, 0, 4 * H * a.I * sizeof(T));  // the caller's to form
     for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
         const int64_t g0 = k * H + j0;
         for (int64_t m = 0; m < H; ++m)

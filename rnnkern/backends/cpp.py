@@ -22,6 +22,14 @@ panels, and its backward gathers a few steps of gate gradients before the dx and
 GEMMs (``_C.set_lstm_ring_rows``). Result arrays from about 256 KiB up come from a pool of freed
 blocks, so repeated calls with the same shapes do not page-fault (``_C.set_pool_limit``,
 ``_C.pool_held``).
+
+Projected input (LSTM only; ``forward(..., projected=True)``): ``x`` [B,T,4H] is already
+``x_orig W_ih^T`` (gate order i, f, g, o, without bias), e.g. rows gathered from a [V,4H] table
+for one-hot or embedded ids; ``w_ih`` is passed (any width) but not read. The saved rows are then
+``[h | 1]``, so the per-step GEMM skips the input columns, and the backward skips the dx and dW_ih
+GEMMs: its ``dx`` [B,T,4H] is the gradient w.r.t. that projection (the gate pre-activation
+gradients) and ``w_ih``'s gradient comes back as zeros, for the caller to form
+(``dx.reshape(-1, 4H).T @ x_orig.reshape(-1, I)``, or a table scatter).
 """
 from __future__ import annotations
 
@@ -62,19 +70,22 @@ def _options(spec):
                 reset_after=bool(spec.reset_after))
 
 
-def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
-    """See :func:`rnnkern.reference.forward`; ``saved`` holds _C's activation buffers."""
+def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None, projected=False):
+    """See :func:`rnnkern.reference.forward`; ``saved`` holds _C's activation buffers.
+    ``projected``: see the module docstring (LSTM only; else ValueError)."""
     out, h_n, c_n, buffers = _C.forward(spec.kind, x, w_ih, w_hh, b_ih, b_hh, h0,
                                         c0 if spec.has_cell_state else None, lengths,
-                                        **_options(spec))
-    saved = dict(buffers, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths)
+                                        projected=bool(projected), **_options(spec))
+    saved = dict(buffers, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths, projected=bool(projected))
     return out, h_n, c_n, saved
 
 
 def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
-    """See :func:`rnnkern.reference.backward`."""
+    """See :func:`rnnkern.reference.backward`. After a projected forward, ``dx`` [B,T,4H] is the
+    gradient w.r.t. ``x_orig W_ih^T`` and the ``w_ih`` gradient is zeros (module docstring)."""
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _C.backward(
         spec.kind, saved["x"], saved["w_ih"], saved["w_hh"], saved["lengths"], saved["hprev"],
         saved["cprev"], saved["act"], saved["rh"], d_outputs, d_h_n,
-        d_c_n if spec.has_cell_state else None, **_options(spec))
+        d_c_n if spec.has_cell_state else None, projected=saved.get("projected", False),
+        **_options(spec))
     return dx, dh0, dc0, dict(w_ih=dw_ih, w_hh=dw_hh, b_ih=db_ih, b_hh=db_hh)
