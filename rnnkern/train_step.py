@@ -273,8 +273,8 @@ class _FusedPlan:
         head_drop = hd is not None and hd.training and hd.p > 0
         # Numba: the kernels' argument lists are kept here; other backends: their seam per call
         self.kept = self.backend is self.nc
-        key = (B, T, drops, head_drop, self.kept, config.SPLIT_MIN_FLOPS, config.SPLIT_MIN_ROWS,
-               config.THREADS, config.BLAS_ONE_THREAD_MIN_FLOPS)
+        key = (B, T, drops, head_drop, self.backend.name, config.SPLIT_MIN_FLOPS,
+               config.SPLIT_MIN_ROWS, config.THREADS, config.BLAS_ONE_THREAD_MIN_FLOPS)
         if self._ws_key == key:
             return
         dt, nc = self.dtype, self.nc
