@@ -64,6 +64,12 @@ class TrainStep:
 
     ``fused_reason`` says why the last call was not fused (None when it was).
 
+    Note: the first fused call replaces every array in the layers' ``params`` (and ``grads``)
+    dicts by a view of one flat array holding the same values, as ``load_params`` replaces
+    them; an array taken out of a dict before that no longer follows training, so read
+    ``model.params`` afresh (in-place writes to the current arrays, e.g. ``Sequential.load_params``
+    or a checkpoint load, go straight into the flat array).
+
     Example (lab 12-1)::
 
         >>> step = TrainStep(model, sequence_loss, Adam(0.1))

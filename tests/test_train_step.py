@@ -354,3 +354,22 @@ def test_auto_layers_take_numba_when_small_and_the_cell_backend_when_large(monke
     monkeypatch.setattr(backends, "_chosen", "numpy")
     step(x, y)
     assert step._plan.backend.name == "numpy" and not step._plan.kept
+
+
+def test_in_place_loads_reach_the_fused_step():
+    """Sequential.load_params / a checkpoint load write into the current (flat-view) arrays:
+    the next fused step trains from the loaded values, as the generic step would."""
+    x, y = batch("onehot")
+    models = [make_model(), make_model()]
+    steps = [rk.TrainStep(m, rk.sequence_loss, rk.Adam(0.05), fused=f)
+             for m, f in zip(models, (None, False))]
+    for s in steps:
+        s(x, y)
+    snapshot = {k: v.copy() + 0.5 for k, v in models[1].params.items()}
+    for m in models:
+        m.load_params(snapshot)
+    for s in steps:
+        s(x, y)
+    assert steps[0].fused_reason is None
+    for k in models[0].params:
+        np.testing.assert_allclose(models[0].params[k], models[1].params[k], err_msg=k, **F64)
