@@ -1,4 +1,4 @@
-"""One training step -- forward, loss, backward, optimizer update -- as one object: :class:`TrainStep`.
+"""One training step (forward, loss, backward, optimizer update) as one object: :class:`TrainStep`.
 
 Shape legend: B batch, T time steps, V vocabulary, E input width, H hidden size, C classes,
 N = B*T rows.

@@ -21,8 +21,10 @@ from .. import config
 from .numba_runtime import (POOL, clear_workspaces, launch, one_blas_thread, plan_chunks,
                             run_chunks, saved_record)
 
+# the seam, and the pieces rnnkern.train_step's fused step runs the kernels with
 __all__ = ["available", "forward", "backward", "clear_workspaces", "saved_shapes",
-           "scratch_shapes", "combine_bias", "forward_call", "backward_call", "run_backward", "launch", "plan_chunks", "one_blas_thread", "run_chunks"]
+           "scratch_shapes", "combine_bias", "forward_call", "backward_call", "run_backward",
+           "launch", "plan_chunks", "one_blas_thread", "run_chunks"]
 
 name = "numba"
 
