@@ -243,7 +243,8 @@ class _FusedPlan:
         if shape[0] * shape[1] == 0:
             return "empty batch (B*T = 0)"
         preset = backends.preset()
-        key = (shape[:2], preset, config.TRAIN_STEP_NUMBA_MAX_FLOPS)
+        key = (shape[:2], preset, config.TRAIN_STEP_NUMBA_MAX_FLOPS,
+               tuple(r.backend for r in self.recurrent))
         if self._checked is not None and self._checked[0] == key:
             return self._checked[1]
         B, T = shape[:2]
