@@ -1,11 +1,12 @@
-"""GPU timing: rnnkern's cuda backend (both strategies) vs torch.nn.LSTM/GRU on cuDNN, float32.
+"""GPU timing: rnnkern's cuda backend (every strategy) vs torch.nn.LSTM/GRU on cuDNN, float32.
 
     python benchmarks/bench_gpu.py [--shapes "B,T,I,H,L;..."] [--kinds lstm,gru] [--budget 150]
                                    [--tf32] [--seam] [--max-blocks N] [--no-barrier-check]
                                    [--json out.json]
 
 For each (B,T,I,H,L) and cell it prints forward and forward+backward milliseconds per call for
-cuDNN, rnnkern stepwise, rnnkern persistent, and which strategy the size rule picks.
+cuDNN, rnnkern stepwise, persistent and cluster (where the device has thread-block clusters), and
+which strategy the size rule picks.
 Forward means a training forward (activations saved for backward) on both sides.
 
 Method: each implementation runs in the same process; after two warm-up calls (which include
@@ -198,12 +199,15 @@ def main(argv=None):
     print(f"# ms per call, median of {REPEATS} repeats; ratio = cuDNN / best rnnkern "
           f"(> 1: rnnkern faster)")
     head = (f"{'cell':5} {'B,T,I,H,L':>20} {'mode':7} {'cuDNN':>9} {'stepwise':>9} "
-            f"{'persist':>9} {'rule':>10} {'ratio':>6}")
+            f"{'persist':>9} {'cluster':>9} {'rule':>10} {'ratio':>6}")
     print(head)
     print("-" * len(head))
     t_start = time.perf_counter()
     rows = []
-    n_sm, smem = cuda._device_limits(cuda._get_runtime())
+    rt = cuda._get_runtime()
+    n_sm, smem = cuda._device_limits(rt)
+    clusters = rt.supports_clusters()
+    teams = {"persistent": "grid", "cluster": "cluster"}
     for shape in args.shapes:
         B, T, I, H, L = shape
         for kind in args.kinds.split(","):
@@ -211,14 +215,16 @@ def main(argv=None):
                 print(f"{kind:5} {str(shape):>20} skipped: time budget of {args.budget:.0f} s spent")
                 continue
             cuda.set_strategy(None)
-            rule = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, n_sm, smem)[0]
+            rule = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, n_sm, smem, clusters)[0]
             timers = {"fwd": [], "fwd+bwd": []}
             tf, tfb = _torch_fns(kind, B, T, I, H, L)
             timers["fwd"].append(TorchTimer("cuDNN", tf))
             timers["fwd+bwd"].append(TorchTimer("cuDNN", tfb))
             for strategy in cuda.STRATEGIES:
-                if strategy == "persistent" and \
-                        cuda.persistent_plan(rk.CellSpec(kind), B, H, 4, n_sm, smem) is None:
+                if strategy == "cluster" and not clusters:
+                    continue
+                if strategy in teams and cuda.persistent_plan(
+                        rk.CellSpec(kind), B, H, 4, n_sm, smem, team=teams[strategy]) is None:
                     continue
                 f, fb = _rnnkern_fns(kind, B, T, I, H, L, strategy, args.seam)
                 timers["fwd"].append(CupyTimer(strategy, f))
@@ -236,7 +242,8 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{kind:5} {str(shape):>20} {mode:7} {ms['cuDNN']:9.3f} "
                       f"{ms.get('stepwise', float('nan')):9.3f} "
-                      f"{ms.get('persistent', float('nan')):9.3f} {rule:>10} "
+                      f"{ms.get('persistent', float('nan')):9.3f} "
+                      f"{ms.get('cluster', float('nan')):9.3f} {rule:>10} "
                       f"{row['ratio']:6.2f}", flush=True)
             cuda.set_strategy(None)
     print(f"# total {time.perf_counter() - t_start:.1f} s")

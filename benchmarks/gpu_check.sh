@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check for the cuda backend, on an NVIDIA machine with CuPy and a CUDA build of PyTorch
-# (no network needed): compile the kernels, run the `gpu` tests, then time both strategies
+# (no network needed): compile the kernels, run the `gpu` tests, then time every strategy
 # against torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5. About 5 minutes at most.
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
@@ -32,12 +32,18 @@ timeout 45 "$PY" - <<'PY' || status=1
 import time, numpy as np
 from rnnkern.backends import cuda
 rt = cuda._get_runtime()
+first = {"stepwise": "rk_lstm_fwd_step", "persistent": "rk_lstm_persist_fwd",
+         "cluster": "rk_lstm_cluster_fwd"}
 for module in cuda.MODULES:
+    if module == "cluster" and not rt.supports_clusters():
+        print("  cluster: skipped (no thread-block clusters before compute capability 9.0)")
+        continue
     for dtype in (np.float32, np.float64):
         t0 = time.perf_counter()
-        rt.kernel(module, "rk_lstm_persist_fwd" if module == "persistent" else "rk_lstm_fwd_step", dtype)
+        rt.kernel(module, first[module], dtype)
         print(f"  {module:10} {np.dtype(dtype).name}: {time.perf_counter() - t0:.2f} s")
-print("  device limits (SMs, opt-in shared memory per block):", rt.props())
+print("  device limits (SMs, opt-in shared memory per block):", rt.props(),
+      "| thread-block clusters:", rt.supports_clusters())
 PY
 
 # Warnings stay visible but do not fail here (pytest.ini turns them into errors for CI, where

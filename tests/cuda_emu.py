@@ -6,9 +6,9 @@ library with one ``emu_<kernel>(grid, block, smem, args...)`` launcher per ``ext
 kernel. :class:`EmuRuntime` offers the methods of ``rnnkern.backends.cuda.CupyRuntime`` over
 NumPy arrays, so the backend's own time loops, GEMMs and buffer handling run unchanged.
 
-What this checks: kernel logic, indexing, masking, the persistent kernels' work split, staging
-and grid barrier, and the host orchestration. What it cannot: NVRTC/CuPy specifics, GPU memory
-ordering and caches, launch limits, speed.
+What this checks: kernel logic, indexing, masking, the persistent kernels' work split, staging,
+grid barrier and cluster teams, and the host orchestration. What it cannot: NVRTC/CuPy
+specifics, GPU memory ordering and caches, launch limits, speed.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def build(module, real, outdir):
     root = cuda.source_root()
     src = root / "cuda" / f"{module}.cu"
     flags = ["-std=c++20", "-O1", "-pthread", f"-DRK_REAL={real}", "-DRK_EXACT_MATH",
+             f"-DRK_CLUSTER_SIZE={cuda.CLUSTER_SIZE}",
              "-I", str(root / "include"), "-include", str(HEADER)]
     expanded = subprocess.run(["g++", "-E", "-P", "-x", "c++", *flags, str(src)], check=True,
                               capture_output=True, text=True).stdout
@@ -59,11 +60,14 @@ def build(module, real, outdir):
     for m in _KERNEL.finditer(expanded):
         kname, params = m.group(1), [p.strip() for p in m.group(2).split(",")]
         names = [p.replace("*", " ").split()[-1] for p in params]
+        # the cluster kernels' __cluster_dims__ (a no-op macro here) becomes a launch argument
+        cluster = "RK_CLUSTER_SIZE" if "_cluster_" in kname else "1"
         kernels[kname] = [_ctype(p, real) for p in params]
         wrappers.append(
             f'extern "C" void emu_{kname}(unsigned int grid, unsigned int block, '
             f'unsigned long smem, {", ".join(params)}) {{\n'
-            f'  rk_emu::launch(grid, block, smem, [=] {{ {kname}({", ".join(names)}); }});\n}}\n')
+            f'  rk_emu::launch(grid, block, smem, {cluster}, '
+            f'[=] {{ {kname}({", ".join(names)}); }});\n}}\n')
     tu = Path(outdir) / f"{module}_{real}.cpp"
     tu.write_text(f'#include "{src}"\n' + "".join(wrappers))
     key = hashlib.sha1(expanded.encode() + tu.read_bytes()).hexdigest()[:12]
@@ -98,6 +102,9 @@ class EmuRuntime:
 
     def props(self):
         return self._n_sm, self._smem
+
+    def supports_clusters(self):
+        return True
 
     def stream_key(self):
         return 0, 0

@@ -4,7 +4,9 @@
 // Every CUDA thread of a launch is one std::thread, all running at once, so __syncthreads is a
 // real barrier per block and the persistent kernels' grid barrier really synchronises blocks.
 // Only what the kernels use is here: 1-D launches, dynamic shared memory, __syncthreads,
-// __threadfence, atomicAdd/atomicExch on unsigned int, __ldcg, __nanosleep.
+// __threadfence, atomicAdd/atomicExch on unsigned int, __ldcg, __nanosleep, and thread-block
+// clusters of consecutive blocks (rank, cluster index, cluster barrier; common.cuh's
+// rk_cluster_*), with __cluster_dims__ read by the launcher instead of the compiler.
 // Not emulated: warps, memory-model subtleties of the GPU (L1 incoherence), performance.
 #pragma once
 
@@ -13,6 +15,7 @@
 #include <barrier>
 #include <cstddef>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -21,6 +24,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __align__(n) alignas(n)
+#define __cluster_dims__(...)
+#define RK_HOST_EMULATION 1
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
@@ -29,20 +34,28 @@ struct dim3 {
 namespace rk_emu {
 struct BlockState {
     std::barrier<>* sync;
+    std::barrier<>* cluster_sync;
     unsigned char* smem;
+    unsigned int cluster_size;
 };
 inline thread_local dim3 t_thread, t_block, t_blockdim, t_griddim;
 inline thread_local BlockState* t_state = nullptr;
 
+// cluster: blocks per cluster (1: a plain launch); the grid must be a multiple of it
 template <class F>
-void launch(unsigned int grid, unsigned int block, std::size_t smem, F body) {
-    std::vector<std::unique_ptr<std::barrier<>>> syncs;
+void launch(unsigned int grid, unsigned int block, std::size_t smem, unsigned int cluster,
+            F body) {
+    if (cluster == 0 || grid % cluster != 0) throw std::invalid_argument("grid % cluster != 0");
+    std::vector<std::unique_ptr<std::barrier<>>> syncs, cluster_syncs;
     std::vector<std::vector<unsigned char>> memory(grid);
     std::vector<BlockState> states(grid);
+    for (unsigned int c = 0; c < grid / cluster; ++c)
+        cluster_syncs.emplace_back(new std::barrier<>((std::ptrdiff_t)cluster * block));
     for (unsigned int b = 0; b < grid; ++b) {
         syncs.emplace_back(new std::barrier<>(block));
         memory[b].assign(smem + 16, 0xCD);  // garbage-ish, as fresh shared memory is
-        states[b] = {syncs.back().get(), memory[b].data()};
+        states[b] = {syncs.back().get(), cluster_syncs[b / cluster].get(), memory[b].data(),
+                     cluster};
     }
     std::vector<std::thread> threads;
     threads.reserve((std::size_t)grid * block);
@@ -67,6 +80,13 @@ void launch(unsigned int grid, unsigned int block, std::size_t smem, F body) {
 #define RK_DYNAMIC_SMEM(name) unsigned char* name = rk_emu::t_state->smem
 
 inline void __syncthreads() { rk_emu::t_state->sync->arrive_and_wait(); }
+
+template <int TAG>
+inline unsigned int rk_cluster_rank() { return blockIdx.x % rk_emu::t_state->cluster_size; }
+template <int TAG>
+inline unsigned int rk_cluster_id() { return blockIdx.x / rk_emu::t_state->cluster_size; }
+template <int TAG>
+inline void rk_cluster_sync() { rk_emu::t_state->cluster_sync->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned int) { std::this_thread::yield(); }
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {

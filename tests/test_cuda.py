@@ -52,6 +52,22 @@ def test_several_blocks_and_batch_chunks(spec, strategy, min_chunk, monkeypatch)
                                        np.float64, cupy.asarray)
 
 
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_cluster_teams_split_the_batch(spec, monkeypatch):
+    """Three cluster teams (rows 3+3+1), ranks with 2, 1 or no units, batch chunks of 2."""
+    if not cuda._get_runtime().supports_clusters():
+        pytest.skip("no thread-block clusters on this device (compute capability < 9.0)")
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, max_batch_chunk=2,
+                                                    n_sm=3 * cuda.CLUSTER_SIZE))
+    cuda.set_strategy("cluster")
+    try:
+        out, _ = cuda_cases.check_against_reference(
+            cuda, spec, (7, 5, 3, 11, [5, 0, 3, 5, 1, 4, 2], True), np.float64, cupy.asarray)
+    finally:
+        cuda.set_strategy(None)
+    assert (out[3]["plan"].bc, out[3]["plan"].blocks) == (3, 3 * cuda.CLUSTER_SIZE)
+
+
 @pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
 @pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
                          ids=["lstm", "gru-before"])

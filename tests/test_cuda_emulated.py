@@ -52,8 +52,9 @@ def test_kernels_match_reference(emulated, spec, shape, dtype, strategy):
     B, T = shape[0], shape[1]
     if B == 0 or T == 0:  # nothing to run: no kernel at all
         assert len(emulated.launches) == n_before
-    elif strategy == "persistent":  # one launch forward, one backward
-        assert names == {f"rk_{spec.kind}_persist_fwd", f"rk_{spec.kind}_persist_bwd"}
+    elif strategy != "stepwise":  # one launch forward, one backward
+        stem = {"persistent": "persist", "cluster": "cluster"}[strategy]
+        assert names == {f"rk_{spec.kind}_{stem}_fwd", f"rk_{spec.kind}_{stem}_bwd"}
         assert len(emulated.launches) - n_before == 2
     else:
         assert all("_step" in n for n in names) and len(emulated.launches) - n_before >= 2 * T
@@ -67,6 +68,20 @@ def test_persistent_grid_has_several_blocks_and_chunks(emulated, strategy):
                                        (5, 4, 3, 7, [4, 2, 0, 3, 1], True), np.float64)
     if strategy == "persistent":
         assert [(g, b) for _, g, b, _ in emulated.launches[-2:]] == [(3, 32), (3, 32)]
+
+
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_cluster_teams_split_the_batch(emulated, spec, monkeypatch):
+    """24 'SMs' -> 3 cluster teams of 8 blocks; B=7 -> rows 3+3+1; H=11 -> 2 units per rank and
+    the last ranks with fewer or none; batch chunks of 2 inside a team."""
+    monkeypatch.setattr(cuda.config, "n_sm", 3 * cuda.CLUSTER_SIZE)
+    cuda.set_strategy("cluster")
+    n_before = len(emulated.launches)
+    out, _ = cuda_cases.check_against_reference(
+        cuda, spec, (7, 5, 3, 11, [5, 0, 3, 5, 1, 4, 2], True), np.float64)
+    plan = out[3]["plan"]
+    assert (plan.team, plan.bc, plan.hb, plan.blocks) == ("cluster", 3, 2, 3 * cuda.CLUSTER_SIZE)
+    assert [g for _, g, _, _ in emulated.launches[n_before:]] == [plan.blocks] * 2
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
@@ -113,6 +128,7 @@ def test_returned_arrays_belong_to_the_caller(emulated, strategy):
 
 def test_falls_back_to_stepwise_when_blocks_cannot_be_resident(emulated, monkeypatch):
     spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["B5-odd"]
+    monkeypatch.setattr(emulated, "supports_clusters", lambda: False)  # a pre-Hopper device
     monkeypatch.setattr(emulated, "max_resident", 1)  # H=9 on 3 'SMs' needs 3 blocks
     out, _ = cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
     assert out[3]["strategy"] == "stepwise"
@@ -145,7 +161,16 @@ def test_size_rule_on_the_benchmark_shapes(no_override, kind, shape, expected):
     strategy, plan = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200)
     assert strategy == expected
     if plan is not None:
+        assert plan.team == "grid" and plan.bc == B
         assert plan.blocks <= H200["n_sm"] and plan.hb * plan.blocks >= H
+        assert max(plan.smem_fwd, plan.smem_bwd) <= H200["smem_limit"]
+    # a device with clusters runs the small shapes as cluster teams
+    strategy, plan = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200, clusters=True)
+    assert strategy == {"persistent": "cluster"}.get(expected, expected)
+    if plan is not None:
+        teams = plan.blocks // cuda.CLUSTER_SIZE
+        assert plan.blocks % cuda.CLUSTER_SIZE == 0 and teams <= H200["n_sm"] // 8
+        assert plan.hb * cuda.CLUSTER_SIZE >= H and plan.bc * teams >= B > plan.bc * (teams - 1)
         assert max(plan.smem_fwd, plan.smem_bwd) <= H200["smem_limit"]
 
 
@@ -169,6 +194,12 @@ def test_override_by_function_and_environment(no_override, monkeypatch):
     assert cuda.choose_strategy(spec, 128, 1024, 4, **H200)[0] == "persistent"
     with pytest.raises(ValueError, match="persistent strategy cannot hold"):
         cuda.choose_strategy(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024)
+    monkeypatch.setenv(cuda.ENV_STRATEGY, "cluster")
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        cuda.choose_strategy(spec, 1, 5, 4, **H200)
+    assert cuda.choose_strategy(spec, 1, 5, 4, **H200, clusters=True)[0] == "cluster"
+    with pytest.raises(ValueError, match="cluster strategy cannot hold"):
+        cuda.choose_strategy(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024, clusters=True)
     monkeypatch.setenv(cuda.ENV_STRATEGY, "fast")
     with pytest.raises(ValueError, match=cuda.ENV_STRATEGY):
         cuda.choose_strategy(spec, 1, 5, 4, **H200)

@@ -77,6 +77,37 @@ __device__ inline void rk_grid_sync(unsigned int* bar) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// thread-block clusters (sm_90+), for cluster.cu
+//
+// Templates on a tag, so that only kernels that call them emit these PTX instructions (the
+// other modules also build for older GPUs). barrier.cluster.arrive.release + wait.acquire:
+// every thread of every block of the cluster arrives, and the memory writes made before the
+// arrive are visible to the cluster's threads after the wait. The host emulator of the tests
+// defines its own versions (RK_HOST_EMULATION).
+
+#ifndef RK_HOST_EMULATION
+template <int TAG>
+__device__ __forceinline__ unsigned int rk_cluster_rank() {  // this block's rank in its cluster
+    unsigned int r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+template <int TAG>
+__device__ __forceinline__ unsigned int rk_cluster_id() {  // the cluster's index in the grid
+    unsigned int r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+
+template <int TAG>
+__device__ __forceinline__ void rk_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // forward, one element (b, j) of step t
 //
 // hp_* are the hidden-side products (h W_hh^T)[b, gate*H + j] without b_hh (a cuBLAS GEMM in

@@ -19,13 +19,18 @@ single GEMMs after the backward loop.
   a barrier that waits too long sets an error flag, read after the launch (one small sync;
   ``config.check_barrier``), instead of hanging. CuPy's cooperative launch is not used: it
   silently shrinks a grid that does not fit, and these kernels assign hidden units by block.
+* ``cluster`` (``csrc/cuda/cluster.cu``, compute capability 9.0+): the same time loop with one
+  team per thread-block cluster of :data:`CLUSTER_SIZE` blocks. A team owns a slice of the
+  batch, its blocks split the hidden units and meet at the hardware cluster barrier, and teams
+  never wait for each other: no residency condition, no error flag, no host sync, and the
+  batch spreads over up to ``n_sm / CLUSTER_SIZE`` teams.
 
-Size rule (:func:`choose_strategy`): ``persistent`` when the plan fits on chip, ``H <=
-config.persistent_max_h`` (256) and ``B*H <= config.persistent_max_bh`` (8192); otherwise
-``stepwise``. The cut-offs are a first guess from the work per block per step (``B*G*H/blocks``
-dot products of length H from shared memory, each on 1 to 32 threads) against cuBLAS per step:
-tune them with ``benchmarks/gpu_check.sh``, which times both strategies on every shape. Force a strategy with :func:`set_strategy` or the environment
-variable ``RNNKERN_CUDA_STRATEGY`` (``stepwise`` | ``persistent`` | ``auto``).
+Size rule (:func:`choose_strategy`): when ``H <= config.persistent_max_h`` (256) and ``B*H <=
+config.persistent_max_bh`` (8192), ``cluster`` where the device has clusters and its plan fits
+on chip, else ``persistent`` where its plan fits; otherwise ``stepwise``. Measured on an H200
+with ``benchmarks/gpu_check.sh`` (benchmarks/README.md). Force a strategy with
+:func:`set_strategy` or the environment variable ``RNNKERN_CUDA_STRATEGY`` (``stepwise`` |
+``persistent`` | ``cluster`` | ``auto``).
 
 Kernels compile lazily (first use per device and dtype) from the ``.cu`` sources shipped as
 package data (``rnnkern/csrc`` in a wheel, ``<repo>/csrc`` in a checkout), with CuPy's
@@ -46,10 +51,13 @@ import numpy as np
 
 name = "cuda"
 
-STRATEGIES = ("stepwise", "persistent")
+STRATEGIES = ("stepwise", "persistent", "cluster")
 ENV_STRATEGY = "RNNKERN_CUDA_STRATEGY"
 ENV_CSRC = "RNNKERN_CSRC"
-MODULES = ("stepwise", "persistent")
+MODULES = ("stepwise", "persistent", "cluster")
+CLUSTER_SIZE = 8  # blocks per cluster of the "cluster" kernels (8: the portable maximum)
+# the persistent strategies' kernels are rk_<kind>_<stem>_fwd / _bwd
+_KERNEL_STEM = {"persistent": "persist", "cluster": "cluster"}
 
 
 @dataclass
@@ -136,7 +144,8 @@ def kernel_source(module, real="float", root=None):
         text = re.sub(r"^\s*#\s*pragma\s+once\s*$", "", text, flags=re.M)
         return _INCLUDE.sub(include, text)
 
-    return f"#define RK_REAL {real}\n" + expand(root / "cuda" / f"{module}.cu")
+    return (f"#define RK_REAL {real}\n#define RK_CLUSTER_SIZE {CLUSTER_SIZE}\n"
+            + expand(root / "cuda" / f"{module}.cu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +199,14 @@ class CupyRuntime:
                 smem = p.get("sharedMemPerBlockOptin", 48 * 1024)
             self._props[dev] = (int(n_sm), int(smem))
         return self._props[dev]
+
+    def supports_clusters(self):
+        """Thread-block clusters: compute capability 9.0 or later (cached)."""
+        dev = self.device_id()
+        key = ("cc_major", dev)
+        if key not in self._props:  # cudaDevAttrComputeCapabilityMajor = 75
+            self._props[key] = int(self.xp.cuda.runtime.deviceGetAttribute(75, dev))
+        return self._props[key] >= 9
 
     def kernel(self, module, fname, dtype):
         real = "double" if np.dtype(dtype) == np.float64 else "float"
@@ -301,61 +318,83 @@ def _get_runtime():
 
 @dataclass(frozen=True)
 class PersistentPlan:
-    """Launch shape of the persistent kernels for one layer.
+    """Launch shape of the persistent kernels (either team kind) for one layer.
 
-    blocks  grid size (<= SMs: one resident block per SM);  hb  hidden units per block;
-    nbc_fwd, nbc_bwd  batch rows staged in shared memory at once by each kernel;
-    smem_fwd, smem_bwd  their dynamic shared memory, bytes per block
+    team  "grid" (strategy persistent) or "cluster";  blocks  grid size (grid team: <= SMs, one
+    resident block per SM; cluster: teams * CLUSTER_SIZE);  hb  hidden units per block;
+    bc  batch rows per team (grid: B);  nbc_fwd, nbc_bwd  batch rows staged in shared memory at
+    once by each kernel;  smem_fwd, smem_bwd  their dynamic shared memory, bytes per block
     """
 
+    team: str
     blocks: int
     threads: int
     hb: int
+    bc: int
     nbc_fwd: int
     nbc_bwd: int
     smem_fwd: int
     smem_bwd: int
 
 
-def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_batch_chunk=None):
+def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_batch_chunk=None,
+                    team="grid"):
     """The :class:`PersistentPlan` for these sizes, or None when W_hh does not fit on chip.
 
-    Units are spread over as many blocks as there are SMs (``hb = ceil(H / n_sm)``, or fewer
-    blocks with ``config.max_blocks``); each kernel's batch chunk halves until its shared memory
-    (persistent.cu's layouts) fits ``smem_limit``.
+    ``team="grid"``: units are spread over as many blocks as there are SMs (``hb = ceil(H /
+    n_sm)``, or fewer blocks with ``config.max_blocks``), every block sees the whole batch.
+    ``team="cluster"``: units over the CLUSTER_SIZE blocks of a cluster, the batch over
+    ``min(B, n_sm // CLUSTER_SIZE)`` clusters. Each kernel's batch chunk halves until its shared
+    memory (persistent.cuh's layouts) fits ``smem_limit``.
     """
+    if team not in ("grid", "cluster"):
+        raise ValueError(f"team must be 'grid' or 'cluster', got {team!r}")
     threads = threads or config.threads
     G = spec.gates
-    n_blocks = min(n_sm, config.max_blocks or n_sm, H)
-    hb = math.ceil(H / max(1, n_blocks))
+    if team == "cluster":
+        hb = math.ceil(H / CLUSTER_SIZE)
+        teams = max(1, min(B, n_sm // CLUSTER_SIZE))
+        bc = max(1, math.ceil(B / teams))
+        blocks = math.ceil(B / bc) * CLUSTER_SIZE if B else CLUSTER_SIZE
+    else:
+        hb = math.ceil(H / max(1, min(n_sm, config.max_blocks or n_sm, H)))
+        bc, blocks = B, math.ceil(H / hb)
     ldw, ldc = H | 1, (G * H) | 1
     layouts = (lambda nbc: (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize,   # fwd
                lambda nbc: (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize)      # bwd
     chunks = []
     for size in layouts:
-        nbc = max(1, min(B, max_batch_chunk or config.max_batch_chunk))
+        nbc = max(1, min(bc, max_batch_chunk or config.max_batch_chunk))
         while size(nbc) > smem_limit and nbc > 1:
             nbc = (nbc + 1) // 2
         if size(nbc) > smem_limit:
             return None
         chunks.append(nbc)
-    return PersistentPlan(math.ceil(H / hb), threads, hb, chunks[0], chunks[1],
+    return PersistentPlan(team, blocks, threads, hb, bc, chunks[0], chunks[1],
                           layouts[0](chunks[0]), layouts[1](chunks[1]))
 
 
-def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit):
-    """``("persistent", plan)`` or ``("stepwise", None)`` by the size rule or the override."""
+def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit, clusters=False):
+    """``(strategy, plan)`` by the size rule or the override; plan is None for ``stepwise``.
+    ``clusters``: the device has thread-block clusters (compute capability 9.0+)."""
     forced = _forced_strategy()
     if forced == "stepwise":
         return "stepwise", None
-    plan = persistent_plan(spec, B, H, itemsize, n_sm, smem_limit)
-    if forced == "persistent":
-        if plan is None:
-            raise ValueError(f"the persistent strategy cannot hold W_hh of H={H} on chip "
-                             f"({n_sm} SMs x {smem_limit} bytes); use stepwise")
-        return "persistent", plan
-    if plan is not None and H <= config.persistent_max_h and B * H <= config.persistent_max_bh:
-        return "persistent", plan
+    if forced == "cluster" and not clusters:
+        raise ValueError("the cluster strategy needs thread-block clusters (compute capability "
+                         "9.0 or later); use persistent or stepwise")
+    candidates = [forced] if forced else (["cluster"] if clusters else []) + ["persistent"]
+    small = H <= config.persistent_max_h and B * H <= config.persistent_max_bh
+    for strategy in candidates:
+        team = "cluster" if strategy == "cluster" else "grid"
+        plan = persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, team=team)
+        if forced:
+            if plan is None:
+                raise ValueError(f"the {strategy} strategy cannot hold W_hh of H={H} on chip "
+                                 f"({n_sm} SMs x {smem_limit} bytes); use stepwise")
+            return strategy, plan
+        if plan is not None and small:
+            return strategy, plan
     return "stepwise", None
 
 
@@ -401,18 +440,17 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     acts = xp.empty((T, B, _SAVED_PER_UNIT[spec.kind] * H), dtype=dtype)
     rh = xp.empty((T, B, H) if two_phase else (1,), dtype=dtype)
     n_sm, smem_limit = _device_limits(rt)
-    strategy, plan = choose_strategy(spec, B, H, dtype.itemsize, n_sm, smem_limit)
+    strategy, plan = choose_strategy(spec, B, H, dtype.itemsize, n_sm, smem_limit,
+                                     rt.supports_clusters())
     real = dtype.type
     i32 = np.int32
-    if B and T and strategy == "persistent":
-        kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_fwd", dtype)
+    if B and T and strategy in _KERNEL_STEM:
+        kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_fwd", dtype)
         bar = _barrier(rt)
-        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc_fwd),
-                i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh, b_ih, b_hh, lengths_d, h_all, c_all,
-                outputs, acts, rh, bar)
-        if _launch_resident(rt, kern, plan, args, plan.smem_fwd):
-            _check_barrier(rt, bar, "forward")
-        else:
+        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_fwd),
+                i32(config.dot_min_chunk), i32(flag), real(spec.forget_bias), gx, w_hh, b_ih,
+                b_hh, lengths_d, h_all, c_all, outputs, acts, rh, bar)
+        if not _launch_persistent(rt, kern, plan, args, plan.smem_fwd, bar, "forward"):
             strategy, plan = "stepwise", None
     if B and T and strategy == "stepwise":
         _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_ih, b_hh, lengths_d, h_all, c_all,
@@ -431,16 +469,22 @@ def _barrier(rt):
                    lambda: rt.xp.zeros(4, dtype=np.uint32))
 
 
-def _launch_resident(rt, kern, plan, args, smem):
-    """Launch a persistent kernel; False (nothing launched) when its blocks cannot all be
-    resident and the strategy was not forced, so the caller runs the stepwise path instead."""
+def _launch_persistent(rt, kern, plan, args, smem, bar, where):
+    """Launch a persistent kernel of either team kind. A grid team must be resident at once:
+    False (nothing launched) when it cannot be and the strategy was not forced, so the caller
+    runs the stepwise path instead; after the launch the barrier's error flag is checked.
+    Cluster teams need neither (the hardware schedules a cluster's blocks together)."""
+    if plan.team == "cluster":
+        rt.launch(kern, plan.blocks, plan.threads, args, smem)
+        return True
     try:
         rt.launch(kern, plan.blocks, plan.threads, args, smem, resident=True)
-        return True
     except NotResident:
         if _forced_strategy() == "persistent":
             raise
         return False
+    _check_barrier(rt, bar, where)
+    return True
 
 
 def _check_barrier(rt, bar, where):
@@ -509,16 +553,14 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     i32 = np.int32
     flag, lengths = saved["flag"], saved["lengths"]
     strategy = saved["strategy"]
-    if B and T and strategy == "persistent":
+    if B and T and strategy in _KERNEL_STEM:
         plan = saved["plan"]
-        kern = rt.kernel("persistent", f"rk_{spec.kind}_persist_bwd", dtype)
+        kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_bwd", dtype)
         bar = _barrier(rt)
-        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.nbc_bwd),
-                i32(config.dot_min_chunk), i32(flag), w_hh, lengths, acts, h_all, c_all, d_out, i32(has_dout), dh, dc,
-                d_gx, d_gh, bar)
-        if _launch_resident(rt, kern, plan, args, plan.smem_bwd):
-            _check_barrier(rt, bar, "backward")
-        else:
+        args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_bwd),
+                i32(config.dot_min_chunk), i32(flag), w_hh, lengths, acts, h_all, c_all, d_out,
+                i32(has_dout), dh, dc, d_gx, d_gh, bar)
+        if not _launch_persistent(rt, kern, plan, args, plan.smem_bwd, bar, "backward"):
             strategy = "stepwise"
     if B and T and strategy == "stepwise":
         dh_gemm = xp.zeros((B, H), dtype=dtype)

@@ -1,0 +1,291 @@
+// persistent.cuh -- the time loops of the persistent strategies: ONE launch per layer runs the
+// whole sequence, W_hh stays in shared memory, and the blocks that share the work of a batch row
+// (a "team") meet once per step (twice for a GRU with reset_after=false). Two kinds of team:
+//
+//   RK_TEAM_GRID     (persistent.cu): the whole grid is one team. Block k owns hidden units
+//                    [k*hb, k*hb + nj) of every batch row; the blocks meet at the global-memory
+//                    grid barrier of common.cuh, so the host launches at most one block per SM.
+//   RK_TEAM_CLUSTER  (cluster.cu, sm_90+): each thread-block cluster of RK_CLUSTER_SIZE blocks is
+//                    a team that owns batch rows [id*bc, id*bc + bc); its block of rank r owns
+//                    units [r*hb, r*hb + nj). Teams meet at the hardware cluster barrier and never
+//                    wait for each other, so any number of clusters may be launched (no residency
+//                    condition, no timeout) and the batch is spread over the SMs.
+//
+// Either way a block owns the same elements (b, j) at every step, so it only ever reads back its
+// own h_all/c_all elements; what other blocks wrote (h_all rows, rh, d_gh) is read through L2.
+//
+//   forward:  W_hh rows of the owned units, w_s [G][hb][ldw] (ldw = H | 1: odd stride, no bank
+//             conflicts); per step each block stages h_t (nbc batch rows at a time) and forms its
+//             own (h W_hh^T)[b, g*H + j], then the pointwise cell of its own elements.
+//   backward: W_hh columns of the owned units, wc [hb][ldc] (ldc = G*H | 1); per step phase A
+//             (own elements: gate grads into d_gx, d_gh), barrier, phase B (own columns of
+//             dh_prev = d_gh[t] W_hh, from the staged d_gh rows of every unit).
+//
+// Dot products: with few of them per block (small B), each is split over up to 32 threads
+// (partial sums of at least `min_chunk` terms, then one thread adds the partials), so a step
+// is not one thread's serial loop of length H (forward) or G*H (backward).
+//
+// Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real), with
+// P = blockDim.x partial sums:
+//   forward  G*hb*ldw + nbc*H + nbc*G*hb + P      backward  hb*ldc + nbc*G*H + nbc*hb + P
+#pragma once
+
+#include "common.cuh"
+
+#ifndef RK_CLUSTER_SIZE
+#define RK_CLUSTER_SIZE 8  // the host passes its own value (rnnkern/backends/cuda.py)
+#endif
+
+enum { RK_TEAM_GRID = 0, RK_TEAM_CLUSTER = 1 };
+
+template <int KIND>
+__device__ __forceinline__ int rk_gates() { return KIND == RK_LSTM ? 4 : (KIND == RK_GRU ? 3 : 1); }
+
+// The elements this block owns: units [j0, j0 + nj) of batch rows [b_lo, b_hi). nj may be 0
+// (a cluster rank past H): such a block only takes part in the barriers.
+struct RkOwned {
+    int j0, nj, b_lo, b_hi;
+};
+
+template <int TEAM>
+__device__ __forceinline__ RkOwned rk_owned(int B, int H, int hb, int bc) {
+    int rank = blockIdx.x, team = 0;
+    if constexpr (TEAM == RK_TEAM_CLUSTER) {
+        rank = (int)rk_cluster_rank<TEAM>();
+        team = (int)rk_cluster_id<TEAM>();
+    }
+    const int j0 = rank * hb, b_lo = min(B, team * bc);
+    return {j0, max(0, min(hb, H - j0)), b_lo, min(B, b_lo + bc)};
+}
+
+// the once-per-step meeting of a team (see the top of this file)
+template <int TEAM>
+__device__ __forceinline__ void rk_team_sync(unsigned int* bar) {
+    if constexpr (TEAM == RK_TEAM_CLUSTER) rk_cluster_sync<TEAM>();
+    else rk_grid_sync(bar);
+}
+
+// copy n contiguous elements another block may have written into shared memory
+__device__ __forceinline__ void rk_stage(real* dst, const real* src, i64 n) {
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) dst[i] = rk_ld_shared_state(src + i);
+}
+
+// copy columns [col0, col0 + ncol) of nb rows of length ld into dst [nb][ncol]. Row by row:
+// no integer division per element (64-bit division is a long instruction sequence on a GPU).
+__device__ __forceinline__ void rk_stage_cols(real* dst, const real* src, int nb, int ld,
+                                              int col0, int ncol) {
+    for (int r = 0; r < nb; ++r) {
+        const real* row = src + (i64)r * ld + col0;
+        for (int c = threadIdx.x; c < ncol; c += blockDim.x)
+            dst[(i64)r * ncol + c] = rk_ld_shared_state(row + c);
+    }
+}
+
+__device__ __forceinline__ real rk_dot(const real* x, const real* w, int n) {
+    real acc = 0;
+    for (int k = 0; k < n; ++k) acc += x[k] * w[k];
+    return acc;
+}
+
+// res[o] = dot(x, w, n) for each of n_items items, where operands(i, x, w) sets the operands of
+// item i and returns its output offset o. Each dot is split over ks threads (a power of two up
+// to 32, while n_items * ks fits the block and every part keeps >= min_chunk terms); the
+// partial sums go to part[] (blockDim.x elements). Ends with __syncthreads.
+template <class Operands>
+__device__ void rk_block_dots(int n_items, int n, int min_chunk, real* res, real* part,
+                              Operands operands) {
+    int ks = 1;
+    while (ks < 32 && n_items * ks * 2 <= (int)blockDim.x && n >= ks * 2 * min_chunk) ks *= 2;
+    const real* x;
+    const real* w;
+    if (ks == 1) {
+        for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
+            const int o = operands(i, x, w);
+            res[o] = rk_dot(x, w, n);
+        }
+        __syncthreads();
+        return;
+    }
+    const int chunk = (n + ks - 1) / ks;
+    for (int u = threadIdx.x; u < n_items * ks; u += blockDim.x) {
+        operands(u / ks, x, w);
+        const int k0 = (u % ks) * chunk;
+        part[u] = rk_dot(x + k0, w + k0, max(0, min(chunk, n - k0)));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
+        real acc = 0;
+        for (int k = 0; k < ks; ++k) acc += part[i * ks + k];
+        res[operands(i, x, w)] = acc;
+    }
+    __syncthreads();
+}
+
+template <int KIND, int TEAM>
+__device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int min_chunk,
+                               int flag, real forget_bias,
+                               const real* __restrict__ gx, const real* __restrict__ w_hh,
+                               const real* __restrict__ b_ih, const real* __restrict__ b_hh,
+                               const i64* __restrict__ lengths,
+                               real* h_all, real* c_all, real* outputs, real* acts, real* rh,
+                               unsigned int* bar) {
+    const int G = rk_gates<KIND>();
+    const int ldw = H | 1;
+    const RkOwned own = rk_owned<TEAM>(B, H, hb, bc);
+    const int j0 = own.j0, nj = own.nj;
+    const bool two_phase = KIND == RK_GRU && !flag;  // reset_after=false: (r h) W_hn^T
+    const int Gd = two_phase ? 2 : G;                  // gate blocks formed from h_t
+    RK_DYNAMIC_SMEM(smem_raw);
+    real* w_s = reinterpret_cast<real*>(smem_raw);    // [G][hb][ldw]
+    real* h_s = w_s + (i64)G * hb * ldw;                // [nbc][H]
+    real* p_s = h_s + (i64)nbc * H;                     // [nbc][G][hb] dot products
+    real* part = p_s + (i64)nbc * G * hb;               // [blockDim.x] partial sums
+    for (i64 i = threadIdx.x; i < (i64)G * nj * H; i += blockDim.x) {
+        const int row = (int)(i / H), k = (int)(i % H), g = row / nj, jl = row % nj;
+        w_s[((i64)g * hb + jl) * ldw + k] = w_hh[((i64)g * H + j0 + jl) * H + k];
+    }
+    const RkFwd a = {B, T, H, flag, forget_bias, gx, b_ih, b_hh, lengths, h_all, c_all,
+                     outputs, acts, rh};
+    __syncthreads();
+    for (int t = 0; t < T; ++t) {
+        for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
+            const int nb = min(nbc, own.b_hi - b0);
+            rk_stage(h_s, h_all + ((i64)t * B + b0) * H, (i64)nb * H);
+            __syncthreads();
+            rk_block_dots(nb * Gd * nj, H, min_chunk, p_s, part,
+                          [&](int i, const real*& x, const real*& w) {
+                              const int jl = i % nj, g = (i / nj) % Gd, bl = i / (nj * Gd);
+                              x = h_s + (i64)bl * H;
+                              w = w_s + ((i64)g * hb + jl) * ldw;
+                              return (bl * G + g) * hb + jl;
+                          });
+            for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
+                const int jl = i % nj, bl = i / nj, b = b0 + bl, j = j0 + jl;
+                const real* p = p_s + (i64)bl * G * hb + jl;
+                if (KIND == RK_RNN) {
+                    rk_rnn_fwd_elem(a, t, b, j, p[0]);
+                } else if (KIND == RK_LSTM) {
+                    rk_lstm_fwd_elem(a, t, b, j, p[0], p[hb], p[2 * hb], p[3 * hb]);
+                } else {
+                    rk_gru_fwd_gates_elem(a, t, b, j, p[0], p[hb]);
+                    if (!two_phase) rk_gru_fwd_cand_elem(a, t, b, j, p[2 * hb]);
+                }
+            }
+            __syncthreads();
+        }
+        if (two_phase) {
+            rk_team_sync<TEAM>(bar);  // rh[t] of every unit is written
+            for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
+                const int nb = min(nbc, own.b_hi - b0);
+                rk_stage(h_s, rh + ((i64)t * B + b0) * H, (i64)nb * H);
+                __syncthreads();
+                rk_block_dots(nb * nj, H, min_chunk, p_s, part,
+                              [&](int i, const real*& x, const real*& w) {
+                                  const int jl = i % nj, bl = i / nj;
+                                  x = h_s + (i64)bl * H;
+                                  w = w_s + (2 * (i64)hb + jl) * ldw;
+                                  return i;
+                              });
+                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x)
+                    rk_gru_fwd_cand_elem(a, t, b0 + i / nj, j0 + i % nj, p_s[i]);
+                __syncthreads();
+            }
+        }
+        rk_team_sync<TEAM>(bar);  // h_all[t+1] of every unit is written
+    }
+}
+
+template <int KIND, int TEAM>
+__device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int min_chunk,
+                               int flag, const real* __restrict__ w_hh,
+                               const i64* __restrict__ lengths,
+                               const real* __restrict__ acts, const real* __restrict__ h_all,
+                               const real* __restrict__ c_all, const real* __restrict__ d_out,
+                               int has_dout, real* dh, real* dc, real* d_gx, real* d_gh,
+                               unsigned int* bar) {
+    const int G = rk_gates<KIND>();
+    const int GH = G * H;
+    const int ldc = GH | 1;
+    const RkOwned own = rk_owned<TEAM>(B, H, hb, bc);
+    const int j0 = own.j0, nj = own.nj;
+    const bool two_phase = KIND == RK_GRU && !flag;
+    const int rows = two_phase ? 2 * H : GH;  // W_hh rows that multiply h itself
+    RK_DYNAMIC_SMEM(smem_raw);
+    real* wc = reinterpret_cast<real*>(smem_raw);  // [hb][ldc], wc[jl][row] = W_hh[row][j0+jl]
+    real* g_s = wc + (i64)hb * ldc;                  // [nbc][rows] staged d_gh rows
+    real* r_s = g_s + (i64)nbc * GH;                 // [nbc][hb] dot products
+    real* part = r_s + (i64)nbc * hb;                // [blockDim.x] partial sums
+    for (i64 i = threadIdx.x; i < (i64)GH * nj; i += blockDim.x) {
+        const int row = (int)(i / nj), jl = (int)(i % nj);
+        wc[(i64)jl * ldc + row] = w_hh[(i64)row * H + j0 + jl];
+    }
+    const RkBwd a = {B, T, H, flag, lengths, acts, h_all, c_all, d_out, has_dout, dh, dc,
+                     d_gx, d_gh};
+    __syncthreads();
+    for (int t = T - 1; t >= 0; --t) {
+        // phase A: gate gradients of the owned elements
+        for (int i = threadIdx.x; i < (own.b_hi - own.b_lo) * nj; i += blockDim.x) {
+            const int b = own.b_lo + i / nj, j = j0 + i % nj;
+            const real dh_in = dh[(i64)b * H + j];
+            if (KIND == RK_RNN) rk_rnn_bwd_elem(a, t, b, j, dh_in);
+            else if (KIND == RK_LSTM) rk_lstm_bwd_elem(a, t, b, j, dh_in);
+            else rk_gru_bwd_elem(a, t, b, j, dh_in);
+        }
+        rk_team_sync<TEAM>(bar);  // d_gh[t] of every unit is written
+        const real* dg_t = d_gh + (i64)t * B * GH;
+        if (two_phase) {  // d_rh = d_an W_hn, then the r block
+            for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
+                const int nb = min(nbc, own.b_hi - b0);
+                rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 2 * H, H);
+                __syncthreads();
+                rk_block_dots(nb * nj, H, min_chunk, r_s, part,
+                              [&](int i, const real*& x, const real*& w) {
+                                  x = g_s + (i64)(i / nj) * H;
+                                  w = wc + (i64)(i % nj) * ldc + 2 * H;
+                                  return i;
+                              });
+                for (int i = threadIdx.x; i < nb * nj; i += blockDim.x)
+                    rk_gru_bwd_reset_elem(a, t, b0 + i / nj, j0 + i % nj, r_s[i]);
+                __syncthreads();
+            }
+            rk_team_sync<TEAM>(bar);  // r blocks of d_gh[t] are written
+        }
+        // phase B: dh_prev[b, j] += (d_gh[t] W_hh)[b, j] for the owned columns j
+        for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
+            const int nb = min(nbc, own.b_hi - b0);
+            rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 0, rows);
+            __syncthreads();
+            rk_block_dots(nb * nj, rows, min_chunk, r_s, part,
+                          [&](int i, const real*& x, const real*& w) {
+                              x = g_s + (i64)(i / nj) * rows;
+                              w = wc + (i64)(i % nj) * ldc;
+                              return i;
+                          });
+            for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
+                const int b = b0 + i / nj;
+                if (t < lengths[b]) dh[(i64)b * H + j0 + i % nj] += r_s[i];
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// the kernels' parameter lists (persistent.cu and cluster.cu); bc: batch rows per team (B for
+// the grid team); bar: the grid barrier's words (unused by the cluster kernels)
+#define RK_PERSIST_FWD_ARGS                                                               \
+    int B, int T, int H, int hb, int bc, int nbc, int min_chunk, int flag, real forget_bias, \
+        const real* gx, const real* w_hh, const real* b_ih, const real* b_hh,              \
+        const i64* lengths, real* h_all, real* c_all, real* outputs, real* acts, real* rh, \
+        unsigned int* bar
+#define RK_PERSIST_FWD_CALL                                                                \
+    (B, T, H, hb, bc, nbc, min_chunk, flag, forget_bias, gx, w_hh, b_ih, b_hh, lengths,     \
+     h_all, c_all, outputs, acts, rh, bar)
+
+#define RK_PERSIST_BWD_ARGS                                                               \
+    int B, int T, int H, int hb, int bc, int nbc, int min_chunk, int flag, const real* w_hh, \
+        const i64* lengths, const real* acts, const real* h_all, const real* c_all,        \
+        const real* d_out, int has_dout, real* dh, real* dc, real* d_gx, real* d_gh,       \
+        unsigned int* bar
+#define RK_PERSIST_BWD_CALL                                                                \
+    (B, T, H, hb, bc, nbc, min_chunk, flag, w_hh, lengths, acts, h_all, c_all, d_out,       \
+     has_dout, dh, dc, d_gx, d_gh, bar)
