@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
 #
 # Runs from the source tree (PYTHONPATH=repo root), so no install step is needed. The tables
-# go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt and .json. Exit status: non-zero
+# go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt (and the main table's rows to
+# $OUT/gpu_bench.json; at most 8 files come back from a device run). Exit status: non-zero
 # if the compile, a test or a benchmark failed (later steps still run after a failure).
 # Time limits per step add up to under 5 minutes.
 set -uo pipefail
@@ -59,20 +60,23 @@ bench() {  # bench NAME TIMEOUT ARGS...: one bench_gpu.py run, its table also un
   local name="$1" limit="$2"
   shift 2
   if [ -n "$out_dir" ]; then
-    timeout "$limit" "$PY" benchmarks/bench_gpu.py --json "$out_dir/$name.json" "$@" \
-      | tee "$out_dir/$name.txt" || status=1
+    timeout "$limit" "$PY" benchmarks/bench_gpu.py "$@" | tee "$out_dir/$name.txt" || status=1
   else
     timeout "$limit" "$PY" benchmarks/bench_gpu.py "$@" || status=1
   fi
 }
 
 echo "== benchmark: layer API (what users call), float32, ms per call"
-bench gpu_bench 100 --budget 75 "$@"
+bench gpu_bench 100 --budget 75 ${out_dir:+--json "$out_dir/gpu_bench.json"} "$@"
 
-echo "== benchmark: backend seam (kernels without layer validation), small shapes, and the"
-echo "   persistent grid capped at 32 blocks without the barrier-flag sync (tuning points)"
+echo "== benchmark: backend seam (kernels without layer validation), small shapes"
 small="1,6,5,5,1;1,100,64,128,1;32,100,128,256,1;50,50,65,128,2"
 bench gpu_bench_seam 30 --seam --kinds lstm,gru --shapes "$small" --budget 22
+echo "== tuning points: the large shapes with the stepwise GEMMs through cupy.matmul (before:"
+echo "   compare with the table above), and the persistent grid capped at 32 blocks without the"
+echo "   barrier-flag sync"
+bench gpu_bench_cupy_matmul 30 --seam --kinds lstm --shapes "64,100,512,512,1;128,100,1024,1024,1" \
+  --cupy-matmul --budget 20
 bench gpu_bench_seam_32blocks 20 --seam --kinds lstm --shapes "$small" --max-blocks 32 \
   --no-barrier-check --budget 14
 

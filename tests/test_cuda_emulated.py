@@ -207,6 +207,48 @@ def test_override_by_function_and_environment(no_override, monkeypatch):
         cuda.set_strategy("fast")
 
 
+# ----------------------------------------------------------------------------------------------
+# the stepwise loops' direct cuBLAS GEMMs: operand layouts, checked against a column-major GEMM
+# that reads memory the way cuBLAS does (pointer + leading dimension)
+
+
+def _colmajor_gemm(op_a, op_b, m, n, k, A, lda, B, ldb, C, ldc):
+    """C[m,n] = op(A)[m,k] op(B)[k,n], every matrix column-major from its view's first element."""
+    def read(X, op, rows, cols, ld):
+        shape = (rows, cols) if op == "N" else (cols, rows)
+        stored = np.lib.stride_tricks.as_strided(X, shape, (X.itemsize, ld * X.itemsize))
+        return stored if op == "N" else stored.T
+    C_view = np.lib.stride_tricks.as_strided(C, (m, n), (C.itemsize, ldc * C.itemsize))
+    C_view[...] = read(A, op_a, m, k, lda) @ read(B, op_b, k, n, ldb)
+
+
+@pytest.mark.parametrize("B,H", [(3, 5), (1, 5), (3, 1), (1, 1)])
+def test_gemm_args_cover_the_stepwise_operands(B, H):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3 * H, H))
+    h = rng.standard_normal((B, H))
+    d_gh = rng.standard_normal((2, B, 3 * H))
+    cases = [(h, w.T), (h, w[: 2 * H].T), (h, w[2 * H:].T),          # forward: h W^T
+             (d_gh[1], w), (d_gh[1][:, 2 * H:], w[2 * H:]),           # backward: d_gh W
+             (d_gh[1][:, : 2 * H], w[: 2 * H])]
+    for a, b in cases:
+        out = np.full((a.shape[0], b.shape[1]), np.nan)
+        spec = cuda.gemm_args(a, b, out)
+        assert spec not in (None, "empty"), (a.strides, b.strides)
+        op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
+        _colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c)
+        np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_args_refuse_layouts_cublas_cannot_read():
+    a, b = np.ones((4, 6)), np.ones((3, 5))
+    assert cuda.gemm_args(a[:, ::2], b, np.empty((4, 5))) is None    # no unit stride
+    assert cuda.gemm_args(a[:, :3], b, np.empty((5, 4)).T) is None   # out not C-contiguous
+    assert cuda.gemm_args(a[:, :0], b[:0], np.empty((4, 5))) == "empty"
+    with pytest.raises(ValueError, match="gemm: shapes"):
+        cuda.gemm_args(a, b, np.empty((4, 5)))
+
+
 def test_unavailable_without_cupy_names_the_reason():
     try:
         import cupy  # noqa: F401

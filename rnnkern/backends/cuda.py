@@ -75,6 +75,8 @@ class Config:
                                     # blocks = cheaper barrier, more units per block
     smem_limit: int | None = None   # None: the device's opt-in shared memory per block
     check_barrier: bool = True      # persistent: read the barrier's error flag after a launch
+    direct_gemm: bool = True        # stepwise: per-step GEMMs straight to cuBLAS (not
+                                    # cupy.matmul, whose Python overhead dominates a step)
 
 
 config = Config()
@@ -248,7 +250,74 @@ class CupyRuntime:
         return self._occupancy[key]
 
     def matmul(self, a, b, out):
-        self.xp.matmul(a, b, out=out)
+        """``out[m,n] = a[m,k] @ b[k,n]`` on the current stream. The stepwise loops call this
+        twice per step, so it goes straight to cuBLAS (:func:`gemm_args`; a few µs from
+        Python, where ``cupy.matmul`` takes tens); ``config.direct_gemm=False``, or operands
+        cuBLAS cannot take as they are, use ``cupy.matmul``."""
+        spec = gemm_args(a, b, out) if config.direct_gemm else None
+        if spec is None:
+            self.xp.matmul(a, b, out=out)
+            return
+        if spec == "empty":
+            out.fill(0)
+            return
+        from cupy_backends.cuda.libs import cublas
+        op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
+        ops = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
+        double = out.dtype == np.float64
+        one, zero = self._scalars(out.dtype)
+        handle = self.xp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        (cublas.dgemm if double else cublas.sgemm)(
+            handle, ops[op_b], ops[op_a], m, n, k, one.ctypes.data, b.data.ptr, ld_b,
+            a.data.ptr, ld_a, zero.ctypes.data, out.data.ptr, ld_c)
+
+    def _scalars(self, dtype):
+        """Host 1 and 0 of ``dtype`` for cuBLAS's alpha and beta, kept alive here."""
+        key = ("gemm_scalars", np.dtype(dtype).name)
+        if key not in self.cache:
+            self.cache[key] = (np.ones(1, dtype), np.zeros(1, dtype))
+        return self.cache[key]
+
+
+def _colmajor_operand(shape, strides, itemsize):
+    """How column-major cuBLAS can read a row-major 2-D view X [r, c]: ``("N", ld)`` when each
+    row is contiguous (the memory holds X^T column-major, leading dimension ld = the row
+    stride), ``("T", ld)`` when each column is (X is the transpose of a row-major matrix, so the
+    memory holds X column-major), None otherwise."""
+    r, c = shape
+    if strides[0] % itemsize or strides[1] % itemsize:
+        return None
+    s0, s1 = strides[0] // itemsize, strides[1] // itemsize
+    if c == 1 or s1 == 1:
+        ld = s0 if r > 1 else c
+        if ld >= max(1, c):
+            return "N", ld
+    if r == 1 or s0 == 1:
+        ld = s1 if c > 1 else r
+        if ld >= max(1, r):
+            return "T", ld
+    return None
+
+
+def gemm_args(a, b, out):
+    """The cuBLAS GEMM that computes row-major ``out[m,n] = a[m,k] @ b[k,n]`` without copies:
+    ``(op_b, op_a, n, m, k, ld_b, ld_a, n)``, because column-major ``out^T = b^T a^T``; "empty"
+    when k == 0 (out is zeros) or there is nothing to compute; None when an operand's layout
+    (or out, which must be C-contiguous) does not suit cuBLAS."""
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2 or out.shape != (m, n) or not (a.dtype == b.dtype == out.dtype):
+        raise ValueError(f"gemm: shapes {a.shape} @ {b.shape} -> {out.shape} or dtypes differ")
+    if not out.flags.c_contiguous:
+        return None
+    if m == 0 or n == 0 or k == 0:
+        return "empty"
+    ra = _colmajor_operand(a.shape, a.strides, a.itemsize)
+    rb = _colmajor_operand(b.shape, b.strides, b.itemsize)
+    if ra is None or rb is None:
+        return None
+    return rb[0], ra[0], n, m, k, rb[1], ra[1], n
 
 
 class NotResident(RuntimeError):
