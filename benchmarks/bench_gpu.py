@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gpu.py [--shapes "B,T,I,H,L;..."] [--kinds lstm,gru] [--budget 150]
                                    [--tf32] [--seam] [--max-blocks N] [--no-barrier-check]
-                                   [--cupy-matmul] [--json out.json]
+                                   [--cupy-matmul] [--max-teams N] [--json out.json]
 
 For each (B,T,I,H,L) and cell it prints forward and forward+backward milliseconds per call for
 cuDNN, rnnkern stepwise, persistent and cluster (where the device has thread-block clusters), and
@@ -182,7 +182,10 @@ def main(argv=None):
                     help="skip reading the persistent barrier's error flag (saves a sync)")
     ap.add_argument("--cupy-matmul", action="store_true",
                     help="stepwise GEMMs through cupy.matmul instead of straight to cuBLAS")
+    ap.add_argument("--max-teams", type=int, default=None,
+                    help="cap on cluster teams (cuda.config.max_teams; default n_sm / 8)")
     args = ap.parse_args(argv)
+    cuda.config.max_teams = args.max_teams
     cuda.config.direct_gemm = not args.cupy_matmul
     cuda.config.max_blocks = args.max_blocks
     cuda.config.check_barrier = not args.no_barrier_check
@@ -198,6 +201,7 @@ def main(argv=None):
           f"(cuDNN {torch.backends.cudnn.version()}); float32; TF32 in cuDNN: {args.tf32}; "
           f"rnnkern through {'the backend seam' if args.seam else 'the layer API'}; "
           f"persistent max blocks: {args.max_blocks or 'one per SM'}; "
+          f"cluster teams at most: {args.max_teams or 'n_sm / 8'}; "
           f"barrier flag read: {not args.no_barrier_check}; stepwise GEMMs: "
           f"{'cupy.matmul' if args.cupy_matmul else 'cuBLAS direct'}")
     print(f"# ms per call, median of {REPEATS} repeats; ratio = cuDNN / best rnnkern "

@@ -72,13 +72,14 @@ bench gpu_bench 100 --budget 75 ${out_dir:+--json "$out_dir/gpu_bench.json"} "$@
 echo "== benchmark: backend seam (kernels without layer validation), small shapes"
 small="1,6,5,5,1;1,100,64,128,1;32,100,128,256,1;50,50,65,128,2"
 bench gpu_bench_seam 30 --seam --kinds lstm,gru --shapes "$small" --budget 22
-echo "== tuning points: the large shapes with the stepwise GEMMs through cupy.matmul (before:"
-echo "   compare with the table above), and the persistent grid capped at 32 blocks without the"
-echo "   barrier-flag sync"
-bench gpu_bench_cupy_matmul 30 --seam --kinds lstm --shapes "64,100,512,512,1;128,100,1024,1024,1" \
-  --cupy-matmul --budget 20
-bench gpu_bench_seam_32blocks 20 --seam --kinds lstm --shapes "$small" --max-blocks 32 \
-  --no-barrier-check --budget 14
+echo "== tuning points (backend seam, LSTM): stepwise GEMMs straight to cuBLAS vs through"
+echo "   cupy.matmul on the large shapes; cluster teams capped at 8; where cluster stops paying"
+large="64,100,512,512,1;128,100,1024,1024,1"
+bench gpu_tune_direct_gemm 25 --seam --kinds lstm --shapes "$large" --budget 15
+bench gpu_tune_cupy_matmul 25 --seam --kinds lstm --shapes "$large" --cupy-matmul --budget 15
+bench gpu_tune_teams8 20 --seam --kinds lstm --shapes "$small" --max-teams 8 --budget 14
+bench gpu_tune_cutoff 30 --seam --kinds lstm,gru \
+  --shapes "64,100,128,256,1;128,50,128,256,1;256,50,65,128,1" --budget 22
 
 echo "== done (status $status)"
 exit "$status"

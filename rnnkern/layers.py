@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from . import backends
+from . import backends, config
 from .cellspec import CellSpec
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -38,6 +38,15 @@ def _xp(a):
         import cupy
         return cupy
     return np
+
+
+def _has_nonfinite(a, xp):
+    """True when ``a`` holds NaN or infinity. Device (CuPy) arrays are scanned only when
+    ``config.CHECK_FINITE_ON_DEVICE`` is set: the answer is a device-to-host read, which stalls
+    the host until the GPU has finished all queued work, on every call."""
+    if not a.size or (xp is not np and not config.CHECK_FINITE_ON_DEVICE):
+        return False
+    return not bool(xp.isfinite(a).all())
 
 
 class _Recurrent:
@@ -130,7 +139,7 @@ class _Recurrent:
             raise ValueError(f"x.shape[-1] must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[2]}")
         x = xp.ascontiguousarray(x, dtype=self.dtype)
-        if x.size and not bool(xp.isfinite(x).all()):
+        if _has_nonfinite(x, xp):
             raise ValueError("x contains NaN or infinity")
         return x, xp
 
@@ -159,7 +168,7 @@ class _Recurrent:
         if tuple(state.shape) != shape:
             raise ValueError(f"{name} must have shape [L,B,H] = {shape}, got {tuple(state.shape)}")
         state = xp.ascontiguousarray(xp.asarray(state), dtype=self.dtype)
-        if state.size and not bool(xp.isfinite(state).all()):
+        if _has_nonfinite(state, xp):
             raise ValueError(f"{name} contains NaN or infinity")
         return state
 

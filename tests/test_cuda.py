@@ -112,3 +112,20 @@ def test_numpy_weights_are_moved_to_the_device():
     x = cupy.asarray(fwd[0])
     out, h_n, _, _ = cuda.forward(spec, x, *fwd[1:])  # weights, h0, lengths stay NumPy
     assert isinstance(out, cupy.ndarray) and isinstance(h_n, cupy.ndarray)
+
+
+def test_device_input_is_scanned_for_nan_only_when_asked(monkeypatch):
+    """No device-to-host read per call by default (NaN propagates, as in PyTorch); with
+    config.CHECK_FINITE_ON_DEVICE the layer names the bad argument."""
+    from rnnkern import config
+    lstm = rk.LSTM(3, 4, dtype="float64", seed=0, backend="cuda")
+    x = cupy.zeros((2, 3, 3))
+    x[0, 1, 2] = cupy.nan
+    out, _ = lstm(x)
+    assert bool(cupy.isnan(out[0, 1:]).all()) and not bool(cupy.isnan(out[1]).any())
+    monkeypatch.setattr(config, "CHECK_FINITE_ON_DEVICE", True)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        lstm(x)
+    with pytest.raises(ValueError, match="initial_state"):
+        lstm(cupy.zeros((2, 3, 3)), (cupy.full((1, 2, 4), cupy.inf), cupy.zeros((1, 2, 4))))
+

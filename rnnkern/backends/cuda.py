@@ -73,6 +73,7 @@ class Config:
     n_sm: int | None = None         # None: the device's SM count (tests: a small number)
     max_blocks: int | None = None   # persistent: cap on blocks (None: one per SM); fewer
                                     # blocks = cheaper barrier, more units per block
+    max_teams: int | None = None    # cluster: cap on clusters (None: n_sm // CLUSTER_SIZE)
     smem_limit: int | None = None   # None: the device's opt-in shared memory per block
     check_barrier: bool = True      # persistent: read the barrier's error flag after a launch
     direct_gemm: bool = True        # stepwise: per-step GEMMs straight to cuBLAS (not
@@ -422,7 +423,7 @@ def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_ba
     G = spec.gates
     if team == "cluster":
         hb = math.ceil(H / CLUSTER_SIZE)
-        teams = max(1, min(B, n_sm // CLUSTER_SIZE))
+        teams = max(1, min(B, n_sm // CLUSTER_SIZE, config.max_teams or B))
         bc = max(1, math.ceil(B / teams))
         blocks = math.ceil(B / bc) * CLUSTER_SIZE if B else CLUSTER_SIZE
     else:
