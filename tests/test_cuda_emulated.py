@@ -174,6 +174,21 @@ def test_size_rule_on_the_benchmark_shapes(no_override, kind, shape, expected):
         assert max(plan.smem_fwd, plan.smem_bwd) <= H200["smem_limit"]
 
 
+def test_cluster_plan_halves_the_teams_when_blocks_fill_an_sm(no_override, monkeypatch):
+    lstm, gru = rk.CellSpec("lstm"), rk.CellSpec("gru")
+    big = cuda.persistent_plan(lstm, 32, 256, 4, team="cluster", **H200)  # 131 KB a block
+    small = cuda.persistent_plan(gru, 50, 128, 4, team="cluster", **H200)  # 29 KB a block
+    assert (big.blocks // cuda.CLUSTER_SIZE, big.bc) == (8, 4)
+    assert max(big.smem_fwd, big.smem_bwd) > H200["smem_limit"] // 2
+    assert (small.blocks // cuda.CLUSTER_SIZE, small.bc) == (13, 4)  # 16 teams of 4 rows -> 13
+    monkeypatch.setattr(cuda.config, "max_teams", 16)  # an explicit cap is taken as it is
+    assert cuda.persistent_plan(lstm, 32, 256, 4, team="cluster", **H200).bc == 2
+    # the cut-off: cluster up to B*H = 32768, then stepwise
+    assert cuda.choose_strategy(lstm, 256, 128, 4, **H200, clusters=True)[0] == "cluster"
+    assert cuda.choose_strategy(lstm, 257, 128, 4, **H200, clusters=True)[0] == "stepwise"
+    assert cuda.choose_strategy(lstm, 256, 128, 4, **H200)[0] == "stepwise"  # grid team: 8192
+
+
 def test_plan_shrinks_batch_chunk_then_gives_up():
     spec = rk.CellSpec("lstm")
     roomy = cuda.persistent_plan(spec, 64, 128, 4, 132, 227 * 1024)

@@ -25,10 +25,12 @@ single GEMMs after the backward loop.
   never wait for each other: no residency condition, no error flag, no host sync, and the
   batch spreads over up to ``n_sm / CLUSTER_SIZE`` teams.
 
-Size rule (:func:`choose_strategy`): when ``H <= config.persistent_max_h`` (256) and ``B*H <=
-config.persistent_max_bh`` (8192), ``cluster`` where the device has clusters and its plan fits
-on chip, else ``persistent`` where its plan fits; otherwise ``stepwise``. Measured on an H200
-with ``benchmarks/gpu_check.sh`` (benchmarks/README.md). Force a strategy with
+Size rule (:func:`choose_strategy`), for ``H <= config.persistent_max_h`` (256): ``cluster``
+where the device has clusters, its plan fits on chip and ``B*H <= config.cluster_max_bh``
+(32768), else ``persistent`` where its plan fits and ``B*H <= config.persistent_max_bh`` (8192);
+otherwise ``stepwise``. Measured on an H200 with ``benchmarks/gpu_check.sh`` (benchmarks/
+README.md): cluster beat stepwise at every shape up to B*H = 32768 (256,50,65,128: 2.3 vs 7.0
+ms fwd+bwd), and persistent lost to stepwise above 8192 (64,100,128,256: 14.7 vs 11.3 ms). Force a strategy with
 :func:`set_strategy` or the environment variable ``RNNKERN_CUDA_STRATEGY`` (``stepwise`` |
 ``persistent`` | ``cluster`` | ``auto``).
 
@@ -65,8 +67,9 @@ class Config:
     """Tunables (tests patch them small so multi-block paths run on tiny inputs)."""
 
     threads: int = 256              # threads per block, every kernel
-    persistent_max_h: int = 256     # size rule: persistent only up to this H ...
-    persistent_max_bh: int = 8192   # ... and up to this B*H
+    persistent_max_h: int = 256     # size rule: persistent or cluster only up to this H ...
+    persistent_max_bh: int = 8192   # ... and persistent only up to this B*H ...
+    cluster_max_bh: int = 32768     # ... cluster up to this one
     max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
     dot_min_chunk: int = 8          # persistent: split a dot product over threads only while
                                     # every part keeps at least this many terms
@@ -414,34 +417,46 @@ def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_ba
     ``team="grid"``: units are spread over as many blocks as there are SMs (``hb = ceil(H /
     n_sm)``, or fewer blocks with ``config.max_blocks``), every block sees the whole batch.
     ``team="cluster"``: units over the CLUSTER_SIZE blocks of a cluster, the batch over
-    ``min(B, n_sm // CLUSTER_SIZE)`` clusters. Each kernel's batch chunk halves until its shared
-    memory (persistent.cuh's layouts) fits ``smem_limit``.
+    ``min(B, n_sm // CLUSTER_SIZE)`` clusters, or half as many when a block needs more than half
+    of ``smem_limit`` (see below; ``config.max_teams`` overrides). Each kernel's batch chunk
+    halves until its shared memory (persistent.cuh's layouts) fits ``smem_limit``.
     """
     if team not in ("grid", "cluster"):
         raise ValueError(f"team must be 'grid' or 'cluster', got {team!r}")
     threads = threads or config.threads
     G = spec.gates
-    if team == "cluster":
-        hb = math.ceil(H / CLUSTER_SIZE)
-        teams = max(1, min(B, n_sm // CLUSTER_SIZE, config.max_teams or B))
-        bc = max(1, math.ceil(B / teams))
-        blocks = math.ceil(B / bc) * CLUSTER_SIZE if B else CLUSTER_SIZE
-    else:
-        hb = math.ceil(H / max(1, min(n_sm, config.max_blocks or n_sm, H)))
-        bc, blocks = B, math.ceil(H / hb)
     ldw, ldc = H | 1, (G * H) | 1
-    layouts = (lambda nbc: (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize,   # fwd
-               lambda nbc: (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize)      # bwd
-    chunks = []
-    for size in layouts:
-        nbc = max(1, min(bc, max_batch_chunk or config.max_batch_chunk))
-        while size(nbc) > smem_limit and nbc > 1:
-            nbc = (nbc + 1) // 2
-        if size(nbc) > smem_limit:
-            return None
-        chunks.append(nbc)
-    return PersistentPlan(team, blocks, threads, hb, bc, chunks[0], chunks[1],
-                          layouts[0](chunks[0]), layouts[1](chunks[1]))
+
+    def plan(hb, bc, blocks):
+        layouts = (lambda nbc: (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize,
+                   lambda nbc: (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize)
+        chunks = []  # (fwd, bwd)
+        for size in layouts:
+            nbc = max(1, min(bc, max_batch_chunk or config.max_batch_chunk))
+            while size(nbc) > smem_limit and nbc > 1:
+                nbc = (nbc + 1) // 2
+            if size(nbc) > smem_limit:
+                return None
+            chunks.append(nbc)
+        return PersistentPlan(team, blocks, threads, hb, bc, chunks[0], chunks[1],
+                              layouts[0](chunks[0]), layouts[1](chunks[1]))
+
+    if team == "grid":
+        hb = math.ceil(H / max(1, min(n_sm, config.max_blocks or n_sm, H)))
+        return plan(hb, B, math.ceil(H / hb))
+    hb = math.ceil(H / CLUSTER_SIZE)
+    most = max(1, min(B, n_sm // CLUSTER_SIZE, config.max_teams or B))
+    best = None
+    # Blocks that need over half an SM's shared memory run one per SM, and then not all
+    # n_sm / CLUSTER_SIZE clusters find their SMs free together: half as many teams, each with
+    # twice the rows, ran faster (H200, LSTM B,T,I,H = 32,100,128,256: fwd+bwd 2.58 ms with 8
+    # teams, 4.09 ms with 16).
+    for teams in (most,) if config.max_teams else (most, max(1, most // 2)):
+        bc = max(1, math.ceil(B / teams))
+        best = plan(hb, bc, math.ceil(B / bc) * CLUSTER_SIZE if B else CLUSTER_SIZE)
+        if best is None or max(best.smem_fwd, best.smem_bwd) <= smem_limit // 2:
+            break
+    return best
 
 
 def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit, clusters=False):
@@ -454,7 +469,7 @@ def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit, clusters=False):
         raise ValueError("the cluster strategy needs thread-block clusters (compute capability "
                          "9.0 or later); use persistent or stepwise")
     candidates = [forced] if forced else (["cluster"] if clusters else []) + ["persistent"]
-    small = H <= config.persistent_max_h and B * H <= config.persistent_max_bh
+    max_bh = {"cluster": config.cluster_max_bh, "persistent": config.persistent_max_bh}
     for strategy in candidates:
         team = "cluster" if strategy == "cluster" else "grid"
         plan = persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, team=team)
@@ -463,7 +478,7 @@ def choose_strategy(spec, B, H, itemsize, n_sm, smem_limit, clusters=False):
                 raise ValueError(f"the {strategy} strategy cannot hold W_hh of H={H} on chip "
                                  f"({n_sm} SMs x {smem_limit} bytes); use stepwise")
             return strategy, plan
-        if plan is not None and small:
+        if plan is not None and H <= config.persistent_max_h and B * H <= max_bh[strategy]:
             return strategy, plan
     return "stepwise", None
 
