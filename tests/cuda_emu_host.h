@@ -4,7 +4,8 @@
 // Every CUDA thread of a launch is one std::thread, all running at once, so __syncthreads is a
 // real barrier per block and the persistent kernels' grid barrier really synchronises blocks.
 // Only what the kernels use is here: 1-D launches, dynamic shared memory, __syncthreads,
-// __threadfence, atomicAdd/atomicExch on unsigned int, __ldcg, __nanosleep, and thread-block
+// __threadfence, atomicAdd/atomicExch on unsigned int, __ldcg, __nanosleep, __shfl_xor_sync
+// (full warps of 32 consecutive threads), and thread-block
 // clusters of consecutive blocks (rank, cluster index, cluster barrier; common.cuh's
 // rk_cluster_*), with __cluster_dims__ read by the launcher instead of the compiler.
 // Not emulated: warps, memory-model subtleties of the GPU (L1 incoherence), performance.
@@ -37,6 +38,8 @@ struct BlockState {
     std::barrier<>* cluster_sync;
     unsigned char* smem;
     unsigned int cluster_size;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_syncs;  // one per warp of the block
+    std::vector<double> lanes;                                 // a shuffle's values, per thread
 };
 inline thread_local dim3 t_thread, t_block, t_blockdim, t_griddim;
 inline thread_local BlockState* t_state = nullptr;
@@ -54,8 +57,14 @@ void launch(unsigned int grid, unsigned int block, std::size_t smem, unsigned in
     for (unsigned int b = 0; b < grid; ++b) {
         syncs.emplace_back(new std::barrier<>(block));
         memory[b].assign(smem + 16, 0xCD);  // garbage-ish, as fresh shared memory is
-        states[b] = {syncs.back().get(), cluster_syncs[b / cluster].get(), memory[b].data(),
-                     cluster};
+        BlockState& st = states[b];
+        st.sync = syncs.back().get();
+        st.cluster_sync = cluster_syncs[b / cluster].get();
+        st.smem = memory[b].data();
+        st.cluster_size = cluster;
+        for (unsigned int w = 0; w * 32 < block; ++w)
+            st.warp_syncs.emplace_back(new std::barrier<>(std::min(32u, block - w * 32)));
+        st.lanes.assign(block, 0.0);
     }
     std::vector<std::thread> threads;
     threads.reserve((std::size_t)grid * block);
@@ -80,6 +89,19 @@ void launch(unsigned int grid, unsigned int block, std::size_t smem, unsigned in
 #define RK_DYNAMIC_SMEM(name) unsigned char* name = rk_emu::t_state->smem
 
 inline void __syncthreads() { rk_emu::t_state->sync->arrive_and_wait(); }
+
+// every lane of the warp must call it (as the kernels do: full warps, uniform control flow)
+template <class T>
+inline T __shfl_xor_sync(unsigned int, T v, int lane_mask) {
+    rk_emu::BlockState& st = *rk_emu::t_state;
+    const unsigned int t = threadIdx.x, partner = (t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask);
+    std::barrier<>& warp = *st.warp_syncs[t / 32];
+    st.lanes[t] = (double)v;  // exact for float and double
+    warp.arrive_and_wait();
+    const T got = (T)st.lanes[partner];
+    warp.arrive_and_wait();  // nobody overwrites a value before its partner has read it
+    return got;
+}
 
 template <int TAG>
 inline unsigned int rk_cluster_rank() { return blockIdx.x % rk_emu::t_state->cluster_size; }

@@ -73,8 +73,9 @@ def test_persistent_grid_has_several_blocks_and_chunks(emulated, strategy):
 @pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
 def test_cluster_teams_split_the_batch(emulated, spec, monkeypatch):
     """24 'SMs' -> 3 cluster teams of 8 blocks; B=7 -> rows 3+3+1; H=11 -> 2 units per rank and
-    the last ranks with fewer or none; batch chunks of 2 inside a team."""
+    the last ranks with fewer or none; batch chunks of 2 inside a team; 2 warps a block."""
     monkeypatch.setattr(cuda.config, "n_sm", 3 * cuda.CLUSTER_SIZE)
+    monkeypatch.setattr(cuda.config, "threads", 64)  # two warps share the per-warp dots
     cuda.set_strategy("cluster")
     n_before = len(emulated.launches)
     out, _ = cuda_cases.check_against_reference(

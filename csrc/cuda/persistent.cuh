@@ -14,20 +14,22 @@
 // Either way a block owns the same elements (b, j) at every step, so it only ever reads back its
 // own h_all/c_all elements; what other blocks wrote (h_all rows, rh, d_gh) is read through L2.
 //
-//   forward:  W_hh rows of the owned units, w_s [G][hb][ldw] (ldw = H | 1: odd stride, no bank
-//             conflicts); per step each block stages h_t (nbc batch rows at a time) and forms its
-//             own (h W_hh^T)[b, g*H + j], then the pointwise cell of its own elements.
-//   backward: W_hh columns of the owned units, wc [hb][ldc] (ldc = G*H | 1); per step phase A
-//             (own elements: gate grads into d_gx, d_gh), barrier, phase B (own columns of
-//             dh_prev = d_gh[t] W_hh, from the staged d_gh rows of every unit).
+//   forward:  W_hh rows of the owned units, w_s [G][hb][ldw]; per step each block stages h_t
+//             (nbc batch rows at a time, h_s [nbc][ldh]) and forms its own
+//             (h W_hh^T)[b, g*H + j], then the pointwise cell of its own elements.
+//   backward: W_hh columns of the owned units, wc [hb][ldc]; per step phase A (own elements:
+//             gate grads into d_gx, d_gh), barrier, phase B (own columns of
+//             dh_prev = d_gh[t] W_hh, from the staged d_gh rows of every unit, g_s [nbc][ldg]).
+//   Every row stride in shared memory is odd (ldw = H|1, ldh = H|1, ldc = ldg = G*H|1), so
+//   threads reading the same offset of different rows hit different banks.
 //
-// Dot products: with few of them per block (small B), each is split over up to 32 threads
-// (partial sums of at least `min_chunk` terms, then one thread adds the partials), so a step
-// is not one thread's serial loop of length H (forward) or G*H (backward).
+// Dot products (rk_block_dots): with at least half a block's worth of them, one per thread;
+// with fewer (small B), one per warp, the lanes taking every 32nd term (consecutive addresses,
+// no bank conflicts) and adding up with shuffles, so a step is not a few threads' serial loops
+// of length H (forward) or G*H (backward).
 //
-// Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real), with
-// P = blockDim.x partial sums:
-//   forward  G*hb*ldw + nbc*H + nbc*G*hb + P      backward  hb*ldc + nbc*G*H + nbc*hb + P
+// Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real):
+//   forward  G*hb*ldw + nbc*ldh + nbc*G*hb        backward  hb*ldc + nbc*ldg + nbc*hb
 #pragma once
 
 #include "common.cuh"
@@ -65,58 +67,49 @@ __device__ __forceinline__ void rk_team_sync(unsigned int* bar) {
     else rk_grid_sync(bar);
 }
 
-// copy n contiguous elements another block may have written into shared memory
-__device__ __forceinline__ void rk_stage(real* dst, const real* src, i64 n) {
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) dst[i] = rk_ld_shared_state(src + i);
-}
-
-// copy columns [col0, col0 + ncol) of nb rows of length ld into dst [nb][ncol]. Row by row:
-// no integer division per element (64-bit division is a long instruction sequence on a GPU).
-__device__ __forceinline__ void rk_stage_cols(real* dst, const real* src, int nb, int ld,
-                                              int col0, int ncol) {
+// copy columns [col0, col0 + ncol) of nb rows of length ld, which other blocks may have written,
+// into dst [nb][ld_dst]. Row by row: no integer division per element (64-bit division is a long
+// instruction sequence on a GPU).
+__device__ __forceinline__ void rk_stage_rows(real* dst, int ld_dst, const real* src, int nb,
+                                              int ld, int col0, int ncol) {
     for (int r = 0; r < nb; ++r) {
         const real* row = src + (i64)r * ld + col0;
         for (int c = threadIdx.x; c < ncol; c += blockDim.x)
-            dst[(i64)r * ncol + c] = rk_ld_shared_state(row + c);
+            dst[(i64)r * ld_dst + c] = rk_ld_shared_state(row + c);
     }
 }
 
-__device__ __forceinline__ real rk_dot(const real* x, const real* w, int n) {
-    real acc = 0;
-    for (int k = 0; k < n; ++k) acc += x[k] * w[k];
-    return acc;
+// the sum of v over the 32 lanes of a warp, in every lane
+__device__ __forceinline__ real rk_warp_sum(real v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
 }
 
 // res[o] = dot(x, w, n) for each of n_items items, where operands(i, x, w) sets the operands of
-// item i and returns its output offset o. Each dot is split over ks threads (a power of two up
-// to 32, while n_items * ks fits the block and every part keeps >= min_chunk terms); the
-// partial sums go to part[] (blockDim.x elements). Ends with __syncthreads.
+// item i and returns its output offset o. One dot per thread when there are at least half as
+// many items as threads (or the dots are shorter than 2 * min_chunk); otherwise one per warp.
+// Ends with __syncthreads.
 template <class Operands>
-__device__ void rk_block_dots(int n_items, int n, int min_chunk, real* res, real* part,
-                              Operands operands) {
-    int ks = 1;
-    while (ks < 32 && n_items * ks * 2 <= (int)blockDim.x && n >= ks * 2 * min_chunk) ks *= 2;
+__device__ void rk_block_dots(int n_items, int n, int min_chunk, real* res, Operands operands) {
     const real* x;
     const real* w;
-    if (ks == 1) {
+    const int warps = blockDim.x / 32;
+    if (blockDim.x % 32 != 0 || n_items * 2 > (int)blockDim.x || n < 2 * min_chunk) {
         for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
             const int o = operands(i, x, w);
-            res[o] = rk_dot(x, w, n);
+            real acc = 0;
+            for (int k = 0; k < n; ++k) acc += x[k] * w[k];
+            res[o] = acc;
         }
-        __syncthreads();
-        return;
-    }
-    const int chunk = (n + ks - 1) / ks;
-    for (int u = threadIdx.x; u < n_items * ks; u += blockDim.x) {
-        operands(u / ks, x, w);
-        const int k0 = (u % ks) * chunk;
-        part[u] = rk_dot(x + k0, w + k0, max(0, min(chunk, n - k0)));
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
-        real acc = 0;
-        for (int k = 0; k < ks; ++k) acc += part[i * ks + k];
-        res[operands(i, x, w)] = acc;
+    } else {
+        const int lane = threadIdx.x % 32;
+        for (int i = threadIdx.x / 32; i < n_items; i += warps) {  // the same i in every lane
+            const int o = operands(i, x, w);
+            real acc = 0;
+            for (int k = lane; k < n; k += 32) acc += x[k] * w[k];
+            acc = rk_warp_sum(acc);
+            if (lane == 0) res[o] = acc;
+        }
     }
     __syncthreads();
 }
@@ -130,16 +123,15 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int
                                real* h_all, real* c_all, real* outputs, real* acts, real* rh,
                                unsigned int* bar) {
     const int G = rk_gates<KIND>();
-    const int ldw = H | 1;
+    const int ldw = H | 1, ldh = H | 1;
     const RkOwned own = rk_owned<TEAM>(B, H, hb, bc);
     const int j0 = own.j0, nj = own.nj;
     const bool two_phase = KIND == RK_GRU && !flag;  // reset_after=false: (r h) W_hn^T
     const int Gd = two_phase ? 2 : G;                  // gate blocks formed from h_t
     RK_DYNAMIC_SMEM(smem_raw);
     real* w_s = reinterpret_cast<real*>(smem_raw);    // [G][hb][ldw]
-    real* h_s = w_s + (i64)G * hb * ldw;                // [nbc][H]
-    real* p_s = h_s + (i64)nbc * H;                     // [nbc][G][hb] dot products
-    real* part = p_s + (i64)nbc * G * hb;               // [blockDim.x] partial sums
+    real* h_s = w_s + (i64)G * hb * ldw;                // [nbc][ldh]
+    real* p_s = h_s + (i64)nbc * ldh;                   // [nbc][G][hb] dot products
     for (i64 i = threadIdx.x; i < (i64)G * nj * H; i += blockDim.x) {
         const int row = (int)(i / H), k = (int)(i % H), g = row / nj, jl = row % nj;
         w_s[((i64)g * hb + jl) * ldw + k] = w_hh[((i64)g * H + j0 + jl) * H + k];
@@ -150,12 +142,12 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int
     for (int t = 0; t < T; ++t) {
         for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
             const int nb = min(nbc, own.b_hi - b0);
-            rk_stage(h_s, h_all + ((i64)t * B + b0) * H, (i64)nb * H);
+            rk_stage_rows(h_s, ldh, h_all + ((i64)t * B + b0) * H, nb, H, 0, H);
             __syncthreads();
-            rk_block_dots(nb * Gd * nj, H, min_chunk, p_s, part,
+            rk_block_dots(nb * Gd * nj, H, min_chunk, p_s,
                           [&](int i, const real*& x, const real*& w) {
                               const int jl = i % nj, g = (i / nj) % Gd, bl = i / (nj * Gd);
-                              x = h_s + (i64)bl * H;
+                              x = h_s + (i64)bl * ldh;
                               w = w_s + ((i64)g * hb + jl) * ldw;
                               return (bl * G + g) * hb + jl;
                           });
@@ -177,12 +169,12 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int
             rk_team_sync<TEAM>(bar);  // rh[t] of every unit is written
             for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
                 const int nb = min(nbc, own.b_hi - b0);
-                rk_stage(h_s, rh + ((i64)t * B + b0) * H, (i64)nb * H);
+                rk_stage_rows(h_s, ldh, rh + ((i64)t * B + b0) * H, nb, H, 0, H);
                 __syncthreads();
-                rk_block_dots(nb * nj, H, min_chunk, p_s, part,
+                rk_block_dots(nb * nj, H, min_chunk, p_s,
                               [&](int i, const real*& x, const real*& w) {
                                   const int jl = i % nj, bl = i / nj;
-                                  x = h_s + (i64)bl * H;
+                                  x = h_s + (i64)bl * ldh;
                                   w = w_s + (2 * (i64)hb + jl) * ldw;
                                   return i;
                               });
@@ -205,16 +197,15 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int
                                unsigned int* bar) {
     const int G = rk_gates<KIND>();
     const int GH = G * H;
-    const int ldc = GH | 1;
+    const int ldc = GH | 1, ldg = GH | 1;
     const RkOwned own = rk_owned<TEAM>(B, H, hb, bc);
     const int j0 = own.j0, nj = own.nj;
     const bool two_phase = KIND == RK_GRU && !flag;
     const int rows = two_phase ? 2 * H : GH;  // W_hh rows that multiply h itself
     RK_DYNAMIC_SMEM(smem_raw);
     real* wc = reinterpret_cast<real*>(smem_raw);  // [hb][ldc], wc[jl][row] = W_hh[row][j0+jl]
-    real* g_s = wc + (i64)hb * ldc;                  // [nbc][rows] staged d_gh rows
-    real* r_s = g_s + (i64)nbc * GH;                 // [nbc][hb] dot products
-    real* part = r_s + (i64)nbc * hb;                // [blockDim.x] partial sums
+    real* g_s = wc + (i64)hb * ldc;                  // [nbc][ldg] staged d_gh rows
+    real* r_s = g_s + (i64)nbc * ldg;                // [nbc][hb] dot products
     for (i64 i = threadIdx.x; i < (i64)GH * nj; i += blockDim.x) {
         const int row = (int)(i / nj), jl = (int)(i % nj);
         wc[(i64)jl * ldc + row] = w_hh[(i64)row * H + j0 + jl];
@@ -236,11 +227,11 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int
         if (two_phase) {  // d_rh = d_an W_hn, then the r block
             for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
                 const int nb = min(nbc, own.b_hi - b0);
-                rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 2 * H, H);
+                rk_stage_rows(g_s, ldg, dg_t + (i64)b0 * GH, nb, GH, 2 * H, H);
                 __syncthreads();
-                rk_block_dots(nb * nj, H, min_chunk, r_s, part,
+                rk_block_dots(nb * nj, H, min_chunk, r_s,
                               [&](int i, const real*& x, const real*& w) {
-                                  x = g_s + (i64)(i / nj) * H;
+                                  x = g_s + (i64)(i / nj) * ldg;
                                   w = wc + (i64)(i % nj) * ldc + 2 * H;
                                   return i;
                               });
@@ -253,11 +244,11 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int
         // phase B: dh_prev[b, j] += (d_gh[t] W_hh)[b, j] for the owned columns j
         for (int b0 = own.b_lo; b0 < own.b_hi; b0 += nbc) {
             const int nb = min(nbc, own.b_hi - b0);
-            rk_stage_cols(g_s, dg_t + (i64)b0 * GH, nb, GH, 0, rows);
+            rk_stage_rows(g_s, ldg, dg_t + (i64)b0 * GH, nb, GH, 0, rows);
             __syncthreads();
-            rk_block_dots(nb * nj, rows, min_chunk, r_s, part,
+            rk_block_dots(nb * nj, rows, min_chunk, r_s,
                           [&](int i, const real*& x, const real*& w) {
-                              x = g_s + (i64)(i / nj) * rows;
+                              x = g_s + (i64)(i / nj) * ldg;
                               w = wc + (i64)(i % nj) * ldc;
                               return i;
                           });

@@ -71,8 +71,9 @@ class Config:
     persistent_max_bh: int = 8192   # ... and persistent only up to this B*H ...
     cluster_max_bh: int = 32768     # ... cluster up to this one
     max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
-    dot_min_chunk: int = 8          # persistent: split a dot product over threads only while
-                                    # every part keeps at least this many terms
+    dot_min_chunk: int = 8          # persistent/cluster: a dot product shorter than twice this
+                                    # stays on one thread (else, when a block has few of
+                                    # them, one warp shares it; persistent.cuh)
     n_sm: int | None = None         # None: the device's SM count (tests: a small number)
     max_blocks: int | None = None   # persistent: cap on blocks (None: one per SM); fewer
                                     # blocks = cheaper barrier, more units per block
@@ -425,11 +426,11 @@ def persistent_plan(spec, B, H, itemsize, n_sm, smem_limit, threads=None, max_ba
         raise ValueError(f"team must be 'grid' or 'cluster', got {team!r}")
     threads = threads or config.threads
     G = spec.gates
-    ldw, ldc = H | 1, (G * H) | 1
+    ldw, ldc = H | 1, (G * H) | 1  # persistent.cuh's odd row strides (ldh = ldw, ldg = ldc)
 
     def plan(hb, bc, blocks):
-        layouts = (lambda nbc: (G * hb * ldw + nbc * H + nbc * G * hb + threads) * itemsize,
-                   lambda nbc: (hb * ldc + nbc * G * H + nbc * hb + threads) * itemsize)
+        layouts = (lambda nbc: (G * hb * ldw + nbc * ldw + nbc * G * hb) * itemsize,  # fwd
+                   lambda nbc: (hb * ldc + nbc * ldc + nbc * hb) * itemsize)          # bwd
         chunks = []  # (fwd, bwd)
         for size in layouts:
             nbc = max(1, min(bc, max_batch_chunk or config.max_batch_chunk))
