@@ -4,6 +4,7 @@
 # against torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5. About 5 minutes at most.
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
+#   RNNKERN_GPU_TUNING=1 bash benchmarks/gpu_check.sh    # also the tuning points (~1 min more)
 #
 # Runs from the source tree (PYTHONPATH=repo root), so no install step is needed. The tables
 # go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt (and the main table's rows to
@@ -72,14 +73,16 @@ bench gpu_bench 100 --budget 75 ${out_dir:+--json "$out_dir/gpu_bench.json"} "$@
 echo "== benchmark: backend seam (kernels without layer validation), small shapes"
 small="1,6,5,5,1;1,100,64,128,1;32,100,128,256,1;50,50,65,128,2"
 bench gpu_bench_seam 30 --seam --kinds lstm,gru --shapes "$small" --budget 22
-echo "== tuning points (backend seam, LSTM): stepwise GEMMs straight to cuBLAS vs through"
-echo "   cupy.matmul on the large shapes; cluster teams capped at 8; where cluster stops paying"
-large="64,100,512,512,1;128,100,1024,1024,1"
-bench gpu_tune_direct_gemm 25 --seam --kinds lstm --shapes "$large" --budget 15
-bench gpu_tune_cupy_matmul 25 --seam --kinds lstm --shapes "$large" --cupy-matmul --budget 15
-bench gpu_tune_teams8 20 --seam --kinds lstm --shapes "$small" --max-teams 8 --budget 14
-bench gpu_tune_cutoff 30 --seam --kinds lstm,gru \
-  --shapes "64,100,128,256,1;128,50,128,256,1;256,50,65,128,1" --budget 22
+if [ -n "${RNNKERN_GPU_TUNING:-}" ]; then
+  echo "== tuning points (backend seam, LSTM): stepwise GEMMs straight to cuBLAS vs through"
+  echo "   cupy.matmul on the large shapes; cluster teams capped at 8; where cluster stops paying"
+  large="64,100,512,512,1;128,100,1024,1024,1"
+  bench gpu_tune_direct_gemm 25 --seam --kinds lstm --shapes "$large" --budget 15
+  bench gpu_tune_cupy_matmul 25 --seam --kinds lstm --shapes "$large" --cupy-matmul --budget 15
+  bench gpu_tune_teams8 20 --seam --kinds lstm --shapes "$small" --max-teams 8 --budget 14
+  bench gpu_tune_cutoff 30 --seam --kinds lstm,gru \
+    --shapes "64,100,128,256,1;128,50,128,256,1;256,50,65,128,1" --budget 22
+fi
 
 echo "== done (status $status)"
 exit "$status"
