@@ -85,6 +85,16 @@ def test_cluster_teams_split_the_batch(emulated, spec, monkeypatch):
     assert [g for _, g, _, _ in emulated.launches[n_before:]] == [plan.blocks] * 2
 
 
+@pytest.mark.parametrize("strategy", ["persistent", "cluster"])
+@pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
+                         ids=["lstm", "gru-before"])
+def test_staging_passes_of_many_elements(emulated, spec, strategy):
+    """H=40: the backward stages 2 rows of G*H = 120-160 d_gh columns with 32 threads, so every
+    one of the four loads in flight per thread of rk_stage_rows carries data."""
+    cuda.set_strategy(strategy)
+    cuda_cases.check_against_reference(cuda, spec, (3, 4, 5, 40, [4, 2, 3], True), np.float64)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_multilayer_layer_through_cuda_backend(emulated, kind):
     """The layer API with backend='cuda': 2 layers, lengths, initial state, every gradient."""

@@ -24,9 +24,9 @@
 //   threads reading the same offset of different rows hit different banks.
 //
 // Dot products (rk_block_dots): with at least half a block's worth of them, one per thread;
-// with fewer (small B), one per warp, the lanes taking every 32nd term (consecutive addresses,
-// no bank conflicts) and adding up with shuffles, so a step is not a few threads' serial loops
-// of length H (forward) or G*H (backward).
+// with fewer (small B), each on a group of up to 32 lanes that take interleaved terms
+// (consecutive addresses, no bank conflicts) and add up with shuffles, so a step is not a few
+// threads' serial loops of length H (forward) or G*H (backward).
 //
 // Shape legend and buffer layouts: common.cuh. Dynamic shared memory (elements of real):
 //   forward  G*hb*ldw + nbc*ldh + nbc*G*hb        backward  hb*ldc + nbc*ldg + nbc*hb
@@ -68,48 +68,52 @@ __device__ __forceinline__ void rk_team_sync(unsigned int* bar) {
 }
 
 // copy columns [col0, col0 + ncol) of nb rows of length ld, which other blocks may have written,
-// into dst [nb][ld_dst]. Row by row: no integer division per element (64-bit division is a long
-// instruction sequence on a GPU).
+// into dst [nb][ld_dst]. 32-bit index arithmetic (64-bit division is a long instruction
+// sequence on a GPU), and four loads in flight per thread before their stores: a store to
+// shared memory keeps the compiler from moving the next global load above it, so a plain loop
+// would wait for L2 once per element.
 __device__ __forceinline__ void rk_stage_rows(real* dst, int ld_dst, const real* src, int nb,
                                               int ld, int col0, int ncol) {
-    for (int r = 0; r < nb; ++r) {
-        const real* row = src + (i64)r * ld + col0;
-        for (int c = threadIdx.x; c < ncol; c += blockDim.x)
-            dst[(i64)r * ld_dst + c] = rk_ld_shared_state(row + c);
+    const int total = nb * ncol, step = blockDim.x;
+    for (int base = threadIdx.x; base < total; base += 4 * step) {
+        real v[4];
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * step, r = i / ncol;
+            if (i < total) v[u] = rk_ld_shared_state(src + (i64)r * ld + col0 + (i - r * ncol));
+        }
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * step, r = i / ncol;
+            if (i < total) dst[(i64)r * ld_dst + (i - r * ncol)] = v[u];
+        }
     }
 }
 
-// the sum of v over the 32 lanes of a warp, in every lane
-__device__ __forceinline__ real rk_warp_sum(real v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
 // res[o] = dot(x, w, n) for each of n_items items, where operands(i, x, w) sets the operands of
-// item i and returns its output offset o. One dot per thread when there are at least half as
-// many items as threads (or the dots are shorter than 2 * min_chunk); otherwise one per warp.
+// item i and returns its output offset o. Each dot runs on a group of gs lanes of one warp (a
+// power of two up to 32, while n_items * gs fits the block and every lane keeps >= min_chunk
+// terms; 1 when there are many dots): lane l of the group takes terms l, l + gs, ... (the group
+// reads consecutive addresses, no bank conflicts) and the group adds up with shuffles. The
+// passes over the items are the same for every thread, so whole warps reach each shuffle.
 // Ends with __syncthreads.
 template <class Operands>
 __device__ void rk_block_dots(int n_items, int n, int min_chunk, real* res, Operands operands) {
-    const real* x;
-    const real* w;
-    const int warps = blockDim.x / 32;
-    if (blockDim.x % 32 != 0 || n_items * 2 > (int)blockDim.x || n < 2 * min_chunk) {
-        for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
-            const int o = operands(i, x, w);
-            real acc = 0;
-            for (int k = 0; k < n; ++k) acc += x[k] * w[k];
-            res[o] = acc;
+    int gs = 1;
+    if (blockDim.x % 32 == 0)
+        while (gs < 32 && n_items * gs * 2 <= (int)blockDim.x && n >= gs * 2 * min_chunk) gs *= 2;
+    const int per_pass = blockDim.x / gs, lane = threadIdx.x % gs;
+    for (int base = 0; base < n_items; base += per_pass) {
+        const int i = base + threadIdx.x / gs;
+        const real* x;
+        const real* w;
+        int o = 0;
+        real acc = 0;
+        if (i < n_items) {
+            o = operands(i, x, w);
+            for (int k = lane; k < n; k += gs) acc += x[k] * w[k];
         }
-    } else {
-        const int lane = threadIdx.x % 32;
-        for (int i = threadIdx.x / 32; i < n_items; i += warps) {  // the same i in every lane
-            const int o = operands(i, x, w);
-            real acc = 0;
-            for (int k = lane; k < n; k += 32) acc += x[k] * w[k];
-            acc = rk_warp_sum(acc);
-            if (lane == 0) res[o] = acc;
-        }
+        for (int offset = gs / 2; offset > 0; offset >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+        if (i < n_items && lane == 0) res[o] = acc;
     }
     __syncthreads();
 }

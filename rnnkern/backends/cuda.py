@@ -71,9 +71,9 @@ class Config:
     persistent_max_bh: int = 8192   # ... and persistent only up to this B*H ...
     cluster_max_bh: int = 32768     # ... cluster up to this one
     max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
-    dot_min_chunk: int = 8          # persistent/cluster: a dot product shorter than twice this
-                                    # stays on one thread (else, when a block has few of
-                                    # them, one warp shares it; persistent.cuh)
+    dot_min_chunk: int = 8          # persistent/cluster: when a block has few dot products,
+                                    # each is shared by up to 32 lanes while every lane keeps
+                                    # at least this many terms (persistent.cuh)
     n_sm: int | None = None         # None: the device's SM count (tests: a small number)
     max_blocks: int | None = None   # persistent: cap on blocks (None: one per SM); fewer
                                     # blocks = cheaper barrier, more units per block
