@@ -40,7 +40,7 @@ TRAIN_STEP_NUMBA_MAX_FLOPS = 1_000_000
 # The layers reject input and initial states holding NaN or infinity with a ValueError naming the
 # argument. For CuPy arrays that scan is a device-to-host read: the host waits for the GPU to
 # finish everything queued, on every call, so the next call cannot be queued while the GPU works
-# (on an H200, LSTM (1,6,5,5,1) fwd+bwd: 1.21 ms through the layer vs 0.55 ms through the
-# backend seam, which does not scan). Device arrays are therefore scanned only when this is
+# (on an H200, dropping the scan took the layer's LSTM (1,6,5,5,1) fwd+bwd from 1.21 to 0.34 ms;
+# benchmarks/README.md, GPU runs 2 and 3). Device arrays are therefore scanned only when this is
 # True; otherwise NaN propagates to the outputs, as in PyTorch. NumPy input is always scanned.
 CHECK_FINITE_ON_DEVICE = False
