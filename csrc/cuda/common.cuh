@@ -1,6 +1,7 @@
 // common.cuh -- what every rnnkern CUDA kernel shares: the element type, the per-element cell
 // steps (wrapping rnnkern/cells.h with the indexing, masking and saving of one (b, j) element),
-// and a grid-wide barrier for the persistent kernels.
+// a grid-wide barrier for the persistent kernels, and the thread-block cluster primitives of
+// the cluster kernels.
 //
 // Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3),
 // S saved activations per element (RNN 1: h'; LSTM 5: i f g o tanh(c'); GRU 4: r z n gh_n).
