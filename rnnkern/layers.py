@@ -167,10 +167,9 @@ class _Recurrent:
             raise TypeError(f"{name} must be a floating-point array, got dtype {state.dtype}")
         if tuple(state.shape) != shape:
             raise ValueError(f"{name} must have shape [L,B,H] = {shape}, got {tuple(state.shape)}")
-        state = xp.ascontiguousarray(xp.asarray(state), dtype=self.dtype)
-        if _has_nonfinite(state, xp):
+        if _has_nonfinite(state, _xp(state)):  # before any copy to the device: NumPy is scanned
             raise ValueError(f"{name} contains NaN or infinity")
-        return state
+        return xp.ascontiguousarray(xp.asarray(state), dtype=self.dtype)
 
     def _split_state(self, initial_state, B, xp):
         """(h0 [L,B,H], c0 [L,B,H] or None) from the user's initial_state."""

@@ -68,6 +68,7 @@ def build(module, real, outdir):
             f'unsigned long smem, {", ".join(params)}) {{\n'
             f'  rk_emu::launch(grid, block, smem, {cluster}, '
             f'[=] {{ {kname}({", ".join(names)}); }});\n}}\n')
+    wrappers.append('extern "C" int emu_smem_overrun() { return rk_emu::take_smem_overrun(); }\n')
     tu = Path(outdir) / f"{module}_{real}.cpp"
     tu.write_text(f'#include "{src}"\n' + "".join(wrappers))
     key = hashlib.sha1(expanded.encode() + tu.read_bytes()).hexdigest()[:12]
@@ -82,6 +83,8 @@ class EmuKernel:
         self.fn = getattr(lib, f"emu_{kname}")
         self.fn.restype = None
         self.fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulong] + argtypes
+        self.overrun = lib.emu_smem_overrun
+        self.overrun.restype = ctypes.c_int
         self.name = kname
         self.argtypes = argtypes
         self.nargs = len(argtypes)
@@ -99,6 +102,7 @@ class EmuRuntime:
         self.cache = {}
         self.launches = []  # (kernel name, grid, block, smem) of every launch, for tests
         self.max_resident = None  # blocks that fit at once (None: any number), for tests
+        self.refuse_clusters = False  # launches of cluster kernels fail, for tests
 
     def props(self):
         return self._n_sm, self._smem
@@ -118,9 +122,11 @@ class EmuRuntime:
             raise AttributeError(f"{module}.cu has no kernel {fname!r}")
         return EmuKernel(lib, fname, kernels[fname])
 
-    def launch(self, kern, grid, block, args, smem=0, resident=False):
+    def launch(self, kern, grid, block, args, smem=0, resident=False, cluster=False):
         if resident and self.max_resident is not None and grid > self.max_resident:
             raise cuda.NotResident(f"{grid} blocks > {self.max_resident} (emulated limit)")
+        if cluster and self.refuse_clusters:
+            raise cuda.NotResident("cluster launch refused (emulated)")
         if len(args) != kern.nargs:
             raise TypeError(f"{kern.name}: {len(args)} arguments, the kernel takes {kern.nargs}")
         conv = []
@@ -143,6 +149,29 @@ class EmuRuntime:
             raise ValueError(f"{kern.name}: {smem} bytes of shared memory > limit {self._smem}")
         self.launches.append((kern.name, grid, block, smem))
         kern.fn(grid, block, smem, *conv)
+        if kern.overrun():
+            raise AssertionError(f"{kern.name} wrote past its {smem} bytes of shared memory")
 
     def matmul(self, a, b, out):
-        np.matmul(a, b, out=out)
+        """What ``CupyRuntime.matmul`` does: the cuBLAS call :func:`cuda.gemm_args` describes,
+        here read from memory the way cuBLAS reads it, so every stepwise GEMM of the emulated
+        tests checks the operand mapping (``np.matmul`` where the GPU takes ``cupy.matmul``)."""
+        spec = cuda.gemm_args(a, b, out) if cuda.config.direct_gemm else None
+        if spec is None:
+            np.matmul(a, b, out=out)
+        elif spec == "empty":
+            out.fill(0)
+        else:
+            op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
+            colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c)
+
+
+def colmajor_gemm(op_a, op_b, m, n, k, A, lda, B, ldb, C, ldc):
+    """cuBLAS's GEMM on host memory: C[m,n] = op(A)[m,k] op(B)[k,n], every matrix column-major
+    from its view's first element with the given leading dimension."""
+    def read(X, op, rows, cols, ld):
+        shape = (rows, cols) if op == "N" else (cols, rows)
+        stored = np.lib.stride_tricks.as_strided(X, shape, (X.itemsize, ld * X.itemsize))
+        return stored if op == "N" else stored.T
+    c_view = np.lib.stride_tricks.as_strided(C, (m, n), (C.itemsize, ldc * C.itemsize))
+    c_view[...] = read(A, op_a, m, k, lda) @ read(B, op_b, k, n, ldb)

@@ -8,7 +8,8 @@
 // (full warps of 32 consecutive threads), and thread-block
 // clusters of consecutive blocks (rank, cluster index, cluster barrier; common.cuh's
 // rk_cluster_*), with __cluster_dims__ read by the launcher instead of the compiler.
-// Not emulated: warps, memory-model subtleties of the GPU (L1 incoherence), performance.
+// Warps exist only for the shuffles (lockstep execution is not emulated). Not emulated either:
+// memory-model subtleties of the GPU (L1 incoherence), performance.
 #pragma once
 
 #include <algorithm>
@@ -44,6 +45,12 @@ struct BlockState {
 inline thread_local dim3 t_thread, t_block, t_blockdim, t_griddim;
 inline thread_local BlockState* t_state = nullptr;
 
+// Every block's shared memory has 16 guard bytes after it; a launch that wrote into them (a
+// kernel/host layout mismatch) sets this flag, which the Python side reads after each launch.
+constexpr unsigned char kGuard = 0xCD;
+inline std::atomic<int> g_smem_overrun{0};
+inline int take_smem_overrun() { return g_smem_overrun.exchange(0); }
+
 // cluster: blocks per cluster (1: a plain launch); the grid must be a multiple of it
 template <class F>
 void launch(unsigned int grid, unsigned int block, std::size_t smem, unsigned int cluster,
@@ -56,7 +63,7 @@ void launch(unsigned int grid, unsigned int block, std::size_t smem, unsigned in
         cluster_syncs.emplace_back(new std::barrier<>((std::ptrdiff_t)cluster * block));
     for (unsigned int b = 0; b < grid; ++b) {
         syncs.emplace_back(new std::barrier<>(block));
-        memory[b].assign(smem + 16, 0xCD);  // garbage-ish, as fresh shared memory is
+        memory[b].assign(smem + 16, kGuard);  // garbage-ish, as fresh shared memory is
         BlockState& st = states[b];
         st.sync = syncs.back().get();
         st.cluster_sync = cluster_syncs[b / cluster].get();
@@ -79,6 +86,9 @@ void launch(unsigned int grid, unsigned int block, std::size_t smem, unsigned in
                 body();
             });
     for (auto& th : threads) th.join();
+    for (const auto& m : memory)
+        if (std::any_of(m.end() - 16, m.end(), [](unsigned char c) { return c != kGuard; }))
+            g_smem_overrun = 1;
 }
 }  // namespace rk_emu
 

@@ -68,6 +68,21 @@ def test_cluster_teams_split_the_batch(spec, monkeypatch):
     assert (out[3]["plan"].bc, out[3]["plan"].blocks) == (3, 3 * cuda.CLUSTER_SIZE)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"],
+                                  cuda_cases.SPECS["rnn-tanh"]], ids=["lstm", "gru-before", "rnn"])
+def test_lane_groups_of_every_size(spec, dtype, monkeypatch):
+    """B=1, H=40 on 64 'SMs' with 64 threads: one unit a block, so the dots run on lane groups
+    of 2 up to 32 (the forward's few dots of 40 terms, the backward's one of G*40)."""
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, dot_min_chunk=2, n_sm=64))
+    cuda.set_strategy("persistent")
+    try:
+        cuda_cases.check_against_reference(cuda, spec, (1, 3, 2, 40, None, True), dtype,
+                                           cupy.asarray)
+    finally:
+        cuda.set_strategy(None)
+
+
 @pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
 @pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
                          ids=["lstm", "gru-before"])
@@ -123,6 +138,8 @@ def test_device_input_is_scanned_for_nan_only_when_asked(monkeypatch):
     x[0, 1, 2] = cupy.nan
     out, _ = lstm(x)
     assert bool(cupy.isnan(out[0, 1:]).all()) and not bool(cupy.isnan(out[1]).any())
+    with pytest.raises(ValueError, match="initial_state"):  # NumPy state: scanned on the host
+        lstm(cupy.zeros((2, 3, 3)), (np.full((1, 2, 4), np.nan), np.zeros((1, 2, 4))))
     monkeypatch.setattr(config, "CHECK_FINITE_ON_DEVICE", True)
     with pytest.raises(ValueError, match="x contains NaN"):
         lstm(x)

@@ -95,6 +95,39 @@ def test_staging_passes_of_many_elements(emulated, spec, strategy):
     cuda_cases.check_against_reference(cuda, spec, (3, 4, 5, 40, [4, 2, 3], True), np.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"],
+                                  cuda_cases.SPECS["rnn-tanh"]], ids=["lstm", "gru-before", "rnn"])
+def test_lane_groups_of_every_size(emulated, spec, dtype, monkeypatch):
+    """B=1, H=40 on 64 'SMs' with 64 threads: one unit a block, so the dots run on lane groups
+    of 2 up to 32 (the forward's few dots of 40 terms, the backward's one of G*40)."""
+    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, dot_min_chunk=2, n_sm=64))
+    cuda.set_strategy("persistent")
+    cuda_cases.check_against_reference(cuda, spec, (1, 3, 2, 40, None, True), dtype)
+
+
+def test_refused_cluster_launch_falls_back_to_stepwise(emulated, monkeypatch):
+    spec, shape = cuda_cases.SPECS["lstm-fb0"], cuda_cases.SHAPES["odd-lengths"]
+    monkeypatch.setattr(emulated, "refuse_clusters", True)
+    out, _ = cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
+    assert out[3]["strategy"] == "stepwise"
+    cuda.set_strategy("cluster")  # forced: the error surfaces instead
+    with pytest.raises(cuda.NotResident, match="refused"):
+        cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
+
+
+def test_emulator_catches_writes_past_shared_memory(emulated, monkeypatch):
+    """A host plan that gives a kernel less shared memory than its layout uses is caught."""
+    import dataclasses
+    real_plan = cuda.persistent_plan
+    monkeypatch.setattr(cuda, "persistent_plan", lambda *a, **k: dataclasses.replace(
+        real_plan(*a, **k), smem_fwd=real_plan(*a, **k).smem_fwd - 8))
+    cuda.set_strategy("cluster")
+    with pytest.raises(AssertionError, match="wrote past its"):
+        cuda_cases.check_against_reference(cuda, cuda_cases.SPECS["rnn-tanh"],
+                                           cuda_cases.SHAPES["B5-odd"], np.float64)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_multilayer_layer_through_cuda_backend(emulated, kind):
     """The layer API with backend='cuda': 2 layers, lengths, initial state, every gradient."""
@@ -235,17 +268,8 @@ def test_override_by_function_and_environment(no_override, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # the stepwise loops' direct cuBLAS GEMMs: operand layouts, checked against a column-major GEMM
-# that reads memory the way cuBLAS does (pointer + leading dimension)
-
-
-def _colmajor_gemm(op_a, op_b, m, n, k, A, lda, B, ldb, C, ldc):
-    """C[m,n] = op(A)[m,k] op(B)[k,n], every matrix column-major from its view's first element."""
-    def read(X, op, rows, cols, ld):
-        shape = (rows, cols) if op == "N" else (cols, rows)
-        stored = np.lib.stride_tricks.as_strided(X, shape, (X.itemsize, ld * X.itemsize))
-        return stored if op == "N" else stored.T
-    C_view = np.lib.stride_tricks.as_strided(C, (m, n), (C.itemsize, ldc * C.itemsize))
-    C_view[...] = read(A, op_a, m, k, lda) @ read(B, op_b, k, n, ldb)
+# that reads memory the way cuBLAS does (pointer + leading dimension; the emulated runtime's
+# matmul runs every stepwise GEMM through it too)
 
 
 @pytest.mark.parametrize("B,H", [(3, 5), (1, 5), (3, 1), (1, 1)])
@@ -262,7 +286,7 @@ def test_gemm_args_cover_the_stepwise_operands(B, H):
         spec = cuda.gemm_args(a, b, out)
         assert spec not in (None, "empty"), (a.strides, b.strides)
         op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
-        _colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c)
+        cuda_emu.colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c)
         np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
 
 

@@ -147,6 +147,22 @@ def test_bad_x(cls):
         layer(bad)
 
 
+def test_nan_scan_of_device_arrays_only_when_asked(monkeypatch):
+    """NumPy arrays are always scanned; a device array module (a stand-in for CuPy here) only
+    with config.CHECK_FINITE_ON_DEVICE, since the answer is a device-to-host read."""
+    import types
+    from rnnkern import config, layers
+    a = np.zeros((2, 3))
+    a[1, 2] = np.inf
+    device = types.SimpleNamespace(isfinite=np.isfinite)
+    assert layers._has_nonfinite(a, np) and not layers._has_nonfinite(a[:1], np)
+    monkeypatch.setattr(config, "CHECK_FINITE_ON_DEVICE", False)
+    assert layers._has_nonfinite(a, np)
+    assert not layers._has_nonfinite(a, device)
+    monkeypatch.setattr(config, "CHECK_FINITE_ON_DEVICE", True)
+    assert layers._has_nonfinite(a, device)
+
+
 @pytest.mark.parametrize("lengths,exc,match", [
     ([3, 4], ValueError, r"lengths must lie in \[0, T\] = \[0, 3\]"),
     ([-1, 2], ValueError, r"lengths must lie in"),

@@ -23,7 +23,7 @@
 //   Every row stride in shared memory is odd (ldw = H|1, ldh = H|1, ldc = ldg = G*H|1), so
 //   threads reading the same offset of different rows hit different banks.
 //
-// Dot products (rk_block_dots): with at least half a block's worth of them, one per thread;
+// Dot products (rk_block_dots): with more than half a block's worth of them, one per thread;
 // with fewer (small B), each on a group of up to 32 lanes that take interleaved terms
 // (consecutive addresses, no bank conflicts) and add up with shuffles, so a step is not a few
 // threads' serial loops of length H (forward) or G*H (backward).

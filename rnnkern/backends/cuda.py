@@ -3,8 +3,8 @@
 The seam is the one in :mod:`rnnkern.backends` (one layer, one direction, whole sequence).
 Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3).
 
-Two strategies run the time loop; both share the buffers of ``csrc/cuda/common.cuh`` (so
-backward may use either, whichever forward ran) and both hoist what is not recurrent:
+Three strategies run the time loop; all share the buffers of ``csrc/cuda/common.cuh`` (so
+backward may use any, whichever forward ran) and all hoist what is not recurrent:
 ``x W_ih^T`` is one GEMM over all ``B*T`` rows before the loop and ``dx, dW_ih, dW_hh`` are
 single GEMMs after the backward loop.
 
@@ -70,7 +70,8 @@ class Config:
     persistent_max_h: int = 256     # size rule: persistent or cluster only up to this H ...
     persistent_max_bh: int = 8192   # ... and persistent only up to this B*H ...
     cluster_max_bh: int = 32768     # ... cluster up to this one
-    max_batch_chunk: int = 64       # persistent: batch rows staged in shared memory at once
+    max_batch_chunk: int = 64       # persistent/cluster: batch rows staged in shared memory
+                                    # at once
     dot_min_chunk: int = 8          # persistent/cluster: when a block has few dot products,
                                     # each is shared by up to 32 lanes while every lane keeps
                                     # at least this many terms (persistent.cuh)
@@ -89,7 +90,8 @@ _strategy_override = None
 
 
 def set_strategy(strategy):
-    """Force ``"stepwise"`` or ``"persistent"`` for later calls; None or ``"auto"``: size rule."""
+    """Force ``"stepwise"``, ``"persistent"`` or ``"cluster"`` for later calls; None or
+    ``"auto"``: the size rule."""
     global _strategy_override
     if strategy not in (None, "auto") + STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES + ('auto',)}, got {strategy!r}")
@@ -229,10 +231,12 @@ class CupyRuntime:
                                    f"{key[0]} failed with {_versions()}: {exc}") from exc
         return self._kernels[key]
 
-    def launch(self, kern, grid, block, args, smem=0, resident=False):
+    def launch(self, kern, grid, block, args, smem=0, resident=False, cluster=False):
         """Launch on the current stream. ``resident``: every block must be on an SM at once
         (the persistent kernels' grid barrier); raises :class:`NotResident` when the occupancy
-        calculator says they cannot be."""
+        calculator says they cannot be. ``cluster``: a cluster kernel; a launch the driver
+        refuses (say, no GPC with room for a whole cluster of these blocks) raises
+        :class:`NotResident` too."""
         if smem > 48 * 1024:
             with warnings.catch_warnings():  # some CuPy versions deprecate the attribute
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -241,7 +245,17 @@ class CupyRuntime:
         if resident and grid > self._max_resident(kern, block, smem):
             raise NotResident(f"{grid} blocks of {block} threads and {smem} bytes of shared "
                               f"memory cannot all be resident on device {self.device_id()}")
-        kern((grid,), (block,), args, shared_mem=smem)
+        if not cluster:
+            kern((grid,), (block,), args, shared_mem=smem)
+            return
+        errors = tuple(getattr(mod, name) for mod, name in
+                       ((self.xp.cuda.driver, "CUDADriverError"),
+                        (self.xp.cuda.runtime, "CUDARuntimeError")) if hasattr(mod, name))
+        try:
+            kern((grid,), (block,), args, shared_mem=smem)
+        except errors as exc:
+            raise NotResident(f"clusters of {CLUSTER_SIZE} blocks of {block} threads and {smem} "
+                              f"bytes of shared memory: the launch failed ({exc})") from exc
 
     def _max_resident(self, kern, block, smem):
         key = (self.device_id(), id(kern), block, smem)
@@ -556,20 +570,21 @@ def _barrier(rt):
 
 
 def _launch_persistent(rt, kern, plan, args, smem, bar, where):
-    """Launch a persistent kernel of either team kind. A grid team must be resident at once:
-    False (nothing launched) when it cannot be and the strategy was not forced, so the caller
-    runs the stepwise path instead; after the launch the barrier's error flag is checked.
-    Cluster teams need neither (the hardware schedules a cluster's blocks together)."""
-    if plan.team == "cluster":
-        rt.launch(kern, plan.blocks, plan.threads, args, smem)
-        return True
+    """Launch a persistent kernel of either team kind; False (nothing launched) when it cannot
+    run here and its strategy was not forced, so the caller runs the stepwise path instead. A
+    grid team must be resident at once, and its barrier's error flag is checked after the
+    launch; a cluster team needs neither (the hardware schedules a cluster's blocks together),
+    but the driver may refuse the launch."""
+    cluster = plan.team == "cluster"
     try:
-        rt.launch(kern, plan.blocks, plan.threads, args, smem, resident=True)
+        rt.launch(kern, plan.blocks, plan.threads, args, smem, resident=not cluster,
+                  cluster=cluster)
     except NotResident:
-        if _forced_strategy() == "persistent":
+        if _forced_strategy() == ("cluster" if cluster else "persistent"):
             raise
         return False
-    _check_barrier(rt, bar, where)
+    if not cluster:
+        _check_barrier(rt, bar, where)
     return True
 
 
