@@ -155,6 +155,15 @@ RK_HD inline T rnn_backward_point(T h_new, T dh_new, bool relu) {
 // LSTM:  i = s(a_i)  f = s(a_f + forget_bias)  g = tanh(a_g)  o = s(a_o)
 //        c' = f c + i g      h' = o tanh(c')
 
+/// Forward, the cell part: from the gate activations and c_prev, c_new = c', tanh_c = tanh(c')
+/// (saved for backward) and h_new = h'.
+template <typename T>
+RK_HD inline void lstm_cell_point(T i, T f, T g, T o, T c_prev, T& tanh_c, T& c_new, T& h_new) {
+    c_new = f * c_prev + i * g;
+    tanh_c = act_tanh(c_new);
+    h_new = o * tanh_c;
+}
+
 /// Forward. Inputs: the four pre-activations of element (b, j), c_prev = c[b,j], forget_bias.
 /// Outputs: activations i, f, g, o and tanh_c = tanh(c') (save them for backward), c_new, h_new.
 template <typename T>
@@ -164,10 +173,26 @@ RK_HD inline void lstm_forward_point(T a_i, T a_f, T a_g, T a_o, T c_prev, T for
     f = act_sigmoid(a_f + forget_bias);
     g = act_tanh(a_g);
     o = act_sigmoid(a_o);
-    c_new = f * c_prev + i * g;
-    tanh_c = act_tanh(c_new);
-    h_new = o * tanh_c;
+    lstm_cell_point(i, f, g, o, c_prev, tanh_c, c_new, h_new);
 }
+
+/// Forward in two passes, for CPU loops over a row's gates (the C++ LSTM): pass 1 gives every
+/// gate's activation from its pre-activation by ONE formula, act = m sigmoid(s a + b) + d, so
+/// a loop over all four gates vectorises with no per-gate select; pass 2 is lstm_cell_point.
+/// The constants (s, b, m, d) of gate k are lstm_gate_form(k, forget_bias): (1, 0, 1, 0) for i
+/// and o, (1, forget_bias, 1, 0) for f, and (2, 0, 2, -1) for g, since tanh a = 2 sigmoid(2a) - 1
+/// (float32: absolute error ~3e-7 against tanh; the one-pass form keeps act_tanh's 2e-7).
+template <typename T>
+struct LstmGateForm { T s, b, m, d; };
+
+template <typename T>
+RK_HD inline LstmGateForm<T> lstm_gate_form(int k, T forget_bias) {
+    if (k == 2) return {T(2), T(0), T(2), T(-1)};
+    return {T(1), k == 1 ? forget_bias : T(0), T(1), T(0)};
+}
+
+template <typename T>
+RK_HD inline T lstm_gate_point(T a, T s, T b, T m, T d) { return m * act_sigmoid(s * a + b) + d; }
 
 /// Backward. Inputs: saved i, f, g, o, tanh_c of this step, c_prev = the cell state it started
 /// from, dh_new = dL/dh', dc_new = dL/dc' arriving from later steps (both masked by caller).
