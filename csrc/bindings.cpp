@@ -15,6 +15,7 @@
 #include "chunks.h"
 #include "gemm.h"
 #include "gemm_loop.h"
+#include "head.h"
 #include "kernels.h"
 #include "pool.h"
 
@@ -92,13 +93,14 @@ rk::Spec make_spec(const std::string& cell, const std::string& nonlinearity, dou
 }
 
 // x's dtype decides T; everything else must match it.
-py::dtype float_dtype_of(py::handle x) {
+py::dtype float_dtype_of(py::handle x, const std::string& name = "x") {
     if (!py::isinstance<py::array>(x))
-        throw py::value_error("x must be a numpy.ndarray, got " +
+        throw py::value_error(name + " must be a numpy.ndarray, got " +
                               std::string(Py_TYPE(x.ptr())->tp_name));
     auto dt = py::reinterpret_borrow<py::array>(x).dtype();
     if (dt.is(py::dtype::of<float>()) || dt.is(py::dtype::of<double>())) return dt;
-    throw py::value_error("x must have dtype float32 or float64, got " + std::string(py::str(dt)));
+    throw py::value_error(name + " must have dtype float32 or float64, got " +
+                          std::string(py::str(dt)));
 }
 
 struct Dims { int64_t B, T, I, H; };
@@ -270,6 +272,44 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
 }
 
+// The dense head + softmax cross-entropy (csrc/cpu/head.h): checks, then the kernel without the GIL.
+template <typename T>
+double dense_softmax_xent_t(py::handle h, py::handle weight, py::handle bias, py::handle targets,
+                            py::handle w, double inv_total, py::handle d_logits, py::handle dw,
+                            py::handle db, py::handle dh) {
+    const auto dt = py::dtype::of<T>();
+    auto ha = matrix(h, "h", "[N,F]");
+    auto wa = matrix(weight, "weight", "[C,F]");
+    const int64_t N = ha.shape(0), F = ha.shape(1), C = wa.shape(0);
+    py::object ho = checked(h, "h", dt, {N, F});
+    py::object wo = checked(weight, "weight", dt, {C, F});
+    py::object bo = checked(bias, "bias", dt, {C}, true);
+    py::object to = checked(targets, "targets", py::dtype::of<int64_t>(), {N});
+    py::object po = checked(w, "weights", dt, {N}, true);
+    py::object lo = checked(d_logits, "d_logits", dt, {N, C});
+    py::object dwo = checked(dw, "dw", dt, {C, F});
+    py::object dbo = checked(db, "db", dt, {C}, bo.is_none());
+    py::object dho = checked(dh, "dh", dt, {N, F});
+    const int64_t* t = cptr<int64_t>(to);
+    for (int64_t n = 0; n < N; ++n)
+        if (t[n] < 0 || t[n] >= C)
+            throw py::value_error("targets must lie in [0, C) = [0, " + std::to_string(C) +
+                                  "), got " + std::to_string(t[n]) + " at position " +
+                                  std::to_string(n));
+    rk::HeadArgs<T> a;
+    a.N = N; a.F = F; a.C = C;
+    a.h = cptr<T>(ho); a.weight = cptr<T>(wo); a.bias = cptr<T>(bo); a.targets = t;
+    a.w = cptr<T>(po); a.inv_total = inv_total;
+    auto mut = [](const py::object& o) {
+        return o.is_none() ? nullptr
+                           : static_cast<T*>(py::reinterpret_borrow<py::array>(o).mutable_data());
+    };
+    a.d_logits = mut(lo); a.dw = mut(dwo); a.db = bo.is_none() ? nullptr : mut(dbo);
+    a.dh = mut(dho);
+    py::gil_scoped_release nogil;
+    return rk::dense_softmax_xent<T>(a);
+}
+
 void* capsule_pointer(py::handle cap, const char* name) {
     if (!PyCapsule_CheckExact(cap.ptr()))
         throw py::value_error(std::string(name) + " must be a PyCapsule holding a Fortran ?gemm");
@@ -362,6 +402,25 @@ PYBIND11_MODULE(_C, m) {
     m.def("pool_limit", [] { return int64_t(rk::pool_limit()); });
     m.def("pool_held", [] { return int64_t(rk::pool_held()); },
           "Bytes of freed result arrays held for reuse now.");
+    m.def("dense_softmax_xent",
+          [](py::object h, py::object weight, py::object bias, py::object targets, py::object w,
+             double inv_total, py::object d_logits, py::object dw, py::object db, py::object dh) {
+              if (float_dtype_of(h, "h").is(py::dtype::of<float>()))
+                  return dense_softmax_xent_t<float>(h, weight, bias, targets, w, inv_total,
+                                                     d_logits, dw, db, dh);
+              return dense_softmax_xent_t<double>(h, weight, bias, targets, w, inv_total,
+                                                  d_logits, dw, db, dh);
+          },
+          py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("targets"),
+          py::arg("weights"), py::arg("inv_total"), py::arg("d_logits"), py::arg("dw"),
+          py::arg("db"), py::arg("dh"),
+          "Dense head + softmax cross-entropy and their backward (csrc/cpu/head.h).\n"
+          "h [N,F], weight [C,F], bias [C] | None, targets int64 [N] in [0,C), weights [N] | None\n"
+          "(all ones), inv_total = 1 / (sum of weights + 1e-12). Writes d_logits [N,C], dw [C,F],\n"
+          "db [C] (with a bias), dh [N,F]; returns the loss (the weighted mean).");
+    m.def("set_head_split_min", &rk::set_head_split_min, py::arg("n_c_f"),
+          "dense_softmax_xent: N*C*F from which the rows are split over threads.");
+    m.def("head_split_min", &rk::head_split_min);
     m.def("set_lstm_ring_rows", &rk::set_lstm_ring_rows, py::arg("rows"),
           "LSTM backward: rows (steps x chunk rows) of gate gradients gathered per dx and "
           "weight-gradient GEMM (default 256).");

@@ -505,12 +505,19 @@ class _FusedPlan:
         return value, self._final_states()
 
     def _head(self, B, T, has_w):
-        """Dense head + sequence_loss + their backward; rows cut as the last cell's batch
-        chunks, on threads (the loss is a sum over rows; dw, db summed over chunks)."""
+        """Dense head + sequence_loss + their backward. With the C++ backend: one _C call
+        (csrc/cpu/head.cpp, rows split over its threads); else the Numba kernel, rows cut as the
+        last cell's batch chunks, on threads (the loss is a sum over rows; dw, db summed over
+        chunks)."""
         head = self.head
         N = B * T
         total = (float(self.weights.sum(dtype=np.float64)) if has_w else float(N)) + 1e-12
         inv = 1.0 / total   # TF's 1e-12: all-zero weights give a zero loss
+        if self.backend.name == "cpp":
+            return self.backend.dense_softmax_xent(
+                self.head_in.reshape(N, -1), head.params["weight"], head.params.get("bias"),
+                self.targets, self.weights if has_w else None, inv, self.d_logits,
+                head.grads["weight"], head.grads.get("bias"), self.d_head.reshape(N, -1))
         grads = [(head.grads["weight"], head.grads.get("bias", self.weights))]
         chunks = self.cells[-1].chunks
         if len(chunks) == 1:

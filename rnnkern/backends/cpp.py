@@ -89,3 +89,12 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         d_c_n if spec.has_cell_state else None, projected=saved.get("projected", False),
         **_options(spec))
     return dx, dh0, dc0, dict(w_ih=dw_ih, w_hh=dw_hh, b_ih=db_ih, b_hh=db_hh)
+
+
+def dense_softmax_xent(h, weight, bias, targets, weights, inv_total, d_logits, dw, db, dh):
+    """The fused training step's dense head + softmax cross-entropy, forward and backward, in
+    one call (csrc/cpu/head.h; the shapes and math are in its docstring there). Returns the
+    loss; writes d_logits, dw, db (with a bias) and dh."""
+    return _C.dense_softmax_xent(h, weight, bias, targets, weights, inv_total, d_logits, dw, db,
+                                 dh)
+

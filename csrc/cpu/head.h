@@ -1,0 +1,41 @@
+// The dense head of a sequence model with its softmax cross-entropy loss, forward and backward in
+// one call: what rnnkern/train_step.py runs after the last recurrent layer (the same math as
+// rnnkern.Dense + rnnkern.sequence_loss; the Numba copy is rnnkern/_train_numba.py).
+//
+// Shape legend: N rows (B*T positions), F features in (the last layer's H), C classes.
+//   logits = h W^T + bias                                   [N,C]
+//   loss   = sum_n w_n (logsumexp(logits_n) - logits_n[target_n]) * inv_total
+//   d_logits = (softmax(logits_n) - onehot(target_n)) * w_n * inv_total
+//   dw = d_logits^T h [C,F],  db = column sums of d_logits [C],  dh = d_logits W [N,F]
+// w_n = 1 when no position weights are given; inv_total = 1 / (sum of all weights + 1e-12),
+// over the whole batch (the caller's: TF's sequence_loss divides by the weight total).
+#pragma once
+
+#include <cstdint>
+
+namespace rk {
+
+template <typename T>
+struct HeadArgs {
+    int64_t N = 0, F = 0, C = 0;
+    const T* h = nullptr;             // [N,F]
+    const T* weight = nullptr;        // [C,F]
+    const T* bias = nullptr;          // [C] or null (no bias)
+    const int64_t* targets = nullptr; // [N], every one in [0, C) (the binding checks)
+    const T* w = nullptr;             // [N] position weights, or null: all ones
+    double inv_total = 0.0;
+    T* d_logits = nullptr;            // [N,C] scratch (ends holding d loss / d logits)
+    T* dw = nullptr;                  // [C,F]
+    T* db = nullptr;                  // [C], written when bias is given
+    T* dh = nullptr;                  // [N,F]
+};
+
+// Returns the loss (accumulated in double). Rows are split over threads (chunks.h) from
+// N*C*F = head_split_min() up; each chunk sums its own dw, db, then they are added.
+template <typename T>
+double dense_softmax_xent(const HeadArgs<T>& a);
+
+void set_head_split_min(int64_t n_c_f);
+int64_t head_split_min();
+
+}  // namespace rk
