@@ -2,7 +2,8 @@
 
     python benchmarks/fit_fast_tanh.py
 
-Form (odd/even rational, as Eigen's ``ptanh``; the coefficients here are our own fit):
+Form (odd/even rational, as Eigen's ``ptanh``; the coefficients here are our own fit; the C++
+kernels use the same coefficients, csrc/include/rnnkern/cells.h):
 ``tanh(x) ~ x * P(x^2) / Q(x^2)`` on ``|x| <= 9`` (beyond, float32 tanh rounds to +-1), P of
 degree 6 and Q of degree 3 in ``x^2``, ``Q(0) = 1`` and Q's coefficients kept >= 0 so Q has no
 root (a free fit cancels a pole against a zero and breaks in float32).

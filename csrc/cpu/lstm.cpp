@@ -153,44 +153,31 @@ RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t
 
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
 
-// The gate constants of lstm_gate_form laid out as one unit block's 4V interleaved columns, so
-// the gate pass below is a single loop over 4V lanes.
-template <typename T>
-struct GateLanes {
-    static constexpr int64_t PW = 4 * lanes<T>();
-    T s[PW], b[PW], m[PW], d[PW];
-    explicit GateLanes(T forget_bias) {
-        for (int64_t l = 0; l < PW; ++l) {
-            const LstmGateForm<T> g = lstm_gate_form(int(l / lanes<T>()), forget_bias);
-            s[l] = g.s, b[l] = g.b, m[l] = g.m, d[l] = g.d;
-        }
-    }
-};
-
 // g: this row's act slots, unit block q at g + q * qstride: 4V pre-activations in, the gate
-// activations out, then tanh(c') (V) out. In two passes per block (cells.h): the 4V gates
-// through one formula, then the V cells. Each pass is a loop of short independent chains, so
-// the core overlaps them; as one pass per lane (5 transcendentals in a row) the pointwise work
-// was latency-bound at twice the time of the step's GEMM at lab-batch size.
+// activations out, then tanh(c') (V) out.
 template <typename T>
-RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, const GateLanes<T>& gl, T* __restrict__ g,
-                                int64_t qstride, const T* __restrict__ c_prev,
-                                T* __restrict__ c_new, T* __restrict__ h_new) {
+RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, int64_t qstride,
+                                const T* __restrict__ c_prev, T* __restrict__ c_new,
+                                T* __restrict__ h_new) {
     constexpr int64_t V = lanes<T>();
-    for (int64_t q = 0; q < nblk; ++q) {
-        T* __restrict__ gq = g + q * qstride;
-        for (int64_t l = 0; l < 4 * V; ++l)
-            gq[l] = lstm_gate_point(gq[l], gl.s[l], gl.b[l], gl.m[l], gl.d[l]);
-    }
     for (int64_t q = 0; q < nblk; ++q) {
         T* __restrict__ gq = g + q * qstride;
         const T* __restrict__ cp = c_prev + q * V;
         T* __restrict__ cn = c_new + q * V;
         T* __restrict__ hn = h_new + q * V;
         T* __restrict__ tq = gq + 4 * V;
-        for (int64_t l = 0; l < V; ++l)
-            lstm_cell_point(gq[l], gq[V + l], gq[2 * V + l], gq[3 * V + l], cp[l], tq[l], cn[l],
-                            hn[l]);
+        for (int64_t l = 0; l < V; ++l) {
+            T i, f, gg, o, t, c, h;
+            lstm_forward_point(gq[l], gq[V + l], gq[2 * V + l], gq[3 * V + l], cp[l], fb, i, f,
+                               gg, o, t, c, h);
+            gq[l] = i;
+            gq[V + l] = f;
+            gq[2 * V + l] = gg;
+            gq[3 * V + l] = o;
+            tq[l] = t;
+            cn[l] = c;
+            hn[l] = h;
+        }
     }
 }
 
@@ -247,7 +234,7 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, R = d.R;
     constexpr int64_t V = lanes<T>(), PW = 4 * V;
     const int64_t nblk = Hp / V, aq = B * 5 * V;  // act: stride of a step's unit blocks
-    const GateLanes<T> gl(T(a.spec.forget_bias));
+    const T fb = T(a.spec.forget_bias);
     T* xh = a.hprev;
     T* cs = a.cprev;
     // the x part of this chunk's xh rows: [x_t | 1 | 0...] after the h slot
@@ -275,7 +262,7 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
             }
             T* g = a.act + t * B * d.SP + b * 5 * V;
             if (a.projected) add_projected(H, a.x + (b * Tn + t) * 4 * H, g, aq);
-            fwd_cells(nblk, gl, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
+            fwd_cells(nblk, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
             std::memcpy(out, xh + rn * R, H * sizeof(T));
         }
     }

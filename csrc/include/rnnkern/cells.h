@@ -12,9 +12,10 @@
 // `d_*` are gradients of the loss with respect to the named quantity.
 //
 // Templates are meant for T = float or double. double uses libm (exact to the NumPy reference to
-// ~1 ulp). float on the host uses a branch-free exp (Cody-Waite range reduction + degree-7 Taylor
-// polynomial, relative error ~2e-7) and a divide-free reciprocal (recip_f32) that GCC
-// auto-vectorises, because glibc's scalar tanhf/expf
+// ~1 ulp). float on the host uses branch-free forms that GCC auto-vectorises: a rational tanh
+// (absolute error ~4e-7), sigmoid through it, and an exp (Cody-Waite range reduction + degree-7
+// Taylor polynomial, relative error ~2e-7, for the softmax), each with a divide-free reciprocal,
+// because glibc's scalar tanhf/expf
 // keep the pointwise loops from vectorising (see DESIGN.md, "Measured"); on the device float uses
 // CUDA's expf/tanhf. Define RK_EXACT_MATH to route float through libm on the host too.
 // Host loops over these functions vectorise only with -fno-trapping-math (GCC otherwise refuses
@@ -71,13 +72,11 @@ RK_HD inline float exp_f32(float x) {
     return p * bits_float(scale);
 }
 
-// 1/d for float d >= 1 (the denominators below) without a divide: the vector divider was the
-// bottleneck of the LSTM's pointwise pass (5 divides per cell; perf). Bit-trick estimate (~5%
-// error), then three Newton steps y <- y (2 - d y), each squaring the error: 1.5e-7 relative at
-// most (checked over [1, 2^126]). d is capped at 2^126 so the estimate stays a normal float
-// (1/d is below 1.2e-38 there anyway); NaN propagates.
+// 1/d for float d in [1, 2^126) (tanh_f32's denominator, in [1, 340]) without a divide: the
+// vector divider was the bottleneck of the LSTM's pointwise pass (5 divides per cell; perf).
+// Bit-trick estimate (~5% error), then three Newton steps y <- y (2 - d y), each squaring the
+// error: 1.5e-7 relative at most (checked over [1, 2^126]); NaN propagates.
 RK_HD inline float recip_f32(float d) {
-    d = d > 8.507059e37f ? 8.507059e37f : d;
     float y = bits_float(0x7EF311C3u - float_bits(d));
     y = y * (2.0f - d * y);
     y = y * (2.0f - d * y);
@@ -85,20 +84,28 @@ RK_HD inline float recip_f32(float d) {
     return y;
 }
 
-// tanh(x) for float: odd Taylor polynomial near 0 (avoids the cancellation in 1 - e^-2|x|),
-// (1 - e^-2|x|) / (1 + e^-2|x|) elsewhere. Absolute error ~2e-7.
+// tanh(x) for float: x P(x^2) / Q(x^2) on |x| <= 9 (beyond, float32 tanh rounds to +-1), the
+// rational form and coefficients of rnnkern/backends/numba_math.py (fitted by
+// benchmarks/fit_fast_tanh.py), 1/Q by recip_f32. Absolute error ~4e-7; ~22 vector
+// operations where the exp-based form took ~50 (the LSTM's pointwise pass is five of these per
+// cell). Clamped to [-1, 1] so sigmoid stays in [0, 1]; NaN propagates.
 RK_HD inline float tanh_f32(float x) {
-    const float ax = x < 0.0f ? -x : x;
-    const float t = exp_f32(-2.0f * ax);
-    const float big = (1.0f - t) * recip_f32(1.0f + t);
-    const float x2 = x * x;  // tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - ...
-    float s = 62.0f / 2835.0f;
-    s = s * x2 - 17.0f / 315.0f;
-    s = s * x2 + 2.0f / 15.0f;
-    s = s * x2 - 1.0f / 3.0f;
-    s = s * x2 + 1.0f;
-    const float y = ax < 0.25f ? ax * s : big;  // next term at 0.25 is < 1e-8 relative
-    return x < 0.0f ? -y : y;
+    float s = x * x;
+    s = s > 81.0f ? 81.0f : s;  // |x| > 9: y ~ x tanh(9) / 9, which the clamp below makes +-1
+    float p = -8.821895e-14f;
+    p = p * s + 5.4323167e-11f;
+    p = p * s + -2.05861e-08f;
+    p = p * s + 1.1248937e-05f;
+    p = p * s + 0.0031131832f;
+    p = p * s + 0.13092294f;
+    p = p * s + 1.0f;
+    float q = 0.00025594985f;
+    q = q * s + 0.024532009f;
+    q = q * s + 0.4642562f;
+    q = q * s + 1.0f;
+    float y = x * p * recip_f32(q);
+    y = y < -1.0f ? -1.0f : y;
+    return y > 1.0f ? 1.0f : y;
 }
 
 }  // namespace detail
@@ -131,7 +138,7 @@ RK_HD inline float act_sigmoid(float a) {
 #if defined(__CUDA_ARCH__) || defined(RK_EXACT_MATH)
     return 1.0f / (1.0f + ::expf(-a));
 #else
-    return detail::recip_f32(1.0f + detail::exp_f32(-a));
+    return 0.5f * detail::tanh_f32(0.5f * a) + 0.5f;  // sigmoid a = (1 + tanh(a/2)) / 2
 #endif
 }
 
@@ -155,15 +162,6 @@ RK_HD inline T rnn_backward_point(T h_new, T dh_new, bool relu) {
 // LSTM:  i = s(a_i)  f = s(a_f + forget_bias)  g = tanh(a_g)  o = s(a_o)
 //        c' = f c + i g      h' = o tanh(c')
 
-/// Forward, the cell part: from the gate activations and c_prev, c_new = c', tanh_c = tanh(c')
-/// (saved for backward) and h_new = h'.
-template <typename T>
-RK_HD inline void lstm_cell_point(T i, T f, T g, T o, T c_prev, T& tanh_c, T& c_new, T& h_new) {
-    c_new = f * c_prev + i * g;
-    tanh_c = act_tanh(c_new);
-    h_new = o * tanh_c;
-}
-
 /// Forward. Inputs: the four pre-activations of element (b, j), c_prev = c[b,j], forget_bias.
 /// Outputs: activations i, f, g, o and tanh_c = tanh(c') (save them for backward), c_new, h_new.
 template <typename T>
@@ -173,26 +171,10 @@ RK_HD inline void lstm_forward_point(T a_i, T a_f, T a_g, T a_o, T c_prev, T for
     f = act_sigmoid(a_f + forget_bias);
     g = act_tanh(a_g);
     o = act_sigmoid(a_o);
-    lstm_cell_point(i, f, g, o, c_prev, tanh_c, c_new, h_new);
+    c_new = f * c_prev + i * g;
+    tanh_c = act_tanh(c_new);
+    h_new = o * tanh_c;
 }
-
-/// Forward in two passes, for CPU loops over a row's gates (the C++ LSTM): pass 1 gives every
-/// gate's activation from its pre-activation by ONE formula, act = m sigmoid(s a + b) + d, so
-/// a loop over all four gates vectorises with no per-gate select; pass 2 is lstm_cell_point.
-/// The constants (s, b, m, d) of gate k are lstm_gate_form(k, forget_bias): (1, 0, 1, 0) for i
-/// and o, (1, forget_bias, 1, 0) for f, and (2, 0, 2, -1) for g, since tanh a = 2 sigmoid(2a) - 1
-/// (float32: absolute error ~3e-7 against tanh; the one-pass form keeps act_tanh's 2e-7).
-template <typename T>
-struct LstmGateForm { T s, b, m, d; };
-
-template <typename T>
-RK_HD inline LstmGateForm<T> lstm_gate_form(int k, T forget_bias) {
-    if (k == 2) return {T(2), T(0), T(2), T(-1)};
-    return {T(1), k == 1 ? forget_bias : T(0), T(1), T(0)};
-}
-
-template <typename T>
-RK_HD inline T lstm_gate_point(T a, T s, T b, T m, T d) { return m * act_sigmoid(s * a + b) + d; }
 
 /// Backward. Inputs: saved i, f, g, o, tanh_c of this step, c_prev = the cell state it started
 /// from, dh_new = dL/dh', dc_new = dL/dc' arriving from later steps (both masked by caller).
