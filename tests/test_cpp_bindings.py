@@ -275,6 +275,80 @@ def test_batch_chunks_on_threads_match_reference(split_time_loop, threads, spec)
                              reference.backward(spec, want[3], d_out, d_h, None))
 
 
+def _lstm_problem(seed, B=7, T=3, I=4, H=5):
+    rng = np.random.default_rng(seed)
+    return dict(x=rng.standard_normal((B, T, I)), w_ih=rng.standard_normal((4 * H, I)) * 0.4,
+                w_hh=rng.standard_normal((4 * H, H)) * 0.4, b_ih=rng.standard_normal(4 * H),
+                b_hh=rng.standard_normal(4 * H), h0=rng.standard_normal((B, H)),
+                c0=rng.standard_normal((B, H)), lengths=None)
+
+
+def test_split_calls_from_concurrent_threads_match_reference(split_time_loop):
+    """Python threads calling the split kernels at once (the GIL is released): one job holds the
+    persistent workers, the others run on threads of their own; every result is right."""
+    import threading
+
+    split_time_loop(2)
+    spec = CellSpec("lstm")
+    problems = [_lstm_problem(seed) for seed in range(6)]
+    wants = [reference.forward(spec, **a)[0] for a in problems]
+    errors = []
+
+    def run(k):
+        try:
+            for _ in range(30):
+                got = cpp.forward(spec, **problems[k])[0]
+                np.testing.assert_allclose(got, wants[k], rtol=1e-10, atol=1e-12)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a split call never returned"
+    assert not errors, errors[0]
+
+
+def test_split_calls_with_changing_thread_counts(split_time_loop):
+    """The workers are reused across calls whose thread count goes up and down."""
+    spec = CellSpec("lstm")
+    a = _lstm_problem(1)
+    want = reference.forward(spec, **a)[0]
+    for n in (2, 3, 2, 1, 3, 2) * 5:
+        split_time_loop(n)
+        np.testing.assert_allclose(cpp.forward(spec, **a)[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_split_calls_work_in_a_forked_child(split_time_loop):
+    """A child forked after the workers exist inherits none of them: it builds its own."""
+    import multiprocessing
+    import warnings
+
+    split_time_loop(2)
+    spec = CellSpec("lstm")
+    a = _lstm_problem(2)
+    want = reference.forward(spec, **a)[0]
+    cpp.forward(spec, **a)  # the parent's workers now exist
+    try:
+        ctx = multiprocessing.get_context("fork")
+    except ValueError:
+        pytest.skip("no fork on this platform")
+
+    def child():
+        ok = np.allclose(cpp.forward(spec, **a)[0], want, rtol=1e-10, atol=1e-12)
+        raise SystemExit(0 if ok else 3)
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork() with threads running
+        warnings.simplefilter("ignore", DeprecationWarning)
+        proc = ctx.Process(target=child)
+        proc.start()
+    proc.join(timeout=120)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung in a split call")
+    assert proc.exitcode == 0
+
+
 def _assert_backward_matches(got, want):
     """(dx, dh0, dc0, weight grads) of a backend against the reference's."""
     for g, w, what in zip(got[:3], want[:3], ("dx", "dh0", "dc0")):

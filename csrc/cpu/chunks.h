@@ -1,8 +1,8 @@
 // Batch chunks on threads. The recurrence of one sequence never reads another's, so the time loop
 // can run for rows [lo, hi) of the batch on each thread with no synchronisation until the end:
-// one spawn and one join per call, instead of OpenBLAS's hand-off at every step (which perf showed
-// costing more than the arithmetic at char-rnn size, and stalling for whole time slices on a busy
-// machine). Each thread's per-step GEMMs then run on the single-threaded loop.
+// one hand-off to persistent workers and one wait per call, instead of OpenBLAS's hand-off at
+// every step (which perf showed costing more than the arithmetic at char-rnn size, and stalling
+// for whole time slices on a busy machine). Each thread's per-step GEMMs then run on the single-threaded loop.
 #pragma once
 
 #include <cstdint>
@@ -19,8 +19,10 @@ int64_t split_min_work();
 // How many chunks a time loop over B rows with `work` recurrent multiply-adds gets.
 int chunks_for(int64_t B, int64_t work);
 
-// Calls body(lo, hi) for `n` contiguous ranges covering [0, B), ranges 1.. on new threads and
-// range 0 on this one; joins them all and rethrows the first exception any of them threw.
+// Calls body(lo, hi) for `n` contiguous ranges covering [0, B), range k = [B*k/n, B*(k+1)/n):
+// ranges 1.. on persistent worker threads (new threads when the workers are busy with another
+// caller's job) and range 0 on this one; waits for them all and rethrows the first exception
+// any of them threw.
 void run_chunks(int64_t B, int n, void (*body)(void* ctx, int64_t lo, int64_t hi), void* ctx);
 
 }  // namespace rk
