@@ -2,7 +2,8 @@
 // can run for rows [lo, hi) of the batch on each thread with no synchronisation until the end:
 // one hand-off to persistent workers and one wait per call, instead of OpenBLAS's hand-off at
 // every step (which perf showed costing more than the arithmetic at char-rnn size, and stalling
-// for whole time slices on a busy machine). Each thread's per-step GEMMs then run on the single-threaded loop.
+// for whole time slices on a busy machine). Each thread's per-step GEMMs then run on the
+// single-threaded loop.
 #pragma once
 
 #include <cstdint>
