@@ -12,8 +12,11 @@
 
 #if defined(__linux__)
 #include <sched.h>
-#include <unistd.h>
 #endif
+#if defined(__unix__)
+#include <pthread.h>
+#endif
+#include <new>
 
 namespace rk {
 namespace {
@@ -49,7 +52,7 @@ namespace {
 // each job; one job at a time (another caller meanwhile, e.g. a second Python thread or a nested
 // split, gets threads of its own as before). The pool is never destroyed (its workers sleep on a
 // condition variable until the process exits) and is rebuilt in a forked child, which inherits
-// the pool's memory but not its threads.
+// the pool's memory but not its threads (pthread_atfork).
 struct Pool {
     std::mutex run;       // held for a whole job
     std::mutex m;         // guards everything below (the atomics are also read while spinning)
@@ -62,9 +65,6 @@ struct Pool {
     std::atomic<int> pending{0};  // worker ranges of this job not finished
     std::vector<std::exception_ptr> errors;
     int workers = 0;
-#if defined(__linux__)
-    pid_t pid = getpid();
-#endif
 };
 
 // A sleeping thread takes ~20 us to wake here (a futex wake and the scheduler), more than half
@@ -94,11 +94,18 @@ bool spin_until(F ready) {
 Pool* g_pool = nullptr;
 std::mutex g_pool_lock;
 
+#if defined(__unix__)
+// In a forked child only the forking thread exists: forget the parent's pool (its workers are
+// gone, its mutexes may be held by them) and reset the lock another thread may have held.
+void forget_pool_in_child() {
+    new (&g_pool_lock) std::mutex;
+    g_pool = nullptr;
+}
+const int g_at_fork = pthread_atfork(nullptr, nullptr, forget_pool_in_child);
+#endif
+
 Pool* pool() {
     std::lock_guard<std::mutex> lk(g_pool_lock);
-#if defined(__linux__)
-    if (g_pool && g_pool->pid != getpid()) g_pool = nullptr;  // forked: the parent's is dead
-#endif
     if (!g_pool) g_pool = new Pool;  // never freed: see Pool
     return g_pool;
 }
