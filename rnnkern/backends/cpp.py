@@ -13,7 +13,8 @@ forces a narrower build). Measured: ``benchmarks/bench_cpp_gemm.py``.
 Threads: from B*T*G*H*H = 2^23 recurrent multiply-adds up (the LSTM: a quarter of that), the
 batch is cut into row chunks that run their whole time loop on their own thread
 (``_C.set_threads(n)``, 0 = the CPUs this process may use, at most 8; ``_C.set_split_min_work``),
-so nothing synchronises per step.
+so nothing synchronises per step. The chunks beyond the first run on persistent worker threads,
+which spin ~200 us after each call for the next one, then sleep (csrc/cpu/chunks.cpp).
 
 The LSTM has its own kernels (csrc/cpu/lstm.cpp): its ``saved`` arrays are private, time-major,
 with H padded to whole vectors and the gate columns interleaved per vector block, so every
