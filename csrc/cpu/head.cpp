@@ -3,12 +3,11 @@
 // Per chunk of rows: one GEMM for the logits, the softmax as flat passes over the chunk (row
 // maxima and sums are short scalar loops; the exponentials, one pass over all n*C values,
 // vectorise), then the two gradient GEMMs. The Numba version of this spent ~300 us at lab 12-4's
-// size (N, F, C) = (1700, 25, 25), two thirds of it in three OpenBLAS calls at these skinny shapes.
+// size (N, F, C) = (1700, 25, 25), about half of it in three OpenBLAS calls at these skinny shapes.
 #include "head.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "chunks.h"
