@@ -98,4 +98,3 @@ def dense_softmax_xent(h, weight, bias, targets, weights, inv_total, d_logits, d
     loss; writes d_logits, dw, db (with a bias) and dh."""
     return _C.dense_softmax_xent(h, weight, bias, targets, weights, inv_total, d_logits, dw, db,
                                  dh)
-
