@@ -115,21 +115,48 @@ py::array matrix(py::handle w, const char* name, const char* legend) {
     return wa;
 }
 
-// projected (LSTM only): x holds x_orig W_ih^T, [B,T,G*H]; I is then w_ih's width.
+// projected (LSTM only): x holds x_orig W_ih^T, [B,T,G*H], or with ids [B,T] the table
+// [V,G*H] whose row ids[b,t] is step t of sequence b; I is then w_ih's width.
 Dims dims_of(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
-             bool projected) {
+             bool projected, py::handle ids) {
     if (projected && spec.cell != rk::Cell::lstm)
         throw py::value_error("projected input is supported for the LSTM only");
+    if (!ids.is_none() && !projected)
+        throw py::value_error("ids is for projected input from a table only (projected=True)");
     auto xa = py::reinterpret_borrow<py::array>(x);
-    if (xa.ndim() != 3) throw py::value_error("x must be 3-D [B,T,I], got shape " + shape_of(xa));
     const int64_t H = matrix(w_hh, "w_hh", "[G*H,H]").shape(1);
-    if (!projected) return {xa.shape(0), xa.shape(1), xa.shape(2), H};
+    if (!projected) {
+        if (xa.ndim() != 3)
+            throw py::value_error("x must be 3-D [B,T,I], got shape " + shape_of(xa));
+        return {xa.shape(0), xa.shape(1), xa.shape(2), H};
+    }
     const int64_t I = matrix(w_ih, "w_ih", "[G*H,I]").shape(1), GH = rk::gates_of(spec.cell) * H;
-    if (xa.shape(2) != GH)
+    if (!ids.is_none()) {
+        auto ia = matrix(ids, "ids", "[B,T]");
+        if (xa.ndim() != 2 || xa.shape(1) != GH)
+            throw py::value_error("x must be a table [V, G*H] = [V, " + std::to_string(GH) +
+                                  "] when ids are given, got shape " + shape_of(xa));
+        return {ia.shape(0), ia.shape(1), I, H};
+    }
+    if (xa.ndim() != 3 || xa.shape(2) != GH)
         throw py::value_error("x must have shape [B, T, G*H] = " +
-                              shape_str({xa.shape(0), xa.shape(1), GH}) +
+                              shape_str({xa.ndim() > 0 ? xa.shape(0) : 0,
+                                         xa.ndim() > 1 ? xa.shape(1) : 0, GH}) +
                               " when projected (x_orig W_ih^T), got " + shape_of(xa));
     return {xa.shape(0), xa.shape(1), I, H};
+}
+
+// ids [B,T] int64, every one a row of the [V, .] table x
+py::object checked_ids(py::handle ids, const Dims& d, int64_t V) {
+    py::object o = checked(ids, "ids", py::dtype::of<int64_t>(), {d.B, d.T}, true);
+    if (o.is_none()) return o;
+    const int64_t* p = cptr<int64_t>(o);
+    for (int64_t n = 0; n < d.B * d.T; ++n)
+        if (p[n] < 0 || p[n] >= V)
+            throw py::value_error("ids must lie in [0, V) = [0, " + std::to_string(V) +
+                                  "), got " + std::to_string(p[n]) + " at position " +
+                                  std::to_string(n));
+    return o;
 }
 
 py::object checked_lengths(py::handle obj, int64_t B, int64_t T) {
@@ -147,14 +174,17 @@ py::object checked_lengths(py::handle obj, int64_t B, int64_t T) {
 template <typename T>
 py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
                     py::handle b_ih, py::handle b_hh, py::handle h0, py::handle c0,
-                    py::handle lengths, bool projected) {
+                    py::handle lengths, bool projected, py::handle ids) {
     const auto dt = py::dtype::of<T>();
-    const Dims d = dims_of(spec, x, w_ih, w_hh, projected);
+    const Dims d = dims_of(spec, x, w_ih, w_hh, projected, ids);
     const int64_t G = rk::gates_of(spec.cell), GH = G * d.H, S = rk::slots_of(spec.cell);
     const bool lstm = spec.cell == rk::Cell::lstm;
     const bool gru_before = spec.cell == rk::Cell::gru && !spec.reset_after;
     const int64_t Ix = projected ? GH : d.I;  // x's last dim; I of the saved rows: 0
-    py::object xo = checked(x, "x", dt, {d.B, d.T, Ix});
+    const int64_t V = ids.is_none() ? 0 : py::reinterpret_borrow<py::array>(x).shape(0);
+    py::object xo = ids.is_none() ? checked(x, "x", dt, {d.B, d.T, Ix})
+                                  : checked(x, "x", dt, {V, GH});
+    py::object io = checked_ids(ids, d, V);
     py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
     py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
     py::object bi = checked(b_ih, "b_ih", dt, {GH});
@@ -180,6 +210,7 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     a.b_ih = cptr<T>(bi); a.b_hh = cptr<T>(bh); a.h0 = cptr<T>(h); a.c0 = cptr<T>(c);
     a.lengths = cptr<int64_t>(len);
     a.projected = projected;
+    a.ids = cptr<int64_t>(io); a.V = V;
     a.out = out.mutable_data(); a.h_n = h_n.mutable_data();
     a.hprev = hprev.mutable_data(); a.act = act.mutable_data();
     if (lstm) {
@@ -212,14 +243,18 @@ template <typename T>
 py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_hh,
                      py::handle lengths, py::handle hprev, py::handle cprev, py::handle act,
                      py::handle rh, py::handle d_out, py::handle d_h_n, py::handle d_c_n,
-                     bool projected) {
+                     bool projected, py::handle ids) {
     const auto dt = py::dtype::of<T>();
-    const Dims d = dims_of(spec, x, w_ih, w_hh, projected);
+    const Dims d = dims_of(spec, x, w_ih, w_hh, projected, ids);
     const int64_t G = rk::gates_of(spec.cell), GH = G * d.H, S = rk::slots_of(spec.cell);
     const bool lstm = spec.cell == rk::Cell::lstm;
     const bool gru_before = spec.cell == rk::Cell::gru && !spec.reset_after;
     const int64_t Ix = projected ? GH : d.I;  // x's and dx's last dim
-    py::object xo = checked(x, "x", dt, {d.B, d.T, Ix});
+    const int64_t V = ids.is_none() ? 0 : py::reinterpret_borrow<py::array>(x).shape(0);
+    const std::vector<int64_t> xshape = ids.is_none() ? std::vector<int64_t>{d.B, d.T, Ix}
+                                                      : std::vector<int64_t>{V, GH};
+    py::object xo = checked(x, "x", dt, xshape);
+    py::object io = checked_ids(ids, d, V);
     py::object wi = checked(w_ih, "w_ih", dt, {GH, d.I});
     py::object wh = checked(w_hh, "w_hh", dt, {GH, d.H});
     py::object len = checked_lengths(lengths, d.B, d.T);
@@ -245,7 +280,7 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     if (!lstm && !d_c_n.is_none()) throw py::value_error("d_c_n is for LSTM only; pass None");
     py::object dcn = checked(d_c_n, "d_c_n", dt, {d.B, d.H}, true);
 
-    auto dx = new_array<T>({d.B, d.T, Ix});
+    auto dx = new_array<T>(xshape);  // from a table: the table's gradient
     py::array_t<T> dh0({d.B, d.H});
     py::array_t<T> dw_ih({GH, d.I}), dw_hh({GH, d.H}), db_ih({GH}), db_hh({GH});
     py::object dc0 = py::none();
@@ -255,6 +290,7 @@ py::tuple backward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::ha
     a.x = cptr<T>(xo); a.w_ih = cptr<T>(wi); a.w_hh = cptr<T>(wh);
     a.lengths = cptr<int64_t>(len);
     a.projected = projected;
+    a.ids = cptr<int64_t>(io); a.V = V;
     a.hprev = cptr<T>(hp); a.cprev = cptr<T>(cp); a.act = cptr<T>(ac); a.rh = cptr<T>(r);
     a.d_out = cptr<T>(dout); a.d_h_n = cptr<T>(dhn); a.d_c_n = cptr<T>(dcn);
     a.dx = dx.mutable_data(); a.dh0 = dh0.mutable_data();
@@ -329,21 +365,23 @@ PYBIND11_MODULE(_C, m) {
           [](const std::string& cell, py::object x, py::object w_ih, py::object w_hh,
              py::object b_ih, py::object b_hh, py::object h0, py::object c0, py::object lengths,
              const std::string& nonlinearity, double forget_bias, bool reset_after,
-             bool projected) {
+             bool projected, py::object ids) {
               const rk::Spec s = make_spec(cell, nonlinearity, forget_bias, reset_after);
               if (float_dtype_of(x).is(py::dtype::of<float>()))
                   return forward_t<float>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                                          projected);
-              return forward_t<double>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, projected);
+                                          projected, ids);
+              return forward_t<double>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, projected,
+                                       ids);
           },
           py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
           py::arg("b_hh"), py::arg("h0") = py::none(), py::arg("c0") = py::none(),
           py::arg("lengths") = py::none(), py::kw_only(), py::arg("nonlinearity") = "tanh",
           py::arg("forget_bias") = 0.0, py::arg("reset_after") = true,
-          py::arg("projected") = false,
+          py::arg("projected") = false, py::arg("ids") = py::none(),
           "Forward over a whole sequence. x [B,T,I], w_ih [G*H,I], w_hh [G*H,H], b_* [G*H],\n"
           "h0, c0 [B,H] or None (zeros), lengths int64 [B] in [0,T] or None.\n"
           "projected (LSTM only): x is [B,T,G*H] = x_orig W_ih^T (no bias); w_ih is not read.\n"
+          "ids (with projected): int64 [B,T]; x is then a table [V,G*H], row ids[b,t] for (b,t).\n"
           "Returns (outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved dict).");
 
     m.def("backward",
@@ -351,23 +389,24 @@ PYBIND11_MODULE(_C, m) {
              py::object lengths, py::object hprev, py::object cprev, py::object act,
              py::object rh, py::object d_out, py::object d_h_n, py::object d_c_n,
              const std::string& nonlinearity, double forget_bias, bool reset_after,
-             bool projected) {
+             bool projected, py::object ids) {
               const rk::Spec s = make_spec(cell, nonlinearity, forget_bias, reset_after);
               if (float_dtype_of(x).is(py::dtype::of<float>()))
                   return backward_t<float>(s, x, w_ih, w_hh, lengths, hprev, cprev, act, rh,
-                                           d_out, d_h_n, d_c_n, projected);
+                                           d_out, d_h_n, d_c_n, projected, ids);
               return backward_t<double>(s, x, w_ih, w_hh, lengths, hprev, cprev, act, rh, d_out,
-                                        d_h_n, d_c_n, projected);
+                                        d_h_n, d_c_n, projected, ids);
           },
           py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("lengths"),
           py::arg("hprev"), py::arg("cprev"), py::arg("act"), py::arg("rh"),
           py::arg("d_outputs") = py::none(), py::arg("d_h_n") = py::none(),
           py::arg("d_c_n") = py::none(), py::kw_only(), py::arg("nonlinearity") = "tanh",
           py::arg("forget_bias") = 0.0, py::arg("reset_after") = true,
-          py::arg("projected") = false,
+          py::arg("projected") = false, py::arg("ids") = py::none(),
           "Backprop through time from forward's saved arrays (hprev, cprev, act, rh).\n"
           "projected: as the forward was called; x is the projected input, dx [B,T,G*H] the\n"
-          "gate pre-activation gradients, dw_ih zeros (not computed).\n"
+          "gate pre-activation gradients, dw_ih zeros (not computed). With ids: x is the\n"
+          "table and dx [V,G*H] its gradient (the gate gradients summed per id).\n"
           "Returns (dx, dh0, dc0 | None, dw_ih, dw_hh, db_ih, db_hh).");
 
     m.def("set_blas",

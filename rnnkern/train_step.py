@@ -293,10 +293,14 @@ class _FusedPlan:
         # (Numba's kernels take it precomputed)
         self.project = (V is not None and V <= N
                         and (self.kept or _seam_takes_projected(self.backend, first.spec)))
+        # The table's rows are read in place by a seam that takes ids (its backward then gives
+        # the table's gradient), else gathered into x_in here and the gradient scattered after
+        # (a serial pass each: ~50 us apiece at lab 12-4 size, 1700 rows of 100)
+        self.by_ids = self.project and not self.kept and _seam_takes_ids(self.backend)
         GH = first.spec.gates * first.H
-        self.x_in = np.empty((B, T, GH if self.project else first.I), dt)
+        self.x_in = None if self.by_ids else np.empty((B, T, GH if self.project else first.I), dt)
         self.proj_table = np.empty((V, GH), dt) if self.project else None
-        self.proj_grad = np.empty((V, GH), dt) if self.project else None
+        self.proj_grad = np.empty((V, GH), dt) if self.project and not self.by_ids else None
         self.lens = np.empty(B, np.int64)
         self.targets = np.empty(N, np.int64)
         self.weights = np.empty(N, dt)
@@ -368,7 +372,10 @@ class _FusedPlan:
                     np.dot(table, w_ih.T, out=self.proj_table)
                 table = self.proj_table
             ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-            bad = K.gather_rows(ids, table, self.x_in.reshape(B * T, -1))
+            if self.by_ids:
+                bad = _first_outside(ids, table.shape[0])
+            else:
+                bad = K.gather_rows(ids, table, self.x_in.reshape(B * T, -1))
             if bad >= 0:
                 raise ValueError(f"{type(self.encoder).__name__} ids must lie in "
                                  f"[0, {table.shape[0]}), got {ids[bad]}")
@@ -444,7 +451,11 @@ class _FusedPlan:
                     else:
                         nc.launch(kernel, c.chunks, values, batched)
                 else:
-                    extra = {"projected": True} if self.project and c is self.cells[0] else {}
+                    extra = {}
+                    if self.project and c is self.cells[0]:
+                        extra = {"projected": True}
+                        if self.by_ids:
+                            layer_in, extra["ids"] = self.proj_table, ids.reshape(B, T)
                     c.out, c.h, c.c, c.saved = self.backend.forward(
                         c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens, **extra)
                 if c.dropped is not None:
@@ -484,8 +495,11 @@ class _FusedPlan:
                         np.copyto(grads[name], g[short])
                 d_out = c.dx
             if self.project:    # d table W_ih^T, summed per id, gives d W_ih and d table
-                S = self.proj_grad
-                K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), S)
+                if self.by_ids:  # the seam's dx is it
+                    S = self.cells[0].dx
+                else:
+                    S = self.proj_grad
+                    K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), S)
                 d_w_ih = self.cells[0].layer.grads["weight_ih_l0"]
                 if type(self.encoder) is OneHot:
                     np.copyto(d_w_ih, S.T)
@@ -571,6 +585,20 @@ def _seam_takes_projected(backend, spec):
     (``forward(..., projected=True)``; then its backward's dx is that projection's gradient):
     the C++ LSTM does."""
     return spec.kind == "lstm" and "projected" in inspect.signature(backend.forward).parameters
+
+
+def _seam_takes_ids(backend):
+    """Whether a projected first cell on ``backend``'s seam can read its rows from the table in
+    place (``forward(table, ..., projected=True, ids=ids)``; its backward's dx is then the
+    table's gradient [V,G*H]): the C++ LSTM can."""
+    return "ids" in inspect.signature(backend.forward).parameters
+
+
+def _first_outside(ids, V):
+    """Index of the first id outside [0, V), or -1."""
+    if ids.size == 0 or (ids.min() >= 0 and ids.max() < V):
+        return -1
+    return int(np.flatnonzero((ids < 0) | (ids >= V))[0])
 
 
 def _blas_hold(nc, cells, B, T):

@@ -163,3 +163,92 @@ def test_backward_mode_must_match_forward():
         cpp.backward(spec, dict(normal, x=xp, projected=True), **d)
     with pytest.raises(ValueError, match="hprev must have shape"):
         cpp.backward(spec, dict(proj, x=a["x"], projected=False), **d)
+
+
+# ---- from a table: x [V,4H] and ids [B,T] (the fused training step's first cell) -------------
+
+def _table_case(B, T, V, H, dtype, lengths, seed=0):
+    """A table [V,4H] and ids [B,T] using every row at least once where B*T >= V."""
+    a, d = _case(B, T, 1, H, dtype, lengths, seed)
+    rng = np.random.default_rng(seed + 1)
+    table = (rng.standard_normal((V, 4 * H))).astype(dtype)
+    ids = rng.permutation(np.resize(np.arange(V), B * T)).reshape(B, T).astype(np.int64)
+    return a, d, table, ids
+
+
+TABLE_SHAPES = [(3, 5, 4, 33, [5, 0, 2]), (2, 1, 1, 6, None), (1, 4, 7, 5, [3]),
+                (3, 4, 2, 1, [4, 1, 0]), (5, 7, 25, 17, [7, 0, 3, 7, 1])]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("nthreads, ring_rows", [(1, None), (2, 3), (3, None)],
+                         ids=["1t", "2t-ring3", "3t"])
+@pytest.mark.parametrize("B, T, V, H, lengths", TABLE_SHAPES,
+                         ids=[f"B{s[0]}T{s[1]}V{s[2]}H{s[3]}" for s in TABLE_SHAPES])
+def test_table_by_ids_matches_gathered_rows(threads, nthreads, ring_rows, dtype, B, T, V, H,
+                                            lengths):
+    """Reading table[ids] in place gives the gathered projected call's results exactly, and its
+    dx is that call's dx summed per id (V=1, ids past a length, more chunks than ids)."""
+    threads(nthreads, ring_rows)
+    spec = CellSpec("lstm", forget_bias=0.5)
+    a, d, table, ids = _table_case(B, T, V, H, dtype, lengths)
+    gathered = cpp.forward(spec, **dict(a, x=np.ascontiguousarray(table[ids])), projected=True)
+    got = cpp.forward(spec, **dict(a, x=table), projected=True, ids=ids)
+    for g, w in zip(got[:3], gathered[:3]):
+        np.testing.assert_array_equal(g, w)
+    wb = cpp.backward(spec, gathered[3], **d)
+    gb = cpp.backward(spec, got[3], **d)
+    assert gb[0].shape == (V, 4 * H) and gb[0].dtype == dtype
+    want = np.zeros((V, 4 * H))
+    np.add.at(want, ids.reshape(-1), wb[0].reshape(-1, 4 * H).astype(np.float64))
+    _close(gb[0], want, "d table", dtype)
+    for g, w, what in zip(gb[1:3], wb[1:3], ("dh0", "dc0")):
+        np.testing.assert_array_equal(g, w, err_msg=what)
+    for k in ("w_ih", "w_hh", "b_ih", "b_hh"):
+        np.testing.assert_array_equal(gb[3][k], wb[3][k], err_msg=k)
+
+
+def test_table_gradient_against_finite_differences():
+    """d loss / d table in float64, loss = sum(outputs * d_outputs) + h_n . d_h_n + c_n . d_c_n."""
+    spec = CellSpec("lstm", forget_bias=1.0)
+    a, d, table, ids = _table_case(3, 4, 5, 3, np.float64, [4, 2, 0], seed=5)
+
+    def loss(tab):
+        out, h, c, _ = cpp.forward(spec, **dict(a, x=tab), projected=True, ids=ids)
+        return (out * d["d_outputs"]).sum() + (h * d["d_h_n"]).sum() + (c * d["d_c_n"]).sum()
+    got = cpp.backward(spec, cpp.forward(spec, **dict(a, x=table), projected=True, ids=ids)[3],
+                       **d)[0]
+    num = np.zeros_like(table)
+    eps = 1e-6
+    for idx in np.ndindex(*table.shape):
+        t1, t2 = table.copy(), table.copy()
+        t1[idx] += eps
+        t2[idx] -= eps
+        num[idx] = (loss(t1) - loss(t2)) / (2 * eps)
+    np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-8)
+
+
+def test_table_by_ids_bad_input_is_a_value_error():
+    spec = CellSpec("lstm")
+    a, d, table, ids = _table_case(2, 3, 4, 5, np.float64, None)
+    call = lambda **kw: cpp.forward(spec, **dict(a, x=kw.pop("x", table)), projected=True,  # noqa: E731
+                                    ids=kw.pop("ids", ids))
+    for bad, where in ((4, 5), (-1, 0)):
+        wrong = ids.copy()
+        wrong.flat[where] = bad
+        with pytest.raises(ValueError, match=rf"ids must lie in \[0, V\) = \[0, 4\), got {bad} "
+                                             rf"at position {where}"):
+            call(ids=wrong)
+    with pytest.raises(ValueError, match="ids must have dtype int64"):
+        call(ids=ids.astype(np.int32))
+    with pytest.raises(ValueError, match=r"ids must be 2-D \[B,T\]"):
+        call(ids=ids.reshape(-1))
+    with pytest.raises(ValueError, match=r"h0 must have shape \[3, 5\]"):  # B, T come from ids
+        call(ids=np.zeros((3, 3), np.int64))
+    with pytest.raises(ValueError, match=r"x must be a table \[V, G\*H\] = \[V, 20\]"):
+        call(x=table[:, :-1].copy())
+    with pytest.raises(ValueError, match="ids is for projected input from a table only"):
+        cpp.forward(spec, **a, ids=ids)
+    saved = cpp.forward(spec, **dict(a, x=table), projected=True, ids=ids)[3]
+    with pytest.raises(ValueError, match="ids must lie in"):
+        cpp.backward(spec, dict(saved, ids=np.full_like(ids, 9)), **d)

@@ -135,7 +135,10 @@ def test_fused_through_any_cpu_backend(backend, cell, opts):
     calls = [((x, y), dict(lengths=lengths, return_state=True)), ((x, y), {})]
     runs = run_both(build, lambda: rk.Adam(0.05), calls)
     assert_same_run(*runs)
-    assert runs[0][2]._plan.backend.name == backend
+    plan = runs[0][2]._plan
+    assert plan.backend.name == backend
+    # the C++ LSTM reads the projected table by ids itself (no gather, no scatter here)
+    assert plan.by_ids == (backend == "cpp" and cell == "lstm")
 
 
 @pytest.mark.parametrize("layers", [(2,), (1, 2)], ids=["one-2-layer", "two-stacked"])
@@ -288,11 +291,17 @@ def test_fused_equals_generic_with_batch_chunks_on_threads(monkeypatch, cell, op
                               lambda: rk.Adam(0.05, clip_norm=0.5), calls))
 
 
-def test_bad_input_raises_like_the_generic_step():
-    step = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05))
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_bad_input_raises_like_the_generic_step(backend):
+    if backend != "auto" and not rk.available_backends()[backend][0]:
+        pytest.skip(f"backend {backend!r} unavailable")
+    model = make_model()
+    model.layers[1].backend = backend
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05))
     x, y = batch("onehot")
-    with pytest.raises(ValueError, match=r"ids must lie in \[0, 6\)"):
-        step(np.full((3, 4), 6), y)
+    for bad in (6, -1):   # the ids check comes before any kernel reads the table
+        with pytest.raises(ValueError, match=rf"ids must lie in \[0, 6\), got {bad}"):
+            step(np.where(np.arange(12).reshape(3, 4) == 7, bad, x), y)
     with pytest.raises(TypeError, match="integer ids"):
         step(x.astype(float), y)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, C\) = \[0, 4\)"):

@@ -11,6 +11,10 @@
 // no bias), the saved rows are [h | 1] (R = lstm_xh_width(0, H, ...)), w_ih [G*H,I] is not read
 // (I is its width), dx is [B,T,G*H] = the gate pre-activation gradients and dw_ih comes back zero
 // (the caller forms it from dx and its own x_orig, e.g. as a [V,G*H] table scatter).
+// Projected input from a table (`projected` with `ids`): x is a table [V,G*H] (rows x_orig W_ih^T
+// per id, e.g. W_ih^T for one-hot input) and step t of sequence b reads its row ids[b,t]; dx is
+// then [V,G*H], the gate gradients summed per id (the table's gradient). The kernels do the
+// gather and the scatter inside their batch chunks (per-chunk partial tables, added after).
 // The bindings check shapes.
 #pragma once
 
@@ -54,6 +58,8 @@ struct ForwardArgs {
     const T* c0 = nullptr;              // [B,H], lstm only
     const int64_t* lengths = nullptr;   // [B] in [0,T], or null (all T)
     bool projected = false;             // lstm only: x is [B,T,G*H] (see the legend)
+    const int64_t* ids = nullptr;       // with projected: [B,T] in [0,V), x a table [V,G*H]
+    int64_t V = 0;
     // outputs
     T* out = nullptr;                   // [B,T,H], zero at t >= lengths[b]
     T* h_n = nullptr;                   // [B,H]
@@ -74,6 +80,8 @@ struct BackwardArgs {
     const T* w_hh = nullptr;            // [G*H,H]
     const int64_t* lengths = nullptr;   // [B] or null
     bool projected = false;             // as in the forward: x, dx [B,T,G*H]; dw_ih zero
+    const int64_t* ids = nullptr;       // as in the forward; then x, dx are [V,G*H]
+    int64_t V = 0;
     const T* hprev = nullptr;           // as saved by forward
     const T* cprev = nullptr;
     const T* act = nullptr;

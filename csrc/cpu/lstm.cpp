@@ -31,6 +31,10 @@
 // row's dG goes straight to dx, un-interleaved, as it is made) and its weight-gradient GEMM
 // gives [dW_hh; db] only. At char-rnn size, (B,T,H,I) = (50,50,128,128), that drops 1 of the
 // 4 GEMM shares (the x W_ih^T part of the forward GEMM, dx and dW_ih in the backward).
+// From a table (a.ids): row (b, t) is table row ids[b, t], read in place; the backward adds
+// each row's dG into its chunk's partial [V, 4H] table (chunk 0's is dx itself), and the
+// partials are summed after the join. In the fused training step this replaced a gather of
+// [B,T,4H] before the forward and a scatter after the backward, each a serial pass.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -137,8 +141,9 @@ RK_ALWAYS_INLINE void add_projected(int64_t H, const T* __restrict__ xp, T* __re
         }
 }
 
-// Backward: this row's gate gradients (block q at dg + q * qstride) out to dx ([4H]).
-template <typename T>
+// Backward: this row's gate gradients (block q at dg + q * qstride) out to dx ([4H]), stored
+// or (Add: a table row's gradient) added.
+template <bool Add, typename T>
 RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t qstride,
                                     T* __restrict__ dx) {
     constexpr int64_t V = lanes<T>();
@@ -147,8 +152,15 @@ RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t
             const T* __restrict__ d = dg + q * qstride + k * V;
             T* __restrict__ xq = dx + k * H + j0;
             const int64_t cnt = std::min(V, H - j0);
-            for (int64_t l = 0; l < cnt; ++l) xq[l] = d[l];
+            for (int64_t l = 0; l < cnt; ++l) xq[l] = Add ? xq[l] + d[l] : d[l];
         }
+}
+
+// The projected input's row of step t of sequence b: its table row (ids) or its own row.
+template <typename Args>
+inline int64_t projected_row(const Args& a, int64_t b, int64_t t) {
+    const int64_t n = b * a.T_ + t;
+    return a.ids ? a.ids[n] : n;
 }
 
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
@@ -261,7 +273,7 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
                 continue;
             }
             T* g = a.act + t * B * d.SP + b * 5 * V;
-            if (a.projected) add_projected(H, a.x + (b * Tn + t) * 4 * H, g, aq);
+            if (a.projected) add_projected(H, a.x + projected_row(a, b, t) * 4 * H, g, aq);
             fwd_cells(nblk, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
             std::memcpy(out, xh + rn * R, H * sizeof(T));
         }
@@ -335,6 +347,7 @@ struct Bwd {
     T* ring_x;      // per chunk [Tb, Bc, R]: their xh rows
     T* ring_dx;     // per chunk [Tb, Bc, Ip]: their dx
     T* part;        // per chunk [K, 4Hp]: partial [dW_hh; dW_ih; db]^T (interleaved columns)
+    T* tables;      // table input: chunks 1.. [V, 4H] partial table gradients (chunk 0: dx)
     GemmPath path;
 };
 
@@ -353,6 +366,11 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     T* rdx = w.ring_dx + Tb * lo * Ip;
     T* part = w.part + chunk * d.K * GP;
     std::memset(part, 0, d.K * GP * sizeof(T));
+    T* table = nullptr;  // this chunk's partial table gradient (table input)
+    if (a.ids) {
+        table = chunk == 0 ? a.dx : w.tables + (chunk - 1) * a.V * 4 * H;
+        std::memset(table, 0, a.V * 4 * H * sizeof(T));
+    }
     int64_t t_top = Tn - 1;  // the ring holds steps t_top, t_top - 1, ... (slot s = t_top - t)
     for (int64_t t = Tn - 1; t >= 0; --t) {
         const int64_t s = t_top - t;
@@ -363,7 +381,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, R * sizeof(T));
             if (a.lengths && t >= a.lengths[b]) {  // dh, dc pass through; no gate gradient
                 for (int64_t q = 0; q < nblk; ++q) std::memset(dg + q * qs, 0, PW * sizeof(T));
-                if (a.projected) std::memset(a.dx + (b * Tn + t) * 4 * H, 0, 4 * H * sizeof(T));
+                if (a.projected && !a.ids)
+                    std::memset(a.dx + (b * Tn + t) * 4 * H, 0, 4 * H * sizeof(T));
                 continue;
             }
             T* dh = w.dh + b * Hp;
@@ -373,7 +392,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             }
             back_cells(nblk, a.act + t * B * d.SP + b * 5 * PW / 4, B * 5 * PW / 4,
                        a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
-            if (a.projected) put_projected(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
+            if (table) put_projected<true>(H, dg, qs, table + a.ids[b * Tn + t] * 4 * H);
+            else if (a.projected) put_projected<false>(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
         gemm_blocks<T>(Bc, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
@@ -433,11 +453,18 @@ void backward_impl(const BackwardArgs<T>& a) {
     }
     Bwd<T> w{&a, d, n, Tb, Ip, whb, wxb, dh, dc,
              scratch<T, 5>(Tb * B * GP), scratch<T, 6>(Tb * B * d.R), scratch<T, 7>(Tb * B * Ip),
-             scratch<T, 8>(n * d.K * GP), n > 1 ? GemmPath::loop : GemmPath::automatic};
+             scratch<T, 8>(n * d.K * GP),
+             a.ids ? scratch<T, 9>((n - 1) * a.V * 4 * H) : nullptr,
+             n > 1 ? GemmPath::loop : GemmPath::automatic};
     run_chunks(B, n, &back_chunk<T>, &w);
     for (int64_t b = 0; b < B; ++b) {
         std::memcpy(a.dh0 + b * H, dh + b * Hp, H * sizeof(T));
         std::memcpy(a.dc0 + b * H, dc + b * Hp, H * sizeof(T));
+    }
+    for (int k = 1; a.ids && k < n; ++k) {  // the partial table gradients into dx
+        const T* __restrict__ q = w.tables + (k - 1) * a.V * 4 * H;
+        T* __restrict__ dx = a.dx;
+        for (int64_t e = 0; e < a.V * 4 * H; ++e) dx[e] += q[e];
     }
     // sum the chunks' partials, then undo the interleaving and transposition
     T* p = w.part;

@@ -31,6 +31,12 @@ for one-hot or embedded ids; ``w_ih`` is passed (any width) but not read. The sa
 GEMMs: its ``dx`` [B,T,4H] is the gradient w.r.t. that projection (the gate pre-activation
 gradients) and ``w_ih``'s gradient comes back as zeros, for the caller to form
 (``dx.reshape(-1, 4H).T @ x_orig.reshape(-1, I)``, or a table scatter).
+
+From a table (``forward(x=table, ..., projected=True, ids=ids)``): ``table`` [V,4H] holds the
+projections of V inputs (``W_ih^T`` for one-hot ids, ``E W_ih^T`` for an embedding ``E``) and
+``ids`` int64 [B,T] picks step t of sequence b; the kernels read the rows in place, and the
+backward's ``dx`` is the table's gradient [V,4H] (each step's gate gradients added into its id's
+row), so the caller needs neither a gather before nor a scatter after.
 """
 from __future__ import annotations
 
@@ -71,24 +77,27 @@ def _options(spec):
                 reset_after=bool(spec.reset_after))
 
 
-def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None, projected=False):
+def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None, projected=False,
+            ids=None):
     """See :func:`rnnkern.reference.forward`; ``saved`` holds _C's activation buffers.
-    ``projected``: see the module docstring (LSTM only; else ValueError)."""
+    ``projected``, ``ids``: see the module docstring (LSTM only; else ValueError)."""
     out, h_n, c_n, buffers = _C.forward(spec.kind, x, w_ih, w_hh, b_ih, b_hh, h0,
                                         c0 if spec.has_cell_state else None, lengths,
-                                        projected=bool(projected), **_options(spec))
-    saved = dict(buffers, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths, projected=bool(projected))
+                                        projected=bool(projected), ids=ids, **_options(spec))
+    saved = dict(buffers, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths, projected=bool(projected),
+                 ids=ids)
     return out, h_n, c_n, saved
 
 
 def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     """See :func:`rnnkern.reference.backward`. After a projected forward, ``dx`` [B,T,4H] is the
-    gradient w.r.t. ``x_orig W_ih^T`` and the ``w_ih`` gradient is zeros (module docstring)."""
+    gradient w.r.t. ``x_orig W_ih^T`` (with ``ids``: [V,4H], the table's) and the ``w_ih``
+    gradient is zeros (module docstring)."""
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _C.backward(
         spec.kind, saved["x"], saved["w_ih"], saved["w_hh"], saved["lengths"], saved["hprev"],
         saved["cprev"], saved["act"], saved["rh"], d_outputs, d_h_n,
         d_c_n if spec.has_cell_state else None, projected=saved.get("projected", False),
-        **_options(spec))
+        ids=saved.get("ids"), **_options(spec))
     return dx, dh0, dc0, dict(w_ih=dw_ih, w_hh=dw_hh, b_ih=db_ih, b_hh=db_hh)
 
 
