@@ -17,6 +17,7 @@
 #include "gemm_loop.h"
 #include "head.h"
 #include "kernels.h"
+#include "lstm_stack.h"
 #include "pool.h"
 
 namespace py = pybind11;
@@ -346,6 +347,181 @@ double dense_softmax_xent_t(py::handle h, py::handle weight, py::handle bias, py
     return rk::dense_softmax_xent<T>(a);
 }
 
+// Every value of the int64 array p [n] in [0, hi); else ValueError naming `what`.
+void check_range(const int64_t* p, int64_t n, int64_t hi, const std::string& what,
+                 const std::string& bound) {
+    for (int64_t i = 0; i < n; ++i)
+        if (p[i] < 0 || p[i] >= hi)
+            throw py::value_error(what + " must lie in " + bound + ", got " +
+                                  std::to_string(p[i]) + " at position " + std::to_string(i));
+}
+
+// The fused LSTM-stack step (csrc/cpu/lstm_stack.h) over buffers the Python caller keeps between
+// steps (rnnkern/train_step.py): every array is checked once, here; run() then only checks the
+// ids, targets and lengths it reads, and runs without the GIL. The layers' saved activations,
+// outputs and the head's scratch live in this object.
+template <typename T>
+class StackStep {
+  public:
+    StackStep(py::list cells, py::handle table, py::handle ids, py::handle d_table,
+              py::handle weight, py::handle bias, py::handle dw, py::handle db,
+              py::handle targets, py::handle weights, py::handle lengths, py::handle head_mask)
+        : stack_(cells.size()) {
+        const auto dt = py::dtype::of<T>();
+        const int64_t L = int64_t(cells.size());
+        if (L == 0) throw py::value_error("cells must hold at least one LSTM layer");
+        auto ia = matrix(ids, "ids", "[B,T]");
+        const int64_t B = ia.shape(0), Tn = ia.shape(1);
+        a_.B = B;
+        a_.T_ = Tn;
+        ids_ = keep<int64_t>(ids, "ids", {B, Tn});
+        auto ta = matrix(table, "table", "[V,4H]");
+        V_ = ta.shape(0);
+        lengths_ = keep<int64_t>(lengths, "lengths", {B});
+        int64_t I = 0;  // the layer's input width (layer 0: w_ih's, read through the table)
+        for (int64_t l = 0; l < L; ++l) {
+            py::tuple c = cells[size_t(l)].cast<py::tuple>();
+            if (c.size() != 14)
+                throw py::value_error("each cell must be (w_ih, w_hh, b_ih, b_hh, h0, c0, h_n, "
+                                      "c_n, dw_ih, dw_hh, db_ih, db_hh, forget_bias, mask)");
+            const std::string at = "cells[" + std::to_string(l) + "].";
+            const int64_t H = matrix(c[1], (at + "w_hh").c_str(), "[4H,H]").shape(1);
+            if (l == 0) I = matrix(c[0], (at + "w_ih").c_str(), "[4H,I]").shape(1);
+            const bool last = l == L - 1;
+            rk::StackLayer<T> y;
+            rk::ForwardArgs<T>& f = y.f;
+            f.spec.cell = rk::Cell::lstm;
+            f.spec.forget_bias = c[12].cast<double>();
+            f.B = B; f.T_ = Tn; f.I = I; f.H = H;
+            f.w_ih = keep<T>(c[0], at + "w_ih", {4 * H, I});
+            f.w_hh = keep<T>(c[1], at + "w_hh", {4 * H, H});
+            f.b_ih = keep<T>(c[2], at + "b_ih", {4 * H});
+            f.b_hh = keep<T>(c[3], at + "b_hh", {4 * H});
+            f.h0 = keep<T>(c[4], at + "h0", {B, H});
+            f.c0 = keep<T>(c[5], at + "c0", {B, H});
+            f.h_n = keep<T>(c[6], at + "h_n", {B, H});
+            f.c_n = keep<T>(c[7], at + "c_n", {B, H});
+            if (l == 0) {
+                f.x = keep<T>(table, "table", {V_, 4 * H});
+                f.projected = true;
+                f.ids = ids_;
+                f.V = V_;
+            } else {
+                const rk::StackLayer<T>& below = a_.layers.back();
+                f.x = below.dropped ? below.dropped : below.f.out;
+            }
+            const int64_t Hs = rk::lstm_padded_hidden(H, sizeof(T));
+            const int64_t R = rk::lstm_xh_width(l == 0 ? 0 : I, H, sizeof(T));
+            f.out = own((Tn + 0) * B * H);
+            f.hprev = own((Tn + 1) * B * R);
+            f.cprev = own((Tn + 1) * B * Hs);
+            f.act = own(Tn * B * 5 * Hs);
+            if (!c[13].is_none()) {
+                if (last)
+                    throw py::value_error(at + "mask must be None: the head's dropout is head_mask");
+                y.mask = keep<T>(c[13], at + "mask", {B, Tn, H});
+                y.dropped = own(B * Tn * H);
+            }
+            rk::BackwardArgs<T>& b = y.b;
+            b.spec = f.spec;
+            b.B = B; b.T_ = Tn; b.I = I; b.H = H;
+            b.x = f.x; b.w_ih = f.w_ih; b.w_hh = f.w_hh;
+            b.projected = f.projected; b.ids = f.ids; b.V = f.V;
+            b.hprev = f.hprev; b.cprev = f.cprev; b.act = f.act;
+            b.dx = l == 0 ? keep<T>(d_table, "d_table", {V_, 4 * H}) : own(B * Tn * I);
+            b.dh0 = own(B * H);
+            b.dc0 = own(B * H);
+            b.dw_ih = keep<T>(c[8], at + "dw_ih", {4 * H, I});
+            b.dw_hh = keep<T>(c[9], at + "dw_hh", {4 * H, H});
+            b.db_ih = keep<T>(c[10], at + "db_ih", {4 * H});
+            b.db_hh = keep<T>(c[11], at + "db_hh", {4 * H});
+            if (l > 0) a_.layers.back().b.d_out = b.dx;
+            a_.layers.push_back(y);
+            I = H;
+        }
+        rk::StackLayer<T>& top = a_.layers.back();
+        const int64_t F = top.f.H, N = B * Tn;
+        const int64_t C = matrix(weight, "weight", "[C,F]").shape(0);
+        rk::HeadArgs<T>& h = a_.head;
+        h.N = N; h.F = F; h.C = C;
+        h.weight = keep<T>(weight, "weight", {C, F});
+        h.bias = keep<T>(bias, "bias", {C}, true);
+        h.dw = keep<T>(dw, "dw", {C, F});
+        h.db = keep<T>(db, "db", {C}, h.bias == nullptr);
+        h.targets = targets_ = keep<int64_t>(targets, "targets", {N});
+        weights_ = keep<T>(weights, "weights", {N});
+        if (!head_mask.is_none()) {
+            a_.head_mask = keep<T>(head_mask, "head_mask", {B, Tn, F});
+            a_.head_dropped = own(N * F);
+        }
+        h.h = a_.head_dropped ? a_.head_dropped : top.f.out;
+        h.d_logits = own(N * C);
+        h.dh = own(N * F);
+        top.b.d_out = h.dh;
+        if (!h.bias) h.db = nullptr;
+    }
+
+    double run(bool use_lengths, bool use_weights, double inv_total) {
+        const int64_t B = a_.B, Tn = a_.T_;
+        check_range(ids_, B * Tn, V_, "ids", "[0, V) = [0, " + std::to_string(V_) + ")");
+        check_range(targets_, B * Tn, a_.head.C, "targets",
+                    "[0, C) = [0, " + std::to_string(a_.head.C) + ")");
+        if (use_lengths)
+            check_range(lengths_, B, Tn + 1, "lengths", "[0, T] = [0, " + std::to_string(Tn) + "]");
+        for (rk::StackLayer<T>& y : a_.layers)
+            y.f.lengths = y.b.lengths = use_lengths ? lengths_ : nullptr;
+        a_.head.w = use_weights ? weights_ : nullptr;
+        a_.head.inv_total = inv_total;
+        py::gil_scoped_release nogil;
+        return stack_.step(a_);
+    }
+
+  private:
+    template <typename U>
+    U* keep(py::handle obj, const std::string& name, const std::vector<int64_t>& shape,
+            bool optional = false) {
+        py::object o = checked(obj, name.c_str(), py::dtype::of<U>(), shape, optional);
+        if (o.is_none()) return nullptr;
+        keep_.push_back(o);
+        return static_cast<U*>(py::reinterpret_borrow<py::array>(o).mutable_data());
+    }
+    T* own(int64_t n) {
+        own_.emplace_back(size_t(std::max<int64_t>(n, 1)));
+        return own_.back().data();
+    }
+
+    std::vector<py::object> keep_;     // the caller's arrays, alive as long as this object
+    std::vector<std::vector<T>> own_;  // this object's buffers (moving the outer vector keeps
+                                       // every inner one's storage where it is)
+    rk::StackArgs<T> a_;
+    rk::LstmStack<T> stack_;
+    int64_t V_ = 0;
+    int64_t* ids_ = nullptr;
+    int64_t* targets_ = nullptr;
+    int64_t* lengths_ = nullptr;
+    T* weights_ = nullptr;
+};
+
+template <typename T>
+void bind_stack_step(py::module_& m, const char* name) {
+    py::class_<StackStep<T>>(m, name,
+        "The fused training step of [table ids -> LSTM layers -> dense head + softmax\n"
+        "cross-entropy] in one split of the batch (csrc/cpu/lstm_stack.h), over buffers checked\n"
+        "once here. cells: per layer (w_ih, w_hh, b_ih, b_hh, h0, c0, h_n, c_n, dw_ih, dw_hh,\n"
+        "db_ih, db_hh, forget_bias, mask | None); table [V,4H_0] = layer 0's input projection per\n"
+        "id, ids int64 [B,T], d_table [V,4H_0] out (layer 0's dw_ih comes back zero: the caller\n"
+        "forms it from d_table); weight [C,F], bias [C] | None, dw, db | None out; targets int64\n"
+        "[N], weights [N], lengths int64 [B], head_mask [B,T,F] | None. run(use_lengths,\n"
+        "use_weights, inv_total) -> loss; fills h_n, c_n and every gradient.")
+        .def(py::init<py::list, py::handle, py::handle, py::handle, py::handle, py::handle,
+                      py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
+             py::arg("cells"), py::arg("table"), py::arg("ids"), py::arg("d_table"),
+             py::arg("weight"), py::arg("bias"), py::arg("dw"), py::arg("db"),
+             py::arg("targets"), py::arg("weights"), py::arg("lengths"), py::arg("head_mask"))
+        .def("run", &StackStep<T>::run, py::arg("use_lengths"), py::arg("use_weights"),
+             py::arg("inv_total"));
+}
+
 void* capsule_pointer(py::handle cap, const char* name) {
     if (!PyCapsule_CheckExact(cap.ptr()))
         throw py::value_error(std::string(name) + " must be a PyCapsule holding a Fortran ?gemm");
@@ -408,6 +584,9 @@ PYBIND11_MODULE(_C, m) {
           "gate pre-activation gradients, dw_ih zeros (not computed). With ids: x is the\n"
           "table and dx [V,G*H] its gradient (the gate gradients summed per id).\n"
           "Returns (dx, dh0, dc0 | None, dw_ih, dw_hh, db_ih, db_hh).");
+
+    bind_stack_step<float>(m, "LstmStackStepF32");
+    bind_stack_step<double>(m, "LstmStackStepF64");
 
     m.def("set_blas",
           [](py::object sgemm, py::object dgemm) {

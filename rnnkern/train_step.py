@@ -44,6 +44,10 @@ from .optim import Optimizer
 
 __all__ = ["TrainStep"]
 
+# The C++ backend runs an all-LSTM model fed by ids as one whole-stack kernel call per step
+# (_FusedPlan._stack_step); False: one call per layer, as for every other model (tests compare).
+FUSE_WHOLE_STACK = True
+
 
 class TrainStep:
     """``loss = step(x, y)``: one training step of ``model`` on a batch, fused where possible.
@@ -346,7 +350,56 @@ class _FusedPlan:
             d_out = c.dx
         self._states_dirty = False       # h0/c0 buffers hold zeros
         self.blas_hold = _blas_hold(nc, self.cells, B, T)
+        self.stack = self._stack_step(B, T)
         self._ws_key = key
+
+    def _stack_step(self, B, T):
+        """The C++ backend's whole-stack step (csrc/cpu/lstm_stack.h: every layer's forward, the
+        head and every backward in one split of the batch) over this workspace's buffers, when
+        every cell is an LSTM and the first reads the table by ids; else None."""
+        if not (self.by_ids and self.backend.name == "cpp" and FUSE_WHOLE_STACK
+                and all(c.spec.kind == "lstm" for c in self.cells)):
+            return None
+        from . import _C
+        dt = self.dtype
+        grad = {(id(layer), k): g for layer, k, _, g in self.bound}   # the flat gradient's views
+        cells = []
+        for c in self.cells:
+            p = c.layer.params
+            g = [grad[id(c.layer), n] for n in c.names]
+            c.mask = None if c.dropped is None else np.empty(c.dropped.shape, dt)
+            cells.append((*(p[n] for n in c.names), c.h0, c.c0, c.h, c.c, *g,
+                          float(c.spec.forget_bias), c.mask))
+        self.ids_in = np.empty((B, T), np.int64)
+        self.proj_grad = np.empty_like(self.proj_table)
+        self.head_mask = (None if self.head_dropped is None
+                          else np.empty(self.head_dropped.shape, dt))
+        head = self.head
+        make = _C.LstmStackStepF32 if dt == np.float32 else _C.LstmStackStepF64
+        return make(cells, self.proj_table, self.ids_in, self.proj_grad, head.params["weight"],
+                    head.params.get("bias"), grad[id(head), "weight"],
+                    grad.get((id(head), "bias")), self.targets, self.weights, self.lens,
+                    self.head_mask)
+
+    def _run_stack(self, B, T, ids, lengths, has_w):
+        """One step through the whole-stack kernel; returns the loss."""
+        for c in self.cells:  # the dropout masks, drawn as the layers' own forward draws them
+            if c.mask is not None:
+                keep = 1.0 - c.layer.dropout
+                np.copyto(c.mask, (c.layer._rng.random(c.mask.shape) < keep) / keep,
+                          casting="unsafe")
+        if self.head_mask is not None:  # as Dropout.forward draws it
+            keep = 1.0 - self.head_dropout.p
+            np.copyto(self.head_mask,
+                      (self.head_dropout._rng.random(self.head_mask.shape) < keep) / keep,
+                      casting="unsafe")
+        np.copyto(self.ids_in, ids.reshape(B, T))
+        return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w))
+
+    def _inv_total(self, B, T, has_w):
+        """1 / the loss's weight total (TF's 1e-12: all-zero weights give a zero loss)."""
+        total = float(self.weights.sum(dtype=np.float64)) if has_w else float(B * T)
+        return 1.0 / (total + 1e-12)
 
     # ---------------------------------------------------------------- the step
     def _load_inputs(self, x, y, lengths, weights):
@@ -434,72 +487,17 @@ class _FusedPlan:
         if self._kernels is None:
             from . import _train_numba
             self._kernels = _train_numba
-        K, nc = self._kernels, self.nc
+        K = self._kernels
         B, T, ids = self._load_inputs(x, y, lengths, weights)
         self._load_states(initial_state, B)
         self._rebind_grads()
         with self.blas_hold:
-            lens = self.lens if self.kept or lengths is not None else None
-            layer_in = self.x_in
-            for c in self.cells:
-                p = c.layer.params
-                if self.kept:
-                    nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
-                    kernel, values, batched = c.forward
-                    if len(c.chunks) == 1:
-                        kernel(*values)
-                    else:
-                        nc.launch(kernel, c.chunks, values, batched)
-                else:
-                    extra = {}
-                    if self.project and c is self.cells[0]:
-                        extra = {"projected": True}
-                        if self.by_ids:
-                            layer_in, extra["ids"] = self.proj_table, ids.reshape(B, T)
-                    c.out, c.h, c.c, c.saved = self.backend.forward(
-                        c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens, **extra)
-                if c.dropped is not None:
-                    keep = 1.0 - c.layer.dropout
-                    c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
-                                        dtype=c.out.dtype)
-                    np.multiply(c.out, c.mask, out=c.dropped)
-                layer_in = c.out if c.dropped is None else c.dropped
-            if self.head_dropped is not None:   # as Dropout.forward draws it
-                keep = 1.0 - self.head_dropout.p
-                self.head_mask = np.asarray(
-                    (self.head_dropout._rng.random(layer_in.shape) < keep) / keep,
-                    dtype=layer_in.dtype)
-                np.multiply(layer_in, self.head_mask, out=self.head_dropped)
-                layer_in = self.head_dropped
-            self.head_in = layer_in
-            loss = self._head(B, T, weights is not None)
-            d_out = self.d_head
-            if self.head_dropped is not None:
-                np.multiply(d_out, self.head_mask, out=d_out)
-            for i in reversed(range(len(self.cells))):
-                c = self.cells[i]
-                if c.dropped is not None:      # d out = d (dropped out) * mask
-                    np.multiply(d_out, c.mask, out=d_out)
-                if self.kept:
-                    c.dh.fill(0)
-                    if c.dc is not None:
-                        c.dc.fill(0)
-                    if len(c.chunks) == 1:
-                        c.backward[0](*c.backward_values)
-                    else:
-                        nc.run_backward(*c.backward[:2], c.chunks, *c.backward[2:])
-                else:
-                    c.dx, _, _, g = self.backend.backward(c.spec, c.saved, d_out, None, None)
-                    grads = c.layer.grads
-                    for name, short in zip(c.names, ("w_ih", "w_hh", "b_ih", "b_hh")):
-                        np.copyto(grads[name], g[short])
-                d_out = c.dx
+            if self.stack is not None:
+                loss = self._run_stack(B, T, ids, lengths, weights is not None)
+                S = self.proj_grad
+            else:
+                loss, S = self._layer_by_layer(B, T, ids, lengths, weights is not None)
             if self.project:    # d table W_ih^T, summed per id, gives d W_ih and d table
-                if self.by_ids:  # the seam's dx is it
-                    S = self.cells[0].dx
-                else:
-                    S = self.proj_grad
-                    K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), S)
                 d_w_ih = self.cells[0].layer.grads["weight_ih_l0"]
                 if type(self.encoder) is OneHot:
                     np.copyto(d_w_ih, S.T)
@@ -518,6 +516,72 @@ class _FusedPlan:
             return value
         return value, self._final_states()
 
+    def _layer_by_layer(self, B, T, ids, lengths, has_w):
+        """Forward, head and backward one layer call at a time; returns (loss, d table or
+        None)."""
+        K, nc = self._kernels, self.nc
+        lens = self.lens if self.kept or lengths is not None else None
+        layer_in = self.x_in
+        for c in self.cells:
+            p = c.layer.params
+            if self.kept:
+                nc.combine_bias(c.spec, p[c.names[2]], p[c.names[3]], c.bias)
+                kernel, values, batched = c.forward
+                if len(c.chunks) == 1:
+                    kernel(*values)
+                else:
+                    nc.launch(kernel, c.chunks, values, batched)
+            else:
+                extra = {}
+                if self.project and c is self.cells[0]:
+                    extra = {"projected": True}
+                    if self.by_ids:
+                        layer_in, extra["ids"] = self.proj_table, ids.reshape(B, T)
+                c.out, c.h, c.c, c.saved = self.backend.forward(
+                    c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens, **extra)
+            if c.dropped is not None:
+                keep = 1.0 - c.layer.dropout
+                c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
+                                    dtype=c.out.dtype)
+                np.multiply(c.out, c.mask, out=c.dropped)
+            layer_in = c.out if c.dropped is None else c.dropped
+        if self.head_dropped is not None:   # as Dropout.forward draws it
+            keep = 1.0 - self.head_dropout.p
+            self.head_mask = np.asarray(
+                (self.head_dropout._rng.random(layer_in.shape) < keep) / keep,
+                dtype=layer_in.dtype)
+            np.multiply(layer_in, self.head_mask, out=self.head_dropped)
+            layer_in = self.head_dropped
+        self.head_in = layer_in
+        loss = self._head(B, T, has_w)
+        d_out = self.d_head
+        if self.head_dropped is not None:
+            np.multiply(d_out, self.head_mask, out=d_out)
+        for i in reversed(range(len(self.cells))):
+            c = self.cells[i]
+            if c.dropped is not None:      # d out = d (dropped out) * mask
+                np.multiply(d_out, c.mask, out=d_out)
+            if self.kept:
+                c.dh.fill(0)
+                if c.dc is not None:
+                    c.dc.fill(0)
+                if len(c.chunks) == 1:
+                    c.backward[0](*c.backward_values)
+                else:
+                    nc.run_backward(*c.backward[:2], c.chunks, *c.backward[2:])
+            else:
+                c.dx, _, _, g = self.backend.backward(c.spec, c.saved, d_out, None, None)
+                grads = c.layer.grads
+                for name, short in zip(c.names, ("w_ih", "w_hh", "b_ih", "b_hh")):
+                    np.copyto(grads[name], g[short])
+            d_out = c.dx
+        if not self.project:
+            return loss, None
+        if self.by_ids:  # the seam's dx is it
+            return loss, self.cells[0].dx
+        K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1), self.proj_grad)
+        return loss, self.proj_grad
+
     def _head(self, B, T, has_w):
         """Dense head + sequence_loss + their backward. With the C++ backend: one _C call
         (csrc/cpu/head.cpp, rows split over its threads); else the Numba kernel, rows cut as the
@@ -525,8 +589,7 @@ class _FusedPlan:
         chunks)."""
         head = self.head
         N = B * T
-        total = (float(self.weights.sum(dtype=np.float64)) if has_w else float(N)) + 1e-12
-        inv = 1.0 / total   # TF's 1e-12: all-zero weights give a zero loss
+        inv = self._inv_total(B, T, has_w)
         if self.backend.name == "cpp":
             return self.backend.dense_softmax_xent(
                 self.head_in.reshape(N, -1), head.params["weight"], head.params.get("bias"),

@@ -139,6 +139,7 @@ def test_fused_through_any_cpu_backend(backend, cell, opts):
     assert plan.backend.name == backend
     # the C++ LSTM reads the projected table by ids itself (no gather, no scatter here)
     assert plan.by_ids == (backend == "cpp" and cell == "lstm")
+    assert (plan.stack is not None) == (backend == "cpp" and cell == "lstm")  # one call a step
 
 
 @pytest.mark.parametrize("layers", [(2,), (1, 2)], ids=["one-2-layer", "two-stacked"])
@@ -251,6 +252,7 @@ def test_fused_equals_generic_with_a_dropout_module_before_the_head(backend):
     runs = run_both(build, lambda: rk.Adam(0.05), [((x, y), dict(return_state=True))] * 3)
     assert_same_run(*runs)
     assert runs[0][2]._plan.head_dropped is not None
+    assert (runs[0][2]._plan.stack is not None) == (backend == "cpp")
 
 
 def test_falls_back_where_fusing_does_not_apply():
@@ -382,3 +384,110 @@ def test_in_place_loads_reach_the_fused_step():
     assert steps[0].fused_reason is None
     for k in models[0].params:
         np.testing.assert_allclose(models[0].params[k], models[1].params[k], err_msg=k, **F64)
+
+
+@pytest.fixture
+def cpp_threads():
+    """Sets the C++ backend's thread count, forcing its batch split even at test sizes."""
+    _C = pytest.importorskip("rnnkern._C", reason="rnnkern._C is not built")
+    work = _C.split_min_work()
+
+    def use(n):
+        _C.set_threads(n)
+        _C.set_split_min_work(0 if n > 1 else work)
+    yield use
+    _C.set_threads(0)
+    _C.set_split_min_work(work)
+
+
+STACKS = [  # (enc, layers, B, T, V, H, C, bias, dropout, head_dropout)
+    ("onehot", (2,), 3, 4, 6, 5, 4, True, 0.0, 0.0),
+    ("embedding", (1, 2), 4, 5, 6, 17, 6, False, 0.3, 0.2),
+    ("onehot", (1,), 1, 6, 5, 1, 3, True, 0.0, 0.0),    # B=1, H=1
+    ("embedding", (3,), 7, 1, 4, 33, 5, True, 0.25, 0.0),  # T=1, H over two vectors
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("case", STACKS, ids=[f"{s[0]}-L{s[1]}-B{s[2]}T{s[3]}H{s[5]}"
+                                               for s in STACKS])
+def test_whole_stack_step_equals_layer_by_layer(monkeypatch, cpp_threads, case, nthreads, dtype):
+    """The C++ whole-stack step (csrc/cpu/lstm_stack.h) against the same fused step one layer
+    call at a time: losses, final states, parameters and optimizer state over steps with
+    lengths (incl. 0), position weights, an initial state and dropout masks."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    from rnnkern import train_step
+    enc, layers, B, T, V, H, C, bias, dropout, head_dropout = case
+    cpp_threads(nthreads)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, V, (B, T))
+    x.flat[0] = V - 1  # the table's last row is read
+    y = rng.integers(0, C, (B, T))
+    lengths = rng.integers(0, T + 1, B)
+    lengths[0] = T
+    weights = rng.random((B, T))
+
+    def build():
+        m = make_model(enc, "lstm", layers, V=V, H=H, C=C, dtype=dtype, dropout=dropout,
+                       bias=bias)
+        for layer in m.layers[1:-1]:
+            layer.backend = "cpp"
+        if head_dropout:
+            m = rk.Sequential(m.layers[:-1] + [rk.Dropout(head_dropout, seed=3)] + m.layers[-1:])
+        return m
+
+    state = None
+    results = []
+    for whole in (True, False):
+        monkeypatch.setattr(train_step, "FUSE_WHOLE_STACK", whole)
+        model = build()
+        step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05, clip_norm=1.0))
+        out = [step(x, y, lengths=lengths, weights=weights, return_state=True)]
+        state = out[0][1]
+        out.append(step(x, y, initial_state=state, return_state=True))
+        out.append(step(x, y))
+        assert step.fused_reason is None
+        assert (step._plan.stack is not None) == whole
+        results.append((out, model))
+    tol = F64 if dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
+    (o1, m1), (o2, m2) = results
+    for a, b in zip(o1, o2):
+        np.testing.assert_allclose(a[0] if isinstance(a, tuple) else a,
+                                   b[0] if isinstance(b, tuple) else b, **tol)
+        if isinstance(a, tuple):
+            for sa, sb in zip(a[1], b[1]):
+                if sa is not None:
+                    for xa, xb in zip(sa, sb):
+                        np.testing.assert_allclose(xa, xb, **tol)
+    for k in m1.params:
+        np.testing.assert_allclose(m1.params[k], m2.params[k], err_msg=k, **tol)
+        np.testing.assert_allclose(m1.grads[k], m2.grads[k], err_msg=k, **tol)
+
+
+def test_whole_stack_step_rejects_bad_ids_and_targets():
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    model = make_model("onehot", "lstm", (2,))
+    model.layers[1].backend = "cpp"
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05))
+    x, y = batch("onehot")
+    step(x, y)
+    stack = step._plan.stack
+    assert stack is not None
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, C\) = \[0, 4\)"):
+        step(x, np.full((3, 4), 4))
+    plan = step._plan
+    plan.targets[:] = 0
+    plan.ids_in[0, 0] = 6  # past the Python check: the kernel's own refuses it
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, V\) = \[0, 6\), got 6 at "
+                                         r"position 0"):
+        stack.run(False, False, 1.0)
+    plan.ids_in[0, 0] = 0
+    plan.lens[1] = 5
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\] = \[0, 4\]"):
+        stack.run(True, False, 1.0)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(v, before[k])

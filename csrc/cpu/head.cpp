@@ -80,13 +80,11 @@ RK_CLONES double softmax_xent(const HeadArgs<double>& a, int64_t lo, int64_t hi)
     return softmax_xent_impl(a, lo, hi);
 }
 
+// Rows [lo, hi) of chunk k: logits, softmax cross-entropy, this chunk's dw and db, dh.
 template <typename T>
-void head_chunk(void* ctx, int64_t lo, int64_t hi) {
-    const Head<T>& w = *static_cast<const Head<T>*>(ctx);
+void head_rows(const Head<T>& w, int k, int64_t lo, int64_t hi) {
     const HeadArgs<T>& a = *w.a;
     const int64_t C = a.C, F = a.F, n = hi - lo;
-    int k = 0;  // this range's index among the chunks (run_chunks: lo = N*k/n)
-    while (a.N * k / w.n != lo) ++k;
     T* dl = a.d_logits + lo * C;
     const T* h = a.h + lo * F;
     gemm<T>(false, n, C, F, T(1), h, F, w.wt, C, T(0), dl, C, w.path);
@@ -103,7 +101,7 @@ void head_chunk(void* ctx, int64_t lo, int64_t hi) {
 }
 
 template <typename T>
-T* scratch(std::vector<T>& buf, size_t n) {
+T* grow(std::vector<T>& buf, size_t n) {
     if (buf.size() < std::max<size_t>(n, 1)) buf.resize(std::max<size_t>(n, 1));
     return buf.data();
 }
@@ -114,31 +112,70 @@ void set_head_split_min(int64_t v) { g_split_min = v; }
 int64_t head_split_min() { return g_split_min; }
 
 template <typename T>
-double dense_softmax_xent(const HeadArgs<T>& a) {
-    const int64_t N = a.N, F = a.F, C = a.C;
-    if (N <= 0) {  // no rows: zero loss and gradients
+struct HeadStep<T>::State {
+    std::vector<T> wt, dw, db;
+    std::vector<double> loss;
+    Head<T> w;
+};
+
+template <typename T> HeadStep<T>::HeadStep() : s(new State) {}
+template <typename T> HeadStep<T>::~HeadStep() = default;
+
+template <typename T>
+void HeadStep<T>::prepare(const HeadArgs<T>& a, int n) {
+    const int64_t F = a.F, C = a.C;
+    T* wt = grow(s->wt, C * F);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t f = 0; f < F; ++f) wt[f * C + c] = a.weight[c * F + f];
+    s->loss.assign(n, 0.0);
+    s->w = Head<T>{&a, wt, n, grow(s->dw, (n - 1) * C * F), grow(s->db, (n - 1) * C),
+                   s->loss.data(), n > 1 ? GemmPath::loop : GemmPath::automatic};
+}
+
+template <typename T>
+void HeadStep<T>::rows(int k, int64_t lo, int64_t hi) const {
+    if (hi > lo) head_rows(s->w, k, lo, hi);
+}
+
+template <typename T>
+double HeadStep<T>::finish() const {
+    const Head<T>& w = s->w;
+    const HeadArgs<T>& a = *w.a;
+    const int64_t F = a.F, C = a.C;
+    if (a.N <= 0) {  // no rows: zero loss and gradients
         std::fill(a.dw, a.dw + C * F, T(0));
         if (a.bias) std::fill(a.db, a.db + C, T(0));
         return 0.0;
     }
-    thread_local std::vector<T> wt_buf, dw_buf, db_buf;
-    T* wt = scratch(wt_buf, C * F);
-    for (int64_t c = 0; c < C; ++c)
-        for (int64_t f = 0; f < F; ++f) wt[f * C + c] = a.weight[c * F + f];
-    const int n = N * C * F >= g_split_min ? int(std::min<int64_t>(threads(), N)) : 1;
-    std::vector<double> loss(n, 0.0);
-    Head<T> w{&a, wt, n, scratch(dw_buf, (n - 1) * C * F), scratch(db_buf, (n - 1) * C),
-              loss.data(), n > 1 ? GemmPath::loop : GemmPath::automatic};
-    run_chunks(N, n, &head_chunk<T>, &w);
-    for (int k = 1; k < n; ++k) {
+    for (int k = 1; k < w.n; ++k) {
         const T* dw = w.part_dw + (k - 1) * C * F;
         for (int64_t e = 0; e < C * F; ++e) a.dw[e] += dw[e];
         if (a.bias)
             for (int64_t j = 0; j < C; ++j) a.db[j] += w.part_db[(k - 1) * C + j];
     }
     double total = 0.0;
-    for (double l : loss) total += l;
+    for (double l : s->loss) total += l;
     return total * a.inv_total;
+}
+
+template class HeadStep<float>;
+template class HeadStep<double>;
+
+template <typename T>
+double dense_softmax_xent(const HeadArgs<T>& a) {
+    thread_local HeadStep<T> step;
+    const int64_t N = a.N;
+    const int n = N > 0 && N * a.C * a.F >= g_split_min ? int(std::min<int64_t>(threads(), N)) : 1;
+    step.prepare(a, n);
+    struct Split { const HeadStep<T>* step; int64_t N; int n; } split{&step, N, n};
+    if (N > 0)
+        run_chunks(N, n, [](void* p, int64_t lo, int64_t hi) {
+            const Split& sp = *static_cast<const Split*>(p);
+            int k = 0;  // this range's index (run_chunks: lo = N*k/n)
+            while (sp.N * k / sp.n != lo) ++k;
+            sp.step->rows(k, lo, hi);
+        }, &split);
+    return step.finish();
 }
 
 template double dense_softmax_xent<float>(const HeadArgs<float>&);

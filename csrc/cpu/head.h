@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 namespace rk {
 
@@ -34,6 +35,26 @@ struct HeadArgs {
 // N*C*F = head_split_min() up; each chunk sums its own dw, db, then they are added.
 template <typename T>
 double dense_softmax_xent(const HeadArgs<T>& a);
+
+// The same in phases, for a caller that runs each chunk's rows inside its own split
+// (lstm_stack.cpp): prepare for n chunks, the rows [lo, hi) of chunk k (chunk 0 writes dw and db,
+// the others partials), finish: the partials added, the loss returned. The args passed to
+// prepare must outlive rows and finish.
+template <typename T>
+class HeadStep {
+  public:
+    HeadStep();
+    ~HeadStep();
+    HeadStep(const HeadStep&) = delete;
+    HeadStep& operator=(const HeadStep&) = delete;
+    void prepare(const HeadArgs<T>& a, int n);
+    void rows(int k, int64_t lo, int64_t hi) const;
+    double finish() const;
+
+  private:
+    struct State;
+    std::unique_ptr<State> s;
+};
 
 void set_head_split_min(int64_t n_c_f);
 int64_t head_split_min();

@@ -37,12 +37,14 @@
 // [B,T,4H] before the forward and a scatter after the backward, each a serial pass.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "chunks.h"
 #include "dispatch.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "lstm.h"
 #include "rnnkern/cells.h"
 
 namespace rk {
@@ -60,12 +62,18 @@ inline int64_t icol(int64_t k, int64_t j) {
     return (j / V) * 4 * V + k * V + j % V;
 }
 
-// A grow-only scratch buffer per calling thread and purpose (no page faults per call).
-template <typename T, int Tag>
-T* scratch(size_t n) {
-    thread_local std::vector<T> buf;
-    if (buf.size() < std::max<size_t>(n, 1)) buf.resize(std::max<size_t>(n, 1));  // never null
-    return buf.data();
+// A layer call's work arrays, grown on demand and kept between calls (no page faults per call):
+// one set per LstmLayer (lstm.h), i.e. per calling thread for the standalone entry points and
+// per layer in a stack.
+template <typename T>
+struct Buffers {
+    std::vector<T> wc, whb, wxb, dh, dc, ring_g, ring_x, ring_dx, part, tables;
+};
+
+template <typename T>
+T* grow(std::vector<T>& v, size_t n) {
+    if (v.size() < std::max<size_t>(n, 1)) v.resize(std::max<size_t>(n, 1));  // never null
+    return v.data();
 }
 
 // For every unit block (gate k, units j0 .. j0+V-1, whose interleaved columns are contiguous):
@@ -224,13 +232,6 @@ RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act, int64_
 
 // ---- forward ---------------------------------------------------------------------------------
 
-// Batch chunks on threads (chunks.h) for B*T*4H*H recurrent multiply-adds: the LSTM's
-// per-step work pays for the two threads from a quarter of the generic threshold (lab-batch,
-// (B,T,H) = (170,10,25), 4.2e6: fwd+bwd 1.27-1.48 -> 0.89-0.98 ms min, one layer)
-inline int lstm_chunks(int64_t B, int64_t Tn, int64_t H) {
-    return chunks_for(B, 4 * (B * Tn * 4 * H * H));
-}
-
 template <typename T>
 struct Fwd {
     const ForwardArgs<T>* a;
@@ -249,6 +250,14 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     const T fb = T(a.spec.forget_bias);
     T* xh = a.hprev;
     T* cs = a.cprev;
+    for (int64_t b = lo; b < hi; ++b) {  // the state entering step 0, padding zero
+        T* hp = xh + b * R;
+        T* cp = cs + b * Hp;
+        std::memset(hp, 0, Hp * sizeof(T));
+        std::memset(cp, 0, Hp * sizeof(T));
+        if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
+        if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
+    }
     // the x part of this chunk's xh rows: [x_t | 1 | 0...] after the h slot
     for (int64_t t = 0; t <= Tn; ++t)
         for (int64_t b = lo; b < hi; ++b) {
@@ -278,21 +287,22 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
             std::memcpy(out, xh + rn * R, H * sizeof(T));
         }
     }
+    for (int64_t b = lo; b < hi; ++b) {  // the final state
+        std::memcpy(a.h_n + b * H, xh + (Tn * B + b) * R, H * sizeof(T));
+        std::memcpy(a.c_n + b * H, cs + (Tn * B + b) * Hp, H * sizeof(T));
+    }
 }
 
 RK_CLONES void fwd_steps(const Fwd<float>& f, int64_t lo, int64_t hi) { fwd_steps_impl(f, lo, hi); }
 RK_CLONES void fwd_steps(const Fwd<double>& f, int64_t lo, int64_t hi) { fwd_steps_impl(f, lo, hi); }
 
+// Packs the weights; the rows then run as fwd_steps (each chunk sets its rows' starting state
+// and writes their final one).
 template <typename T>
-void fwd_chunk(void* ctx, int64_t lo, int64_t hi) {
-    fwd_steps(*static_cast<const Fwd<T>*>(ctx), lo, hi);
-}
-
-template <typename T>
-void forward_impl(const ForwardArgs<T>& a) {
+Fwd<T> fwd_prepare(const ForwardArgs<T>& a, Buffers<T>& buf, int n) {
     const Dims<T> d(a.B, a.T_, a.projected ? 0 : a.I, a.H);
-    const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
-    const Panels<T> wc(d.K, GP, scratch<T, 0>(d.K * GP));
+    const int64_t I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
+    const Panels<T> wc(d.K, GP, grow(buf.wc, d.K * GP));
     for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
         const int64_t g0 = k * H + j0;  // rows g0 .. g0+cnt-1 of the weights
         for (int64_t m = 0; m < H; ++m) {
@@ -306,23 +316,8 @@ void forward_impl(const ForwardArgs<T>& a) {
         T* row = &wc.at(Hp + I, c0);
         for (int64_t l = 0; l < cnt; ++l) row[l] = a.b_ih[g0 + l] + a.b_hh[g0 + l];
     });
-    // state entering step 0, padding zero
-    for (int64_t b = 0; b < B; ++b) {
-        T* hp = a.hprev + b * d.R;
-        T* cp = a.cprev + b * Hp;
-        std::memset(hp, 0, Hp * sizeof(T));
-        std::memset(cp, 0, Hp * sizeof(T));
-        if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
-        if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
-    }
-    const int n = lstm_chunks(B, Tn, H);
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
-    Fwd<T> f{&a, d, wc, n > 1 ? GemmPath::loop : GemmPath::automatic};
-    run_chunks(B, n, &fwd_chunk<T>, &f);
-    for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(a.h_n + b * H, a.hprev + (Tn * B + b) * d.R, H * sizeof(T));
-        std::memcpy(a.c_n + b * H, a.cprev + (Tn * B + b) * Hp, H * sizeof(T));
-    }
+    return Fwd<T>{&a, d, wc, n > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -371,6 +366,14 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
         table = chunk == 0 ? a.dx : w.tables + (chunk - 1) * a.V * 4 * H;
         std::memset(table, 0, a.V * 4 * H * sizeof(T));
     }
+    for (int64_t b = lo; b < hi; ++b) {  // dh, dc entering the last step
+        T* dh = w.dh + b * Hp;
+        T* dc = w.dc + b * Hp;
+        std::memset(dh, 0, Hp * sizeof(T));
+        std::memset(dc, 0, Hp * sizeof(T));
+        if (a.d_h_n) std::memcpy(dh, a.d_h_n + b * H, H * sizeof(T));
+        if (a.d_c_n) std::memcpy(dc, a.d_c_n + b * H, H * sizeof(T));
+    }
     int64_t t_top = Tn - 1;  // the ring holds steps t_top, t_top - 1, ... (slot s = t_top - t)
     for (int64_t t = Tn - 1; t >= 0; --t) {
         const int64_t s = t_top - t;
@@ -413,26 +416,27 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
                     w.path);
         t_top = t - 1;
     }
+    for (int64_t b = lo; b < hi; ++b) {  // dh, dc entering step 0
+        std::memcpy(a.dh0 + b * H, w.dh + b * Hp, H * sizeof(T));
+        std::memcpy(a.dc0 + b * H, w.dc + b * Hp, H * sizeof(T));
+    }
 }
 
 RK_CLONES void back_steps(const Bwd<float>& w, int64_t lo, int64_t hi) { back_steps_impl(w, lo, hi); }
 RK_CLONES void back_steps(const Bwd<double>& w, int64_t lo, int64_t hi) { back_steps_impl(w, lo, hi); }
 
+// Packs the weights; the rows then run as back_steps (each chunk sets its rows' dh, dc entering
+// the last step and writes them out entering step 0).
 template <typename T>
-void back_chunk(void* ctx, int64_t lo, int64_t hi) {
-    back_steps(*static_cast<const Bwd<T>*>(ctx), lo, hi);
-}
-
-template <typename T>
-void backward_impl(const BackwardArgs<T>& a) {
+Bwd<T> bwd_prepare(const BackwardArgs<T>& a, Buffers<T>& buf, int n) {
     const Dims<T> d(a.B, a.T_, a.projected ? 0 : a.I, a.H);
     const int64_t B = d.B, Tn = d.Tn, I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
     const int64_t Ip = round_lanes<T>(I);
-    const Panels<T> whb(GP, Hp, scratch<T, 1>(GP * Hp)), wxb(GP, Ip, scratch<T, 2>(GP * Ip));
+    const Panels<T> whb(GP, Hp, grow(buf.whb, GP * Hp)), wxb(GP, Ip, grow(buf.wxb, GP * Ip));
     // row c = icol(k, j) of both is row g = kH + j of the weights, cut into panels
-    auto put_row = [](const Panels<T>& dst, int64_t c, const T* src, int64_t n) {
-        for (int64_t c0 = 0; c0 < n; c0 += dst.PW)
-            std::memcpy(&dst.at(c, c0), src + c0, std::min(dst.PW, n - c0) * sizeof(T));
+    auto put_row = [](const Panels<T>& dst, int64_t c, const T* src, int64_t m) {
+        for (int64_t c0 = 0; c0 < m; c0 += dst.PW)
+            std::memcpy(&dst.at(c, c0), src + c0, std::min(dst.PW, m - c0) * sizeof(T));
     };
     for (int64_t k = 0; k < 4; ++k)
         for (int64_t j = 0; j < H; ++j) {
@@ -440,27 +444,22 @@ void backward_impl(const BackwardArgs<T>& a) {
             put_row(whb, c, a.w_hh + g * H, H);
             put_row(wxb, c, a.w_ih + g * I, I);
         }
-    const int n = lstm_chunks(B, Tn, H);
     const int64_t Bc_min = std::max<int64_t>(1, B / n);
     const int64_t Tb = std::max<int64_t>(1, std::min<int64_t>(Tn, (g_ring_rows + Bc_min - 1) / Bc_min));
-    T* dh = scratch<T, 3>(B * Hp);
-    T* dc = scratch<T, 4>(B * Hp);
-    std::memset(dh, 0, B * Hp * sizeof(T));
-    std::memset(dc, 0, B * Hp * sizeof(T));
-    for (int64_t b = 0; b < B; ++b) {
-        if (a.d_h_n) std::memcpy(dh + b * Hp, a.d_h_n + b * H, H * sizeof(T));
-        if (a.d_c_n) std::memcpy(dc + b * Hp, a.d_c_n + b * H, H * sizeof(T));
-    }
-    Bwd<T> w{&a, d, n, Tb, Ip, whb, wxb, dh, dc,
-             scratch<T, 5>(Tb * B * GP), scratch<T, 6>(Tb * B * d.R), scratch<T, 7>(Tb * B * Ip),
-             scratch<T, 8>(n * d.K * GP),
-             a.ids ? scratch<T, 9>((n - 1) * a.V * 4 * H) : nullptr,
-             n > 1 ? GemmPath::loop : GemmPath::automatic};
-    run_chunks(B, n, &back_chunk<T>, &w);
-    for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(a.dh0 + b * H, dh + b * Hp, H * sizeof(T));
-        std::memcpy(a.dc0 + b * H, dc + b * Hp, H * sizeof(T));
-    }
+    return Bwd<T>{&a, d, n, Tb, Ip, whb, wxb, grow(buf.dh, B * Hp), grow(buf.dc, B * Hp),
+                  grow(buf.ring_g, Tb * B * GP), grow(buf.ring_x, Tb * B * d.R),
+                  grow(buf.ring_dx, Tb * B * Ip), grow(buf.part, n * d.K * GP),
+                  a.ids ? grow(buf.tables, (n - 1) * a.V * 4 * H) : nullptr,
+                  n > 1 ? GemmPath::loop : GemmPath::automatic};
+}
+
+// After every chunk's rows: the chunks' partial sums added and unpacked.
+template <typename T>
+void bwd_finish(const Bwd<T>& w) {
+    const BackwardArgs<T>& a = *w.a;
+    const Dims<T>& d = w.d;
+    const int64_t I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
+    const int n = w.n;
     for (int k = 1; a.ids && k < n; ++k) {  // the partial table gradients into dx
         const T* __restrict__ q = w.tables + (k - 1) * a.V * 4 * H;
         T* __restrict__ dx = a.dx;
@@ -485,8 +484,64 @@ void backward_impl(const BackwardArgs<T>& a) {
 
 }  // namespace
 
+template <typename T>
+struct LstmLayer<T>::State {
+    Buffers<T> buf;
+    std::unique_ptr<Fwd<T>> f;
+    std::unique_ptr<Bwd<T>> b;
+};
+
+template <typename T> LstmLayer<T>::LstmLayer() : s(new State) {}
+template <typename T> LstmLayer<T>::~LstmLayer() = default;
+
+template <typename T>
+void LstmLayer<T>::forward_prepare(const ForwardArgs<T>& a, int n) {
+    s->f.reset(new Fwd<T>(fwd_prepare(a, s->buf, n)));
+}
+template <typename T>
+void LstmLayer<T>::forward_rows(int64_t lo, int64_t hi) const { fwd_steps(*s->f, lo, hi); }
+template <typename T>
+void LstmLayer<T>::backward_prepare(const BackwardArgs<T>& a, int n) {
+    s->b.reset(new Bwd<T>(bwd_prepare(a, s->buf, n)));
+}
+template <typename T>
+void LstmLayer<T>::backward_rows(int64_t lo, int64_t hi) const { back_steps(*s->b, lo, hi); }
+template <typename T>
+void LstmLayer<T>::backward_finish() const { bwd_finish(*s->b); }
+
+template class LstmLayer<float>;
+template class LstmLayer<double>;
+
+int lstm_chunks(int64_t B, int64_t Tn, int64_t H) {
+    return chunks_for(B, 4 * (B * Tn * 4 * H * H));
+}
+
 void set_lstm_ring_rows(int64_t rows) { g_ring_rows = std::max<int64_t>(1, rows); }
 int64_t lstm_ring_rows() { return g_ring_rows; }
+
+namespace {
+// The standalone calls: the phases around one split, with this thread's own work arrays.
+template <typename T>
+void forward_impl(const ForwardArgs<T>& a) {
+    thread_local LstmLayer<T> layer;
+    const int n = lstm_chunks(a.B, a.T_, a.H);
+    layer.forward_prepare(a, n);
+    run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
+        static_cast<const LstmLayer<T>*>(p)->forward_rows(lo, hi);
+    }, &layer);
+}
+
+template <typename T>
+void backward_impl(const BackwardArgs<T>& a) {
+    thread_local LstmLayer<T> layer;
+    const int n = lstm_chunks(a.B, a.T_, a.H);
+    layer.backward_prepare(a, n);
+    run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
+        static_cast<const LstmLayer<T>*>(p)->backward_rows(lo, hi);
+    }, &layer);
+    layer.backward_finish();
+}
+}  // namespace
 
 template <> void lstm_forward<float>(const ForwardArgs<float>& a) { forward_impl(a); }
 template <> void lstm_forward<double>(const ForwardArgs<double>& a) { forward_impl(a); }

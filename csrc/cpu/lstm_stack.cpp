@@ -1,0 +1,85 @@
+// The fused LSTM-stack training step (lstm_stack.h).
+#include "lstm_stack.h"
+
+#include "chunks.h"
+#include "lstm.h"
+
+namespace rk {
+
+template <typename T>
+struct LstmStack<T>::State {
+    std::vector<std::unique_ptr<LstmLayer<T>>> layers;
+    HeadStep<T> head;
+    const StackArgs<T>* a = nullptr;
+    int n = 1;
+};
+
+template <typename T>
+LstmStack<T>::LstmStack(size_t layers) : s(new State) {
+    for (size_t l = 0; l < layers; ++l) s->layers.emplace_back(new LstmLayer<T>);
+}
+template <typename T> LstmStack<T>::~LstmStack() = default;
+
+namespace {
+
+// rows [lo, hi) of a batch-major [B, T, W] array: elements lo*T*W .. hi*T*W
+template <typename T>
+void multiply_rows(T* __restrict__ x, const T* __restrict__ mask, int64_t lo, int64_t hi,
+                   int64_t TW) {
+    for (int64_t e = lo * TW; e < hi * TW; ++e) x[e] *= mask[e];
+}
+template <typename T>
+void product_rows(const T* __restrict__ x, const T* __restrict__ mask, T* __restrict__ out,
+                  int64_t lo, int64_t hi, int64_t TW) {
+    for (int64_t e = lo * TW; e < hi * TW; ++e) out[e] = x[e] * mask[e];
+}
+
+// Everything one chunk of batch rows does in a step, in the order the math needs it.
+template <typename T, typename State>
+void chunk_step(const State& st, int64_t lo, int64_t hi) {
+    const StackArgs<T>& a = *st.a;
+    const size_t L = a.layers.size();
+    int k = 0;  // this range's index among the chunks (run_chunks: lo = B*k/n)
+    while (a.B * k / st.n != lo) ++k;
+    for (size_t l = 0; l < L; ++l) {
+        const StackLayer<T>& y = a.layers[l];
+        st.layers[l]->forward_rows(lo, hi);
+        if (y.mask) product_rows(y.f.out, y.mask, y.dropped, lo, hi, a.T_ * y.f.H);
+    }
+    const StackLayer<T>& top = a.layers[L - 1];
+    if (a.head_mask)
+        product_rows(top.f.out, a.head_mask, a.head_dropped, lo, hi, a.T_ * top.f.H);
+    st.head.rows(k, lo * a.T_, hi * a.T_);
+    if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);
+    for (size_t l = L; l-- > 0;) {
+        st.layers[l]->backward_rows(lo, hi);
+        const StackLayer<T>& below = a.layers[l ? l - 1 : 0];
+        if (l > 0 && below.mask) multiply_rows(a.layers[l].b.dx, below.mask, lo, hi, a.T_ * below.f.H);
+    }
+}
+
+}  // namespace
+
+template <typename T>
+double LstmStack<T>::step(const StackArgs<T>& a) {
+    State& st = *s;
+    int64_t work = 0;
+    for (const StackLayer<T>& y : a.layers) work += 4 * (a.B * a.T_ * 4 * y.f.H * y.f.H);
+    st.n = a.B > 0 && a.T_ > 0 ? chunks_for(a.B, work) : 1;
+    st.a = &a;
+    for (size_t l = 0; l < a.layers.size(); ++l) {
+        st.layers[l]->forward_prepare(a.layers[l].f, st.n);
+        st.layers[l]->backward_prepare(a.layers[l].b, st.n);
+    }
+    st.head.prepare(a.head, st.n);
+    run_chunks(a.B, st.n, [](void* p, int64_t lo, int64_t hi) {
+        chunk_step<T>(*static_cast<const State*>(p), lo, hi);
+    }, &st);
+    for (auto& layer : st.layers) layer->backward_finish();
+    return st.head.finish();
+}
+
+template class LstmStack<float>;
+template class LstmStack<double>;
+
+}  // namespace rk

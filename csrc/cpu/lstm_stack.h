@@ -1,0 +1,53 @@
+// The fused training step of a stack [projected table lookup -> LSTM layers -> dense head with
+// softmax cross-entropy] (what rnnkern/train_step.py runs per batch on the C++ backend) in ONE
+// split of the batch: each chunk of rows runs every layer's forward time loop, its rows of the
+// head and loss, and every layer's backward, on its own thread; the chunks meet once, at the end,
+// where the layers' final states and the gradient partials are summed (lstm.h, head.h). Per
+// layer call this saved the hand-offs, the waits for the slower thread and the Python between.
+//
+// Shape legend: B batch, T time steps, V table rows, H_l units of layer l, C classes,
+// N = B*T rows of the head. Every array is C-contiguous and batch-major.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "head.h"
+#include "kernels.h"
+
+namespace rk {
+
+template <typename T>
+struct StackLayer {
+    // f.x: layer 0: the table [V,4H_0] read by f.ids; above: the layer below's output (or its
+    // dropped copy). b.d_out: the head's dh (last layer) or the layer above's dx, masked in place.
+    ForwardArgs<T> f;
+    BackwardArgs<T> b;
+    const T* mask = nullptr;  // [B,T,H_l] dropout mask on this layer's output (not the last's)
+    T* dropped = nullptr;     // [B,T,H_l] output * mask: the next layer's input
+};
+
+template <typename T>
+struct StackArgs {
+    int64_t B = 0, T_ = 0;
+    std::vector<StackLayer<T>> layers;
+    HeadArgs<T> head;               // head.h: the last layer's output, or head_dropped
+    const T* head_mask = nullptr;   // [B,T,F] dropout mask before the head, or null
+    T* head_dropped = nullptr;      // [B,T,F]
+};
+
+template <typename T>
+class LstmStack {
+  public:
+    explicit LstmStack(size_t layers);
+    ~LstmStack();
+    // One step over a's buffers (which must outlive the call); returns the loss.
+    double step(const StackArgs<T>& a);
+
+  private:
+    struct State;
+    std::unique_ptr<State> s;
+};
+
+}  // namespace rk
