@@ -7,7 +7,7 @@
 //     whole vectors whatever H is (the per-row layout of the other cells left most lanes idle
 //     at H = 25 and spent more time than the GEMMs);
 //   * saved arrays TIME-major, rows of one step contiguous:
-//       xh  [T+1, B, R]  row (t, b) = [h_t (Hp) | x_t (I) | 1 | 0...], R = K rounded up to V,
+//       xh  [T+1, B, R]  row (t, b) = [h_t (Hp) | x_t (I) | 1 | unused], R = K rounded up to V,
 //                        K = Hp + I + 1; so ONE GEMM per step, xh[t] Wc (Wc = [W_hh^T; W_ih^T;
 //                        b_ih + b_hh], K x 4Hp), gives every gate pre-activation with its bias,
 //                        and one GEMM gives [dW_hh; dW_ih; db] in the backward; xh[T] holds h_T;
@@ -258,14 +258,13 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
         if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
         if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
     }
-    // the x part of this chunk's xh rows: [x_t | 1 | 0...] after the h slot
-    for (int64_t t = 0; t <= Tn; ++t)
+    // the x part of this chunk's xh rows: [x_t | 1] after the h slot (the columns past K, and
+    // row T's past Hp, are never read: left as they are)
+    for (int64_t t = 0; t < Tn; ++t)
         for (int64_t b = lo; b < hi; ++b) {
             T* row = xh + (t * B + b) * R + Hp;
-            if (t < Tn) std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
-            else std::memset(row, 0, I * sizeof(T));
+            std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
             row[I] = T(1);
-            std::memset(row + I + 1, 0, (R - d.K) * sizeof(T));
         }
     for (int64_t t = 0; t < Tn; ++t) {
         // one unit block (4V columns) per call, into that block's contiguous act rows
@@ -381,7 +380,7 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b;
             T* dg = g + (b - lo) * PW;
-            std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, R * sizeof(T));
+            std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, d.K * sizeof(T));
             if (a.lengths && t >= a.lengths[b]) {  // dh, dc pass through; no gate gradient
                 for (int64_t q = 0; q < nblk; ++q) std::memset(dg + q * qs, 0, PW * sizeof(T));
                 if (a.projected && !a.ids)
