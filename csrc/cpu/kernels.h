@@ -32,9 +32,9 @@ inline int64_t lstm_padded_hidden(int64_t H, int64_t elem_size) {
     const int64_t v = 64 / elem_size;
     return (H + v - 1) / v * v;
 }
-// row width of the LSTM's saved [h | x | 1] rows, whole 64-byte vectors
+// row width of the LSTM's saved [h | x | 1] rows (h unpadded), whole 64-byte vectors
 inline int64_t lstm_xh_width(int64_t I, int64_t H, int64_t elem_size) {
-    return lstm_padded_hidden(lstm_padded_hidden(H, elem_size) + I + 1, elem_size);
+    return lstm_padded_hidden(H + I + 1, elem_size);
 }
 
 struct Spec {

@@ -7,8 +7,11 @@
 //     whole vectors whatever H is (the per-row layout of the other cells left most lanes idle
 //     at H = 25 and spent more time than the GEMMs);
 //   * saved arrays TIME-major, rows of one step contiguous:
-//       xh  [T+1, B, R]  row (t, b) = [h_t (Hp) | x_t (I) | 1 | unused], R = K rounded up to V,
-//                        K = Hp + I + 1; so ONE GEMM per step, xh[t] Wc (Wc = [W_hh^T; W_ih^T;
+//       xh  [T+1, B, R]  row (t, b) = [h_t (H) | x_t (I) | 1 | unused], K = H + I + 1,
+//                        R = K rounded up to V (>= Hp); the pointwise pass writes h_{t+1} as
+//                        whole vectors (Hp lanes, over the start of x), then x_{t+1} and the 1
+//                        go in after it (unpadded: at H = 25 the GEMMs' K is 51, not 58 with h
+//                        padded to Hp); so ONE GEMM per step, xh[t] Wc (Wc = [W_hh^T; W_ih^T;
 //                        b_ih + b_hh], K x 4Hp), gives every gate pre-activation with its bias,
 //                        and one GEMM gives [dW_hh; dW_ih; db] in the backward; xh[T] holds h_T;
 //       cs  [T+1, B, Hp] the cell state entering step t (cs[T]: the final one);
@@ -129,7 +132,7 @@ struct Dims {
     int64_t B, Tn, I, H, Hp, GP, SP, K, R;
     Dims(int64_t B_, int64_t T_, int64_t I_, int64_t H_)
         : B(B_), Tn(T_), I(I_), H(H_), Hp(lstm_padded_hidden(H_, sizeof(T))), GP(4 * Hp),
-          SP(5 * Hp), K(Hp + I_ + 1), R(round_lanes<T>(Hp + I_ + 1)) {}
+          SP(5 * Hp), K(H_ + I_ + 1), R(round_lanes<T>(H_ + I_ + 1)) {}
 };
 
 // Projected input: the columns of unit block q (units j0 = qV ..) of one row of a [.., 4H]
@@ -236,7 +239,7 @@ template <typename T>
 struct Fwd {
     const ForwardArgs<T>* a;
     Dims<T> d;
-    Panels<T> wc;  // [K, 4Hp] = [W_hh^T (H rows), 0 (Hp - H rows), W_ih^T, b_ih + b_hh]
+    Panels<T> wc;  // [K, 4Hp] = [W_hh^T (H rows); W_ih^T (I rows); b_ih + b_hh]
     GemmPath path;
 };
 
@@ -250,6 +253,13 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     const T fb = T(a.spec.forget_bias);
     T* xh = a.hprev;
     T* cs = a.cprev;
+    // [x_t | 1] after row (t, b)'s h: once h is in (its padding lanes overlap them); the
+    // columns past K, and row T's past h, are never read
+    auto put_x = [&](int64_t t, int64_t b) {
+        T* row = xh + (t * B + b) * R + H;
+        std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
+        row[I] = T(1);
+    };
     for (int64_t b = lo; b < hi; ++b) {  // the state entering step 0, padding zero
         T* hp = xh + b * R;
         T* cp = cs + b * Hp;
@@ -257,15 +267,8 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
         std::memset(cp, 0, Hp * sizeof(T));
         if (a.h0) std::memcpy(hp, a.h0 + b * H, H * sizeof(T));
         if (a.c0) std::memcpy(cp, a.c0 + b * H, H * sizeof(T));
+        if (Tn > 0) put_x(0, b);
     }
-    // the x part of this chunk's xh rows: [x_t | 1] after the h slot (the columns past K, and
-    // row T's past Hp, are never read: left as they are)
-    for (int64_t t = 0; t < Tn; ++t)
-        for (int64_t b = lo; b < hi; ++b) {
-            T* row = xh + (t * B + b) * R + Hp;
-            std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
-            row[I] = T(1);
-        }
     for (int64_t t = 0; t < Tn; ++t) {
         // one unit block (4V columns) per call, into that block's contiguous act rows
         for (int64_t q = 0; q < nblk; ++q)
@@ -275,15 +278,17 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
             const int64_t r = t * B + b, rn = r + B;  // row (t, b) and (t + 1, b)
             T* out = a.out + (b * Tn + t) * H;
             if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
-                std::memcpy(xh + rn * R, xh + r * R, Hp * sizeof(T));
+                std::memcpy(xh + rn * R, xh + r * R, H * sizeof(T));
                 std::memcpy(cs + rn * Hp, cs + r * Hp, Hp * sizeof(T));
                 std::memset(out, 0, H * sizeof(T));
+                if (t + 1 < Tn) put_x(t + 1, b);
                 continue;
             }
             T* g = a.act + t * B * d.SP + b * 5 * V;
             if (a.projected) add_projected(H, a.x + projected_row(a, b, t) * 4 * H, g, aq);
             fwd_cells(nblk, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
             std::memcpy(out, xh + rn * R, H * sizeof(T));
+            if (t + 1 < Tn) put_x(t + 1, b);
         }
     }
     for (int64_t b = lo; b < hi; ++b) {  // the final state
@@ -309,10 +314,10 @@ Fwd<T> fwd_prepare(const ForwardArgs<T>& a, Buffers<T>& buf, int n) {
             for (int64_t l = 0; l < cnt; ++l) row[l] = a.w_hh[(g0 + l) * H + m];
         }
         for (int64_t i = 0; i < I; ++i) {
-            T* row = &wc.at(Hp + i, c0);
+            T* row = &wc.at(H + i, c0);
             for (int64_t l = 0; l < cnt; ++l) row[l] = a.w_ih[(g0 + l) * I + i];
         }
-        T* row = &wc.at(Hp + I, c0);
+        T* row = &wc.at(H + I, c0);
         for (int64_t l = 0; l < cnt; ++l) row[l] = a.b_ih[g0 + l] + a.b_hh[g0 + l];
     });
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
@@ -476,8 +481,8 @@ void bwd_finish(const Bwd<T>& w) {
         for (int64_t m = 0; m < H; ++m)
             for (int64_t l = 0; l < cnt; ++l) a.dw_hh[(g0 + l) * H + m] = p[m * GP + c0 + l];
         for (int64_t i = 0; i < I; ++i)
-            for (int64_t l = 0; l < cnt; ++l) a.dw_ih[(g0 + l) * I + i] = p[(Hp + i) * GP + c0 + l];
-        for (int64_t l = 0; l < cnt; ++l) a.db_ih[g0 + l] = a.db_hh[g0 + l] = p[(Hp + I) * GP + c0 + l];
+            for (int64_t l = 0; l < cnt; ++l) a.dw_ih[(g0 + l) * I + i] = p[(H + i) * GP + c0 + l];
+        for (int64_t l = 0; l < cnt; ++l) a.db_ih[g0 + l] = a.db_hh[g0 + l] = p[(H + I) * GP + c0 + l];
     });
 }
 
