@@ -383,6 +383,10 @@ class _FusedPlan:
 
     def _run_stack(self, B, T, ids, lengths, has_w):
         """One step through the whole-stack kernel; returns the loss."""
+        if self.head_mask is not None or any(c.mask is not None for c in self.cells):
+            bad = _first_outside(ids, self.proj_table.shape[0])  # before the generators move
+            if bad >= 0:
+                self._raise_bad_id(ids, bad)
         for c in self.cells:  # the dropout masks, drawn as the layers' own forward draws them
             if c.mask is not None:
                 keep = 1.0 - c.layer.dropout
@@ -394,7 +398,13 @@ class _FusedPlan:
                       (self.head_dropout._rng.random(self.head_mask.shape) < keep) / keep,
                       casting="unsafe")
         np.copyto(self.ids_in, ids.reshape(B, T))
-        return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w))
+        try:
+            return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w))
+        except ValueError:   # the kernel checked ids (then targets, lengths) before any work
+            bad = _first_outside(ids, self.proj_table.shape[0])
+            if bad >= 0:
+                self._raise_bad_id(ids, bad)
+            raise
 
     def _inv_total(self, B, T, has_w):
         """1 / the loss's weight total (TF's 1e-12: all-zero weights give a zero loss)."""
@@ -425,13 +435,14 @@ class _FusedPlan:
                     np.dot(table, w_ih.T, out=self.proj_table)
                 table = self.proj_table
             ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-            if self.by_ids:
+            if self.stack is not None:  # checked by its run, or _run_stack before drawing masks
+                bad = -1
+            elif self.by_ids:
                 bad = _first_outside(ids, table.shape[0])
             else:
                 bad = K.gather_rows(ids, table, self.x_in.reshape(B * T, -1))
             if bad >= 0:
-                raise ValueError(f"{type(self.encoder).__name__} ids must lie in "
-                                 f"[0, {table.shape[0]}), got {ids[bad]}")
+                self._raise_bad_id(ids, bad)
         else:
             x, _ = self.recurrent[0]._check_x(x)
             B, T, _ = x.shape
@@ -455,6 +466,10 @@ class _FusedPlan:
         lens = self.recurrent[0]._check_lengths(lengths, B, T)
         self.lens[:] = T if lens is None else lens
         return B, T, ids
+
+    def _raise_bad_id(self, ids, bad):
+        raise ValueError(f"{type(self.encoder).__name__} ids must lie in "
+                         f"[0, {self._table().shape[0]}), got {ids[bad]}")
 
     def _load_states(self, initial_state, B):
         """Copy the initial state (validated by each layer) into the cells' h0/c0 (zeros for

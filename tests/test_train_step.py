@@ -491,3 +491,25 @@ def test_whole_stack_step_rejects_bad_ids_and_targets():
         stack.run(True, False, 1.0)
     for k, v in model.params.items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_whole_stack_bad_ids_leave_dropout_generators_alone():
+    """A batch refused for its ids draws no dropout mask: the next steps match a run that never
+    saw it."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    x, y = batch("embedding", B=4, T=5)
+
+    def build():
+        m = make_model("embedding", "lstm", (2,), dropout=0.4)
+        m.layers[1].backend = "cpp"
+        return m
+    losses = []
+    for refuse_first in (True, False):
+        step = rk.TrainStep(build(), rk.sequence_loss, rk.Adam(0.05))
+        if refuse_first:
+            with pytest.raises(ValueError, match=r"Embedding ids must lie in \[0, 6\), got 7"):
+                step(np.where(x == x[0, 0], 7, x), y)
+        losses.append([step(x, y) for _ in range(2)])
+        assert step._plan.stack is not None
+    np.testing.assert_array_equal(losses[0], losses[1])
