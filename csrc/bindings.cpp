@@ -412,13 +412,14 @@ class StackStep {
             }
             const int64_t Hs = rk::lstm_padded_hidden(H, sizeof(T));
             const int64_t R = rk::lstm_xh_width(l == 0 ? 0 : I, H, sizeof(T));
-            f.out = own((Tn + 0) * B * H);
+            f.out = own(B * Tn * H);
             f.hprev = own((Tn + 1) * B * R);
             f.cprev = own((Tn + 1) * B * Hs);
             f.act = own(Tn * B * 5 * Hs);
             if (!c[13].is_none()) {
                 if (last)
-                    throw py::value_error(at + "mask must be None: the head's dropout is head_mask");
+                    throw py::value_error(at + "mask must be None (the last layer's dropout "
+                                          "is head_mask)");
                 y.mask = keep<T>(c[13], at + "mask", {B, Tn, H});
                 y.dropped = own(B * Tn * H);
             }

@@ -24,14 +24,17 @@ to the first cell through a [V,G*H] table W_ih^T instead of a GEMM), or through 
 another CPU backend. Layers left on ``backend="auto"`` take the first below
 ``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` of recurrent work a step, where per-call overhead rules
 (lab 12-1: 175 us a step generic, ~40 us fused), and the backend "auto" picks for their cell
-above it. Figures: benchmarks/README.md.
+above it. On the C++ backend, a model whose cells are all LSTMs fed by ids runs the whole step
+-- every layer's forward, the head and loss, every backward -- as ONE kernel call
+(``_C.LstmStackStepF32/F64``, csrc/cpu/lstm_stack.h: each batch chunk runs all of it on its
+thread, the chunks meet once); other models call the seam once per layer. Figures:
+benchmarks/README.md.
 Results agree with the generic step to float rounding (tests/test_train_step.py).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 
 import numpy as np
 

@@ -231,8 +231,9 @@ def test_table_gradient_against_finite_differences():
 def test_table_by_ids_bad_input_is_a_value_error():
     spec = CellSpec("lstm")
     a, d, table, ids = _table_case(2, 3, 4, 5, np.float64, None)
-    call = lambda **kw: cpp.forward(spec, **dict(a, x=kw.pop("x", table)), projected=True,  # noqa: E731
-                                    ids=kw.pop("ids", ids))
+
+    def call(x=table, ids=ids):
+        return cpp.forward(spec, **dict(a, x=x), projected=True, ids=ids)
     for bad, where in ((4, 5), (-1, 0)):
         wrong = ids.copy()
         wrong.flat[where] = bad

@@ -50,11 +50,12 @@ void chunk_step(const State& st, int64_t lo, int64_t hi) {
     if (a.head_mask)
         product_rows(top.f.out, a.head_mask, a.head_dropped, lo, hi, a.T_ * top.f.H);
     st.head.rows(k, lo * a.T_, hi * a.T_);
-    if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);
+    if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);  // d top.out
     for (size_t l = L; l-- > 0;) {
         st.layers[l]->backward_rows(lo, hi);
-        const StackLayer<T>& below = a.layers[l ? l - 1 : 0];
-        if (l > 0 && below.mask) multiply_rows(a.layers[l].b.dx, below.mask, lo, hi, a.T_ * below.f.H);
+        if (l == 0 || !a.layers[l - 1].mask) continue;
+        const StackLayer<T>& below = a.layers[l - 1];  // d its output = d its dropped copy * mask
+        multiply_rows(a.layers[l].b.dx, below.mask, lo, hi, a.T_ * below.f.H);
     }
 }
 
