@@ -23,4 +23,6 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export NUMBA_DISABLE_JIT=1  # keep LLVM out of an instrumented process; only cpp tests run anyway
 python -c "import rnnkern._C as c; assert c.__version__ == 'sanitize', c.__file__"
 python -m pytest -q -p no:cacheprovider tests/test_cpp_bindings.py tests/test_backend_parity.py \
-  -k "cpp"
+  tests/test_cpp_projected.py tests/test_head_cpp.py tests/test_cpp_activations.py -k "cpp"
+# the whole-stack training step (csrc/cpu/lstm_stack.*), through rk.TrainStep
+python -m pytest -q -p no:cacheprovider tests/test_train_step.py -k "whole_stack or cpp"
