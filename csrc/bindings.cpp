@@ -147,16 +147,21 @@ Dims dims_of(const rk::Spec& spec, py::handle x, py::handle w_ih, py::handle w_h
     return {xa.shape(0), xa.shape(1), I, H};
 }
 
+// Every value of the int64 array p [n] in [0, hi); else ValueError naming `what`.
+void check_range(const int64_t* p, int64_t n, int64_t hi, const std::string& what,
+                 const std::string& bound) {
+    for (int64_t i = 0; i < n; ++i)
+        if (p[i] < 0 || p[i] >= hi)
+            throw py::value_error(what + " must lie in " + bound + ", got " +
+                                  std::to_string(p[i]) + " at position " + std::to_string(i));
+}
+
 // ids [B,T] int64, every one a row of the [V, .] table x
 py::object checked_ids(py::handle ids, const Dims& d, int64_t V) {
     py::object o = checked(ids, "ids", py::dtype::of<int64_t>(), {d.B, d.T}, true);
-    if (o.is_none()) return o;
-    const int64_t* p = cptr<int64_t>(o);
-    for (int64_t n = 0; n < d.B * d.T; ++n)
-        if (p[n] < 0 || p[n] >= V)
-            throw py::value_error("ids must lie in [0, V) = [0, " + std::to_string(V) +
-                                  "), got " + std::to_string(p[n]) + " at position " +
-                                  std::to_string(n));
+    if (!o.is_none())
+        check_range(cptr<int64_t>(o), d.B * d.T, V, "ids",
+                    "[0, V) = [0, " + std::to_string(V) + ")");
     return o;
 }
 
@@ -328,11 +333,7 @@ double dense_softmax_xent_t(py::handle h, py::handle weight, py::handle bias, py
     py::object dbo = checked(db, "db", dt, {C}, bo.is_none());
     py::object dho = checked(dh, "dh", dt, {N, F});
     const int64_t* t = cptr<int64_t>(to);
-    for (int64_t n = 0; n < N; ++n)
-        if (t[n] < 0 || t[n] >= C)
-            throw py::value_error("targets must lie in [0, C) = [0, " + std::to_string(C) +
-                                  "), got " + std::to_string(t[n]) + " at position " +
-                                  std::to_string(n));
+    check_range(t, N, C, "targets", "[0, C) = [0, " + std::to_string(C) + ")");
     rk::HeadArgs<T> a;
     a.N = N; a.F = F; a.C = C;
     a.h = cptr<T>(ho); a.weight = cptr<T>(wo); a.bias = cptr<T>(bo); a.targets = t;
@@ -347,15 +348,6 @@ double dense_softmax_xent_t(py::handle h, py::handle weight, py::handle bias, py
     return rk::dense_softmax_xent<T>(a);
 }
 
-// Every value of the int64 array p [n] in [0, hi); else ValueError naming `what`.
-void check_range(const int64_t* p, int64_t n, int64_t hi, const std::string& what,
-                 const std::string& bound) {
-    for (int64_t i = 0; i < n; ++i)
-        if (p[i] < 0 || p[i] >= hi)
-            throw py::value_error(what + " must lie in " + bound + ", got " +
-                                  std::to_string(p[i]) + " at position " + std::to_string(i));
-}
-
 // The fused LSTM-stack step (csrc/cpu/lstm_stack.h) over buffers the Python caller keeps between
 // steps (rnnkern/train_step.py): every array is checked once, here; run() then only checks the
 // ids, targets and lengths it reads, and runs without the GIL. The layers' saved activations,
@@ -367,7 +359,6 @@ class StackStep {
               py::handle weight, py::handle bias, py::handle dw, py::handle db,
               py::handle targets, py::handle weights, py::handle lengths, py::handle head_mask)
         : stack_(cells.size()) {
-        const auto dt = py::dtype::of<T>();
         const int64_t L = int64_t(cells.size());
         if (L == 0) throw py::value_error("cells must hold at least one LSTM layer");
         auto ia = matrix(ids, "ids", "[B,T]");

@@ -305,7 +305,7 @@ RK_CLONES void fwd_steps(const Fwd<double>& f, int64_t lo, int64_t hi) { fwd_ste
 template <typename T>
 Fwd<T> fwd_prepare(const ForwardArgs<T>& a, Buffers<T>& buf, int n) {
     const Dims<T> d(a.B, a.T_, a.projected ? 0 : a.I, a.H);
-    const int64_t I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
+    const int64_t I = d.I, H = d.H, GP = d.GP;
     const Panels<T> wc(d.K, GP, grow(buf.wc, d.K * GP));
     for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
         const int64_t g0 = k * H + j0;  // rows g0 .. g0+cnt-1 of the weights
@@ -462,7 +462,7 @@ template <typename T>
 void bwd_finish(const Bwd<T>& w) {
     const BackwardArgs<T>& a = *w.a;
     const Dims<T>& d = w.d;
-    const int64_t I = d.I, H = d.H, Hp = d.Hp, GP = d.GP;
+    const int64_t I = d.I, H = d.H, GP = d.GP;
     const int n = w.n;
     for (int k = 1; a.ids && k < n; ++k) {  // the partial table gradients into dx
         const T* __restrict__ q = w.tables + (k - 1) * a.V * 4 * H;
