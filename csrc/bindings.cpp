@@ -447,7 +447,6 @@ class StackStep {
             a_.head_dropped = own(N * F);
         }
         h.h = a_.head_dropped ? a_.head_dropped : top.f.out;
-        h.d_logits = own(N * C);
         h.dh = own(N * F);
         top.b.d_out = h.dh;
         if (!h.bias) h.db = nullptr;

@@ -1,13 +1,17 @@
 // Dense head + softmax cross-entropy, forward and backward (head.h for the math and shapes).
 //
-// Per chunk of rows: one GEMM for the logits, the softmax as flat passes over the chunk (row
-// maxima and sums are short scalar loops; the exponentials, one pass over all n*C values,
-// vectorise), then the two gradient GEMMs. The Numba version of this spent ~300 us at lab 12-4's
-// size (N, F, C) = (1700, 25, 25), about half of it in three OpenBLAS calls at these skinny shapes.
+// Per chunk of rows: one GEMM for the logits, the softmax as passes over the chunk, then the two
+// gradient GEMMs. The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors
+// (zero columns in W^T), so at C = 25 the logits and dW GEMMs run on 2-vector panels instead of a
+// 1-vector panel plus a copied tail, and the per-row passes are whole vectors.
+// dW is formed transposed (dW^T = h^T dlogits: N = Cp, not F) and transposed back when the
+// chunks' partials are summed. The Numba version of this spent ~300 us at lab 12-4's size
+// (N, F, C) = (1700, 25, 25), about half of it in three OpenBLAS calls at these skinny shapes.
 #include "head.h"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "chunks.h"
@@ -22,27 +26,34 @@ namespace {
 int64_t g_split_min = int64_t(1) << 20;
 
 template <typename T>
+constexpr int64_t lanes() { return int64_t(64 / sizeof(T)); }
+
+template <typename T>
 struct Head {
     const HeadArgs<T>* a;
-    const T* wt;          // [F,C] = W^T, the logits GEMM's B operand
+    int64_t Cp;           // C rounded up to whole vectors
+    const T* wt;          // [F,Cp] = W^T, zero columns past C: the logits GEMM's B operand
+    const T* bias;        // [Cp] the bias (or 0), zero past C
     int n;                // chunks
-    T* part_dw;           // [n-1, C, F]: chunks 1.. (chunk 0 writes a->dw)
-    T* part_db;           // [n-1, C]
+    T* z;                 // [N,Cp] logits, then d logits (zero past C)
+    T* part_dwt;          // [n,F,Cp] each chunk's dW^T
+    T* part_db;           // [n,Cp] each chunk's db
     double* loss;         // [n]
     GemmPath path;
 };
 
-// The softmax cross-entropy of rows [lo, hi) in place on their logits: they end as d logits.
-// Returns those rows' share of the loss, before inv_total.
+// The softmax cross-entropy of rows [lo, hi) in place on their padded logits: they end as
+// d logits, zero past C. Returns those rows' share of the loss, before inv_total.
 template <typename T>
-RK_ALWAYS_INLINE double softmax_xent_impl(const HeadArgs<T>& a, int64_t lo, int64_t hi) {
-    const int64_t C = a.C, n = hi - lo;
-    T* __restrict__ z = a.d_logits + lo * C;
+RK_ALWAYS_INLINE double softmax_xent_impl(const Head<T>& w, int64_t lo, int64_t hi) {
+    const HeadArgs<T>& a = *w.a;
+    const int64_t C = a.C, Cp = w.Cp, n = hi - lo;
+    T* __restrict__ z = w.z + lo * Cp;
+    const T* __restrict__ bias = w.bias;
     double loss = 0.0;
     for (int64_t r = 0; r < n; ++r) {  // bias; shift by the row max so every exp argument <= 0
-        T* __restrict__ row = z + r * C;
-        if (a.bias)
-            for (int64_t j = 0; j < C; ++j) row[j] += a.bias[j];
+        T* __restrict__ row = z + r * Cp;
+        for (int64_t j = 0; j < Cp; ++j) row[j] += bias[j];
         T m = row[0];  // four running maxima: one chain of C dependent compares was the cost
         T m1 = m, m2 = m, m3 = m;
         int64_t j = 1;
@@ -54,50 +65,66 @@ RK_ALWAYS_INLINE double softmax_xent_impl(const HeadArgs<T>& a, int64_t lo, int6
         }
         for (; j < C; ++j) m = row[j] > m ? row[j] : m;
         m = std::max(std::max(m, m1), std::max(m2, m3));
-        for (int64_t j = 0; j < C; ++j) row[j] -= m;
+        for (int64_t j = 0; j < Cp; ++j) row[j] -= m;
         const double wn = a.w ? double(a.w[lo + r]) : 1.0;
         loss -= wn * double(row[a.targets[lo + r]]);
     }
-    for (int64_t k = 0; k < n * C; ++k) z[k] = act_exp(z[k]);
+    for (int64_t k = 0; k < n * Cp; ++k) z[k] = act_exp(z[k]);
     for (int64_t r = 0; r < n; ++r) {
-        T* __restrict__ row = z + r * C;
-        T s = T(0);
-        for (int64_t j = 0; j < C; ++j) s += row[j];
+        T* __restrict__ row = z + r * Cp;
+        for (int64_t j = C; j < Cp; ++j) row[j] = T(0);  // the padding's exp, whatever it was
+        T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);  // four chains, as for the max
+        int64_t j = 0;
+        for (; j + 3 < C; j += 4) {
+            s0 += row[j];
+            s1 += row[j + 1];
+            s2 += row[j + 2];
+            s3 += row[j + 3];
+        }
+        for (; j < C; ++j) s0 += row[j];
+        const T s = (s0 + s1) + (s2 + s3);
         const double wn = a.w ? double(a.w[lo + r]) : 1.0;
         loss += wn * double(std::log(s));  // logf for float: the double log was 1/9 of the time
         const T share = T(wn * a.inv_total);  // this row's weight in the mean
         const T scale = share / s;
-        for (int64_t j = 0; j < C; ++j) row[j] *= scale;
+        for (int64_t j = 0; j < Cp; ++j) row[j] *= scale;
         row[a.targets[lo + r]] -= share;
     }
     return loss;
 }
 
-RK_CLONES double softmax_xent(const HeadArgs<float>& a, int64_t lo, int64_t hi) {
-    return softmax_xent_impl(a, lo, hi);
+RK_CLONES double softmax_xent(const Head<float>& w, int64_t lo, int64_t hi) {
+    return softmax_xent_impl(w, lo, hi);
 }
-RK_CLONES double softmax_xent(const HeadArgs<double>& a, int64_t lo, int64_t hi) {
-    return softmax_xent_impl(a, lo, hi);
+RK_CLONES double softmax_xent(const Head<double>& w, int64_t lo, int64_t hi) {
+    return softmax_xent_impl(w, lo, hi);
 }
 
-// Rows [lo, hi) of chunk k: logits, softmax cross-entropy, this chunk's dw and db, dh.
+// Rows [lo, hi) of chunk k: logits, softmax cross-entropy, this chunk's dW^T and db, dh.
 template <typename T>
 void head_rows(const Head<T>& w, int k, int64_t lo, int64_t hi) {
     const HeadArgs<T>& a = *w.a;
-    const int64_t C = a.C, F = a.F, n = hi - lo;
-    T* dl = a.d_logits + lo * C;
-    const T* h = a.h + lo * F;
-    gemm<T>(false, n, C, F, T(1), h, F, w.wt, C, T(0), dl, C, w.path);
-    w.loss[k] = softmax_xent(a, lo, hi);
-    T* dw = k == 0 ? a.dw : w.part_dw + (k - 1) * C * F;
-    gemm<T>(true, C, F, n, T(1), dl, C, h, F, T(0), dw, F, w.path);
-    if (a.bias) {
-        T* db = k == 0 ? a.db : w.part_db + (k - 1) * C;
-        std::fill(db, db + C, T(0));
-        for (int64_t r = 0; r < n; ++r)
-            for (int64_t j = 0; j < C; ++j) db[j] += dl[r * C + j];
+    const int64_t C = a.C, F = a.F, Cp = w.Cp, n = hi - lo;
+    T* dwt = w.part_dwt + k * F * Cp;
+    T* db = w.part_db + k * Cp;
+    if (n <= 0) {
+        std::fill(dwt, dwt + F * Cp, T(0));
+        std::fill(db, db + Cp, T(0));
+        w.loss[k] = 0.0;
+        return;
     }
-    gemm<T>(false, n, F, C, T(1), dl, C, a.weight, F, T(0), a.dh + lo * F, F, w.path);
+    T* dl = w.z + lo * Cp;
+    const T* h = a.h + lo * F;
+    gemm<T>(false, n, Cp, F, T(1), h, F, w.wt, Cp, T(0), dl, Cp, w.path);
+    w.loss[k] = softmax_xent(w, lo, hi);
+    gemm<T>(true, F, Cp, n, T(1), h, F, dl, Cp, T(0), dwt, Cp, w.path);
+    std::fill(db, db + Cp, T(0));
+    for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < Cp; ++j) db[j] += dl[r * Cp + j];
+    gemm<T>(false, n, F, C, T(1), dl, Cp, a.weight, F, T(0), a.dh + lo * F, F, w.path);
+    if (a.d_logits)
+        for (int64_t r = 0; r < n; ++r)
+            std::copy(dl + r * Cp, dl + r * Cp + C, a.d_logits + (lo + r) * C);
 }
 
 template <typename T>
@@ -113,7 +140,7 @@ int64_t head_split_min() { return g_split_min; }
 
 template <typename T>
 struct HeadStep<T>::State {
-    std::vector<T> wt, dw, db;
+    std::vector<T> wt, bias, z, dwt, db;
     std::vector<double> loss;
     Head<T> w;
 };
@@ -123,36 +150,46 @@ template <typename T> HeadStep<T>::~HeadStep() = default;
 
 template <typename T>
 void HeadStep<T>::prepare(const HeadArgs<T>& a, int n) {
-    const int64_t F = a.F, C = a.C;
-    T* wt = grow(s->wt, C * F);
-    for (int64_t c = 0; c < C; ++c)
-        for (int64_t f = 0; f < F; ++f) wt[f * C + c] = a.weight[c * F + f];
+    const int64_t F = a.F, C = a.C, Cp = (C + lanes<T>() - 1) / lanes<T>() * lanes<T>();
+    T* wt = grow(s->wt, F * Cp);
+    for (int64_t f = 0; f < F; ++f)
+        for (int64_t c = 0; c < Cp; ++c) wt[f * Cp + c] = c < C ? a.weight[c * F + f] : T(0);
+    T* bias = grow(s->bias, Cp);
+    for (int64_t c = 0; c < Cp; ++c) bias[c] = a.bias && c < C ? a.bias[c] : T(0);
     s->loss.assign(n, 0.0);
-    s->w = Head<T>{&a, wt, n, grow(s->dw, (n - 1) * C * F), grow(s->db, (n - 1) * C),
-                   s->loss.data(), n > 1 ? GemmPath::loop : GemmPath::automatic};
+    s->w = Head<T>{&a, Cp, wt, bias, n, grow(s->z, a.N * Cp), grow(s->dwt, n * F * Cp),
+                   grow(s->db, n * Cp), s->loss.data(),
+                   n > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
 template <typename T>
 void HeadStep<T>::rows(int k, int64_t lo, int64_t hi) const {
-    if (hi > lo) head_rows(s->w, k, lo, hi);
+    head_rows(s->w, k, lo, hi);
 }
 
 template <typename T>
 double HeadStep<T>::finish() const {
     const Head<T>& w = s->w;
     const HeadArgs<T>& a = *w.a;
-    const int64_t F = a.F, C = a.C;
+    const int64_t F = a.F, C = a.C, Cp = w.Cp;
     if (a.N <= 0) {  // no rows: zero loss and gradients
         std::fill(a.dw, a.dw + C * F, T(0));
         if (a.bias) std::fill(a.db, a.db + C, T(0));
         return 0.0;
     }
-    for (int k = 1; k < w.n; ++k) {
-        const T* dw = w.part_dw + (k - 1) * C * F;
-        for (int64_t e = 0; e < C * F; ++e) a.dw[e] += dw[e];
-        if (a.bias)
-            for (int64_t j = 0; j < C; ++j) a.db[j] += w.part_db[(k - 1) * C + j];
-    }
+    // the chunks' dW^T summed (in chunk order) and transposed
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t f = 0; f < F; ++f) {
+            T sum = w.part_dwt[f * Cp + c];
+            for (int k = 1; k < w.n; ++k) sum += w.part_dwt[(k * F + f) * Cp + c];
+            a.dw[c * F + f] = sum;
+        }
+    if (a.bias)
+        for (int64_t c = 0; c < C; ++c) {
+            T sum = w.part_db[c];
+            for (int k = 1; k < w.n; ++k) sum += w.part_db[k * Cp + c];
+            a.db[c] = sum;
+        }
     double total = 0.0;
     for (double l : s->loss) total += l;
     return total * a.inv_total;

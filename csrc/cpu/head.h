@@ -25,7 +25,7 @@ struct HeadArgs {
     const int64_t* targets = nullptr; // [N], every one in [0, C) (the binding checks)
     const T* w = nullptr;             // [N] position weights, or null: all ones
     double inv_total = 0.0;
-    T* d_logits = nullptr;            // [N,C] scratch (ends holding d loss / d logits)
+    T* d_logits = nullptr;            // [N,C] d loss / d logits out, or null (not needed)
     T* dw = nullptr;                  // [C,F]
     T* db = nullptr;                  // [C], written when bias is given
     T* dh = nullptr;                  // [N,F]
@@ -37,8 +37,8 @@ template <typename T>
 double dense_softmax_xent(const HeadArgs<T>& a);
 
 // The same in phases, for a caller that runs each chunk's rows inside its own split
-// (lstm_stack.cpp): prepare for n chunks, the rows [lo, hi) of chunk k (chunk 0 writes dw and db,
-// the others partials), finish: the partials added, the loss returned. The args passed to
+// (lstm_stack.cpp): prepare for n chunks, the rows [lo, hi) of chunk k (each writes its own dw,
+// db partials), finish: the partials added into dw, db, the loss returned. The args passed to
 // prepare must outlive rows and finish.
 template <typename T>
 class HeadStep {

@@ -34,9 +34,9 @@
 // row's dG goes straight to dx, un-interleaved, as it is made) and its weight-gradient GEMM
 // gives [dW_hh; db] only. At char-rnn size, (B,T,H,I) = (50,50,128,128), that drops 1 of the
 // 4 GEMM shares (the x W_ih^T part of the forward GEMM, dx and dW_ih in the backward).
-// From a table (a.ids): row (b, t) is table row ids[b, t], read in place; the backward adds
-// each row's dG into its chunk's partial [V, 4H] table (chunk 0's is dx itself), and the
-// partials are summed after the join. In the fused training step this replaced a gather of
+// From a table (a.ids): row (b, t) is table row ids[b, t], from a copy packed into the
+// interleaved columns once per call; the backward adds each row's dG into its chunk's packed
+// partial table [V, 4Hp], and the partials are summed and unpacked into dx after the join. In the fused training step this replaced a gather of
 // [B,T,4H] before the forward and a scatter after the backward, each a serial pass.
 #include <algorithm>
 #include <cstring>
@@ -65,12 +65,40 @@ inline int64_t icol(int64_t k, int64_t j) {
     return (j / V) * 4 * V + k * V + j % V;
 }
 
+// dst[0, n) = src[0, n), for the short per-row copies inside the time loops (n ~ H, I, K: tens
+// of elements, thousands of copies per call): fixed-size moves, the last one overlapping its
+// predecessor, inlined. As memcpy calls they were ~4% of the lab 12-4 step (perf, ~8 ns each).
+RK_ALWAYS_INLINE void copy_bytes(char* __restrict__ d, const char* __restrict__ s, size_t n) {
+    if (n >= 64) {
+        for (size_t o = 0; o + 64 < n; o += 64) std::memcpy(d + o, s + o, 64);
+        std::memcpy(d + n - 64, s + n - 64, 64);
+    } else if (n >= 32) {
+        std::memcpy(d, s, 32);
+        std::memcpy(d + n - 32, s + n - 32, 32);
+    } else if (n >= 16) {
+        std::memcpy(d, s, 16);
+        std::memcpy(d + n - 16, s + n - 16, 16);
+    } else if (n >= 8) {
+        std::memcpy(d, s, 8);
+        std::memcpy(d + n - 8, s + n - 8, 8);
+    } else if (n >= 4) {
+        std::memcpy(d, s, 4);
+        std::memcpy(d + n - 4, s + n - 4, 4);
+    }
+}
+
+template <typename T>
+RK_ALWAYS_INLINE void copy_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+    copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src),
+               size_t(n) * sizeof(T));
+}
+
 // A layer call's work arrays, grown on demand and kept between calls (no page faults per call):
 // one set per LstmLayer (lstm.h), i.e. per calling thread for the standalone entry points and
 // per layer in a stack.
 template <typename T>
 struct Buffers {
-    std::vector<T> wc, whb, wxb, dh, dc, ring_g, ring_x, ring_dx, part, tables;
+    std::vector<T> wc, table, whb, wxb, dh, dc, ring_g, ring_x, ring_dx, part, tables;
 };
 
 template <typename T>
@@ -152,9 +180,8 @@ RK_ALWAYS_INLINE void add_projected(int64_t H, const T* __restrict__ xp, T* __re
         }
 }
 
-// Backward: this row's gate gradients (block q at dg + q * qstride) out to dx ([4H]), stored
-// or (Add: a table row's gradient) added.
-template <bool Add, typename T>
+// Backward: this row's gate gradients (block q at dg + q * qstride) out to dx ([4H]).
+template <typename T>
 RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t qstride,
                                     T* __restrict__ dx) {
     constexpr int64_t V = lanes<T>();
@@ -163,15 +190,40 @@ RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t
             const T* __restrict__ d = dg + q * qstride + k * V;
             T* __restrict__ xq = dx + k * H + j0;
             const int64_t cnt = std::min(V, H - j0);
-            for (int64_t l = 0; l < cnt; ++l) xq[l] = Add ? xq[l] + d[l] : d[l];
+            for (int64_t l = 0; l < cnt; ++l) xq[l] = d[l];
         }
 }
 
-// The projected input's row of step t of sequence b: its table row (ids) or its own row.
-template <typename Args>
-inline int64_t projected_row(const Args& a, int64_t b, int64_t t) {
-    const int64_t n = b * a.T_ + t;
-    return a.ids ? a.ids[n] : n;
+// From a table (ids): the table [V, 4H] is repacked once per call into the interleaved gate
+// columns, padding zero ([V, 4Hp]), and so are the partial table gradients, so a row's add is
+// whole vectors (at H = 25 the second unit block's 9-unit pieces were scalar loops: ~20 ns a row
+// and step in each direction, ~8% of lab 12-4's first-layer time).
+template <typename T>
+void pack_table(const T* __restrict__ x, int64_t V, int64_t H, int64_t GP, T* __restrict__ tp) {
+    std::memset(tp, 0, V * GP * sizeof(T));
+    for (int64_t v = 0; v < V; ++v)
+        for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
+            for (int64_t l = 0; l < cnt; ++l) tp[v * GP + c0 + l] = x[v * 4 * H + k * H + j0 + l];
+        });
+}
+
+// Forward: add a packed table row tp ([4Hp]) into this row's pre-activations (unit block q at
+// g + q * qstride).
+template <typename T>
+RK_ALWAYS_INLINE void add_packed(int64_t nblk, const T* __restrict__ tp, T* __restrict__ g,
+                                 int64_t qstride) {
+    constexpr int64_t PW = 4 * lanes<T>();
+    for (int64_t q = 0; q < nblk; ++q)
+        for (int64_t l = 0; l < PW; ++l) g[q * qstride + l] += tp[q * PW + l];
+}
+
+// Backward: add this row's gate gradients (block q at dg + q * qstride) into a packed table row.
+template <typename T>
+RK_ALWAYS_INLINE void add_to_packed(int64_t nblk, const T* __restrict__ dg, int64_t qstride,
+                                    T* __restrict__ tp) {
+    constexpr int64_t PW = 4 * lanes<T>();
+    for (int64_t q = 0; q < nblk; ++q)
+        for (int64_t l = 0; l < PW; ++l) tp[q * PW + l] += dg[q * qstride + l];
 }
 
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
@@ -240,6 +292,7 @@ struct Fwd {
     const ForwardArgs<T>* a;
     Dims<T> d;
     Panels<T> wc;  // [K, 4Hp] = [W_hh^T (H rows); W_ih^T (I rows); b_ih + b_hh]
+    const T* table;  // table input (ids): the table packed, [V, 4Hp]; else null
     GemmPath path;
 };
 
@@ -257,7 +310,7 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     // columns past K, and row T's past h, are never read
     auto put_x = [&](int64_t t, int64_t b) {
         T* row = xh + (t * B + b) * R + H;
-        std::memcpy(row, a.x + (b * Tn + t) * I, I * sizeof(T));
+        copy_row(row, a.x + (b * Tn + t) * I, I);
         row[I] = T(1);
     };
     for (int64_t b = lo; b < hi; ++b) {  // the state entering step 0, padding zero
@@ -285,9 +338,10 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
                 continue;
             }
             T* g = a.act + t * B * d.SP + b * 5 * V;
-            if (a.projected) add_projected(H, a.x + projected_row(a, b, t) * 4 * H, g, aq);
+            if (f.table) add_packed(nblk, f.table + a.ids[b * Tn + t] * d.GP, g, aq);
+            else if (a.projected) add_projected(H, a.x + (b * Tn + t) * 4 * H, g, aq);
             fwd_cells(nblk, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
-            std::memcpy(out, xh + rn * R, H * sizeof(T));
+            copy_row(out, xh + rn * R, H);
             if (t + 1 < Tn) put_x(t + 1, b);
         }
     }
@@ -320,8 +374,10 @@ Fwd<T> fwd_prepare(const ForwardArgs<T>& a, Buffers<T>& buf, int n) {
         T* row = &wc.at(H + I, c0);
         for (int64_t l = 0; l < cnt; ++l) row[l] = a.b_ih[g0 + l] + a.b_hh[g0 + l];
     });
+    T* table = nullptr;
+    if (a.ids) pack_table(a.x, a.V, H, GP, table = grow(buf.table, a.V * GP));
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
-    return Fwd<T>{&a, d, wc, n > 1 ? GemmPath::loop : GemmPath::automatic};
+    return Fwd<T>{&a, d, wc, table, n > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -346,7 +402,7 @@ struct Bwd {
     T* ring_x;      // per chunk [Tb, Bc, R]: their xh rows
     T* ring_dx;     // per chunk [Tb, Bc, Ip]: their dx
     T* part;        // per chunk [K, 4Hp]: partial [dW_hh; dW_ih; db]^T (interleaved columns)
-    T* tables;      // table input: chunks 1.. [V, 4H] partial table gradients (chunk 0: dx)
+    T* tables;      // table input: per chunk [V, 4Hp] its partial table gradient, packed
     GemmPath path;
 };
 
@@ -367,8 +423,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     std::memset(part, 0, d.K * GP * sizeof(T));
     T* table = nullptr;  // this chunk's partial table gradient (table input)
     if (a.ids) {
-        table = chunk == 0 ? a.dx : w.tables + (chunk - 1) * a.V * 4 * H;
-        std::memset(table, 0, a.V * 4 * H * sizeof(T));
+        table = w.tables + chunk * a.V * GP;
+        std::memset(table, 0, a.V * GP * sizeof(T));
     }
     for (int64_t b = lo; b < hi; ++b) {  // dh, dc entering the last step
         T* dh = w.dh + b * Hp;
@@ -385,7 +441,7 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b;
             T* dg = g + (b - lo) * PW;
-            std::memcpy(rx + (s * Bc + b - lo) * R, a.hprev + r * R, d.K * sizeof(T));
+            copy_row(rx + (s * Bc + b - lo) * R, a.hprev + r * R, d.K);
             if (a.lengths && t >= a.lengths[b]) {  // dh, dc pass through; no gate gradient
                 for (int64_t q = 0; q < nblk; ++q) std::memset(dg + q * qs, 0, PW * sizeof(T));
                 if (a.projected && !a.ids)
@@ -399,8 +455,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             }
             back_cells(nblk, a.act + t * B * d.SP + b * 5 * PW / 4, B * 5 * PW / 4,
                        a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
-            if (table) put_projected<true>(H, dg, qs, table + a.ids[b * Tn + t] * 4 * H);
-            else if (a.projected) put_projected<false>(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
+            if (table) add_to_packed(nblk, dg, qs, table + a.ids[b * Tn + t] * GP);
+            else if (a.projected) put_projected(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
         gemm_blocks<T>(Bc, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
@@ -412,8 +468,7 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             gemm_blocks<T>(rows, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
             for (int64_t q = 0; q <= s; ++q)
                 for (int64_t b = lo; b < hi; ++b)
-                    std::memcpy(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip,
-                                I * sizeof(T));
+                    copy_row(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip, I);
         }
         for (int64_t q = 0; q < nblk; ++q)
             gemm<T>(true, d.K, PW, rows, T(1), rx, R, rg + q * qs, PW, T(1), part + q * PW, GP,
@@ -453,7 +508,7 @@ Bwd<T> bwd_prepare(const BackwardArgs<T>& a, Buffers<T>& buf, int n) {
     return Bwd<T>{&a, d, n, Tb, Ip, whb, wxb, grow(buf.dh, B * Hp), grow(buf.dc, B * Hp),
                   grow(buf.ring_g, Tb * B * GP), grow(buf.ring_x, Tb * B * d.R),
                   grow(buf.ring_dx, Tb * B * Ip), grow(buf.part, n * d.K * GP),
-                  a.ids ? grow(buf.tables, (n - 1) * a.V * 4 * H) : nullptr,
+                  a.ids ? grow(buf.tables, n * a.V * GP) : nullptr,
                   n > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
@@ -464,11 +519,14 @@ void bwd_finish(const Bwd<T>& w) {
     const Dims<T>& d = w.d;
     const int64_t I = d.I, H = d.H, GP = d.GP;
     const int n = w.n;
-    for (int k = 1; a.ids && k < n; ++k) {  // the partial table gradients into dx
-        const T* __restrict__ q = w.tables + (k - 1) * a.V * 4 * H;
-        T* __restrict__ dx = a.dx;
-        for (int64_t e = 0; e < a.V * 4 * H; ++e) dx[e] += q[e];
-    }
+    for (int64_t v = 0; a.ids && v < a.V; ++v)  // the chunks' packed table partials into dx
+        for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
+            for (int64_t l = 0; l < cnt; ++l) {
+                T sum = w.tables[v * GP + c0 + l];
+                for (int c = 1; c < n; ++c) sum += w.tables[(c * a.V + v) * GP + c0 + l];
+                a.dx[v * 4 * H + k * H + j0 + l] = sum;
+            }
+        });
     // sum the chunks' partials, then undo the interleaving and transposition
     T* p = w.part;
     for (int k = 1; k < n; ++k) {
