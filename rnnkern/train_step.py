@@ -377,6 +377,8 @@ class _FusedPlan:
         self.proj_grad = np.empty_like(self.proj_table)
         self.head_mask = (None if self.head_dropped is None
                           else np.empty(self.head_dropped.shape, dt))
+        self.stack_masks = (self.head_mask is not None
+                            or any(c.mask is not None for c in self.cells))
         head = self.head
         make = _C.LstmStackStepF32 if dt == np.float32 else _C.LstmStackStepF64
         return make(cells, self.proj_table, self.ids_in, self.proj_grad, head.params["weight"],
@@ -385,8 +387,8 @@ class _FusedPlan:
                     self.head_mask)
 
     def _run_stack(self, B, T, ids, lengths, has_w):
-        """One step through the whole-stack kernel; returns the loss."""
-        if self.head_mask is not None or any(c.mask is not None for c in self.cells):
+        """One step through the whole-stack kernel (ids: [B,T] integers); returns the loss."""
+        if self.stack_masks:
             bad = _first_outside(ids, self.proj_table.shape[0])  # before the generators move
             if bad >= 0:
                 self._raise_bad_id(ids, bad)
@@ -400,7 +402,7 @@ class _FusedPlan:
             np.copyto(self.head_mask,
                       (self.head_dropout._rng.random(self.head_mask.shape) < keep) / keep,
                       casting="unsafe")
-        np.copyto(self.ids_in, ids.reshape(B, T))
+        np.copyto(self.ids_in, ids, casting="unsafe")  # the kernel checks the range
         try:
             return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w))
         except ValueError:   # the kernel checked ids (then targets, lengths) before any work
@@ -411,13 +413,15 @@ class _FusedPlan:
 
     def _inv_total(self, B, T, has_w):
         """1 / the loss's weight total (TF's 1e-12: all-zero weights give a zero loss)."""
-        total = float(self.weights.sum(dtype=np.float64)) if has_w else float(B * T)
-        return 1.0 / (total + 1e-12)
+        if not has_w:
+            return 1.0 / (B * T + 1e-12)
+        return 1.0 / (float(self.weights.sum(dtype=np.float64)) + 1e-12)
 
     # ---------------------------------------------------------------- the step
     def _load_inputs(self, x, y, lengths, weights):
         """Validate the batch (as the layers and sequence_loss would) into the workspace;
-        returns (B, T, ids [N] or None)."""
+        returns (B, T, ids): ids flat [N] int64, or as given [B,T] for the whole-stack step
+        (whose kernel checks their range), or None without an encoder."""
         K = self._kernels
         ids = None
         if self.encoder is not None:
@@ -437,10 +441,10 @@ class _FusedPlan:
                 else:
                     np.dot(table, w_ih.T, out=self.proj_table)
                 table = self.proj_table
-            ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
             if self.stack is not None:  # checked by its run, or _run_stack before drawing masks
-                bad = -1
-            elif self.by_ids:
+                return self._load_targets(y, weights, lengths, B, T, ids)
+            ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+            if self.by_ids:
                 bad = _first_outside(ids, table.shape[0])
             else:
                 bad = K.gather_rows(ids, table, self.x_in.reshape(B * T, -1))
@@ -451,6 +455,10 @@ class _FusedPlan:
             B, T, _ = x.shape
             self._workspace(B, T)
             np.copyto(self.x_in, x)
+        return self._load_targets(y, weights, lengths, B, T, ids)
+
+    def _load_targets(self, y, weights, lengths, B, T, ids):
+        """The rest of _load_inputs: targets, weights and lengths."""
         targets = np.asarray(y)
         if targets.dtype.kind not in "iu":
             raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
@@ -467,12 +475,16 @@ class _FusedPlan:
                 raise ValueError("weights contains NaN or infinity")
             np.copyto(self.weights, w.reshape(-1), casting="unsafe")
         lens = self.recurrent[0]._check_lengths(lengths, B, T)
-        self.lens[:] = T if lens is None else lens
+        if lens is not None:
+            self.lens[:] = lens
+        elif self.kept:   # Numba's kept argument lists read them (the other paths take None)
+            self.lens[:] = T
         return B, T, ids
 
     def _raise_bad_id(self, ids, bad):
+        """bad: a flat index into ids."""
         raise ValueError(f"{type(self.encoder).__name__} ids must lie in "
-                         f"[0, {self._table().shape[0]}), got {ids[bad]}")
+                         f"[0, {self._table().shape[0]}), got {np.ravel(ids)[bad]}")
 
     def _load_states(self, initial_state, B):
         """Copy the initial state (validated by each layer) into the cells' h0/c0 (zeros for

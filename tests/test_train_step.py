@@ -493,6 +493,36 @@ def test_whole_stack_step_rejects_bad_ids_and_targets():
         np.testing.assert_array_equal(v, before[k])
 
 
+def test_whole_stack_takes_any_integer_ids_and_names_a_bad_one():
+    """The whole-stack step copies ids of any integer dtype and layout into its int64 buffer
+    (the kernel checks their range): the same losses as int64 ids; an id out of range, negative
+    or a uint64 that wraps to a negative int64, is named as given, the parameters untouched."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+
+    def build():
+        m = make_model("onehot", "lstm", (2,))
+        m.layers[1].backend = "cpp"
+        return m
+    x, y = batch("onehot")
+    losses = []
+    for ids in (x.astype(np.int64), x.astype(np.int32), x.astype(np.uint8),
+                np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2]):
+        step = rk.TrainStep(build(), rk.sequence_loss, rk.Adam(0.05))
+        losses.append([step(ids, y) for _ in range(2)])
+        assert step._plan.stack is not None
+    for got in losses[1:]:
+        np.testing.assert_array_equal(got, losses[0])
+    before = {k: v.copy() for k, v in step.model.params.items()}
+    for dtype, bad in ((np.int64, -1), (np.uint64, 2**63 + 5)):
+        xb = x.astype(dtype)
+        xb[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"OneHot ids must lie in \[0, 6\), got {bad}$"):
+            step(xb, y)
+    for k, v in step.model.params.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
 def test_whole_stack_bad_ids_leave_dropout_generators_alone():
     """A batch refused for its ids draws no dropout mask: the next steps match a run that never
     saw it."""
