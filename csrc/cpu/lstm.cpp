@@ -140,16 +140,32 @@ struct Panels {
 
 // C[M, N] = A B (+ beta C) with A [M, 4Hp] stored as column blocks of PW (one interleaved unit
 // block each), block q at A + q * qstride with rows PW apart, and B [4Hp, N] in panels: one
-// contiguous [PW, w] piece of B per call.
+// contiguous [PW, w] piece of B per call. Only the H valid units of A's columns are summed: a
+// partial last block (H % V units, e.g. 9 of 16 at H = 25) goes as one call per gate over its
+// valid rows, not one over the whole block, whose padding rows of B are zero (the dh and dx
+// GEMMs of lab 12-4's backward: 100 of K = 128 summed).
 template <typename T>
-void gemm_blocks(int64_t M, const T* A, int64_t qstride, const Panels<T>& b, T beta, T* C,
-                 int64_t ldc, GemmPath path) {
+void gemm_blocks(int64_t M, int64_t H, const T* A, int64_t qstride, const Panels<T>& b, T beta,
+                 T* C, int64_t ldc, GemmPath path) {
+    constexpr int64_t V = lanes<T>();
     const int64_t PW = b.PW;
     for (int64_t c0 = 0; c0 < b.N; c0 += PW) {
         const int64_t w = std::min(PW, b.N - c0);
-        for (int64_t q = 0; q < b.K / PW; ++q)
-            gemm<T>(false, M, w, PW, T(1), A + q * qstride, PW, b.p + c0 * b.K + q * PW * w, w,
-                    q == 0 ? beta : T(1), C + c0, ldc, path);
+        T bq = beta;  // the first call's beta, then accumulate
+        for (int64_t q = 0; q < b.K / PW; ++q) {
+            const int64_t cnt = std::min(V, H - q * V);
+            const T* Bq = b.p + c0 * b.K + q * PW * w;
+            if (cnt == V) {
+                gemm<T>(false, M, w, PW, T(1), A + q * qstride, PW, Bq, w, bq, C + c0, ldc, path);
+                bq = T(1);
+                continue;
+            }
+            for (int64_t k = 0; k < 4; ++k) {
+                gemm<T>(false, M, w, cnt, T(1), A + q * qstride + k * V, PW, Bq + k * V * w, w,
+                        bq, C + c0, ldc, path);
+                bq = T(1);
+            }
+        }
     }
 }
 
@@ -459,13 +475,13 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             else if (a.projected) put_projected(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
         }
         // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
-        gemm_blocks<T>(Bc, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
+        gemm_blocks<T>(Bc, H, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
         if (s + 1 < Tb && t > 0) continue;
         // flush the ring (steps t_top down to t): dx (projected: written above) and this
         // chunk's weight gradients
         const int64_t rows = (s + 1) * Bc;
         if (!a.projected) {
-            gemm_blocks<T>(rows, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
+            gemm_blocks<T>(rows, H, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
             for (int64_t q = 0; q <= s; ++q)
                 for (int64_t b = lo; b < hi; ++b)
                     copy_row(a.dx + (b * Tn + t_top - q) * I, rdx + (q * Bc + b - lo) * Ip, I);
