@@ -245,18 +245,23 @@ RK_ALWAYS_INLINE void add_to_packed(int64_t nblk, const T* __restrict__ dg, int6
 // ---- pointwise passes over one batch row: Hp/V blocks of V units -----------------------------
 
 // g: this row's act slots, unit block q at g + q * qstride: 4V pre-activations in, the gate
-// activations out, then tanh(c') (V) out.
+// activations out, then tanh(c') (V) out. h' goes to h_new (whole vectors) and its H valid units
+// to out, as masked stores: a copy from h_new after was a vector load across two just-stored
+// vectors, which the store buffer cannot forward (perf: the forward's top stall).
 template <typename T>
-RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, int64_t qstride,
-                                const T* __restrict__ c_prev, T* __restrict__ c_new,
-                                T* __restrict__ h_new) {
+RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, int64_t H, T fb, T* __restrict__ g,
+                                int64_t qstride, const T* __restrict__ c_prev,
+                                T* __restrict__ c_new, T* __restrict__ h_new,
+                                T* __restrict__ out) {
     constexpr int64_t V = lanes<T>();
     for (int64_t q = 0; q < nblk; ++q) {
         T* __restrict__ gq = g + q * qstride;
         const T* __restrict__ cp = c_prev + q * V;
         T* __restrict__ cn = c_new + q * V;
         T* __restrict__ hn = h_new + q * V;
+        T* __restrict__ oq = out + q * V;
         T* __restrict__ tq = gq + 4 * V;
+        const int64_t cnt = H - q * V;  // valid units in this block (>= V: all)
         for (int64_t l = 0; l < V; ++l) {
             T i, f, gg, o, t, c, h;
             lstm_forward_point(gq[l], gq[V + l], gq[2 * V + l], gq[3 * V + l], cp[l], fb, i, f,
@@ -268,16 +273,22 @@ RK_ALWAYS_INLINE void fwd_cells(int64_t nblk, T fb, T* __restrict__ g, int64_t q
             tq[l] = t;
             cn[l] = c;
             hn[l] = h;
+            if (l < cnt) oq[l] = h;
         }
     }
 }
 
 // act: this row's saved slots (unit block q at act + q * aqstride: 4V gate activations, then
-// V tanh c'); dh: total gradient at h' (zeroed here: the GEMM adds dG W_hh after); dc: in from
-// step t+1, out to step t-1; dg: this row's gate gradients, unit block q at dg + q * qstride.
+// V tanh c'); dh: the gradient at h' from step t+1 (zeroed here: the GEMM adds dG W_hh after),
+// plus dout ([H], the layer output's gradient, or null) for the H valid units; dc: in from step
+// t+1, out to step t-1; dg: this row's gate gradients, unit block q at dg + q * qstride.
+// dout is added here, as masked vector loads, and not into dh beforehand: that loop's scalar
+// tail (9 units at H = 25) left stores the vector loads here could not forward from, the top
+// stall of the backward (perf: a quarter of its samples).
 template <typename T>
-RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act, int64_t aqstride,
-                                 const T* __restrict__ c_prev, T* __restrict__ dh,
+RK_ALWAYS_INLINE void back_cells(int64_t nblk, int64_t H, const T* __restrict__ act,
+                                 int64_t aqstride, const T* __restrict__ c_prev,
+                                 const T* __restrict__ dout, T* __restrict__ dh,
                                  T* __restrict__ dc, T* __restrict__ dg, int64_t qstride) {
     constexpr int64_t V = lanes<T>();
     for (int64_t q = 0; q < nblk; ++q) {
@@ -287,9 +298,13 @@ RK_ALWAYS_INLINE void back_cells(int64_t nblk, const T* __restrict__ act, int64_
         const T* __restrict__ tq = a + 4 * V;
         T* __restrict__ dhq = dh + q * V;
         T* __restrict__ dcq = dc + q * V;
+        const T* __restrict__ doq = dout ? dout + q * V : nullptr;
+        const int64_t cnt = H - q * V;  // valid units in this block (>= V: all)
         for (int64_t l = 0; l < V; ++l) {
+            T dhl = dhq[l];
+            if (doq && l < cnt) dhl += doq[l];
             T di, df, dgg, dO, dcp;
-            lstm_backward_point(a[l], a[V + l], a[2 * V + l], a[3 * V + l], tq[l], cp[l], dhq[l],
+            lstm_backward_point(a[l], a[V + l], a[2 * V + l], a[3 * V + l], tq[l], cp[l], dhl,
                                 dcq[l], di, df, dgg, dO, dcp);
             d[l] = di;
             d[V + l] = df;
@@ -356,8 +371,7 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
             T* g = a.act + t * B * d.SP + b * 5 * V;
             if (f.table) add_packed(nblk, f.table + a.ids[b * Tn + t] * d.GP, g, aq);
             else if (a.projected) add_projected(H, a.x + (b * Tn + t) * 4 * H, g, aq);
-            fwd_cells(nblk, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R);
-            copy_row(out, xh + rn * R, H);
+            fwd_cells(nblk, H, fb, g, aq, cs + r * Hp, cs + rn * Hp, xh + rn * R, out);
             if (t + 1 < Tn) put_x(t + 1, b);
         }
     }
@@ -422,6 +436,12 @@ struct Bwd {
     GemmPath path;
 };
 
+// The backward reads each row's saved activations (5 cache lines per unit block) a whole
+// forward after they were written, mostly from L3 at lab 12-4 size, and its rows of d_out, which
+// are T*H apart; without a prefetch this many rows ahead the first loads of each row were the
+// backward's top stalls (perf).
+constexpr int64_t kPrefetchRows = 4;
+
 template <typename T>
 RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     const BackwardArgs<T>& a = *w.a;
@@ -464,13 +484,20 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
                     std::memset(a.dx + (b * Tn + t) * 4 * H, 0, 4 * H * sizeof(T));
                 continue;
             }
-            T* dh = w.dh + b * Hp;
-            if (a.d_out) {
-                const T* __restrict__ dout = a.d_out + (b * Tn + t) * H;
-                for (int64_t j = 0; j < H; ++j) dh[j] += dout[j];
+            if (b + kPrefetchRows < hi) {  // a later row's saved activations (kPrefetchRows)
+                const T* act = a.act + t * B * d.SP + (b + kPrefetchRows) * 5 * PW / 4;
+                for (int64_t q = 0; q < nblk; ++q)
+                    for (int64_t l = 0; l < 5; ++l)
+                        __builtin_prefetch(act + q * B * 5 * PW / 4 + l * PW / 4, 0, 3);
+                if (a.d_out) {  // and its output gradient, rows T*H apart in the batch-major d_out
+                    const T* dout = a.d_out + ((b + kPrefetchRows) * Tn + t) * H;
+                    for (int64_t j = 0; j < H; j += PW / 4) __builtin_prefetch(dout + j, 0, 3);
+                    __builtin_prefetch(dout + H - 1, 0, 3);
+                }
             }
-            back_cells(nblk, a.act + t * B * d.SP + b * 5 * PW / 4, B * 5 * PW / 4,
-                       a.cprev + r * Hp, dh, w.dc + b * Hp, dg, qs);
+            back_cells(nblk, H, a.act + t * B * d.SP + b * 5 * PW / 4, B * 5 * PW / 4,
+                       a.cprev + r * Hp, a.d_out ? a.d_out + (b * Tn + t) * H : nullptr,
+                       w.dh + b * Hp, w.dc + b * Hp, dg, qs);
             if (table) add_to_packed(nblk, dg, qs, table + a.ids[b * Tn + t] * GP);
             else if (a.projected) put_projected(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
         }
