@@ -13,10 +13,13 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-division checks, so the loop vectorises
-def adam(p, g, m, v, b1, c1, b2, c2, eps, step, bc2_sqrt, tf_form):
-    """m = b1 m + c1 g; v = b2 v + c2 g^2 (c1 = 1-b1, c2 = 1-b2), then
+def adam(p, g, m, v, s, tf_form):
+    """s = [b1, c1, b2, c2, eps, step, bc2_sqrt] in the arrays' dtype (one array, not seven
+    scalars: the dispatcher's per-argument typing was half the call at lab sizes), then
+    m = b1 m + c1 g; v = b2 v + c2 g^2 (c1 = 1-b1, c2 = 1-b2), and
     tf_form: p -= step * m / (sqrt(v) + eps)            (step = lr sqrt(1-b2^t) / (1-b1^t))
     else:    p -= step * m / (sqrt(v) / bc2_sqrt + eps)  (step = lr / (1-b1^t), PyTorch)"""
+    b1, c1, b2, c2, eps, step, bc2_sqrt = s[0], s[1], s[2], s[3], s[4], s[5], s[6]
     for i in range(p.shape[0]):
         gi = g[i]
         mi = m[i] * b1 + c1 * gi

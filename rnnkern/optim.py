@@ -334,7 +334,7 @@ class Adam(Optimizer):
             raise ValueError(f"eps_mode must be 'tf' or 'torch', got {eps_mode!r}")
         self.eps_mode = eps_mode
         self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
-        self._fixed_scalars = None  # (key, the update's constant scalars in the params' dtype)
+        self._compiled_call = None  # (p, g, m, v, their 1-D views, scalars, [hyper]) of the last update
 
     def _hyper(self):
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
@@ -363,29 +363,32 @@ class Adam(Optimizer):
 
     def _update_compiled(self, p, g, st):
         m, v = st["m"], st["v"]
-        for a in (g, m, v):
-            if a.dtype != p.dtype:
-                return False
-        if p.ndim != 1:
+        ready = self._compiled_call
+        if ready is None or ready[0] is not p or ready[1] is not g or ready[2] is not m \
+                or ready[3] is not v:   # checked once per set of arrays (a fused step's: once)
+            for a in (g, m, v):
+                if a.dtype != p.dtype:
+                    return False
             if not all(a.flags.c_contiguous for a in (p, g, m, v)):
                 return False
-            p, g, m, v = (a.reshape(-1) for a in (p, g, m, v))
-        elif not (p.flags.c_contiguous and g.flags.c_contiguous and m.flags.c_contiguous
-                  and v.flags.c_contiguous):
-            return False
+            flat = tuple(a.reshape(-1) for a in (p, g, m, v))
+            ready = self._compiled_call = (p, g, m, v, flat, np.empty(7, p.dtype), [None])
         if self.weight_decay:
             g = g + self.weight_decay * p
+            flat = (ready[4][0], g.reshape(-1), *ready[4][2:])
+        else:
+            flat = ready[4]
         t = self.iterations
         bc1 = 1.0 - self.beta1 ** t
         bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
-        c = p.dtype.type  # scalars in the array dtype, as NumPy treats Python floats
-        key = (c, self.beta1, self.beta2, self.eps)
-        if self._fixed_scalars is None or self._fixed_scalars[0] != key:  # built once, not per step
-            self._fixed_scalars = (key, (c(self.beta1), c(1.0 - self.beta1), c(self.beta2),
-                                         c(1.0 - self.beta2), c(self.eps)))
-        step = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
-        self._kernels.adam(p, g, m, v, *self._fixed_scalars[1], c(step), c(bc2_sqrt),
-                           self.eps_mode == "tf")
+        s = ready[5]  # the scalars in the array dtype (rounded as NumPy rounds Python floats)
+        hyper = (self.beta1, self.beta2, self.eps)
+        if ready[6][0] != hyper:  # set when they change, not every step
+            s[:5] = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.eps)
+            ready[6][0] = hyper
+        s[5] = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
+        s[6] = bc2_sqrt
+        self._kernels.adam(*flat, s, self.eps_mode == "tf")
         return True
 
 
