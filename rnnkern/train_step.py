@@ -244,14 +244,14 @@ class _FusedPlan:
         Layers left on "auto" with no backend preset run on Numba's kept argument lists when a
         step's recurrent GEMM work is below ``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` (per-call
         overhead dominates there), else on the backend "auto" picks for their cell."""
-        shape = np.shape(x)
+        shape = x.shape if type(x) is np.ndarray else np.shape(x)
         if len(shape) < 2:
             return None  # the step raises the input error
         if shape[0] * shape[1] == 0:
             return "empty batch (B*T = 0)"
         preset = backends.preset()
         key = (shape[:2], preset, config.TRAIN_STEP_NUMBA_MAX_FLOPS,
-               tuple(r.backend for r in self.recurrent))
+               tuple([r.backend for r in self.recurrent]))
         if self._checked is not None and self._checked[0] == key:
             return self._checked[1]
         B, T = shape[:2]
