@@ -357,7 +357,8 @@ class StackStep {
   public:
     StackStep(py::list cells, py::handle table, py::handle ids, py::handle d_table,
               py::handle weight, py::handle bias, py::handle dw, py::handle db,
-              py::handle targets, py::handle weights, py::handle lengths, py::handle head_mask)
+              py::handle targets, py::handle weights, py::handle lengths, py::handle head_mask,
+              bool table_transposed)
         : stack_(cells.size()) {
         const int64_t L = int64_t(cells.size());
         if (L == 0) throw py::value_error("cells must hold at least one LSTM layer");
@@ -366,8 +367,8 @@ class StackStep {
         a_.B = B;
         a_.T_ = Tn;
         ids_ = keep<int64_t>(ids, "ids", {B, Tn});
-        auto ta = matrix(table, "table", "[V,4H]");
-        V_ = ta.shape(0);
+        auto ta = matrix(table, "table", table_transposed ? "[4H,V]" : "[V,4H]");
+        V_ = ta.shape(table_transposed ? 1 : 0);
         lengths_ = keep<int64_t>(lengths, "lengths", {B});
         int64_t I = 0;  // the layer's input width (layer 0: w_ih's, read through the table)
         for (int64_t l = 0; l < L; ++l) {
@@ -393,10 +394,12 @@ class StackStep {
             f.h_n = keep<T>(c[6], at + "h_n", {B, H});
             f.c_n = keep<T>(c[7], at + "c_n", {B, H});
             if (l == 0) {
-                f.x = keep<T>(table, "table", {V_, 4 * H});
+                f.x = table_transposed ? keep<T>(table, "table", {4 * H, V_})
+                                       : keep<T>(table, "table", {V_, 4 * H});
                 f.projected = true;
                 f.ids = ids_;
                 f.V = V_;
+                f.table_t = table_transposed;
             } else {
                 const rk::StackLayer<T>& below = a_.layers.back();
                 f.x = below.dropped ? below.dropped : below.f.out;
@@ -418,9 +421,11 @@ class StackStep {
             b.spec = f.spec;
             b.B = B; b.T_ = Tn; b.I = I; b.H = H;
             b.x = f.x; b.w_ih = f.w_ih; b.w_hh = f.w_hh;
-            b.projected = f.projected; b.ids = f.ids; b.V = f.V;
+            b.projected = f.projected; b.ids = f.ids; b.V = f.V; b.table_t = f.table_t;
             b.hprev = f.hprev; b.cprev = f.cprev; b.act = f.act;
-            b.dx = l == 0 ? keep<T>(d_table, "d_table", {V_, 4 * H}) : own(B * Tn * I);
+            if (l > 0) b.dx = own(B * Tn * I);
+            else if (table_transposed) b.dx = keep<T>(d_table, "d_table", {4 * H, V_});
+            else b.dx = keep<T>(d_table, "d_table", {V_, 4 * H});
             b.dh0 = own(B * H);
             b.dc0 = own(B * H);
             b.dw_ih = keep<T>(c[8], at + "dw_ih", {4 * H, I});
@@ -502,13 +507,17 @@ void bind_stack_step(py::module_& m, const char* name) {
         "db_ih, db_hh, forget_bias, mask | None); table [V,4H_0] = layer 0's input projection per\n"
         "id, ids int64 [B,T], d_table [V,4H_0] out (layer 0's dw_ih comes back zero: the caller\n"
         "forms it from d_table); weight [C,F], bias [C] | None, dw, db | None out; targets int64\n"
-        "[N], weights [N], lengths int64 [B], head_mask [B,T,F] | None. run(use_lengths,\n"
-        "use_weights, inv_total) -> loss; fills h_n, c_n and every gradient.")
+        "[N], weights [N], lengths int64 [B], head_mask [B,T,F] | None. table_transposed: table\n"
+        "and d_table are [4H_0,V] (one-hot input: layer 0's w_ih and, as the same array as its\n"
+        "dw_ih, dw_ih). run(use_lengths, use_weights, inv_total) -> loss; fills h_n, c_n and\n"
+        "every gradient.")
         .def(py::init<py::list, py::handle, py::handle, py::handle, py::handle, py::handle,
-                      py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
+                      py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+                      bool>(),
              py::arg("cells"), py::arg("table"), py::arg("ids"), py::arg("d_table"),
              py::arg("weight"), py::arg("bias"), py::arg("dw"), py::arg("db"),
-             py::arg("targets"), py::arg("weights"), py::arg("lengths"), py::arg("head_mask"))
+             py::arg("targets"), py::arg("weights"), py::arg("lengths"), py::arg("head_mask"),
+             py::arg("table_transposed") = false)
         .def("run", &StackStep<T>::run, py::arg("use_lengths"), py::arg("use_weights"),
              py::arg("inv_total"));
 }

@@ -353,6 +353,7 @@ class _FusedPlan:
             d_out = c.dx
         self._states_dirty = False       # h0/c0 buffers hold zeros
         self.blas_hold = _blas_hold(nc, self.cells, B, T)
+        self.table_in_place = False   # the stack step reads W_ih as the one-hot table (below)
         self.stack = self._stack_step(B, T)
         self._ws_key = key
 
@@ -379,17 +380,25 @@ class _FusedPlan:
                           else np.empty(self.head_dropped.shape, dt))
         self.stack_masks = (self.head_mask is not None
                             or any(c.mask is not None for c in self.cells))
+        # one-hot: the table W_ih^T is read as W_ih itself, and its gradient written into dW_ih,
+        # inside the kernel's packing and sums (no transposed copies in NumPy each step)
+        self.table_in_place = type(self.encoder) is OneHot
+        table, d_table = self.proj_table, self.proj_grad
+        if self.table_in_place:
+            first = self.cells[0]
+            table = first.layer.params[first.names[0]]
+            d_table = grad[id(first.layer), first.names[0]]
         head = self.head
         make = _C.LstmStackStepF32 if dt == np.float32 else _C.LstmStackStepF64
-        return make(cells, self.proj_table, self.ids_in, self.proj_grad, head.params["weight"],
+        return make(cells, table, self.ids_in, d_table, head.params["weight"],
                     head.params.get("bias"), grad[id(head), "weight"],
                     grad.get((id(head), "bias")), self.targets, self.weights, self.lens,
-                    self.head_mask)
+                    self.head_mask, table_transposed=self.table_in_place)
 
     def _run_stack(self, B, T, ids, lengths, has_w):
         """One step through the whole-stack kernel (ids: [B,T] integers); returns the loss."""
         if self.stack_masks:
-            bad = _first_outside(ids, self.proj_table.shape[0])  # before the generators move
+            bad = _first_outside(ids, self._table().shape[0])  # before the generators move
             if bad >= 0:
                 self._raise_bad_id(ids, bad)
         for c in self.cells:  # the dropout masks, drawn as the layers' own forward draws them
@@ -406,7 +415,7 @@ class _FusedPlan:
         try:
             return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w))
         except ValueError:   # the kernel checked ids (then targets, lengths) before any work
-            bad = _first_outside(ids, self.proj_table.shape[0])
+            bad = _first_outside(ids, self._table().shape[0])
             if bad >= 0:
                 self._raise_bad_id(ids, bad)
             raise
@@ -437,7 +446,8 @@ class _FusedPlan:
             if self.project:   # the rows the first cell's kernels take: table W_ih^T
                 w_ih = self.cells[0].layer.params["weight_ih_l0"]
                 if type(self.encoder) is OneHot:
-                    np.copyto(self.proj_table, w_ih.T)
+                    if not self.table_in_place:
+                        np.copyto(self.proj_table, w_ih.T)
                 else:
                     np.dot(table, w_ih.T, out=self.proj_table)
                 table = self.proj_table
@@ -530,7 +540,8 @@ class _FusedPlan:
             if self.project:    # d table W_ih^T, summed per id, gives d W_ih and d table
                 d_w_ih = self.cells[0].layer.grads["weight_ih_l0"]
                 if type(self.encoder) is OneHot:
-                    np.copyto(d_w_ih, S.T)
+                    if not self.table_in_place:
+                        np.copyto(d_w_ih, S.T)
                 else:
                     table = self.encoder.params["weight"]
                     np.dot(S.T, table, out=d_w_ih)

@@ -523,6 +523,43 @@ def test_whole_stack_takes_any_integer_ids_and_names_a_bad_one():
         np.testing.assert_array_equal(v, before[k])
 
 
+def test_whole_stack_reads_a_transposed_table():
+    """table_transposed: the kernel reads the table as [4H,V] (one-hot: W_ih itself) and writes
+    its gradient in that layout; the same loss and gradients as the [V,4H] table, to rounding,
+    with dw_ih zeroed when it is not the table's gradient array."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    from rnnkern import _C
+    rng = np.random.default_rng(3)
+    B, T, V, H, C = 5, 4, 7, 17, 6
+    ids = rng.integers(0, V, (B, T))
+    targets = rng.integers(0, C, B * T)
+    w_ih = rng.standard_normal((4 * H, V))
+    head_w = rng.standard_normal((C, H))
+    out = []
+    for transposed in (False, True):
+        cell = (w_ih, rng.standard_normal((4 * H, H)) if not out else out[0][3][1],
+                np.full(4 * H, 0.1), np.zeros(4 * H), np.zeros((B, H)), np.zeros((B, H)),
+                np.empty((B, H)), np.empty((B, H)), np.full((4 * H, V), np.nan),
+                np.empty((4 * H, H)), np.empty(4 * H), np.empty(4 * H), 0.0, None)
+        table = w_ih if transposed else np.ascontiguousarray(w_ih.T)
+        d_table = np.full(table.shape, np.nan)
+        dw = np.empty((C, H))
+        stack = _C.LstmStackStepF64([cell], table, ids, d_table, head_w, None, dw, None,
+                                    targets, np.ones(B * T), np.full(B, T), None,
+                                    table_transposed=transposed)
+        loss = stack.run(False, False, 1.0 / (B * T))
+        out.append((loss, d_table if transposed else d_table.T, dw, cell))
+        assert not cell[8].any()   # dw_ih: zero, the caller's to form from d_table
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-12)
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(out[1][2], out[0][2], rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="table"):
+        _C.LstmStackStepF64([out[0][3]], w_ih, ids, np.empty((4 * H, V)), head_w, None,
+                            np.empty((C, H)), None, targets, np.ones(B * T), np.full(B, T),
+                            None, table_transposed=False)
+
+
 def test_whole_stack_bad_ids_leave_dropout_generators_alone():
     """A batch refused for its ids draws no dropout mask: the next steps match a run that never
     saw it."""

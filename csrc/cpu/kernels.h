@@ -15,6 +15,8 @@
 // per id, e.g. W_ih^T for one-hot input) and step t of sequence b reads its row ids[b,t]; dx is
 // then [V,G*H], the gate gradients summed per id (the table's gradient). The kernels do the
 // gather and the scatter inside their batch chunks (per-chunk partial tables, added after).
+// With `table_t` the table and dx are given transposed, [G*H,V]: for one-hot input these are
+// W_ih and dW_ih themselves (dw_ih is then not zeroed when it is dx).
 // The bindings check shapes.
 #pragma once
 
@@ -60,6 +62,7 @@ struct ForwardArgs {
     bool projected = false;             // lstm only: x is [B,T,G*H] (see the legend)
     const int64_t* ids = nullptr;       // with projected: [B,T] in [0,V), x a table [V,G*H]
     int64_t V = 0;
+    bool table_t = false;               // with ids: x is [G*H,V] instead
     // outputs
     T* out = nullptr;                   // [B,T,H], zero at t >= lengths[b]
     T* h_n = nullptr;                   // [B,H]
@@ -82,6 +85,7 @@ struct BackwardArgs {
     bool projected = false;             // as in the forward: x, dx [B,T,G*H]; dw_ih zero
     const int64_t* ids = nullptr;       // as in the forward; then x, dx are [V,G*H]
     int64_t V = 0;
+    bool table_t = false;               // with ids: x, dx are [G*H,V] instead
     const T* hprev = nullptr;           // as saved by forward
     const T* cprev = nullptr;
     const T* act = nullptr;

@@ -214,12 +214,21 @@ RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t
 // columns, padding zero ([V, 4Hp]), and so are the partial table gradients, so a row's add is
 // whole vectors (at H = 25 the second unit block's 9-unit pieces were scalar loops: ~20 ns a row
 // and step in each direction, ~8% of lab 12-4's first-layer time).
+// Element (v, g) of a [V, 4H] table, or of a [4H, V] one (transposed: one-hot input's W_ih).
+struct TableIndex {
+    int64_t sv, sg;
+    TableIndex(int64_t V, int64_t H, bool transposed)
+        : sv(transposed ? 1 : 4 * H), sg(transposed ? V : 1) {}
+    int64_t operator()(int64_t v, int64_t g) const { return v * sv + g * sg; }
+};
+
 template <typename T>
-void pack_table(const T* __restrict__ x, int64_t V, int64_t H, int64_t GP, T* __restrict__ tp) {
+void pack_table(const T* __restrict__ x, const TableIndex& at, int64_t V, int64_t H, int64_t GP,
+                T* __restrict__ tp) {
     std::memset(tp, 0, V * GP * sizeof(T));
     for (int64_t v = 0; v < V; ++v)
         for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
-            for (int64_t l = 0; l < cnt; ++l) tp[v * GP + c0 + l] = x[v * 4 * H + k * H + j0 + l];
+            for (int64_t l = 0; l < cnt; ++l) tp[v * GP + c0 + l] = x[at(v, k * H + j0 + l)];
         });
 }
 
@@ -405,7 +414,9 @@ Fwd<T> fwd_prepare(const ForwardArgs<T>& a, Buffers<T>& buf, int n) {
         for (int64_t l = 0; l < cnt; ++l) row[l] = a.b_ih[g0 + l] + a.b_hh[g0 + l];
     });
     T* table = nullptr;
-    if (a.ids) pack_table(a.x, a.V, H, GP, table = grow(buf.table, a.V * GP));
+    if (a.ids)
+        pack_table(a.x, TableIndex(a.V, H, a.table_t), a.V, H, GP,
+                   table = grow(buf.table, a.V * GP));
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
     return Fwd<T>{&a, d, wc, table, n > 1 ? GemmPath::loop : GemmPath::automatic};
 }
@@ -562,12 +573,13 @@ void bwd_finish(const Bwd<T>& w) {
     const Dims<T>& d = w.d;
     const int64_t I = d.I, H = d.H, GP = d.GP;
     const int n = w.n;
+    const TableIndex at(a.V, H, a.table_t);
     for (int64_t v = 0; a.ids && v < a.V; ++v)  // the chunks' packed table partials into dx
         for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
             for (int64_t l = 0; l < cnt; ++l) {
                 T sum = w.tables[v * GP + c0 + l];
                 for (int c = 1; c < n; ++c) sum += w.tables[(c * a.V + v) * GP + c0 + l];
-                a.dx[v * 4 * H + k * H + j0 + l] = sum;
+                a.dx[at(v, k * H + j0 + l)] = sum;
             }
         });
     // sum the chunks' partials, then undo the interleaving and transposition
@@ -576,7 +588,8 @@ void bwd_finish(const Bwd<T>& w) {
         const T* __restrict__ q = w.part + k * d.K * GP;
         for (int64_t e = 0; e < d.K * GP; ++e) p[e] += q[e];
     }
-    if (a.projected) std::memset(a.dw_ih, 0, 4 * H * a.I * sizeof(T));  // the caller's to form
+    if (a.projected && a.dw_ih != a.dx)  // the caller's to form (unless it is dx, table_t)
+        std::memset(a.dw_ih, 0, 4 * H * a.I * sizeof(T));
     for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
         const int64_t g0 = k * H + j0;
         for (int64_t m = 0; m < H; ++m)
