@@ -226,17 +226,13 @@ class _FusedPlan:
 
     def still_valid(self):
         """The layers still hold our parameter views (``load_params`` or an assignment replaces
-        them; then the plan is rebuilt from the new values)."""
-        for layer, k, p, _ in self.bound:
+        them; then the plan is rebuilt from the new values). In the same pass, points their
+        ``grads`` at the flat gradient again (a generic backward replaces those arrays)."""
+        for layer, k, p, g in self.bound:
             if layer.params.get(k) is not p:
                 return False
-        return True
-
-    def _rebind_grads(self):
-        """Point the layers' ``grads`` at the flat gradient again (a generic backward replaces
-        the arrays)."""
-        for layer, k, _, g in self.bound:
             layer.grads[k] = g
+        return True
 
     def why_not(self, x):
         """Per-call condition: the backend the layers resolve to (cached per shape and setting).
@@ -530,7 +526,6 @@ class _FusedPlan:
         K = self._kernels
         B, T, ids = self._load_inputs(x, y, lengths, weights)
         self._load_states(initial_state, B)
-        self._rebind_grads()
         with self.blas_hold:
             if self.stack is not None:
                 loss = self._run_stack(B, T, ids, lengths, weights is not None)

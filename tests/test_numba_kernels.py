@@ -278,3 +278,26 @@ def test_without_numba_the_backend_says_why_and_auto_moves_on():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env, cwd=root)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_one_blas_thread_hold_restores_and_skips_redundant_calls():
+    """The hold sets OpenBLAS to one thread for its outermost holder and restores the count
+    after; when the count is 1 already it makes no calls (the examples pin it to 1)."""
+    from rnnkern.backends.numba_runtime import _OneBlasThread
+    hold, state, calls = _OneBlasThread(), {"n": 4}, []
+
+    def set_threads(n):
+        calls.append(n)
+        state["n"] = n
+    hold._get, hold._set, hold.found = (lambda: state["n"]), set_threads, True
+    with hold:
+        assert state["n"] == 1
+        with hold:
+            assert state["n"] == 1
+        assert state["n"] == 1
+    assert state["n"] == 4 and calls == [1, 4]
+    calls.clear()
+    state["n"] = 1
+    with hold:
+        assert state["n"] == 1
+    assert calls == []

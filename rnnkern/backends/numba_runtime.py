@@ -133,7 +133,8 @@ class _OneBlasThread:
         with self._lock:
             if self._depth == 0:
                 self._saved = self._get()
-                self._set(1)
+                if self._saved != 1:   # (the examples hold it at 1 already: no call each step)
+                    self._set(1)
             self._depth += 1
 
     def __exit__(self, *exc):
@@ -141,7 +142,7 @@ class _OneBlasThread:
             return
         with self._lock:
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 0 and self._saved != 1:
                 self._set(self._saved)
 
 
