@@ -334,7 +334,8 @@ class Adam(Optimizer):
             raise ValueError(f"eps_mode must be 'tf' or 'torch', got {eps_mode!r}")
         self.eps_mode = eps_mode
         self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
-        self._compiled_call = None  # (p, g, m, v, their 1-D views, scalars, [hyper]) of the last update
+        # the last compiled update's (p, g, m, v, their 1-D views, scalars array, [hyper])
+        self._compiled_call = None
 
     def _hyper(self):
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,

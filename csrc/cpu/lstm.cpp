@@ -36,8 +36,9 @@
 // 4 GEMM shares (the x W_ih^T part of the forward GEMM, dx and dW_ih in the backward).
 // From a table (a.ids): row (b, t) is table row ids[b, t], from a copy packed into the
 // interleaved columns once per call; the backward adds each row's dG into its chunk's packed
-// partial table [V, 4Hp], and the partials are summed and unpacked into dx after the join. In the fused training step this replaced a gather of
-// [B,T,4H] before the forward and a scatter after the backward, each a serial pass.
+// partial table [V, 4Hp], and the partials are summed and unpacked into dx after the join. In
+// the fused training step this replaced a gather of [B,T,4H] before the forward and a scatter
+// after the backward, each a serial pass.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -67,7 +68,7 @@ inline int64_t icol(int64_t k, int64_t j) {
 
 // dst[0, n) = src[0, n), for the short per-row copies inside the time loops (n ~ H, I, K: tens
 // of elements, thousands of copies per call): fixed-size moves, the last one overlapping its
-// predecessor, inlined. As memcpy calls they were ~4% of the lab 12-4 step (perf, ~8 ns each).
+// predecessor, inlined. As memcpy calls they were ~4% of the lab 12-4 step's samples (perf).
 RK_ALWAYS_INLINE void copy_bytes(char* __restrict__ d, const char* __restrict__ s, size_t n) {
     if (n >= 64) {
         for (size_t o = 0; o + 64 < n; o += 64) std::memcpy(d + o, s + o, 64);
@@ -212,8 +213,9 @@ RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t
 
 // From a table (ids): the table [V, 4H] is repacked once per call into the interleaved gate
 // columns, padding zero ([V, 4Hp]), and so are the partial table gradients, so a row's add is
-// whole vectors (at H = 25 the second unit block's 9-unit pieces were scalar loops: ~20 ns a row
-// and step in each direction, ~8% of lab 12-4's first-layer time).
+// whole vectors (at H = 25 the second unit block's 9-unit pieces of each gate were scalar loops,
+// in both directions).
+
 // Element (v, g) of a [V, 4H] table, or of a [4H, V] one (transposed: one-hot input's W_ih).
 struct TableIndex {
     int64_t sv, sg;
