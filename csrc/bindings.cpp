@@ -472,6 +472,32 @@ class StackStep {
         return stack_.step(a_);
     }
 
+    // Adam's update at the end of every run() (csrc/cpu/adam.h) over the flat p, g, m, v [n]
+    // with the scalars s [7] as they are at each run; p None: none (the caller updates).
+    void set_adam(py::handle p, py::handle g, py::handle m, py::handle v, py::handle s,
+                  bool tf_form) {
+        a_.adam = nullptr;
+        adam_keep_.clear();
+        if (p.is_none()) return;
+        if (!py::isinstance<py::array>(p))
+            throw py::value_error("p must be a numpy.ndarray, got " +
+                                  std::string(Py_TYPE(p.ptr())->tp_name));
+        const int64_t n = int64_t(py::reinterpret_borrow<py::array>(p).size());
+        auto take = [&](py::handle o, const char* name, int64_t len) {
+            py::object c = checked(o, name, py::dtype::of<T>(), {len});
+            adam_keep_.push_back(c);
+            return static_cast<T*>(py::reinterpret_borrow<py::array>(c).mutable_data());
+        };
+        adam_.n = n;
+        adam_.p = take(p, "p", n);
+        adam_.g = take(g, "g", n);
+        adam_.m = take(m, "m", n);
+        adam_.v = take(v, "v", n);
+        adam_.s = take(s, "s", 7);
+        adam_.tf_form = tf_form;
+        a_.adam = &adam_;
+    }
+
   private:
     template <typename U>
     U* keep(py::handle obj, const std::string& name, const std::vector<int64_t>& shape,
@@ -491,6 +517,8 @@ class StackStep {
                                        // every inner one's storage where it is)
     rk::StackArgs<T> a_;
     rk::LstmStack<T> stack_;
+    rk::AdamArgs<T> adam_;
+    std::vector<py::object> adam_keep_;  // set_adam's arrays
     int64_t V_ = 0;
     int64_t* ids_ = nullptr;
     int64_t* targets_ = nullptr;
@@ -519,7 +547,12 @@ void bind_stack_step(py::module_& m, const char* name) {
              py::arg("targets"), py::arg("weights"), py::arg("lengths"), py::arg("head_mask"),
              py::arg("table_transposed") = false)
         .def("run", &StackStep<T>::run, py::arg("use_lengths"), py::arg("use_weights"),
-             py::arg("inv_total"));
+             py::arg("inv_total"))
+        .def("set_adam", &StackStep<T>::set_adam, py::arg("p"), py::arg("g"), py::arg("m"),
+             py::arg("v"), py::arg("s"), py::arg("tf_form"),
+             "Adam's update at the end of every run (csrc/cpu/adam.h): flat p, g, m, v [n] of\n"
+             "the dtype, s [7] = b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t) as they are at each\n"
+             "run; p None turns it off.");
 }
 
 void* capsule_pointer(py::handle cap, const char* name) {

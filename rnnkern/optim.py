@@ -334,7 +334,7 @@ class Adam(Optimizer):
             raise ValueError(f"eps_mode must be 'tf' or 'torch', got {eps_mode!r}")
         self.eps_mode = eps_mode
         self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
-        # the last compiled update's (p, g, m, v, their 1-D views, scalars array, [hyper])
+        # the last compiled update's (p, g, m, v, their 1-D views, scalars array)
         self._compiled_call = None
 
     def _hyper(self):
@@ -373,24 +373,27 @@ class Adam(Optimizer):
             if not all(a.flags.c_contiguous for a in (p, g, m, v)):
                 return False
             flat = tuple(a.reshape(-1) for a in (p, g, m, v))
-            ready = self._compiled_call = (p, g, m, v, flat, np.empty(7, p.dtype), [None])
+            ready = self._compiled_call = (p, g, m, v, flat, np.empty(7, p.dtype))
         if self.weight_decay:
             g = g + self.weight_decay * p
             flat = (ready[4][0], g.reshape(-1), *ready[4][2:])
         else:
             flat = ready[4]
-        t = self.iterations
-        bc1 = 1.0 - self.beta1 ** t
-        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
-        s = ready[5]  # the scalars in the array dtype (rounded as NumPy rounds Python floats)
-        hyper = (self.beta1, self.beta2, self.eps)
-        if ready[6][0] != hyper:  # set when they change, not every step
-            s[:5] = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.eps)
-            ready[6][0] = hyper
-        s[5] = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
-        s[6] = bc2_sqrt
+        s = self.step_scalars(ready[5], self.iterations)
         self._kernels.adam(*flat, s, self.eps_mode == "tf")
         return True
+
+    def step_scalars(self, s, t):
+        """Fill ``s`` (7 elements, the parameters' dtype) with the compiled update's scalars
+        for step ``t``: ``b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t)``, rounded to the dtype as
+        NumPy rounds Python floats (so the update gives ``_update``'s bits). Returns ``s``."""
+        bc1 = 1.0 - self.beta1 ** t
+        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
+        s[0], s[1], s[2], s[3], s[4] = (self.beta1, 1.0 - self.beta1, self.beta2,
+                                        1.0 - self.beta2, self.eps)
+        s[5] = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
+        s[6] = bc2_sqrt
+        return s
 
 
 class RMSprop(Optimizer):

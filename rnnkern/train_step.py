@@ -43,13 +43,17 @@ from .layers import _Recurrent
 from .losses import sequence_loss
 from .model import Sequential
 from .modules import Dense, Dropout, Embedding, OneHot
-from .optim import Optimizer
+from .optim import Adam, Optimizer
 
 __all__ = ["TrainStep"]
 
 # The C++ backend runs an all-LSTM model fed by ids as one whole-stack kernel call per step
 # (_FusedPlan._stack_step); False: one call per layer, as for every other model (tests compare).
 FUSE_WHOLE_STACK = True
+# ... and, with one-hot input (every gradient final inside that call) and a plain Adam, the
+# optimizer's update at the end of the call, on its threads (_FusedPlan._kernel_update);
+# False: rnnkern.optim's update after it (tests compare the bits).
+FUSE_OPTIMIZER = True
 
 
 class TrainStep:
@@ -379,6 +383,8 @@ class _FusedPlan:
         # one-hot: the table W_ih^T is read as W_ih itself, and its gradient written into dW_ih,
         # inside the kernel's packing and sums (no transposed copies in NumPy each step)
         self.table_in_place = type(self.encoder) is OneHot
+        self.adam_scalars = np.empty(7, dt)
+        self.adam_bound = None    # (m, v, eps_mode) given to the kernel's Adam, or None
         table, d_table = self.proj_table, self.proj_grad
         if self.table_in_place:
             first = self.cells[0]
@@ -390,6 +396,40 @@ class _FusedPlan:
                     head.params.get("bias"), grad[id(head), "weight"],
                     grad.get((id(head), "bias")), self.targets, self.weights, self.lens,
                     self.head_mask, table_transposed=self.table_in_place)
+
+    def _kernel_update(self):
+        """Whether the whole-stack call will also run the optimizer's update (csrc/cpu/adam.h):
+        with one-hot input (every gradient final in the call), a plain Adam (no clipping, no
+        weight decay, compiled updates allowed) whose flat state exists (its first step, or one
+        after ``load_state_dict``, builds it through ``step_flat``). Gives the kernel the state
+        arrays when they changed, and this step's scalars."""
+        opt = self.optimizer
+        if not (FUSE_OPTIMIZER and self.table_in_place and type(opt) is Adam
+                and opt.jit is not False and opt.clip_norm is None and opt.clip_value is None
+                and not opt.weight_decay):
+            return self._bind_adam(None)
+        flat = opt._flat
+        if flat is None or flat["layout"] != self.layout or flat["dtype"] != self.dtype:
+            return self._bind_adam(None)
+        bound = (flat["state"]["m"], flat["state"]["v"], opt.eps_mode)
+        if self.adam_bound is None or any(a is not b for a, b in zip(bound, self.adam_bound)):
+            self._bind_adam(bound)
+        opt.step_scalars(self.adam_scalars, opt.iterations + 1)
+        return True
+
+    def _bind_adam(self, bound):
+        """Give the kernel Adam's flat (m, v, eps_mode), or take it away (None); returns
+        whether it has one."""
+        if bound is None:
+            if self.adam_bound is not None:
+                self.stack.set_adam(None, None, None, None, None, False)
+                self.adam_bound = None
+            return False
+        m, v, eps_mode = bound
+        self.stack.set_adam(self.flat_params, self.flat_grads, m, v, self.adam_scalars,
+                            eps_mode == "tf")
+        self.adam_bound = bound
+        return True
 
     def _run_stack(self, B, T, ids, lengths, has_w):
         """One step through the whole-stack kernel (ids: [B,T] integers); returns the loss."""
@@ -526,8 +566,10 @@ class _FusedPlan:
         K = self._kernels
         B, T, ids = self._load_inputs(x, y, lengths, weights)
         self._load_states(initial_state, B)
+        updated = False   # the optimizer's update done inside the kernel call
         with self.blas_hold:
             if self.stack is not None:
+                updated = self._kernel_update()
                 loss = self._run_stack(B, T, ids, lengths, weights is not None)
                 S = self.proj_grad
             else:
@@ -545,7 +587,10 @@ class _FusedPlan:
             elif type(self.encoder) is Embedding:
                 K.scatter_add_rows(ids, self.cells[0].dx.reshape(B * T, -1),
                                    self.encoder.grads["weight"])
-            self.optimizer.step_flat(self.flat_params, self.flat_grads, self.layout)
+            if updated:
+                self.optimizer.iterations += 1   # what step_flat counts
+            else:
+                self.optimizer.step_flat(self.flat_params, self.flat_grads, self.layout)
         self.model._ran = False   # the layers hold no forward of this batch for backward()
         value = float(loss)
         if not return_state:

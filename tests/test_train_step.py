@@ -560,6 +560,60 @@ def test_whole_stack_reads_a_transposed_table():
                             None, table_transposed=False)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("eps_mode", ["tf", "torch"])
+def test_adam_inside_the_whole_stack_call_gives_the_same_bits(monkeypatch, dtype, eps_mode):
+    """With one-hot input the whole-stack call also runs Adam's update (csrc/cpu/adam.h): the
+    same bits as rnnkern.optim's update after the call, over steps with an lr change and an
+    optimizer state reload (fresh state arrays, bound again after one Python update)."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    from rnnkern import train_step
+    x, y = batch("onehot", B=7, T=5)
+    runs = []
+    for inside in (True, False):
+        monkeypatch.setattr(train_step, "FUSE_OPTIMIZER", inside)
+        model = make_model("onehot", "lstm", (2,), H=17, dtype=dtype)
+        model.layers[1].backend = "cpp"
+        opt = rk.Adam(0.05, eps_mode=eps_mode)
+        step = rk.TrainStep(model, rk.sequence_loss, opt)
+        losses = [step(x, y) for _ in range(3)]
+        used = [step._plan.adam_bound is not None]
+        opt.lr = 0.02
+        losses += [step(x, y) for _ in range(2)]
+        opt.load_state_dict(opt.state_dict())
+        losses += [step(x, y) for _ in range(3)]
+        used.append(step._plan.adam_bound is not None)
+        runs.append((losses, {k: v.copy() for k, v in model.params.items()}, opt.state_dict(),
+                     used, opt.iterations))
+    (l1, p1, s1, used1, it1), (l2, p2, s2, used2, it2) = runs
+    assert used1 == [True, True] and used2 == [False, False]
+    assert it1 == it2 == 8
+    np.testing.assert_array_equal(l1, l2)
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+    for k, slots in s1["state"].items():
+        for slot, value in slots.items():
+            np.testing.assert_array_equal(value, s2["state"][k][slot], err_msg=f"{k}.{slot}")
+
+
+def test_adam_stays_outside_the_call_where_a_gradient_is_not_final_there():
+    """Clipping needs every gradient first, and Embedding input forms its gradients after the
+    call: the update then runs after it, as before."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    for enc, opt in (("onehot", rk.Adam(0.05, clip_norm=1.0)), ("embedding", rk.Adam(0.05)),
+                     ("onehot", rk.SGD(0.1))):
+        model = make_model(enc, "lstm", (2,))
+        model.layers[1].backend = "cpp"
+        step = rk.TrainStep(model, rk.sequence_loss, opt)
+        x, y = batch(enc)
+        for _ in range(2):
+            step(x, y)
+        assert step._plan.stack is not None and step._plan.adam_bound is None
+        assert opt.iterations == 2
+
+
 def test_whole_stack_bad_ids_leave_dropout_generators_alone():
     """A batch refused for its ids draws no dropout mask: the next steps match a run that never
     saw it."""

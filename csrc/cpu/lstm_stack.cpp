@@ -109,6 +109,11 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
     run_chunks(tasks, split, [](void* p, int64_t lo, int64_t hi) {
         finish_tasks<T>(*static_cast<State*>(p), lo, hi);
     }, &st);
+    if (a.adam && a.adam->n > 0)  // on the same threads, the gradients still in their caches
+        run_chunks(a.adam->n, int(std::min<int64_t>(st.n, a.adam->n)),
+                   [](void* p, int64_t lo, int64_t hi) {
+                       adam_range(*static_cast<const AdamArgs<T>*>(p), lo, hi);
+                   }, const_cast<AdamArgs<T>*>(a.adam));
     return st.loss;
 }
 

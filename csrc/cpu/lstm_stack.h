@@ -13,6 +13,7 @@
 #include <memory>
 #include <vector>
 
+#include "adam.h"
 #include "head.h"
 #include "kernels.h"
 
@@ -35,6 +36,9 @@ struct StackArgs {
     HeadArgs<T> head;               // head.h: the last layer's output, or head_dropped
     const T* head_mask = nullptr;   // [B,T,F] dropout mask before the head, or null
     T* head_dropped = nullptr;      // [B,T,F]
+    // Adam's update of the parameters after the gradient sums (every gradient must then be
+    // final here: layer 0's dw_ih is, for a transposed one-hot table), or null: the caller's
+    const AdamArgs<T>* adam = nullptr;
 };
 
 template <typename T>

@@ -1,0 +1,31 @@
+// Adam's update over flat arrays, for a fused training step that runs it on its own threads
+// right after the gradient sums (lstm_stack.h), while the gradients are still in cache.
+// The same IEEE operations, in the same order and dtype, as the NumPy rule (rnnkern/optim.py,
+// Adam._update) and its Numba copy (rnnkern/_optim_numba.py): adam.cpp is compiled without FMA
+// contraction, so all three give the same bits (tests/test_train_step.py).
+//
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   TF form:      p -= step * m / (sqrt(v) + eps)             step = lr sqrt(1-b2^t) / (1-b1^t)
+//   PyTorch form: p -= step * m / (sqrt(v) / bc2 + eps)       step = lr / (1-b1^t), bc2 = sqrt(1-b2^t)
+#pragma once
+
+#include <cstdint>
+
+namespace rk {
+
+template <typename T>
+struct AdamArgs {
+    int64_t n = 0;
+    T* p = nullptr;        // [n] parameters, updated
+    const T* g = nullptr;  // [n] their gradients
+    T* m = nullptr;        // [n] first moments, updated
+    T* v = nullptr;        // [n] second moments, updated
+    const T* s = nullptr;  // [7] b1, 1-b1, b2, 1-b2, eps, step, bc2, in T (Adam._step_scalars)
+    bool tf_form = true;
+};
+
+// The update of elements [lo, hi).
+void adam_range(const AdamArgs<float>& a, int64_t lo, int64_t hi);
+void adam_range(const AdamArgs<double>& a, int64_t lo, int64_t hi);
+
+}  // namespace rk
