@@ -27,8 +27,9 @@ another CPU backend. Layers left on ``backend="auto"`` take the first below
 above it. On the C++ backend, a model whose cells are all LSTMs fed by ids runs the whole step
 -- every layer's forward, the head and loss, every backward -- as ONE kernel call
 (``_C.LstmStackStepF32/F64``, csrc/cpu/lstm_stack.h: each batch chunk runs all of it on its
-thread, the chunks meet once); other models call the seam once per layer. Figures:
-benchmarks/README.md.
+thread, the chunks meet once); with one-hot input and a plain Adam the call ends with the
+optimizer's update too (csrc/cpu/adam.h, the same bits as rnnkern.optim's); other models call
+the seam once per layer. Figures: benchmarks/README.md.
 Results agree with the generic step to float rounding (tests/test_train_step.py).
 """
 from __future__ import annotations
