@@ -17,24 +17,15 @@ RK_ALWAYS_INLINE void adam_impl(const AdamArgs<T>& a, int64_t lo, int64_t hi) {
     const T* __restrict__ g = a.g;
     T* __restrict__ m = a.m;
     T* __restrict__ v = a.v;
-    if (a.tf_form) {
-        for (int64_t i = lo; i < hi; ++i) {
-            const T gi = g[i];
-            const T mi = m[i] * b1 + c1 * gi;
-            const T vi = v[i] * b2 + c2 * (gi * gi);
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = p[i] - step * (mi / (std::sqrt(vi) + eps));
-        }
-    } else {
-        for (int64_t i = lo; i < hi; ++i) {
-            const T gi = g[i];
-            const T mi = m[i] * b1 + c1 * gi;
-            const T vi = v[i] * b2 + c2 * (gi * gi);
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = p[i] - step * (mi / (std::sqrt(vi) / bc2 + eps));
-        }
+    const bool tf_form = a.tf_form;  // loop-invariant: GCC unswitches the loop on it
+    for (int64_t i = lo; i < hi; ++i) {
+        const T gi = g[i];
+        const T mi = m[i] * b1 + c1 * gi;
+        const T vi = v[i] * b2 + c2 * (gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        const T denom = tf_form ? std::sqrt(vi) + eps : std::sqrt(vi) / bc2 + eps;
+        p[i] = p[i] - step * (mi / denom);
     }
 }
 
