@@ -376,7 +376,6 @@ class _FusedPlan:
             cells.append((*(p[n] for n in c.names), c.h0, c.c0, c.h, c.c, *g,
                           float(c.spec.forget_bias), c.mask))
         self.ids_in = np.empty((B, T), np.int64)
-        self.proj_grad = np.empty_like(self.proj_table)
         self.head_mask = (None if self.head_dropped is None
                           else np.empty(self.head_dropped.shape, dt))
         self.stack_masks = (self.head_mask is not None
@@ -384,6 +383,7 @@ class _FusedPlan:
         # one-hot: the table W_ih^T is read as W_ih itself, and its gradient written into dW_ih,
         # inside the kernel's packing and sums (no transposed copies in NumPy each step)
         self.table_in_place = type(self.encoder) is OneHot
+        self.proj_grad = None if self.table_in_place else np.empty_like(self.proj_table)
         self.adam_scalars = np.empty(7, dt)
         self.adam_bound = None    # (m, v, eps_mode) given to the kernel's Adam, or None
         table, d_table = self.proj_table, self.proj_grad
