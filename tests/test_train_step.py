@@ -634,3 +634,77 @@ def test_whole_stack_bad_ids_leave_dropout_generators_alone():
         losses.append([step(x, y) for _ in range(2)])
         assert step._plan.stack is not None
     np.testing.assert_array_equal(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("enc", ["onehot", "embedding"])
+def test_plain_steps_repeat_without_checks_and_every_change_reaches_them(monkeypatch, enc):
+    """A plain ``step(x, y)`` after another skips the checks whose outcome cannot have changed
+    (_FusedPlan.repeat). Every change between steps -- optimizer settings and state, train/eval,
+    the backend preset, thread settings, new parameter arrays, other dtypes or shapes, a
+    refused batch, an initial state -- still reaches the step: the run equals the generic one
+    call for call, and the plain calls in between do repeat."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    from rnnkern import config, train_step
+    monkeypatch.setattr(config, "TRAIN_STEP_NUMBA_MAX_FLOPS", 0)  # "auto" -> the cell's backend
+    repeats = []
+    real_repeat = train_step._FusedPlan.repeat
+
+    def counted(plan, x, y):
+        loss = real_repeat(plan, x, y)
+        repeats.append(loss is not None)
+        return loss
+    monkeypatch.setattr(train_step._FusedPlan, "repeat", counted)
+    x, y = batch(enc, B=5, T=4)
+    bad_x = np.where(x == x[0, 0], 6, x)
+    h0 = np.full((2, 5, 5), 0.1)
+
+    def new_arrays(model, opt):
+        model.layers[1].load_params({k: v + 0.01 for k, v in model.layers[1].params.items()})
+
+    def to_numba(model, opt):
+        rk.set_backend("numba")
+
+    def bad_batch(model, opt):
+        with pytest.raises(ValueError, match=r"ids must lie in \[0, 6\)"):
+            model._step(bad_x, y)
+    edits = [None, None,
+             lambda m, o: setattr(o, "clip_norm", 0.01), None,
+             lambda m, o: setattr(o, "clip_norm", None), None,
+             lambda m, o: m.eval(), None, lambda m, o: m.train(), None,
+             lambda m, o: setattr(o, "lr", 0.02), None,
+             lambda m, o: o.load_state_dict(o.state_dict()), None, None,
+             to_numba, None, lambda m, o: rk.set_backend(None), None,
+             lambda m, o: monkeypatch.setattr(config, "THREADS", 1), None,
+             new_arrays, None, bad_batch, None, None]
+    runs = []
+    for fused in (None, False):
+        repeats.clear()
+        model = make_model(enc, "lstm", (2,), dropout=0.3)
+        opt = rk.Adam(0.05)
+        step = model._step = rk.TrainStep(model, rk.sequence_loss, opt, fused=fused)
+        losses, on_stack = [], []
+        try:
+            for edit in edits:
+                if edit is not None:
+                    edit(model, opt)
+                losses.append(step(x, y))
+                on_stack.append(step._plan is not None and step._plan.stack is not None)
+            losses.append(step(x.astype(np.int32), y.astype(np.int16)))
+            losses.append(step(x[:3], y[:3]))
+            losses.append(step(x, y, initial_state=(None, (h0, h0), None)))
+            losses += [step(x, y), step(x, y)]
+        finally:
+            rk.set_backend(None)
+        assert step._plan is None or step._plan.stack is not None
+        runs.append((model, opt, losses, list(repeats), on_stack))
+    (m1, o1, l1, r1, s1), (m2, o2, l2, r2, _) = runs
+    numba = edits.index(to_numba)       # the two calls on Numba, then the stack again
+    assert s1 == [i not in (numba, numba + 1) for i in range(len(edits))]
+    assert r2 == []
+    assert sum(r1) >= 8, r1            # the plain calls after plain calls repeated
+    assert not all(r1)                 # and the changed ones went the full way
+    np.testing.assert_allclose(l1, l2, **F64)
+    for k in m1.params:
+        np.testing.assert_allclose(m1.params[k], m2.params[k], err_msg=k, **F64)
+    assert o1.iterations == o2.iterations
