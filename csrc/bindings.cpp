@@ -5,6 +5,7 @@
 // Shape legend: B batch, T time, I input, H hidden, G gates, S saved slots (csrc/cpu/kernels.h).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <chrono>
@@ -472,6 +473,9 @@ class StackStep {
         return stack_.step(a_);
     }
 
+    std::vector<int64_t> cut() const { return stack_.cut(); }
+    void hold_cut(std::vector<int64_t> cut) { stack_.hold_cut(std::move(cut)); }
+
     // Adam's update at the end of every run() (csrc/cpu/adam.h) over the flat p, g, m, v [n]
     // with the scalars s [7] as they are at each run; p None: none (the caller updates).
     void set_adam(py::handle p, py::handle g, py::handle m, py::handle v, py::handle s,
@@ -552,7 +556,13 @@ void bind_stack_step(py::module_& m, const char* name) {
              py::arg("v"), py::arg("s"), py::arg("tf_form"),
              "Adam's update at the end of every run (csrc/cpu/adam.h): flat p, g, m, v [n] of\n"
              "the dtype, s [7] = b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t) as they are at each\n"
-             "run; p None turns it off.");
+             "run; p None turns it off.")
+        .def_property_readonly("cut", &StackStep<T>::cut,
+             "The forward's rows per thread, [0, c1, .., B]: thread k runs [cut[k], cut[k+1]).\n"
+             "It follows the threads' measured speeds from step to step.")
+        .def("hold_cut", &StackStep<T>::hold_cut, py::arg("cut"),
+             "Fix the forward's cut for the next runs (tests: no result depends on it); [] lets\n"
+             "it move again. A cut that does not fit a run's batch and threads is not used.");
 }
 
 void* capsule_pointer(py::handle cap, const char* name) {

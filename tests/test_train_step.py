@@ -466,6 +466,66 @@ def test_whole_stack_step_equals_layer_by_layer(monkeypatch, cpp_threads, case, 
         np.testing.assert_allclose(m1.grads[k], m2.grads[k], err_msg=k, **tol)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_whole_stack_result_does_not_depend_on_the_forward_cut(cpp_threads, dtype):
+    """The whole-stack step cuts its forward's rows over the threads by their measured speeds
+    (csrc/cpu/lstm_stack.cpp), so the cut moves from step to step: no result may depend on it.
+    Under held cuts from even to lopsided (one thread without rows), with lengths, weights and
+    dropout masks, losses, parameters and optimizer state agree to the bit."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    cpp_threads(2)
+    B, T, V, H, C = 9, 5, 6, 17, 5
+    rng = np.random.default_rng(11)
+    x, y = rng.integers(0, V, (B, T)), rng.integers(0, C, (B, T))
+    lengths, weights = rng.integers(0, T + 1, B), rng.random((B, T))
+
+    def run(cut):
+        m = make_model("embedding", "lstm", (2,), V=V, H=H, C=C, dtype=dtype, dropout=0.3)
+        m.layers[1].backend = "cpp"
+        model = rk.Sequential(m.layers[:-1] + [rk.Dropout(0.2, seed=3)] + m.layers[-1:])
+        opt = rk.Adam(0.05)
+        step = rk.TrainStep(model, rk.sequence_loss, opt)
+        losses = [step(x, y)]                  # builds the stack step (its cut: the even one)
+        stack = step._plan.stack
+        assert stack.cut[0] == 0 and stack.cut[-1] == B and len(stack.cut) == 3
+        stack.hold_cut(cut)
+        losses += [step(x, y, lengths=lengths, weights=weights), step(x, y), step(x, y)]
+        assert stack.cut == cut
+        return losses, model.params, opt.state_dict()["state"]
+    l0, p0, s0 = run([0, 4, 9])
+    for cut in ([0, 1, 9], [0, 8, 9], [0, 9, 9], [0, 0, 9]):
+        l1, p1, s1 = run(cut)
+        np.testing.assert_array_equal(l1, l0, err_msg=str(cut))
+        for k in p0:
+            np.testing.assert_array_equal(p1[k], p0[k], err_msg=f"{cut} {k}")
+            for slot in s0[k]:
+                np.testing.assert_array_equal(s1[k][slot], s0[k][slot], err_msg=f"{cut} {k}")
+
+
+def test_whole_stack_cut_follows_the_threads_and_refuses_a_bad_one(cpp_threads):
+    """Left to move, the cut stays a cut of the batch with every thread some rows; a cut that
+    does not rise from 0 is refused, and one for another batch is not used."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    cpp_threads(2)
+    model = make_model("onehot", "lstm", (2,), V=6, H=5, C=4)
+    model.layers[1].backend = "cpp"
+    step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05))
+    x, y = batch("onehot", B=12, T=3)
+    for _ in range(20):
+        step(x, y)
+    cut = step._plan.stack.cut
+    assert cut[0] == 0 and cut[2] == 12 and 3 <= cut[1] <= 9, cut   # each share in [1/2, 2]x
+    with pytest.raises(ValueError, match="cut must rise from 0 to B"):
+        step._plan.stack.hold_cut([0, 7, 5])
+    with pytest.raises(ValueError, match="cut must rise from 0 to B"):
+        step._plan.stack.hold_cut([1, 7, 12])
+    step._plan.stack.hold_cut([0, 7, 13])     # another batch's: the moving cut goes on
+    step(x, y)
+    assert step._plan.stack.cut[2] == 12
+
+
 def test_whole_stack_step_rejects_bad_ids_and_targets():
     if not rk.available_backends()["cpp"][0]:
         pytest.skip("backend 'cpp' unavailable")

@@ -1,11 +1,12 @@
 // Dense head + softmax cross-entropy, forward and backward (head.h for the math and shapes).
 //
-// Per chunk of rows: one GEMM for the logits, the softmax as passes over the chunk, then the two
-// gradient GEMMs. The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors
+// Per range of rows: one GEMM for the logits, the softmax as passes over the range, the dh GEMM
+// and each row's loss. After the join, dW from every row at once and the loss as a sum over
+// rows in order: so any cut of the rows into ranges gives the same result to the bit (the fused
+// stack step moves its cut with the threads' measured speeds, lstm_stack.cpp). The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors
 // (zero columns in W^T), so at C = 25 the logits and dW GEMMs run on 2-vector panels instead of a
 // 1-vector panel plus a copied tail, and the per-row passes are whole vectors.
-// dW is formed transposed (dW^T = h^T dlogits: N = Cp, not F) and transposed back when the
-// chunks' partials are summed. The Numba version of this spent ~300 us at lab 12-4's size
+// dW is formed transposed (dW^T = h^T dlogits: N = Cp, not F), then transposed back. The Numba version of this spent ~300 us at lab 12-4's size
 // (N, F, C) = (1700, 25, 25), about half of it in three OpenBLAS calls at these skinny shapes.
 #include "head.h"
 
@@ -34,23 +35,21 @@ struct Head {
     int64_t Cp;           // C rounded up to whole vectors
     const T* wt;          // [F,Cp] = W^T, zero columns past C: the logits GEMM's B operand
     const T* bias;        // [Cp] the bias (or 0), zero past C
-    int n;                // chunks
     T* z;                 // [N,Cp] logits, then d logits (zero past C)
-    T* part_dwt;          // [n,F,Cp] each chunk's dW^T
-    T* part_db;           // [n,Cp] each chunk's db
-    double* loss;         // [n]
+    T* dwt;               // [F,Cp] dW^T
+    double* loss;         // [N] each row's loss, before inv_total
     GemmPath path;
 };
 
 // The softmax cross-entropy of rows [lo, hi) in place on their padded logits: they end as
-// d logits, zero past C. Returns those rows' share of the loss, before inv_total.
+// d logits, zero past C; each row's loss, before inv_total, goes to w.loss.
 template <typename T>
-RK_ALWAYS_INLINE double softmax_xent_impl(const Head<T>& w, int64_t lo, int64_t hi) {
+RK_ALWAYS_INLINE void softmax_xent_impl(const Head<T>& w, int64_t lo, int64_t hi) {
     const HeadArgs<T>& a = *w.a;
     const int64_t C = a.C, Cp = w.Cp, n = hi - lo;
     T* __restrict__ z = w.z + lo * Cp;
     const T* __restrict__ bias = w.bias;
-    double loss = 0.0;
+    double* __restrict__ loss = w.loss + lo;
     for (int64_t r = 0; r < n; ++r) {  // bias; shift by the row max so every exp argument <= 0
         T* __restrict__ row = z + r * Cp;
         for (int64_t j = 0; j < Cp; ++j) row[j] += bias[j];
@@ -67,7 +66,7 @@ RK_ALWAYS_INLINE double softmax_xent_impl(const Head<T>& w, int64_t lo, int64_t 
         m = std::max(std::max(m, m1), std::max(m2, m3));
         for (int64_t j = 0; j < Cp; ++j) row[j] -= m;
         const double wn = a.w ? double(a.w[lo + r]) : 1.0;
-        loss -= wn * double(row[a.targets[lo + r]]);
+        loss[r] = -wn * double(row[a.targets[lo + r]]);
     }
     for (int64_t k = 0; k < n * Cp; ++k) z[k] = act_exp(z[k]);
     for (int64_t r = 0; r < n; ++r) {
@@ -84,43 +83,30 @@ RK_ALWAYS_INLINE double softmax_xent_impl(const Head<T>& w, int64_t lo, int64_t 
         for (; j < C; ++j) s0 += row[j];
         const T s = (s0 + s1) + (s2 + s3);
         const double wn = a.w ? double(a.w[lo + r]) : 1.0;
-        loss += wn * double(std::log(s));  // logf for float: the double log was 1/9 of the time
+        loss[r] += wn * double(std::log(s));  // logf for float: the double log was 1/9 of the time
         const T share = T(wn * a.inv_total);  // this row's weight in the mean
         const T scale = share / s;
         for (int64_t j = 0; j < Cp; ++j) row[j] *= scale;
         row[a.targets[lo + r]] -= share;
     }
-    return loss;
 }
 
-RK_CLONES double softmax_xent(const Head<float>& w, int64_t lo, int64_t hi) {
-    return softmax_xent_impl(w, lo, hi);
+RK_CLONES void softmax_xent(const Head<float>& w, int64_t lo, int64_t hi) {
+    softmax_xent_impl(w, lo, hi);
 }
-RK_CLONES double softmax_xent(const Head<double>& w, int64_t lo, int64_t hi) {
-    return softmax_xent_impl(w, lo, hi);
+RK_CLONES void softmax_xent(const Head<double>& w, int64_t lo, int64_t hi) {
+    softmax_xent_impl(w, lo, hi);
 }
 
-// Rows [lo, hi) of chunk k: logits, softmax cross-entropy, this chunk's dW^T and db, dh.
+// Rows [lo, hi): logits, softmax cross-entropy (each row's loss), dh.
 template <typename T>
-void head_rows(const Head<T>& w, int k, int64_t lo, int64_t hi) {
+void head_rows(const Head<T>& w, int64_t lo, int64_t hi) {
     const HeadArgs<T>& a = *w.a;
     const int64_t C = a.C, F = a.F, Cp = w.Cp, n = hi - lo;
-    T* dwt = w.part_dwt + k * F * Cp;
-    T* db = w.part_db + k * Cp;
-    if (n <= 0) {
-        std::fill(dwt, dwt + F * Cp, T(0));
-        std::fill(db, db + Cp, T(0));
-        w.loss[k] = 0.0;
-        return;
-    }
+    if (n <= 0) return;
     T* dl = w.z + lo * Cp;
-    const T* h = a.h + lo * F;
-    gemm<T>(false, n, Cp, F, T(1), h, F, w.wt, Cp, T(0), dl, Cp, w.path);
-    w.loss[k] = softmax_xent(w, lo, hi);
-    gemm<T>(true, F, Cp, n, T(1), h, F, dl, Cp, T(0), dwt, Cp, w.path);
-    std::fill(db, db + Cp, T(0));
-    for (int64_t r = 0; r < n; ++r)
-        for (int64_t j = 0; j < Cp; ++j) db[j] += dl[r * Cp + j];
+    gemm<T>(false, n, Cp, F, T(1), a.h + lo * F, F, w.wt, Cp, T(0), dl, Cp, w.path);
+    softmax_xent(w, lo, hi);
     gemm<T>(false, n, F, C, T(1), dl, Cp, a.weight, F, T(0), a.dh + lo * F, F, w.path);
     if (a.d_logits)
         for (int64_t r = 0; r < n; ++r)
@@ -140,7 +126,7 @@ int64_t head_split_min() { return g_split_min; }
 
 template <typename T>
 struct HeadStep<T>::State {
-    std::vector<T> wt, bias, z, dwt, db;
+    std::vector<T> wt, bias, z, dwt;
     std::vector<double> loss;
     Head<T> w;
 };
@@ -149,49 +135,51 @@ template <typename T> HeadStep<T>::HeadStep() : s(new State) {}
 template <typename T> HeadStep<T>::~HeadStep() = default;
 
 template <typename T>
-void HeadStep<T>::prepare(const HeadArgs<T>& a, int n) {
+void HeadStep<T>::prepare(const HeadArgs<T>& a, int threads) {
     const int64_t F = a.F, C = a.C, Cp = (C + lanes<T>() - 1) / lanes<T>() * lanes<T>();
     T* wt = grow(s->wt, F * Cp);
     for (int64_t f = 0; f < F; ++f)
         for (int64_t c = 0; c < Cp; ++c) wt[f * Cp + c] = c < C ? a.weight[c * F + f] : T(0);
     T* bias = grow(s->bias, Cp);
     for (int64_t c = 0; c < Cp; ++c) bias[c] = a.bias && c < C ? a.bias[c] : T(0);
-    s->loss.assign(n, 0.0);
-    s->w = Head<T>{&a, Cp, wt, bias, n, grow(s->z, a.N * Cp), grow(s->dwt, n * F * Cp),
-                   grow(s->db, n * Cp), s->loss.data(),
-                   n > 1 ? GemmPath::loop : GemmPath::automatic};
+    s->w = Head<T>{&a, Cp, wt, bias, grow(s->z, a.N * Cp), grow(s->dwt, F * Cp),
+                   grow(s->loss, a.N), threads > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
 template <typename T>
-void HeadStep<T>::rows(int k, int64_t lo, int64_t hi) const {
-    head_rows(s->w, k, lo, hi);
+void HeadStep<T>::rows(int64_t lo, int64_t hi) const {
+    head_rows(s->w, lo, hi);
+}
+
+template <typename T>
+void HeadStep<T>::finish_dw(int64_t f0, int64_t f1) const {
+    const Head<T>& w = s->w;
+    const HeadArgs<T>& a = *w.a;
+    const int64_t F = a.F, C = a.C, Cp = w.Cp;
+    if (f1 <= f0) return;
+    if (a.N <= 0) {  // no rows: zero gradient
+        for (int64_t c = 0; c < C; ++c) std::fill(a.dw + c * F + f0, a.dw + c * F + f1, T(0));
+        return;
+    }
+    // dW^T rows [f0, f1) = h[:, f0:f1]^T d logits over every row, then transposed
+    gemm<T>(true, f1 - f0, Cp, a.N, T(1), a.h + f0, F, w.z, Cp, T(0), w.dwt + f0 * Cp, Cp,
+            w.path);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t f = f0; f < f1; ++f) a.dw[c * F + f] = w.dwt[f * Cp + c];
 }
 
 template <typename T>
 double HeadStep<T>::finish() const {
     const Head<T>& w = s->w;
     const HeadArgs<T>& a = *w.a;
-    const int64_t F = a.F, C = a.C, Cp = w.Cp;
-    if (a.N <= 0) {  // no rows: zero loss and gradients
-        std::fill(a.dw, a.dw + C * F, T(0));
-        if (a.bias) std::fill(a.db, a.db + C, T(0));
-        return 0.0;
+    const int64_t C = a.C, Cp = w.Cp;
+    if (a.bias) {  // db: the column sums of d logits, rows in order
+        std::fill(a.db, a.db + C, T(0));
+        for (int64_t r = 0; r < a.N; ++r)
+            for (int64_t c = 0; c < C; ++c) a.db[c] += w.z[r * Cp + c];
     }
-    // the chunks' dW^T summed (in chunk order) and transposed
-    for (int64_t c = 0; c < C; ++c)
-        for (int64_t f = 0; f < F; ++f) {
-            T sum = w.part_dwt[f * Cp + c];
-            for (int k = 1; k < w.n; ++k) sum += w.part_dwt[(k * F + f) * Cp + c];
-            a.dw[c * F + f] = sum;
-        }
-    if (a.bias)
-        for (int64_t c = 0; c < C; ++c) {
-            T sum = w.part_db[c];
-            for (int k = 1; k < w.n; ++k) sum += w.part_db[k * Cp + c];
-            a.db[c] = sum;
-        }
     double total = 0.0;
-    for (double l : s->loss) total += l;
+    for (int64_t r = 0; r < a.N; ++r) total += w.loss[r];
     return total * a.inv_total;
 }
 
@@ -204,14 +192,14 @@ double dense_softmax_xent(const HeadArgs<T>& a) {
     const int64_t N = a.N;
     const int n = N > 0 && N * a.C * a.F >= g_split_min ? int(std::min<int64_t>(threads(), N)) : 1;
     step.prepare(a, n);
-    struct Split { const HeadStep<T>* step; int64_t N; int n; } split{&step, N, n};
     if (N > 0)
         run_chunks(N, n, [](void* p, int64_t lo, int64_t hi) {
-            const Split& sp = *static_cast<const Split*>(p);
-            int k = 0;  // this range's index (run_chunks: lo = N*k/n)
-            while (sp.N * k / sp.n != lo) ++k;
-            sp.step->rows(k, lo, hi);
-        }, &split);
+            static_cast<const HeadStep<T>*>(p)->rows(lo, hi);
+        }, &step);
+    run_chunks(a.F, int(std::max<int64_t>(1, std::min<int64_t>(n, a.F))),
+               [](void* p, int64_t f0, int64_t f1) {
+                   static_cast<const HeadStep<T>*>(p)->finish_dw(f0, f1);
+               }, &step);
     return step.finish();
 }
 

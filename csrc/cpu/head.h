@@ -32,14 +32,16 @@ struct HeadArgs {
 };
 
 // Returns the loss (accumulated in double). Rows are split over threads (chunks.h) from
-// N*C*F = head_split_min() up; each chunk sums its own dw, db, then they are added.
+// N*C*F = head_split_min() up; dW is then split over threads by its columns.
 template <typename T>
 double dense_softmax_xent(const HeadArgs<T>& a);
 
-// The same in phases, for a caller that runs each chunk's rows inside its own split
-// (lstm_stack.cpp): prepare for n chunks, the rows [lo, hi) of chunk k (each writes its own dw,
-// db partials), finish: the partials added into dw, db, the loss returned. The args passed to
-// prepare must outlive rows and finish.
+// The same in phases, for a caller that runs ranges of rows inside its own split
+// (lstm_stack.cpp): prepare (threads: how many threads will run rows), the rows [lo, hi) of
+// any cut of [0, N) (each writes its rows' dh, d logits and losses), then after the join
+// finish_dw over column ranges [f0, f1) of F (every row's d logits at once) and finish: db and
+// the loss, summed over rows in order. Nothing is summed per range, so the result does not
+// depend on the cut. The args passed to prepare must outlive rows and finish.
 template <typename T>
 class HeadStep {
   public:
@@ -47,8 +49,9 @@ class HeadStep {
     ~HeadStep();
     HeadStep(const HeadStep&) = delete;
     HeadStep& operator=(const HeadStep&) = delete;
-    void prepare(const HeadArgs<T>& a, int n);
-    void rows(int k, int64_t lo, int64_t hi) const;
+    void prepare(const HeadArgs<T>& a, int threads);
+    void rows(int64_t lo, int64_t hi) const;
+    void finish_dw(int64_t f0, int64_t f1) const;
     double finish() const;
 
   private:

@@ -2,6 +2,9 @@
 #include "lstm_stack.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
 
 #include "chunks.h"
 #include "lstm.h"
@@ -15,6 +18,11 @@ struct LstmStack<T>::State {
     const StackArgs<T>* a = nullptr;
     int n = 1;
     double loss = 0.0;
+    // The forward's cut of the batch: thread k runs rows [cut[k], cut[k+1]). Moved each step
+    // toward the threads' measured speeds (rows per second, smoothed over steps), from the
+    // even cut whenever B or the thread count changes.
+    std::vector<int64_t> cut, held;  // held: hold_cut's, used as given while it fits
+    std::vector<double> speed, secs;
 };
 
 template <typename T>
@@ -37,13 +45,15 @@ void product_rows(const T* __restrict__ x, const T* __restrict__ mask, T* __rest
     for (int64_t e = lo * TW; e < hi * TW; ++e) out[e] = x[e] * mask[e];
 }
 
-// Everything one chunk of batch rows does in a step, in the order the math needs it.
+// The forward of thread k's rows [cut[k], cut[k+1]): every layer, the head and loss, and the
+// gradient at the top layer's output. No sum over rows is formed here (head.h), so the cut may
+// move from step to step without changing any result's bits.
 template <typename T, typename State>
-void chunk_step(const State& st, int64_t lo, int64_t hi) {
+void forward_part(State& st, int64_t k) {
+    const auto start = std::chrono::steady_clock::now();
     const StackArgs<T>& a = *st.a;
     const size_t L = a.layers.size();
-    int k = 0;  // this range's index among the chunks (run_chunks: lo = B*k/n)
-    while (a.B * k / st.n != lo) ++k;
+    const int64_t lo = st.cut[k], hi = st.cut[k + 1];
     for (size_t l = 0; l < L; ++l) {
         const StackLayer<T>& y = a.layers[l];
         st.layers[l]->forward_rows(lo, hi);
@@ -52,13 +62,51 @@ void chunk_step(const State& st, int64_t lo, int64_t hi) {
     const StackLayer<T>& top = a.layers[L - 1];
     if (a.head_mask)
         product_rows(top.f.out, a.head_mask, a.head_dropped, lo, hi, a.T_ * top.f.H);
-    st.head.rows(k, lo * a.T_, hi * a.T_);
+    st.head.rows(lo * a.T_, hi * a.T_);
     if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);  // d top.out
-    for (size_t l = L; l-- > 0;) {
+    st.secs[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Every layer's backward over chunk [lo, hi) of the even cut (the layers' weight-gradient
+// partials are per chunk and added in chunk order: lstm.h).
+template <typename T, typename State>
+void backward_part(const State& st, int64_t lo, int64_t hi) {
+    const StackArgs<T>& a = *st.a;
+    for (size_t l = a.layers.size(); l-- > 0;) {
         st.layers[l]->backward_rows(lo, hi);
         if (l == 0 || !a.layers[l - 1].mask) continue;
         const StackLayer<T>& below = a.layers[l - 1];  // d its output = d its dropped copy * mask
         multiply_rows(a.layers[l].b.dx, below.mask, lo, hi, a.T_ * below.f.H);
+    }
+}
+
+// The next step's forward cut from this one's timings: thread k's share of the rows follows its
+// speed, a step's measurement moving the smoothed speed at most 2x, each share kept within
+// [1/2, 2] of the even one. On this 2-vCPU host one thread often ran 10-40% slower than the
+// other for seconds at a time (the other tenants), and the even cut left the faster one
+// waiting 100-360 us of a ~1 ms lab 12-4 step.
+template <typename State>
+void move_cut(State& st, int64_t B) {
+    const int n = st.n;
+    double total = 0.0;
+    for (int k = 0; k < n; ++k) {
+        const int64_t rows = st.cut[k + 1] - st.cut[k];
+        if (rows > 0 && st.secs[k] > 0.0) {
+            const double v = double(rows) / st.secs[k], old = st.speed[k];
+            st.speed[k] = old > 0.0 ? 0.5 * old + 0.5 * std::min(2.0 * old, std::max(0.5 * old, v))
+                                    : v;
+        }
+        if (!(st.speed[k] > 0.0)) return;  // not measured yet: keep the cut
+        total += st.speed[k];
+    }
+    const int64_t even = B / n, lo = std::max<int64_t>(1, even / 2), hi = 2 * even;
+    double sum = 0.0;
+    for (int k = 1; k < n; ++k) {
+        sum += st.speed[k - 1];
+        int64_t c = std::llround(double(B) * sum / total);
+        c = std::max(c, st.cut[k - 1] + lo);
+        c = std::min(c, st.cut[k - 1] + hi);
+        st.cut[k] = std::min(c, B - int64_t(n - k) * lo);
     }
 }
 
@@ -80,12 +128,21 @@ void prepare_tasks(State& st, int64_t lo, int64_t hi) {
     }
 }
 
+// tasks 0 and L+1: the head's dW, half its columns each (the second also db and the loss);
+// 1..L: layer i-1's sums
 template <typename T, typename State>
 void finish_tasks(State& st, int64_t lo, int64_t hi) {
     const size_t L = st.a->layers.size();
+    const int64_t F = st.a->head.F;
     for (int64_t i = lo; i < hi; ++i) {
-        if (size_t(i) == L) st.loss = st.head.finish();
-        else st.layers[i]->backward_finish();
+        if (i == 0) {
+            st.head.finish_dw(0, F / 2);
+        } else if (size_t(i) == L + 1) {
+            st.head.finish_dw(F / 2, F);
+            st.loss = st.head.finish();
+        } else {
+            st.layers[i - 1]->backward_finish();
+        }
     }
 }
 
@@ -96,25 +153,48 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
     State& st = *s;
     int64_t work = 0;
     for (const StackLayer<T>& y : a.layers) work += 4 * (a.B * a.T_ * 4 * y.f.H * y.f.H);
-    st.n = a.B > 0 && a.T_ > 0 ? chunks_for(a.B, work) : 1;
+    const int n = a.B > 0 && a.T_ > 0 ? chunks_for(a.B, work) : 1;
+    if (n != st.n || int64_t(st.cut.size()) != n + 1 || st.cut[n] != a.B) {  // the even cut
+        st.n = n;
+        st.cut.resize(n + 1);
+        for (int k = 0; k <= n; ++k) st.cut[k] = a.B * k / n;
+        st.speed.assign(n, 0.0);
+        st.secs.assign(n, 0.0);
+    }
+    const bool held = int64_t(st.held.size()) == n + 1 && st.held[n] == a.B;
+    if (held) st.cut = st.held;
     st.a = &a;
-    const int64_t tasks = int64_t(a.layers.size()) + 1;
-    const int split = int(std::min<int64_t>(st.n, tasks));
-    run_chunks(tasks, split, [](void* p, int64_t lo, int64_t hi) {
+    const int64_t L = int64_t(a.layers.size());
+    run_chunks(L + 1, int(std::min<int64_t>(n, L + 1)), [](void* p, int64_t lo, int64_t hi) {
         prepare_tasks<T>(*static_cast<State*>(p), lo, hi);
     }, &st);
-    run_chunks(a.B, st.n, [](void* p, int64_t lo, int64_t hi) {
-        chunk_step<T>(*static_cast<const State*>(p), lo, hi);
+    run_chunks(n, n, [](void* p, int64_t k, int64_t) {
+        forward_part<T>(*static_cast<State*>(p), k);
     }, &st);
-    run_chunks(tasks, split, [](void* p, int64_t lo, int64_t hi) {
+    if (n > 1 && !held) move_cut(st, a.B);
+    run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
+        backward_part<T>(*static_cast<const State*>(p), lo, hi);
+    }, &st);
+    run_chunks(L + 2, int(std::min<int64_t>(n, L + 2)), [](void* p, int64_t lo, int64_t hi) {
         finish_tasks<T>(*static_cast<State*>(p), lo, hi);
     }, &st);
     if (a.adam && a.adam->n > 0)  // on the same threads, the gradients still in their caches
-        run_chunks(a.adam->n, int(std::min<int64_t>(st.n, a.adam->n)),
+        run_chunks(a.adam->n, int(std::min<int64_t>(n, a.adam->n)),
                    [](void* p, int64_t lo, int64_t hi) {
                        adam_range(*static_cast<const AdamArgs<T>*>(p), lo, hi);
                    }, const_cast<AdamArgs<T>*>(a.adam));
     return st.loss;
+}
+
+template <typename T>
+std::vector<int64_t> LstmStack<T>::cut() const { return s->cut; }
+
+template <typename T>
+void LstmStack<T>::hold_cut(std::vector<int64_t> cut) {
+    bool rises = cut.empty() || cut[0] == 0;
+    for (size_t k = 1; k < cut.size(); ++k) rises = rises && cut[k] >= cut[k - 1];
+    if (!rises) throw std::invalid_argument("cut must rise from 0 to B");
+    s->held = std::move(cut);
 }
 
 template class LstmStack<float>;

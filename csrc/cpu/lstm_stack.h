@@ -48,6 +48,11 @@ class LstmStack {
     ~LstmStack();
     // One step over a's buffers (which must outlive the call); returns the loss.
     double step(const StackArgs<T>& a);
+    // The forward's cut of the batch over the threads (lstm_stack.cpp: it follows their measured
+    // speeds): n+1 row indices from 0 to B. hold_cut fixes it for the next steps (tests: the
+    // result must not depend on it), an empty vector lets it move again.
+    std::vector<int64_t> cut() const;
+    void hold_cut(std::vector<int64_t> cut);
 
   private:
     struct State;
