@@ -1,9 +1,10 @@
 // Dense head + softmax cross-entropy, forward and backward (head.h for the math and shapes).
 //
 // Per range of rows: one GEMM for the logits, the softmax as passes over the range, the dh GEMM
-// and each row's loss. After the join, dW from every row at once and the loss as a sum over
-// rows in order: so any cut of the rows into ranges gives the same result to the bit (the fused
-// stack step moves its cut with the threads' measured speeds, lstm_stack.cpp). The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors
+// and each row's loss; none of it sums over rows, so the ranges may be cut anywhere (the fused
+// stack step moves its cut with the threads' measured speeds, lstm_stack.cpp). Per chunk of a
+// fixed cut: the dW^T and db partials, added in chunk order after the join, where the loss is
+// summed over rows in order: so every result is the same to the bit whatever the ranges. The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors
 // (zero columns in W^T), so at C = 25 the logits and dW GEMMs run on 2-vector panels instead of a
 // 1-vector panel plus a copied tail, and the per-row passes are whole vectors.
 // dW is formed transposed (dW^T = h^T dlogits: N = Cp, not F), then transposed back. The Numba version of this spent ~300 us at lab 12-4's size
@@ -35,8 +36,10 @@ struct Head {
     int64_t Cp;           // C rounded up to whole vectors
     const T* wt;          // [F,Cp] = W^T, zero columns past C: the logits GEMM's B operand
     const T* bias;        // [Cp] the bias (or 0), zero past C
+    int n;                // chunks of the fixed cut
     T* z;                 // [N,Cp] logits, then d logits (zero past C)
-    T* dwt;               // [F,Cp] dW^T
+    T* part_dwt;          // [n,F,Cp] each chunk's dW^T
+    T* part_db;           // [n,Cp] each chunk's db
     double* loss;         // [N] each row's loss, before inv_total
     GemmPath path;
 };
@@ -126,7 +129,7 @@ int64_t head_split_min() { return g_split_min; }
 
 template <typename T>
 struct HeadStep<T>::State {
-    std::vector<T> wt, bias, z, dwt;
+    std::vector<T> wt, bias, z, dwt, db;
     std::vector<double> loss;
     Head<T> w;
 };
@@ -135,15 +138,16 @@ template <typename T> HeadStep<T>::HeadStep() : s(new State) {}
 template <typename T> HeadStep<T>::~HeadStep() = default;
 
 template <typename T>
-void HeadStep<T>::prepare(const HeadArgs<T>& a, int threads) {
+void HeadStep<T>::prepare(const HeadArgs<T>& a, int threads, int n) {
     const int64_t F = a.F, C = a.C, Cp = (C + lanes<T>() - 1) / lanes<T>() * lanes<T>();
     T* wt = grow(s->wt, F * Cp);
     for (int64_t f = 0; f < F; ++f)
         for (int64_t c = 0; c < Cp; ++c) wt[f * Cp + c] = c < C ? a.weight[c * F + f] : T(0);
     T* bias = grow(s->bias, Cp);
     for (int64_t c = 0; c < Cp; ++c) bias[c] = a.bias && c < C ? a.bias[c] : T(0);
-    s->w = Head<T>{&a, Cp, wt, bias, grow(s->z, a.N * Cp), grow(s->dwt, F * Cp),
-                   grow(s->loss, a.N), threads > 1 ? GemmPath::loop : GemmPath::automatic};
+    s->w = Head<T>{&a, Cp, wt, bias, n, grow(s->z, a.N * Cp), grow(s->dwt, n * F * Cp),
+                   grow(s->db, n * Cp), grow(s->loss, a.N),
+                   threads > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
 template <typename T>
@@ -152,33 +156,42 @@ void HeadStep<T>::rows(int64_t lo, int64_t hi) const {
 }
 
 template <typename T>
-void HeadStep<T>::finish_dw(int64_t f0, int64_t f1) const {
+void HeadStep<T>::grads(int k, int64_t lo, int64_t hi) const {
     const Head<T>& w = s->w;
     const HeadArgs<T>& a = *w.a;
-    const int64_t F = a.F, C = a.C, Cp = w.Cp;
-    if (f1 <= f0) return;
-    if (a.N <= 0) {  // no rows: zero gradient
-        for (int64_t c = 0; c < C; ++c) std::fill(a.dw + c * F + f0, a.dw + c * F + f1, T(0));
+    const int64_t F = a.F, Cp = w.Cp;
+    T* dwt = w.part_dwt + k * F * Cp;
+    T* db = w.part_db + k * Cp;
+    std::fill(db, db + Cp, T(0));
+    if (hi <= lo) {
+        std::fill(dwt, dwt + F * Cp, T(0));
         return;
     }
-    // dW^T rows [f0, f1) = h[:, f0:f1]^T d logits over every row, then transposed
-    gemm<T>(true, f1 - f0, Cp, a.N, T(1), a.h + f0, F, w.z, Cp, T(0), w.dwt + f0 * Cp, Cp,
-            w.path);
-    for (int64_t c = 0; c < C; ++c)
-        for (int64_t f = f0; f < f1; ++f) a.dw[c * F + f] = w.dwt[f * Cp + c];
+    const T* dl = w.z + lo * Cp;
+    gemm<T>(true, F, Cp, hi - lo, T(1), a.h + lo * F, F, dl, Cp, T(0), dwt, Cp, w.path);
+    for (int64_t r = 0; r < hi - lo; ++r)
+        for (int64_t j = 0; j < Cp; ++j) db[j] += dl[r * Cp + j];
 }
 
 template <typename T>
 double HeadStep<T>::finish() const {
     const Head<T>& w = s->w;
     const HeadArgs<T>& a = *w.a;
-    const int64_t C = a.C, Cp = w.Cp;
-    if (a.bias) {  // db: the column sums of d logits, rows in order
-        std::fill(a.db, a.db + C, T(0));
-        for (int64_t r = 0; r < a.N; ++r)
-            for (int64_t c = 0; c < C; ++c) a.db[c] += w.z[r * Cp + c];
-    }
-    double total = 0.0;
+    const int64_t F = a.F, C = a.C, Cp = w.Cp;
+    // the chunks' dW^T and db summed (in chunk order), dW transposed
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t f = 0; f < F; ++f) {
+            T sum = w.part_dwt[f * Cp + c];
+            for (int k = 1; k < w.n; ++k) sum += w.part_dwt[(k * F + f) * Cp + c];
+            a.dw[c * F + f] = sum;
+        }
+    if (a.bias)
+        for (int64_t c = 0; c < C; ++c) {
+            T sum = w.part_db[c];
+            for (int k = 1; k < w.n; ++k) sum += w.part_db[k * Cp + c];
+            a.db[c] = sum;
+        }
+    double total = 0.0;  // rows in order
     for (int64_t r = 0; r < a.N; ++r) total += w.loss[r];
     return total * a.inv_total;
 }
@@ -191,15 +204,15 @@ double dense_softmax_xent(const HeadArgs<T>& a) {
     thread_local HeadStep<T> step;
     const int64_t N = a.N;
     const int n = N > 0 && N * a.C * a.F >= g_split_min ? int(std::min<int64_t>(threads(), N)) : 1;
-    step.prepare(a, n);
-    if (N > 0)
-        run_chunks(N, n, [](void* p, int64_t lo, int64_t hi) {
-            static_cast<const HeadStep<T>*>(p)->rows(lo, hi);
-        }, &step);
-    run_chunks(a.F, int(std::max<int64_t>(1, std::min<int64_t>(n, a.F))),
-               [](void* p, int64_t f0, int64_t f1) {
-                   static_cast<const HeadStep<T>*>(p)->finish_dw(f0, f1);
-               }, &step);
+    step.prepare(a, n, n);
+    struct Split { const HeadStep<T>* step; int64_t N; int n; } split{&step, N, n};
+    run_chunks(N, n, [](void* p, int64_t lo, int64_t hi) {
+        const Split& sp = *static_cast<const Split*>(p);
+        int k = 0;  // this range's index (run_chunks: lo = N*k/n)
+        while (k + 1 < sp.n && sp.N * k / sp.n != lo) ++k;
+        sp.step->rows(lo, hi);
+        sp.step->grads(k, lo, hi);
+    }, &split);
     return step.finish();
 }
 

@@ -32,16 +32,16 @@ struct HeadArgs {
 };
 
 // Returns the loss (accumulated in double). Rows are split over threads (chunks.h) from
-// N*C*F = head_split_min() up; dW is then split over threads by its columns.
+// N*C*F = head_split_min() up; each chunk sums its own dw, db, then they are added.
 template <typename T>
 double dense_softmax_xent(const HeadArgs<T>& a);
 
-// The same in phases, for a caller that runs ranges of rows inside its own split
-// (lstm_stack.cpp): prepare (threads: how many threads will run rows), the rows [lo, hi) of
-// any cut of [0, N) (each writes its rows' dh, d logits and losses), then after the join
-// finish_dw over column ranges [f0, f1) of F (every row's d logits at once) and finish: db and
-// the loss, summed over rows in order. Nothing is summed per range, so the result does not
-// depend on the cut. The args passed to prepare must outlive rows and finish.
+// The same in phases, for a caller that runs rows inside its own splits (lstm_stack.cpp):
+// prepare (threads: how many threads run rows; n chunks of a fixed cut of [0, N)), rows [lo, hi)
+// of any cut (each writes its rows' dh, d logits and losses), grads(k, lo, hi) for chunk k of
+// the fixed cut (its dW, db partials, from its rows' d logits), then after the join finish: the
+// partials added in chunk order, the loss summed over rows in order. So the result does not
+// depend on how rows() was cut. The args passed to prepare must outlive rows and finish.
 template <typename T>
 class HeadStep {
   public:
@@ -49,9 +49,9 @@ class HeadStep {
     ~HeadStep();
     HeadStep(const HeadStep&) = delete;
     HeadStep& operator=(const HeadStep&) = delete;
-    void prepare(const HeadArgs<T>& a, int threads);
+    void prepare(const HeadArgs<T>& a, int threads, int n);
     void rows(int64_t lo, int64_t hi) const;
-    void finish_dw(int64_t f0, int64_t f1) const;
+    void grads(int k, int64_t lo, int64_t hi) const;
     double finish() const;
 
   private:

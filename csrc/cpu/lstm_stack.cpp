@@ -2,6 +2,7 @@
 #include "lstm_stack.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <stdexcept>
@@ -23,6 +24,7 @@ struct LstmStack<T>::State {
     // even cut whenever B or the thread count changes.
     std::vector<int64_t> cut, held;  // held: hold_cut's, used as given while it fits
     std::vector<double> speed, secs;
+    std::atomic<int64_t> next_task{0};  // the finish's tasks, taken in turn by the threads
 };
 
 template <typename T>
@@ -67,11 +69,14 @@ void forward_part(State& st, int64_t k) {
     st.secs[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Every layer's backward over chunk [lo, hi) of the even cut (the layers' weight-gradient
-// partials are per chunk and added in chunk order: lstm.h).
+// Chunk [lo, hi) of the even cut: the head's dW, db partials over its rows, then every layer's
+// backward (their weight-gradient partials are per chunk too and added in chunk order: lstm.h).
 template <typename T, typename State>
 void backward_part(const State& st, int64_t lo, int64_t hi) {
     const StackArgs<T>& a = *st.a;
+    int k = 0;  // this chunk's index (run_chunks: lo = B*k/n)
+    while (k + 1 < st.n && a.B * k / st.n != lo) ++k;
+    st.head.grads(k, lo * a.T_, hi * a.T_);
     for (size_t l = a.layers.size(); l-- > 0;) {
         st.layers[l]->backward_rows(lo, hi);
         if (l == 0 || !a.layers[l - 1].mask) continue;
@@ -123,7 +128,7 @@ void prepare_tasks(State& st, int64_t lo, int64_t hi) {
     const size_t L = a.layers.size();
     for (int64_t i = lo; i < hi; ++i) {
         if (size_t(i) == L) {
-            st.head.prepare(a.head, st.n);
+            st.head.prepare(a.head, st.n, st.n);
             continue;
         }
         st.layers[i]->forward_prepare(a.layers[i].f, st.n);
@@ -131,21 +136,16 @@ void prepare_tasks(State& st, int64_t lo, int64_t hi) {
     }
 }
 
-// tasks 0 and L+1: the head's dW, half its columns each (the second also db and the loss);
-// 1..L: layer i-1's sums
+// The gradient sums, as tasks taken in turn by every thread until none is left (each writes
+// its own outputs, so who runs which changes nothing): each layer's, from the top down, then
+// the head's (which gives the loss). Cut statically, the second thread's share had taken 2x
+// the first's.
 template <typename T, typename State>
-void finish_tasks(State& st, int64_t lo, int64_t hi) {
-    const size_t L = st.a->layers.size();
-    const int64_t F = st.a->head.F;
-    for (int64_t i = lo; i < hi; ++i) {
-        if (i == 0) {
-            st.head.finish_dw(0, F / 2);
-        } else if (size_t(i) == L + 1) {
-            st.head.finish_dw(F / 2, F);
-            st.loss = st.head.finish();
-        } else {
-            st.layers[i - 1]->backward_finish();
-        }
+void finish_tasks(State& st) {
+    const int64_t L = int64_t(st.layers.size());
+    for (int64_t i; (i = st.next_task.fetch_add(1)) <= L;) {
+        if (i == L) st.loss = st.head.finish();
+        else st.layers[L - 1 - i]->backward_finish();
     }
 }
 
@@ -178,8 +178,10 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
     run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
         backward_part<T>(*static_cast<const State*>(p), lo, hi);
     }, &st);
-    run_chunks(L + 2, int(std::min<int64_t>(n, L + 2)), [](void* p, int64_t lo, int64_t hi) {
-        finish_tasks<T>(*static_cast<State*>(p), lo, hi);
+    st.next_task = 0;
+    const int finishers = int(std::min<int64_t>(n, L + 1));
+    run_chunks(finishers, finishers, [](void* p, int64_t, int64_t) {
+        finish_tasks<T>(*static_cast<State*>(p));
     }, &st);
     if (a.adam && a.adam->n > 0)  // on the same threads, the gradients still in their caches
         run_chunks(a.adam->n, int(std::min<int64_t>(n, a.adam->n)),
