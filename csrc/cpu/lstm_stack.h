@@ -1,9 +1,9 @@
 // The fused training step of a stack [projected table lookup -> LSTM layers -> dense head with
 // softmax cross-entropy] (what rnnkern/train_step.py runs per batch on the C++ backend) in two
 // splits of the batch over the threads, with no hand-off per layer: first each thread runs every
-// layer's forward time loop over its rows, then its rows of the head and loss; then each runs
-// every layer's backward over its chunk; after the join the gradient partials are summed (lstm.h,
-// head.h). Per layer call this saved the hand-offs, the waits for the slower thread and the
+// layer's forward time loop over its rows, then its rows of the head and loss; then each forms
+// the head's weight gradients over its chunk and runs every layer's backward over it; after the
+// join the gradient partials are summed (lstm.h, head.h). Per layer call this saved the hand-offs, the waits for the slower thread and the
 // Python between. The forward forms no sum over rows, so its cut follows the threads' measured
 // speeds (on a shared host one thread often runs 10-40% slower than the other for seconds); the
 // backward's partials are per chunk of the even cut and summed in chunk order, so every result
