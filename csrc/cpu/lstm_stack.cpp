@@ -24,6 +24,7 @@ struct LstmStack<T>::State {
     // even cut whenever B or the thread count changes.
     std::vector<int64_t> cut, held;  // held: hold_cut's, used as given while it fits
     std::vector<double> speed, secs;
+    bool timed_even = true;  // speed: measured on the even cut (one split), else forward only
     std::atomic<int64_t> next_task{0};  // the finish's tasks, taken in turn by the threads
 };
 
@@ -47,15 +48,13 @@ void product_rows(const T* __restrict__ x, const T* __restrict__ mask, T* __rest
     for (int64_t e = lo * TW; e < hi * TW; ++e) out[e] = x[e] * mask[e];
 }
 
-// The forward of thread k's rows [cut[k], cut[k+1]): every layer, the head and loss, and the
-// gradient at the top layer's output. No sum over rows is formed here (head.h), so the cut may
-// move from step to step without changing any result's bits.
+// The forward of rows [lo, hi): every layer, the head and loss, and the gradient at the top
+// layer's output. No sum over rows is formed here (head.h), so the rows may be cut anywhere
+// without changing any result's bits.
 template <typename T, typename State>
-void forward_part(State& st, int64_t k) {
-    const auto start = std::chrono::steady_clock::now();
+void forward_part(const State& st, int64_t lo, int64_t hi) {
     const StackArgs<T>& a = *st.a;
     const size_t L = a.layers.size();
-    const int64_t lo = st.cut[k], hi = st.cut[k + 1];
     for (size_t l = 0; l < L; ++l) {
         const StackLayer<T>& y = a.layers[l];
         st.layers[l]->forward_rows(lo, hi);
@@ -66,7 +65,6 @@ void forward_part(State& st, int64_t k) {
         product_rows(top.f.out, a.head_mask, a.head_dropped, lo, hi, a.T_ * top.f.H);
     st.head.rows(lo * a.T_, hi * a.T_);
     if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);  // d top.out
-    st.secs[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // Chunk [lo, hi) of the even cut: the head's dW, db partials over its rows, then every layer's
@@ -85,37 +83,54 @@ void backward_part(const State& st, int64_t lo, int64_t hi) {
     }
 }
 
-// The next step's forward cut from this one's timings: thread k's share of the rows follows its
-// speed, a step's measurement moving the smoothed speed at most 2x, each share kept within
-// [1/2, 2] of the even one. On this 2-vCPU host one thread often ran 10-40% slower than the
-// other for seconds at a time (the other tenants), and the even cut left the faster one
-// waiting 100-360 us of a ~1 ms lab 12-4 step. With the forward's cut moving (lab 12-4, 500
-// steps, min of 3, ten alternating pairs of processes): mean 0.673 -> 0.625 s, median 0.71 ->
-// 0.64 s. (Keeping dG whole so the backward could take the cut too was slower: its weight
-// gradients, formed after the join from 0.87 MB of dG a layer, cost more than the wait.)
+// Seconds since `start`.
+inline double since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// The next step's cut from this one's timings (secs[k]: thread k's seconds over its rows of the
+// cut, forward only when the step ran in two splits, forward and backward in one): thread k's
+// share of the rows follows its speed (smoothed over the steps of one kind, a step moving it at
+// most 2x), each share within [1/2, 2] of the even one. The cut leaves the even one when the
+// speeds differ by more than 8%, and returns to it when it comes within 2 rows of it; so a
+// balanced machine keeps the single split (one join less).
+//
+// On this 2-vCPU host one thread often ran 10-40% slower than the other for seconds at a time
+// (the other tenants), and the even cut left the faster one waiting 100-360 us of a ~1 ms
+// lab 12-4 step. (Keeping dG whole so the backward could take the cut too was slower: its
+// weight gradients, formed after the join from 0.87 MB of dG a layer, cost more than the wait.)
 template <typename State>
-void move_cut(State& st, int64_t B) {
+void move_cut(State& st, int64_t B, bool was_even) {
     const int n = st.n;
-    double total = 0.0;
+    double total = 0.0, lo_speed = 0.0, hi_speed = 0.0;
     for (int k = 0; k < n; ++k) {
         const int64_t rows = st.cut[k + 1] - st.cut[k];
         if (rows > 0 && st.secs[k] > 0.0) {
             const double v = double(rows) / st.secs[k], old = st.speed[k];
-            st.speed[k] = old > 0.0 ? 0.5 * old + 0.5 * std::min(2.0 * old, std::max(0.5 * old, v))
-                                    : v;
+            st.speed[k] = old > 0.0 && was_even == st.timed_even
+                              ? 0.5 * old + 0.5 * std::min(2.0 * old, std::max(0.5 * old, v))
+                              : v;
         }
-        if (!(st.speed[k] > 0.0)) return;  // not measured yet: keep the cut
+        if (!(st.speed[k] > 0.0)) return;  // not measured: keep the cut
         total += st.speed[k];
+        lo_speed = k ? std::min(lo_speed, st.speed[k]) : st.speed[k];
+        hi_speed = std::max(hi_speed, st.speed[k]);
     }
+    st.timed_even = was_even;
+    if (was_even && hi_speed <= 1.08 * lo_speed) return;
     const int64_t even = B / n, lo = std::max<int64_t>(1, even / 2), hi = 2 * even;
     double sum = 0.0;
+    bool near_even = true;
     for (int k = 1; k < n; ++k) {
         sum += st.speed[k - 1];
         int64_t c = std::llround(double(B) * sum / total);
         c = std::max(c, st.cut[k - 1] + lo);
         c = std::min(c, st.cut[k - 1] + hi);
         st.cut[k] = std::min(c, B - int64_t(n - k) * lo);
+        near_even = near_even && std::llabs(st.cut[k] - B * k / n) <= 2;
     }
+    if (near_even)
+        for (int k = 0; k <= n; ++k) st.cut[k] = B * k / n;
 }
 
 // The weight packing before the splits and the gradient sums after them, as independent tasks
@@ -171,13 +186,30 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
     run_chunks(L + 1, int(std::min<int64_t>(n, L + 1)), [](void* p, int64_t lo, int64_t hi) {
         prepare_tasks<T>(*static_cast<State*>(p), lo, hi);
     }, &st);
-    run_chunks(n, n, [](void* p, int64_t k, int64_t) {
-        forward_part<T>(*static_cast<State*>(p), k);
-    }, &st);
-    if (n > 1 && !held) move_cut(st, a.B);
-    run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
-        backward_part<T>(*static_cast<const State*>(p), lo, hi);
-    }, &st);
+    bool even = true;
+    for (int k = 0; k <= n; ++k) even = even && st.cut[k] == a.B * k / n;
+    if (even) {  // one split: each thread its chunk's forward, head and backward
+        run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
+            State& st = *static_cast<State*>(p);
+            const auto start = std::chrono::steady_clock::now();
+            forward_part<T>(st, lo, hi);
+            backward_part<T>(st, lo, hi);
+            int k = 0;
+            while (k + 1 < st.n && st.a->B * k / st.n != lo) ++k;
+            st.secs[k] = since(start);
+        }, &st);
+    } else {  // two: the forward on the cut, then the backward on the even cut's chunks
+        run_chunks(n, n, [](void* p, int64_t k, int64_t) {
+            State& st = *static_cast<State*>(p);
+            const auto start = std::chrono::steady_clock::now();
+            forward_part<T>(st, st.cut[k], st.cut[k + 1]);
+            st.secs[k] = since(start);
+        }, &st);
+        run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
+            backward_part<T>(*static_cast<State*>(p), lo, hi);
+        }, &st);
+    }
+    if (n > 1 && !held) move_cut(st, a.B, even);
     st.next_task = 0;
     const int finishers = int(std::min<int64_t>(n, L + 1));
     run_chunks(finishers, finishers, [](void* p, int64_t, int64_t) {

@@ -1,13 +1,13 @@
 // The fused training step of a stack [projected table lookup -> LSTM layers -> dense head with
-// softmax cross-entropy] (what rnnkern/train_step.py runs per batch on the C++ backend) in two
-// splits of the batch over the threads, with no hand-off per layer: first each thread runs every
-// layer's forward time loop over its rows, then its rows of the head and loss; then each forms
-// the head's weight gradients over its chunk and runs every layer's backward over it; after the
-// join the gradient partials are summed (lstm.h, head.h). Per layer call this saved the hand-offs, the waits for the slower thread and the
-// Python between. The forward forms no sum over rows, so its cut follows the threads' measured
-// speeds (on a shared host one thread often runs 10-40% slower than the other for seconds); the
-// backward's partials are per chunk of the even cut and summed in chunk order, so every result
-// is the same to the bit whatever the forward's cut.
+// softmax cross-entropy] (what rnnkern/train_step.py runs per batch on the C++ backend) with no
+// hand-off per layer: each thread runs, over its chunk of the batch, every layer's forward time
+// loop, its rows of the head and loss, the head's weight gradients and every layer's backward;
+// after the join the gradient partials are summed in chunk order (lstm.h, head.h). Per layer
+// call this saved the hand-offs, the waits for the slower thread and the Python between.
+// When the threads' measured speeds differ (on a shared host one often runs 10-40% slower than
+// the other for seconds), the step runs in two splits instead: the forward, which sums nothing
+// over rows, on a cut that follows the speeds, then the backward on the even chunks. Every
+// result is the same to the bit either way, whatever the cut.
 //
 // Shape legend: B batch, T time steps, V table rows, H_l units of layer l, C classes,
 // N = B*T rows of the head. Every array is C-contiguous and batch-major.
