@@ -97,8 +97,12 @@ inline double since(std::chrono::steady_clock::time_point start) {
 //
 // On this 2-vCPU host one thread often ran 10-40% slower than the other for seconds at a time
 // (the other tenants), and the even cut left the faster one waiting 100-360 us of a ~1 ms
-// lab 12-4 step. (Keeping dG whole so the backward could take the cut too was slower: its
-// weight gradients, formed after the join from 0.87 MB of dG a layer, cost more than the wait.)
+// lab 12-4 step. Measured, lab 12-4 through rk.TrainStep in one process, blocks of 25 steps
+// alternating with the even cut held: mean 1308 vs 1328, 1154 vs 1172, 1188 vs 1193 us a step
+// (1-2%; the host was not in its lopsided mode then); the kernel alone against the single split
+// before this, 16 pairs of processes: 1052 vs 1039 us mean, within the noise. (Keeping dG whole
+// so the backward could take the cut too was slower: its weight gradients, formed after the
+// join from 0.87 MB of dG a layer, cost more than the wait.)
 template <typename State>
 void move_cut(State& st, int64_t B, bool was_even) {
     const int n = st.n;
