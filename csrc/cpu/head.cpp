@@ -4,11 +4,13 @@
 // and each row's loss; none of it sums over rows, so the ranges may be cut anywhere (the fused
 // stack step moves its cut with the threads' measured speeds, lstm_stack.cpp). Per chunk of a
 // fixed cut: the dW^T and db partials, added in chunk order after the join, where the loss is
-// summed over rows in order: so every result is the same to the bit whatever the ranges. The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors
-// (zero columns in W^T), so at C = 25 the logits and dW GEMMs run on 2-vector panels instead of a
-// 1-vector panel plus a copied tail, and the per-row passes are whole vectors.
-// dW is formed transposed (dW^T = h^T dlogits: N = Cp, not F), then transposed back. The Numba version of this spent ~300 us at lab 12-4's size
-// (N, F, C) = (1700, 25, 25), about half of it in three OpenBLAS calls at these skinny shapes.
+// summed over rows in order: so every result is the same to the bit whatever the ranges.
+// The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors (zero columns in
+// W^T), so at C = 25 the logits and dW GEMMs run on 2-vector panels instead of a 1-vector panel
+// plus a copied tail, and the per-row passes are whole vectors. dW is formed transposed
+// (dW^T = h^T dlogits: N = Cp, not F), then transposed back. The Numba version of this spent
+// ~300 us at lab 12-4's size (N, F, C) = (1700, 25, 25), about half of it in three OpenBLAS
+// calls at these skinny shapes.
 #include "head.h"
 
 #include <algorithm>

@@ -67,14 +67,20 @@ void forward_part(const State& st, int64_t lo, int64_t hi) {
     if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);  // d top.out
 }
 
+// The index k of the even cut's chunk that starts at row lo (run_chunks: lo = B*k/n).
+template <typename State>
+int chunk_at(const State& st, int64_t lo) {
+    int k = 0;
+    while (k + 1 < st.n && st.a->B * k / st.n != lo) ++k;
+    return k;
+}
+
 // Chunk [lo, hi) of the even cut: the head's dW, db partials over its rows, then every layer's
 // backward (their weight-gradient partials are per chunk too and added in chunk order: lstm.h).
 template <typename T, typename State>
 void backward_part(const State& st, int64_t lo, int64_t hi) {
     const StackArgs<T>& a = *st.a;
-    int k = 0;  // this chunk's index (run_chunks: lo = B*k/n)
-    while (k + 1 < st.n && a.B * k / st.n != lo) ++k;
-    st.head.grads(k, lo * a.T_, hi * a.T_);
+    st.head.grads(chunk_at(st, lo), lo * a.T_, hi * a.T_);
     for (size_t l = a.layers.size(); l-- > 0;) {
         st.layers[l]->backward_rows(lo, hi);
         if (l == 0 || !a.layers[l - 1].mask) continue;
@@ -157,8 +163,8 @@ void prepare_tasks(State& st, int64_t lo, int64_t hi) {
 
 // The gradient sums, as tasks taken in turn by every thread until none is left (each writes
 // its own outputs, so who runs which changes nothing): each layer's, from the top down, then
-// the head's (which gives the loss). Cut statically, the second thread's share had taken 2x
-// the first's.
+// the head's (which gives the loss). Their costs differ, and a static cut of them had left one
+// thread waiting up to ~30 us a lab 12-4 step.
 template <typename T, typename State>
 void finish_tasks(State& st) {
     const int64_t L = int64_t(st.layers.size());
@@ -198,9 +204,7 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
             const auto start = std::chrono::steady_clock::now();
             forward_part<T>(st, lo, hi);
             backward_part<T>(st, lo, hi);
-            int k = 0;
-            while (k + 1 < st.n && st.a->B * k / st.n != lo) ++k;
-            st.secs[k] = since(start);
+            st.secs[chunk_at(st, lo)] = since(start);
         }, &st);
     } else {  // two: the forward on the cut, then the backward on the even cut's chunks
         run_chunks(n, n, [](void* p, int64_t k, int64_t) {
