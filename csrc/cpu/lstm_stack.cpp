@@ -19,9 +19,9 @@ struct LstmStack<T>::State {
     const StackArgs<T>* a = nullptr;
     int n = 1;
     double loss = 0.0;
-    // The forward's cut of the batch: thread k runs rows [cut[k], cut[k+1]). Moved each step
-    // toward the threads' measured speeds (rows per second, smoothed over steps), from the
-    // even cut whenever B or the thread count changes.
+    // The forward's cut of the batch: thread k runs rows [cut[k], cut[k+1]). The even cut (one
+    // split) until the threads' measured speeds differ, then moved with them (move_cut); back
+    // to the even cut whenever B or the thread count changes.
     std::vector<int64_t> cut, held;  // held: hold_cut's, used as given while it fits
     std::vector<double> speed, secs;
     bool timed_even = true;  // speed: measured on the even cut (one split), else forward only
