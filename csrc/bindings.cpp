@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -392,6 +393,7 @@ class StackStep {
             f.b_hh = keep<T>(c[3], at + "b_hh", {4 * H});
             f.h0 = keep<T>(c[4], at + "h0", {B, H});
             f.c0 = keep<T>(c[5], at + "c0", {B, H});
+            state_.push_back({f.h0, f.c0});
             f.h_n = keep<T>(c[6], at + "h_n", {B, H});
             f.c_n = keep<T>(c[7], at + "c_n", {B, H});
             if (l == 0) {
@@ -427,8 +429,6 @@ class StackStep {
             if (l > 0) b.dx = own(B * Tn * I);
             else if (table_transposed) b.dx = keep<T>(d_table, "d_table", {4 * H, V_});
             else b.dx = keep<T>(d_table, "d_table", {V_, 4 * H});
-            b.dh0 = own(B * H);
-            b.dc0 = own(B * H);
             b.dw_ih = keep<T>(c[8], at + "dw_ih", {4 * H, I});
             b.dw_hh = keep<T>(c[9], at + "dw_hh", {4 * H, H});
             b.db_ih = keep<T>(c[10], at + "db_ih", {4 * H});
@@ -458,15 +458,21 @@ class StackStep {
         if (!h.bias) h.db = nullptr;
     }
 
-    double run(bool use_lengths, bool use_weights, double inv_total) {
+    // use_state false: every layer starts from zeros, whatever h0 and c0 hold (the kernel
+    // then skips the first step's h rows of its product)
+    double run(bool use_lengths, bool use_weights, double inv_total, bool use_state) {
         const int64_t B = a_.B, Tn = a_.T_;
         check_range(ids_, B * Tn, V_, "ids", "[0, V) = [0, " + std::to_string(V_) + ")");
         check_range(targets_, B * Tn, a_.head.C, "targets",
                     "[0, C) = [0, " + std::to_string(a_.head.C) + ")");
         if (use_lengths)
             check_range(lengths_, B, Tn + 1, "lengths", "[0, T] = [0, " + std::to_string(Tn) + "]");
-        for (rk::StackLayer<T>& y : a_.layers)
+        for (size_t l = 0; l < a_.layers.size(); ++l) {
+            rk::StackLayer<T>& y = a_.layers[l];
             y.f.lengths = y.b.lengths = use_lengths ? lengths_ : nullptr;
+            y.f.h0 = use_state ? state_[l][0] : nullptr;
+            y.f.c0 = use_state ? state_[l][1] : nullptr;
+        }
         a_.head.w = use_weights ? weights_ : nullptr;
         a_.head.inv_total = inv_total;
         py::gil_scoped_release nogil;
@@ -517,6 +523,7 @@ class StackStep {
     }
 
     std::vector<py::object> keep_;     // the caller's arrays, alive as long as this object
+    std::vector<std::array<const T*, 2>> state_;  // per layer: its h0, c0 (null: none given)
     std::vector<std::vector<T>> own_;  // this object's buffers (moving the outer vector keeps
                                        // every inner one's storage where it is)
     rk::StackArgs<T> a_;
@@ -551,7 +558,8 @@ void bind_stack_step(py::module_& m, const char* name) {
              py::arg("targets"), py::arg("weights"), py::arg("lengths"), py::arg("head_mask"),
              py::arg("table_transposed") = false)
         .def("run", &StackStep<T>::run, py::arg("use_lengths"), py::arg("use_weights"),
-             py::arg("inv_total"))
+             py::arg("inv_total"), py::arg("use_state") = true,
+             "One step; use_state False: every layer starts from zeros, whatever h0, c0 hold.")
         .def("set_adam", &StackStep<T>::set_adam, py::arg("p"), py::arg("g"), py::arg("m"),
              py::arg("v"), py::arg("s"), py::arg("tf_form"),
              "Adam's update at the end of every run (csrc/cpu/adam.h): flat p, g, m, v [n] of\n"

@@ -460,7 +460,9 @@ class _FusedPlan:
                           casting="unsafe")
         np.copyto(self.ids_in, ids, casting="unsafe")  # the kernel checks the range
         try:
-            return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w))
+            # clean h0/c0 buffers are zeros: the kernel need not read them
+            return self.stack.run(lengths is not None, has_w, self._inv_total(B, T, has_w),
+                                  self._states_dirty)
         except ValueError:   # the kernel checked ids (then targets, lengths) before any work
             bad = _first_outside(ids, self._table().shape[0])
             if bad >= 0:

@@ -253,3 +253,35 @@ def test_table_by_ids_bad_input_is_a_value_error():
     saved = cpp.forward(spec, **dict(a, x=table), projected=True, ids=ids)[3]
     with pytest.raises(ValueError, match="ids must lie in"):
         cpp.backward(spec, dict(saved, ids=np.full_like(ids, 9)), **d)
+
+
+# ---- no initial state: the first step's product skips h's rows ------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("nthreads", [1, 2], ids=["1t", "2t"])
+@pytest.mark.parametrize("mode", ["normal", "projected", "table"])
+@pytest.mark.parametrize("B, T, I, H, lengths", SHAPES,
+                         ids=[f"B{s[0]}T{s[1]}I{s[2]}H{s[3]}" for s in SHAPES])
+def test_no_initial_state_is_zeros_exactly(threads, nthreads, mode, dtype, B, T, I, H, lengths):
+    """h0 = c0 = None runs step 0's GEMM over the x rows only (h is zero there); every result,
+    forward and backward, must equal the call given zero states bit for bit."""
+    threads(nthreads)
+    spec = CellSpec("lstm", forget_bias=0.5)
+    if mode == "table":
+        a, d, table, ids = _table_case(B, T, I, H, dtype, lengths)
+        a, extra = dict(a, x=table), dict(projected=True, ids=ids)
+    else:
+        a, d = _case(B, T, I, H, dtype, lengths)
+        extra = dict(projected=mode == "projected")
+        if mode == "projected":
+            a = dict(a, x=_project(a))
+    zeros = np.zeros((B, H), dtype)
+    want = cpp.forward(spec, **dict(a, h0=zeros, c0=zeros), **extra)
+    got = cpp.forward(spec, **dict(a, h0=None, c0=None), **extra)
+    for g, w, what in zip(got[:3], want[:3], ("outputs", "h_n", "c_n")):
+        np.testing.assert_array_equal(g, w, err_msg=what)
+    gb, wb = cpp.backward(spec, got[3], **d), cpp.backward(spec, want[3], **d)
+    for g, w, what in zip(gb[:3], wb[:3], ("dx", "dh0", "dc0")):
+        np.testing.assert_array_equal(g, w, err_msg=what)
+    for k in ("w_ih", "w_hh", "b_ih", "b_hh"):
+        np.testing.assert_array_equal(gb[3][k], wb[3][k], err_msg=k)

@@ -94,8 +94,8 @@ struct BackwardArgs {
     const T* d_h_n = nullptr;           // [B,H] or null
     const T* d_c_n = nullptr;           // [B,H] or null, lstm only
     T* dx = nullptr;                    // [B,T,I]
-    T* dh0 = nullptr;                   // [B,H]
-    T* dc0 = nullptr;                   // [B,H], lstm only
+    T* dh0 = nullptr;                   // [B,H]; lstm: or null (not wanted)
+    T* dc0 = nullptr;                   // [B,H] or null, lstm only
     T* dw_ih = nullptr;                 // [G*H,I]
     T* dw_hh = nullptr;                 // [G*H,H]
     T* db_ih = nullptr;                 // [G*H]

@@ -365,10 +365,14 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
         if (Tn > 0) put_x(0, b);
     }
     for (int64_t t = 0; t < Tn; ++t) {
-        // one unit block (4V columns) per call, into that block's contiguous act rows
+        // one unit block (4V columns) per call, into that block's contiguous act rows; with no
+        // h0 the first step's h is zero, so its H rows of the product are skipped (lab 12-4:
+        // a tenth of the first layer's forward GEMM, K 26 -> 1; half of the second's)
+        const int64_t k0 = t == 0 && !a.h0 ? H : 0;
         for (int64_t q = 0; q < nblk; ++q)
-            gemm<T>(false, hi - lo, PW, d.K, T(1), xh + (t * B + lo) * R, R, f.wc.p + q * PW * d.K,
-                    PW, T(0), a.act + t * B * d.SP + q * aq + lo * 5 * V, 5 * V, f.path);
+            gemm<T>(false, hi - lo, PW, d.K - k0, T(1), xh + (t * B + lo) * R + k0, R,
+                    f.wc.p + (q * d.K + k0) * PW, PW, T(0),
+                    a.act + t * B * d.SP + q * aq + lo * 5 * V, 5 * V, f.path);
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t r = t * B + b, rn = r + B;  // row (t, b) and (t + 1, b)
             T* out = a.out + (b * Tn + t) * H;
@@ -514,8 +518,9 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
             if (table) add_to_packed(nblk, dg, qs, table + a.ids[b * Tn + t] * GP);
             else if (a.projected) put_projected(H, dg, qs, a.dx + (b * Tn + t) * 4 * H);
         }
-        // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh)
-        gemm_blocks<T>(Bc, H, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
+        // dh_prev = dG W_hh (rows of finished sequences add zero to their carried dh); step
+        // 0's goes only to dh0, which a caller may not want (null: the stack's layers)
+        if (t > 0 || a.dh0) gemm_blocks<T>(Bc, H, g, qs, w.whb, T(1), w.dh + lo * Hp, Hp, w.path);
         if (s + 1 < Tb && t > 0) continue;
         // flush the ring (steps t_top down to t): dx (projected: written above) and this
         // chunk's weight gradients
@@ -532,8 +537,8 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
         t_top = t - 1;
     }
     for (int64_t b = lo; b < hi; ++b) {  // dh, dc entering step 0
-        std::memcpy(a.dh0 + b * H, w.dh + b * Hp, H * sizeof(T));
-        std::memcpy(a.dc0 + b * H, w.dc + b * Hp, H * sizeof(T));
+        if (a.dh0) std::memcpy(a.dh0 + b * H, w.dh + b * Hp, H * sizeof(T));
+        if (a.dc0) std::memcpy(a.dc0 + b * H, w.dc + b * Hp, H * sizeof(T));
     }
 }
 
