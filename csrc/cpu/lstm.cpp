@@ -366,8 +366,8 @@ RK_ALWAYS_INLINE void fwd_steps_impl(const Fwd<T>& f, int64_t lo, int64_t hi) {
     }
     for (int64_t t = 0; t < Tn; ++t) {
         // one unit block (4V columns) per call, into that block's contiguous act rows; with no
-        // h0 the first step's h is zero, so its H rows of the product are skipped (lab 12-4:
-        // a tenth of the first layer's forward GEMM, K 26 -> 1; half of the second's)
+        // h0 the first step's h is zero, so its H rows of the product are skipped (lab 12-4's
+        // step 0: K 26 -> 1 in the first layer, 51 -> 26 in the second)
         const int64_t k0 = t == 0 && !a.h0 ? H : 0;
         for (int64_t q = 0; q < nblk; ++q)
             gemm<T>(false, hi - lo, PW, d.K - k0, T(1), xh + (t * B + lo) * R + k0, R,
