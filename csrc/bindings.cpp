@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "buffer.h"
 #include "chunks.h"
 #include "gemm.h"
 #include "gemm_loop.h"
@@ -524,7 +525,7 @@ class StackStep {
 
     std::vector<py::object> keep_;     // the caller's arrays, alive as long as this object
     std::vector<std::array<const T*, 2>> state_;  // per layer: its h0, c0 (null: none given)
-    std::vector<std::vector<T>> own_;  // this object's buffers (moving the outer vector keeps
+    std::vector<rk::Buffer<T>> own_;   // this object's buffers (moving the outer vector keeps
                                        // every inner one's storage where it is)
     rk::StackArgs<T> a_;
     rk::LstmStack<T> stack_;
@@ -694,6 +695,13 @@ PYBIND11_MODULE(_C, m) {
           "LSTM backward: rows (steps x chunk rows) of gate gradients gathered per dx and "
           "weight-gradient GEMM (default 256).");
     m.def("lstm_ring_rows", &rk::lstm_ring_rows);
+    m.def("set_huge_page_min", [](int64_t bytes) {
+              if (bytes < 0) throw py::value_error("bytes must be >= 0, got " + std::to_string(bytes));
+              rk::set_huge_page_min(bytes);
+          }, py::arg("bytes"),
+          "Work buffers of at least this many bytes go on transparent huge pages (Linux; "
+          "default 64 KiB; csrc/cpu/buffer.h). Buffers made after the call follow it.");
+    m.def("huge_page_min", &rk::huge_page_min);
     m.def("_bench_gemm",
           [](int64_t M, int64_t N, int64_t K, bool trans_a, bool blas, int reps) {
               // float32 C[M,N] = op(A) B, best of `reps` (for benchmarks/bench_cpp_gemm.py)

@@ -3,6 +3,8 @@ keeps the model's params/grads and the optimizer's state consistent with the gen
 back where it does not apply, and rejects bad input with the generic path's errors."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -524,6 +526,63 @@ def test_whole_stack_cut_follows_the_threads_and_refuses_a_bad_one(cpp_threads):
     step._plan.stack.hold_cut([0, 7, 13])     # another batch's: the moving cut goes on
     step(x, y)
     assert step._plan.stack.cut[2] == 12
+
+
+def _advised_huge_kib():
+    """kB of this process's mappings advised MADV_HUGEPAGE (VmFlags "hg" in /proc/self/smaps)."""
+    total, size = 0, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("VmFlags:") and " hg" in line:
+                total += size
+    return total
+
+
+def test_whole_stack_buffers_on_huge_pages_change_no_result():
+    """csrc/cpu/buffer.h puts work buffers from _C.huge_page_min() bytes up on transparent huge
+    pages (2 MiB-aligned, rounded up): with every buffer there, or none, a stacked run's
+    losses, parameters and optimizer state agree to the bit; the threshold refuses < 0."""
+    if not rk.available_backends()["cpp"][0]:
+        pytest.skip("backend 'cpp' unavailable")
+    from rnnkern import _C
+    with pytest.raises(ValueError, match="bytes must be >= 0"):
+        _C.set_huge_page_min(-1)
+    B, T, V, H, C = 9, 5, 6, 17, 5
+    rng = np.random.default_rng(12)
+    x, y = rng.integers(0, V, (B, T)), rng.integers(0, C, (B, T))
+    lengths = rng.integers(0, T + 1, B)
+
+    smaps = os.path.exists("/proc/self/smaps")
+
+    def run(threshold):
+        _C.set_huge_page_min(threshold)
+        before = _advised_huge_kib() if smaps else 0
+        m = make_model("embedding", "lstm", (2,), V=V, H=H, C=C, dropout=0.3)
+        m.layers[1].backend = "cpp"
+        opt = rk.Adam(0.05)
+        step = rk.TrainStep(m, rk.sequence_loss, opt)
+        losses = [step(x, y), step(x, y, lengths=lengths), step(x, y)]
+        assert step._plan.stack is not None
+        advised = (_advised_huge_kib() if smaps else 0) - before   # while the step's buffers live
+        return losses, m.params, opt.state_dict()["state"], advised
+    saved = _C.huge_page_min()
+    try:
+        l0, p0, s0, advised = run(0)              # every buffer on huge pages
+        l1, p1, s1, _ = run(2**62)                # none
+    finally:
+        _C.set_huge_page_min(saved)
+    np.testing.assert_array_equal(l1, l0)
+    for k in p0:
+        np.testing.assert_array_equal(p1[k], p0[k], err_msg=k)
+        for slot in s0[k]:
+            np.testing.assert_array_equal(s1[k][slot], s0[k][slot], err_msg=f"{k} {slot}")
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if smaps and os.path.exists(thp):
+        with open(thp) as f:
+            if "[never]" not in f.read():
+                assert advised >= 2048, advised   # at least one 2 MiB page advised
 
 
 def test_whole_stack_step_rejects_bad_ids_and_targets():

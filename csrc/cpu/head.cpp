@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "buffer.h"
 #include "chunks.h"
 #include "dispatch.h"
 #include "gemm.h"
@@ -118,12 +119,6 @@ void head_rows(const Head<T>& w, int64_t lo, int64_t hi) {
             std::copy(dl + r * Cp, dl + r * Cp + C, a.d_logits + (lo + r) * C);
 }
 
-template <typename T>
-T* grow(std::vector<T>& buf, size_t n) {
-    if (buf.size() < std::max<size_t>(n, 1)) buf.resize(std::max<size_t>(n, 1));
-    return buf.data();
-}
-
 }  // namespace
 
 void set_head_split_min(int64_t v) { g_split_min = v; }
@@ -131,8 +126,8 @@ int64_t head_split_min() { return g_split_min; }
 
 template <typename T>
 struct HeadStep<T>::State {
-    std::vector<T> wt, bias, z, dwt, db;
-    std::vector<double> loss;
+    Buffer<T> wt, bias, z, dwt, db;
+    Buffer<double> loss;
     Head<T> w;
 };
 

@@ -44,6 +44,7 @@
 #include <memory>
 #include <vector>
 
+#include "buffer.h"
 #include "chunks.h"
 #include "dispatch.h"
 #include "gemm.h"
@@ -99,14 +100,8 @@ RK_ALWAYS_INLINE void copy_row(T* __restrict__ dst, const T* __restrict__ src, i
 // per layer in a stack.
 template <typename T>
 struct Buffers {
-    std::vector<T> wc, table, whb, wxb, dh, dc, ring_g, ring_x, ring_dx, part, tables;
+    Buffer<T> wc, table, whb, wxb, dh, dc, ring_g, ring_x, ring_dx, part, tables;
 };
-
-template <typename T>
-T* grow(std::vector<T>& v, size_t n) {
-    if (v.size() < std::max<size_t>(n, 1)) v.resize(std::max<size_t>(n, 1));  // never null
-    return v.data();
-}
 
 // For every unit block (gate k, units j0 .. j0+V-1, whose interleaved columns are contiguous):
 // f(k, j0, c0, cnt) with c0 = icol(k, j0) and cnt valid units. The weight packing and the
