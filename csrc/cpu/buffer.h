@@ -7,8 +7,9 @@
 // miss walks two page tables (the guest's and the host's). lab 12-4 through rk.TrainStep,
 // blocks of 25 steps alternating in one process with the same build on 4 KiB pages: buffers
 // from 1 MiB up on huge pages, -15 us of ~1290 a step (40 of 60 blocks faster); from 256 KiB,
-// -54 of ~1460 (48 of 60); from 64 KiB, -117 of ~1450 (58 of 60). char-rnn, 100 batches, ten
-// pairs of processes alternating (from 1 MiB up): 2.47 vs 2.67 s mean, faster in 8 of 10.
+// -54 of ~1460 (48 of 60); from 64 KiB, -117 of ~1450 (58 of 60). char-rnn, 100 batches,
+// pairs of processes alternating: from 1 MiB up, 2.47 vs 2.67 s mean (faster in 8 of 10); from
+// 64 KiB, 2.04 vs 2.14 s (5 of 8, one tie).
 //
 // From huge_page_min() bytes up (default 64 KiB), a buffer is 2 MiB-aligned, its length
 // rounded up to whole 2 MiB pages (a huge page must lie wholly inside the advised range), and
