@@ -2,9 +2,9 @@
 // gradients, results): std::vector with an allocator that puts the larger ones on transparent
 // huge pages (Linux).
 //
-// Why: a step sweeps its buffers once or more (lab 12-4: ~2.4 MB a thread, char-rnn ~10 MB),
-// and over 4 KiB pages that is hundreds to thousands of TLB entries a step; on this VM a TLB
-// miss walks two page tables (the guest's and the host's). lab 12-4 through rk.TrainStep,
+// Why: a step sweeps its buffers once or more (by their sizes, about 2.4 MB a thread at lab
+// 12-4, 10 MB at char-rnn), over 4 KiB pages hundreds to thousands of TLB entries a step; and
+// under KVM's nested paging a TLB miss walks both the guest's and the host's page tables. lab 12-4 through rk.TrainStep,
 // blocks of 25 steps alternating in one process with the same build on 4 KiB pages: buffers
 // from 1 MiB up on huge pages, -15 us of ~1290 a step (40 of 60 blocks faster); from 256 KiB,
 // -54 of ~1460 (48 of 60); from 64 KiB, -117 of ~1450 (58 of 60). char-rnn, 100 batches,
