@@ -17,8 +17,9 @@
 // or "always" and ignores when they are "never". The cost is memory: up to 2 MiB more per such
 // buffer (lab 12-4's whole process: 198 MB resident instead of 170). set_huge_page_min moves
 // the threshold (INT64_MAX: never). Smaller buffers are 64-byte aligned. Every buffer is freed
-// with free(), whatever the threshold was when it was made. Elsewhere (not Linux) this is the
-// default allocator.
+// with free(), whatever the threshold was when it was made. Elsewhere (not Linux) every buffer
+// is 64-byte aligned, and none is on huge pages. The result arrays' pool (pool.cpp) takes its
+// blocks from here too.
 #pragma once
 
 #include <algorithm>
@@ -39,32 +40,33 @@ inline std::atomic<int64_t> g_huge_page_min{int64_t(64) << 10};
 inline void set_huge_page_min(int64_t bytes) { g_huge_page_min.store(bytes); }
 inline int64_t huge_page_min() { return g_huge_page_min.load(); }
 
+// bytes of memory, 64-byte aligned; from huge_page_min() bytes up on huge pages as above.
+// Release with std::free.
+inline void* alloc_block(size_t bytes) {
+    constexpr size_t kHugePage = size_t(2) << 20;
+    bytes = std::max<size_t>(bytes, 1);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const bool huge = int64_t(bytes) >= huge_page_min();
+#else
+    const bool huge = false;
+#endif
+    const size_t len = huge ? (bytes + kHugePage - 1) / kHugePage * kHugePage : bytes;
+    void* p = nullptr;
+    if (posix_memalign(&p, huge ? kHugePage : 64, len) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (huge) madvise(p, len, MADV_HUGEPAGE);  // a hint; if refused, 4 KiB pages as before
+#endif
+    return p;
+}
+
 template <typename T>
 struct HugePageAllocator {
     using value_type = T;
     HugePageAllocator() = default;
     template <typename U>
     HugePageAllocator(const HugePageAllocator<U>&) {}
-
-#if defined(__linux__)
-    T* allocate(size_t n) {
-        constexpr size_t kHugePage = size_t(2) << 20;
-        const size_t bytes = std::max<size_t>(n * sizeof(T), 1);
-        const bool huge = int64_t(bytes) >= huge_page_min();
-        const size_t align = huge ? kHugePage : 64;
-        const size_t len = huge ? (bytes + kHugePage - 1) / kHugePage * kHugePage : bytes;
-        void* p = nullptr;
-        if (posix_memalign(&p, align, len) != 0) throw std::bad_alloc();
-#if defined(MADV_HUGEPAGE)
-        if (huge) madvise(p, len, MADV_HUGEPAGE);  // a hint; if refused, 4 KiB pages as before
-#endif
-        return static_cast<T*>(p);
-    }
+    T* allocate(size_t n) { return static_cast<T*>(alloc_block(n * sizeof(T))); }
     void deallocate(T* p, size_t) { std::free(p); }
-#else
-    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T))); }
-    void deallocate(T* p, size_t) { ::operator delete(p); }
-#endif
 };
 
 template <typename T, typename U>

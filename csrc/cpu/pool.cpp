@@ -6,6 +6,8 @@
 #include <new>
 #include <utility>
 
+#include "buffer.h"
+
 namespace rk {
 namespace {
 
@@ -40,8 +42,7 @@ void* pool_take(size_t bytes) {
             return data;
         }
     }
-    void* raw = nullptr;
-    if (posix_memalign(&raw, kHeader, kHeader + (bytes ? bytes : 1)) != 0) throw std::bad_alloc();
+    void* raw = alloc_block(kHeader + bytes);  // large ones on huge pages (buffer.h)
     *static_cast<size_t*>(raw) = bytes;
     return static_cast<char*>(raw) + kHeader;
 }
