@@ -42,7 +42,6 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <vector>
 
 #include "buffer.h"
 #include "chunks.h"

@@ -3,7 +3,6 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
-#include <new>
 #include <utility>
 
 #include "buffer.h"
