@@ -14,7 +14,7 @@ Threads: from B*T*G*H*H = 2^23 recurrent multiply-adds up (the LSTM: a quarter o
 batch is cut into row chunks that run their whole time loop on their own thread
 (``_C.set_threads(n)``, 0 = the CPUs this process may use, at most 8; ``_C.set_split_min_work``),
 so nothing synchronises per step. The chunks beyond the first run on persistent worker threads,
-which spin ~200 us after each call for the next one, then sleep (csrc/cpu/chunks.cpp).
+which spin ~500 us after each call for the next one, then sleep (csrc/cpu/chunks.cpp).
 
 The LSTM has its own kernels (csrc/cpu/lstm.cpp): its ``saved`` arrays are private, time-major,
 with H padded to whole vectors and the gate columns interleaved per vector block, so every
@@ -22,7 +22,8 @@ pointwise pass runs on full vectors; its weights are repacked per call into cont
 panels, and its backward gathers a few steps of gate gradients before the dx and weight-gradient
 GEMMs (``_C.set_lstm_ring_rows``). Result arrays from about 256 KiB up come from a pool of freed
 blocks, so repeated calls with the same shapes do not page-fault (``_C.set_pool_limit``,
-``_C.pool_held``).
+``_C.pool_held``). Those blocks and the kernels' kept work buffers from 64 KiB up sit on
+transparent huge pages where Linux allows them (csrc/cpu/buffer.h, ``_C.set_huge_page_min``).
 
 Projected input (LSTM only; ``forward(..., projected=True)``): ``x`` [B,T,4H] is already
 ``x_orig W_ih^T`` (gate order i, f, g, o, without bias), e.g. rows gathered from a [V,4H] table
