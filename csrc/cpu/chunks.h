@@ -26,4 +26,12 @@ int chunks_for(int64_t B, int64_t work);
 // any of them threw.
 void run_chunks(int64_t B, int n, void (*body)(void* ctx, int64_t lo, int64_t hi), void* ctx);
 
+// The index k of run_chunks' range that starts at row lo (lo = B*k/n; unique when n <= B, as
+// chunks_for gives: no range is empty).
+inline int chunk_index(int64_t B, int n, int64_t lo) {
+    int k = 0;
+    while (k + 1 < n && B * k / n != lo) ++k;
+    return k;
+}
+
 }  // namespace rk

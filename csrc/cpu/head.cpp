@@ -134,7 +134,7 @@ template <typename T> HeadStep<T>::HeadStep() : s(new State) {}
 template <typename T> HeadStep<T>::~HeadStep() = default;
 
 template <typename T>
-void HeadStep<T>::prepare(const HeadArgs<T>& a, int threads, int n) {
+void HeadStep<T>::prepare(const HeadArgs<T>& a, int n) {
     const int64_t F = a.F, C = a.C, Cp = (C + lanes<T>() - 1) / lanes<T>() * lanes<T>();
     T* wt = grow(s->wt, F * Cp);
     for (int64_t f = 0; f < F; ++f)
@@ -143,7 +143,7 @@ void HeadStep<T>::prepare(const HeadArgs<T>& a, int threads, int n) {
     for (int64_t c = 0; c < Cp; ++c) bias[c] = a.bias && c < C ? a.bias[c] : T(0);
     s->w = Head<T>{&a, Cp, wt, bias, n, grow(s->z, a.N * Cp), grow(s->dwt, n * F * Cp),
                    grow(s->db, n * Cp), grow(s->loss, a.N),
-                   threads > 1 ? GemmPath::loop : GemmPath::automatic};
+                   n > 1 ? GemmPath::loop : GemmPath::automatic};
 }
 
 template <typename T>
@@ -200,14 +200,12 @@ double dense_softmax_xent(const HeadArgs<T>& a) {
     thread_local HeadStep<T> step;
     const int64_t N = a.N;
     const int n = N > 0 && N * a.C * a.F >= g_split_min ? int(std::min<int64_t>(threads(), N)) : 1;
-    step.prepare(a, n, n);
+    step.prepare(a, n);
     struct Split { const HeadStep<T>* step; int64_t N; int n; } split{&step, N, n};
     run_chunks(N, n, [](void* p, int64_t lo, int64_t hi) {
         const Split& sp = *static_cast<const Split*>(p);
-        int k = 0;  // this range's index (run_chunks: lo = N*k/n)
-        while (k + 1 < sp.n && sp.N * k / sp.n != lo) ++k;
         sp.step->rows(lo, hi);
-        sp.step->grads(k, lo, hi);
+        sp.step->grads(chunk_index(sp.N, sp.n, lo), lo, hi);
     }, &split);
     return step.finish();
 }

@@ -37,7 +37,7 @@ template <typename T>
 double dense_softmax_xent(const HeadArgs<T>& a);
 
 // The same in phases, for a caller that runs rows inside its own splits (lstm_stack.cpp):
-// prepare (threads: how many threads run rows; n chunks of a fixed cut of [0, N)), rows [lo, hi)
+// prepare (n: the threads, and the chunks of a fixed cut of [0, N)), rows [lo, hi)
 // of any cut (each writes its rows' dh, d logits and losses), grads(k, lo, hi) for chunk k of
 // the fixed cut (its dW, db partials, from its rows' d logits), then after the join finish: the
 // partials added in chunk order, the loss summed over rows in order. So the result does not
@@ -49,7 +49,7 @@ class HeadStep {
     ~HeadStep();
     HeadStep(const HeadStep&) = delete;
     HeadStep& operator=(const HeadStep&) = delete;
-    void prepare(const HeadArgs<T>& a, int threads, int n);
+    void prepare(const HeadArgs<T>& a, int n);
     void rows(int64_t lo, int64_t hi) const;
     void grads(int k, int64_t lo, int64_t hi) const;
     double finish() const;

@@ -461,8 +461,7 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
     const int64_t Bc = hi - lo, nblk = Hp / lanes<T>(), Tb = w.Tb, Ip = w.Ip;
     constexpr int64_t PW = 4 * lanes<T>();
     const int64_t qs = Tb * Bc * PW;  // ring_g: stride of its unit blocks
-    int chunk = 0;  // this range's index among the n chunks (run_chunks: lo = B*k/n)
-    while (B * chunk / w.n != lo) ++chunk;
+    const int chunk = chunk_index(B, w.n, lo);  // this range's index among the n chunks
     T* rg = w.ring_g + Tb * lo * GP;
     T* rx = w.ring_x + Tb * lo * R;
     T* rdx = w.ring_dx + Tb * lo * Ip;

@@ -67,20 +67,12 @@ void forward_part(const State& st, int64_t lo, int64_t hi) {
     if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);  // d top.out
 }
 
-// The index k of the even cut's chunk that starts at row lo (run_chunks: lo = B*k/n).
-template <typename State>
-int chunk_at(const State& st, int64_t lo) {
-    int k = 0;
-    while (k + 1 < st.n && st.a->B * k / st.n != lo) ++k;
-    return k;
-}
-
 // Chunk [lo, hi) of the even cut: the head's dW, db partials over its rows, then every layer's
 // backward (their weight-gradient partials are per chunk too and added in chunk order: lstm.h).
 template <typename T, typename State>
 void backward_part(const State& st, int64_t lo, int64_t hi) {
     const StackArgs<T>& a = *st.a;
-    st.head.grads(chunk_at(st, lo), lo * a.T_, hi * a.T_);
+    st.head.grads(chunk_index(st.a->B, st.n, lo), lo * a.T_, hi * a.T_);
     for (size_t l = a.layers.size(); l-- > 0;) {
         st.layers[l]->backward_rows(lo, hi);
         if (l == 0 || !a.layers[l - 1].mask) continue;
@@ -153,7 +145,7 @@ void prepare_tasks(State& st, int64_t lo, int64_t hi) {
     const size_t L = a.layers.size();
     for (int64_t i = lo; i < hi; ++i) {
         if (size_t(i) == L) {
-            st.head.prepare(a.head, st.n, st.n);
+            st.head.prepare(a.head, st.n);
             continue;
         }
         st.layers[i]->forward_prepare(a.layers[i].f, st.n);
@@ -204,7 +196,7 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
             const auto start = std::chrono::steady_clock::now();
             forward_part<T>(st, lo, hi);
             backward_part<T>(st, lo, hi);
-            st.secs[chunk_at(st, lo)] = since(start);
+            st.secs[chunk_index(st.a->B, st.n, lo)] = since(start);
         }, &st);
     } else {  // two: the forward on the cut, then the backward on the even cut's chunks
         run_chunks(n, n, [](void* p, int64_t k, int64_t) {
