@@ -74,14 +74,6 @@ struct Pool {
 // worker was asleep for half of them (median start 17 us after the hand-off, against 0.2).
 constexpr auto kSpin = std::chrono::microseconds(500);
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-}
-
 // Spins until ready() or kSpin has passed; returns ready().
 template <typename F>
 bool spin_until(F ready) {

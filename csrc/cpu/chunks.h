@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <thread>
 
 namespace rk {
 
@@ -32,6 +33,16 @@ inline int chunk_index(int64_t B, int n, int64_t lo) {
     int k = 0;
     while (k + 1 < n && B * k / n != lo) ++k;
     return k;
+}
+
+// One turn of a spin-wait loop: the pause instruction (the sibling hyperthread and the memory
+// order machinery get the core's resources back), or a yield where there is none.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
 }
 
 }  // namespace rk

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <stdexcept>
+#include <thread>
 
 #include "chunks.h"
 #include "lstm.h"
@@ -19,12 +20,17 @@ struct LstmStack<T>::State {
     const StackArgs<T>* a = nullptr;
     int n = 1;
     double loss = 0.0;
-    // The forward's cut of the batch: thread k runs rows [cut[k], cut[k+1]). The even cut (one
-    // split) until the threads' measured speeds differ, then moved with them (move_cut); back
-    // to the even cut whenever B or the thread count changes.
+    // The forward's cut of the batch: thread k forwards rows [cut[k], cut[k+1]) (move_cut);
+    // the even cut until the threads have been timed, and whenever B or the thread count
+    // changes. The backward always runs on the even chunks.
     std::vector<int64_t> cut, held;  // held: hold_cut's, used as given while it fits
-    std::vector<double> speed, secs;
-    bool timed_even = true;  // speed: measured on the even cut (one split), else forward only
+    // Per thread, smoothed seconds a row of the forward and of the backward (0: not timed),
+    // and this step's rows and seconds of each.
+    std::vector<double> fwd_cost, bwd_cost, fwd_secs, bwd_secs;
+    std::vector<int64_t> fwd_rows;
+    // The forward's pieces: piece (k, j) = rows of cut range k in even chunk j, at k * n + j;
+    // 0 = not started, 1 = taken, 2 = done (its rows may be read).
+    std::unique_ptr<std::atomic<int>[]> piece;
     std::atomic<int64_t> next_task{0};  // the finish's tasks, taken in turn by the threads
 };
 
@@ -86,46 +92,42 @@ inline double since(std::chrono::steady_clock::time_point start) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// The next step's cut from this one's timings (secs[k]: thread k's seconds over its rows of the
-// cut, forward only when the step ran in two splits, forward and backward in one): thread k's
-// share of the rows follows its speed (smoothed over the steps of one kind, a step moving it at
-// most 2x), each share within [1/2, 2] of the even one. The cut leaves the even one when the
-// speeds differ by more than 8%, and returns to it when it comes within 2 rows of it; so a
-// balanced machine keeps the single split (one join less).
+// The next step's cut from this one's timings. Per thread k, the seconds a row of its forward
+// and of its backward take (smoothed over the steps, a step moving each at most 2x) give the
+// forward rows f_k with which every thread ends its forward and backward together:
+//     f_k fwd_cost_k + b_k bwd_cost_k = S for every k,  sum_k f_k = B
+// (b_k: the rows of its even chunk), each share kept within [1/2, 2] of the even one (so a
+// thread up to ~1.5x slower than the other is evened out at lab 12-4, where the forward is
+// ~45% of the work), and a cut within 2 rows of the even one made even (no sliver pieces).
 //
 // On this 2-vCPU host one thread often ran 10-40% slower than the other for seconds at a time
-// (the other tenants), and the even cut left the faster one waiting 100-360 us of a ~1 ms
-// lab 12-4 step. Measured, lab 12-4 through rk.TrainStep in one process, blocks of 25 steps
-// alternating with the even cut held: mean 1308 vs 1328, 1154 vs 1172, 1188 vs 1193 us a step
-// (1-2%; the host was not in its lopsided mode then); the kernel alone against the single split
-// before this, 16 pairs of processes: 1052 vs 1039 us mean, within the noise. (Keeping dG whole
-// so the backward could take the cut too was slower: its weight gradients, formed after the
-// join from 0.87 MB of dG a layer, cost more than the wait.)
+// (the other tenants): with the even cut the faster one waited up to ~300 us of a ~1.1 ms
+// lab 12-4 step (per-thread timers inside the step).
 template <typename State>
-void move_cut(State& st, int64_t B, bool was_even) {
+void move_cut(State& st, int64_t B) {
     const int n = st.n;
-    double total = 0.0, lo_speed = 0.0, hi_speed = 0.0;
+    auto smooth = [](double& cost, int64_t rows, double secs) {
+        if (rows <= 0 || !(secs > 0.0)) return;
+        const double c = secs / double(rows), old = cost;
+        cost = old > 0.0 ? 0.5 * old + 0.5 * std::min(2.0 * old, std::max(0.5 * old, c)) : c;
+    };
+    auto rows = [&](int k) { return B * (k + 1) / n - B * k / n; };
+    double per_second = 0.0, backlog = 0.0;
     for (int k = 0; k < n; ++k) {
-        const int64_t rows = st.cut[k + 1] - st.cut[k];
-        if (rows > 0 && st.secs[k] > 0.0) {
-            const double v = double(rows) / st.secs[k], old = st.speed[k];
-            st.speed[k] = old > 0.0 && was_even == st.timed_even
-                              ? 0.5 * old + 0.5 * std::min(2.0 * old, std::max(0.5 * old, v))
-                              : v;
-        }
-        if (!(st.speed[k] > 0.0)) return;  // not measured: keep the cut
-        total += st.speed[k];
-        lo_speed = k ? std::min(lo_speed, st.speed[k]) : st.speed[k];
-        hi_speed = std::max(hi_speed, st.speed[k]);
+        smooth(st.fwd_cost[k], st.fwd_rows[k], st.fwd_secs[k]);
+        smooth(st.bwd_cost[k], rows(k), st.bwd_secs[k]);
+        if (!(st.fwd_cost[k] > 0.0 && st.bwd_cost[k] > 0.0)) return;  // not timed: keep the cut
+        per_second += 1.0 / st.fwd_cost[k];
+        backlog += double(rows(k)) * st.bwd_cost[k] / st.fwd_cost[k];
     }
-    st.timed_even = was_even;
-    if (was_even && hi_speed <= 1.08 * lo_speed) return;
+    const double S = (double(B) + backlog) / per_second;
     const int64_t even = B / n, lo = std::max<int64_t>(1, even / 2), hi = 2 * even;
     double sum = 0.0;
     bool near_even = true;
     for (int k = 1; k < n; ++k) {
-        sum += st.speed[k - 1];
-        int64_t c = std::llround(double(B) * sum / total);
+        const int j = k - 1;
+        sum += std::max(0.0, (S - double(rows(j)) * st.bwd_cost[j]) / st.fwd_cost[j]);
+        int64_t c = std::llround(sum);
         c = std::max(c, st.cut[k - 1] + lo);
         c = std::min(c, st.cut[k - 1] + hi);
         st.cut[k] = std::min(c, B - int64_t(n - k) * lo);
@@ -133,6 +135,60 @@ void move_cut(State& st, int64_t B, bool was_even) {
     }
     if (near_even)
         for (int k = 0; k <= n; ++k) st.cut[k] = B * k / n;
+}
+
+// Piece states (State::piece)
+constexpr int kIdle = 0, kTaken = 1, kDone = 2, kFailed = 3;
+
+// Thread k's part of the split. Its forward pieces of the cut, those in other threads' chunks
+// first (their owners will wait for them), then its own chunk's; then it waits for every piece
+// of its own chunk -- running any that no thread has taken yet itself, so a thread that is late
+// to start (or ranges run one after another on one thread) cannot hold it up -- and runs that
+// chunk's backward. No result depends on the cut or on who ran a piece: the forward sums
+// nothing over rows, and the backward's chunks never move.
+template <typename T, typename State>
+void split_part(State& st, int k) {
+    const int n = st.n;
+    const int64_t B = st.a->B;
+    auto piece_rows = [&](int i, int j, int64_t& lo, int64_t& hi) {  // cut range i in chunk j
+        lo = std::max(st.cut[i], B * j / n);
+        hi = std::min(st.cut[i + 1], B * (j + 1) / n);
+        return lo < hi;
+    };
+    auto run_piece = [&](int i, int j) {
+        int64_t lo, hi;
+        int idle = kIdle;
+        std::atomic<int>& state = st.piece[i * n + j];
+        if (!piece_rows(i, j, lo, hi) || !state.compare_exchange_strong(idle, kTaken)) return;
+        try {
+            forward_part<T>(st, lo, hi);
+        } catch (...) {
+            state.store(kFailed, std::memory_order_release);  // its waiter gives up too
+            throw;
+        }
+        st.fwd_rows[k] += hi - lo;
+        state.store(kDone, std::memory_order_release);
+    };
+    const auto start = std::chrono::steady_clock::now();
+    for (int j = 0; j < n; ++j)
+        if (j != k) run_piece(k, j);
+    run_piece(k, k);
+    for (int i = 0; i < n; ++i) run_piece(i, k);
+    st.fwd_secs[k] = since(start);
+    for (int i = 0; i < n; ++i) {
+        int64_t lo, hi;
+        if (!piece_rows(i, k, lo, hi)) continue;
+        for (int spins = 1;; ++spins) {
+            const int state = st.piece[i * n + k].load(std::memory_order_acquire);
+            if (state == kDone) break;
+            if (state == kFailed) return;  // the thread that failed rethrows (run_chunks)
+            cpu_relax();
+            if (spins % 4096 == 0) std::this_thread::yield();
+        }
+    }
+    const auto mid = std::chrono::steady_clock::now();
+    backward_part<T>(st, B * k / n, B * (k + 1) / n);
+    st.bwd_secs[k] = since(mid);
 }
 
 // The weight packing before the splits and the gradient sums after them, as independent tasks
@@ -178,8 +234,9 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
         st.n = n;
         st.cut.resize(n + 1);
         for (int k = 0; k <= n; ++k) st.cut[k] = a.B * k / n;
-        st.speed.assign(n, 0.0);
-        st.secs.assign(n, 0.0);
+        for (auto* v : {&st.fwd_cost, &st.bwd_cost, &st.fwd_secs, &st.bwd_secs}) v->assign(n, 0.0);
+        st.fwd_rows.assign(n, 0);
+        st.piece.reset(new std::atomic<int>[size_t(n) * n]);
     }
     const bool held = int64_t(st.held.size()) == n + 1 && st.held[n] == a.B;
     if (held) st.cut = st.held;
@@ -188,28 +245,12 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
     run_chunks(L + 1, int(std::min<int64_t>(n, L + 1)), [](void* p, int64_t lo, int64_t hi) {
         prepare_tasks<T>(*static_cast<State*>(p), lo, hi);
     }, &st);
-    bool even = true;
-    for (int k = 0; k <= n; ++k) even = even && st.cut[k] == a.B * k / n;
-    if (even) {  // one split: each thread its chunk's forward, head and backward
-        run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
-            State& st = *static_cast<State*>(p);
-            const auto start = std::chrono::steady_clock::now();
-            forward_part<T>(st, lo, hi);
-            backward_part<T>(st, lo, hi);
-            st.secs[chunk_index(st.a->B, st.n, lo)] = since(start);
-        }, &st);
-    } else {  // two: the forward on the cut, then the backward on the even cut's chunks
-        run_chunks(n, n, [](void* p, int64_t k, int64_t) {
-            State& st = *static_cast<State*>(p);
-            const auto start = std::chrono::steady_clock::now();
-            forward_part<T>(st, st.cut[k], st.cut[k + 1]);
-            st.secs[k] = since(start);
-        }, &st);
-        run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
-            backward_part<T>(*static_cast<State*>(p), lo, hi);
-        }, &st);
-    }
-    if (n > 1 && !held) move_cut(st, a.B, even);
+    for (int i = 0; i < n * n; ++i) st.piece[i].store(kIdle, std::memory_order_relaxed);
+    std::fill(st.fwd_rows.begin(), st.fwd_rows.end(), 0);
+    run_chunks(n, n, [](void* p, int64_t k, int64_t) {
+        split_part<T>(*static_cast<State*>(p), int(k));
+    }, &st);
+    if (n > 1 && !held) move_cut(st, a.B);
     st.next_task = 0;
     const int finishers = int(std::min<int64_t>(n, L + 1));
     run_chunks(finishers, finishers, [](void* p, int64_t, int64_t) {

@@ -4,10 +4,12 @@
 // loop, its rows of the head and loss, the head's weight gradients and every layer's backward;
 // after the join the gradient partials are summed in chunk order (lstm.h, head.h). Per layer
 // call this saved the hand-offs, the waits for the slower thread and the Python between.
-// When the threads' measured speeds differ (on a shared host one often runs 10-40% slower than
-// the other for seconds), the step runs in two splits instead: the forward, which sums nothing
-// over rows, on a cut that follows the speeds, then the backward on the even chunks. Every
-// result is the same to the bit either way, whatever the cut.
+// The threads' speeds differ (on a shared host one often runs 10-40% slower than the other for
+// seconds, and the Python between steps leaves the calling thread's caches cold), so the
+// forward, which sums nothing over rows, runs on a cut that follows them, while the backward
+// keeps the even chunks: a thread forwards the rows of its cut that lie in other chunks first
+// and hands each piece over with a flag, with no join between forward and backward. Every result
+// is the same to the bit whatever the cut.
 //
 // Shape legend: B batch, T time steps, V table rows, H_l units of layer l, C classes,
 // N = B*T rows of the head. Every array is C-contiguous and batch-major.
