@@ -468,15 +468,24 @@ def test_whole_stack_step_equals_layer_by_layer(monkeypatch, cpp_threads, case, 
         np.testing.assert_allclose(m1.grads[k], m2.grads[k], err_msg=k, **tol)
 
 
+CUTS = {  # threads: held cuts of B = 9 rows, the even one first
+    2: ([0, 4, 9], [0, 1, 9], [0, 8, 9], [0, 9, 9], [0, 0, 9]),
+    # 3: a thread forwarding rows of both other chunks, or of none
+    3: ([0, 3, 6, 9], [0, 0, 0, 9], [0, 9, 9, 9], [0, 1, 8, 9], [0, 0, 9, 9], [0, 5, 5, 9]),
+}
+
+
+@pytest.mark.parametrize("threads", sorted(CUTS))
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_whole_stack_result_does_not_depend_on_the_forward_cut(cpp_threads, dtype):
+def test_whole_stack_result_does_not_depend_on_the_forward_cut(cpp_threads, dtype, threads):
     """The whole-stack step cuts its forward's rows over the threads by their measured speeds
-    (csrc/cpu/lstm_stack.cpp), so the cut moves from step to step: no result may depend on it.
-    Under held cuts from even to lopsided (one thread without rows), with lengths, weights and
-    dropout masks, losses, parameters and optimizer state agree to the bit."""
+    (csrc/cpu/lstm_stack.cpp), so the cut moves from step to step, and a thread forwards rows
+    whose backward another runs: no result may depend on it. Under held cuts from even to
+    lopsided (threads without rows), with lengths, weights and dropout masks, losses,
+    parameters and optimizer state agree to the bit."""
     if not rk.available_backends()["cpp"][0]:
         pytest.skip("backend 'cpp' unavailable")
-    cpp_threads(2)
+    cpp_threads(threads)
     B, T, V, H, C = 9, 5, 6, 17, 5
     rng = np.random.default_rng(11)
     x, y = rng.integers(0, V, (B, T)), rng.integers(0, C, (B, T))
@@ -490,13 +499,14 @@ def test_whole_stack_result_does_not_depend_on_the_forward_cut(cpp_threads, dtyp
         step = rk.TrainStep(model, rk.sequence_loss, opt)
         losses = [step(x, y)]                  # builds the stack step (its cut: the even one)
         stack = step._plan.stack
-        assert stack.cut[0] == 0 and stack.cut[-1] == B and len(stack.cut) == 3
+        assert stack.cut[0] == 0 and stack.cut[-1] == B and len(stack.cut) == threads + 1
         stack.hold_cut(cut)
         losses += [step(x, y, lengths=lengths, weights=weights), step(x, y), step(x, y)]
         assert stack.cut == cut
         return losses, model.params, opt.state_dict()["state"]
-    l0, p0, s0 = run([0, 4, 9])
-    for cut in ([0, 1, 9], [0, 8, 9], [0, 9, 9], [0, 0, 9]):
+    even, *others = CUTS[threads]
+    l0, p0, s0 = run(even)
+    for cut in others:
         l1, p1, s1 = run(cut)
         np.testing.assert_array_equal(l1, l0, err_msg=str(cut))
         for k in p0:
