@@ -30,11 +30,13 @@ SPLIT_MIN_FLOPS = 4_000_000
 # 15x slower). Below it OpenBLAS stays single-threaded by itself and the switch would only cost.
 BLAS_ONE_THREAD_MIN_FLOPS = 1_000_000
 
-# rnnkern.TrainStep runs recurrent layers left on backend="auto" through the Numba kernels (its
-# lowest per-step overhead: their argument lists are kept between steps) when one step's
-# recurrent GEMM work, the sum of 2*B*T*G*H*(I+H) over the stacked cells, is below this; above
-# it, through the backend "auto" picks for the cell. Measured (28 Nov 2026, quiet): lab 12-1
-# (2.4 kflop) Numba 64 us vs C++ 73 us a step; lab 12-4 (34 Mflop) C++ 2.8 vs Numba 3.6 ms.
+# rnnkern.TrainStep runs recurrent layers left on backend="auto" through the Numba kernels (low
+# per-step overhead: their argument lists are kept between steps) when one step's recurrent
+# GEMM work, the sum of 2*B*T*G*H*(I+H) over the stacked cells, is below this; above it, or
+# when the C++ whole-stack call takes the model (all LSTMs fed by ids), through the backend
+# "auto" picks for the cell. Measured (28 Nov 2026, quiet): lab 12-1 (2.4 kflop) Numba 64 us vs
+# C++ per layer 73 us a step; lab 12-4 (34 Mflop) C++ 2.8 vs Numba 3.6 ms. 29 Nov, lab 12-1 in
+# one process: C++ whole stack 12.8 us vs Numba 45.9 us a step (median).
 TRAIN_STEP_NUMBA_MAX_FLOPS = 1_000_000
 
 # The layers reject input and initial states holding NaN or infinity with a ValueError naming the

@@ -23,8 +23,8 @@ Recurrent cells run either on Numba with their argument lists kept between steps
 to the first cell through a [V,G*H] table W_ih^T instead of a GEMM), or through the seam of
 another CPU backend. Layers left on ``backend="auto"`` take the first below
 ``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` of recurrent work a step, where per-call overhead rules
-(lab 12-1: 175 us a step generic, ~40 us fused), and the backend "auto" picks for their cell
-above it. On the C++ backend, a model whose cells are all LSTMs fed by ids runs the whole step
+(lab 12-1: 175 us a step generic, ~46 us fused), and the backend "auto" picks for their cell
+above it or when that is the C++ whole-stack call (lab 12-1: ~13 us a step). On the C++ backend, a model whose cells are all LSTMs fed by ids runs the whole step
 -- every layer's forward, the head and loss, every backward -- as ONE kernel call
 (``_C.LstmStackStepF32/F64``, csrc/cpu/lstm_stack.h: each batch chunk runs all of it on its
 thread, the chunks meet once); with one-hot input and a plain Adam the call ends with the
@@ -253,7 +253,8 @@ class _FusedPlan:
 
         Layers left on "auto" with no backend preset run on Numba's kept argument lists when a
         step's recurrent GEMM work is below ``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` (per-call
-        overhead dominates there), else on the backend "auto" picks for their cell."""
+        overhead dominates there) and the C++ whole-stack step would not take the model, else
+        on the backend "auto" picks for their cell."""
         shape = x.shape if type(x) is np.ndarray else np.shape(x)
         if len(shape) < 2:
             return None  # the step raises the input error
@@ -269,7 +270,8 @@ class _FusedPlan:
         flops = sum(2 * B * T * c.spec.gates * c.H * (c.I + c.H) for c in self.cells)
         if (preset is None and all(r.backend == "auto" for r in self.recurrent)
                 and flops < config.TRAIN_STEP_NUMBA_MAX_FLOPS
-                and backends.available_backends()["numba"][0]):
+                and backends.available_backends()["numba"][0]
+                and not (names == {"cpp"} and self._whole_stack_fits(B * T))):
             names = {"numba"}
         reason = None
         if len(names) > 1:
@@ -280,6 +282,15 @@ class _FusedPlan:
             self.backend = backends.get_backend(names.pop())
         self._checked = (key, reason)
         return reason
+
+    def _whole_stack_fits(self, N):
+        """Whether, on the C++ backend, a step of N = B*T rows runs as the whole-stack kernel
+        call (_stack_step; _workspace: the first cell reads its table by ids when V <= N). Its
+        repeat path beats Numba's kept argument lists even at the smallest sizes: lab 12-1,
+        blocks alternating in one process, 12.8 vs 45.9 us a step (median)."""
+        return (FUSE_WHOLE_STACK and self.encoder is not None
+                and all(c.spec.kind == "lstm" for c in self.cells)
+                and self._table().shape[0] <= N)
 
     def _table(self):
         """The encoder's [V,E] lookup table (one-hot: the identity)."""

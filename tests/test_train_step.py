@@ -240,7 +240,7 @@ def test_fused_equals_generic_with_dropout_between_cells(cell):
     assert fused.fused_reason is None
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpp"])
+@pytest.mark.parametrize("backend", ["auto", "cpp", "numba"])
 def test_fused_equals_generic_with_a_dropout_module_before_the_head(backend):
     """char-rnn's --dropout model: [Embedding, LSTM(dropout), Dropout, Dense]."""
     if backend != "auto" and not rk.available_backends()[backend][0]:
@@ -254,7 +254,8 @@ def test_fused_equals_generic_with_a_dropout_module_before_the_head(backend):
     runs = run_both(build, lambda: rk.Adam(0.05), [((x, y), dict(return_state=True))] * 3)
     assert_same_run(*runs)
     assert runs[0][2]._plan.head_dropped is not None
-    assert (runs[0][2]._plan.stack is not None) == (backend == "cpp")
+    whole = backend == "cpp" or (backend == "auto" and rk.available_backends()["cpp"][0])
+    assert (runs[0][2]._plan.stack is not None) == whole
 
 
 def test_falls_back_where_fusing_does_not_apply():
@@ -350,19 +351,27 @@ def test_nojit_fused_step_source(enc, cell, B):
                               lambda: rk.Adam(0.05, clip_norm=1.0), [((x, y), {})] * 2))
 
 
-def test_auto_layers_take_numba_when_small_and_the_cell_backend_when_large(monkeypatch):
-    """The size rule of TrainStep for layers left on "auto" (config.TRAIN_STEP_NUMBA_MAX_FLOPS);
-    a preset backend (set_backend / RNNKERN_BACKEND) always wins."""
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_auto_layers_take_numba_when_small_and_the_cell_backend_when_large(monkeypatch, cell):
+    """The size rule of TrainStep for layers left on "auto" (config.TRAIN_STEP_NUMBA_MAX_FLOPS):
+    below it Numba's kept argument lists, unless the C++ whole-stack step takes the model (all
+    LSTMs fed by ids, V <= B*T); a preset backend (set_backend / RNNKERN_BACKEND) always wins."""
     from rnnkern import backends, config
     if backends.preset() is not None:
         pytest.skip("a backend preset overrides the automatic choice")
     x, y = batch("onehot")
-    step = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.05))
+    step = rk.TrainStep(make_model("onehot", cell), rk.sequence_loss, rk.Adam(0.05))
     step(x, y)
-    assert step._plan.backend.name == "numba" and step._plan.kept
+    expected = backends.resolve("auto", np.zeros(1), cell).name
+    if cell == "lstm" and expected == "cpp":
+        assert step._plan.backend.name == "cpp" and step._plan.stack is not None
+        wide = rk.TrainStep(make_model("onehot", cell, V=13), rk.sequence_loss, rk.Adam(0.05))
+        wide(*batch("onehot", V=13))   # V = 13 > B*T = 12 rows: no whole stack, so Numba
+        assert wide._plan.backend.name == "numba" and wide._plan.kept
+    else:
+        assert step._plan.backend.name == "numba" and step._plan.kept
     monkeypatch.setattr(config, "TRAIN_STEP_NUMBA_MAX_FLOPS", 0)
     step(x, y)
-    expected = backends.resolve("auto", np.zeros(1), "lstm").name
     assert step._plan.backend.name == expected and step.fused_reason is None
     monkeypatch.setattr(backends, "_chosen", "numpy")
     step(x, y)
