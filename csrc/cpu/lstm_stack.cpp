@@ -29,7 +29,7 @@ struct LstmStack<T>::State {
     std::vector<double> fwd_cost, bwd_cost, fwd_secs, bwd_secs;
     std::vector<int64_t> fwd_rows;
     // The forward's pieces: piece (k, j) = rows of cut range k in even chunk j, at k * n + j;
-    // 0 = not started, 1 = taken, 2 = done (its rows may be read).
+    // each kIdle, kTaken, kDone (its rows may be read) or kFailed (split_part).
     std::unique_ptr<std::atomic<int>[]> piece;
     std::atomic<int64_t> next_task{0};  // the finish's tasks, taken in turn by the threads
 };
