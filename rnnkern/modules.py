@@ -15,7 +15,7 @@ import numbers
 
 import numpy as np
 
-from .layers import _as_dtype, _positive_int
+from .layers import _as_dtype, _positive_int, dropout_mask
 
 
 def _check_ids(x, limit, name):
@@ -226,8 +226,7 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._mask = 1.0
             return x
-        keep = 1.0 - self.p
-        self._mask = ((self._rng.random(x.shape) < keep) / keep).astype(x.dtype)
+        self._mask = dropout_mask(self._rng, x.shape, self.p, x.dtype)
         return x * self._mask
 
     def backward(self, dy):

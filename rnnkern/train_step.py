@@ -40,7 +40,7 @@ import inspect
 import numpy as np
 
 from . import backends, config
-from .layers import _Recurrent
+from .layers import _Recurrent, dropout_mask
 from .losses import sequence_loss
 from .model import Sequential
 from .modules import Dense, Dropout, Embedding, OneHot
@@ -461,14 +461,11 @@ class _FusedPlan:
                 self._raise_bad_id(ids, bad)
             for c in self.cells:  # the dropout masks, drawn as the layers' own forward does
                 if c.mask is not None:
-                    keep = 1.0 - c.layer.dropout
-                    np.copyto(c.mask, (c.layer._rng.random(c.mask.shape) < keep) / keep,
-                              casting="unsafe")
+                    dropout_mask(c.layer._rng, c.mask.shape, c.layer.dropout, c.mask.dtype,
+                                 out=c.mask)
             if self.head_mask is not None:  # as Dropout.forward draws it
-                keep = 1.0 - self.head_dropout.p
-                np.copyto(self.head_mask,
-                          (self.head_dropout._rng.random(self.head_mask.shape) < keep) / keep,
-                          casting="unsafe")
+                dropout_mask(self.head_dropout._rng, self.head_mask.shape, self.head_dropout.p,
+                             self.head_mask.dtype, out=self.head_mask)
         np.copyto(self.ids_in, ids, casting="unsafe")  # the kernel checks the range
         try:
             # clean h0/c0 buffers are zeros: the kernel need not read them
@@ -701,16 +698,12 @@ class _FusedPlan:
                 c.out, c.h, c.c, c.saved = self.backend.forward(
                     c.spec, layer_in, *(p[n] for n in c.names), c.h0, c.c0, lens, **extra)
             if c.dropped is not None:
-                keep = 1.0 - c.layer.dropout
-                c.mask = np.asarray((c.layer._rng.random(c.out.shape) < keep) / keep,
-                                    dtype=c.out.dtype)
+                c.mask = dropout_mask(c.layer._rng, c.out.shape, c.layer.dropout, c.out.dtype)
                 np.multiply(c.out, c.mask, out=c.dropped)
             layer_in = c.out if c.dropped is None else c.dropped
         if self.head_dropped is not None:   # as Dropout.forward draws it
-            keep = 1.0 - self.head_dropout.p
-            self.head_mask = np.asarray(
-                (self.head_dropout._rng.random(layer_in.shape) < keep) / keep,
-                dtype=layer_in.dtype)
+            self.head_mask = dropout_mask(self.head_dropout._rng, layer_in.shape,
+                                          self.head_dropout.p, layer_in.dtype)
             np.multiply(layer_in, self.head_mask, out=self.head_dropped)
             layer_in = self.head_dropped
         self.head_in = layer_in

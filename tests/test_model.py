@@ -105,6 +105,26 @@ def test_onehot_layer():
 
 
 # ---------------------------------------------------------------------- Dropout / LastStep
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.25, 1 / 3, 0.9])
+def test_dropout_mask_is_the_inverted_dropout_formula(dtype, p):
+    """Every dropout draws its mask through rnnkern.layers.dropout_mask: the element-wise
+    formula (rng.random(shape) < 1-p) / (1-p) in the given dtype, to the bit, from the same
+    draw of the generator (the fused step and the layers must agree on both)."""
+    from rnnkern.layers import dropout_mask
+    shape, keep = (4, 6, 9), 1.0 - p
+    ref_rng, rng = np.random.default_rng(3), np.random.default_rng(3)
+    u = ref_rng.random(shape)
+    want = np.where(u < keep, 1.0 / keep, 0.0).astype(dtype)
+    got = dropout_mask(rng, shape, p, dtype)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, want)
+    out = np.full(shape, np.nan, dtype)
+    dropout_mask(np.random.default_rng(3), shape, p, dtype, out=out)
+    np.testing.assert_array_equal(out, want)
+    assert rng.random() == ref_rng.random()   # the generator moved by one draw of the shape
+
+
 def test_dropout_train_and_eval():
     d = rk.Dropout(0.25, seed=0)
     x = np.ones((200, 50))
