@@ -24,8 +24,9 @@ to the first cell through a [V,G*H] table W_ih^T instead of a GEMM), or through 
 another CPU backend. Layers left on ``backend="auto"`` take the first below
 ``config.TRAIN_STEP_NUMBA_MAX_FLOPS`` of recurrent work a step, where per-call overhead rules
 (lab 12-1: 175 us a step generic, ~46 us fused), and the backend "auto" picks for their cell
-above it or when that is the C++ whole-stack call (lab 12-1: ~13 us a step). On the C++ backend, a model whose cells are all LSTMs fed by ids runs the whole step
--- every layer's forward, the head and loss, every backward -- as ONE kernel call
+above it, or when that is the C++ whole-stack call (lab 12-1: ~13 us a step). On the C++
+backend, a model whose cells are all LSTMs fed by ids runs the whole step -- every layer's
+forward, the head and loss, every backward -- as ONE kernel call
 (``_C.LstmStackStepF32/F64``, csrc/cpu/lstm_stack.h: each batch chunk runs all of it on its
 thread, the chunks meet once); with one-hot input and a plain Adam the call ends with the
 optimizer's update too (csrc/cpu/adam.h, the same bits as rnnkern.optim's); other models call
@@ -383,8 +384,7 @@ class _FusedPlan:
         """The C++ backend's whole-stack step (csrc/cpu/lstm_stack.h: every layer's forward, the
         head and every backward in one split of the batch) over this workspace's buffers, when
         every cell is an LSTM and the first reads the table by ids; else None."""
-        if not (self.by_ids and self.backend.name == "cpp" and FUSE_WHOLE_STACK
-                and all(c.spec.kind == "lstm" for c in self.cells)):
+        if not (self.by_ids and self.backend.name == "cpp" and self._whole_stack_fits(B * T)):
             return None
         from . import _C
         dt = self.dtype
