@@ -73,12 +73,14 @@ void forward_part(const State& st, int64_t lo, int64_t hi) {
     if (a.head_mask) multiply_rows(a.head.dh, a.head_mask, lo, hi, a.T_ * top.f.H);  // d top.out
 }
 
-// Chunk [lo, hi) of the even cut: the head's dW, db partials over its rows, then every layer's
-// backward (their weight-gradient partials are per chunk too and added in chunk order: lstm.h).
+// Chunk k of the even cut, rows [lo, hi): the head's dW, db partials over its rows, then every
+// layer's backward (their weight-gradient partials are per chunk too and added in chunk order:
+// lstm.h).
 template <typename T, typename State>
-void backward_part(const State& st, int64_t lo, int64_t hi) {
+void backward_part(const State& st, int k) {
     const StackArgs<T>& a = *st.a;
-    st.head.grads(chunk_index(st.a->B, st.n, lo), lo * a.T_, hi * a.T_);
+    const int64_t lo = a.B * k / st.n, hi = a.B * (k + 1) / st.n;
+    st.head.grads(k, lo * a.T_, hi * a.T_);
     for (size_t l = a.layers.size(); l-- > 0;) {
         st.layers[l]->backward_rows(lo, hi);
         if (l == 0 || !a.layers[l - 1].mask) continue;
@@ -101,8 +103,9 @@ inline double since(std::chrono::steady_clock::time_point start) {
 // ~45% of the work), and a cut within 2 rows of the even one made even (no sliver pieces).
 //
 // On this 2-vCPU host one thread often ran 10-40% slower than the other for seconds at a time
-// (the other tenants): with the even cut the faster one waited up to ~300 us of a ~1.1 ms
-// lab 12-4 step (per-thread timers inside the step).
+// (the other tenants): in one 3000-step lab 12-4 run with the old cut, which balanced the forward
+// alone, the main thread waited ~310 us of a ~1.37 ms step for the worker (per-thread timers
+// inside the step).
 template <typename State>
 void move_cut(State& st, int64_t B) {
     const int n = st.n;
@@ -187,7 +190,7 @@ void split_part(State& st, int k) {
         }
     }
     const auto mid = std::chrono::steady_clock::now();
-    backward_part<T>(st, B * k / n, B * (k + 1) / n);
+    backward_part<T>(st, k);
     st.bwd_secs[k] = since(mid);
 }
 
