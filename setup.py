@@ -6,11 +6,14 @@ Metadata lives in pyproject.toml; this file only adds what setuptools cannot dec
   expects the extension, which is the source tree's ``rnnkern/`` for ``pip install -e .``.
   Every CMake failure stops the build loudly (``check=True``); there is no silent fallback here.
   The runtime fallback is ``rnnkern.backends.cpp.available()`` reporting why ``_C`` is missing.
+* The extension carries a digest of its C++ sources (``rnnkern/_source_tree.py``), so a
+  source tree whose ``_C`` no longer matches ``csrc/`` says so (``python -m rnnkern backends``).
 * ``build_py`` copies ``csrc/cuda/*.cu`` and ``csrc/include/**/*.h`` into the wheel as
   ``rnnkern/csrc/...``, so an installed package finds the CUDA sources that CuPy compiles at run
   time. In a source checkout or an editable install they are read from ``<repo>/csrc`` instead
   (look in ``rnnkern/csrc`` first, then ``rnnkern/../csrc``).
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,6 +26,16 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 VERSION = "0.1.0"  # keep in step with pyproject.toml
+
+
+def _source_digest():
+    """rnnkern._source_tree.source_digest(ROOT), loaded by path: the package itself needs
+    NumPy, which the build environment does not have."""
+    spec = importlib.util.spec_from_file_location("_rk_source_tree",
+                                                  ROOT / "rnnkern" / "_source_tree.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(str(ROOT))
 
 
 class CMakeExtension(Extension):
@@ -44,6 +57,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DRK_VERSION={VERSION}",
+            f"-DRK_SOURCE_DIGEST={_source_digest()}",
         ]
         if os.environ.get("RNNKERN_SANITIZE"):  # scratch sanitizer builds only
             args.append("-DRK_SANITIZE=ON")

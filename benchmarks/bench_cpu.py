@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu.py                        # every available CPU backend, LSTM+GRU
     python benchmarks/bench_cpu.py --cells lstm --sizes char-rnn --repeats 40
     python benchmarks/bench_cpu.py --compile-times        # also first-call compile / warm start
+    python benchmarks/bench_cpu.py --plot speedup.png     # also speed-up against size (matplotlib)
 
 Every contestant runs the same (B,T,I,H,L) in float32 with the same thread count; one repeat runs
 each contestant for a short block of calls, in an order that rotates, so machine noise hits all
@@ -189,6 +190,40 @@ print(f"{t1 - t0:.2f} {t3 - t2:.2f} {t4 - t3:.2f}")
     return rows
 
 
+def plot_speedups(results, path):
+    """Draw each (cell, backend)'s fwd+bwd speed-up over PyTorch (median / median) against the
+    size into the PNG ``path``; ``results`` as main() collects them. The x axis is a size's
+    forward GEMM work per gate, B*T*H*(I+H) summed over layers, the same for every cell."""
+    from rnnkern.plotting import new_figure
+    torch_med = {(c, sh): md["fwdbwd"] for c, sh, n, md, _ in results if n == "torch"}
+    lines = {}
+    for cell, shape, name, med, _ in results:
+        if name != "torch" and (cell, shape) in torch_med:
+            work = gemm_flops(cell, *shape) // (2 * GATES[cell])
+            lines.setdefault((cell, name), []).append(
+                (work, torch_med[cell, shape] / med["fwdbwd"], shape))
+    if not lines:
+        raise ValueError("no speed-up to plot: the run has no PyTorch contestant")
+    fig = new_figure((8, 5))
+    ax = fig.add_subplot()
+    for (cell, name), points in sorted(lines.items()):
+        points.sort()
+        ax.plot([w for w, _, _ in points], [r for _, r, _ in points], marker="o",
+                label=f"{cell} {name}")
+    for work, shape in sorted({(w, sh) for pts in lines.values() for w, _, sh in pts}):
+        ax.annotate(str(shape), (work, 1.0), textcoords="offset points", xytext=(0, -14),
+                    ha="center", fontsize=7)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("size: B*T*H*(I+H) per layer, summed; (B,T,I,H,L) under the 1x line")
+    ax.set_ylabel("speed-up over torch.nn (fwd+bwd, median)")
+    ax.set_title("rnnkern CPU backends vs PyTorch, float32")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"], choices=list(GATES))
@@ -201,7 +236,15 @@ def main(argv=None):
     p.add_argument("--pause", type=float, default=0.1,
                    help="seconds of sleep before each block of calls (lets spinning pools idle)")
     p.add_argument("--compile-times", action="store_true")
+    p.add_argument("--plot", default="", metavar="PNG",
+                   help="also draw the fwd+bwd speed-up over PyTorch against size into this PNG "
+                        "(needs matplotlib)")
     args = p.parse_args(argv)
+    if args.plot:
+        if args.no_torch:
+            p.error("--plot draws speed-ups over PyTorch: drop --no-torch")
+        from rnnkern.plotting import new_figure
+        new_figure()   # without matplotlib: the error naming the extra, before the long run
 
     backends = cpu_backends(args.backends)
     use_torch = not args.no_torch
@@ -244,6 +287,9 @@ def main(argv=None):
         line += f", torch/MKL {max(torch_gemm, measure_torch_gemm_rate()):.0f} GFLOP/s"
     print(line)
     print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    if args.plot:
+        plot_speedups(results, args.plot)
+        print(f"speed-up plot: {args.plot}")
     if args.compile_times:
         print()
         print("| cell | numba kernel cache | import s | first fwd s | first bwd s |")

@@ -34,7 +34,6 @@ sys.path.insert(0, ROOT)
 import rnnkern as rk  # noqa: E402
 from rnnkern.labs import load_example  # noqa: E402
 
-SHAKESPEARE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
 TARGETS = {"hihello": 20.0, "lab12-4": 5.0, "char-rnn": 1.5}
 
 
@@ -53,9 +52,9 @@ def lab12_4_data():
 
 
 def char_rnn_data(path, max_batches):
+    """char-rnn's training batches of ``path`` (None: the packaged tiny-shakespeare)."""
     cr = load_example("char_rnn")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = rk.datasets.tiny_shakespeare(path)
     vocab = rk.CharVocab.from_text(text)
     train, _ = cr.split_ids(vocab.encode(text), 0.05, 50, 50)
     n = min(len(train), max_batches) if max_batches else len(train)
@@ -197,7 +196,8 @@ def main(argv=None):
     p.add_argument("--char-repeats", type=int, default=1, help="char-rnn epochs per contestant")
     p.add_argument("--hihello-steps", type=int, default=2000)
     p.add_argument("--lab4-steps", type=int, default=500)
-    p.add_argument("--text", default=SHAKESPEARE, help="char-rnn text (default %(default)s)")
+    p.add_argument("--text", default=None, metavar="PATH",
+                   help="char-rnn text (default: the packaged tiny-shakespeare)")
     p.add_argument("--max-batches", type=int, default=0, help="char-rnn batches (0: a full epoch)")
     p.add_argument("--threads", type=int, nargs="+", default=[2],
                    help="torch.set_num_threads for each PyTorch contestant (default 2; e.g. "
@@ -238,11 +238,9 @@ def main(argv=None):
             make_th = lambda: torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1)  # noqa: E731
             reps = args.repeats
         else:
-            if not os.path.isfile(args.text):
-                print(f"# skip char-rnn: text not found: {args.text}")
-                continue
             batches, C = char_rnn_data(args.text, args.max_batches)
-            label = f"char-rnn epoch, {len(batches)} batches 50x50 (tiny-shakespeare)"
+            label = (f"char-rnn epoch, {len(batches)} batches 50x50 "
+                     f"({args.text or 'tiny-shakespeare'})")
             make_rk = lambda: rk_char_rnn(batches, C)  # noqa: E731
             make_th = lambda: torch_char_rnn(torch, batches, C)  # noqa: E731
             reps = args.char_repeats

@@ -23,6 +23,10 @@
 #include "lstm_stack.h"
 #include "pool.h"
 
+#ifndef RK_SOURCE_DIGEST
+#define RK_SOURCE_DIGEST ""  // built without setup.py: a source tree reports it as stale
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -588,6 +592,8 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "rnnkern C++ CPU backend: one layer, one direction, whole sequence "
               "(see rnnkern.backends.cpp)";
     m.attr("__version__") = RK_VERSION;
+    // rnnkern/_source_tree.py source_digest() over the sources this build compiled (see CMakeLists.txt)
+    m.attr("__source_digest__") = RK_SOURCE_DIGEST;
 
     m.def("forward",
           [](const std::string& cell, py::object x, py::object w_ih, py::object w_hh,

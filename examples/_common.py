@@ -1,28 +1,13 @@
-"""Bits shared by the example scripts: import path, data paths, TF1-style initialisation.
+"""Bits shared by the example scripts: TF1-style initialisation and the common arguments.
 
-The scripts run from a source checkout (``python examples/lab12_1_hello_rnn.py``) or through
-``python -m rnnkern labs``; either way ``import rnnkern`` must find the package.
+The scripts are installed with the package as ``rnnkern.examples`` (setup: pyproject.toml maps
+this folder to that subpackage), so they import each other and this module by that name,
+whether they run as ``python examples/<script>.py``, ``python -m rnnkern.examples.<script>`` or
+through ``python -m rnnkern labs``.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
-
-EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(EXAMPLES_DIR)
-
-try:
-    import rnnkern  # noqa: F401  (installed, or run from the repo root)
-except ImportError:  # `python examples/x.py`: sys.path[0] is examples/, not the repo root
-    sys.path.insert(0, REPO_ROOT)
-    import rnnkern  # noqa: F401
-
-
-def shared_data(name):
-    """Default path of a data file: ``../shared/data/<name>`` relative to the repo root."""
-    return os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", name))
 
 
 def tf1_glorot_init(layer, seed):

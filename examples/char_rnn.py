@@ -1,6 +1,6 @@
 """char-rnn: a character-level language model on any text file, then sampled.
 
-    python examples/char_rnn.py train [--text [PATH]] [--epochs N] [--max-batches N] [--time-limit S]
+    python examples/char_rnn.py train [--text PATH] [--epochs N] [--max-batches N] [--time-limit S]
     python examples/char_rnn.py sample [--checkpoint save/char_rnn.npz] [-n 500] [--prime "def "]
 
 (also ``python -m rnnkern train|sample``). Defaults are char-rnn-tensorflow's: embedding 128 ->
@@ -8,10 +8,9 @@
 Adam 2e-3 decayed by 0.97 per epoch, gradients clipped to global norm 5, the state carried
 from batch to batch within an epoch (truncated BPTT over contiguous rows).
 
-Corpus: ``--text PATH`` (``--text`` alone: tiny-shakespeare at ../shared/data/tinyshakespeare.txt).
-Without it, the Python standard library's own ``.py`` sources (ASCII files only, sorted by path,
-capped at ``--max-chars``): Karpathy's "Linux source" experiment in miniature. The last 5% of the
-text is held out; each epoch prints its train and validation loss (nats/char). The checkpoint
+Corpus: tiny-shakespeare, packaged in :mod:`rnnkern.datasets`, or any UTF-8 text file given with
+``--text PATH`` (``.gz`` files are decompressed). The last 5% of the text is held out; each
+epoch prints its train and validation loss (nats/char). The checkpoint
 (params, optimizer, vocabulary, config) is written atomically after every epoch; ``--resume``
 continues from it exactly.
 """
@@ -20,55 +19,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import sysconfig
 import time
 
 import numpy as np
 
-from _common import add_common_args, parse, shared_data, tf1_glorot_init
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
 
-SHAKESPEARE = "tinyshakespeare.txt"
+
 DEFAULTS = dict(rnn_size=128, num_layers=2, seq_length=50, batch_size=50, learning_rate=2e-3,
                 decay_rate=0.97, grad_clip=5.0,   # char-rnn-tensorflow's train.py defaults
                 dropout=0.0)                      # its output_keep_prob=1.0
 
 
 # ---------------------------------------------------------------------- corpus
-def stdlib_corpus(max_chars=1_100_000):
-    """The stdlib's .py files (ASCII only), sorted by relative path, concatenated and capped.
-
-    Deterministic for a given Python installation: sorted walk, no set() or hash order.
-    """
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "dist-packages", "__pycache__", "idlelib", "test", "tests"}
-    parts, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip)
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    text = f.read().decode("ascii")
-            except (OSError, UnicodeDecodeError):
-                continue   # non-ASCII sources would only add rare characters to the vocabulary
-            parts.append(text)
-            total += len(text)
-            if total >= max_chars:
-                return "".join(parts)[:max_chars]
-    return "".join(parts)
-
-
 def load_corpus(args):
-    if args.text:
-        if not os.path.isfile(args.text):
-            raise FileNotFoundError(f"text file not found: {args.text}")
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
-        return text[:args.max_chars] if args.max_chars else text, args.text
-    return stdlib_corpus(args.max_chars or 1_100_000), "Python stdlib sources"
+    """(text, where it came from): ``--text``, else the packaged tiny-shakespeare."""
+    text = rk.datasets.tiny_shakespeare(args.text)
+    source = args.text or "tiny-shakespeare (rnnkern.datasets)"
+    return (text[:args.max_chars] if args.max_chars else text), source
 
 
 def split_ids(ids, val_fraction, batch_size, seq_length):
@@ -184,7 +153,10 @@ def train(args):
               f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}", flush=True)
         if args.checkpoint:
             trainer.save(args.checkpoint, user=user)
-    sample = sample_text(model, vocab, args.prime, args.sample_length, args.temperature,
+    prime = args.prime
+    if prime is None:
+        prime = "The " if set("The ") <= set(vocab.chars) else text[0]
+    sample = sample_text(model, vocab, prime, args.sample_length, args.temperature,
                          args.top_k, args.seed) if args.sample_length else ""
     if sample:
         print("---- sample ----")
@@ -221,11 +193,10 @@ def parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train on a text file and sample from the result")
-    t.add_argument("--text", nargs="?", const=shared_data(SHAKESPEARE), default=None,
-                   metavar="PATH", help="training text (alone: tiny-shakespeare); default: the "
-                                        "Python stdlib's .py sources")
+    t.add_argument("--text", default=None, metavar="PATH",
+                   help="training text, UTF-8 (default: the packaged tiny-shakespeare)")
     t.add_argument("--max-chars", type=int, default=0,
-                   help="use only the first N characters (stdlib corpus default 1,100,000)")
+                   help="use only the first N characters (0: all)")
     t.add_argument("--val-fraction", type=float, default=0.05)
     t.add_argument("--rnn-size", dest="rnn_size", type=int, default=DEFAULTS["rnn_size"])
     t.add_argument("--num-layers", dest="num_layers", type=int, default=DEFAULTS["num_layers"])
@@ -244,7 +215,9 @@ def parser():
                    help="checkpoint file, written every epoch ('' for none; default %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     t.add_argument("--progress", action="store_true", help="show a tqdm progress bar")
-    t.add_argument("--prime", default=None, help="sample prefix (default 'The ' or 'def ')")
+    t.add_argument("--prime", default=None,
+                   help="sample prefix (default 'The ', or the text's first character when "
+                        "'The ' is not in its vocabulary)")
     t.add_argument("--sample-length", type=int, default=500)
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--top-k", type=int, default=None)
@@ -263,8 +236,6 @@ def parser():
 def main(argv=None):
     args = parse(parser(), argv)
     if args.command == "train":
-        if args.prime is None:
-            args.prime = "The " if args.text else "def "
         return train(args)
     if not os.path.isfile(args.checkpoint):
         msg = f"checkpoint not found: {args.checkpoint} (train first: char_rnn.py train)"

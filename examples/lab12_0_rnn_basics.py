@@ -15,9 +15,9 @@ import argparse
 
 import numpy as np
 
-from _common import add_common_args, parse, tf1_glorot_init
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
+
 
 # one-hot characters, as in the lab
 h = [1, 0, 0, 0]

@@ -13,9 +13,9 @@ import argparse
 
 import numpy as np
 
-from _common import add_common_args, parse, should_print, tf1_glorot_init
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, should_print, tf1_glorot_init
+
 
 IDX2CHAR = ["h", "i", "e", "l", "o"]   # the lab's order, not sorted
 X_TEXT, Y_TEXT = "hihell", "ihello"

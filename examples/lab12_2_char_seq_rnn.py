@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from _common import add_common_args, parse, should_print
-from lab12_1_hello_rnn import build
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, should_print
+from rnnkern.examples.lab12_1_hello_rnn import build
+
 
 SAMPLE = " if you want you"
 

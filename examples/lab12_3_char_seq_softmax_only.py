@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 
-from _common import add_common_args, parse, should_print
-from lab12_2_char_seq_rnn import SAMPLE
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, should_print
+from rnnkern.examples.lab12_2_char_seq_rnn import SAMPLE
+
 
 BIGRAM_FLOOR = 6 * math.log(2) / 15   # 0.277259 for " if you want you" (see the docstring)
 

@@ -17,9 +17,9 @@ import argparse
 
 import numpy as np
 
-from _common import add_common_args, parse, should_print, tf1_glorot_init
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, should_print, tf1_glorot_init
+
 
 SENTENCE = ("if you want to build a ship, don't drum up people together to "
             "collect wood and don't assign them tasks and work, but rather "

@@ -8,32 +8,30 @@ first window has history), min-max scale train and test EACH WITH ITS OWN min/ma
 does; it leaks the test range, but it is the recipe being reproduced), windows of 7 days of all
 5 columns -> next day's Close, LSTM(10) -> fully connected 1 on the last step, sum-of-squares
 loss, Adam 0.01, 500 full-batch steps, ``[step: i] loss: ...`` lines. Prints ``RMSE:`` on the
-scaled test set (PyTorch with the same recipe: about 0.048) and saves a plot of test vs
-predicted (matplotlib, Agg backend). The CSV is read from ``--csv`` (default
-``../shared/data/data-02-stock_daily.csv`` next to the repo); nothing is downloaded.
+scaled test set (PyTorch with the same recipe: about 0.048) and, as the lab's ``plt.plot`` did,
+draws the test prediction against the truth into a PNG (``--plot``, default
+``lab12_5_stock_prediction.png`` when matplotlib is installed; ``--plot ''`` for none). The
+prices are the copy packaged in :mod:`rnnkern.datasets` unless ``--csv`` names another file.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-from _common import add_common_args, parse, shared_data, should_print, tf1_glorot_init
-
 import rnnkern as rk
+from rnnkern.examples._common import add_common_args, parse, should_print, tf1_glorot_init
+from rnnkern.plotting import INSTALL_HINT, have_matplotlib, new_figure
 
-CSV_NAME = "data-02-stock_daily.csv"
+
+DEFAULT_PLOT = "lab12_5_stock_prediction.png"
 
 
-def load_prices(path):
-    """[N,5] float array in chronological order (the file is newest first; '#' lines skipped)."""
-    xy = np.loadtxt(path, delimiter=",")
-    if xy.ndim != 2 or xy.shape[1] != 5:
-        raise ValueError(f"{path}: expected 5 comma-separated columns "
-                         f"(Open, High, Low, Volume, Close), got shape {xy.shape}")
-    return xy[::-1]
+def load_prices(path=None):
+    """[N,5] prices in chronological order: the packaged file, or ``path`` in its layout (both
+    newest first, '#' lines skipped)."""
+    return rk.datasets.stock_daily(path)[::-1]
 
 
 def build_datasets(xy, seq_length, train_fraction=0.7):
@@ -49,10 +47,9 @@ def build_datasets(xy, seq_length, train_fraction=0.7):
 
 
 def save_plot(path, testY, test_predict):
-    import matplotlib
-    matplotlib.use("Agg")           # files only; never opens a window
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
+    """The lab's figure: the scaled test Close and the prediction against the day."""
+    fig = new_figure((8, 4))
+    ax = fig.add_subplot()
     ax.plot(testY, label="test (scaled Close)")
     ax.plot(test_predict, label="predicted")
     ax.set_xlabel("Time Period")
@@ -60,15 +57,16 @@ def save_plot(path, testY, test_predict):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--csv", default=shared_data(CSV_NAME),
-                   help="path of data-02-stock_daily.csv (default: %(default)s)")
-    p.add_argument("--plot", default="lab12_5_stock_prediction.png",
-                   help="PNG file for the test-vs-predicted plot ('' for none; default %(default)s)")
+    p.add_argument("--csv", default=None,
+                   help="prices CSV in the lab's layout (default: the packaged "
+                        "data-02-stock_daily.csv)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help=f"PNG file for the test-vs-predicted plot ('' for none; default "
+                        f"{DEFAULT_PLOT} when matplotlib is installed)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seq-length", type=int, default=7)
@@ -76,14 +74,21 @@ def main(argv=None):
     add_common_args(p, every=50)
     args = parse(p, argv)
 
-    if not os.path.isfile(args.csv):
-        msg = (f"lab12-5 stock prediction: data file not found: {args.csv}\n"
-               f"  pass --csv PATH to the lab's {CSV_NAME} (GOOG daily prices)")
-        if __name__ == "__main__":
-            sys.exit(msg)
-        raise FileNotFoundError(msg)
+    plot = args.plot
+    if plot is None:
+        plot = DEFAULT_PLOT if have_matplotlib() else ""
+        if not plot and not args.quiet:
+            print(f"(no plot: matplotlib is not installed; {INSTALL_HINT})")
+    elif plot and not have_matplotlib():   # asked for by name: fail before training
+        new_figure()
 
-    trainX, trainY, testX, testY = build_datasets(load_prices(args.csv), args.seq_length)
+    try:
+        prices = load_prices(args.csv)
+    except (OSError, ValueError) as exc:
+        if __name__ == "__main__":
+            sys.exit(f"lab12-5 stock prediction: {exc}")
+        raise
+    trainX, trainY, testX, testY = build_datasets(prices, args.seq_length)
     data_dim = trainX.shape[2]
     lstm = tf1_glorot_init(rk.LSTM(data_dim, args.hidden, backend=args.backend), args.seed)
     model = rk.Sequential([lstm, rk.LastStep(),
@@ -104,11 +109,11 @@ def main(argv=None):
         print(f"lab12-5 stock: {len(trainX)} train / {len(testX)} test windows, "
               f"{args.steps} steps, final train loss {step_loss:.4f}")
     print(f"RMSE: {rmse:.6f}")
-    if args.plot:
-        save_plot(args.plot, testY, test_predict)
+    if plot:
+        save_plot(plot, testY, test_predict)
         if not args.quiet:
-            print(f"plot saved to {args.plot}")
-    return {"rmse": rmse, "loss": step_loss, "plot": args.plot or None,
+            print(f"plot saved to {plot}")
+    return {"rmse": rmse, "loss": step_loss, "plot": plot or None,
             "n_train": len(trainX), "n_test": len(testX)}
 
 

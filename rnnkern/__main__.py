@@ -1,14 +1,16 @@
-"""Command line: ``python -m rnnkern labs|train|sample|bench|backends``.
+"""Command line: ``python -m rnnkern labs|train|sample|bench|backends`` (or ``rnnkern ...``).
 
     python -m rnnkern labs                 lab 12 reproductions, short output, outcome checks
-    python -m rnnkern train [args]         char-rnn training (examples/char_rnn.py train --help)
+    python -m rnnkern train [args]         char-rnn training, on tiny-shakespeare by default
+                                           (examples/char_rnn.py train --help)
     python -m rnnkern sample [args]        sample from a char-rnn checkpoint
     python -m rnnkern bench [cpu|e2e|all] [args]
                                            benchmarks/bench_cpu.py (kernels vs PyTorch) and
-                                           benchmarks/bench_e2e.py (training recipes vs PyTorch)
+                                           benchmarks/bench_e2e.py (training recipes vs PyTorch),
+                                           from a source checkout
     python -m rnnkern backends             which backends run here, and why not
 
-The examples and benchmarks live in the source tree, beside the package.
+The examples are installed with the package (``rnnkern.examples``); the benchmarks are not.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def _bench(argv):
                                   os.path.join(os.getcwd(), "benchmarks"))
                       if os.path.isdir(d)), None)
     if bench_dir is None:
-        print("benchmarks/ not found: run from a source checkout of rnnkern", file=sys.stderr)
+        print("benchmarks/ not found: the benchmarks are not installed with the package; run "
+              "`python -m rnnkern bench` inside a source checkout (or its sdist)", file=sys.stderr)
         return 2
     names = list(BENCHES) if which == "all" else [which]
     rc = 0
@@ -48,6 +51,7 @@ def _backends():
     import rnnkern as rk
     for name, (ok, reason) in rk.available_backends().items():
         print(f"{name:6s} {'yes' if ok else 'no '}  {reason}")
+    print(f"(rnnkern {rk.__version__} imported from {os.path.dirname(rk.__file__)})")
     return 0
 
 

@@ -1,51 +1,52 @@
-"""Run the lab 12 reproductions in ``examples/`` in sequence and check each documented outcome.
+"""Run the lab 12 reproductions in ``rnnkern.examples`` in sequence and check each documented
+outcome.
 
 ``python -m rnnkern labs`` imports each example script and calls its ``main(argv)`` with
 ``--quiet`` (short output), then compares the returned outcome with what the lab documents.
-The scripts live in the source tree's ``examples/`` (next to the package, or under the current
-directory); they are not part of an installed wheel.
+The scripts are the checkout's top-level ``examples/``, installed as the subpackage
+``rnnkern.examples``; a package imported from a checkout reads them from its ``examples/``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 import time
 
+from ._source_tree import source_tree_root
 from .blas_threads import limit_blas_threads, loaded_openblas, restore_blas_threads  # noqa: F401
 
 
 # re-exported for the examples, bench_e2e and tests (one copy lives in rnnkern.blas_threads)
 _openblas_libs = loaded_openblas
+EXAMPLES = "rnnkern.examples"
 
 
-def examples_dir():
-    """``examples/`` beside the package (source checkout), else under the current directory."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(os.path.dirname(here), "examples"),
-                 os.path.join(os.getcwd(), "examples")):
-        if os.path.isfile(os.path.join(cand, "_common.py")):
-            return cand
-    raise FileNotFoundError(
-        "examples/ not found: run from a source checkout of rnnkern (the lab scripts are not "
-        "installed with the package)")
+def _examples_package():
+    """``rnnkern.examples``: in a checkout, its ``examples/`` folder (registered under that
+    name, so the scripts' own imports resolve the same way, installed or not); otherwise the
+    installed subpackage (a wheel, ``pip install .``)."""
+    if EXAMPLES in sys.modules:
+        return sys.modules[EXAMPLES]
+    root = source_tree_root()
+    init = os.path.join(root, "examples", "__init__.py") if root else ""
+    if not os.path.isfile(init):
+        return importlib.import_module(EXAMPLES)
+    spec = importlib.util.spec_from_file_location(
+        EXAMPLES, init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[EXAMPLES] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_example(name):
-    """Import ``examples/<name>.py`` as a module (its directory goes on sys.path for _common)."""
-    d = examples_dir()
-    if d not in sys.path:
-        sys.path.insert(0, d)
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(d, name + ".py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The example script ``name`` (e.g. ``"lab12_1_hello_rnn"``) as module
+    ``rnnkern.examples.<name>``."""
+    _examples_package()
+    return importlib.import_module(f"{EXAMPLES}.{name}")
 
 
 # ---------------------------------------------------------------------- documented outcomes
@@ -94,11 +95,11 @@ def main(argv=None):
                                 description="Run the lab 12 reproductions with short output.")
     p.add_argument("--only", nargs="+", metavar="N",
                    help="run only these labs (numbers 0-5 or module names)")
-    p.add_argument("--csv", default=None, help="lab 12-5 data file (default: its script's "
-                                               "default, ../shared/data/data-02-stock_daily.csv)")
-    p.add_argument("--plot", default=os.path.join(tempfile.gettempdir(),
-                                                  "rnnkern_lab12_5_stock.png"),
-                   help="where lab 12-5 saves its plot (default %(default)s)")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="lab 12-5 prices in the lab's layout (default: the packaged copy)")
+    p.add_argument("--plot", default="", metavar="PNG",
+                   help="draw lab 12-5's test prediction against the truth into this PNG "
+                        "(needs matplotlib; default: no plot)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blas-threads", type=int, default=1,
@@ -115,40 +116,37 @@ def main(argv=None):
         if not selected:
             p.error(f"--only {args.only}: no such lab (0-5)")
 
+    import numpy as np
     import rnnkern as rk
     from rnnkern.backends import resolve
-    import numpy as np
     lstm, gru = (resolve(args.backend, np.zeros(1), kind).name for kind in ("lstm", "gru"))
-    print(f"rnnkern {rk.__version__}, backend {args.backend} -> LSTM {lstm}, GRU/RNN {gru} "
-          f"(training steps of small models: numba when available)")
+    print(f"rnnkern {rk.__version__} from {os.path.dirname(rk.__file__)}")
+    print(f"backend {args.backend} -> LSTM {lstm}, GRU/RNN {gru}")
+    cpp_ok, cpp_reason = rk.available_backends()["cpp"]
+    if not cpp_ok:
+        print(f"  (cpp unavailable: {cpp_reason})")
     t_all = time.perf_counter()
-    failures, skipped = [], []
+    failures = []
     for name, title, check in selected:
         print(f"\n== {title} ({name}.py)", flush=True)
-        common = ["--quiet", "--seed", str(args.seed), "--backend", args.backend,
-                  "--blas-threads", str(args.blas_threads)]
-        extra = []
+        argv_lab = ["--quiet", "--seed", str(args.seed), "--backend", args.backend,
+                    "--blas-threads", str(args.blas_threads)]
         if name == "lab12_5_rnn_stock_prediction":
-            mod = load_example(name)
-            csv = args.csv or mod.shared_data(mod.CSV_NAME)
-            if not os.path.isfile(csv):
-                print(f"SKIP: data file not found: {csv} (pass --csv PATH)")
-                skipped.append(name)
-                continue
-            extra = ["--csv", csv, "--plot", args.plot]
+            argv_lab += ["--plot", args.plot] + (["--csv", args.csv] if args.csv else [])
         t0 = time.perf_counter()
-        result = load_example(name).main(common + extra)
-        ok, outcome = check(result)
+        try:
+            ok, outcome = check(load_example(name).main(argv_lab))
+        except Exception as exc:  # noqa: BLE001 - one lab's failure must not hide the others'
+            ok, outcome = False, f"{type(exc).__name__}: {exc}"
         dt = time.perf_counter() - t0
-        if name == "lab12_5_rnn_stock_prediction":
+        if ok and name == "lab12_5_rnn_stock_prediction" and args.plot:
             outcome += f"; plot: {args.plot}"
         print(f"{'ok' if ok else 'MISMATCH'}: {outcome} ({dt:.1f} s)", flush=True)
         if not ok:
             failures.append(name)
     total = time.perf_counter() - t_all
-    print(f"\n{len(selected) - len(failures) - len(skipped)} of {len(selected)} labs reproduced "
+    print(f"\n{len(selected) - len(failures)} of {len(selected)} labs reproduced "
           f"their documented outcome"
-          + (f", {len(skipped)} skipped" if skipped else "")
           + (f", MISMATCH: {', '.join(failures)}" if failures else "")
           + f" ({total:.1f} s)")
     return 1 if failures else 0

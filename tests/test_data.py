@@ -139,15 +139,3 @@ def test_train_test_split():
         rk.train_test_split(a, b[:5])
     with pytest.raises(ValueError, match="overlap"):
         rk.train_test_split(a, overlap=15)
-
-
-def test_real_stock_csv_pipeline_shapes():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                        "data-02-stock_daily.csv")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present")
-    xy = np.loadtxt(path, delimiter=",")[::-1]
-    assert xy.shape[1] == 5
-    train, test = rk.train_test_split(xy, train_fraction=0.7, overlap=7)
-    tx, ty = rk.next_step_windows(rk.MinMaxScaler().fit_transform(train), 7)
-    assert tx.shape == (len(train) - 7, 7, 5)

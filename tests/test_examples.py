@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 import rnnkern as rk
+from rnnkern import plotting
 from rnnkern.labs import limit_blas_threads, load_example, restore_blas_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STOCK_CSV = os.path.normpath(os.path.join(REPO, "..", "shared", "data",
-                                          "data-02-stock_daily.csv"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,15 +85,45 @@ def test_lab12_4_reconstructs_the_sentence():
 
 
 # ---------------------------------------------------------------------- lab 12-5
-@pytest.mark.skipif(not os.path.isfile(STOCK_CSV), reason=f"stock data not found: {STOCK_CSV}")
 def test_lab12_5_stock_rmse_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
     png = tmp_path / "stock.png"
-    # the full recipe (500 steps): RMSE 0.049-0.056 over seeds 0-5 (PyTorch ~0.048)
-    r = lab("lab12_5_rnn_stock_prediction").main(
-        ["--quiet", "--csv", STOCK_CSV, "--plot", str(png)])
-    assert (r["n_train"], r["n_test"]) == (505, 220)   # 731 rows: int(0.7*731)-7, 731-511+7-7
+    # the full recipe (500 steps) on the packaged prices: RMSE 0.049-0.056 over seeds 0-5
+    # (PyTorch ~0.048)
+    r = lab("lab12_5_rnn_stock_prediction").main(["--quiet", "--plot", str(png)])
+    assert (r["n_train"], r["n_test"]) == (505, 220)   # 732 rows: int(0.7*732)-7, 732-512+7-7
     assert r["rmse"] < 0.07
+    assert r["plot"] == str(png)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lab12_5_csv_override_reads_that_file(tmp_path):
+    """--csv replaces the packaged prices: the same file reversed gives other windows."""
+    prices = rk.datasets.stock_daily()
+    csv = tmp_path / "prices.csv"
+    np.savetxt(csv, prices[:300], delimiter=",", header="Open,High,Low,Volume,Close")
+    r = lab("lab12_5_rnn_stock_prediction").main(
+        ["--quiet", "--csv", str(csv), "--plot", "", "--steps", "2"])
+    assert (r["n_train"], r["n_test"]) == (int(0.7 * 300) - 7, 300 - int(0.7 * 300))
+    assert r["plot"] is None
+
+
+def test_lab12_5_plot_default_and_missing_matplotlib(tmp_path, monkeypatch, capsys):
+    """The script draws its plot by default when matplotlib is there; without it the default
+    plot is skipped with a note, and a plot asked for by name is an error naming the extra."""
+    mod = lab("lab12_5_rnn_stock_prediction")
+    monkeypatch.chdir(tmp_path)
+    if plotting.have_matplotlib():
+        r = mod.main(["--steps", "2", "--every", "1"])
+        assert r["plot"] == mod.DEFAULT_PLOT and (tmp_path / mod.DEFAULT_PLOT).is_file()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    capsys.readouterr()
+    r = mod.main(["--steps", "2"])
+    assert r["plot"] is None and "rnnkern[plot]" in capsys.readouterr().out
+    with pytest.raises(ImportError, match=r"matplotlib.*rnnkern\[plot\]"):
+        mod.main(["--steps", "2", "--plot", str(tmp_path / "asked.png")])
+    assert not (tmp_path / "asked.png").exists()
 
 
 def test_lab12_5_pipeline_matches_the_lab_by_hand(tmp_path):
@@ -119,7 +148,7 @@ def test_lab12_5_pipeline_matches_the_lab_by_hand(tmp_path):
 
 def test_lab12_5_missing_csv_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "nope.csv")
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.csv"):
         lab("lab12_5_rnn_stock_prediction").main(["--csv", missing, "--plot", ""])
     proc = subprocess.run([sys.executable, os.path.join(REPO, "examples",
                                                         "lab12_5_rnn_stock_prediction.py"),
@@ -176,14 +205,20 @@ def test_char_rnn_defaults_are_char_rnn_tensorflows():
     assert (args.rnn_size, args.num_layers, args.seq_length, args.batch_size) == (128, 2, 50, 50)
     assert (args.learning_rate, args.decay_rate, args.grad_clip) == (2e-3, 0.97, 5.0)
     assert args.val_fraction == 0.05 and args.text is None
-    assert cr.parser().parse_args(["train", "--text"]).text.endswith("tinyshakespeare.txt")
 
 
-def test_char_rnn_stdlib_corpus_is_deterministic_ascii():
+def test_char_rnn_default_corpus_is_the_packaged_tiny_shakespeare(tmp_path):
     cr = lab("char_rnn")
-    a, b = cr.stdlib_corpus(50_000), cr.stdlib_corpus(50_000)
-    assert a == b and len(a) == 50_000 and a.isascii()
-    assert "def " in a and "import " in a
+    text, source = cr.load_corpus(cr.parser().parse_args(["train"]))
+    assert text == rk.datasets.tiny_shakespeare() and "tiny-shakespeare" in source
+    text, _ = cr.load_corpus(cr.parser().parse_args(["train", "--max-chars", "100"]))
+    assert text == rk.datasets.tiny_shakespeare()[:100]
+    own = tmp_path / "own.txt"
+    own.write_text("abc abc\n")
+    assert cr.load_corpus(cr.parser().parse_args(["train", "--text", str(own)])) == \
+        ("abc abc\n", str(own))
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        cr.load_corpus(cr.parser().parse_args(["train", "--text", str(tmp_path / "absent.txt")]))
 
 
 def test_char_rnn_sample_without_checkpoint_is_a_clear_error(tmp_path):
@@ -192,30 +227,48 @@ def test_char_rnn_sample_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------- CLI
-def _run_cli(*args, timeout=120):
+def _run_cli(*args, timeout=120, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "rnnkern", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout)
+                          text=True, cwd=cwd, timeout=timeout)
 
 
 def test_cli_labs_prints_documented_outcomes(tmp_path):
-    proc = _run_cli("labs", "--csv", str(tmp_path / "absent.csv"))
+    proc = _run_cli("labs", cwd=tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr
     for line in ("Loss:  0.596759", "Loss1: 0.513015", "Loss2: 0.371101",
                  "Prediction str:  ihello", "Prediction: if you want you",
-                 "Prediction: yf you yant you", "SKIP: data file not found",
+                 "Prediction: yf you yant you", "RMSE: 0.0",
                  lab("lab12_4_rnn_long_char").SENTENCE[2:]):   # all but the first character
         assert line in out, line
-    assert "5 of 6 labs reproduced their documented outcome, 1 skipped" in out
+    assert "6 of 6 labs reproduced their documented outcome" in out
     assert "MISMATCH" not in out
+    assert list(tmp_path.iterdir()) == []       # no plot unless asked for
+
+
+def test_cli_labs_stock_plot_and_a_failing_lab(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "stock.png"
+    proc = _run_cli("labs", "--only", "5", "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert f"plot: {png}" in proc.stdout and png.read_bytes()[:4] == b"\x89PNG"
+    # a lab that fails is reported as a mismatch with its reason, and the exit status says so
+    proc = _run_cli("labs", "--only", "0", "5", "--csv", str(tmp_path / "absent.csv"))
+    assert proc.returncode == 1
+    assert "MISMATCH: FileNotFoundError: data file not found" in proc.stdout
+    assert "1 of 2 labs reproduced their documented outcome, MISMATCH: lab12_5" in proc.stdout
 
 
 def test_example_script_runs_standalone(tmp_path):
-    """`python examples/x.py` from any directory finds rnnkern (sys.path fallback)."""
+    """`python examples/x.py` and `python -m rnnkern.examples.x` run from any directory."""
     proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "lab12_1_hello_rnn.py"),
                            "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("Prediction str:  ihello")
+    proc = subprocess.run([sys.executable, "-m", "rnnkern.examples.lab12_2_char_seq_rnn",
+                           "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("Prediction: if you want you")
 
 
 def test_cli_usage_and_unknown_command():

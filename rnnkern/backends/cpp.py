@@ -2,7 +2,10 @@
 
 Same seam as :mod:`rnnkern.reference` (one layer, one direction, whole sequence; shape legend
 there). ``_C`` checks every array itself (dtype, C-contiguity, shapes, lengths range) and raises
-``ValueError`` naming the argument, then runs without the GIL.
+``ValueError`` naming the argument, then runs without the GIL. Imported from a source tree
+(a checkout), the backend runs only a ``_C`` built from the C++ sources the tree holds now
+(``rnnkern/_source_tree.py``); otherwise :func:`available` says it is missing or stale and
+how to build it: the fall-back to Numba is never silent, and an outdated binary never runs.
 
 GEMMs: products from M*N*K = 2^23 up go to SciPy's BLAS, whose Fortran ``sgemm``/``dgemm``
 function pointers ``scipy.linalg.cython_blas`` exports as capsules (handed to ``_C`` once, at
@@ -41,15 +44,42 @@ row), so the caller needs neither a gather before nor a scatter after.
 """
 from __future__ import annotations
 
+import os
+
+from .._source_tree import source_digest, source_tree_root
+
 name = "cpp"
+
+
+def build_problem(root, ext, import_error=None):
+    """Why ``ext`` (the imported ``_C``, or None when ``import_error`` stopped it) cannot serve
+    the package at ``root`` (a source tree, or None when installed); "" when it can."""
+    if ext is not None and root is not None:
+        found_in = os.path.dirname(os.path.abspath(ext.__file__))
+        if not os.path.samefile(found_in, os.path.join(root, "rnnkern")):
+            # another checkout's editable install lent its build: never mix two trees
+            ext, import_error = None, f"the one found was {found_in}'s"
+    if ext is None:
+        if root is None:
+            return (f"rnnkern._C is missing from this installation ({import_error}); "
+                    f"reinstall rnnkern")
+        return (f"rnnkern is imported from the source tree {root}, whose extension rnnkern._C "
+                f"is not built ({import_error}); build it there with `pip install -e .`, or run "
+                f"from another directory to use an installed rnnkern")
+    if root is not None and getattr(ext, "__source_digest__", "") != source_digest(root):
+        return (f"rnnkern._C in the source tree {root} is stale: it was built from other C++ "
+                f"sources than csrc/ holds now; rebuild it with `pip install -e .`")
+    return ""
+
 
 try:
     from .. import _C
 except ImportError as exc:  # not built: pip install . (or -e .) compiles it with CMake
-    _C = None
-    _IMPORT_ERROR = f"rnnkern._C is not built ({exc}); run `pip install .` or `pip install -e .`"
+    _C, _IMPORT_ERROR = None, build_problem(source_tree_root(), None, exc)
 else:
-    _IMPORT_ERROR = ""
+    _IMPORT_ERROR = build_problem(source_tree_root(), _C)
+    if _IMPORT_ERROR:
+        _C = None   # a stale build may not match the calls below: never run it
 
 
 def _register_blas():
