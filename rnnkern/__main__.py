@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+from ._source_tree import source_tree_root
+
 USAGE = __doc__.split("\n\n")[1]
 BENCHES = {"cpu": "bench_cpu.py", "e2e": "bench_e2e.py"}
 
@@ -26,10 +28,10 @@ def _bench(argv):
     which = "all"
     if argv and argv[0] in ("cpu", "e2e", "all"):
         which, argv = argv[0], argv[1:]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    bench_dir = next((d for d in (os.path.join(root, "benchmarks"),
-                                  os.path.join(os.getcwd(), "benchmarks"))
-                      if os.path.isdir(d)), None)
+    root = source_tree_root()
+    candidates = ([os.path.join(root, "benchmarks")] if root else []) + [
+        os.path.join(os.getcwd(), "benchmarks")]
+    bench_dir = next((d for d in candidates if os.path.isdir(d)), None)
     if bench_dir is None:
         print("benchmarks/ not found: the benchmarks are not installed with the package; run "
               "`python -m rnnkern bench` inside a source checkout (or its sdist)", file=sys.stderr)

@@ -302,3 +302,38 @@ def test_cli_bench_e2e_runs_a_tiny_table():
                     "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert "| hihello, 5 Adam steps |" in proc.stdout and "speed-up" in proc.stdout
+
+
+def _bench_cpu():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu_under_test", os.path.join(REPO, "benchmarks", "bench_cpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_cpu_plots_speed_up_against_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _bench_cpu()
+    lab, char = bench.SIZES["lab"], bench.SIZES["char-rnn"]
+    med = lambda t: {"fwd": t / 2, "fwdbwd": t}   # noqa: E731
+    results = [("lstm", lab, "cpp", med(1.0), med(1.0)), ("lstm", lab, "torch", med(10.0), None),
+               ("lstm", char, "cpp", med(2.0), med(2.0)), ("lstm", char, "torch", med(3.0), None),
+               ("gru", lab, "numba", med(1.0), med(1.0))]   # no torch row: not drawn
+    png = tmp_path / "speedup.png"
+    bench.plot_speedups(results, png)
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no PyTorch contestant"):
+        bench.plot_speedups([r for r in results if r[2] != "torch"], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_cli_bench_outside_a_checkout_says_where_the_benchmarks_are(tmp_path, monkeypatch,
+                                                                    capsys):
+    """An installed package has no benchmarks/: the message says to run from a checkout."""
+    import rnnkern.__main__ as cli
+    monkeypatch.setattr(cli, "source_tree_root", lambda: None)   # as installed
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "cpu"]) == 2
+    assert "run `python -m rnnkern bench` inside a source checkout" in capsys.readouterr().err
