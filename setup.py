@@ -74,6 +74,10 @@ class CMakeBuild(build_ext):
 
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
+        # pip builds in the checkout's build/ but in a new isolated environment each time: a
+        # cache from the last build names that environment's cmake and ninja, which pip has
+        # deleted since, and CMake would fail. Configure afresh; unchanged objects are reused.
+        (build_temp / "CMakeCache.txt").unlink(missing_ok=True)
         subprocess.run(["cmake", ext.sourcedir, *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_temp, check=True)
 

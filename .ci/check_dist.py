@@ -1,6 +1,6 @@
-"""Check what the sdist and the wheel built from it hold (CI runs this after `python -m build`).
+"""Check what a wheel or an sdist of rnnkern holds (CI runs this on what it builds).
 
-    python .ci/check_dist.py DIST_DIR
+    python .ci/check_dist.py FILE...      # rnnkern-*.whl and/or rnnkern-*.tar.gz
 
 The wheel must carry the compiled extension, every example script, both data files with their
 sources note, the CUDA sources CuPy compiles at run time, and the `rnnkern` console script; the
@@ -34,34 +34,46 @@ def expected_sdist_entries():
     return names
 
 
-def main(dist):
-    dist = pathlib.Path(dist)
-    wheels, sdists = sorted(dist.glob("rnnkern-*.whl")), sorted(dist.glob("rnnkern-*.tar.gz"))
-    if len(wheels) != 1 or len(sdists) != 1:
-        sys.exit(f"{dist}: expected one wheel and one sdist, found {wheels + sdists}")
-    problems = []
-    with zipfile.ZipFile(wheels[0]) as whl:
+def wheel_problems(path):
+    with zipfile.ZipFile(path) as whl:
         names = set(whl.namelist())
-        problems += [f"wheel lacks {n}" for n in expected_wheel_entries() if n not in names]
+        problems = [f"lacks {n}" for n in expected_wheel_entries() if n not in names]
         if not any(n.startswith("rnnkern/_C") and n.endswith(".so") for n in names):
-            problems.append("wheel lacks the compiled extension rnnkern/_C*.so")
-        problems += [f"wheel holds {n}" for n in names
+            problems.append("lacks the compiled extension rnnkern/_C*.so")
+        problems += [f"holds {n}" for n in names
                      if n.startswith(("tests/", "benchmarks/", "examples/"))]
         entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         if not entry_points or "rnnkern = rnnkern.__main__:main" not in \
                 whl.read(entry_points[0]).decode():
-            problems.append("wheel lacks the console script rnnkern = rnnkern.__main__:main")
-    with tarfile.open(sdists[0]) as sdist:
-        top = sdist.getnames()[0].split("/")[0]
+            problems.append("lacks the console script rnnkern = rnnkern.__main__:main")
+    return problems
+
+
+def sdist_problems(path):
+    with tarfile.open(path) as sdist:
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
-        problems += [f"sdist lacks {n}" for n in expected_sdist_entries() if n not in names]
-    for line in problems:
-        print(line)
-    if problems:
-        sys.exit(f"{len(problems)} problem(s) in {dist}")
-    print(f"dist OK: {wheels[0].name} ({wheels[0].stat().st_size / 1e6:.2f} MB), "
-          f"{sdists[0].name} ({sdists[0].stat().st_size / 1e6:.2f} MB; top folder {top})")
+    return [f"lacks {n}" for n in expected_sdist_entries() if n not in names]
+
+
+def main(paths):
+    if not paths:
+        sys.exit(__doc__)
+    failed = 0
+    for path in map(pathlib.Path, paths):
+        if path.name.endswith(".whl"):
+            problems = wheel_problems(path)
+        elif path.name.endswith(".tar.gz"):
+            problems = sdist_problems(path)
+        else:
+            problems = ["neither a wheel nor an sdist"]
+        for line in problems:
+            print(f"{path.name}: {line}")
+        failed += bool(problems)
+        if not problems:
+            print(f"{path.name}: OK ({path.stat().st_size / 1e6:.2f} MB)")
+    if failed:
+        sys.exit(f"{failed} of {len(paths)} file(s) incomplete")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "dist")
+    main(sys.argv[1:])
