@@ -39,6 +39,7 @@ def _examples_package():
     module = importlib.util.module_from_spec(spec)
     sys.modules[EXAMPLES] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules["rnnkern"], "examples", module)   # as an import statement would
     return module
 
 
