@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 import rnnkern as rk
 from rnnkern.examples._common import add_common_args, parse, should_print, tf1_glorot_init
 
