@@ -3,12 +3,16 @@
     python benchmarks/bench_e2e.py                         # hihello, lab12-4, char-rnn epoch
     python benchmarks/bench_e2e.py --only hihello lab12-4 --repeats 5
     python benchmarks/bench_e2e.py --only char-rnn --max-batches 100
+    python benchmarks/bench_e2e.py --cells lstm gru rnn      # each workload with each cell
 
 Workloads (float32, full training steps: forward, loss, backward, optimizer update):
 
 * ``hihello``:  one-hot(5) -> LSTM(5) -> dense 5, batch 1 x 6 steps, Adam 0.1, 2000 steps
 * ``lab12-4``:  one-hot(25) -> 2-layer LSTM(25) -> dense 25, 170 windows x 10, Adam 0.1, 500 steps
 * ``char-rnn``: embedding 128 -> 2-layer LSTM(128) -> dense 65 on tiny-shakespeare, batches
+
+``--cells gru rnn`` runs the same workloads with GRU (reset_after, as torch.nn.GRU) or tanh-RNN
+cells in the LSTM's place, on both sides.
   50 x 50 with the state carried between batches, Adam 2e-3, clip-by-global-norm 5, one epoch
   over the 95% training part (``--max-batches`` shortens it), as examples/char_rnn.py trains.
 
@@ -62,6 +66,18 @@ def char_rnn_data(path, max_batches):
 
 
 # ---------------------------------------------------------------------- rnnkern
+CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def rk_lab_model(kind, C, L, seed=0):
+    """one-hot(C) -> L layers of the cell with C units -> Dense(C): the labs' build (lab12_1's
+    and lab12_4's ``build``, TF1 glorot init) with any cell."""
+    from rnnkern.examples._common import tf1_glorot_init
+    cell = getattr(rk, CELLS[kind])(C, C, L)
+    return rk.Sequential([rk.OneHot(C), tf1_glorot_init(cell, seed),
+                          rk.Dense(C, C, init="glorot", seed=seed + 1)])
+
+
 def rk_full_batch(build, x, y, steps, lr):
     """The labs' loop: one rk.TrainStep (forward, sequence_loss, backward, Adam) per step."""
     step = rk.TrainStep(build(), rk.sequence_loss, rk.Adam(lr=lr))
@@ -74,21 +90,19 @@ def rk_full_batch(build, x, y, steps, lr):
     return run
 
 
-def rk_hihello(steps):
+def rk_hihello(steps, kind):
     x, y, C = hihello_data()
-    lab = load_example("lab12_1_hello_rnn")
-    return rk_full_batch(lambda: lab.build(C, C, 0, "auto"), x, y, steps, 0.1)
+    return rk_full_batch(lambda: rk_lab_model(kind, C, 1), x, y, steps, 0.1)
 
 
-def rk_lab12_4(steps):
+def rk_lab12_4(steps, kind):
     x, y, C = lab12_4_data()
-    lab = load_example("lab12_4_rnn_long_char")
-    return rk_full_batch(lambda: lab.build(C, C, 2, 0, "auto"), x, y, steps, 0.1)
+    return rk_full_batch(lambda: rk_lab_model(kind, C, 2), x, y, steps, 0.1)
 
 
-def rk_char_rnn(batches, C):
+def rk_char_rnn(batches, C, kind):
     cr = load_example("char_rnn")
-    cfg = dict(cr.DEFAULTS)
+    cfg = dict(cr.DEFAULTS, model=kind)
     model = cr.build_model(C, cfg, 0)
     opt = rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"])
     trainer = rk.Trainer(model, rk.sequence_loss, opt, stateful=True, progress=False,
@@ -104,13 +118,13 @@ def rk_char_rnn(batches, C):
 
 # ---------------------------------------------------------------------- PyTorch
 class TorchCharModel:
-    """one-hot or embedding input -> nn.LSTM (batch_first) -> nn.Linear, float32."""
+    """one-hot or embedding input -> nn.LSTM/GRU/RNN (batch_first) -> nn.Linear, float32."""
 
-    def __init__(self, torch, C, H, L, embed):
+    def __init__(self, torch, C, H, L, embed, kind="lstm"):
         nn = torch.nn
         torch.manual_seed(0)
         self.embed = nn.Embedding(C, H) if embed else None
-        self.lstm = nn.LSTM(H if embed else C, H, L, batch_first=True)
+        self.lstm = getattr(nn, CELLS[kind])(H if embed else C, H, L, batch_first=True)
         self.fc = nn.Linear(H, C)
         self.modules = [m for m in (self.embed, self.lstm, self.fc) if m is not None]
 
@@ -123,9 +137,9 @@ class TorchCharModel:
         return self.fc(out), state
 
 
-def torch_full_batch(torch, x_ids, y_ids, C, H, L, steps, lr):
+def torch_full_batch(torch, x_ids, y_ids, C, H, L, steps, lr, kind):
     F = torch.nn.functional
-    model = TorchCharModel(torch, C, H, L, embed=False)
+    model = TorchCharModel(torch, C, H, L, embed=False, kind=kind)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     x = F.one_hot(torch.from_numpy(x_ids), C).float()   # tf.one_hot of the lab's graph
     y = torch.from_numpy(y_ids).reshape(-1)
@@ -147,9 +161,9 @@ def torch_full_batch(torch, x_ids, y_ids, C, H, L, steps, lr):
     return run
 
 
-def torch_char_rnn(torch, batches, C):
+def torch_char_rnn(torch, batches, C, kind):
     F = torch.nn.functional
-    model = TorchCharModel(torch, C, 128, 2, embed=True)
+    model = TorchCharModel(torch, C, 128, 2, embed=True, kind=kind)
     params = model.parameters()
     opt = torch.optim.Adam(params, lr=2e-3)
     data = [(torch.from_numpy(x), torch.from_numpy(y).reshape(-1)) for x, y in batches]
@@ -162,7 +176,8 @@ def torch_char_rnn(torch, batches, C):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
-        return float(loss.detach()), tuple(s.detach() for s in state)   # truncated BPTT
+        state = tuple(s.detach() for s in state) if kind == "lstm" else state.detach()
+        return float(loss.detach()), state   # truncated BPTT
 
     step(*data[0], None)
 
@@ -191,6 +206,8 @@ def _timed(run, threads, torch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    p.add_argument("--cells", nargs="+", choices=list(CELLS), default=["lstm"],
+                   help="recurrent cells to run each workload with (default lstm)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of hihello/lab12-4 per contestant (default %(default)s)")
     p.add_argument("--char-repeats", type=int, default=1, help="char-rnn epochs per contestant")
@@ -224,25 +241,26 @@ def main(argv=None):
     tnames = [f"torch {n}t" for n in args.threads]
 
     rows = []
-    for name in args.only:
+    for name, kind in [(n, k) for n in args.only for k in args.cells]:
+        cell = "" if kind == "lstm" else f" [{CELLS[kind]}]"
         if name == "hihello":
             x, y, C = hihello_data()
-            label = f"hihello, {args.hihello_steps} Adam steps"
-            make_rk = lambda: rk_hihello(args.hihello_steps)  # noqa: E731
-            make_th = lambda: torch_full_batch(torch, x, y, C, C, 1, args.hihello_steps, 0.1)  # noqa: E731
+            label = f"hihello, {args.hihello_steps} Adam steps{cell}"
+            make_rk = lambda: rk_hihello(args.hihello_steps, kind)  # noqa: E731
+            make_th = lambda: torch_full_batch(torch, x, y, C, C, 1, args.hihello_steps, 0.1, kind)  # noqa: E731
             reps = args.repeats
         elif name == "lab12-4":
             x, y, C = lab12_4_data()
-            label = f"lab12-4, {args.lab4_steps} Adam steps (170x10, 2 layers)"
-            make_rk = lambda: rk_lab12_4(args.lab4_steps)  # noqa: E731
-            make_th = lambda: torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1)  # noqa: E731
+            label = f"lab12-4, {args.lab4_steps} Adam steps (170x10, 2 layers){cell}"
+            make_rk = lambda: rk_lab12_4(args.lab4_steps, kind)  # noqa: E731
+            make_th = lambda: torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1, kind)  # noqa: E731
             reps = args.repeats
         else:
             batches, C = char_rnn_data(args.text, args.max_batches)
             label = (f"char-rnn epoch, {len(batches)} batches 50x50 "
-                     f"({args.text or 'tiny-shakespeare'})")
-            make_rk = lambda: rk_char_rnn(batches, C)  # noqa: E731
-            make_th = lambda: torch_char_rnn(torch, batches, C)  # noqa: E731
+                     f"({args.text or 'tiny-shakespeare'}){cell}")
+            make_rk = lambda: rk_char_rnn(batches, C, kind)  # noqa: E731
+            make_th = lambda: torch_char_rnn(torch, batches, C, kind)  # noqa: E731
             reps = args.char_repeats
         contestants = {"rnnkern": (make_rk(), None)}
         for n, tn in zip(args.threads, tnames):

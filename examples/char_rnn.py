@@ -4,7 +4,8 @@
     python examples/char_rnn.py sample [--checkpoint save/char_rnn.npz] [-n 500] [--prime "def "]
 
 (also ``python -m rnnkern train|sample``). Defaults are char-rnn-tensorflow's: embedding 128 ->
-2-layer LSTM 128 (forget bias 1.0) -> dense to the vocabulary, sequences of 50, batches of 50,
+2-layer LSTM 128 (forget bias 1.0; ``--model gru|rnn`` for the other cells) -> dense to the
+vocabulary, sequences of 50, batches of 50,
 Adam 2e-3 decayed by 0.97 per epoch, gradients clipped to global norm 5, the state carried
 from batch to batch within an epoch (truncated BPTT over contiguous rows).
 
@@ -27,7 +28,9 @@ import rnnkern as rk
 from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
 
 
-DEFAULTS = dict(rnn_size=128, num_layers=2, seq_length=50, batch_size=50, learning_rate=2e-3,
+CELLS = {"lstm": rk.LSTM, "gru": rk.GRU, "rnn": rk.RNN}
+DEFAULTS = dict(model="lstm", rnn_size=128, num_layers=2, seq_length=50, batch_size=50,
+                learning_rate=2e-3,
                 decay_rate=0.97, grad_clip=5.0,   # char-rnn-tensorflow's train.py defaults
                 dropout=0.0)                      # its output_keep_prob=1.0
 
@@ -55,20 +58,23 @@ def split_ids(ids, val_fraction, batch_size, seq_length):
 
 # ---------------------------------------------------------------------- model
 def build_model(vocab_size, cfg, seed, backend="auto"):
-    """Embedding(V, H) -> LSTM(H, H, L) -> Dense(H, V), TF1-style init (glorot, zero biases).
+    """Embedding(V, H) -> LSTM(H, H, L) -> Dense(H, V), TF1-style init (glorot, zero biases);
+    ``cfg["model"]`` "gru" or "rnn" puts that cell in the LSTM's place.
 
-    ``cfg["dropout"] = p > 0`` drops each LSTM layer's outputs with probability p in training
-    (char-rnn's ``DropoutWrapper(output_keep_prob=1-p)``): between the layers and before the dense.
+    ``cfg["dropout"] = p > 0`` drops each recurrent layer's outputs with probability p in
+    training (char-rnn's ``DropoutWrapper(output_keep_prob=1-p)``): between the layers and
+    before the dense.
     """
     H, p = cfg["rnn_size"], cfg.get("dropout", 0.0)
     emb = rk.Embedding(vocab_size, H, seed=seed)
     bound = np.sqrt(6.0 / (vocab_size + H))   # TF get_variable's default glorot_uniform
     emb.params["weight"][...] = np.random.default_rng(seed).uniform(-bound, bound,
                                                                     (vocab_size, H))
-    lstm = tf1_glorot_init(rk.LSTM(H, H, cfg["num_layers"], backend=backend, dropout=p,
-                                   seed=seed + 3), seed + 1)
+    cell = CELLS[cfg.get("model", "lstm")]
+    rnn = tf1_glorot_init(cell(H, H, cfg["num_layers"], backend=backend, dropout=p,
+                               seed=seed + 3), seed + 1)
     fc = rk.Dense(H, vocab_size, init="glorot", seed=seed + 2)
-    return rk.Sequential([emb, lstm] + ([rk.Dropout(p, seed=seed + 4)] if p else []) + [fc])
+    return rk.Sequential([emb, rnn] + ([rk.Dropout(p, seed=seed + 4)] if p else []) + [fc])
 
 
 class Limited:
@@ -198,6 +204,8 @@ def parser():
     t.add_argument("--max-chars", type=int, default=0,
                    help="use only the first N characters (0: all)")
     t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--model", choices=list(CELLS), default=DEFAULTS["model"],
+                   help="recurrent cell (default %(default)s)")
     t.add_argument("--rnn-size", dest="rnn_size", type=int, default=DEFAULTS["rnn_size"])
     t.add_argument("--num-layers", dest="num_layers", type=int, default=DEFAULTS["num_layers"])
     t.add_argument("--seq-length", dest="seq_length", type=int, default=DEFAULTS["seq_length"])
