@@ -25,7 +25,7 @@ def expected_wheel_entries():
 
 
 def expected_sdist_entries():
-    names = ["CMakeLists.txt", "setup.py", "pyproject.toml", "csrc/bindings.cpp",
+    names = ["CMakeLists.txt", "setup.py", "pyproject.toml", "csrc/bindings/module.cpp",
              "csrc/include/rnnkern/cells.h"]
     names += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").rglob("*"))
               if p.is_file() and "__pycache__" not in p.parts]

@@ -231,7 +231,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads[0])
     from rnnkern.backends import resolve
-    backend = resolve("auto", np.zeros(1), "lstm").name + " for the LSTM"
+    backend = resolve("auto", np.zeros(1)).name
     print(f"# rnnkern {rk.__version__} (auto -> {backend}) vs torch {torch.__version__} "
           f"(threads {args.threads}); {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; "

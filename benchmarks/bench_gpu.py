@@ -15,7 +15,7 @@ events on the implementation's current stream, with the calls of the different i
 alternating repeat by repeat; the table gives the median over repeats. ``n`` is chosen so a
 repeat lasts about 20 ms. cuDNN's TF32 is off unless ``--tf32`` (rnnkern's float32 GEMMs are full
 FP32). rnnkern's persistent kernels read an error flag after each launch (one small host sync per
-layer call, ``cuda.config.check_barrier``), which is counted.
+layer call, ``rnnkern.config.CUDA_CHECK_BARRIER``), which is counted.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 import rnnkern as rk  # noqa: E402
+from rnnkern import config  # noqa: E402
 from rnnkern.backends import cuda  # noqa: E402
 
 DEFAULT_SHAPES = [(1, 6, 5, 5, 1), (1, 100, 64, 128, 1), (32, 100, 128, 256, 1),
@@ -111,12 +112,13 @@ def _rnnkern_fns(kind, B, T, I, H, L, strategy, seam=False):
     if seam:
         return _seam_fns(layer, x, d_out, strategy)
 
+    # the timers of the strategies alternate, so each call sets its own
     def fwd():
-        cuda.set_strategy(strategy)
+        config.CUDA_STRATEGY = strategy
         layer(x)
 
     def fwd_bwd():
-        cuda.set_strategy(strategy)
+        config.CUDA_STRATEGY = strategy
         layer(x)
         layer.backward(d_out)
 
@@ -132,7 +134,7 @@ def _seam_fns(layer, x, d_out, strategy):
     c0 = h0 if spec.has_cell_state else None
 
     def fwd():
-        cuda.set_strategy(strategy)
+        config.CUDA_STRATEGY = strategy
         out, saved = x, []
         for w in weights:
             out, _, _, s = cuda.forward(spec, out, *w, h0, c0, None)
@@ -177,18 +179,18 @@ def main(argv=None):
     ap.add_argument("--seam", action="store_true",
                     help="time rnnkern through the backend seam (no layer validation)")
     ap.add_argument("--max-blocks", type=int, default=None,
-                    help="cap on persistent blocks (cuda.config.max_blocks; default one per SM)")
+                    help="cap on persistent blocks (config.CUDA_MAX_BLOCKS; default one per SM)")
     ap.add_argument("--no-barrier-check", action="store_true",
                     help="skip reading the persistent barrier's error flag (saves a sync)")
     ap.add_argument("--cupy-matmul", action="store_true",
                     help="stepwise GEMMs through cupy.matmul instead of straight to cuBLAS")
     ap.add_argument("--max-teams", type=int, default=None,
-                    help="cap on cluster teams (cuda.config.max_teams; default n_sm / 8)")
+                    help="cap on cluster teams (config.CUDA_MAX_TEAMS; default n_sm / 8)")
     args = ap.parse_args(argv)
-    cuda.config.max_teams = args.max_teams
-    cuda.config.direct_gemm = not args.cupy_matmul
-    cuda.config.max_blocks = args.max_blocks
-    cuda.config.check_barrier = not args.no_barrier_check
+    config.CUDA_MAX_TEAMS = args.max_teams
+    config.CUDA_DIRECT_GEMM = not args.cupy_matmul
+    config.CUDA_MAX_BLOCKS = args.max_blocks
+    config.CUDA_CHECK_BARRIER = not args.no_barrier_check
 
     import cupy
     import torch
@@ -212,8 +214,8 @@ def main(argv=None):
     print("-" * len(head))
     t_start = time.perf_counter()
     rows = []
-    rt = cuda._get_runtime()
-    n_sm, smem = cuda._device_limits(rt)
+    rt = cuda.runtime.get_runtime()
+    n_sm, smem = cuda.plan.device_limits(rt)
     clusters = rt.supports_clusters()
     teams = {"persistent": "grid", "cluster": "cluster"}
     for shape in args.shapes:
@@ -222,16 +224,16 @@ def main(argv=None):
             if time.perf_counter() - t_start > args.budget:
                 print(f"{kind:5} {str(shape):>20} skipped: time budget of {args.budget:.0f} s spent")
                 continue
-            cuda.set_strategy(None)
-            rule = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, n_sm, smem, clusters)[0]
+            config.CUDA_STRATEGY = "auto"
+            rule = cuda.plan.choose_strategy(rk.CellSpec(kind), B, H, 4, n_sm, smem, clusters)[0]
             timers = {"fwd": [], "fwd+bwd": []}
             tf, tfb = _torch_fns(kind, B, T, I, H, L)
             timers["fwd"].append(TorchTimer("cuDNN", tf))
             timers["fwd+bwd"].append(TorchTimer("cuDNN", tfb))
-            for strategy in cuda.STRATEGIES:
+            for strategy in cuda.plan.STRATEGIES:
                 if strategy == "cluster" and not clusters:
                     continue
-                if strategy in teams and cuda.persistent_plan(
+                if strategy in teams and cuda.plan.persistent_plan(
                         rk.CellSpec(kind), B, H, 4, n_sm, smem, team=teams[strategy]) is None:
                     continue
                 f, fb = _rnnkern_fns(kind, B, T, I, H, L, strategy, args.seam)
@@ -253,7 +255,7 @@ def main(argv=None):
                       f"{ms.get('persistent', float('nan')):9.3f} "
                       f"{ms.get('cluster', float('nan')):9.3f} {rule:>10} "
                       f"{row['ratio']:6.2f}", flush=True)
-            cuda.set_strategy(None)
+            config.CUDA_STRATEGY = "auto"
     print(f"# total {time.perf_counter() - t_start:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -33,10 +33,10 @@ echo "== compile (NVRTC through CuPy, float and double, every module)"
 timeout 45 "$PY" - <<'PY' || status=1
 import time, numpy as np
 from rnnkern.backends import cuda
-rt = cuda._get_runtime()
+rt = cuda.runtime.get_runtime()
 first = {"stepwise": "rk_lstm_fwd_step", "persistent": "rk_lstm_persist_fwd",
          "cluster": "rk_lstm_cluster_fwd"}
-for module in cuda.MODULES:
+for module in cuda.runtime.MODULES:
     if module == "cluster" and not rt.supports_clusters():
         print("  cluster: skipped (no thread-block clusters before compute capability 9.0)")
         continue

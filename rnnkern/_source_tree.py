@@ -13,14 +13,15 @@ import hashlib
 import os
 
 # what CMakeLists.txt compiles into _C (csrc/cuda is compiled by CuPy at run time, not here)
-BUILD_INPUTS = ("CMakeLists.txt", "csrc/bindings.cpp", "csrc/cpu", "csrc/include")
+BUILD_INPUTS = ("CMakeLists.txt", "csrc/bindings", "csrc/cpu", "csrc/include")
 
 
 def source_tree_root():
     """The checkout this package is imported from (``setup.py`` and ``csrc/`` beside the
     package folder), or None for an installed package."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    is_tree = all(os.path.isfile(os.path.join(root, f)) for f in ("setup.py", "csrc/bindings.cpp"))
+    is_tree = all(os.path.isfile(os.path.join(root, f))
+                  for f in ("setup.py", "csrc/bindings/module.cpp"))
     return root if is_tree else None
 
 

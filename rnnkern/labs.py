@@ -120,9 +120,8 @@ def main(argv=None):
     import numpy as np
     import rnnkern as rk
     from rnnkern.backends import resolve
-    lstm, gru = (resolve(args.backend, np.zeros(1), kind).name for kind in ("lstm", "gru"))
     print(f"rnnkern {rk.__version__} from {os.path.dirname(rk.__file__)}")
-    print(f"backend {args.backend} -> LSTM {lstm}, GRU/RNN {gru}")
+    print(f"backend {args.backend} -> {resolve(args.backend, np.zeros(1)).name}")
     cpp_ok, cpp_reason = rk.available_backends()["cpp"]
     if not cpp_ok:
         print(f"  (cpp unavailable: {cpp_reason})")

@@ -227,7 +227,7 @@ class _Recurrent:
         B, T, _ = x.shape
         lengths = self._check_lengths(lengths, B, T)
         h0, c0 = self._split_state(initial_state, B, xp)
-        backend = backends.resolve(self.backend, x, self.kind)
+        backend = backends.resolve(self.backend, x)
         layer_in = x
         h_n, c_n, saved, masks = [], [], [], []
         for k in range(self.num_layers):

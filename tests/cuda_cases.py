@@ -55,10 +55,16 @@ def host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
 
 
-def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a, wscale=0.6):
-    """Run forward and backward on ``backend`` and on the reference; assert all results agree."""
+def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a, wscale=0.6,
+                            backend_lengths=None):
+    """Run forward and backward on ``backend`` and on the reference; assert all results agree.
+    ``to_device`` moves every array (lengths too) where the backend wants it, as the layer does;
+    ``backend_lengths``: lengths the backend gets instead of the shape's (the reference keeps
+    those), say out-of-range values that must act as the shape's."""
     fwd, bwd = make_case(spec, shape, dtype, wscale=wscale)
     ref_out = reference.forward(spec, *fwd)
+    if backend_lengths is not None:
+        fwd = fwd[:-1] + (np.asarray(backend_lengths, dtype=np.int64),)
     dev = [None if a is None else to_device(a) for a in fwd]
     out = backend.forward(spec, *dev)
     ref_b = reference.backward(spec, ref_out[3], *bwd)

@@ -3,8 +3,8 @@
 Each ``.cu`` file is compiled by g++ as C++20 with ``cuda_emu_host.h`` standing in for the CUDA
 runtime (every CUDA thread becomes a host thread), once per element type, into a shared
 library with one ``emu_<kernel>(grid, block, smem, args...)`` launcher per ``extern "C"``
-kernel. :class:`EmuRuntime` offers the methods of ``rnnkern.backends.cuda.CupyRuntime`` over
-NumPy arrays, so the backend's own time loops, GEMMs and buffer handling run unchanged.
+kernel. :class:`EmuRuntime` offers the methods of ``rnnkern.backends.cuda.runtime.CupyRuntime``
+over NumPy arrays, so the backend's own time loops, GEMMs and buffer handling run unchanged.
 
 What this checks: kernel logic, indexing, masking, the persistent kernels' work split, staging,
 grid barrier and cluster teams, and the host orchestration. What it cannot: NVRTC/CuPy
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnkern.backends import cuda
+from rnnkern import config
+from rnnkern.backends.cuda import runtime
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_emu_host.h"
@@ -49,10 +50,10 @@ def _ctype(param, real):
 
 def build(module, real, outdir):
     """Compile csrc/cuda/<module>.cu for ``real``; returns (CDLL, {kernel: argtypes})."""
-    root = cuda.source_root()
+    root = runtime.source_root()
     src = root / "cuda" / f"{module}.cu"
     flags = ["-std=c++20", "-O1", "-pthread", f"-DRK_REAL={real}", "-DRK_EXACT_MATH",
-             f"-DRK_CLUSTER_SIZE={cuda.CLUSTER_SIZE}",
+             f"-DRK_CLUSTER_SIZE={runtime.CLUSTER_SIZE}",
              "-I", str(root / "include"), "-include", str(HEADER)]
     expanded = subprocess.run(["g++", "-E", "-P", "-x", "c++", *flags, str(src)], check=True,
                               capture_output=True, text=True).stdout
@@ -91,7 +92,7 @@ class EmuKernel:
 
 
 class EmuRuntime:
-    """NumPy arrays + emulated kernels, with the interface of ``cuda.CupyRuntime``."""
+    """NumPy arrays + emulated kernels, with the interface of ``runtime.CupyRuntime``."""
 
     xp = np
 
@@ -124,9 +125,9 @@ class EmuRuntime:
 
     def launch(self, kern, grid, block, args, smem=0, resident=False, cluster=False):
         if resident and self.max_resident is not None and grid > self.max_resident:
-            raise cuda.NotResident(f"{grid} blocks > {self.max_resident} (emulated limit)")
+            raise runtime.NotResident(f"{grid} blocks > {self.max_resident} (emulated limit)")
         if cluster and self.refuse_clusters:
-            raise cuda.NotResident("cluster launch refused (emulated)")
+            raise runtime.NotResident("cluster launch refused (emulated)")
         if len(args) != kern.nargs:
             raise TypeError(f"{kern.name}: {len(args)} arguments, the kernel takes {kern.nargs}")
         conv = []
@@ -153,10 +154,10 @@ class EmuRuntime:
             raise AssertionError(f"{kern.name} wrote past its {smem} bytes of shared memory")
 
     def matmul(self, a, b, out):
-        """What ``CupyRuntime.matmul`` does: the cuBLAS call :func:`cuda.gemm_args` describes,
+        """What ``CupyRuntime.matmul`` does: the cuBLAS call :func:`runtime.gemm_args` describes,
         here read from memory the way cuBLAS reads it, so every stepwise GEMM of the emulated
         tests checks the operand mapping (``np.matmul`` where the GPU takes ``cupy.matmul``)."""
-        spec = cuda.gemm_args(a, b, out) if cuda.config.direct_gemm else None
+        spec = runtime.gemm_args(a, b, out) if config.CUDA_DIRECT_GEMM else None
         if spec is None:
             np.matmul(a, b, out=out)
         elif spec == "empty":

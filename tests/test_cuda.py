@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rnnkern as rk
-from rnnkern import backends
+from rnnkern import backends, config
 from rnnkern.backends import cuda
 
 import cuda_cases
@@ -20,17 +20,28 @@ if not _ok:
 import cupy  # noqa: E402  (available() succeeded, so CuPy imports)
 
 DTYPES = [np.float64, np.float32]
+STRATEGIES = cuda.plan.STRATEGIES
+
+
+def tunables(monkeypatch, **values):
+    """Set ``rnnkern.config`` names for one test."""
+    for name, value in values.items():
+        monkeypatch.setattr(config, name, value)
+
+
+@pytest.fixture(autouse=True)
+def size_rule(monkeypatch):
+    """Every test starts from the size rule, whatever RNNKERN_CUDA_STRATEGY says."""
+    tunables(monkeypatch, CUDA_STRATEGY="auto")
 
 
 @pytest.fixture
 def strategy(request, monkeypatch):
-    monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
-    cuda.set_strategy(request.param)
-    yield request.param
-    cuda.set_strategy(None)
+    tunables(monkeypatch, CUDA_STRATEGY=request.param)
+    return request.param
 
 
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", cuda_cases.SHAPES.values(), ids=cuda_cases.SHAPES.keys())
 @pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
@@ -41,13 +52,13 @@ def test_kernels_match_reference(spec, shape, dtype, strategy):
 
 
 @pytest.mark.parametrize("min_chunk", [2, 1000], ids=["split-dots", "serial-dots"])
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
 @pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
 def test_several_blocks_and_batch_chunks(spec, strategy, min_chunk, monkeypatch):
     """Few 'SMs' and small batch chunks: several units per block, barrier across blocks;
     dot products split over threads or not."""
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, max_batch_chunk=3, n_sm=4,
-                                                    dot_min_chunk=min_chunk))
+    tunables(monkeypatch, CUDA_THREADS=64, CUDA_MAX_BATCH_CHUNK=3, CUDA_N_SM=4,
+             CUDA_DOT_MIN_CHUNK=min_chunk)
     cuda_cases.check_against_reference(cuda, spec, (7, 9, 5, 33, [9, 0, 4, 9, 1, 8, 2], True),
                                        np.float64, cupy.asarray)
 
@@ -55,17 +66,14 @@ def test_several_blocks_and_batch_chunks(spec, strategy, min_chunk, monkeypatch)
 @pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
 def test_cluster_teams_split_the_batch(spec, monkeypatch):
     """Three cluster teams (rows 3+3+1), ranks with 2, 1 or no units, batch chunks of 2."""
-    if not cuda._get_runtime().supports_clusters():
+    if not cuda.runtime.get_runtime().supports_clusters():
         pytest.skip("no thread-block clusters on this device (compute capability < 9.0)")
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, max_batch_chunk=2,
-                                                    n_sm=3 * cuda.CLUSTER_SIZE))
-    cuda.set_strategy("cluster")
-    try:
-        out, _ = cuda_cases.check_against_reference(
-            cuda, spec, (7, 5, 3, 11, [5, 0, 3, 5, 1, 4, 2], True), np.float64, cupy.asarray)
-    finally:
-        cuda.set_strategy(None)
-    assert (out[3]["plan"].bc, out[3]["plan"].blocks) == (3, 3 * cuda.CLUSTER_SIZE)
+    cluster = cuda.runtime.CLUSTER_SIZE
+    tunables(monkeypatch, CUDA_THREADS=64, CUDA_MAX_BATCH_CHUNK=2, CUDA_N_SM=3 * cluster,
+             CUDA_STRATEGY="cluster")
+    out, _ = cuda_cases.check_against_reference(
+        cuda, spec, (7, 5, 3, 11, [5, 0, 3, 5, 1, 4, 2], True), np.float64, cupy.asarray)
+    assert (out[3]["plan"].bc, out[3]["plan"].blocks) == (3, 3 * cluster)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
@@ -74,16 +82,13 @@ def test_cluster_teams_split_the_batch(spec, monkeypatch):
 def test_lane_groups_of_every_size(spec, dtype, monkeypatch):
     """B=1, H=40 on 64 'SMs' with 64 threads: one unit a block, so the dots run on lane groups
     of 2 up to 32 (the forward's few dots of 40 terms, the backward's one of G*40)."""
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, dot_min_chunk=2, n_sm=64))
-    cuda.set_strategy("persistent")
-    try:
-        cuda_cases.check_against_reference(cuda, spec, (1, 3, 2, 40, None, True), dtype,
-                                           cupy.asarray)
-    finally:
-        cuda.set_strategy(None)
+    tunables(monkeypatch, CUDA_THREADS=64, CUDA_DOT_MIN_CHUNK=2, CUDA_N_SM=64,
+             CUDA_STRATEGY="persistent")
+    cuda_cases.check_against_reference(cuda, spec, (1, 3, 2, 40, None, True), dtype,
+                                       cupy.asarray)
 
 
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
 @pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
                          ids=["lstm", "gru-before"])
 def test_larger_sizes_float32(spec, strategy):
@@ -93,7 +98,7 @@ def test_larger_sizes_float32(spec, strategy):
                                        cupy.asarray, wscale=128 ** -0.5)
 
 
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES, indirect=True)
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
 def test_runs_on_the_current_stream(strategy):
     spec, shape = cuda_cases.SPECS["lstm-fb0"], cuda_cases.SHAPES["odd-lengths"]
     with cupy.cuda.Stream(non_blocking=True) as stream:
@@ -121,12 +126,25 @@ def test_layer_auto_picks_cuda_for_cupy_input(kind, monkeypatch):
                                    atol=1e-12, err_msg=k)
 
 
-def test_numpy_weights_are_moved_to_the_device():
+I64 = np.iinfo(np.int64)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_lengths_outside_0_T_act_as_the_nearest_end(spec, strategy):
+    """Device lengths reach the kernels unchecked (config.CHECK_FINITE_ON_DEVICE): below 0 they
+    must run as 0 and above T as T, touching nothing outside the buffers."""
+    cuda_cases.check_against_reference(cuda, spec, (4, 5, 3, 7, [5, 0, 5, 0], True), np.float64,
+                                       cupy.asarray, backend_lengths=[6, -1, I64.max, I64.min])
+    cupy.cuda.Device().synchronize()  # a fault would surface here
+
+
+def test_device_lengths_are_used_in_place():
+    """The seam keeps the device lengths it is given: no copy, no host round trip."""
     spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["odd-lengths"]
     fwd, _ = cuda_cases.make_case(spec, shape, np.float64)
-    x = cupy.asarray(fwd[0])
-    out, h_n, _, _ = cuda.forward(spec, x, *fwd[1:])  # weights, h0, lengths stay NumPy
-    assert isinstance(out, cupy.ndarray) and isinstance(h_n, cupy.ndarray)
+    dev = [None if a is None else cupy.asarray(a) for a in fwd]
+    assert cuda.forward(spec, *dev)[3]["lengths"] is dev[-1]
 
 
 def test_device_input_is_scanned_for_nan_only_when_asked(monkeypatch):

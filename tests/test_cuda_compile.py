@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from rnnkern.backends import cuda
+from rnnkern.backends.cuda import runtime
 
-MODULES = cuda.MODULES
+MODULES = runtime.MODULES
 REALS = ["float", "double"]
 
 
 def test_sources_are_found_and_includes_inlined():
-    root = cuda.source_root()
+    root = runtime.source_root()
     assert sorted(p.stem for p in (root / "cuda").glob("*.cu")) == sorted(MODULES)
     for module in MODULES:
-        text = cuda.kernel_source(module, "double")
+        text = runtime.kernel_source(module, "double")
         assert text.startswith("#define RK_REAL double\n")
         assert '#include "' not in text and "namespace rk {" in text
         assert text.count("namespace rk {") == 1  # cells.h inlined once
@@ -31,12 +31,25 @@ def test_sources_are_found_and_includes_inlined():
 def test_source_root_follows_the_environment(tmp_path, monkeypatch):
     (tmp_path / "cuda").mkdir()
     with pytest.raises(FileNotFoundError):
-        cuda.kernel_source("stepwise", root=tmp_path)  # no .cu there
-    shutil.copytree(cuda.source_root(), tmp_path / "csrc")
-    monkeypatch.setenv(cuda.ENV_CSRC, str(tmp_path / "csrc"))
-    assert cuda.source_root() == tmp_path / "csrc"
+        runtime.kernel_source("stepwise", root=tmp_path)  # no .cu there
+    shutil.copytree(runtime.source_root(), tmp_path / "csrc")
+    monkeypatch.setenv(runtime.ENV_CSRC, str(tmp_path / "csrc"))
+    assert runtime.source_root() == tmp_path / "csrc"
     with pytest.raises(ValueError, match="real must be"):
-        cuda.kernel_source("stepwise", "half")
+        runtime.kernel_source("stepwise", "half")
+
+
+@pytest.mark.parametrize("layout", ["wheel", "checkout"])
+def test_source_root_of_a_wheel_and_of_a_checkout(layout, tmp_path, monkeypatch):
+    """A wheel carries the sources as rnnkern/csrc (setup.py's build_py); a checkout has them
+    beside the package, two levels above rnnkern/backends/cuda/."""
+    module = tmp_path / "rnnkern" / "backends" / "cuda" / "runtime.py"
+    root = tmp_path / "rnnkern" / "csrc" if layout == "wheel" else tmp_path / "csrc"
+    (root / "cuda").mkdir(parents=True)
+    (root / "cuda" / "stepwise.cu").write_text("")
+    monkeypatch.delenv(runtime.ENV_CSRC, raising=False)
+    monkeypatch.setattr(runtime, "__file__", str(module))
+    assert runtime.source_root() == root
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -46,7 +59,7 @@ def test_no_host_header_under_nvrtc(module):
         pytest.skip("no C preprocessor (g++) found")
     res = subprocess.run([cpp, "-E", "-P", "-nostdinc", "-x", "c++", "-D__CUDACC_RTC__",
                           "-D__CUDACC__", "-D__CUDA_ARCH__=900", "-"],
-                         input=cuda.kernel_source(module, "float"), capture_output=True,
+                         input=runtime.kernel_source(module, "float"), capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -57,7 +70,7 @@ def test_nvcc_compiles(module, real, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
-    root = cuda.source_root()
+    root = runtime.source_root()
     res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-I", str(root / "include"),
                           f"-DRK_REAL={real}", "-c", str(root / "cuda" / f"{module}.cu"),
                           "-o", str(tmp_path / f"{module}.o")], capture_output=True, text=True)
@@ -94,7 +107,7 @@ def nvrtc():
 @pytest.mark.parametrize("real", REALS)
 @pytest.mark.parametrize("module", MODULES)
 def test_nvrtc_compiles_what_cupy_gets(nvrtc, module, real):
-    src = cuda.kernel_source(module, real).encode()
+    src = runtime.kernel_source(module, real).encode()
     prog = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, f"{module}.cu".encode(), 0,
                                     None, None) == 0

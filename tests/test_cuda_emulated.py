@@ -2,11 +2,15 @@
 (time loops, GEMMs, buffers, strategy choice) runs on NumPy, and everything is compared with the
 reference. The same sweep runs on a real GPU in ``test_cuda.py``.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import rnnkern as rk
-from rnnkern import backends, reference
+from rnnkern import backends, config, reference
 from rnnkern.backends import cuda
 
 import cuda_cases
@@ -29,22 +33,27 @@ def emu_runtime(tmp_path_factory):
 def emulated(emu_runtime, monkeypatch, request):
     """The cuda backend on the emulated runtime, small blocks, 3 'SMs' and batch chunks of 2,
     so multi-block barriers, several units per block and batch chunking all run; dot products
-    split over threads (parts of >= 2 terms) or not at all."""
-    monkeypatch.setattr(cuda, "_runtime", emu_runtime)
+    split over threads (parts of >= 2 terms) or not at all; the size rule unless a test forces
+    a strategy."""
+    monkeypatch.setattr(cuda.runtime, "_runtime", emu_runtime)
     monkeypatch.setattr(cuda, "available", lambda: (True, "emulated on host threads"))
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=32, max_batch_chunk=2,
-                                                    dot_min_chunk=request.param))
-    monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
-    yield emu_runtime
-    cuda.set_strategy(None)
+    tunables(monkeypatch, CUDA_THREADS=32, CUDA_MAX_BATCH_CHUNK=2,
+             CUDA_DOT_MIN_CHUNK=request.param, CUDA_STRATEGY="auto")
+    return emu_runtime
 
 
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES)
+def tunables(monkeypatch, **values):
+    """Set ``rnnkern.config`` names for one test."""
+    for name, value in values.items():
+        monkeypatch.setattr(config, name, value)
+
+
+@pytest.mark.parametrize("strategy", cuda.plan.STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", cuda_cases.SHAPES.values(), ids=cuda_cases.SHAPES.keys())
 @pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
-def test_kernels_match_reference(emulated, spec, shape, dtype, strategy):
-    cuda.set_strategy(strategy)
+def test_kernels_match_reference(emulated, spec, shape, dtype, strategy, monkeypatch):
+    tunables(monkeypatch, CUDA_STRATEGY=strategy)
     n_before = len(emulated.launches)
     out, _ = cuda_cases.check_against_reference(cuda, spec, shape, dtype)
     assert out[3]["strategy"] == strategy
@@ -60,10 +69,10 @@ def test_kernels_match_reference(emulated, spec, shape, dtype, strategy):
         assert all("_step" in n for n in names) and len(emulated.launches) - n_before >= 2 * T
 
 
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES)
-def test_persistent_grid_has_several_blocks_and_chunks(emulated, strategy):
+@pytest.mark.parametrize("strategy", cuda.plan.STRATEGIES)
+def test_persistent_grid_has_several_blocks_and_chunks(emulated, strategy, monkeypatch):
     """H=7 on 3 'SMs' -> 3 blocks of up to 3 units; B=5 in chunks of 2."""
-    cuda.set_strategy(strategy)
+    tunables(monkeypatch, CUDA_STRATEGY=strategy)
     cuda_cases.check_against_reference(cuda, cuda_cases.SPECS["gru-before"],
                                        (5, 4, 3, 7, [4, 2, 0, 3, 1], True), np.float64)
     if strategy == "persistent":
@@ -74,24 +83,24 @@ def test_persistent_grid_has_several_blocks_and_chunks(emulated, strategy):
 def test_cluster_teams_split_the_batch(emulated, spec, monkeypatch):
     """24 'SMs' -> 3 cluster teams of 8 blocks; B=7 -> rows 3+3+1; H=11 -> 2 units per rank and
     the last ranks with fewer or none; batch chunks of 2 inside a team; 2 warps a block."""
-    monkeypatch.setattr(cuda.config, "n_sm", 3 * cuda.CLUSTER_SIZE)
-    monkeypatch.setattr(cuda.config, "threads", 64)  # two warps share the per-warp dots
-    cuda.set_strategy("cluster")
+    cluster = cuda.runtime.CLUSTER_SIZE
+    # two warps share the per-warp dots
+    tunables(monkeypatch, CUDA_N_SM=3 * cluster, CUDA_THREADS=64, CUDA_STRATEGY="cluster")
     n_before = len(emulated.launches)
     out, _ = cuda_cases.check_against_reference(
         cuda, spec, (7, 5, 3, 11, [5, 0, 3, 5, 1, 4, 2], True), np.float64)
     plan = out[3]["plan"]
-    assert (plan.team, plan.bc, plan.hb, plan.blocks) == ("cluster", 3, 2, 3 * cuda.CLUSTER_SIZE)
+    assert (plan.team, plan.bc, plan.hb, plan.blocks) == ("cluster", 3, 2, 3 * cluster)
     assert [g for _, g, _, _ in emulated.launches[n_before:]] == [plan.blocks] * 2
 
 
 @pytest.mark.parametrize("strategy", ["persistent", "cluster"])
 @pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
                          ids=["lstm", "gru-before"])
-def test_staging_passes_of_many_elements(emulated, spec, strategy):
+def test_staging_passes_of_many_elements(emulated, spec, strategy, monkeypatch):
     """H=40: the backward stages 2 rows of G*H = 120-160 d_gh columns with 32 threads, so every
     one of the four loads in flight per thread of rk_stage_rows carries data."""
-    cuda.set_strategy(strategy)
+    tunables(monkeypatch, CUDA_STRATEGY=strategy)
     cuda_cases.check_against_reference(cuda, spec, (3, 4, 5, 40, [4, 2, 3], True), np.float64)
 
 
@@ -101,8 +110,8 @@ def test_staging_passes_of_many_elements(emulated, spec, strategy):
 def test_lane_groups_of_every_size(emulated, spec, dtype, monkeypatch):
     """B=1, H=40 on 64 'SMs' with 64 threads: one unit a block, so the dots run on lane groups
     of 2 up to 32 (the forward's few dots of 40 terms, the backward's one of G*40)."""
-    monkeypatch.setattr(cuda, "config", cuda.Config(threads=64, dot_min_chunk=2, n_sm=64))
-    cuda.set_strategy("persistent")
+    tunables(monkeypatch, CUDA_THREADS=64, CUDA_DOT_MIN_CHUNK=2, CUDA_N_SM=64,
+             CUDA_STRATEGY="persistent")
     cuda_cases.check_against_reference(cuda, spec, (1, 3, 2, 40, None, True), dtype)
 
 
@@ -111,18 +120,18 @@ def test_refused_cluster_launch_falls_back_to_stepwise(emulated, monkeypatch):
     monkeypatch.setattr(emulated, "refuse_clusters", True)
     out, _ = cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
     assert out[3]["strategy"] == "stepwise"
-    cuda.set_strategy("cluster")  # forced: the error surfaces instead
-    with pytest.raises(cuda.NotResident, match="refused"):
+    tunables(monkeypatch, CUDA_STRATEGY="cluster")  # forced: the error surfaces instead
+    with pytest.raises(cuda.runtime.NotResident, match="refused"):
         cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
 
 
 def test_emulator_catches_writes_past_shared_memory(emulated, monkeypatch):
     """A host plan that gives a kernel less shared memory than its layout uses is caught."""
     import dataclasses
-    real_plan = cuda.persistent_plan
-    monkeypatch.setattr(cuda, "persistent_plan", lambda *a, **k: dataclasses.replace(
+    real_plan = cuda.plan.persistent_plan
+    monkeypatch.setattr(cuda.plan, "persistent_plan", lambda *a, **k: dataclasses.replace(
         real_plan(*a, **k), smem_fwd=real_plan(*a, **k).smem_fwd - 8))
-    cuda.set_strategy("cluster")
+    tunables(monkeypatch, CUDA_STRATEGY="cluster")
     with pytest.raises(AssertionError, match="wrote past its"):
         cuda_cases.check_against_reference(cuda, cuda_cases.SPECS["rnn-tanh"],
                                            cuda_cases.SHAPES["B5-odd"], np.float64)
@@ -150,10 +159,10 @@ def test_multilayer_layer_through_cuda_backend(emulated, kind):
         np.testing.assert_allclose(got[4][k], ref[4][k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-@pytest.mark.parametrize("strategy", cuda.STRATEGIES)
-def test_returned_arrays_belong_to_the_caller(emulated, strategy):
+@pytest.mark.parametrize("strategy", cuda.plan.STRATEGIES)
+def test_returned_arrays_belong_to_the_caller(emulated, strategy, monkeypatch):
     """Later calls leave returned arrays alone, and scribbling on them leaves backward alone."""
-    cuda.set_strategy(strategy)
+    tunables(monkeypatch, CUDA_STRATEGY=strategy)
     spec, shape = cuda_cases.SPECS["lstm-fb1"], cuda_cases.SHAPES["odd-lengths"]
     fwd, bwd = cuda_cases.make_case(spec, shape, np.float64)
     out1, h1, c1, saved1 = cuda.forward(spec, *fwd)
@@ -170,14 +179,37 @@ def test_returned_arrays_belong_to_the_caller(emulated, strategy):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
+I64 = np.iinfo(np.int64)
+
+
+@pytest.mark.parametrize("strategy", cuda.plan.STRATEGIES)
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_lengths_outside_0_T_act_as_the_nearest_end(emulated, spec, strategy, monkeypatch):
+    """Device lengths reach the kernels unchecked (config.CHECK_FINITE_ON_DEVICE): below 0 they
+    must run as 0 and above T as T, touching nothing outside the buffers."""
+    tunables(monkeypatch, CUDA_STRATEGY=strategy)
+    cuda_cases.check_against_reference(cuda, spec, (4, 5, 3, 7, [5, 0, 5, 0], True), np.float64,
+                                       backend_lengths=[6, -1, I64.max, I64.min])
+
+
+def test_lengths_are_used_in_place(emulated):
+    """The seam keeps the lengths array it is given (no copy, no host round trip) and, for
+    lengths=None, one cached all-T array per device and shape."""
+    spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["odd-lengths"]
+    fwd, _ = cuda_cases.make_case(spec, shape, np.float64)
+    assert cuda.forward(spec, *fwd)[3]["lengths"] is fwd[-1]
+    first, second = (cuda.forward(spec, *fwd[:-1], None)[3]["lengths"] for _ in range(2))
+    assert first is second and first.tolist() == [shape[1]] * shape[0]
+
+
 def test_falls_back_to_stepwise_when_blocks_cannot_be_resident(emulated, monkeypatch):
     spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["B5-odd"]
     monkeypatch.setattr(emulated, "supports_clusters", lambda: False)  # a pre-Hopper device
     monkeypatch.setattr(emulated, "max_resident", 1)  # H=9 on 3 'SMs' needs 3 blocks
     out, _ = cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
     assert out[3]["strategy"] == "stepwise"
-    cuda.set_strategy("persistent")  # forced: the error surfaces instead
-    with pytest.raises(cuda.NotResident):
+    tunables(monkeypatch, CUDA_STRATEGY="persistent")  # forced: the error surfaces instead
+    with pytest.raises(cuda.runtime.NotResident):
         cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
 
 
@@ -192,78 +224,93 @@ BENCH_SHAPES = {(1, 6, 5, 5, 1): "persistent", (1, 100, 64, 128, 1): "persistent
 
 @pytest.fixture
 def no_override(monkeypatch):
-    monkeypatch.delenv(cuda.ENV_STRATEGY, raising=False)
-    cuda.set_strategy(None)
-    yield
-    cuda.set_strategy(None)
+    tunables(monkeypatch, CUDA_STRATEGY="auto")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("shape,expected", BENCH_SHAPES.items(), ids=str)
 def test_size_rule_on_the_benchmark_shapes(no_override, kind, shape, expected):
     B, T, I, H, L = shape
-    strategy, plan = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200)
+    strategy, plan = cuda.plan.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200)
     assert strategy == expected
     if plan is not None:
         assert plan.team == "grid" and plan.bc == B
         assert plan.blocks <= H200["n_sm"] and plan.hb * plan.blocks >= H
         assert max(plan.smem_fwd, plan.smem_bwd) <= H200["smem_limit"]
     # a device with clusters runs the small shapes as cluster teams
-    strategy, plan = cuda.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200, clusters=True)
+    strategy, plan = cuda.plan.choose_strategy(rk.CellSpec(kind), B, H, 4, **H200,
+                                               clusters=True)
     assert strategy == {"persistent": "cluster"}.get(expected, expected)
     if plan is not None:
-        teams = plan.blocks // cuda.CLUSTER_SIZE
-        assert plan.blocks % cuda.CLUSTER_SIZE == 0 and teams <= H200["n_sm"] // 8
-        assert plan.hb * cuda.CLUSTER_SIZE >= H and plan.bc * teams >= B > plan.bc * (teams - 1)
+        cluster = cuda.runtime.CLUSTER_SIZE
+        teams = plan.blocks // cluster
+        assert plan.blocks % cluster == 0 and teams <= H200["n_sm"] // 8
+        assert plan.hb * cluster >= H and plan.bc * teams >= B > plan.bc * (teams - 1)
         assert max(plan.smem_fwd, plan.smem_bwd) <= H200["smem_limit"]
 
 
 def test_cluster_plan_halves_the_teams_when_blocks_fill_an_sm(no_override, monkeypatch):
     lstm, gru = rk.CellSpec("lstm"), rk.CellSpec("gru")
-    big = cuda.persistent_plan(lstm, 32, 256, 4, team="cluster", **H200)  # 131 KB a block
-    small = cuda.persistent_plan(gru, 50, 128, 4, team="cluster", **H200)  # 29 KB a block
-    assert (big.blocks // cuda.CLUSTER_SIZE, big.bc) == (8, 4)
+    plan, choose, cluster = cuda.plan.persistent_plan, cuda.plan.choose_strategy, \
+        cuda.runtime.CLUSTER_SIZE
+    big = plan(lstm, 32, 256, 4, team="cluster", **H200)  # 131 KB a block
+    small = plan(gru, 50, 128, 4, team="cluster", **H200)  # 29 KB a block
+    assert (big.blocks // cluster, big.bc) == (8, 4)
     assert max(big.smem_fwd, big.smem_bwd) > H200["smem_limit"] // 2
-    assert (small.blocks // cuda.CLUSTER_SIZE, small.bc) == (13, 4)  # 16 teams of 4 rows -> 13
-    monkeypatch.setattr(cuda.config, "max_teams", 16)  # an explicit cap is taken as it is
-    assert cuda.persistent_plan(lstm, 32, 256, 4, team="cluster", **H200).bc == 2
+    assert (small.blocks // cluster, small.bc) == (13, 4)  # 16 teams of 4 rows -> 13
+    tunables(monkeypatch, CUDA_MAX_TEAMS=16)  # an explicit cap is taken as it is
+    assert plan(lstm, 32, 256, 4, team="cluster", **H200).bc == 2
     # the cut-off: cluster up to B*H = 32768, then stepwise
-    assert cuda.choose_strategy(lstm, 256, 128, 4, **H200, clusters=True)[0] == "cluster"
-    assert cuda.choose_strategy(lstm, 257, 128, 4, **H200, clusters=True)[0] == "stepwise"
-    assert cuda.choose_strategy(lstm, 256, 128, 4, **H200)[0] == "stepwise"  # grid team: 8192
+    assert choose(lstm, 256, 128, 4, **H200, clusters=True)[0] == "cluster"
+    assert choose(lstm, 257, 128, 4, **H200, clusters=True)[0] == "stepwise"
+    assert choose(lstm, 256, 128, 4, **H200)[0] == "stepwise"  # grid team: 8192
 
 
 def test_plan_shrinks_batch_chunk_then_gives_up():
-    spec = rk.CellSpec("lstm")
-    roomy = cuda.persistent_plan(spec, 64, 128, 4, 132, 227 * 1024)
-    tight = cuda.persistent_plan(spec, 64, 128, 4, 132, 12 * 1024)
+    spec, plan = rk.CellSpec("lstm"), cuda.plan.persistent_plan
+    roomy = plan(spec, 64, 128, 4, 132, 227 * 1024)
+    tight = plan(spec, 64, 128, 4, 132, 12 * 1024)
     assert roomy.nbc_fwd == roomy.nbc_bwd == 64
     assert 1 <= tight.nbc_bwd < tight.nbc_fwd < 64  # backward stages G*H per batch row
     assert max(tight.smem_fwd, tight.smem_bwd) <= 12 * 1024
-    assert cuda.persistent_plan(spec, 1, 1024, 8, 4, 48 * 1024) is None  # W_hh too big
+    assert plan(spec, 1, 1024, 8, 4, 48 * 1024) is None  # W_hh too big
 
 
-def test_override_by_function_and_environment(no_override, monkeypatch):
-    spec = rk.CellSpec("lstm")
-    assert cuda.choose_strategy(spec, 1, 5, 4, **H200)[0] == "persistent"
-    cuda.set_strategy("stepwise")
-    assert cuda.choose_strategy(spec, 1, 5, 4, **H200)[0] == "stepwise"
-    cuda.set_strategy("auto")
-    monkeypatch.setenv(cuda.ENV_STRATEGY, "persistent")
-    assert cuda.choose_strategy(spec, 128, 1024, 4, **H200)[0] == "persistent"
+def test_strategy_forced_by_config(no_override, monkeypatch):
+    spec, choose = rk.CellSpec("lstm"), cuda.plan.choose_strategy
+    assert choose(spec, 1, 5, 4, **H200)[0] == "persistent"
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise")
+    assert choose(spec, 1, 5, 4, **H200)[0] == "stepwise"
+    tunables(monkeypatch, CUDA_STRATEGY="persistent")
+    assert choose(spec, 128, 1024, 4, **H200)[0] == "persistent"
     with pytest.raises(ValueError, match="persistent strategy cannot hold"):
-        cuda.choose_strategy(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024)
-    monkeypatch.setenv(cuda.ENV_STRATEGY, "cluster")
+        choose(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024)
+    tunables(monkeypatch, CUDA_STRATEGY="cluster")
     with pytest.raises(ValueError, match="compute capability 9.0"):
-        cuda.choose_strategy(spec, 1, 5, 4, **H200)
-    assert cuda.choose_strategy(spec, 1, 5, 4, **H200, clusters=True)[0] == "cluster"
+        choose(spec, 1, 5, 4, **H200)
+    assert choose(spec, 1, 5, 4, **H200, clusters=True)[0] == "cluster"
     with pytest.raises(ValueError, match="cluster strategy cannot hold"):
-        cuda.choose_strategy(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024, clusters=True)
-    monkeypatch.setenv(cuda.ENV_STRATEGY, "fast")
-    with pytest.raises(ValueError, match=cuda.ENV_STRATEGY):
-        cuda.choose_strategy(spec, 1, 5, 4, **H200)
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        cuda.set_strategy("fast")
+        choose(spec, 1, 4096, 8, n_sm=4, smem_limit=48 * 1024, clusters=True)
+    tunables(monkeypatch, CUDA_STRATEGY="fast")
+    with pytest.raises(ValueError, match=r"rnnkern\.config\.CUDA_STRATEGY must be one of "
+                                         r"\('auto', 'stepwise', 'persistent', 'cluster'\), "
+                                         r"got 'fast'"):
+        choose(spec, 1, 5, 4, **H200)
+
+
+def test_bad_strategy_is_named_by_a_layer_call(emulated, monkeypatch):
+    tunables(monkeypatch, CUDA_STRATEGY="Stepwise")
+    with pytest.raises(ValueError, match=r"rnnkern\.config\.CUDA_STRATEGY .* got 'Stepwise'"):
+        rk.LSTM(2, 3, dtype="float64", backend="cuda")(np.zeros((1, 2, 2)))
+
+
+@pytest.mark.parametrize("value,forced", [("cluster", "cluster"), ("auto", None), ("", None)])
+def test_environment_sets_the_default_strategy(value, forced):
+    code = "from rnnkern.backends.cuda import plan; print(plan.forced_strategy())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, RNNKERN_CUDA_STRATEGY=value))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(forced)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +330,7 @@ def test_gemm_args_cover_the_stepwise_operands(B, H):
              (d_gh[1][:, : 2 * H], w[: 2 * H])]
     for a, b in cases:
         out = np.full((a.shape[0], b.shape[1]), np.nan)
-        spec = cuda.gemm_args(a, b, out)
+        spec = cuda.runtime.gemm_args(a, b, out)
         assert spec not in (None, "empty"), (a.strides, b.strides)
         op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
         cuda_emu.colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c)
@@ -291,12 +338,12 @@ def test_gemm_args_cover_the_stepwise_operands(B, H):
 
 
 def test_gemm_args_refuse_layouts_cublas_cannot_read():
-    a, b = np.ones((4, 6)), np.ones((3, 5))
-    assert cuda.gemm_args(a[:, ::2], b, np.empty((4, 5))) is None    # no unit stride
-    assert cuda.gemm_args(a[:, :3], b, np.empty((5, 4)).T) is None   # out not C-contiguous
-    assert cuda.gemm_args(a[:, :0], b[:0], np.empty((4, 5))) == "empty"
+    a, b, gemm_args = np.ones((4, 6)), np.ones((3, 5)), cuda.runtime.gemm_args
+    assert gemm_args(a[:, ::2], b, np.empty((4, 5))) is None    # no unit stride
+    assert gemm_args(a[:, :3], b, np.empty((5, 4)).T) is None   # out not C-contiguous
+    assert gemm_args(a[:, :0], b[:0], np.empty((4, 5))) == "empty"
     with pytest.raises(ValueError, match="gemm: shapes"):
-        cuda.gemm_args(a, b, np.empty((4, 5)))
+        gemm_args(a, b, np.empty((4, 5)))
 
 
 def test_unavailable_without_cupy_names_the_reason():
@@ -326,7 +373,7 @@ def test_probe_reports_device_errors_and_cupy_warnings(monkeypatch):
                                     driverGetVersion=lambda: 0)
     fake = types.SimpleNamespace(__version__="0.fake", cuda=types.SimpleNamespace(runtime=runtime))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cuda, "_available", None)
+    monkeypatch.setattr(cuda.runtime, "_available", None)
     ok, reason = cuda.available()
     assert ok is False
     assert "cudaErrorInsufficientDriver" in reason and "CuPy 0.fake" in reason

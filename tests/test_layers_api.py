@@ -79,7 +79,7 @@ def test_set_backend_and_environment(x, monkeypatch):
 
 def test_auto_prefers_the_first_available_cpu_backend(x):
     info = rk.available_backends()
-    expected = next(n for n in ("numba", "cpp", "numpy") if info[n][0])
+    expected = next(n for n in ("cpp", "numba", "numpy") if info[n][0])
     assert backends.resolve("auto", x).name == expected
 
 

@@ -121,9 +121,9 @@ def _check_against_reference(spec, args, grads):
 @pytest.fixture
 def split_small(monkeypatch):
     """Force batch-parallel runs on tiny inputs: 3 chunks of >= 1 row."""
-    monkeypatch.setattr(config, "THREADS", 3)
-    monkeypatch.setattr(config, "SPLIT_MIN_ROWS", 1)
-    monkeypatch.setattr(config, "SPLIT_MIN_FLOPS", 0)
+    monkeypatch.setattr(config, "NUMBA_THREADS", 3)
+    monkeypatch.setattr(config, "NUMBA_SPLIT_MIN_ROWS", 1)
+    monkeypatch.setattr(config, "NUMBA_SPLIT_MIN_FLOPS", 0)
     if not numba_runtime.BLAS.locate():
         pytest.skip("no OpenBLAS thread control found: runs are never split here")
 
@@ -143,7 +143,7 @@ def test_backward_cuts_the_chunks_its_forward_cut(split_small, monkeypatch, dtyp
     spec = CellSpec("lstm", forget_bias=1.0)
     args, grads = _seam_case(spec, dtype)
     out, h, c, saved = numba_cpu.forward(spec, **args)
-    monkeypatch.setattr(config, "THREADS", 1)
+    monkeypatch.setattr(config, "NUMBA_THREADS", 1)
     dx, dh0, dc0, g = numba_cpu.backward(spec, saved, *grads)
     monkeypatch.undo()
     one = _seam_case(spec, dtype)[0]
@@ -163,18 +163,18 @@ def test_batch_chunks_restore_the_blas_thread_count(split_small):
 
 
 def test_chunk_rule_keeps_small_work_on_one_thread(monkeypatch):
-    monkeypatch.setattr(config, "THREADS", 2)
+    monkeypatch.setattr(config, "NUMBA_THREADS", 2)
     lstm = CellSpec("lstm")
     assert numba_runtime.plan_chunks(lstm, 1, 6, 5, 5) == [(0, 1)]               # lab size
     assert numba_runtime.plan_chunks(lstm, 15, 100, 512, 512) == [(0, 15)]       # too few rows
-    monkeypatch.setattr(config, "THREADS", 1)
+    monkeypatch.setattr(config, "NUMBA_THREADS", 1)
     assert numba_runtime.plan_chunks(lstm, 64, 100, 512, 512) == [(0, 64)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_pooled_workspaces_never_leak_between_calls(monkeypatch, spec):
     """With every array pooled, repeated calls (saved records dying in between) stay exact."""
-    monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(config, "NUMBA_POOL_MIN_BYTES", 0)
     numba_cpu.clear_workspaces()
     for seed in range(4):
         args, grads = _seam_case(spec, np.float64, seed=seed)
@@ -185,8 +185,8 @@ def test_pooled_workspaces_never_leak_between_calls(monkeypatch, spec):
 
 
 def test_pool_respects_its_byte_limit(monkeypatch):
-    monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
-    monkeypatch.setattr(config, "POOL_MAX_BYTES", 1000)
+    monkeypatch.setattr(config, "NUMBA_POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(config, "NUMBA_POOL_MAX_BYTES", 1000)
     numba_cpu.clear_workspaces()
     numba_runtime.POOL.give([np.empty(100), np.empty(100)])  # 800 bytes each
     assert numba_runtime.POOL._bytes == 800
@@ -194,7 +194,7 @@ def test_pool_respects_its_byte_limit(monkeypatch):
 
 
 def test_layer_results_survive_later_calls_with_pooling(monkeypatch):
-    monkeypatch.setattr(config, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(config, "NUMBA_POOL_MIN_BYTES", 0)
     layer = rk.LSTM(3, 4, 2, backend="numba", dtype="float64", seed=0)
     x1 = np.random.default_rng(1).standard_normal((2, 5, 3))
     out1, (h1, c1) = layer(x1)

@@ -55,7 +55,7 @@ def test_every_example_script_is_a_module_of_the_examples_package():
 # ---------------------------------------------------------------------- source-tree checks
 def test_source_digest_covers_the_cpp_build_inputs_only():
     files = source_files(REPO)
-    assert "CMakeLists.txt" in files and "csrc/bindings.cpp" in files
+    assert "CMakeLists.txt" in files and "csrc/bindings/module.cpp" in files
     assert "csrc/cpu/lstm.cpp" in files and "csrc/include/rnnkern/cells.h" in files
     assert not any(f.startswith("csrc/cuda") or f.endswith(".py") for f in files)
 
@@ -72,7 +72,8 @@ def test_build_problem_names_missing_and_stale_builds(tmp_path):
     root = str(tmp_path)
     (tmp_path / "csrc" / "cpu").mkdir(parents=True)
     (tmp_path / "CMakeLists.txt").write_text("project(x)\n")
-    (tmp_path / "csrc" / "bindings.cpp").write_text("// one\n")
+    (tmp_path / "csrc" / "bindings").mkdir()
+    (tmp_path / "csrc" / "bindings" / "module.cpp").write_text("// one\n")
     (tmp_path / "rnnkern").mkdir()
     here = str(tmp_path / "rnnkern" / "_C.so")
     fresh = types.SimpleNamespace(__source_digest__=source_digest(root), __file__=here)

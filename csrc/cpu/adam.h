@@ -1,8 +1,8 @@
 // Adam's update over flat arrays, for a fused training step that runs it on its own threads
-// right after the gradient sums (lstm_stack.h), while the gradients are still in cache.
-// The same IEEE operations, in the same order and dtype, as the NumPy rule (rnnkern/optim.py,
-// Adam._update) and its Numba copy (rnnkern/_optim_numba.py): adam.cpp is compiled without FMA
-// contraction, so all three give the same bits (tests/test_train_step.py).
+// right after the gradient sums (stack.h), while the gradients are still in cache.
+// The same IEEE operations, in the same order and dtype, as the Python copy (rnnkern/optim.py,
+// Adam._update): adam.cpp is compiled without FMA contraction, so both give the same bits
+// (tests/test_train_step.py).
 //
 //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   TF form:      p -= step * m / (sqrt(v) + eps)             step = lr sqrt(1-b2^t) / (1-b1^t)
@@ -20,7 +20,7 @@ struct AdamArgs {
     const T* g = nullptr;  // [n] their gradients
     T* m = nullptr;        // [n] first moments, updated
     T* v = nullptr;        // [n] second moments, updated
-    const T* s = nullptr;  // [7] b1, 1-b1, b2, 1-b2, eps, step, bc2, in T (Adam._step_scalars)
+    const T* s = nullptr;  // [7] b1, 1-b1, b2, 1-b2, eps, step, bc2, in T (Adam.step_scalars)
     bool tf_form = true;
 };
 

@@ -2,7 +2,7 @@
 //
 // Per range of rows: one GEMM for the logits, the softmax as passes over the range, the dh GEMM
 // and each row's loss; none of it sums over rows, so the ranges may be cut anywhere (the fused
-// stack step moves its cut with the threads' measured speeds, lstm_stack.cpp). Per chunk of a
+// stack step moves its cut with the threads' measured speeds, stack.cpp). Per chunk of a
 // fixed cut: the dW^T and db partials, added in chunk order after the join, where the loss is
 // summed over rows in order: so every result is the same to the bit whatever the ranges.
 // The logits live in rows padded to Cp = C rounded up to whole 64-byte vectors (zero columns in
@@ -25,9 +25,6 @@
 
 namespace rk {
 namespace {
-
-// N*C*F from which the rows are split over threads
-int64_t g_split_min = int64_t(1) << 20;
 
 template <typename T>
 constexpr int64_t lanes() { return int64_t(64 / sizeof(T)); }
@@ -113,15 +110,9 @@ void head_rows(const Head<T>& w, int64_t lo, int64_t hi) {
     gemm<T>(false, n, Cp, F, T(1), a.h + lo * F, F, w.wt, Cp, T(0), dl, Cp, w.path);
     softmax_xent(w, lo, hi);
     gemm<T>(false, n, F, C, T(1), dl, Cp, a.weight, F, T(0), a.dh + lo * F, F, w.path);
-    if (a.d_logits)
-        for (int64_t r = 0; r < n; ++r)
-            std::copy(dl + r * Cp, dl + r * Cp + C, a.d_logits + (lo + r) * C);
 }
 
 }  // namespace
-
-void set_head_split_min(int64_t v) { g_split_min = v; }
-int64_t head_split_min() { return g_split_min; }
 
 template <typename T>
 struct HeadStep<T>::State {
@@ -194,23 +185,5 @@ double HeadStep<T>::finish() const {
 
 template class HeadStep<float>;
 template class HeadStep<double>;
-
-template <typename T>
-double dense_softmax_xent(const HeadArgs<T>& a) {
-    thread_local HeadStep<T> step;
-    const int64_t N = a.N;
-    const int n = N > 0 && N * a.C * a.F >= g_split_min ? int(std::min<int64_t>(threads(), N)) : 1;
-    step.prepare(a, n);
-    struct Split { const HeadStep<T>* step; int64_t N; int n; } split{&step, N, n};
-    run_chunks(N, n, [](void* p, int64_t lo, int64_t hi) {
-        const Split& sp = *static_cast<const Split*>(p);
-        sp.step->rows(lo, hi);
-        sp.step->grads(chunk_index(sp.N, sp.n, lo), lo, hi);
-    }, &split);
-    return step.finish();
-}
-
-template double dense_softmax_xent<float>(const HeadArgs<float>&);
-template double dense_softmax_xent<double>(const HeadArgs<double>&);
 
 }  // namespace rk

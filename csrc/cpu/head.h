@@ -1,6 +1,6 @@
-// The dense head of a sequence model with its softmax cross-entropy loss, forward and backward in
-// one call: what rnnkern/train_step.py runs after the last recurrent layer (the same math as
-// rnnkern.Dense + rnnkern.sequence_loss; the Numba copy is rnnkern/_train_numba.py).
+// The dense head of a sequence model with its softmax cross-entropy loss, forward and backward,
+// in phases inside the stack's split (stack.h): the same math as rnnkern.Dense +
+// rnnkern.sequence_loss (rnnkern/losses.py), the Python copy.
 //
 // Shape legend: N rows (B*T positions), F features in (the last layer's H), C classes.
 //   logits = h W^T + bias                                   [N,C]
@@ -22,26 +22,20 @@ struct HeadArgs {
     const T* h = nullptr;             // [N,F]
     const T* weight = nullptr;        // [C,F]
     const T* bias = nullptr;          // [C] or null (no bias)
-    const int64_t* targets = nullptr; // [N], every one in [0, C) (the binding checks)
+    const int64_t* targets = nullptr; // [N], every one in [0, C) (the caller checks)
     const T* w = nullptr;             // [N] position weights, or null: all ones
     double inv_total = 0.0;
-    T* d_logits = nullptr;            // [N,C] d loss / d logits out, or null (not needed)
     T* dw = nullptr;                  // [C,F]
     T* db = nullptr;                  // [C], written when bias is given
     T* dh = nullptr;                  // [N,F]
 };
 
-// Returns the loss (accumulated in double). Rows are split over threads (chunks.h) from
-// N*C*F = head_split_min() up; each chunk sums its own dw, db, then they are added.
-template <typename T>
-double dense_softmax_xent(const HeadArgs<T>& a);
-
-// The same in phases, for a caller that runs rows inside its own splits (lstm_stack.cpp):
-// prepare (n: the threads, and the chunks of a fixed cut of [0, N)), rows [lo, hi)
-// of any cut (each writes its rows' dh, d logits and losses), grads(k, lo, hi) for chunk k of
-// the fixed cut (its dW, db partials, from its rows' d logits), then after the join finish: the
-// partials added in chunk order, the loss summed over rows in order. So the result does not
-// depend on how rows() was cut. The args passed to prepare must outlive rows and finish.
+// The phases, for a caller that runs rows inside its own splits (stack.cpp): prepare (n: the
+// threads, and the chunks of a fixed cut of [0, N)), rows [lo, hi) of any cut (each writes its
+// rows' dh, d logits and losses), grads(k, lo, hi) for chunk k of the fixed cut (its dW, db
+// partials, from its rows' d logits), then after the join finish: the partials added in chunk
+// order, the loss summed over rows in order. So the result does not depend on how rows() was
+// cut. The args passed to prepare must outlive rows and finish.
 template <typename T>
 class HeadStep {
   public:
@@ -58,8 +52,5 @@ class HeadStep {
     struct State;
     std::unique_ptr<State> s;
 };
-
-void set_head_split_min(int64_t n_c_f);
-int64_t head_split_min();
 
 }  // namespace rk

@@ -1,4 +1,5 @@
-// LSTM forward and backprop through time (shape legend in kernels.h; math in cells.h).
+// The LSTM layer: forward and backprop through time in the phases of layer.h (shape legend in
+// kernels.h; math in cells.h).
 //
 // Private layout (only these two functions read it; the bindings size the buffers):
 //   * hidden units padded to Hp = a multiple of V = 64 bytes / sizeof(T) (16 floats, 8 doubles);
@@ -47,8 +48,7 @@
 #include "chunks.h"
 #include "dispatch.h"
 #include "gemm.h"
-#include "kernels.h"
-#include "lstm.h"
+#include "layer.h"
 #include "rnnkern/cells.h"
 
 namespace rk {
@@ -95,8 +95,8 @@ RK_ALWAYS_INLINE void copy_row(T* __restrict__ dst, const T* __restrict__ src, i
 }
 
 // A layer call's work arrays, grown on demand and kept between calls (no page faults per call):
-// one set per LstmLayer (lstm.h), i.e. per calling thread for the standalone entry points and
-// per layer in a stack.
+// one set per layer object, i.e. per calling thread for the seam (seam.cpp) and per layer in a
+// stack.
 template <typename T>
 struct Buffers {
     Buffer<T> wc, table, whb, wxb, dh, dc, ring_g, ring_x, ring_dx, part, tables;
@@ -209,14 +209,6 @@ RK_ALWAYS_INLINE void put_projected(int64_t H, const T* __restrict__ dg, int64_t
 // columns, padding zero ([V, 4Hp]), and so are the partial table gradients, so a row's add is
 // whole vectors (at H = 25 the second unit block's 9-unit pieces of each gate were scalar loops,
 // in both directions).
-
-// Element (v, g) of a [V, 4H] table, or of a [4H, V] one (transposed: one-hot input's W_ih).
-struct TableIndex {
-    int64_t sv, sg;
-    TableIndex(int64_t V, int64_t H, bool transposed)
-        : sv(transposed ? 1 : 4 * H), sg(transposed ? V : 1) {}
-    int64_t operator()(int64_t v, int64_t g) const { return v * sv + g * sg; }
-};
 
 template <typename T>
 void pack_table(const T* __restrict__ x, const TableIndex& at, int64_t V, int64_t H, int64_t GP,
@@ -415,7 +407,7 @@ Fwd<T> fwd_prepare(const ForwardArgs<T>& a, Buffers<T>& buf, int n) {
     });
     T* table = nullptr;
     if (a.ids)
-        pack_table(a.x, TableIndex(a.V, H, a.table_t), a.V, H, GP,
+        pack_table(a.x, TableIndex(a.V, 4 * H, a.table_t), a.V, H, GP,
                    table = grow(buf.table, a.V * GP));
     // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS threads)
     return Fwd<T>{&a, d, wc, table, n > 1 ? GemmPath::loop : GemmPath::automatic};
@@ -518,7 +510,7 @@ RK_ALWAYS_INLINE void back_steps_impl(const Bwd<T>& w, int64_t lo, int64_t hi) {
         // flush the ring (steps t_top down to t): dx (projected: written above) and this
         // chunk's weight gradients
         const int64_t rows = (s + 1) * Bc;
-        if (!a.projected) {
+        if (!a.projected && a.dx) {
             gemm_blocks<T>(rows, H, rg, qs, w.wxb, T(0), rdx, Ip, w.path);
             for (int64_t q = 0; q <= s; ++q)
                 for (int64_t b = lo; b < hi; ++b)
@@ -573,7 +565,7 @@ void bwd_finish(const Bwd<T>& w) {
     const Dims<T>& d = w.d;
     const int64_t I = d.I, H = d.H, GP = d.GP;
     const int n = w.n;
-    const TableIndex at(a.V, H, a.table_t);
+    const TableIndex at(a.V, 4 * H, a.table_t);
     for (int64_t v = 0; a.ids && v < a.V; ++v)  // the chunks' packed table partials into dx
         for_unit_blocks<T>(H, [&](int64_t k, int64_t j0, int64_t c0, int64_t cnt) {
             for (int64_t l = 0; l < cnt; ++l) {
@@ -600,70 +592,35 @@ void bwd_finish(const Bwd<T>& w) {
     });
 }
 
+template <typename T>
+class LstmLayer final : public Layer<T> {
+  public:
+    void forward_prepare(const ForwardArgs<T>& a, int n) override {
+        f_.reset(new Fwd<T>(fwd_prepare(a, buf_, n)));
+    }
+    void forward_rows(int64_t lo, int64_t hi) const override { fwd_steps(*f_, lo, hi); }
+    void backward_prepare(const BackwardArgs<T>& a, int n) override {
+        b_.reset(new Bwd<T>(bwd_prepare(a, buf_, n)));
+    }
+    void backward_rows(int64_t lo, int64_t hi) const override { back_steps(*b_, lo, hi); }
+    void backward_finish() const override { bwd_finish(*b_); }
+
+  private:
+    Buffers<T> buf_;
+    std::unique_ptr<Fwd<T>> f_;
+    std::unique_ptr<Bwd<T>> b_;
+};
+
 }  // namespace
 
 template <typename T>
-struct LstmLayer<T>::State {
-    Buffers<T> buf;
-    std::unique_ptr<Fwd<T>> f;
-    std::unique_ptr<Bwd<T>> b;
-};
-
-template <typename T> LstmLayer<T>::LstmLayer() : s(new State) {}
-template <typename T> LstmLayer<T>::~LstmLayer() = default;
-
-template <typename T>
-void LstmLayer<T>::forward_prepare(const ForwardArgs<T>& a, int n) {
-    s->f.reset(new Fwd<T>(fwd_prepare(a, s->buf, n)));
+std::unique_ptr<Layer<T>> make_lstm_layer() {
+    return std::unique_ptr<Layer<T>>(new LstmLayer<T>);
 }
-template <typename T>
-void LstmLayer<T>::forward_rows(int64_t lo, int64_t hi) const { fwd_steps(*s->f, lo, hi); }
-template <typename T>
-void LstmLayer<T>::backward_prepare(const BackwardArgs<T>& a, int n) {
-    s->b.reset(new Bwd<T>(bwd_prepare(a, s->buf, n)));
-}
-template <typename T>
-void LstmLayer<T>::backward_rows(int64_t lo, int64_t hi) const { back_steps(*s->b, lo, hi); }
-template <typename T>
-void LstmLayer<T>::backward_finish() const { bwd_finish(*s->b); }
-
-template class LstmLayer<float>;
-template class LstmLayer<double>;
-
-int lstm_chunks(int64_t B, int64_t Tn, int64_t H) {
-    return chunks_for(B, 4 * (B * Tn * 4 * H * H));
-}
+template std::unique_ptr<Layer<float>> make_lstm_layer<float>();
+template std::unique_ptr<Layer<double>> make_lstm_layer<double>();
 
 void set_lstm_ring_rows(int64_t rows) { g_ring_rows = std::max<int64_t>(1, rows); }
 int64_t lstm_ring_rows() { return g_ring_rows; }
-
-namespace {
-// The standalone calls: the phases around one split, with this thread's own work arrays.
-template <typename T>
-void forward_impl(const ForwardArgs<T>& a) {
-    thread_local LstmLayer<T> layer;
-    const int n = lstm_chunks(a.B, a.T_, a.H);
-    layer.forward_prepare(a, n);
-    run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
-        static_cast<const LstmLayer<T>*>(p)->forward_rows(lo, hi);
-    }, &layer);
-}
-
-template <typename T>
-void backward_impl(const BackwardArgs<T>& a) {
-    thread_local LstmLayer<T> layer;
-    const int n = lstm_chunks(a.B, a.T_, a.H);
-    layer.backward_prepare(a, n);
-    run_chunks(a.B, n, [](void* p, int64_t lo, int64_t hi) {
-        static_cast<const LstmLayer<T>*>(p)->backward_rows(lo, hi);
-    }, &layer);
-    layer.backward_finish();
-}
-}  // namespace
-
-template <> void lstm_forward<float>(const ForwardArgs<float>& a) { forward_impl(a); }
-template <> void lstm_forward<double>(const ForwardArgs<double>& a) { forward_impl(a); }
-template <> void lstm_backward<float>(const BackwardArgs<float>& a) { backward_impl(a); }
-template <> void lstm_backward<double>(const BackwardArgs<double>& a) { backward_impl(a); }
 
 }  // namespace rk

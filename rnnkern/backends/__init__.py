@@ -14,12 +14,13 @@ only for LSTM, ``lengths`` None or int64 [B] within [0, T]; ``d_*`` may be None 
 Returned arrays belong to the caller (no workspace aliases).
 
 Selection: an explicit ``backend=`` wins, then :func:`set_backend` / ``RNNKERN_BACKEND``, then
-automatic: CuPy arrays -> ``cuda``; NumPy arrays -> the first available of the CPU backends in
-the order measured fastest for the cell (``benchmarks/README.md``, 28 Nov 2026, fwd+bwd on
-this 2-core machine): LSTM ``cpp``, ``numba``, ``numpy`` (the C++ LSTM kernels were 1.1-2x
-faster than Numba's at every size); GRU and RNN ``numba``, ``cpp``, ``numpy`` (level with C++
-up to char-rnn size, 10% faster at (64,100,512,512)). An explicitly requested backend that is
-unavailable raises with its reason.
+automatic: CuPy arrays -> ``cuda``; NumPy arrays -> the first available of ``cpp``, ``numba``,
+``numpy``, the order measured fastest (``benchmarks/README.md``, fwd+bwd on a 2-core machine,
+min of a run: the C++ LSTM 1.1-2x faster than Numba's at every size; the C++ GRU 2x faster at
+(1,6,5,5,1) and (170,10,25,25,2), level at (50,50,65,128,2), Numba's 14% faster at
+(64,100,512,512)) and the one whose training step runs in one call (:mod:`rnnkern.step_plan`).
+A layer runs on the same backend inside :class:`rnnkern.TrainStep` as when called directly. An
+explicitly requested backend that is unavailable raises with its reason.
 """
 from __future__ import annotations
 
@@ -33,8 +34,7 @@ _MODULES = {
     "cuda": "rnnkern.backends.cuda",
 }
 BACKENDS = tuple(_MODULES)
-_CPU_PREFERENCE = ("numba", "cpp", "numpy")
-_CPU_PREFERENCE_BY_KIND = {"lstm": ("cpp", "numba", "numpy")}
+_CPU_PREFERENCE = ("cpp", "numba", "numpy")
 _chosen = None  # set by set_backend()
 _imported = {}  # name -> backend module, or the ImportError its import raised
 _answers = {}   # name -> (the module's available function, its answer)
@@ -102,9 +102,8 @@ def preset():
     return None if name == "auto" else name
 
 
-def resolve(requested, x, kind=None):
-    """The backend module for ``requested`` ("auto" or a name), input array ``x`` and cell
-    ``kind`` ("rnn" | "lstm" | "gru"; None: the general CPU order)."""
+def resolve(requested, x):
+    """The backend module for ``requested`` ("auto" or a name) and input array ``x``."""
     if requested not in (None, "auto"):
         return get_backend(requested)
     name = preset()
@@ -112,7 +111,7 @@ def resolve(requested, x, kind=None):
         return get_backend(name)
     if type(x).__module__.startswith("cupy"):
         return get_backend("cuda")
-    for name in _CPU_PREFERENCE_BY_KIND.get(kind, _CPU_PREFERENCE):
+    for name in _CPU_PREFERENCE:
         mod, ok, _ = _probe(name)
         if ok:
             return mod

@@ -1,11 +1,13 @@
-"""C++ CPU backend: the pybind11 extension ``rnnkern._C`` (csrc/cpu, csrc/bindings.cpp).
+"""C++ CPU backend: the pybind11 extension ``rnnkern._C`` (csrc/cpu, csrc/bindings).
 
 Same seam as :mod:`rnnkern.reference` (one layer, one direction, whole sequence; shape legend
-there). ``_C`` checks every array itself (dtype, C-contiguity, shapes, lengths range) and raises
-``ValueError`` naming the argument, then runs without the GIL. Imported from a source tree
-(a checkout), the backend runs only a ``_C`` built from the C++ sources the tree holds now
-(``rnnkern/_source_tree.py``); otherwise :func:`available` says it is missing or stale and
-how to build it: the fall-back to Numba is never silent, and an outdated binary never runs.
+there), for validated input (:mod:`rnnkern.backends`). Each :class:`~rnnkern.CellSpec` becomes
+a ``_C.CellSpec`` once (:func:`native_spec`); ``_C`` checks only the arrays' structure, so no
+call can read out of bounds, and runs without the GIL; ``saved`` is an opaque ``_C.Saved``.
+Imported from a source tree (a checkout), the backend runs only a ``_C`` built from the C++
+sources the tree holds now (``rnnkern/_source_tree.py``); otherwise :func:`available` says it
+is missing or stale and how to build it: the fall-back to Numba is never silent, and an
+outdated binary never runs.
 
 GEMMs: products from M*N*K = 2^23 up go to SciPy's BLAS, whose Fortran ``sgemm``/``dgemm``
 function pointers ``scipy.linalg.cython_blas`` exports as capsules (handed to ``_C`` once, at
@@ -15,32 +17,23 @@ forces a narrower build). Measured: ``benchmarks/bench_cpp_gemm.py``.
 
 Threads: from B*T*G*H*H = 2^23 recurrent multiply-adds up (the LSTM: a quarter of that), the
 batch is cut into row chunks that run their whole time loop on their own thread
-(``_C.set_threads(n)``, 0 = the CPUs this process may use, at most 8; ``_C.set_split_min_work``),
-so nothing synchronises per step. The chunks beyond the first run on persistent worker threads,
-which spin ~500 us after each call for the next one, then sleep (csrc/cpu/chunks.cpp).
+(``rnnkern.config.CPP_THREADS``, ``CPP_SPLIT_MIN_WORK``), so nothing synchronises per step. The
+chunks beyond the first run on persistent worker threads, which spin ~500 us after each call
+for the next one, then sleep (csrc/cpu/chunks.cpp).
 
-The LSTM has its own kernels (csrc/cpu/lstm.cpp): its ``saved`` arrays are private, time-major,
+The LSTM has its own kernels (csrc/cpu/lstm.cpp): its saved arrays are private, time-major,
 with H padded to whole vectors and the gate columns interleaved per vector block, so every
 pointwise pass runs on full vectors; its weights are repacked per call into contiguous GEMM
 panels, and its backward gathers a few steps of gate gradients before the dx and weight-gradient
-GEMMs (``_C.set_lstm_ring_rows``). Result arrays from about 256 KiB up come from a pool of freed
-blocks, so repeated calls with the same shapes do not page-fault (``_C.set_pool_limit``,
-``_C.pool_held``). Those blocks and the kernels' kept work buffers from 64 KiB up sit on
-transparent huge pages where Linux allows them (csrc/cpu/buffer.h, ``_C.set_huge_page_min``).
+GEMMs (``config.CPP_LSTM_RING_ROWS``). RNN and GRU: csrc/cpu/rnn_gru.cpp. Result arrays from
+about 256 KiB up come from a pool of freed blocks, so repeated calls with the same shapes do not
+page-fault (``config.CPP_POOL_LIMIT``). Those blocks and the kernels' kept work buffers from
+64 KiB up sit on transparent huge pages where Linux allows them (csrc/cpu/buffer.h,
+``config.CPP_HUGE_PAGE_MIN``).
 
-Projected input (LSTM only; ``forward(..., projected=True)``): ``x`` [B,T,4H] is already
-``x_orig W_ih^T`` (gate order i, f, g, o, without bias), e.g. rows gathered from a [V,4H] table
-for one-hot or embedded ids; ``w_ih`` is passed (any width) but not read. The saved rows are then
-``[h | 1]``, so the per-step GEMM skips the input columns, and the backward skips the dx and dW_ih
-GEMMs: its ``dx`` [B,T,4H] is the gradient w.r.t. that projection (the gate pre-activation
-gradients) and ``w_ih``'s gradient comes back as zeros, for the caller to form
-(``dx.reshape(-1, 4H).T @ x_orig.reshape(-1, I)``, or a table scatter).
-
-From a table (``forward(x=table, ..., projected=True, ids=ids)``): ``table`` [V,4H] holds the
-projections of V inputs (``W_ih^T`` for one-hot ids, ``E W_ih^T`` for an embedding ``E``) and
-``ids`` int64 [B,T] picks step t of sequence b; the kernels read the rows in place, and the
-backward's ``dx`` is the table's gradient [V,4H] (each step's gate gradients added into its id's
-row), so the caller needs neither a gather before nor a scatter after.
+A whole training step -- every layer, the dense head and loss, every backward and optionally
+Adam -- runs as one call through ``_C.StackStepF32/F64`` (csrc/cpu/stack.h), which the step
+plan drives (:mod:`rnnkern.step_plan.cpp`).
 """
 from __future__ import annotations
 
@@ -103,38 +96,24 @@ def available():
     return True, f"rnnkern._C {_C.__version__}, {_BLAS}"
 
 
-def _options(spec):
-    return dict(nonlinearity=spec.nonlinearity, forget_bias=float(spec.forget_bias),
-                reset_after=bool(spec.reset_after))
+_NATIVE = {}   # CellSpec -> _C.CellSpec
 
 
-def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None, projected=False,
-            ids=None):
-    """See :func:`rnnkern.reference.forward`; ``saved`` holds _C's activation buffers.
-    ``projected``, ``ids``: see the module docstring (LSTM only; else ValueError)."""
-    out, h_n, c_n, buffers = _C.forward(spec.kind, x, w_ih, w_hh, b_ih, b_hh, h0,
-                                        c0 if spec.has_cell_state else None, lengths,
-                                        projected=bool(projected), ids=ids, **_options(spec))
-    saved = dict(buffers, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths, projected=bool(projected),
-                 ids=ids)
-    return out, h_n, c_n, saved
+def native_spec(spec):
+    """The ``_C.CellSpec`` of a :class:`~rnnkern.CellSpec`, made once per spec."""
+    native = _NATIVE.get(spec)
+    if native is None:
+        native = _NATIVE[spec] = _C.CellSpec(spec.kind, spec.nonlinearity,
+                                             float(spec.forget_bias), bool(spec.reset_after))
+    return native
+
+
+def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
+    """See :func:`rnnkern.reference.forward`; ``saved`` is _C's opaque record."""
+    return _C.forward(native_spec(spec), x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
 
 
 def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
-    """See :func:`rnnkern.reference.backward`. After a projected forward, ``dx`` [B,T,4H] is the
-    gradient w.r.t. ``x_orig W_ih^T`` (with ``ids``: [V,4H], the table's) and the ``w_ih``
-    gradient is zeros (module docstring)."""
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _C.backward(
-        spec.kind, saved["x"], saved["w_ih"], saved["w_hh"], saved["lengths"], saved["hprev"],
-        saved["cprev"], saved["act"], saved["rh"], d_outputs, d_h_n,
-        d_c_n if spec.has_cell_state else None, projected=saved.get("projected", False),
-        ids=saved.get("ids"), **_options(spec))
+    """See :func:`rnnkern.reference.backward`."""
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _C.backward(saved, d_outputs, d_h_n, d_c_n)
     return dx, dh0, dc0, dict(w_ih=dw_ih, w_hh=dw_hh, b_ih=db_ih, b_hh=db_hh)
-
-
-def dense_softmax_xent(h, weight, bias, targets, weights, inv_total, d_logits, dw, db, dh):
-    """The fused training step's dense head + softmax cross-entropy, forward and backward, in
-    one call (csrc/cpu/head.h; the shapes and math are in its docstring there). Returns the
-    loss; writes d_logits, dw, db (with a bias) and dh."""
-    return _C.dense_softmax_xent(h, weight, bias, targets, weights, inv_total, d_logits, dw, db,
-                                 dh)

@@ -209,7 +209,7 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     h = np.empty((B, H), dt)
     c = np.empty((B, H), dt) if spec.has_cell_state else None
     # arrays too small for the pool skip it (per-call overhead matters at lab sizes)
-    take = np.empty if B * T * GH * dt.itemsize < config.POOL_MIN_BYTES else POOL.take
+    take = np.empty if B * T * GH * dt.itemsize < config.NUMBA_POOL_MIN_BYTES else POOL.take
     pooled = {k: take(shape, dt) for k, shape in saved_shapes(spec, B, T, H).items()}
     kernel, args = forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, pooled)
     chunks = plan_chunks(spec, B, T, I, H)
@@ -242,7 +242,7 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     chunks = saved["chunks"]
     grads = (np.empty_like(w_ih), np.empty_like(w_hh), np.empty(w_ih.shape[0], dt),
              np.empty(w_ih.shape[0], dt))
-    take = np.empty if acts.nbytes < config.POOL_MIN_BYTES else POOL.take
+    take = np.empty if acts.nbytes < config.NUMBA_POOL_MIN_BYTES else POOL.take
     scratch = [take(shape, dt) for shape in scratch_shapes(spec, B, T, H)]
     kernel, args = backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc)
     with one_blas_thread(spec, B, T, I, H):

@@ -34,7 +34,7 @@ from .. import config
 # ------------------------------------------------------------------------------ workspace pool
 
 class _Pool:
-    """Idle arrays by (shape, dtype); thread-safe; bounded by ``config.POOL_MAX_BYTES``."""
+    """Idle arrays by (shape, dtype); thread-safe; bounded by ``config.NUMBA_POOL_MAX_BYTES``."""
 
     def __init__(self):
         self._idle = {}
@@ -45,7 +45,7 @@ class _Pool:
     def take(self, shape, dtype):
         """An array of ``shape`` and ``dtype`` (a np.dtype), recycled or new; contents undefined."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < config.POOL_MIN_BYTES:
+        if nbytes < config.NUMBA_POOL_MIN_BYTES:
             return np.empty(shape, dtype)
         with self._lock:
             idle = self._idle.get((shape, dtype))
@@ -57,8 +57,8 @@ class _Pool:
     def give(self, arrays):
         with self._lock:
             for a in arrays:
-                if a.nbytes < config.POOL_MIN_BYTES or \
-                        self._bytes + a.nbytes > config.POOL_MAX_BYTES:
+                if a.nbytes < config.NUMBA_POOL_MIN_BYTES or \
+                        self._bytes + a.nbytes > config.NUMBA_POOL_MAX_BYTES:
                     continue
                 self._idle.setdefault((a.shape, a.dtype), []).append(a)
                 self._bytes += a.nbytes
@@ -86,10 +86,10 @@ class _Saved(dict):
 def saved_record(pooled, **items):
     """The ``saved`` dict of a forward: ``items`` plus the ``pooled`` arrays, which go back to
     the pool when the record is garbage collected."""
-    if all(a.nbytes < config.POOL_MIN_BYTES for a in pooled.values()):
+    if all(a.nbytes < config.NUMBA_POOL_MIN_BYTES for a in pooled.values()):
         return dict(items, **pooled)  # nothing to recycle: a plain dict is cheaper
     saved = _Saved(items, **pooled)
-    big = [a for a in pooled.values() if a.nbytes >= config.POOL_MIN_BYTES]
+    big = [a for a in pooled.values() if a.nbytes >= config.NUMBA_POOL_MIN_BYTES]
     if big:
         weakref.finalize(saved, POOL.give, big)
     return saved
@@ -179,22 +179,22 @@ if hasattr(os, "register_at_fork"):
 
 
 def _threads():
-    return _CPUS if config.THREADS is None else max(1, int(config.THREADS))
+    return _CPUS if config.NUMBA_THREADS is None else max(1, int(config.NUMBA_THREADS))
 
 
 def one_blas_thread(spec, B, T, I, H):
     """``BLAS`` (hold SciPy's OpenBLAS to one thread) for a run whose GEMMs are big enough for
     OpenBLAS to wake its pool; a no-op context below that (the switch costs a few us)."""
-    if 2 * B * T * spec.gates * H * (I + H) < config.BLAS_ONE_THREAD_MIN_FLOPS:
+    if 2 * B * T * spec.gates * H * (I + H) < config.NUMBA_BLAS_ONE_THREAD_MIN_FLOPS:
         return contextlib.nullcontext()
     return BLAS
 
 
 def plan_chunks(spec, B, T, I, H):
     """Contiguous batch ranges [(lo, hi), ...]: one range unless splitting pays (config)."""
-    if 2 * B * T * spec.gates * H * (I + H) < config.SPLIT_MIN_FLOPS:
+    if 2 * B * T * spec.gates * H * (I + H) < config.NUMBA_SPLIT_MIN_FLOPS:
         return [(0, B)]
-    n = min(_threads(), B // max(1, config.SPLIT_MIN_ROWS))
+    n = min(_threads(), B // max(1, config.NUMBA_SPLIT_MIN_ROWS))
     if n < 2 or not BLAS.locate():
         return [(0, B)]
     bounds = [B * k // n for k in range(n + 1)]

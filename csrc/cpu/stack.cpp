@@ -1,5 +1,5 @@
-// The fused LSTM-stack training step (lstm_stack.h).
-#include "lstm_stack.h"
+// The training step of a recurrent stack in one call (stack.h).
+#include "stack.h"
 
 #include <algorithm>
 #include <atomic>
@@ -9,13 +9,13 @@
 #include <thread>
 
 #include "chunks.h"
-#include "lstm.h"
+#include "layer.h"
 
 namespace rk {
 
 template <typename T>
-struct LstmStack<T>::State {
-    std::vector<std::unique_ptr<LstmLayer<T>>> layers;
+struct Stack<T>::State {
+    std::vector<std::unique_ptr<Layer<T>>> layers;
     HeadStep<T> head;
     const StackArgs<T>* a = nullptr;
     int n = 1;
@@ -35,10 +35,10 @@ struct LstmStack<T>::State {
 };
 
 template <typename T>
-LstmStack<T>::LstmStack(size_t layers) : s(new State) {
-    for (size_t l = 0; l < layers; ++l) s->layers.emplace_back(new LstmLayer<T>);
+Stack<T>::Stack(const std::vector<Cell>& cells) : s(new State) {
+    for (Cell c : cells) s->layers.push_back(make_layer<T>(c));
 }
-template <typename T> LstmStack<T>::~LstmStack() = default;
+template <typename T> Stack<T>::~Stack() = default;
 
 namespace {
 
@@ -75,7 +75,7 @@ void forward_part(const State& st, int64_t lo, int64_t hi) {
 
 // Chunk k of the even cut, rows [lo, hi): the head's dW, db partials over its rows, then every
 // layer's backward (their weight-gradient partials are per chunk too and added in chunk order:
-// lstm.h).
+// layer.h).
 template <typename T, typename State>
 void backward_part(const State& st, int k) {
     const StackArgs<T>& a = *st.a;
@@ -228,10 +228,10 @@ void finish_tasks(State& st) {
 }  // namespace
 
 template <typename T>
-double LstmStack<T>::step(const StackArgs<T>& a) {
+double Stack<T>::step(const StackArgs<T>& a) {
     State& st = *s;
     int64_t work = 0;
-    for (const StackLayer<T>& y : a.layers) work += 4 * (a.B * a.T_ * 4 * y.f.H * y.f.H);
+    for (const StackLayer<T>& y : a.layers) work += layer_work(y.f.spec, a.B, a.T_, y.f.H);
     const int n = a.B > 0 && a.T_ > 0 ? chunks_for(a.B, work) : 1;
     if (n != st.n || int64_t(st.cut.size()) != n + 1 || st.cut[n] != a.B) {  // the even cut
         st.n = n;
@@ -268,17 +268,17 @@ double LstmStack<T>::step(const StackArgs<T>& a) {
 }
 
 template <typename T>
-std::vector<int64_t> LstmStack<T>::cut() const { return s->cut; }
+std::vector<int64_t> Stack<T>::cut() const { return s->cut; }
 
 template <typename T>
-void LstmStack<T>::hold_cut(std::vector<int64_t> cut) {
+void Stack<T>::hold_cut(std::vector<int64_t> cut) {
     bool rises = cut.empty() || cut[0] == 0;
     for (size_t k = 1; k < cut.size(); ++k) rises = rises && cut[k] >= cut[k - 1];
     if (!rises) throw std::invalid_argument("cut must rise from 0 to B");
     s->held = std::move(cut);
 }
 
-template class LstmStack<float>;
-template class LstmStack<double>;
+template class Stack<float>;
+template class Stack<double>;
 
 }  // namespace rk

@@ -1,9 +1,12 @@
-// The fused training step of a stack [projected table lookup -> LSTM layers -> dense head with
-// softmax cross-entropy] (what rnnkern/train_step.py runs per batch on the C++ backend) with no
-// hand-off per layer: each thread runs, over its chunk of the batch, every layer's forward time
-// loop, its rows of the head and loss, the head's weight gradients and every layer's backward;
-// after the join the gradient partials are summed in chunk order (lstm.h, head.h). Per layer
-// call this saved the hand-offs, the waits for the slower thread and the Python between.
+// The training step of a stack [input -> recurrent layers of any cell -> dense head with softmax
+// cross-entropy] in one call (what rnnkern's step plan runs per batch on the C++ backend,
+// rnnkern/step_plan/cpp.py) with no hand-off per layer: each thread runs, over its chunk of the
+// batch, every layer's forward time loop, its rows of the head and loss, the head's weight
+// gradients and every layer's backward; after the join the gradient partials are summed in
+// chunk order (layer.h, head.h), then optionally Adam updates the parameters (adam.h). Per
+// layer call this saved the hand-offs, the waits for the slower thread and the Python between.
+// The first layer reads its input from a table by ids (projected, kernels.h) or as floats
+// [B,T,I] (then no dx is formed).
 // The threads' speeds differ (on a shared host one often runs 10-40% slower than the other for
 // seconds, and the Python between steps leaves the calling thread's caches cold), so the
 // forward, which sums nothing over rows, runs on a cut that follows them, while the backward
@@ -27,8 +30,9 @@ namespace rk {
 
 template <typename T>
 struct StackLayer {
-    // f.x: layer 0: the table [V,4H_0] read by f.ids; above: the layer below's output (or its
-    // dropped copy). b.d_out: the head's dh (last layer) or the layer above's dx, masked in place.
+    // f.x: layer 0: the table [V,G*H_0] read by f.ids, or floats [B,T,I]; above: the layer
+    // below's output (or its dropped copy). b.d_out: the head's dh (last layer) or the layer
+    // above's dx, masked in place.
     ForwardArgs<T> f;
     BackwardArgs<T> b;
     const T* mask = nullptr;  // [B,T,H_l] dropout mask on this layer's output (not the last's)
@@ -48,13 +52,13 @@ struct StackArgs {
 };
 
 template <typename T>
-class LstmStack {
+class Stack {
   public:
-    explicit LstmStack(size_t layers);
-    ~LstmStack();
+    explicit Stack(const std::vector<Cell>& cells);  // one per layer, bottom up
+    ~Stack();
     // One step over a's buffers (which must outlive the call); returns the loss.
     double step(const StackArgs<T>& a);
-    // The forward's cut of the batch over the threads (lstm_stack.cpp: it follows their measured
+    // The forward's cut of the batch over the threads (stack.cpp: it follows their measured
     // speeds): n+1 row indices from 0 to B. hold_cut fixes it for the next steps (tests: the
     // result must not depend on it), an empty vector lets it move again.
     std::vector<int64_t> cut() const;
