@@ -52,7 +52,7 @@ NUMBA_BLAS_ONE_THREAD_MIN_FLOPS = 1_000_000
 # ---------------------------------------------------------------------- CUDA backend
 # The time-loop strategy: "auto" (the size rule of rnnkern.backends.cuda.plan), "stepwise",
 # "persistent" or "cluster". The environment variable RNNKERN_CUDA_STRATEGY sets the default.
-CUDA_STRATEGY = os.environ.get("RNNKERN_CUDA_STRATEGY", "auto")
+CUDA_STRATEGY = os.environ.get("RNNKERN_CUDA_STRATEGY") or "auto"
 CUDA_THREADS = 256              # threads per block, every kernel
 CUDA_PERSISTENT_MAX_H = 256     # size rule: persistent or cluster only up to this H ...
 CUDA_PERSISTENT_MAX_BH = 8192   # ... and persistent only up to this B*H ...

@@ -155,18 +155,27 @@ class _Recurrent:
             raise ValueError("x contains NaN or infinity")
         return x, xp
 
-    def _check_lengths(self, lengths, B, T):
+    def _check_lengths(self, lengths, B, T, xp=np):
+        """lengths as int64 [B] on x's device (``xp``), or None. Host values are checked to lie
+        in [0, T]; device ones only when ``config.CHECK_FINITE_ON_DEVICE`` (that scan is a
+        device-to-host read; the kernels treat a length outside [0, T] as its nearest end)."""
         if lengths is None:
             return None
-        lengths = np.asarray(lengths.get() if hasattr(lengths, "get") else lengths)
+        on_device = type(lengths).__module__.startswith("cupy")
+        if on_device and xp is np:
+            lengths, on_device = lengths.get(), False
+        if not on_device:
+            lengths = np.asarray(lengths)
         if lengths.dtype.kind not in "iu":
             raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
-        if lengths.shape != (B,):
-            raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
-        if B and (lengths.min() < 0 or lengths.max() > T):
-            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], "
-                             f"got min {lengths.min()} and max {lengths.max()}")
-        return np.ascontiguousarray(lengths, dtype=np.int64)
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape [B] = ({B},), got {tuple(lengths.shape)}")
+        if B and (not on_device or config.CHECK_FINITE_ON_DEVICE):
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < 0 or high > T:
+                raise ValueError(f"lengths must lie in [0, T] = [0, {T}], "
+                                 f"got min {low} and max {high}")
+        return xp.ascontiguousarray(xp.asarray(lengths), dtype=np.int64)
 
     def _check_state(self, state, name, B, xp):
         """A [L,B,H] state array (or zeros for None), validated and cast."""
@@ -214,7 +223,7 @@ class _Recurrent:
         """Run all layers over ``x``.
 
         Args:
-            x:             [B,T,I] floating-point inputs
+            x:             [B,T,I] floating-point inputs (NumPy, or CuPy for the GPU)
             initial_state: LSTM ``(h0, c0)`` each [L,B,H]; GRU/RNN ``h0`` [L,B,H]; None: zeros
             lengths:       None or ints [B] in [0, T]; steps at ``t >= lengths[b]`` output zeros
                            and leave the state unchanged (TF ``dynamic_rnn``)
@@ -225,8 +234,15 @@ class _Recurrent:
         """
         x, xp = self._check_x(x)
         B, T, _ = x.shape
-        lengths = self._check_lengths(lengths, B, T)
+        lengths = self._check_lengths(lengths, B, T, xp)
         h0, c0 = self._split_state(initial_state, B, xp)
+        return self._forward_validated(x, h0, c0, lengths, xp)
+
+    def _forward_validated(self, x, h0, c0, lengths, xp=np):
+        """:meth:`forward` after its checks (the step plan's seam stack calls it directly):
+        x [B,T,I] C-contiguous of the layer's dtype, h0 and c0 [L,B,H] (c0 None but for the
+        LSTM), lengths int64 [B] on x's device or None."""
+        B, T, _ = x.shape
         backend = backends.resolve(self.backend, x)
         layer_in = x
         h_n, c_n, saved, masks = [], [], [], []
@@ -260,8 +276,7 @@ class _Recurrent:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() call first")
         run = self._saved
-        B, T, xp, backend = run["B"], run["T"], run["xp"], run["backend"]
-        H, L = self.hidden_size, self.num_layers
+        B, T, xp, H = run["B"], run["T"], run["xp"], self.hidden_size
         if d_outputs is not None:
             if not hasattr(d_outputs, "shape"):
                 d_outputs = np.asarray(d_outputs)
@@ -281,6 +296,13 @@ class _Recurrent:
                 d_c = None if d_state[1] is None else self._check_state(d_state[1], "d_state[1]", B, xp)
             else:
                 d_h = self._check_state(d_state, "d_state", B, xp)
+        return self._backward_validated(d_outputs, d_h, d_c)
+
+    def _backward_validated(self, d_outputs, d_h=None, d_c=None):
+        """:meth:`backward` after its checks: d_outputs [B,T,H] of the layer's dtype and device
+        or None, d_h and d_c [L,B,H] or None. Fills :attr:`grads` with new arrays."""
+        run = self._saved
+        xp, backend, L = run["xp"], run["backend"], self.num_layers
         dh0, dc0 = [None] * L, [None] * L
         d_out = d_outputs
         for k in reversed(range(L)):

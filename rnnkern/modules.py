@@ -168,17 +168,27 @@ class Embedding(Module):
         dy = np.asarray(dy, dtype=self.dtype)
         if dy.shape != self._ids.shape + (E,):
             raise ValueError(f"Embedding dy must have shape {self._ids.shape + (E,)}, got {dy.shape}")
-        g = np.zeros_like(self.params["weight"])
-        ids = self._ids.reshape(-1)
+        self.grads["weight"] = self.scatter_rows(self._ids, dy, out=None)
+        return None
+
+    def scatter_rows(self, ids, rows, out=None):
+        """The table's gradient from its rows' gradients: ``out[v] = sum of rows[n] where
+        ids[n] == v`` (zero for ids not present). ids [...] ints in [0, V), rows [..., E];
+        out [V,E] (new when None). Returns out."""
+        E = self.embedding_dim
+        if out is None:
+            out = np.zeros_like(self.params["weight"])
+        else:
+            out.fill(0)
+        ids = np.asarray(ids).reshape(-1)
         if ids.size:
             # repeated ids add up. Sort, then sum each id's run of rows with reduceat: the sums
-            # of np.add.at(g, ids, dy) (up to summation order), ~4x faster at char-rnn sizes.
+            # of np.add.at(out, ids, rows) (up to summation order), ~4x faster at char-rnn sizes.
             order = np.argsort(ids, kind="stable")
             sorted_ids = ids[order]
             starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-            g[sorted_ids[starts]] = np.add.reduceat(dy.reshape(-1, E)[order], starts, axis=0)
-        self.grads["weight"] = g
-        return None
+            out[sorted_ids[starts]] = np.add.reduceat(rows.reshape(-1, E)[order], starts, axis=0)
+        return out
 
     def __repr__(self):
         return f"Embedding({self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype.name!r})"

@@ -19,21 +19,6 @@ import numbers
 import numpy as np
 
 
-_KERNELS = None  # rnnkern._optim_numba once imported; False where Numba cannot be imported
-
-
-def _numba_kernels():
-    """The compiled update kernels, or None without Numba (imported on first use, not at import)."""
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            from . import _optim_numba
-            _KERNELS = _optim_numba
-        except ImportError:
-            _KERNELS = False
-    return _KERNELS or None
-
-
 # ---------------------------------------------------------------------- clipping
 def global_norm(grads):
     """sqrt(sum of squares) over every array in ``grads`` (a dict or iterable), in float64."""
@@ -101,24 +86,21 @@ class Optimizer:
         lr:          learning rate (an attribute; schedules set ``opt.lr``)
         clip_norm:   clip the gradients' global norm to this (TF ``clip_by_global_norm``)
         clip_value:  clamp each gradient element to ``[-clip_value, clip_value]``
-        jit:         None (default): use a compiled update where one exists (Adam) and Numba is
-                     installed; False: NumPy only. Both give bitwise-identical results.
+
+    The update rules are NumPy, once each; a training step on the C++ backend may run Adam's
+    inside its call instead (csrc/cpu/adam.h: the same operations, so the same bits).
     """
 
     _slots = ()  # names of the per-parameter state arrays
 
-    def __init__(self, lr, *, clip_norm=None, clip_value=None, jit=None):
+    def __init__(self, lr, *, clip_norm=None, clip_value=None):
         self.lr = _check_positive("lr", lr, allow_zero=True)
-        if jit not in (None, False):
-            raise ValueError(f"jit must be None (automatic) or False, got {jit!r}")
-        self.jit = jit
         self.clip_norm = None if clip_norm is None else _check_positive("clip_norm", clip_norm)
         self.clip_value = None if clip_value is None else _check_positive("clip_value", clip_value)
         self.iterations = 0   # number of step() calls so far (Adam's t)
         self.state = {}       # name -> {slot: array}
         self.last_grad_norm = None  # global norm before clipping, when clip_norm is set
         self._flat = None     # layout and flat state of the concatenated update (see step)
-        self._kernels = None
 
     def _hyper(self):
         return {}
@@ -149,7 +131,6 @@ class Optimizer:
         if self.clip_norm is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip_norm)
         self.iterations += 1
-        self._kernels = None if self.jit is False else _numba_kernels()
         if len(dtypes) == 1 and total <= self.FLAT_MAX_ELEMENTS and self._step_flat(params, grads):
             return
         self._flat = None
@@ -157,7 +138,7 @@ class Optimizer:
             st = self.state.get(k)
             if st is None:
                 st = self.state[k] = self._init_state(p)
-            self._apply(p, np.asarray(grads[k], dtype=p.dtype), st)
+            self._update(p, np.asarray(grads[k], dtype=p.dtype), st)
 
     def step_flat(self, flat_params, flat_grads, layout):
         """:meth:`step` for parameters that live in one flat array, as a fused training step
@@ -172,7 +153,6 @@ class Optimizer:
         if self.clip_norm is not None:
             self.last_grad_norm = clip_grad_norm([flat_grads], self.clip_norm)
         self.iterations += 1
-        self._kernels = None if self.jit is False else _numba_kernels()
         flat = self._flat
         if flat is None or flat["layout"] != layout or flat["dtype"] != flat_params.dtype:
             views, lo = {}, 0     # name -> (param view, grad view)
@@ -188,21 +168,13 @@ class Optimizer:
                     st = self.state.get(k)
                     if st is None:
                         st = self.state[k] = self._init_state(p)
-                    self._apply(p, g, st)
+                    self._update(p, g, st)
                 return
         st = flat["state"]
         slots = len(st)
-        self._apply(flat_params, flat_grads, st)
+        self._update(flat_params, flat_grads, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
-
-    def _apply(self, p, g, st):
-        if self._kernels is None or not self._update_compiled(p, g, st):
-            self._update(p, g, st)
-
-    def _update_compiled(self, p, g, st):
-        """Compiled version of :meth:`_update`; returns False where there is none."""
-        return False
 
     def _step_flat(self, params, grads):
         """One update over concatenated params/grads; per-name state are views of flat state.
@@ -218,7 +190,7 @@ class Optimizer:
         g_flat = np.concatenate([np.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
         st = flat["state"]
         slots = len(st)
-        self._apply(p_flat, g_flat, st)
+        self._update(p_flat, g_flat, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
         for (k, shape), (lo, hi) in zip(layout, flat["spans"]):
@@ -334,8 +306,6 @@ class Adam(Optimizer):
             raise ValueError(f"eps_mode must be 'tf' or 'torch', got {eps_mode!r}")
         self.eps_mode = eps_mode
         self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
-        # the last compiled update's (p, g, m, v, their 1-D views, scalars array)
-        self._compiled_call = None
 
     def _hyper(self):
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
@@ -362,31 +332,11 @@ class Adam(Optimizer):
             denom += self.eps
             p -= (self.lr / bc1) * (m / denom)
 
-    def _update_compiled(self, p, g, st):
-        m, v = st["m"], st["v"]
-        ready = self._compiled_call
-        if ready is None or ready[0] is not p or ready[1] is not g or ready[2] is not m \
-                or ready[3] is not v:   # checked once per set of arrays (a fused step's: once)
-            for a in (g, m, v):
-                if a.dtype != p.dtype:
-                    return False
-            if not all(a.flags.c_contiguous for a in (p, g, m, v)):
-                return False
-            flat = tuple(a.reshape(-1) for a in (p, g, m, v))
-            ready = self._compiled_call = (p, g, m, v, flat, np.empty(7, p.dtype))
-        if self.weight_decay:
-            g = g + self.weight_decay * p
-            flat = (ready[4][0], g.reshape(-1), *ready[4][2:])
-        else:
-            flat = ready[4]
-        s = self.step_scalars(ready[5], self.iterations)
-        self._kernels.adam(*flat, s, self.eps_mode == "tf")
-        return True
-
     def step_scalars(self, s, t):
-        """Fill ``s`` (7 elements, the parameters' dtype) with the compiled update's scalars
-        for step ``t``: ``b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t)``, rounded to the dtype as
-        NumPy rounds Python floats (so the update gives ``_update``'s bits). Returns ``s``."""
+        """Fill ``s`` (7 elements, the parameters' dtype) with the scalars of the C++ update
+        (csrc/cpu/adam.h) for step ``t``: ``b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t)``, rounded
+        to the dtype as NumPy rounds Python floats (so that update gives ``_update``'s bits).
+        Returns ``s``."""
         bc1 = 1.0 - self.beta1 ** t
         bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
         s[0], s[1], s[2], s[3], s[4] = (self.beta1, 1.0 - self.beta1, self.beta2,

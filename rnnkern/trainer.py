@@ -115,8 +115,9 @@ class Trainer:
         checkpoint_every: "epoch" (default) or an int N: every N optimizer steps
         checkpoint_meta:  JSON-serialisable data stored in every checkpoint :meth:`fit` writes
                       (e.g. ``{"vocab": vocab.to_list(), "hidden": 128}``); :meth:`load` returns it
-        fused:        None (default): each step is a :class:`~rnnkern.TrainStep`, fused where
-                      the model allows (same results, less overhead); False: never fused
+        generic:      True: every step is the generic loop; False (default): each step is a
+                      :class:`~rnnkern.TrainStep`, which runs a step plan where the model allows
+                      (same results, less overhead)
 
     Example::
 
@@ -127,7 +128,7 @@ class Trainer:
 
     def __init__(self, model, loss, optimizer, *, lr_schedule=None, stateful=False,
                  shuffle=False, seed=0, progress=True, callbacks=(), checkpoint=None,
-                 checkpoint_every="epoch", checkpoint_meta=None, fused=None):
+                 checkpoint_every="epoch", checkpoint_meta=None, generic=False):
         for attr in ("forward", "backward", "params", "grads", "train", "eval"):
             if not hasattr(model, attr):
                 raise TypeError(f"model has no {attr!r} (see rnnkern.trainer's docstring)")
@@ -143,7 +144,7 @@ class Trainer:
             raise ValueError("stateful=True carries state between consecutive batches; "
                              "shuffle=True would break that order")
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        self._step = TrainStep(model, loss, optimizer, fused=fused)
+        self._step = TrainStep(model, loss, optimizer, generic=generic)
         self.lr_schedule = lr_schedule
         self.stateful = bool(stateful)
         self.shuffle = bool(shuffle)
@@ -165,7 +166,7 @@ class Trainer:
         self._state = None            # carried recurrent state (stateful=True)
 
     # ------------------------------------------------------------------ one step
-    def _forward(self, x, lengths, state, want_state):
+    def _forward(self, x, state, lengths, want_state):
         kwargs = {}
         if lengths is not None:
             kwargs["lengths"] = lengths
@@ -180,9 +181,9 @@ class Trainer:
         if state is not None and _state_batch_size(state) != _batch_size(x):
             state = None
         if self.stateful:
-            value, state = self._step(x, y, lengths, weights, state, return_state=True)
+            value, state = self._step(x, y, state, lengths, weights, return_state=True)
         else:
-            value = self._step(x, y, lengths, weights)
+            value = self._step(x, y, lengths=lengths, weights=weights)
         self._state = state
         self.global_step += 1
         self.last_loss = float(value)
@@ -202,7 +203,7 @@ class Trainer:
                 x, y, lengths, weights = _unpack(batch)
                 if state is not None and _state_batch_size(state) != _batch_size(x):
                     state = None
-                pred, state = self._forward(x, lengths, state, self.stateful)
+                pred, state = self._forward(x, state, lengths, self.stateful)
                 value = self.loss(pred, y) if weights is None else self.loss(pred, y,
                                                                              weights=weights)
                 n = _batch_size(x)

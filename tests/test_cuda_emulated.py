@@ -304,6 +304,12 @@ def test_bad_strategy_is_named_by_a_layer_call(emulated, monkeypatch):
         rk.LSTM(2, 3, dtype="float64", backend="cuda")(np.zeros((1, 2, 2)))
 
 
+def test_importing_the_backend_leaves_cupy_alone():
+    code = "import sys, rnnkern.backends.cuda; print('cupy' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (res.returncode, res.stdout.strip()) == (0, "False"), res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("value,forced", [("cluster", "cluster"), ("auto", None), ("", None)])
 def test_environment_sets_the_default_strategy(value, forced):
     code = "from rnnkern.backends.cuda import plan; print(plan.forced_strategy())"

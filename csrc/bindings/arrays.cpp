@@ -27,7 +27,7 @@ py::object checked(py::handle obj, const std::string& name, const py::dtype& dt,
     if (!py::isinstance<py::array>(obj))
         throw py::value_error(name + " must be a numpy.ndarray, got " + type_name(obj));
     auto a = py::reinterpret_borrow<py::array>(obj);
-    if (!a.dtype().is(dt))
+    if (!a.dtype().equal(dt))
         throw py::value_error(name + " must have dtype " + std::string(py::str(dt)) + ", got " +
                               std::string(py::str(a.dtype())));
     if (std::vector<int64_t>(a.shape(), a.shape() + a.ndim()) != shape)
@@ -52,7 +52,7 @@ py::dtype float_dtype_of(py::handle x, const std::string& name) {
     if (!py::isinstance<py::array>(x))
         throw py::value_error(name + " must be a numpy.ndarray, got " + type_name(x));
     auto dt = py::reinterpret_borrow<py::array>(x).dtype();
-    if (dt.is(py::dtype::of<float>()) || dt.is(py::dtype::of<double>())) return dt;
+    if (dt.equal(py::dtype::of<float>()) || dt.equal(py::dtype::of<double>())) return dt;
     throw py::value_error(name + " must have dtype float32 or float64, got " +
                           std::string(py::str(dt)));
 }

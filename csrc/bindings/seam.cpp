@@ -167,7 +167,7 @@ void bind_seam(py::module_& m) {
           [](const rk::Spec& spec, py::object x, py::object w_ih, py::object w_hh,
              py::object b_ih, py::object b_hh, py::object h0, py::object c0,
              py::object lengths) {
-              if (float_dtype_of(x, "x").is(py::dtype::of<float>()))
+              if (float_dtype_of(x, "x").equal(py::dtype::of<float>()))
                   return forward_t<float>(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths);
               return forward_t<double>(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths);
           },

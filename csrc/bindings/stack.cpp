@@ -28,7 +28,8 @@ template <typename T>
 class StackStep {
   public:
     StackStep(const std::vector<StackLayerArrays>& layers, py::handle table, py::handle ids,
-              py::handle d_table, bool table_transposed, py::handle x, py::handle weight,
+              py::handle d_table, bool table_transposed, py::handle x, py::handle dx,
+              py::handle weight,
               py::handle bias, py::handle dw, py::handle db, py::handle targets,
               py::handle weights, py::handle lengths, py::handle head_mask) {
         std::vector<rk::Cell> cells;
@@ -120,7 +121,8 @@ class StackStep {
                                         : keep<T>(d_table, "d_table", {V_, GH});
             else if (l > 0)
                 b.dx = own(B * Tn * I);
-            // (floats into layer 0: nobody reads its dx, so it is not formed)
+            else  // floats into layer 0: their gradient only when asked for (embedded rows)
+                b.dx = keep<T>(dx, "dx", {B, Tn, I}, true);
             b.dw_ih = keep<T>(c.dw_ih, at + "dw_ih", {GH, I});
             b.dw_hh = keep<T>(c.dw_hh, at + "dw_hh", {GH, H});
             b.db_ih = keep<T>(c.db_ih, at + "db_ih", {GH});
@@ -235,16 +237,18 @@ void bind_step(py::module_& m, const char* name) {
         "(its input projection per id) read by ids int64 [B,T], d_table [V,G*H_0] out (then\n"
         "layer 0's dw_ih comes back zero: the caller forms it); table_transposed: table and\n"
         "d_table are [G*H_0,V] (one-hot input: layer 0's w_ih and, the same array as its dw_ih,\n"
-        "dw_ih); or x [B,T,I] floats. Head: weight [C,F], bias [C] | None, dw, db | None out,\n"
+        "dw_ih); or x [B,T,I] floats, with dx [B,T,I] out for their gradient (or None: not\n"
+        "formed). Head: weight [C,F], bias [C] | None, dw, db | None out,\n"
         "targets int64 [N], weights [N], lengths int64 [B], head_mask [B,T,F] | None.\n"
         "run(use_lengths, use_weights, inv_total, use_state) -> the loss; fills every h_n,\n"
         "c_n and gradient.")
         .def(py::init<const std::vector<StackLayerArrays>&, py::handle, py::handle, py::handle,
                       bool, py::handle, py::handle, py::handle, py::handle, py::handle,
-                      py::handle, py::handle, py::handle, py::handle>(),
+                      py::handle, py::handle, py::handle, py::handle, py::handle>(),
              py::arg("layers"), py::kw_only(), py::arg("table") = py::none(),
              py::arg("ids") = py::none(), py::arg("d_table") = py::none(),
              py::arg("table_transposed") = false, py::arg("x") = py::none(),
+             py::arg("dx") = py::none(),
              py::arg("weight"), py::arg("bias"), py::arg("dw"), py::arg("db"),
              py::arg("targets"), py::arg("weights"), py::arg("lengths"),
              py::arg("head_mask") = py::none())

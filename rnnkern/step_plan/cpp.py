@@ -1,0 +1,261 @@
+"""The step plan on the C++ backend: the whole step as one ``_C.StackStep`` call.
+
+One call per step runs, over each thread's chunk of the batch, every layer's forward, the dense
+head and softmax cross-entropy, every layer's backward, then the gradient sums and, for a plain
+Adam whose every gradient is final inside the call, Adam's update (csrc/cpu/stack.h). Python
+around it loads the batch into the call's buffers, draws the dropout masks (from the same
+generators, in the same order, as the layers' own forward), and finishes what the call leaves:
+an embedding's gradients and the update of any other optimizer.
+
+Input stage, by the encoder and the batch: ids with V <= B*T read their rows of a table
+[V, G*H_0] inside the call -- for one-hot input that table is W_ih itself, read transposed, and
+its gradient goes straight into dW_ih; for an embedding E it is E W_ih^T, formed per step, and
+the call returns its gradient, from which dW_ih and dE are two GEMMs. With more ids than rows
+(V > B*T), or floats, the first layer reads floats [B,T,E] (the ids' rows gathered here).
+
+Shape legend: B batch, T time steps, N = B*T, V vocabulary, E encoder width, G gates, H hidden
+size of a cell (H_0: the first), C classes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends import cpp as cpp_backend
+from ..layers import dropout_mask
+from ..modules import Embedding, OneHot
+from ..optim import Adam
+from .plan import StepPlan, update_words
+
+
+class CppPlan(StepPlan):
+    def __init__(self, form, flat, optimizer, backend, shape):
+        super().__init__(form, flat, optimizer, backend, shape)
+        _C = cpp_backend._C
+        B, T = self.shape
+        N, dt = B * T, form.dtype
+        enc, cells, head = form.encoder, form.cells, form.head
+        V = None if enc is None else form.table().shape[0]
+        self.table_mode = V is not None and V <= N
+        self.one_hot = type(enc) is OneHot
+        first = cells[0]
+        GH = first.spec.gates * first.hidden
+        # buffers the call keeps: the batch, states, masks
+        self.ids = np.zeros((B, T), np.int64)
+        self.targets = np.zeros(N, np.int64)
+        self.weights = np.zeros(N, dt)
+        self.lens = np.zeros(B, np.int64)
+        self.h0 = [np.zeros((B, c.hidden), dt) for c in cells]
+        self.c0 = [np.zeros((B, c.hidden), dt) if c.spec.has_cell_state else None for c in cells]
+        self.h_n = [np.empty((B, c.hidden), dt) for c in cells]
+        self.c_n = [np.empty((B, c.hidden), dt) if c.spec.has_cell_state else None for c in cells]
+        # the layers' dropout between their cells, and the Dropout module before the head, as
+        # they stand now (a change of train/eval or of p makes a new plan: TrainStep's key)
+        self.masks = [np.empty((B, T, c.hidden), dt) if c.dropout_after and c.layer.training
+                      else None for c in cells]
+        hd = form.head_dropout
+        self.head_mask = (np.empty((B, T, head.in_features), dt)
+                          if hd is not None and hd.training and hd.p > 0 else None)
+        self.draws_masks = self.head_mask is not None or any(m is not None for m in self.masks)
+        p, g = self._params, self._grads
+        layers = [_C.StackLayer(
+            spec=cpp_backend.native_spec(c.spec), **{k: p(c.layer, n) for k, n in zip(
+                ("w_ih", "w_hh", "b_ih", "b_hh"), c.names)},
+            **{k: g(c.layer, n) for k, n in zip(("dw_ih", "dw_hh", "db_ih", "db_hh"), c.names)},
+            h0=self.h0[i], c0=self.c0[i], h_n=self.h_n[i], c_n=self.c_n[i], mask=self.masks[i])
+            for i, c in enumerate(cells)]
+        self.x_in = self.dx_in = self.table = self.d_table = None
+        inputs = {}
+        if self.table_mode and self.one_hot:     # W_ih is the table, read transposed
+            inputs = dict(table=p(first.layer, first.names[0]), ids=self.ids,
+                          d_table=g(first.layer, first.names[0]), table_transposed=True)
+            words = f"OneHot ids -> columns of W_ih [{GH},{V}], read inside the call"
+        elif self.table_mode:                    # the table E W_ih^T, formed each step
+            self.table, self.d_table = np.empty((V, GH), dt), np.empty((V, GH), dt)
+            inputs = dict(table=self.table, ids=self.ids, d_table=self.d_table)
+            words = (f"Embedding ids -> rows of E W_ih^T [{V},{GH}] (NumPy GEMM), read inside "
+                     f"the call; its gradient -> dW_ih, dE (NumPy GEMMs)")
+        else:
+            self.x_in = np.empty((B, T, first.input), dt)
+            if type(enc) is Embedding:
+                self.dx_in = np.empty_like(self.x_in)
+            inputs = dict(x=self.x_in, dx=self.dx_in)
+            words = ("floats [B,T,I], copied in" if enc is None else
+                     f"{type(enc).__name__} ids -> table rows gathered (NumPy), floats into the "
+                     f"call" + ("; their gradient scattered into dE" if self.dx_in is not None
+                                else ""))
+        make = _C.StackStepF32 if dt == np.float32 else _C.StackStepF64
+        self.call = make(layers, **inputs, weight=p(head, "weight"),
+                         bias=head.params.get("bias"), dw=g(head, "weight"),
+                         db=g(head, "bias") if "bias" in head.params else None,
+                         targets=self.targets, weights=self.weights, lengths=self.lens,
+                         head_mask=self.head_mask)
+        self.adam = None          # (m, v, eps_mode) handed to the call's Adam, or None
+        self.adam_scalars = np.empty(7, dt)
+        kinds = ", ".join(f"{type(r).__name__}({r.input_size}->{r.hidden_size}"
+                          f"{f' x{r.num_layers}' if r.num_layers > 1 else ''})"
+                          for r in form.recurrent)
+        self.stages = {
+            "input": words,
+            "stack": f"cpp, one call for the whole stack: {kinds}",
+            "head": f"Dense({head.in_features}->{head.out_features}) + sequence_loss inside "
+                    f"the call",
+            "update": None,   # set by each run: inside the call, or after it (_adam_inside)
+        }
+        self._update_words = update_words(optimizer)
+
+    def _params(self, layer, name):
+        return layer.params[name]
+
+    def _grads(self, layer, name):
+        return self.flat.grad(layer, name)
+
+    # ---------------------------------------------------------------- a step
+    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False):
+        form, (B, T) = self.form, self.shape
+        ids = self._load_input(x)
+        self._load_targets(y, weights)
+        lens = self._lengths(lengths)
+        if lens is not None:
+            self.lens[:] = lens
+        states0 = self._initial_states(initial_state)
+        if states0 is not None:
+            self._load_states(states0)
+        if self.draws_masks:
+            if ids is not None:
+                self._check_ids(ids)     # before the generators move: a bad batch changes nothing
+            self._draw_masks()
+        inside = self._adam_inside()
+        if self.table is not None:       # the first layer's input projection per id
+            first = form.cells[0]
+            np.dot(form.table(), first.layer.params[first.names[0]].T, out=self.table)
+        w_total = float(self.weights.sum(dtype=np.float64)) if weights is not None else B * T
+        try:
+            value = self.call.run(lens is not None, weights is not None, 1.0 / (w_total + 1e-12),
+                                  states0 is not None)
+        except ValueError:
+            if ids is not None:
+                self._check_ids(ids)     # name the encoder, as its forward would
+            raise
+        self._input_grads(ids)
+        form.model._ran = False          # the plan left no forward for model.backward()
+        if inside:
+            self.optimizer.iterations += 1   # what step_flat counts
+        else:
+            self._update()
+        if return_state:
+            return value, self._final_states()
+        return value
+
+    def _load_input(self, x):
+        """The batch's ids into the call's buffer (their range: the call checks it) or rows,
+        or its floats; returns the ids (None without an encoder)."""
+        enc = self.form.encoder
+        if enc is None:
+            x, _ = self.form.recurrent[0]._check_x(x)
+            np.copyto(self.x_in, x)
+            return None
+        ids = np.asarray(x)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{type(enc).__name__} input must be integer ids, got dtype "
+                            f"{ids.dtype}")
+        np.copyto(self.ids, ids, casting="unsafe")
+        if self.x_in is not None:        # gathered here: checked first
+            self._check_ids(ids)
+            np.take(self.form.table(), self.ids, axis=0, out=self.x_in)
+        return ids
+
+    def _check_ids(self, ids):
+        V = self.form.table().shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            bad = ids.reshape(-1)[np.flatnonzero((ids.reshape(-1) < 0) |
+                                                 (ids.reshape(-1) >= V))[0]]
+            raise ValueError(f"{type(self.form.encoder).__name__} ids must lie in [0, {V}), "
+                             f"got {bad}")
+
+    def _load_targets(self, y, weights):
+        """targets (their range: the call checks it) and position weights into the buffers."""
+        B, T = self.shape
+        targets = np.asarray(y)
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have shape [B,T] = {(B, T)}, got {targets.shape}")
+        np.copyto(self.targets.reshape(B, T), targets, casting="unsafe")
+        if weights is not None:
+            w = np.asarray(weights)
+            if w.dtype.kind not in "biuf":
+                raise TypeError(f"weights must be a floating-point array, got dtype {w.dtype}")
+            if w.shape != (B, T):
+                raise ValueError(f"weights must have shape [B,T] = {(B, T)}, got {w.shape}")
+            if w.size and not np.isfinite(w).all():
+                raise ValueError("weights contains NaN or infinity")
+            np.copyto(self.weights, w.reshape(-1), casting="unsafe")
+
+    def _load_states(self, states0):
+        cells = iter(range(len(self.form.cells)))
+        for h0, c0 in states0:
+            for k in range(h0.shape[0]):
+                i = next(cells)
+                self.h0[i][...] = h0[k]
+                if c0 is not None:
+                    self.c0[i][...] = c0[k]
+
+    def _draw_masks(self):
+        """The dropout masks, drawn as the layers' own forward and Dropout.forward draw them."""
+        for c, mask in zip(self.form.cells, self.masks):
+            if mask is not None:
+                dropout_mask(c.layer._rng, mask.shape, c.layer.dropout, mask.dtype, out=mask)
+        if self.head_mask is not None:
+            hd = self.form.head_dropout
+            dropout_mask(hd._rng, self.head_mask.shape, hd.p, self.head_mask.dtype,
+                         out=self.head_mask)
+
+    def _input_grads(self, ids):
+        """What the call leaves of the first layer's input gradients: an embedding's dE (and
+        dW_ih from the table's gradient)."""
+        form = self.form
+        if type(form.encoder) is not Embedding:
+            return
+        first = form.cells[0]
+        E = form.encoder
+        dE = self.flat.grad(E, "weight")
+        if self.table is not None:
+            w_ih = first.layer.params[first.names[0]]
+            np.dot(self.d_table.T, E.params["weight"], out=self.flat.grad(first.layer,
+                                                                           first.names[0]))
+            np.dot(self.d_table, w_ih, out=dE)
+        else:
+            E.scatter_rows(self.ids, self.dx_in, out=dE)
+
+    def _adam_inside(self):
+        """Whether the call runs the update this step: a plain Adam (no clipping, no weight
+        decay) whose flat state exists (its first step, or one after ``load_state_dict``,
+        builds it through step_flat), every gradient final inside the call (no embedding).
+        Hands the call Adam's state when it changed, and this step's scalars."""
+        opt = self.optimizer
+        flat = opt._flat if type(opt) is Adam else None
+        if not (flat is not None and type(self.form.encoder) is not Embedding
+                and opt.clip_norm is None and opt.clip_value is None and not opt.weight_decay
+                and flat["layout"] == self.flat.layout and flat["dtype"] == self.form.dtype):
+            if self.adam is not None:
+                self.call.set_adam(None, None, None, None, None, False)
+                self.adam = None
+            self.stages["update"] = self._update_words
+            return False
+        bound = (flat["state"]["m"], flat["state"]["v"], opt.eps_mode)
+        if self.adam is None or any(a is not b for a, b in zip(bound, self.adam)):
+            self.call.set_adam(self.flat.params, self.flat.grads, bound[0], bound[1],
+                               self.adam_scalars, opt.eps_mode == "tf")
+            self.adam = bound
+        opt.step_scalars(self.adam_scalars, opt.iterations + 1)
+        self.stages["update"] = "Adam inside the call, over the flat parameters (C++)"
+        return True
+
+    def _final_states(self):
+        states, cells = [], iter(range(len(self.form.cells)))
+        for r in self.form.recurrent:
+            idx = [next(cells) for _ in range(r.num_layers)]
+            h = np.stack([self.h_n[i] for i in idx])
+            states.append((h, np.stack([self.c_n[i] for i in idx]))
+                          if r.spec.has_cell_state else h)
+        return self._state_tuple(states)
