@@ -19,6 +19,7 @@ import pytest
 
 import rnnkern as rk
 from rnnkern import backends, reference
+from rnnkern.backends import checked
 from rnnkern.cellspec import CellSpec
 
 from conftest import array_module, assert_close, to_numpy
@@ -72,13 +73,10 @@ def _f64(a):
 def _run_pair(backend_name, spec, args, grads):
     """(backend results, float64 reference results), each forward + backward, as NumPy."""
     xp = array_module(backend_name)
-    mod = backends.get_backend(backend_name)
     dev = {k: (None if v is None else xp.asarray(v)) for k, v in args.items()}
-    if dev["lengths"] is not None:
-        dev["lengths"] = args["lengths"]  # lengths stay a host int64 array for every backend
-    out, h, c, saved = mod.forward(spec, **dev)
-    dx, dh0, dc0, g = mod.backward(spec, saved, *(None if v is None else xp.asarray(v)
-                                                  for v in grads.values()))
+    out, h, c, saved = checked.forward(backend_name, spec, **dev)
+    dx, dh0, dc0, g = checked.backward(saved, *(None if v is None else xp.asarray(v)
+                                               for v in grads.values()))
     ref_args = {k: (v if k == "lengths" else _f64(v)) for k, v in args.items()}
     r_out, r_h, r_c, r_saved = reference.forward(spec, **ref_args)
     r_dx, r_dh0, r_dc0, r_g = reference.backward(spec, r_saved, *map(_f64, grads.values()))
@@ -124,23 +122,22 @@ def test_seam_missing_gradients_mean_zeros(compiled_backend, spec, missing):
 def test_results_belong_to_the_caller(compiled_backend, spec):
     """A later call must not overwrite earlier results, and backward must not consume ``saved``."""
     xp = array_module(compiled_backend)
-    mod = backends.get_backend(compiled_backend)
     a1, g1 = _inputs(spec, np.float32, 3, 4, 2, 5, None, seed=2)
     a2, _ = _inputs(spec, np.float32, 3, 4, 2, 5, None, seed=3)
 
     def dev(d):
-        return {k: (None if v is None or k == "lengths" else xp.asarray(v)) for k, v in d.items()}
+        return {k: (None if v is None else xp.asarray(v)) for k, v in d.items()}
 
-    out1, h1, _, saved1 = mod.forward(spec, **dev(a1))
+    out1, h1, _, saved1 = checked.forward(compiled_backend, spec, **dev(a1))
     first = [to_numpy(out1).copy(), to_numpy(h1).copy()]
     grad_args = [None if v is None else xp.asarray(v) for v in g1.values()]
-    back1 = mod.backward(spec, saved1, *grad_args)
+    back1 = checked.backward(saved1, *grad_args)
     back1_copy = [to_numpy(v).copy() for v in back1[:2]] + \
         [to_numpy(v).copy() for v in back1[3].values()]
-    mod.forward(spec, **dev(a2))                     # same shapes, other values
-    mod.backward(spec, saved1, *grad_args)           # saved1 again
+    checked.forward(compiled_backend, spec, **dev(a2))   # same shapes, other values
+    checked.backward(saved1, *grad_args)                # saved1 again
     assert np.array_equal(to_numpy(out1), first[0]) and np.array_equal(to_numpy(h1), first[1])
-    again = mod.backward(spec, saved1, *grad_args)
+    again = checked.backward(saved1, *grad_args)
     for old, new in zip(back1_copy, [*again[:2], *again[3].values()]):
         np.testing.assert_array_equal(to_numpy(new), old)
     g = back1[3]
@@ -251,3 +248,37 @@ def test_nojit_subset_passes_without_jit():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The checked seam: direct callers get an error naming the argument, never an out-of-bounds kernel
+@pytest.mark.parametrize("name, bad, error", [
+    ("h0", lambda a: a[:, :-1], ValueError),                 # wrong shape
+    ("w_hh", lambda a: a.astype(np.float64), TypeError),     # wrong dtype
+    ("x", lambda a: np.asfortranarray(a), ValueError),       # not C-contiguous
+    ("c0", lambda a: a[:1], ValueError),
+    ("lengths", lambda a: a.astype(np.int32), TypeError),
+    ("lengths", lambda a: a + 10, ValueError),               # outside [0, T]
+    ("b_ih", lambda a: list(a), TypeError),                  # not an array
+])
+def test_checked_seam_rejects_bad_arrays_with_the_argument_name(compiled_backend, name, bad,
+                                                                error):
+    if compiled_backend == "cuda":
+        pytest.skip("host arrays checked here")
+    spec = CellSpec("lstm")
+    args, _ = _inputs(spec, np.float32, 3, 4, 2, 5, [4, 2, 0])
+    args[name] = bad(args[name])
+    with pytest.raises(error, match=name):
+        checked.forward(compiled_backend, spec, **args)
+
+
+def test_checked_backward_rejects_a_wrong_gradient_shape(compiled_backend):
+    if compiled_backend == "cuda":
+        pytest.skip("host arrays checked here")
+    spec = CellSpec("gru")
+    args, grads = _inputs(spec, np.float32, 3, 4, 2, 5, None)
+    saved = checked.forward(compiled_backend, spec, **args)[3]
+    with pytest.raises(ValueError, match="d_outputs"):
+        checked.backward(saved, grads["d_outputs"][:, :-1], grads["d_h_n"])
+    with pytest.raises(ValueError, match="d_c_n is for the LSTM only"):
+        checked.backward(saved, None, None, grads["d_h_n"])

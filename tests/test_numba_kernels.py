@@ -49,27 +49,6 @@ def test_float32_activations_are_accurate_everywhere():
     assert np.all(np.abs(t) <= 1) and np.all((s >= 0) & (s <= 1))
 
 
-@numba.njit
-def _exp_nonpos_all(x, out):
-    for i in range(x.shape[0]):
-        out[i] = numba_math.exp_nonpos(x[i])
-
-
-def test_fast_exp_of_shifted_logits_is_accurate():
-    """The fused softmax's exp (x <= 0): float32 within 1.5e-7 absolute, monotone, in [0, 1];
-    float64 libm."""
-    x = np.concatenate([-np.geomspace(1e-8, 120, 200_001), [0.0, -np.inf]])
-    out = np.empty(x.shape, np.float32)
-    _exp_nonpos_all(x.astype(np.float32), out)
-    ref = np.exp(x.astype(np.float32).astype(np.float64))
-    assert np.abs(out - ref).max() <= 1.5e-7
-    assert out[-2] == 1.0 and out[-1] == 0.0
-    assert np.all((out >= 0) & (out <= 1)) and np.all(np.diff(out[:-2]) <= 3e-7)  # decreasing, up to the error
-    out64 = np.empty(x.shape)
-    _exp_nonpos_all(x, out64)
-    np.testing.assert_allclose(out64, np.exp(x), rtol=1e-15, atol=0)  # libm vs NumPy: ulps
-
-
 def test_float32_activations_match_their_pure_python_version():
     x = np.linspace(-12, 12, 2001).astype(np.float32)
     t, s = _activations(x)
@@ -235,30 +214,6 @@ def test_batch_chunks_work_in_a_forked_child(split_small):
         pytest.fail("the forked child hung in a batch-parallel run")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == pytest.approx(expected, rel=1e-12)
-
-
-@pytest.mark.parametrize("name, bad, error", [
-    ("h0", lambda a: a[:, :-1], ValueError),                 # wrong shape
-    ("w_hh", lambda a: a.astype(np.float64), TypeError),     # wrong dtype
-    ("x", lambda a: np.asfortranarray(a), ValueError),       # not C-contiguous
-    ("c0", lambda a: a[:1], ValueError),
-    ("lengths", lambda a: a.astype(np.int32), TypeError),
-])
-def test_seam_rejects_bad_arrays_with_the_argument_name(name, bad, error):
-    """Direct callers of the seam get an error, never an out-of-bounds kernel."""
-    spec = CellSpec("lstm")
-    args, _ = _seam_case(spec, np.float32)
-    args[name] = bad(args[name])
-    with pytest.raises(error, match=name):
-        numba_cpu.forward(spec, **args)
-
-
-def test_backward_rejects_a_wrong_gradient_shape():
-    spec = CellSpec("gru")
-    args, (d_out, d_h, _) = _seam_case(spec, np.float32)
-    saved = numba_cpu.forward(spec, **args)[3]
-    with pytest.raises(ValueError, match="d_outputs"):
-        numba_cpu.backward(spec, saved, d_out[:, :-1], d_h)
 
 
 def test_without_numba_the_backend_says_why_and_auto_moves_on():

@@ -268,21 +268,27 @@ def test_concatenated_update_is_bitwise_identical_to_per_array(make, dtype):
             np.testing.assert_array_equal(o1.state[k][s], o2.state[k][s])
 
 
-@pytest.mark.parametrize("flat_max", [0, 1 << 16])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kw", [dict(), dict(eps=1e-3, eps_mode="torch"), dict(weight_decay=0.1)])
-def test_compiled_adam_is_bitwise_identical_to_numpy(kw, dtype, flat_max):
-    pytest.importorskip("numba")
+def test_adam_over_one_flat_array_is_bitwise_the_per_name_update(kw, dtype):
+    """The concatenated update (FLAT_MAX_ELEMENTS) and step_flat give the per-name bits."""
     p1, seq = make_problem(7)
     p1 = {k: v.astype(dtype) for k, v in p1.items()}
     p2 = {k: v.copy() for k, v in p1.items()}
-    o1, o2 = rk.Adam(0.01, **kw), rk.Adam(0.01, jit=False, **kw)
-    o1.FLAT_MAX_ELEMENTS = o2.FLAT_MAX_ELEMENTS = flat_max
+    layout = tuple((k, v.shape) for k, v in p1.items())
+    p3 = np.concatenate([v.reshape(-1) for v in p1.values()])
+    o1, o2, o3 = rk.Adam(0.01, **kw), rk.Adam(0.01, **kw), rk.Adam(0.01, **kw)
+    o1.FLAT_MAX_ELEMENTS, o2.FLAT_MAX_ELEMENTS = 0, 1 << 16
     for g in seq:
         o1.step(p1, {k: v.astype(dtype) for k, v in g.items()})
         o2.step(p2, {k: v.astype(dtype) for k, v in g.items()})
-    assert o1._kernels is not None and o2._kernels is None
+        o3.step_flat(p3, np.concatenate([g[k].astype(dtype).reshape(-1) for k in p1]), layout)
+    assert o1._flat is None and o2._flat is not None and o3._flat is not None
+    lo = 0
     for k in p1:
         np.testing.assert_array_equal(p1[k], p2[k])
+        np.testing.assert_array_equal(p1[k].reshape(-1), p3[lo:lo + p1[k].size])
+        lo += p1[k].size
         for s in ("m", "v"):
             np.testing.assert_array_equal(o1.state[k][s], o2.state[k][s])
+            np.testing.assert_array_equal(o1.state[k][s], o3.state[k][s])

@@ -37,10 +37,10 @@ def test_fit_equals_hand_written_loop():
     batches = [(rng.integers(0, 5, (3, 4)), rng.integers(0, 5, (3, 4))) for _ in range(3)]
     m1, m2, m3 = char_model(), char_model(), char_model()
     o1, o2, o3 = (rk.Adam(0.05, clip_norm=1.0) for _ in range(3))
-    # fused=False: the very same operations as the loop below, so bitwise equal; the default
-    # (fused) step computes the same function with other rounding
-    for m, o, fused in ((m1, o1, False), (m3, o3, None)):
-        rk.Trainer(m, rk.sequence_loss, o, progress=False, fused=fused,
+    # generic=True: the very same operations as the loop below, so bitwise equal; the default
+    # (a step plan) computes the same function, with other rounding on the C++ backend
+    for m, o, generic in ((m1, o1, True), (m3, o3, False)):
+        rk.Trainer(m, rk.sequence_loss, o, progress=False, generic=generic,
                    lr_schedule=rk.ExponentialDecay(0.05, 0.5)).fit(batches, epochs=3)
     for epoch in range(3):
         o2.lr = 0.05 * 0.5 ** epoch
@@ -115,7 +115,7 @@ def test_stateful_carries_state_within_epoch_and_resets():
     stream = rk.StreamBatches(rng.integers(0, 5, 200), batch_size=3, seq_length=6)
     m1, m2, m3 = char_model(), char_model(), char_model()
     rk.Trainer(m1, rk.sequence_loss, rk.SGD(0.1), stateful=True, progress=False,
-               fused=False).fit(stream, 2)   # bitwise the loop below (fused: test_train_step)
+               generic=True).fit(stream, 2)   # bitwise the loop below (plans: test_train_step)
     o2 = rk.SGD(0.1)
     for _ in range(2):
         state = None

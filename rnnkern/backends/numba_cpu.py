@@ -8,6 +8,8 @@ dtype (``cache=True``: later processes load it from ``__pycache__``).
 Large saved activations and backward scratch come from a pool, and big enough runs are cut
 into batch chunks on threads (weight gradients of the chunks are summed): both in
 :mod:`rnnkern.backends.numba_runtime`. Results handed to the caller are always fresh arrays.
+Input arrives validated (:mod:`rnnkern.backends`): the kernels do not bounds-check, so direct
+callers go through :mod:`rnnkern.backends.checked`.
 
 Shape legend: B batch, T time steps, I input size, H hidden size, G gates.
 """
@@ -21,10 +23,7 @@ from .. import config
 from .numba_runtime import (POOL, clear_workspaces, launch, one_blas_thread, plan_chunks,
                             run_chunks, saved_record)
 
-# the seam, and the pieces rnnkern.train_step's fused step runs the kernels with
-__all__ = ["available", "forward", "backward", "clear_workspaces", "saved_shapes",
-           "scratch_shapes", "combine_bias", "forward_call", "backward_call", "run_backward",
-           "launch", "plan_chunks", "one_blas_thread", "run_chunks"]
+__all__ = ["available", "forward", "backward", "clear_workspaces"]
 
 name = "numba"
 
@@ -51,7 +50,6 @@ def _kernels(kind):
 # ------------------------------------------------------------------------------ the seam
 
 _FULL = {}
-_INT64 = np.dtype(np.int64)
 
 
 def _full_lengths(B, T):
@@ -65,20 +63,6 @@ def _full_lengths(B, T):
         lens = np.full(B, T, np.int64)
         _FULL[key] = lens
     return lens
-
-
-def _check(dtype, *arrays):
-    """Each ``(name, array, shape)``: a C-contiguous NumPy array of ``dtype`` and that shape.
-    The layer API validates already; this guards direct callers of the seam, since a wrong
-    shape would make the compiled kernels read or write out of bounds."""
-    for name, a, shape in arrays:
-        if type(a) is not np.ndarray or a.dtype != dtype:
-            raise TypeError(f"{name} must be a NumPy array of dtype {dtype}, got "
-                            f"{type(a).__name__} {getattr(a, 'dtype', '')}")
-        if a.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous")
 
 
 def saved_shapes(spec, B, T, H):
@@ -112,49 +96,37 @@ def combine_bias(spec, b_ih, b_hh, out):
     return out
 
 
-def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved, bias=None,
-                 projected=False):
-    """The kernel and its ``[(arg, batch_major)]`` list for one layer's forward.
-
-    ``saved``: arrays of :func:`saved_shapes`; every array is allocated and checked by the
-    caller (the seam below, or a fused training step that keeps them between calls).
-    ``bias``: None, or a [G*H] array the caller refreshes with :func:`combine_bias` before each
-    call of a kept argument list; None combines into a new array now.
-    ``projected``: ``x`` [B,T,G*H] is already ``x W_ih^T`` (the kernels skip that GEMM; a fused
-    training step gathers it from a [V,G*H] table for one-hot or embedded ids).
-    """
+def forward_call(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, out, h, c, saved):
+    """The kernel and its ``[(arg, batch_major)]`` list for one layer's forward over arrays the
+    caller allocated (``saved``: those of :func:`saved_shapes`)."""
     K = _kernels(spec.kind)
     acts, h_prev = saved["acts"], saved["h_prev"]
-    if bias is None:
-        bias = combine_bias(spec, b_ih, b_hh, np.empty_like(b_ih))
+    bias = combine_bias(spec, b_ih, b_hh, np.empty_like(b_ih))
     if spec.kind == "lstm":
         return K.lstm_forward, [
             (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (x.dtype.type(spec.forget_bias), 0),
             (h0, 1), (c0, 1), (lens, 1), (out, 1), (h, 1), (c, 1), (acts, 1),
-            (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1), (projected, 0)]
+            (saved["c_prev"], 1), (saved["tanh_c"], 1), (h_prev, 1)]
     if spec.kind == "gru" and spec.reset_after:
         H = w_hh.shape[1]
         return K.gru_after_forward, [
             (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (b_hh[2 * H:], 0), (h0, 1), (lens, 1),
-            (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1), (projected, 0)]
+            (out, 1), (h, 1), (acts, 1), (saved["gh_n"], 1), (h_prev, 1)]
     if spec.kind == "gru":
         return K.gru_before_forward, [
             (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (h0, 1), (lens, 1), (out, 1),
-            (h, 1), (acts, 1), (saved["rh"], 1), (h_prev, 1), (projected, 0)]
+            (h, 1), (acts, 1), (saved["rh"], 1), (h_prev, 1)]
     return K.rnn_forward, [
         (x, 1), (w_ih, 0), (w_hh, 0), (bias, 0), (spec.nonlinearity == "relu", 0),
-        (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1), (projected, 0)]
+        (h0, 1), (lens, 1), (out, 1), (h, 1), (acts, 1), (h_prev, 1)]
 
 
-def backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc,
-                  projected=False):
+def backward_call(spec, x, w_ih, w_hh, lens, saved, d_out, has_d_out, dx, dh, dc):
     """The kernel and its ``[(arg, batch_major)]`` list for one layer's backward, without the
-    trailing weight-gradient and scratch arrays (the caller appends those). ``projected``: as
-    in :func:`forward_call`; then ``dx`` [B,T,G*H] receives the gradient of ``x W_ih^T`` and
-    the kernel leaves ``dw_ih`` to the caller."""
+    trailing weight-gradient and scratch arrays (:func:`run_backward` appends those)."""
     K = _kernels(spec.kind)
     head = [(x, 1), (w_ih, 0), (w_hh, 0)]
-    tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (projected, 0), (dx, 1), (dh, 1)]
+    tail = [(lens, 1), (d_out, 1), (has_d_out, 0), (dx, 1), (dh, 1)]
     acts, h_prev = saved["acts"], saved["h_prev"]
     if spec.kind == "lstm":
         return K.lstm_backward, head + [(acts, 1), (saved["c_prev"], 1), (saved["tanh_c"], 1),
@@ -177,8 +149,7 @@ def run_backward(kernel, args, chunks, grads, scratch):
     if len(chunks) == 1:
         kernel(*values, *grads, *scratch)
         return
-    # zeros, not empty: a projected kernel leaves dw_ih unwritten (and its caller overwrites it)
-    sets = [grads] + [tuple(np.zeros_like(g) for g in grads) for _ in chunks[1:]]
+    sets = [grads] + [tuple(np.empty_like(g) for g in grads) for _ in chunks[1:]]
 
     def call(lo, hi):
         k = chunks.index((lo, hi))
@@ -192,17 +163,9 @@ def run_backward(kernel, args, chunks, grads, scratch):
 
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     """See :mod:`rnnkern.backends`: outputs [B,T,H], h_n [B,H], c_n [B,H] | None, saved."""
-    if type(x) is not np.ndarray or x.ndim != 3 or x.dtype not in (np.float32, np.float64):
-        raise TypeError("x must be a float32 or float64 NumPy array [B,T,I]")
     B, T, I = x.shape
     H = w_hh.shape[-1]
     GH = spec.gates * H
-    _check(x.dtype, ("w_ih", w_ih, (GH, I)), ("w_hh", w_hh, (GH, H)), ("b_ih", b_ih, (GH,)),
-           ("b_hh", b_hh, (GH,)), ("h0", h0, (B, H)), ("x", x, (B, T, I)))
-    if spec.has_cell_state:
-        _check(x.dtype, ("c0", c0, (B, H)))
-    if lengths is not None:
-        _check(_INT64, ("lengths", lengths, (B,)))
     dt = x.dtype
     lens = _full_lengths(B, T) if lengths is None else lengths
     out = np.empty((B, T, H), dt)
@@ -229,9 +192,6 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     B, T, I = x.shape
     H = w_hh.shape[1]
     dt = x.dtype
-    _check(dt, *((k, v, shape) for k, v, shape in (
-        ("d_outputs", d_outputs, (B, T, H)), ("d_h_n", d_h_n, (B, H)), ("d_c_n", d_c_n, (B, H)))
-        if v is not None))
     has_d_out = d_outputs is not None
     d_out = d_outputs if has_d_out else np.empty((B, 1, 1), dt)  # never read
     dh = np.zeros((B, H), dt) if d_h_n is None else np.array(d_h_n, dtype=dt, order="C")

@@ -59,22 +59,17 @@ def _after_back_row(a, gh_n, h_prev, dh, d_gx, d_gh, dh_z, H):
 
 
 @njit(**JIT)
-def gru_after_forward(x, w_ih, w_hh, bias, b_hn, h0, lengths, out, h, acts, gh_n, h_prev,
-                      projected):
+def gru_after_forward(x, w_ih, w_hh, bias, b_hn, h0, lengths, out, h, acts, gh_n, h_prev):
     """Forward over all T steps, ``reset_after=True``.
 
     In:  x [B,T,I], w_ih [3H,I], w_hh [3H,H], bias [3H] (b_ih, plus b_hh for the r and z
          blocks), b_hn [H] (the n block of b_hh), h0 [B,H], lengths int64 [B].
-         ``projected``: x is already x W_ih^T [B,T,3H] (no bias; w_ih unused).
     Out: out [B,T,H]; h [B,H] final state; saved: acts [B,T,3H] gate activations (r,z,n),
          gh_n [B,T,H] = h W_hn^T + b_hn, h_prev [B,T,H] the hidden state entering step t.
     """
     B, T, I = x.shape
     H = h.shape[1]
-    if projected:
-        copy_into(acts.reshape(acts.size), x.reshape(x.size))
-    else:
-        np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
+    np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
     copy_into(h.reshape(h.size), h0.reshape(h0.size))
     gh = np.empty((B, 3 * H), x.dtype)
     for t in range(T):
@@ -89,15 +84,13 @@ def gru_after_forward(x, w_ih, w_hh, bias, b_hn, h0, lengths, out, h, acts, gh_n
 
 @njit(**JIT)
 def gru_after_backward(x, w_ih, w_hh, acts, gh_n, h_prev, lengths, d_out, has_d_out,
-                       projected, dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_gx, d_gh):
+                       dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_gx, d_gh):
     """BPTT over all T steps, ``reset_after=True``, from what :func:`gru_after_forward` saved.
 
     In:  d_out [B,T,H] (read only if has_d_out); dh [B,H] holds d h_n on entry.
     Out: dx [B,T,I]; dh [B,H] holds d h0 on exit; dw_ih [3H,I], dw_hh [3H,H], db_ih, db_hh [3H].
          Scratch: d_gx, d_gh [B,T,3H] gradients of the input- and hidden-side pre-activations
-         (they differ in the n block by the factor r). ``projected`` (see
-         :func:`gru_after_forward`): dx [B,T,3H] receives the gradient of x W_ih^T; dw_ih is
-         not written.
+         (they differ in the n block by the factor r).
     """
     B, T, I = x.shape
     H = dh.shape[1]
@@ -121,7 +114,7 @@ def gru_after_backward(x, w_ih, w_hh, acts, gh_n, h_prev, lengths, d_out, has_d_
             if t < lengths[b]:
                 copy_into(dh[b], dh_rec[b])
                 add_into(dh[b], dh_z[b])
-    weight_grads(x, h_prev, d_gx, d_gh, False, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh, projected)
+    weight_grads(x, h_prev, d_gx, d_gh, False, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
 
 
 # ------------------------------------------------------------------------ reset_after=False
@@ -174,21 +167,18 @@ def _before_back_row_r(a, h_prev, d_rh, d_rz, direct, H):
 
 
 @njit(**JIT)
-def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_prev, projected):
+def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_prev):
     """Forward over all T steps, ``reset_after=False`` (TF1 ``GRUCell``).
 
     In:  x [B,T,I], w_ih [3H,I], w_hh [3H,H], bias [3H] (= b_ih + b_hh), h0 [B,H],
-         lengths int64 [B]. ``projected``: x is already x W_ih^T [B,T,3H] (no bias).
+         lengths int64 [B].
     Out: out [B,T,H]; h [B,H] final state; saved: acts [B,T,3H] gate activations (r,z,n),
          rh [B,T,H] = r * h_prev (what W_hn multiplied), h_prev [B,T,H].
     """
     B, T, I = x.shape
     H = h.shape[1]
     w_rz, w_n = w_hh[:2 * H], w_hh[2 * H:]
-    if projected:
-        copy_into(acts.reshape(acts.size), x.reshape(x.size))
-    else:
-        np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
+    np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, 3 * H))
     copy_into(h.reshape(h.size), h0.reshape(h0.size))
     g_rz = np.empty((B, 2 * H), x.dtype)
     rh_t = np.empty((B, H), x.dtype)
@@ -212,15 +202,13 @@ def gru_before_forward(x, w_ih, w_hh, bias, h0, lengths, out, h, acts, rh, h_pre
 
 @njit(**JIT)
 def gru_before_backward(x, w_ih, w_hh, acts, rh, h_prev, lengths, d_out, has_d_out,
-                        projected, dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_rz, d_n):
+                        dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_rz, d_n):
     """BPTT over all T steps, ``reset_after=False``, from what :func:`gru_before_forward` saved.
 
     In:  d_out [B,T,H] (read only if has_d_out); dh [B,H] holds d h_n on entry.
     Out: dx [B,T,I]; dh [B,H] holds d h0 on exit; dw_ih [3H,I], dw_hh [3H,H], db_ih, db_hh [3H].
          Scratch: d_rz [B,T,2H], d_n [B,T,H] pre-activation gradients of the r,z and n blocks
          (separate arrays because W_hn's input, r h, differs from the other blocks' input, h).
-         ``projected`` (see :func:`gru_before_forward`): dx [B,T,3H] receives the gradient of
-         x W_ih^T; dw_ih is not written.
     """
     B, T, I = x.shape
     H = dh.shape[1]
@@ -256,15 +244,10 @@ def gru_before_backward(x, w_ih, w_hh, acts, rh, h_prev, lengths, d_out, has_d_o
     BT = B * T
     X, D_rz, D_n = x.reshape(BT, I), d_rz.reshape(BT, 2 * H), d_n.reshape(BT, H)
     dX = dx.reshape(BT, I)
-    if projected:  # I = 3H: the gradient of x W_ih^T is [d_rz, d_n]
-        for r in range(BT):
-            copy_into(dX[r, :2 * H], D_rz[r])
-            copy_into(dX[r, 2 * H:], D_n[r])
-    else:
-        np.dot(D_rz, w_ih[:2 * H], dX)
-        add_into(dX.reshape(BT * I), np.dot(D_n, w_ih[2 * H:]).reshape(BT * I))
-        np.dot(D_rz.T, X, dw_ih[:2 * H])
-        np.dot(D_n.T, X, dw_ih[2 * H:])
+    np.dot(D_rz, w_ih[:2 * H], dX)
+    add_into(dX.reshape(BT * I), np.dot(D_n, w_ih[2 * H:]).reshape(BT * I))
+    np.dot(D_rz.T, X, dw_ih[:2 * H])
+    np.dot(D_n.T, X, dw_ih[2 * H:])
     np.dot(D_rz.T, h_prev.reshape(BT, H), dw_hh[:2 * H])
     np.dot(D_n.T, rh.reshape(BT, H), dw_hh[2 * H:])
     column_sums(D_rz, db_ih[:2 * H])

@@ -90,24 +90,6 @@ def _uninterleave_rows(p, w, H):
 
 
 @njit(**JIT)
-def _interleave_cols(a, out, H):
-    """out[r, 4j + k] = a[r, k*H + j] for [R,4H] arrays: gate columns into the private order."""
-    for r in range(a.shape[0]):
-        for k in range(4):
-            for j in range(H):
-                out[r, 4 * j + k] = a[r, k * H + j]
-
-
-@njit(**JIT)
-def _uninterleave_cols(a, out, H):
-    """out[r, k*H + j] = a[r, 4j + k]: the inverse of :func:`_interleave_cols`."""
-    for r in range(a.shape[0]):
-        for k in range(4):
-            for j in range(H):
-                out[r, k * H + j] = a[r, 4 * j + k]
-
-
-@njit(**JIT)
 def _time_major(a, out):
     """out [T,B,N] <- a [B,T,N] (both contiguous)."""
     B, T = a.shape[0], a.shape[1]
@@ -127,12 +109,11 @@ def _run_end(lengths, t, b, B):
 
 @njit(**JIT)
 def lstm_forward(x, w_ih, w_hh, bias, forget_bias, h0, c0, lengths,
-                 out, h, c, acts, c_prev, tanh_c, h_prev, projected):
+                 out, h, c, acts, c_prev, tanh_c, h_prev):
     """Forward over all T steps.
 
     In:  x [B,T,I], w_ih [4H,I], w_hh [4H,H], bias [4H] (= b_ih + b_hh), forget_bias (x's dtype),
-         h0, c0 [B,H], lengths int64 [B]. ``projected``: x is already x W_ih^T [B,T,4H]
-         (gate order i,f,g,o, no bias; w_ih unused), e.g. rows of a table for one-hot input.
+         h0, c0 [B,H], lengths int64 [B].
     Out: out [B,T,H]; h, c [B,H] final state; saved for the backward, in the module's private
          layout (time-major, gates interleaved): acts [B,T,4H] gate activations, c_prev [B,T,H]
          cell state entering each step, tanh_c [B,T,H] tanh of the cell state leaving it,
@@ -154,10 +135,7 @@ def lstm_forward(x, w_ih, w_hh, bias, forget_bias, h0, c0, lengths,
     _time_major(x, xt)
     # x W_ih^T + biases for all T*B rows at once, written straight into acts
     A2 = acts.reshape(T * B, 4 * H)
-    if projected:
-        _interleave_cols(xt.reshape(T * B, I), A2, H)
-    else:
-        np.dot(xt.reshape(T * B, I), wi.T, A2)
+    np.dot(xt.reshape(T * B, I), wi.T, A2)
     for r in range(T * B):
         add_into(A2[r], bi)
     hf = h.reshape(N)
@@ -192,15 +170,13 @@ def lstm_forward(x, w_ih, w_hh, bias, forget_bias, h0, c0, lengths,
 
 @njit(**JIT)
 def lstm_backward(x, w_ih, w_hh, acts, c_prev, tanh_c, h_prev, lengths, d_out, has_d_out,
-                  projected, dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, d_gates):
+                  dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, d_gates):
     """BPTT over all T steps, from the arrays :func:`lstm_forward` saved (same batch chunk).
 
     In:  d_out [B,T,H] (read only if has_d_out); dh, dc [B,H] hold d h_n, d c_n on entry.
     Out: dx [B,T,I]; dh, dc [B,H] hold d h0, d c0 on exit; dw_ih [4H,I], dw_hh [4H,H],
          db_ih, db_hh [4H] (equal for an LSTM); d_gates [B,T,4H] is scratch (pre-activation
          gradients, private layout, kept for the weight GEMMs after the loop).
-         ``projected`` (x was x W_ih^T, see :func:`lstm_forward`): dx [B,T,4H] receives the
-         gradient of that projection, gate order i,f,g,o, and dw_ih is not written.
     """
     B, T, I = x.shape
     H = dh.shape[1]
@@ -256,13 +232,8 @@ def lstm_backward(x, w_ih, w_hh, acts, c_prev, tanh_c, h_prev, lengths, d_out, h
     dbi = np.empty_like(db_ih)
     weight_grads(xt, h_prev.reshape(T, B, H), d_gates.reshape(T, B, G),
                  d_gates.reshape(T, B, G), True, _interleave_rows(w_ih, H), dxt, dwi, dwh, dbi,
-                 db_hh, projected)
-    if projected:  # dxt holds the gate gradients in the private column order
-        canonical = np.empty((T * B, G), x.dtype)
-        _uninterleave_cols(dxt.reshape(T * B, G), canonical, H)
-        dxt = canonical.reshape(T, B, G)
-    else:
-        _uninterleave_rows(dwi, dw_ih, H)
+                 db_hh)
+    _uninterleave_rows(dwi, dw_ih, H)
     for b in range(B):
         for t in range(T):
             copy_into(dx[b, t], dxt[t, b])

@@ -52,18 +52,6 @@ def _sigmoid_f32(x):
     return np.float32(0.5) * tanh(np.float32(0.5) * x) + np.float32(0.5)
 
 
-def _exp_nonpos_f32(x):
-    # exp(x) = (1 + tanh(x/2)) / (1 - tanh(x/2)): the vectorisable tanh again (scalar libm expf
-    # keeps a softmax loop scalar: 0.39 -> 0.10 ms for 1700 rows of 25). For x <= 0 the absolute
-    # error is <= 1.5e-7 (relative 1e-4 at exp(x) = 1e-3); below x = -18 it returns 0.
-    t = tanh(np.float32(0.5) * x)
-    return (np.float32(1.0) + t) / (np.float32(1.0) - t)
-
-
-def _exp_nonpos_f64(x):
-    return np.exp(x)
-
-
 def _tanh_f64(x):
     return np.tanh(x)
 
@@ -82,12 +70,6 @@ def sigmoid(x):
     return _sigmoid_f32(x) if isinstance(x, np.float32) else _sigmoid_f64(x)
 
 
-def exp_nonpos(x):
-    """exp(x) for a float32 or float64 scalar x <= 0, e.g. a softmax's shifted logits (fast form
-    for float32, absolute error <= 1.5e-7; libm for float64)."""
-    return _exp_nonpos_f32(x) if isinstance(x, np.float32) else _exp_nonpos_f64(x)
-
-
 def _pick(f32, f64):
     def typer(x):
         if x == types.float32:
@@ -100,29 +82,24 @@ def _pick(f32, f64):
 
 overload(tanh)(_pick(_tanh_f32, _tanh_f64))
 overload(sigmoid)(_pick(_sigmoid_f32, _sigmoid_f64))
-overload(exp_nonpos)(_pick(_exp_nonpos_f32, _exp_nonpos_f64))
 
 
 @njit(**JIT)
-def weight_grads(x, h_prev, d_gx, d_gh, same, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh, projected):
+def weight_grads(x, h_prev, d_gx, d_gh, same, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh):
     """After a backward loop, as single GEMMs over all B*T rows.
 
     In:  x [B,T,I], h_prev [B,T,H] (what W_hh multiplied at each step), d_gx [B,T,G*H] and
          d_gh [B,T,G*H] gradients of the input- and hidden-side pre-activations; ``same``: they
          are one array (RNN, LSTM), so the bias gradients are summed once.
     Out: dx = d_gx W_ih [B,T,I], dw_ih = d_gx^T x, dw_hh = d_gh^T h_prev, db_ih = sum d_gx,
-         db_hh = sum d_gh. ``projected`` (x was already x W_ih^T, I = G*H): dx = d_gx and
-         dw_ih is left to the caller.
+         db_hh = sum d_gh.
     """
     B, T, I = x.shape
     GH = d_gx.shape[2]
     Dx = d_gx.reshape(B * T, GH)
     Dh = d_gh.reshape(B * T, GH)
-    if projected:
-        copy_into(dx.reshape(B * T * GH), d_gx.reshape(B * T * GH))
-    else:
-        np.dot(Dx, w_ih, dx.reshape(B * T, I))
-        np.dot(Dx.T, x.reshape(B * T, I), dw_ih)
+    np.dot(Dx, w_ih, dx.reshape(B * T, I))
+    np.dot(Dx.T, x.reshape(B * T, I), dw_ih)
     np.dot(Dh.T, h_prev.reshape(B * T, h_prev.shape[2]), dw_hh)
     column_sums(Dx, db_ih)
     if same:

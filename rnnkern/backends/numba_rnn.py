@@ -42,21 +42,17 @@ def _back_row(a, relu, dh, d, H):
 
 
 @njit(**JIT)
-def rnn_forward(x, w_ih, w_hh, bias, relu, h0, lengths, out, h, acts, h_prev, projected):
+def rnn_forward(x, w_ih, w_hh, bias, relu, h0, lengths, out, h, acts, h_prev):
     """Forward over all T steps.
 
     In:  x [B,T,I], w_ih [H,I], w_hh [H,H], bias [H] (= b_ih + b_hh), relu (bool: relu, else
-         tanh), h0 [B,H], lengths int64 [B]. ``projected``: x is already x W_ih^T [B,T,H] (no
-         bias; w_ih unused).
+         tanh), h0 [B,H], lengths int64 [B].
     Out: out [B,T,H]; h [B,H] final state; saved: acts [B,T,H] the new hidden state of step t,
          h_prev [B,T,H] the hidden state entering step t.
     """
     B, T, I = x.shape
     H = h.shape[1]
-    if projected:
-        copy_into(acts.reshape(acts.size), x.reshape(x.size))
-    else:
-        np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, H))
+    np.dot(x.reshape(B * T, I), w_ih.T, acts.reshape(B * T, H))
     copy_into(h.reshape(h.size), h0.reshape(h0.size))
     gh = np.empty((B, H), x.dtype)
     for t in range(T):
@@ -71,13 +67,12 @@ def rnn_forward(x, w_ih, w_hh, bias, relu, h0, lengths, out, h, acts, h_prev, pr
 
 @njit(**JIT)
 def rnn_backward(x, w_ih, w_hh, relu, acts, h_prev, lengths, d_out, has_d_out,
-                 projected, dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_pre):
+                 dx, dh, dw_ih, dw_hh, db_ih, db_hh, d_pre):
     """BPTT over all T steps, from the arrays :func:`rnn_forward` saved.
 
     In:  d_out [B,T,H] (read only if has_d_out); dh [B,H] holds d h_n on entry.
     Out: dx [B,T,I]; dh [B,H] holds d h0 on exit; dw_ih [H,I], dw_hh [H,H], db_ih, db_hh [H];
-         d_pre [B,T,H] is scratch (pre-activation gradients). ``projected`` (see
-         :func:`rnn_forward`): dx [B,T,H] receives the gradient of x W_ih^T; dw_ih not written.
+         d_pre [B,T,H] is scratch (pre-activation gradients).
     """
     B, T, I = x.shape
     H = dh.shape[1]
@@ -97,4 +92,4 @@ def rnn_backward(x, w_ih, w_hh, relu, acts, h_prev, lengths, d_out, has_d_out,
         for b in range(B):
             if t < lengths[b]:
                 copy_into(dh[b], dh_rec[b])
-    weight_grads(x, h_prev, d_pre, d_pre, True, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh, projected)
+    weight_grads(x, h_prev, d_pre, d_pre, True, w_ih, dx, dw_ih, dw_hh, db_ih, db_hh)
