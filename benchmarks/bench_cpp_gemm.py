@@ -4,10 +4,11 @@
 
 Times (best of ``reps``, float32, inside ``_C`` so no Python overhead) the products one layer
 runs at the benchmark sizes of bench_cpu.py: the per-step recurrent GEMMs and the hoisted
-input / weight-gradient GEMMs. The loop/BLAS threshold in csrc/cpu/gemm.cpp (M*N*K >= 2^23 goes
-to BLAS) comes from this table plus whole-layer timings: in a real time loop BLAS's worker
-threads are cold between steps and on a busy 2-core machine their hand-off costs more than the
-tight repeat here shows. Shape legend: B batch, T time, I input, H hidden, G gates.
+input / weight-gradient GEMMs. The loop/BLAS threshold, ``rnnkern.config.CPP_BLAS_MIN_FLOPS``
+(default in csrc/cpu/gemm.cpp: M*N*K >= 2^23 goes to BLAS), comes from this table plus
+whole-layer timings: in a real time loop BLAS's worker threads are cold between steps and on a
+busy 2-core machine their hand-off costs more than the tight repeat here shows. Shape legend:
+B batch, T time, I input, H hidden, G gates.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rnnkern import config  # noqa: E402
 from rnnkern.backends import cpp  # noqa: E402
 
 SIZES = {"lab": (1, 6, 5, 5), "lab-batch": (170, 10, 25, 25), "char-rnn": (50, 50, 65, 128),
@@ -37,8 +39,9 @@ def main():
     if not ok:
         sys.exit(f"cpp backend unavailable: {why}")
     C = cpp._C
+    threshold = config.CPP_BLAS_MIN_FLOPS
     print(f"# GEMM loop build: {C.gemm_loop_isa()}; BLAS registered: {C.have_blas()}; "
-          f"threshold M*N*K >= {C.blas_min_flops()}")
+          f"threshold M*N*K >= {threshold} (rnnkern.config.CPP_BLAS_MIN_FLOPS)")
     print("| size | product | M x N x K | loop us | loop GFLOP/s | BLAS us | BLAS GFLOP/s | used |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (B, T, I, H) in SIZES.items():
@@ -46,7 +49,7 @@ def main():
             reps = args.reps if M * N * K < 10**7 else max(5, args.reps // 20)
             loop = C._bench_gemm(M, N, K, ta, False, reps)
             blas = C._bench_gemm(M, N, K, ta, True, reps) if C.have_blas() else float("nan")
-            used = "BLAS" if C.have_blas() and M * N * K >= C.blas_min_flops() else "loop"
+            used = "BLAS" if C.have_blas() and M * N * K >= threshold else "loop"
             gf = 2 * M * N * K / 1e9
             print(f"| {name} | {label} | {M}x{N}x{K} | {loop * 1e6:.1f} | {gf / loop:.1f} | "
                   f"{blas * 1e6:.1f} | {gf / blas:.1f} | {used} |")

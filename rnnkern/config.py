@@ -80,8 +80,6 @@ _CPP = {
     "CPP_SPLIT_MIN_WORK": ("split_min_work", "set_split_min_work",
                            "recurrent multiply-adds B*T*G*H*H below which a time loop stays on "
                            "one thread"),
-    "CPP_HEAD_SPLIT_MIN": ("head_split_min", "set_head_split_min",
-                           "N*C*F from which the dense head's rows are split over threads"),
     "CPP_LSTM_RING_ROWS": ("lstm_ring_rows", "set_lstm_ring_rows",
                            "LSTM backward: gate-gradient rows gathered per dx and weight-gradient "
                            "GEMM"),
@@ -100,27 +98,32 @@ def _extension():
     return cpp._C
 
 
+def _cpp_property(name):
+    getter, setter, doc = _CPP[name]
+
+    def get(module):
+        ext = _extension()
+        return None if ext is None else getattr(ext, getter)()
+
+    def set_(module, value):
+        ext = _extension()
+        if ext is None:
+            from .backends import cpp
+            raise RuntimeError(f"cannot set {name}: {cpp.available()[1]}")
+        getattr(ext, setter)(value)
+
+    return property(get, set_, doc=doc)
+
+
 class _ConfigModule(types.ModuleType):
-    """This module, with the ``CPP_*`` names forwarded to the extension."""
-
-    def __getattr__(self, name):   # only reached for names not set as module globals
-        if name in _CPP:
-            ext = _extension()
-            return None if ext is None else getattr(ext, _CPP[name][0])()
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in _CPP:
-            ext = _extension()
-            if ext is None:
-                from .backends import cpp
-                raise RuntimeError(f"cannot set {name}: {cpp.available()[1]}")
-            getattr(ext, _CPP[name][1])(value)
-            return
-        super().__setattr__(name, value)
+    """This module, with the ``CPP_*`` names as properties forwarded to the extension
+    (properties, so that ``monkeypatch.setattr`` restores them by assignment)."""
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(_CPP))
 
+
+for _name in _CPP:
+    setattr(_ConfigModule, _name, _cpp_property(_name))
 
 sys.modules[__name__].__class__ = _ConfigModule

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import backends
 from .step_plan import FlatParameters, build_plan, model_form, plan_backend
 
 __all__ = ["TrainStep"]
@@ -69,7 +70,7 @@ class TrainStep:
         self.generic_reason = None   # why the last call took the generic loop
         self._form = None            # (model layers, ModelForm | None, reason)
         self._flat = None            # FlatParameters of the form's model
-        self._plan_key = None
+        self._plan = self._plan_reason = self._plan_key = None
 
     def __call__(self, x, y, initial_state=None, lengths=None, weights=None,
                  return_state=False):
@@ -87,18 +88,32 @@ class TrainStep:
 
     # ------------------------------------------------------------------ the plan
     def _plan_for(self, x):
-        """(the plan for this call, None) or (None, why the generic loop runs)."""
+        """(the plan for this call, None) or (None, why the generic loop runs). The plan is
+        kept while the batch shape, the input's array type, the backend settings, the layers'
+        training flags and the parameter arrays stay as they were."""
         if self.generic:
             return None, "generic=True"
         layers = getattr(self.model, "layers", None)
         if self._form is None or self._form[0] != layers:
             form, reason = model_form(self.model, self.loss, self.optimizer)
             self._form = (list(layers) if layers is not None else None, form, reason)
-            self._flat = self._plan_key = None
-        form, reason = self._form[1:]
+            self._flat, self._plan_key = None, None
+        form = self._form[1]
         if form is None:
-            return None, reason
+            return None, self._form[2]
         shape = x.shape if type(x) is np.ndarray else np.shape(x)
+        hd = form.head_dropout
+        key = (shape[:2], type(x), backends.preset(),
+               tuple([(r.backend, r.training, r.dropout) for r in form.recurrent]),
+               None if hd is None else (hd.training, hd.p))
+        if key != self._plan_key:
+            self._plan, self._plan_reason = self._new_plan(form, x, shape)
+            self._plan_key = key
+        elif self._plan is not None and not self._flat.still_bound():
+            self._plan, self._plan_reason = self._new_plan(form, x, shape)
+        return self._plan, self._plan_reason
+
+    def _new_plan(self, form, x, shape):
         if len(shape) < 2:
             return None, "x is not a batch [B,T,...]"   # the model's forward raises the error
         if shape[0] * shape[1] == 0:
@@ -107,14 +122,8 @@ class TrainStep:
         if backend is None:
             return None, reason
         if self._flat is None or not self._flat.still_bound():
-            self._flat, self._plan_key = FlatParameters(self.model, form.dtype), None
-        hd = form.head_dropout
-        key = (shape[:2], backend.name, tuple((r.training, r.dropout) for r in form.recurrent),
-               None if hd is None else (hd.training, hd.p))
-        if key != self._plan_key:
-            self._plan = build_plan(form, self._flat, self.optimizer, backend, shape[:2])
-            self._plan_key = key
-        return self._plan, None
+            self._flat = FlatParameters(self.model, form.dtype)
+        return build_plan(form, self._flat, self.optimizer, backend, shape[:2]), None
 
     # ------------------------------------------------------------------ generic
     def _generic(self, x, y, initial_state, lengths, weights, return_state):

@@ -48,7 +48,8 @@ CELLS = {  # name -> (layer class, cell options)
     "rnn-relu": (rk.RNN, {"nonlinearity": "relu"}),
 }
 
-# input modes: (encoder, V) at the default batch B=3, T=4 (N = 12 ids)
+# input modes: (encoder, V) at the default batch B=3, T=4 (N = 12 ids), and how the plan
+# names its input stage
 INPUTS = {
     "onehot-table": ("onehot", 6),        # V <= N: W_ih read transposed by ids
     "onehot-rows": ("onehot", 13),        # V > N: one-hot rows gathered as floats
@@ -56,6 +57,21 @@ INPUTS = {
     "embedding-rows": ("embedding", 13),  # V > N: rows gathered, dE scattered
     "floats": ("floats", 5),              # x [B,T,5]
 }
+INPUT_WORDS = {
+    "onehot-table": "OneHot ids -> columns of W_ih [",
+    "onehot-rows": "OneHot ids -> table rows gathered (NumPy), floats into the call",
+    "embedding-table": "Embedding ids -> rows of E W_ih^T [",
+    "embedding-rows": "Embedding ids -> table rows gathered (NumPy), floats into the call; "
+                      "their gradient scattered into dE",
+    "floats": "floats [B,T,I], copied in",
+}
+
+
+def input_net(inp, B, T, **kw):
+    """A Net of input mode ``inp`` for batches [B,T] (V chosen on the mode's side of B*T)."""
+    enc, _ = INPUTS[inp]
+    V = min(6, B * T) if inp.endswith("table") else B * T + 1 if inp.endswith("rows") else 5
+    return Net(enc=enc, V=V, **kw)
 
 
 # ------------------------------------------------------------------------------ model pairs
@@ -146,6 +162,16 @@ def assert_cpp_plan(step):
     assert isinstance(step.plan, CppPlan) and step.plan.backend.name == "cpp", str(step.plan)
 
 
+def assert_input_mode(step, inp):
+    """The step ran a CppPlan whose input stage is mode ``inp``."""
+    assert_cpp_plan(step)
+    words = str(step.plan)
+    assert step.plan.stages["input"].startswith(INPUT_WORDS[inp]), words
+    if inp.endswith("table"):
+        assert "read inside the call" in step.plan.stages["input"], words
+    assert "one call for the whole stack" in words, words
+
+
 def default_optimizer(dtype):
     """Adam in float64; SGD in float32, whose update does not magnify rounding (Adam's
     m / sqrt(v) turns a gradient of rounding size into a step of lr)."""
@@ -216,9 +242,9 @@ def assert_same(got, want, dtype, bits=False):
 
 @pytest.fixture
 def tunable():
-    """tunable(name, value): a ``CPP_*`` setting of rnnkern.config for this test, restored after
-    (CPP_THREADS to 0, automatic). Not monkeypatch.setattr: the names are not in the module's
-    __dict__, so pytest >= 9 undoes them with delattr, which config does not support."""
+    """tunable(name, value): a ``CPP_*`` setting of rnnkern.config for this test, restored after;
+    CPP_THREADS to 0, automatic (reading it gives the count resolved from 0, which
+    monkeypatch.setattr would then pin)."""
     saved = {}
 
     def use(name, value):
@@ -251,24 +277,20 @@ def test_every_cell_and_input_matches_the_generic_loop(cell, inp, dtype):
     net = Net(enc=enc, V=V, stack=((cell, 2, 5),), dtype=dtype)
     got, want = both(net, scenario(net))
     assert_same(got, want, dtype)
-    plan = got.step.plan
-    assert plan.table_mode == (enc != "floats" and V <= 12)
-    assert (plan.x_in is None) == plan.table_mode
-    assert (plan.dx_in is not None) == (inp == "embedding-rows")
+    assert_input_mode(got.step, inp)
 
 
-def test_the_plan_names_its_input_mode():
-    words = {}
-    for inp, (enc, V) in INPUTS.items():
-        net = Net(enc=enc, V=V)
-        run = train(net, scenario(net)[:1])
-        words[inp] = str(run.step.plan)
-        assert "backend cpp" in words[inp] and "one call for the whole stack: LSTM(" in words[inp]
-    assert "columns of W_ih [20,6], read inside the call" in words["onehot-table"]
-    assert "OneHot ids -> table rows gathered" in words["onehot-rows"]
-    assert "rows of E W_ih^T [6,20]" in words["embedding-table"]
-    assert "scattered into dE" in words["embedding-rows"]
-    assert "floats [B,T,I], copied in" in words["floats"]
+def test_the_plan_names_its_stages():
+    net = Net(enc="embedding", V=6, stack=(("gru", 2, 5), ("lstm", 1, 7)), C=3)
+    run = train(net, scenario(net)[:1])
+    assert str(run.step.plan).splitlines() == [
+        "step plan for batches [B,T] = [3,4], float64, backend cpp:",
+        ("  input   Embedding ids -> rows of E W_ih^T [6,15] (NumPy GEMM), read inside the "
+         "call; its gradient -> dW_ih, dE (NumPy GEMMs)"),
+        "  stack   cpp, one call for the whole stack: GRU(3->5 x2), LSTM(5->7)",
+        "  head    Dense(7->3) + sequence_loss inside the call",
+        "  update  Adam.step_flat over the flat parameters (NumPy)"]
+    assert repr(run.step) == f"TrainStep({run.step.plan})"
 
 
 STACKS = [  # (input, ((cell, num_layers, H), ...)): 1-3 cells over 1-2 layer objects
@@ -289,6 +311,7 @@ def test_stacks_and_mixed_cells_match_the_generic_loop(inp, stack, dtype):
     net = Net(enc=enc, V=V, stack=stack, dtype=dtype)
     got, want = both(net, scenario(net))
     assert_same(got, want, dtype)
+    assert_input_mode(got.step, inp)
     kinds = str(got.step.plan).split("whole stack: ")[1].split("\n")[0]
     assert kinds.count("(") == len(stack)
 
@@ -308,12 +331,13 @@ SHAPES = [  # (name, B, T, H, C, bias)
 @pytest.mark.parametrize("name, B, T, H, C, bias", SHAPES, ids=[s[0] for s in SHAPES])
 def test_awkward_shapes_match_the_generic_loop(name, B, T, H, C, bias, cell, dtype):
     """T=1, B=1, H=1, H over one and two SIMD vectors (17, 33), C not a multiple of 16 (1, 7,
-    17), Dense without bias; the one-hot table mode where B*T allows it."""
-    net = Net(enc="onehot", V=min(6, B * T) if B * T > 1 else 1, C=C, bias=bias,
-              stack=((cell, 2, H),), dtype=dtype)
+    17), Dense without bias; the input modes in turn over the grid."""
+    inp = list(INPUTS)[(SHAPES.index((name, B, T, H, C, bias)) + list(CELLS).index(cell))
+                       % len(INPUTS)]
+    net = input_net(inp, B, T, C=C, bias=bias, stack=((cell, 2, H),), dtype=dtype)
     got, want = both(net, scenario(net, B=B, T=T))
     assert_same(got, want, dtype)
-    assert got.step.plan.table_mode
+    assert_input_mode(got.step, inp)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -331,14 +355,16 @@ def test_dropout_between_cells_and_before_the_head_matches_the_generic_loop(inp,
     calls = scenario(net) + scenario(net, seed=5)
     got, want = both(net, calls)
     assert_same(got, want, dtype)
-    plan = got.step.plan
-    assert plan.draws_masks and plan.head_mask is not None
-    assert sum(m is not None for m in plan.masks) == sum(L - 1 for _, L, _ in stack)
+    moved, untouched = got.model.get_rng_state(), net.build().get_rng_state()
+    draws = {str(i) for i, m in enumerate(got.model.layers)   # every dropout drew its masks
+             if type(m) is rk.Dropout or getattr(m, "num_layers", 1) > 1}
+    assert {k for k in moved if moved[k] != untouched[k]} == draws
     # eval mode: no masks (a new plan), still the generic loop's results
     for run in (got, want):
         run.model.eval()
         run.outs.append(run.step(*net.batch(3, 4, seed=9)))
-    assert not got.step.plan.draws_masks
+    assert_cpp_plan(got.step)
+    assert got.model.get_rng_state() == moved
     assert_same(got, want, dtype)
 
 
@@ -353,9 +379,42 @@ def test_position_weights_all_zero_and_lengths_all_zero():
     got, want = both(net, calls, opt=lambda: rk.SGD(0.1))
     assert_same(got, want, "float64")
     assert got.outs[0] == 0.0 and got.outs[2] == 0.0
-    assert not got.step.plan.flat.grads.any()
+    assert not any(g.any() for g in got.model.grads.values())
     h = got.outs[1][1][1]   # lengths 0: the initial (zero) state
     assert not h.any()
+
+
+def test_the_state_carried_from_step_to_step_matches_the_generic_loop():
+    """Truncated BPTT: each step starts from the state the previous one returned (each path
+    its own), for a mixed stack; a partial initial state (None for a layer: zeros)."""
+    net = Net(enc="onehot", V=6, stack=(("lstm", 1, 5), ("gru-rb", 2, 4)), dropout=0.2)
+    runs = []
+    for generic in (False, True):
+        run = train(net, [], generic=generic)
+        state = None
+        for seed in range(4):
+            x, y = net.batch(3, 4, seed)
+            loss, state = run.step(x, y, initial_state=state, return_state=True)
+            run.outs.append((loss, state))
+        partial = (None, None, state[2], None)
+        run.outs.append(run.step(x, y, initial_state=partial, return_state=True))
+        runs.append(run)
+    assert_same(*runs, "float64")
+
+
+def test_loosely_typed_batches_match_the_generic_loop():
+    """Targets as lists, int32 lengths, boolean weights, float32 or Fortran-ordered floats
+    into a float64 model: converted as the generic loop converts them."""
+    net = Net(enc="floats", V=5, stack=(("rnn-tanh", 2, 5),))
+    x, y = net.batch(3, 4)
+    w = np.random.default_rng(0).random((3, 4)) < 0.5
+    calls = [dict(x=x.astype(np.float32), y=y.tolist(), weights=w,
+                  lengths=np.array([4, 0, 2], np.int32)),
+             dict(x=np.asfortranarray(x), y=y.astype(np.uint8), weights=w.tolist(),
+                  lengths=[1, 2, 3]),
+             dict(x=x[:, ::-1], y=y, weights=w.astype(np.float32))]
+    got, want = both(net, calls)
+    assert_same(got, want, "float64")
 
 
 # ------------------------------------------------------------------------------ threads
@@ -372,6 +431,25 @@ def test_threads_and_ring_rows_match_the_generic_loop(threads, nthreads, ring_ro
         got, want = both(net, scenario(net, B=7, T=4) + scenario(net, B=7, T=4, seed=3))
         assert_same(got, want, dtype)
         assert len(got.step.plan.call.cut) == min(nthreads, 7) + 1
+
+
+@pytest.mark.parametrize("B", [2, 7])
+def test_the_thread_count_changed_between_steps_matches_the_generic_loop(threads, tunable, B):
+    """One plan, its call run on 2, 3, 1, then 3 threads (B=2: fewer rows than threads)."""
+    threads(2)
+    net = Net(enc="embedding", V=6, stack=(("lstm", 2, 5), ("rnn-relu", 1, 3)), dropout=0.2)
+    runs, calls = [], set()
+    for generic in (False, True):
+        run = train(net, [], generic=generic)
+        for n, call in zip((2, 3, 1, 3), scenario(net, B, 4)):
+            tunable("CPP_THREADS", n)
+            run.outs.append(run.step(**call))
+            if not generic:
+                calls.add(run.step.plan.call)
+                assert len(run.step.plan.call.cut) == min(n, B) + 1
+        runs.append(run)
+    assert len(calls) == 1
+    assert_same(*runs, "float64")
 
 
 CUTS = {  # threads: held cuts of B = 9 rows, the even one first
@@ -476,47 +554,63 @@ def test_buffers_on_huge_pages_change_no_result(tunable, threads):
 
 
 # ------------------------------------------------------------------------------ Adam inside
+INSIDE = "Adam inside the call, over the flat parameters (C++)"
+AFTER = "Adam.step_flat over the flat parameters (NumPy)"
+
+
 @pytest.mark.parametrize("eps_mode", ["tf", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inp", ["onehot-table", "onehot-rows", "floats"])
 def test_adam_inside_the_call_gives_the_numpy_bits(monkeypatch, inp, dtype, eps_mode):
     """A plain Adam runs inside the call (csrc/cpu/adam.h, no FMA contraction): the same bits
-    as Adam.step_flat after it, over steps with an lr change and a state reload (whose first
-    step builds the flat state through step_flat, then the call takes it again). References:
-    the same plan with the update kept outside, and an Adam with a clip_value that clips
-    nothing (np.clip to +-1e30 changes no finite gradient: the same math)."""
+    as Adam.step_flat after it, over steps with an lr change, a state reload (whose first step
+    builds the flat state through step_flat, then the call takes it again), an eps_mode switch
+    and a clip_value set and unset (the update leaves the call and comes back). References:
+    the same plan with the update kept outside (_adam_inside patched), and an Adam whose
+    clip_value clips nothing (np.clip to +-1e30 changes no finite gradient: the same math)."""
     enc, V = INPUTS[inp]
     net = Net(enc=enc, V=V, stack=(("lstm", 2, 17), ("gru-rb", 1, 5)), dtype=dtype,
               dropout=0.2, head_dropout=0.1)
     calls = scenario(net, B=4, T=3)
-    where = []
+    other = {"tf": "torch", "torch": "tf"}[eps_mode]
 
-    def run(opt, outside=False):
+    def run(clip_value=None, outside=False):
+        where = []
         with monkeypatch.context() as mp:
             if outside:
                 mp.setattr(CppPlan, "_adam_inside", lambda self: False)
-            r = train(net, calls[:2], opt=opt)
-            where.append(r.step.plan.stages["update"])
-            r.opt.lr = 0.02
-            r.outs += [r.step(**c) for c in calls[2:]]
-            r.opt.load_state_dict(r.opt.state_dict())
-            r.outs.append(r.step(**calls[0]))
-            where.append(r.step.plan.stages["update"])
-            r.outs += [r.step(**c) for c in calls[1:]]
-            where.append(r.step.plan.stages["update"])
-            assert r.opt.iterations == 9
-        return r
-    inside = run(lambda: rk.Adam(0.05, eps_mode=eps_mode))
-    assert where == ["Adam inside the call, over the flat parameters (C++)",
-                     "Adam.step_flat over the flat parameters (NumPy)",   # the reload's step
-                     "Adam inside the call, over the flat parameters (C++)"]
-    assert "update  Adam inside the call" in str(inside.step.plan)
-    outside = run(lambda: rk.Adam(0.05, eps_mode=eps_mode), outside=True)
+            r = train(net, calls[:2], opt=lambda: rk.Adam(0.05, eps_mode=eps_mode,
+                                                          clip_value=clip_value))
+            opt, step = r.opt, r.step
+
+            def steps(cs):
+                r.outs.extend(step(**c) for c in cs)
+                where.append(step.plan.stages["update"])
+                assert where[-1] in str(step.plan)
+            where.append(step.plan.stages["update"])
+            opt.lr = 0.02
+            steps(calls[2:])
+            opt.load_state_dict(opt.state_dict())
+            steps(calls[:1])
+            steps(calls[1:])
+            opt.eps_mode = other
+            steps(calls[:2])
+            if clip_value is None:
+                opt.clip_value = 1e30
+                steps(calls[2:3])
+                opt.clip_value = None
+                steps(calls[3:])
+            else:
+                steps(calls[2:])
+            assert opt.iterations == 12
+        return r, where
+    inside, where = run()
+    assert where == [INSIDE, INSIDE, AFTER, INSIDE, INSIDE, AFTER, INSIDE]
+    outside, where = run(outside=True)
+    assert set(where) == {AFTER}
     assert_same(inside, outside, dtype, bits=True)
-    where.clear()
-    clipped = run(lambda: rk.Adam(0.05, eps_mode=eps_mode, clip_value=1e30))
-    assert where == ["Adam.step_flat over the flat parameters (NumPy)"] * 3
-    assert "update  Adam.step_flat over the flat parameters (NumPy)" in str(clipped.step.plan)
+    clipped, where = run(clip_value=1e30)
+    assert set(where) == {AFTER}
     assert_same(inside, clipped, dtype, bits=True)
 
 
@@ -532,9 +626,9 @@ def test_other_updates_run_after_the_call_and_match_the_generic_loop(enc, opt):
     net = Net(enc=enc, stack=(("gru", 1, 5), ("lstm", 1, 4)))
     got, want = both(net, scenario(net), opt=opt)
     assert_same(got, want, "float64")
-    assert got.step.plan.adam is None
     assert got.step.plan.stages["update"] == (f"{type(got.opt).__name__}.step_flat over the "
                                               f"flat parameters (NumPy)")
+    assert "inside the call" not in str(got.step.plan).split("update")[1]
 
 
 # ------------------------------------------------------------------------------ the head's math
@@ -569,8 +663,9 @@ def test_large_logits_stay_finite(dtype):
 
 
 def test_zero_weight_positions_give_zero_loss_and_no_gradient():
-    """Positions of weight 0 add nothing: the same loss and gradients whatever their targets
-    and inputs (ids past a zero-weight tail changed too); all-zero weights: loss 0."""
+    """Positions of weight 0 add nothing: the same loss and gradients whatever their targets,
+    and whatever the inputs that reach only them (a row of zero weights; the ids in a
+    zero-weight tail); all-zero weights: loss 0."""
     net = Net(enc="embedding", stack=(("lstm", 1, 5),))
     x, y = net.batch(3, 4)
     w = np.ones((3, 4))
@@ -580,15 +675,16 @@ def test_zero_weight_positions_give_zero_loss_and_no_gradient():
     y2[1, 2:] = (y2[1, 2:] + 1) % net.C
     y2[2] = (y2[2] + 2) % net.C
     x2[2] = (x2[2] + 1) % net.V
+    x2[1, 3] = (x2[1, 3] + 1) % net.V
     grads, losses = [], []
     for xx, yy in ((x, y), (x2, y2)):
         r = train(net, [dict(x=xx, y=yy, weights=w)], opt=lambda: rk.SGD(0.0))
         losses.append(r.outs[0])
-        grads.append(r.step.plan.flat.grads.copy())
+        grads.append(np.concatenate([g.ravel() for g in r.model.grads.values()]))
     assert losses[0] == losses[1] and losses[0] > 0
     np.testing.assert_array_equal(grads[0], grads[1])
     r = train(net, [dict(x=x, y=y, weights=np.zeros((3, 4)))], opt=lambda: rk.SGD(0.0))
-    assert r.outs[0] == 0.0 and not r.step.plan.flat.grads.any()
+    assert r.outs[0] == 0.0 and not any(g.any() for g in r.model.grads.values())
 
 
 @pytest.mark.parametrize("inp", ["onehot-table", "embedding-table", "embedding-rows", "floats"])
@@ -603,11 +699,12 @@ def test_gradients_match_finite_differences_of_the_generic_loss(cell, inp):
     B, T = 2, 3
     call = scenario(net, B, T)[2]
     run = train(net, [call], opt=lambda: rk.SGD(0.0))
-    assert run.step.plan.table_mode == (inp.endswith("table"))
+    assert_input_mode(run.step, inp)
     model = run.model
-    lens = call["lengths"]
+
     def loss():
-        pred = model.forward(call["x"], lengths=lens, initial_state=call["initial_state"])
+        pred = model.forward(call["x"], lengths=call["lengths"],
+                             initial_state=call["initial_state"])
         return rk.sequence_loss(pred, call["y"], weights=call["weights"])
     eps = 1e-6
     for k, p in model.params.items():
@@ -656,21 +753,11 @@ def _refused(step, call):
     return info.value
 
 
-@pytest.mark.parametrize("inp", list(INPUTS))
-def test_bad_input_is_refused_as_the_generic_loop_refuses_it_and_changes_nothing(inp):
-    """Each bad batch raises the generic loop's exception type with a message naming what is
-    wrong, and leaves every parameter, the optimizer and the dropout generators as they were:
-    the next good steps equal a run that never saw it."""
-    enc, V = INPUTS[inp]
-    net = Net(enc=enc, V=V, stack=(("lstm", 2, 5), ("gru", 1, 4)), dropout=0.3,
-              head_dropout=0.2)
-    B, T = 3, 4
+def bad_batches(net, B=3, T=4):
+    """name -> (step kwargs with one thing wrong, pattern of the message both paths give)."""
     x, y = net.batch(B, T)
     good = dict(x=x, y=y)
-    bad = {  # name -> (call, pattern of the message)
-        "targets >= C": (dict(good, y=np.where(y == y[0, 0], net.C, y)),
-                         r"targets must lie in \[0, C\) = \[0, 4\)"),
-        "targets < 0": (dict(good, y=np.where(y == y[1, 1], -1, y)), r"targets must lie in"),
+    bad = {
         "targets float": (dict(good, y=y.astype(np.float64)), "targets must be an integer"),
         "targets shape": (dict(good, y=y[:, :-1]), r"targets must have shape \[B,T\]"),
         "weights shape": (dict(good, weights=np.ones((B, T + 1))), "weights must have shape"),
@@ -687,7 +774,7 @@ def test_bad_input_is_refused_as_the_generic_loop_refuses_it_and_changes_nothing
         "state nan": (dict(good, initial_state=_with_lstm_h0(net, lambda h: h * np.nan)),
                       r"h0\) contains NaN"),
     }
-    if enc == "floats":
+    if net.enc == "floats":
         bad.update({
             "x ints": (dict(good, x=x.astype(np.int64)), "x must be a floating-point array"),
             "x width": (dict(good, x=x[:, :, :-1]), r"x.shape\[-1\] must be equal to input_size"),
@@ -695,18 +782,23 @@ def test_bad_input_is_refused_as_the_generic_loop_refuses_it_and_changes_nothing
             "x nan": (dict(good, x=np.where(x > 1, np.nan, x)), "x contains NaN"),
         })
     else:
-        name = {"onehot": "OneHot", "embedding": "Embedding"}[enc]
+        name, V = {"onehot": "OneHot", "embedding": "Embedding"}[net.enc], net.V
         bad.update({
             "ids >= V": (dict(good, x=np.where(x == x[0, 0], V, x)),
-                         rf"{name} ids must lie in \[0, {V}\)"),
+                         rf"{name} ids must lie in \[0, {V}\), got (min \d+ and max )?{V}"),
             "ids < 0": (dict(good, x=np.where(x == x[1, 2], -3, x)),
-                        rf"{name} ids must lie in \[0, {V}\)"),
+                        rf"{name} ids must lie in \[0, {V}\), got (min )?-3"),
             "ids wrap": (dict(good, x=np.where(x == x[2, 3], 2**63 + 5, x.astype(np.uint64))),
-                         rf"{name} ids must lie in \[0, {V}\)"),
+                         rf"{name} ids must lie in \[0, {V}\), got (min \d+ and max )?{2**63 + 5}"),
             "ids float": (dict(good, x=x.astype(np.float64)),
                           f"{name} input must be integer ids"),
         })
-    planned, generic = train(net, [good]), train(net, [good], generic=True)
+    return good, bad
+
+
+def assert_refused_as_generic(planned, generic, bad):
+    """Each bad call raises the generic loop's exception type, both messages matching the
+    pattern, and changes nothing of the planned run (parameters, optimizer, generators)."""
     for what, (call, pattern) in bad.items():
         snap = _snapshot(planned)
         err = _refused(planned.step, call)
@@ -715,14 +807,51 @@ def test_bad_input_is_refused_as_the_generic_loop_refuses_it_and_changes_nothing
         assert type(err) is type(want), (what, err, want)
         assert re.search(pattern, str(err)), (what, str(err))
         assert re.search(pattern, str(want)), (what, str(want))
-        if what.startswith(("ids", "targets >=", "targets <")):   # the bad value is named
-            assert re.search(r"got .*-?\d", str(err)), (what, str(err))
-    # the generic loop may have moved its generators on a refused batch; the planned run must
-    # not have: its next steps equal a fresh run's
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("inp", list(INPUTS))
+def test_bad_input_is_refused_as_the_generic_loop_refuses_it_and_changes_nothing(inp, dropout):
+    """Each bad batch raises the generic loop's exception type with a message naming what is
+    wrong (ids out of range: the encoder and the value, whether the plan or the call finds
+    them), and leaves every parameter, the optimizer and the dropout generators as they were:
+    the next good steps equal a run that never saw it."""
+    enc, V = INPUTS[inp]
+    net = Net(enc=enc, V=V, stack=(("lstm", 2, 5), ("gru", 1, 4)), dropout=dropout,
+              head_dropout=dropout)
+    good, bad = bad_batches(net)
+    planned, generic = train(net, [good]), train(net, [good], generic=True)
+    assert_refused_as_generic(planned, generic, bad)
     fresh = train(net, [good])
     for run in (planned, fresh):
-        run.outs += [run.step(**c) for c in scenario(net, B, T)]
+        run.outs += [run.step(**c) for c in scenario(net)]
     assert_same(planned, fresh, "float64", bits=True)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("inp", ["onehot-table", "embedding-rows", "floats"])
+def test_targets_out_of_range_are_refused_and_change_nothing(inp, dropout):
+    enc, V = INPUTS[inp]
+    net = Net(enc=enc, V=V, stack=(("lstm", 2, 5), ("gru", 1, 4)), dropout=dropout,
+              head_dropout=dropout)
+    good = dict(zip("xy", net.batch(3, 4)))
+    y = good["y"]
+    bad = {"targets >= C": (dict(good, y=np.where(y == y[0, 0], net.C, y)),
+                            r"targets must lie in \[0, C\) = \[0, 4\), got (min \d+ and max )?4"),
+           "targets < 0": (dict(good, y=np.where(y == y[1, 1], -1, y)),
+                           r"targets must lie in \[0, C\) = \[0, 4\), got (min )?-1")}
+    planned, generic = train(net, [good]), train(net, [good], generic=True)
+    assert_refused_as_generic(planned, generic, bad)
+
+
+@pytest.mark.parametrize("inp", ["onehot-table", "embedding-rows"])
+def test_ids_of_a_wrong_shape_are_refused_with_a_clear_message(inp):
+    enc, V = INPUTS[inp]
+    net = Net(enc=enc, V=V, stack=(("gru", 1, 4),))
+    good = dict(zip("xy", net.batch(3, 4)))
+    bad = {"ids [B,T,1]": (dict(good, x=good["x"][..., None]),
+                           r"(ids|x) must (have|be).*(dimensions|2-D|shape)")}
+    assert_refused_as_generic(train(net, [good]), train(net, [good], generic=True), bad)
 
 
 @pytest.mark.parametrize("inp", ["onehot-table", "embedding-table", "embedding-rows"])
@@ -777,11 +906,12 @@ def test_the_binding_runs_and_checks_ids_and_targets_on_each_run(mode):
     assert np.isfinite(loss) and loss > 0
     assert loss == step.run(False, False, 1.0 / 6, False)   # no state kept between runs
     targets = kw["targets"]
+    saved = targets[4]
     targets[4] = 5
     with pytest.raises(ValueError, match=r"targets must lie in \[0, C\) = \[0, 5\), got 5 at "
                                          r"position 4"):
         step.run(False, False, 1.0 / 6, False)
-    targets[4] = 0
+    targets[4] = saved
     if mode != "x":
         for bad, where in ((4, 5), (-1, 0)):
             saved = kw["ids"].flat[where]
@@ -791,6 +921,20 @@ def test_the_binding_runs_and_checks_ids_and_targets_on_each_run(mode):
                 step.run(False, False, 1.0 / 6, False)
             kw["ids"].flat[where] = saved
     assert step.run(False, False, 1.0 / 6, False) == loss
+
+
+def test_the_binding_keeps_its_arrays_alive():
+    """The StackStep holds every array it was given: with the caller's references gone (and a
+    garbage collection), its runs give the same loss."""
+    import gc
+    step, _ = _direct(mode="table", cell="gru-rb")
+    want = step.run(False, False, 1.0 / 6, False)
+    fresh, kw2 = _direct(mode="table", cell="gru-rb")
+    del kw2
+    gc.collect()
+    junk = [np.full(1000, np.nan) for _ in range(50)]   # reuse any freed memory
+    assert fresh.run(False, False, 1.0 / 6, False) == want
+    del junk
 
 
 def test_the_binding_names_a_bad_array():
@@ -803,14 +947,17 @@ def test_the_binding_names_a_bad_array():
         (dict(mode="table", d_table=np.zeros((V + 1, G * H))), "d_table must have shape"),
         (dict(mode="table", ids=np.zeros((B, T), np.int32)), "ids must have dtype int64"),
         (dict(mode="table", ids=np.zeros(B * T, np.int64)), r"ids must be 2-D \[B,T\]"),
-        (dict(mode="transposed", table=np.zeros((V, G * H))), r"table must have shape \[9, 4\]"),
+        (dict(mode="transposed", table=np.zeros((G * H + 1, V))),
+         r"table must have shape \[9, 4\]"),
+        (dict(mode="transposed", d_table=np.zeros((V, G * H))),
+         r"d_table must have shape \[9, 4\]"),
         (dict(mode="x", x=np.zeros((B, T))), r"x must be a 3-D numpy.ndarray"),
         (dict(mode="x", dx=np.zeros((B, T, V + 1))), "dx must have shape"),
         (dict(mode="x", x=np.zeros((B, T, V + 1))), r"layers\[0\].w_ih must have shape"),
         (dict(layer_h0=np.zeros((B + 1, H))), r"layers\[0\].h0 must have shape \[2, 3\]"),
         (dict(layer_dw_hh=np.zeros((G * H, H), f32)), r"layers\[0\].dw_hh must have dtype"),
-        (dict(layer_w_hh=np.zeros((G * H, H)).T.copy().T), r"layers\[0\].w_hh must be "
-                                                           r"C-contiguous|must have shape"),
+        (dict(layer_w_hh=np.asfortranarray(np.zeros((G * H, H)))),
+         r"layers\[0\].w_hh must be C-contiguous"),
         (dict(layer_b_ih=np.zeros(G * H + 1)), r"layers\[0\].b_ih must have shape"),
         (dict(layer_mask=np.ones((B, T, H))), r"layers\[0\].mask must be None"),
         (dict(weight=np.zeros((C, H + 1))), r"weight must have shape \[5, 3\]"),
@@ -821,8 +968,8 @@ def test_the_binding_names_a_bad_array():
         (dict(weights=np.ones(B * T, f32)), "weights must have dtype float64"),
         (dict(lengths=np.full(B + 1, T, np.int64)), r"lengths must have shape \[2\]"),
         (dict(head_mask=np.ones((B, T, H + 1))), "head_mask must have shape"),
-        (dict(mode="table", x=np.zeros((B, T, V))), "give the first layer's input as table and "
-                                                    "ids, or as x"),
+        (dict(mode="table", x=np.zeros((B, T, V))),
+         "give the first layer's input as table and ids, or as x"),
     ]
     _direct()   # the unchanged arguments are good
     with pytest.raises(ValueError, match=r"layers\[0\].w_ih must have dtype float32"):

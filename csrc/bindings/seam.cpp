@@ -68,13 +68,13 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     py::object c = checked(c0, "c0", dt, {B, H}, true);
     s->lengths = checked(lengths, "lengths", py::dtype::of<int64_t>(), {B}, true);
 
-    // the LSTM's saved arrays are time-major and padded (kernels.h); the others batch-major
-    const int64_t Hs = lstm ? rk::lstm_padded_hidden(H, sizeof(T)) : H;
+    // the saved arrays, padded to Hp: the LSTM's time-major, the others batch-major (kernels.h)
+    const int64_t Hp = rk::padded_hidden(H, sizeof(T));
     auto out = new_array<T>({B, Tn, H});
     py::array_t<T> h_n({B, H});
     auto hprev = lstm ? new_array<T>({Tn + 1, B, rk::lstm_xh_width(I, H, sizeof(T))})
-                      : new_array<T>({B, Tn, H});
-    auto act = lstm ? new_array<T>({Tn, B, S * Hs}) : new_array<T>({B, Tn, S * H});
+                      : new_array<T>({B, Tn, Hp});
+    auto act = lstm ? new_array<T>({Tn, B, S * Hp}) : new_array<T>({B, Tn, S * Hp});
     py::object c_n = py::none();
     rk::ForwardArgs<T> a;
     a.spec = spec;
@@ -86,13 +86,13 @@ py::tuple forward_t(const rk::Spec& spec, py::handle x, py::handle w_ih, py::han
     a.hprev = hprev.mutable_data(); a.act = act.mutable_data();
     if (lstm) {
         py::array_t<T> cn({B, H});
-        auto cp = new_array<T>({Tn + 1, B, Hs});
+        auto cp = new_array<T>({Tn + 1, B, Hp});
         a.c_n = cn.mutable_data(); a.cprev = cp.mutable_data();
         c_n = cn;
         s->cprev = cp;
     }
     if (gru_before) {
-        auto r = new_array<T>({B, Tn, H});
+        auto r = new_array<T>({B, Tn, Hp});
         a.rh = r.mutable_data();
         s->rh = r;
     }

@@ -91,17 +91,17 @@ class StackStep {
                 const rk::StackLayer<T>& below = a_.layers.back();
                 f.x = below.dropped ? below.dropped : below.f.out;
             }
-            // saved activations: the LSTM's time-major and padded (kernels.h), else batch-major
+            // saved activations, padded to Hp: the LSTM's time-major, else batch-major (kernels.h)
+            const int64_t Hp = rk::padded_hidden(H, sizeof(T));
             f.out = own(B * Tn * H);
             if (lstm) {
-                const int64_t Hs = rk::lstm_padded_hidden(H, sizeof(T));
                 f.hprev = own((Tn + 1) * B * rk::lstm_xh_width(from_table ? 0 : I, H, sizeof(T)));
-                f.cprev = own((Tn + 1) * B * Hs);
-                f.act = own(Tn * B * S * Hs);
+                f.cprev = own((Tn + 1) * B * Hp);
+                f.act = own(Tn * B * S * Hp);
             } else {
-                f.hprev = own(B * Tn * H);
-                f.act = own(B * Tn * S * H);
-                if (gru_before) f.rh = own(B * Tn * H);
+                f.hprev = own(B * Tn * Hp);
+                f.act = own(B * Tn * S * Hp);
+                if (gru_before) f.rh = own(B * Tn * Hp);
             }
             if (!c.mask.is_none()) {
                 if (l == L - 1)

@@ -3,8 +3,10 @@
 //
 // Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3),
 // S saved slots per (b, t, j): RNN 1 (h'), LSTM 5 (i, f, g, o, tanh c'), GRU 4 (r, z, n, gh_n).
-// Every array is C-contiguous and batch-major, except the LSTM's saved arrays (lstm.cpp): those
-// are time-major with H padded to Hp = lstm_padded_hidden(H, sizeof(T)) and gates interleaved:
+// Every array is C-contiguous. The layer's inputs and results are batch-major; the saved arrays
+// are each cell family's own, with H padded to Hp = padded_hidden(H, sizeof(T)), a whole number
+// of 64-byte vectors. RNN / GRU (rnn_gru.cpp): batch-major, each block padded: hprev [B,T,Hp],
+// act [B,T,S*Hp], rh [B,T,Hp]. The LSTM's (lstm.cpp) are time-major with gates interleaved:
 // hprev [T+1,B,R] (rows [h | x | 1], R = lstm_xh_width(I, H, sizeof(T))), cprev [T+1,B,Hp] in
 // the forward (row T: the final state; the backward reads rows < T), act shaped [T,B,5Hp]
 // (laid out [T,Hp/V,B,5V], V = 64 / sizeof(T); lstm.cpp).
@@ -33,14 +35,14 @@ enum class Cell { rnn, lstm, gru };
 inline int gates_of(Cell c) { return c == Cell::lstm ? 4 : c == Cell::gru ? 3 : 1; }
 inline int slots_of(Cell c) { return c == Cell::lstm ? 5 : c == Cell::gru ? 4 : 1; }
 
-// H rounded up to whole 64-byte vectors of T (the LSTM's private layout, lstm.cpp)
-inline int64_t lstm_padded_hidden(int64_t H, int64_t elem_size) {
+// H rounded up to whole 64-byte vectors of T (the saved arrays' layouts, above)
+inline int64_t padded_hidden(int64_t H, int64_t elem_size) {
     const int64_t v = 64 / elem_size;
     return (H + v - 1) / v * v;
 }
 // row width of the LSTM's saved [h | x | 1] rows (h unpadded), whole 64-byte vectors
 inline int64_t lstm_xh_width(int64_t I, int64_t H, int64_t elem_size) {
-    return lstm_padded_hidden(H + I + 1, elem_size);
+    return padded_hidden(H + I + 1, elem_size);
 }
 
 // Element (v, g) of an input table [V, G*H], or of its transpose [G*H, V] (one-hot input's W_ih)
@@ -80,10 +82,10 @@ struct ForwardArgs {
     T* h_n = nullptr;                   // [B,H]
     T* c_n = nullptr;                   // [B,H], lstm only
     // saved for backward
-    T* hprev = nullptr;                 // [B,T,H]: h entering step t
-    T* cprev = nullptr;                 // [B,T,H]: c entering step t, lstm only
-    T* act = nullptr;                   // [B,T,S*H]: activations (see legend)
-    T* rh = nullptr;                    // [B,T,H]: r*h, gru with reset_after=false only
+    T* hprev = nullptr;                 // h entering step t (layout: see the legend)
+    T* cprev = nullptr;                 // c entering step t, lstm only
+    T* act = nullptr;                   // activations (S slots per unit)
+    T* rh = nullptr;                    // r*h, gru with reset_after=false only
 };
 
 template <typename T>

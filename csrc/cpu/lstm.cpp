@@ -144,6 +144,10 @@ void gemm_blocks(int64_t M, int64_t H, const T* A, int64_t qstride, const Panels
                  T* C, int64_t ldc, GemmPath path) {
     constexpr int64_t V = lanes<T>();
     const int64_t PW = b.PW;
+    if (b.K == 0) {  // nothing to sum (H = 0): C = beta C
+        gemm<T>(false, M, b.N, 0, T(1), A, PW, b.p, b.N, beta, C, ldc, path);
+        return;
+    }
     for (int64_t c0 = 0; c0 < b.N; c0 += PW) {
         const int64_t w = std::min(PW, b.N - c0);
         T bq = beta;  // the first call's beta, then accumulate
@@ -170,7 +174,7 @@ template <typename T>
 struct Dims {
     int64_t B, Tn, I, H, Hp, GP, SP, K, R;
     Dims(int64_t B_, int64_t T_, int64_t I_, int64_t H_)
-        : B(B_), Tn(T_), I(I_), H(H_), Hp(lstm_padded_hidden(H_, sizeof(T))), GP(4 * Hp),
+        : B(B_), Tn(T_), I(I_), H(H_), Hp(padded_hidden(H_, sizeof(T))), GP(4 * Hp),
           SP(5 * Hp), K(H_ + I_ + 1), R(round_lanes<T>(H_ + I_ + 1)) {}
 };
 

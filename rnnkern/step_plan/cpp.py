@@ -37,6 +37,8 @@ class CppPlan(StepPlan):
         V = None if enc is None else form.table().shape[0]
         self.table_mode = V is not None and V <= N
         self.one_hot = type(enc) is OneHot
+        self.embedded = type(enc) is Embedding
+        self.inv_n = 1.0 / (N + 1e-12)   # TF's sequence_loss: 1 / (the weight total + 1e-12)
         first = cells[0]
         GH = first.spec.gates * first.hidden
         # buffers the call keeps: the batch, states, masks
@@ -89,7 +91,10 @@ class CppPlan(StepPlan):
                          db=g(head, "bias") if "bias" in head.params else None,
                          targets=self.targets, weights=self.weights, lengths=self.lens,
                          head_mask=self.head_mask)
-        self.adam = None          # (m, v, eps_mode) handed to the call's Adam, or None
+        # Adam inside the call: possible for this optimizer and input (_adam_inside checks the
+        # rest each step); the flat state and eps mode handed to the call, or None
+        self.adam_may = type(optimizer) is Adam and type(enc) is not Embedding
+        self.adam_flat, self.adam_eps_mode = None, None
         self.adam_scalars = np.empty(7, dt)
         kinds = ", ".join(f"{type(r).__name__}({r.input_size}->{r.hidden_size}"
                           f"{f' x{r.num_layers}' if r.num_layers > 1 else ''})"
@@ -99,9 +104,8 @@ class CppPlan(StepPlan):
             "stack": f"cpp, one call for the whole stack: {kinds}",
             "head": f"Dense({head.in_features}->{head.out_features}) + sequence_loss inside "
                     f"the call",
-            "update": None,   # set by each run: inside the call, or after it (_adam_inside)
         }
-        self._update_words = update_words(optimizer)
+        self._update_words = self.stages["update"] = update_words(optimizer)  # or inside: run
 
     def _params(self, layer, name):
         return layer.params[name]
@@ -111,33 +115,35 @@ class CppPlan(StepPlan):
 
     # ---------------------------------------------------------------- a step
     def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False):
-        form, (B, T) = self.form, self.shape
         ids = self._load_input(x)
         self._load_targets(y, weights)
-        lens = self._lengths(lengths)
+        lens = None if lengths is None else self._lengths(lengths)
         if lens is not None:
             self.lens[:] = lens
-        states0 = self._initial_states(initial_state)
+        states0 = None if initial_state is None else self._initial_states(initial_state)
         if states0 is not None:
             self._load_states(states0)
-        if self.draws_masks:
-            if ids is not None:
-                self._check_ids(ids)     # before the generators move: a bad batch changes nothing
+        if self.draws_masks:            # before the generators move, what the call would refuse:
+            if ids is not None:          # a bad batch changes nothing
+                self._check_ids(ids)
+            self._check_targets()
             self._draw_masks()
-        inside = self._adam_inside()
+        inside = self.adam_may and self._adam_inside()
         if self.table is not None:       # the first layer's input projection per id
-            first = form.cells[0]
-            np.dot(form.table(), first.layer.params[first.names[0]].T, out=self.table)
-        w_total = float(self.weights.sum(dtype=np.float64)) if weights is not None else B * T
+            first = self.form.cells[0]
+            np.dot(self.form.table(), first.layer.params[first.names[0]].T, out=self.table)
+        inv_total = (self.inv_n if weights is None
+                     else 1.0 / (float(self.weights.sum(dtype=np.float64)) + 1e-12))
         try:
-            value = self.call.run(lens is not None, weights is not None, 1.0 / (w_total + 1e-12),
+            value = self.call.run(lens is not None, weights is not None, inv_total,
                                   states0 is not None)
         except ValueError:
             if ids is not None:
                 self._check_ids(ids)     # name the encoder, as its forward would
             raise
-        self._input_grads(ids)
-        form.model._ran = False          # the plan left no forward for model.backward()
+        if self.embedded:
+            self._embedding_grads(ids)
+        self.form.model._ran = False     # the plan left no forward for model.backward()
         if inside:
             self.optimizer.iterations += 1   # what step_flat counts
         else:
@@ -158,6 +164,9 @@ class CppPlan(StepPlan):
         if ids.dtype.kind not in "iu":
             raise TypeError(f"{type(enc).__name__} input must be integer ids, got dtype "
                             f"{ids.dtype}")
+        if ids.shape != self.shape:
+            raise ValueError(f"{type(enc).__name__} ids must have shape [B,T] = {self.shape}, "
+                             f"got {ids.shape}")
         np.copyto(self.ids, ids, casting="unsafe")
         if self.x_in is not None:        # gathered here: checked first
             self._check_ids(ids)
@@ -171,6 +180,13 @@ class CppPlan(StepPlan):
                                                  (ids.reshape(-1) >= V))[0]]
             raise ValueError(f"{type(self.form.encoder).__name__} ids must lie in [0, {V}), "
                              f"got {bad}")
+
+    def _check_targets(self):
+        C = self.form.head.out_features
+        t = self.targets
+        if t.size and (t.min() < 0 or t.max() >= C):
+            raise ValueError(f"targets must lie in [0, C) = [0, {C}), got min {t.min()} and "
+                             f"max {t.max()}")
 
     def _load_targets(self, y, weights):
         """targets (their range: the call checks it) and position weights into the buffers."""
@@ -210,12 +226,10 @@ class CppPlan(StepPlan):
             dropout_mask(hd._rng, self.head_mask.shape, hd.p, self.head_mask.dtype,
                          out=self.head_mask)
 
-    def _input_grads(self, ids):
+    def _embedding_grads(self, ids):
         """What the call leaves of the first layer's input gradients: an embedding's dE (and
         dW_ih from the table's gradient)."""
         form = self.form
-        if type(form.encoder) is not Embedding:
-            return
         first = form.cells[0]
         E = form.encoder
         dE = self.flat.grad(E, "weight")
@@ -233,23 +247,26 @@ class CppPlan(StepPlan):
         builds it through step_flat), every gradient final inside the call (no embedding).
         Hands the call Adam's state when it changed, and this step's scalars."""
         opt = self.optimizer
-        flat = opt._flat if type(opt) is Adam else None
-        if not (flat is not None and type(self.form.encoder) is not Embedding
-                and opt.clip_norm is None and opt.clip_value is None and not opt.weight_decay
-                and flat["layout"] == self.flat.layout and flat["dtype"] == self.form.dtype):
-            if self.adam is not None:
-                self.call.set_adam(None, None, None, None, None, False)
-                self.adam = None
-            self.stages["update"] = self._update_words
-            return False
-        bound = (flat["state"]["m"], flat["state"]["v"], opt.eps_mode)
-        if self.adam is None or any(a is not b for a, b in zip(bound, self.adam)):
-            self.call.set_adam(self.flat.params, self.flat.grads, bound[0], bound[1],
-                               self.adam_scalars, opt.eps_mode == "tf")
-            self.adam = bound
+        flat = opt._flat
+        if (flat is None or opt.clip_norm is not None or opt.clip_value is not None
+                or opt.weight_decay):
+            return self._adam_off()
+        if flat is not self.adam_flat or opt.eps_mode != self.adam_eps_mode:
+            if flat["layout"] != self.flat.layout or flat["dtype"] != self.form.dtype:
+                return self._adam_off()
+            self.call.set_adam(self.flat.params, self.flat.grads, flat["state"]["m"],
+                               flat["state"]["v"], self.adam_scalars, opt.eps_mode == "tf")
+            self.adam_flat, self.adam_eps_mode = flat, opt.eps_mode
+            self.stages["update"] = "Adam inside the call, over the flat parameters (C++)"
         opt.step_scalars(self.adam_scalars, opt.iterations + 1)
-        self.stages["update"] = "Adam inside the call, over the flat parameters (C++)"
         return True
+
+    def _adam_off(self):
+        if self.adam_flat is not None:
+            self.call.set_adam(None, None, None, None, None, False)
+            self.adam_flat = None
+        self.stages["update"] = self._update_words
+        return False
 
     def _final_states(self):
         states, cells = [], iter(range(len(self.form.cells)))
