@@ -332,19 +332,6 @@ class Adam(Optimizer):
             denom += self.eps
             p -= (self.lr / bc1) * (m / denom)
 
-    def step_scalars(self, s, t):
-        """Fill ``s`` (7 elements, the parameters' dtype) with the scalars of the C++ update
-        (csrc/cpu/adam.h) for step ``t``: ``b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t)``, rounded
-        to the dtype as NumPy rounds Python floats (so that update gives ``_update``'s bits).
-        Returns ``s``."""
-        bc1 = 1.0 - self.beta1 ** t
-        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
-        s[0], s[1], s[2], s[3], s[4] = (self.beta1, 1.0 - self.beta1, self.beta2,
-                                        1.0 - self.beta2, self.eps)
-        s[5] = self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1
-        s[6] = bc2_sqrt
-        return s
-
 
 class RMSprop(Optimizer):
     """RMSprop with ``torch.optim.RMSprop``'s rule; ``rho`` is torch's ``alpha``.

@@ -74,8 +74,7 @@ class TrainStep:
 
     def __call__(self, x, y, initial_state=None, lengths=None, weights=None,
                  return_state=False):
-        plan, reason = self._plan_for(x)
-        self.plan, self.generic_reason = plan, reason
+        plan = self._plan_for(x)
         if plan is not None:
             return plan.run(x, y, initial_state, lengths, weights, return_state)
         return self._generic(x, y, initial_state, lengths, weights, return_state)
@@ -88,11 +87,13 @@ class TrainStep:
 
     # ------------------------------------------------------------------ the plan
     def _plan_for(self, x):
-        """(the plan for this call, None) or (None, why the generic loop runs). The plan is
-        kept while the batch shape, the input's array type, the backend settings, the layers'
-        training flags and the parameter arrays stay as they were."""
+        """The plan for this call (also ``self.plan``), or None with ``self.generic_reason``
+        saying why the generic loop runs. The plan is kept while the batch shape, the input's
+        array type, the backend settings, the layers' training flags and the parameter arrays
+        stay as they were."""
         if self.generic:
-            return None, "generic=True"
+            self.plan, self.generic_reason = None, "generic=True"
+            return None
         layers = getattr(self.model, "layers", None)
         if self._form is None or self._form[0] != layers:
             form, reason = model_form(self.model, self.loss, self.optimizer)
@@ -100,7 +101,8 @@ class TrainStep:
             self._flat, self._plan_key = None, None
         form = self._form[1]
         if form is None:
-            return None, self._form[2]
+            self.plan, self.generic_reason = None, self._form[2]
+            return None
         shape = x.shape if type(x) is np.ndarray else np.shape(x)
         hd = form.head_dropout
         key = (shape[:2], type(x), backends.preset(),
@@ -111,7 +113,8 @@ class TrainStep:
             self._plan_key = key
         elif self._plan is not None and not self._flat.still_bound():
             self._plan, self._plan_reason = self._new_plan(form, x, shape)
-        return self._plan, self._plan_reason
+        self.plan, self.generic_reason = self._plan, self._plan_reason
+        return self._plan
 
     def _new_plan(self, form, x, shape):
         if len(shape) < 2:

@@ -870,7 +870,8 @@ def test_ids_of_any_integer_dtype_and_layout_give_the_same_bits(inp):
 # ------------------------------------------------------------------------------ the binding
 def _direct(dtype=np.float64, B=2, T=3, V=4, H=3, C=5, cell="gru", mode="table", **over):
     """A one-layer StackStep built by hand (mode "table": ids into a [V,G*H] table;
-    "transposed": [G*H,V]; "x": floats [B,T,V]); ``over`` replaces any keyword array."""
+    "transposed": [G*H,V]; "x": floats [B,T,V]); ``over`` replaces any keyword array.
+    Returns (step, its keyword arrays, the run arguments ids, targets)."""
     rng = np.random.default_rng(0)
     cls, opts = CELLS[cell]
     spec = CellSpec(cls.kind, **opts)
@@ -883,57 +884,67 @@ def _direct(dtype=np.float64, B=2, T=3, V=4, H=3, C=5, cell="gru", mode="table",
                  db_hh=z(G * H), h0=z(B, H), c0=z(B, H) if lstm else None, h_n=z(B, H),
                  c_n=z(B, H) if lstm else None)
     layer.update({k[6:]: v for k, v in over.items() if k.startswith("layer_")})
-    ids = rng.integers(0, V, (B, T))
+    ids = rng.integers(0, V, (B, T)) if mode != "x" else None
     if mode == "table":
-        inputs = dict(table=r(V, G * H), ids=ids, d_table=z(V, G * H))
+        inputs = dict(table=r(V, G * H), d_table=z(V, G * H))
     elif mode == "transposed":
-        inputs = dict(table=layer["w_ih"], ids=ids, d_table=layer["dw_ih"],
-                      table_transposed=True)
+        inputs = dict(table=layer["w_ih"], d_table=layer["dw_ih"], table_transposed=True)
     else:
         inputs = dict(x=r(B, T, V), dx=z(B, T, V))
-    kw = dict(inputs, weight=r(C, H), bias=r(C), dw=z(C, H), db=z(C),
-              targets=rng.integers(0, C, B * T), weights=np.ones(B * T, dtype),
-              lengths=np.full(B, T, np.int64))
+    kw = dict(inputs, batch=(B, T), weight=r(C, H), bias=r(C), dw=z(C, H), db=z(C),
+              weights=np.ones(B * T, dtype), lengths=np.full(B, T, np.int64))
     kw.update({k: v for k, v in over.items() if not k.startswith("layer_")})
     make = _C.StackStepF32 if dtype == np.float32 else _C.StackStepF64
-    return make([_C.StackLayer(**layer)], **kw), kw
+    return make([_C.StackLayer(**layer)], **kw), kw, ids, rng.integers(0, C, (B, T))
 
 
 @pytest.mark.parametrize("mode", ["table", "transposed", "x"])
 def test_the_binding_runs_and_checks_ids_and_targets_on_each_run(mode):
-    step, kw = _direct(mode=mode, cell="lstm")
-    loss = step.run(False, False, 1.0 / 6, False)
+    step, kw, ids, targets = _direct(mode=mode, cell="lstm")
+    run = lambda: step.run(ids, targets, False, False, 1.0 / 6, False)  # noqa: E731
+    loss = run()
     assert np.isfinite(loss) and loss > 0
-    assert loss == step.run(False, False, 1.0 / 6, False)   # no state kept between runs
-    targets = kw["targets"]
-    saved = targets[4]
-    targets[4] = 5
+    assert loss == run()   # no state kept between runs
+    saved = targets.flat[4]
+    targets.flat[4] = 5
     with pytest.raises(ValueError, match=r"targets must lie in \[0, C\) = \[0, 5\), got 5 at "
                                          r"position 4"):
-        step.run(False, False, 1.0 / 6, False)
-    targets[4] = saved
+        run()
+    targets.flat[4] = saved
     if mode != "x":
         for bad, where in ((4, 5), (-1, 0)):
-            saved = kw["ids"].flat[where]
-            kw["ids"].flat[where] = bad
+            saved = ids.flat[where]
+            ids.flat[where] = bad
             with pytest.raises(ValueError, match=rf"ids must lie in \[0, V\) = \[0, 4\), got "
                                                  rf"{bad} at position {where}"):
-                step.run(False, False, 1.0 / 6, False)
-            kw["ids"].flat[where] = saved
-    assert step.run(False, False, 1.0 / 6, False) == loss
+                run()
+            ids.flat[where] = saved
+        for bad, pattern in ((ids.astype(np.int32), "ids must have dtype int64"),
+                             (ids.reshape(-1), r"ids must have shape \[2, 3\]"),
+                             (np.asfortranarray(ids), "ids must be C-contiguous")):
+            with pytest.raises(ValueError, match=pattern):
+                step.run(bad, targets, False, False, 1.0 / 6, False)
+    else:
+        with pytest.raises(ValueError, match="ids are for a table input only"):
+            step.run(targets, targets, False, False, 1.0 / 6, False)
+    with pytest.raises(ValueError, match=r"targets must have shape \[2, 3\]"):
+        step.run(ids, targets.reshape(-1), False, False, 1.0 / 6, False)
+    with pytest.raises(ValueError, match="adam_t > 0 needs set_adam's arrays first"):
+        step.run(ids, targets, False, False, 1.0 / 6, False, 1, 0.1, 0.9, 0.999, 1e-8)
+    assert run() == loss
 
 
 def test_the_binding_keeps_its_arrays_alive():
     """The StackStep holds every array it was given: with the caller's references gone (and a
     garbage collection), its runs give the same loss."""
     import gc
-    step, _ = _direct(mode="table", cell="gru-rb")
-    want = step.run(False, False, 1.0 / 6, False)
-    fresh, kw2 = _direct(mode="table", cell="gru-rb")
+    step, _, ids, targets = _direct(mode="table", cell="gru-rb")
+    want = step.run(ids, targets, False, False, 1.0 / 6, False)
+    fresh, kw2, ids2, targets2 = _direct(mode="table", cell="gru-rb")
     del kw2
     gc.collect()
     junk = [np.full(1000, np.nan) for _ in range(50)]   # reuse any freed memory
-    assert fresh.run(False, False, 1.0 / 6, False) == want
+    assert fresh.run(ids2, targets2, False, False, 1.0 / 6, False) == want
     del junk
 
 
@@ -945,8 +956,6 @@ def test_the_binding_names_a_bad_array():
     cases = [
         (dict(mode="table", table=np.zeros((V, G * H + 1))), r"table must have shape \[4, 9\]"),
         (dict(mode="table", d_table=np.zeros((V + 1, G * H))), "d_table must have shape"),
-        (dict(mode="table", ids=np.zeros((B, T), np.int32)), "ids must have dtype int64"),
-        (dict(mode="table", ids=np.zeros(B * T, np.int64)), r"ids must be 2-D \[B,T\]"),
         (dict(mode="transposed", table=np.zeros((G * H + 1, V))),
          r"table must have shape \[9, 4\]"),
         (dict(mode="transposed", d_table=np.zeros((V, G * H))),
@@ -954,6 +963,7 @@ def test_the_binding_names_a_bad_array():
         (dict(mode="x", x=np.zeros((B, T))), r"x must be a 3-D numpy.ndarray"),
         (dict(mode="x", dx=np.zeros((B, T, V + 1))), "dx must have shape"),
         (dict(mode="x", x=np.zeros((B, T, V + 1))), r"layers\[0\].w_ih must have shape"),
+        (dict(mode="x", x=np.zeros((B + 1, T, V))), r"x must have shape \[2, 3, 4\]"),
         (dict(layer_h0=np.zeros((B + 1, H))), r"layers\[0\].h0 must have shape \[2, 3\]"),
         (dict(layer_dw_hh=np.zeros((G * H, H), f32)), r"layers\[0\].dw_hh must have dtype"),
         (dict(layer_w_hh=np.asfortranarray(np.zeros((G * H, H)))),
@@ -964,12 +974,12 @@ def test_the_binding_names_a_bad_array():
         (dict(dw=np.zeros((C + 1, H))), r"dw must have shape \[5, 3\]"),
         (dict(bias=np.zeros(C + 1)), r"bias must have shape \[5\]"),
         (dict(db=None), "db must be an array, got None"),
-        (dict(targets=np.zeros(B * T - 1, np.int64)), r"targets must have shape \[6\]"),
         (dict(weights=np.ones(B * T, f32)), "weights must have dtype float64"),
         (dict(lengths=np.full(B + 1, T, np.int64)), r"lengths must have shape \[2\]"),
         (dict(head_mask=np.ones((B, T, H + 1))), "head_mask must have shape"),
         (dict(mode="table", x=np.zeros((B, T, V))),
-         "give the first layer's input as table and ids, or as x"),
+         r"give the first layer's input as a table \(read by ids\) or as x"),
+        (dict(batch=(-1, 3)), r"batch must be \(B, T\) >= 0"),
     ]
     _direct()   # the unchanged arguments are good
     with pytest.raises(ValueError, match=r"layers\[0\].w_ih must have dtype float32"):

@@ -1,12 +1,13 @@
 // The training step of a recurrent stack in one call (csrc/cpu/stack.h), as the C++ step plan
 // uses it (rnnkern/step_plan/cpp.py): StackLayer records one layer's arrays; StackStep checks
-// every array once, when it is made, and keeps them; run() then checks only what it reads that
-// can change between steps (the ids and targets), and runs without the GIL. The layers' saved
+// every array once, when it is made, and keeps them; run() takes the batch's ids and targets
+// (the caller's arrays, read in place), checks them, and runs without the GIL. The layers' saved
 // activations, outputs and the head's scratch live in the StackStep.
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <string>
 
 #include "adam.h"
@@ -27,10 +28,9 @@ struct StackLayerArrays {
 template <typename T>
 class StackStep {
   public:
-    StackStep(const std::vector<StackLayerArrays>& layers, py::handle table, py::handle ids,
-              py::handle d_table, bool table_transposed, py::handle x, py::handle dx,
-              py::handle weight,
-              py::handle bias, py::handle dw, py::handle db, py::handle targets,
+    StackStep(const std::vector<StackLayerArrays>& layers, std::array<int64_t, 2> batch,
+              py::handle table, py::handle d_table, bool table_transposed, py::handle x,
+              py::handle dx, py::handle weight, py::handle bias, py::handle dw, py::handle db,
               py::handle weights, py::handle lengths, py::handle head_mask) {
         std::vector<rk::Cell> cells;
         for (const auto& y : layers) cells.push_back(y.spec.cell);
@@ -38,17 +38,15 @@ class StackStep {
         const int64_t L = int64_t(layers.size());
         if (L == 0) throw py::value_error("layers must hold at least one layer");
         if (table.is_none() == x.is_none())
-            throw py::value_error("give the first layer's input as table and ids, or as x");
-        int64_t B, Tn, I;
+            throw py::value_error("give the first layer's input as a table (read by ids) or as x");
+        const int64_t B = batch[0], Tn = batch[1];
+        if (B < 0 || Tn < 0) throw py::value_error("batch must be (B, T) >= 0");
+        int64_t I;
         if (!x.is_none()) {
             if (!py::isinstance<py::array>(x) || py::reinterpret_borrow<py::array>(x).ndim() != 3)
                 throw py::value_error("x must be a 3-D numpy.ndarray [B,T,I]");
-            auto xa = py::reinterpret_borrow<py::array>(x);
-            B = xa.shape(0), Tn = xa.shape(1), I = xa.shape(2);
+            I = py::reinterpret_borrow<py::array>(x).shape(2);
         } else {
-            auto ia = matrix(ids, "ids", "[B,T]");
-            B = ia.shape(0), Tn = ia.shape(1);
-            ids_ = keep<int64_t>(ids, "ids", {B, Tn});
             auto ta = matrix(table, "table", table_transposed ? "[G*H,V]" : "[V,G*H]");
             V_ = ta.shape(table_transposed ? 1 : 0);
             I = matrix(layers[0].w_ih, "layers[0].w_ih", "[G*H,I]").shape(1);
@@ -81,8 +79,7 @@ class StackStep {
             if (from_table) {
                 f.x = table_transposed ? keep<T>(table, "table", {GH, V_})
                                        : keep<T>(table, "table", {V_, GH});
-                f.projected = true;
-                f.ids = ids_;
+                f.projected = true;   // f.ids: each run's
                 f.V = V_;
                 f.table_t = table_transposed;
             } else if (l == 0) {
@@ -140,7 +137,6 @@ class StackStep {
         h.bias = keep<T>(bias, "bias", {C}, true);
         h.dw = keep<T>(dw, "dw", {C, F});
         h.db = h.bias ? keep<T>(db, "db", {C}) : nullptr;
-        h.targets = targets_ = keep<int64_t>(targets, "targets", {N});
         weights_ = keep<T>(weights, "weights", {N});
         if (!head_mask.is_none()) {
             a_.head_mask = keep<T>(head_mask, "head_mask", {B, Tn, F});
@@ -151,13 +147,24 @@ class StackStep {
         top.b.d_out = h.dh;
     }
 
+    // One step over ids [B,T] (None: floats) and targets [B,T], both int64 and read in place.
     // use_state false: every layer starts from zeros, whatever h0 and c0 hold (the LSTM kernel
-    // then skips the first step's h rows of its product)
-    double run(bool use_lengths, bool use_weights, double inv_total, bool use_state) {
-        const int64_t N = a_.B * a_.T_;
-        if (ids_) check_range(ids_, N, V_, "ids", "[0, V) = [0, " + std::to_string(V_) + ")");
-        check_range(targets_, N, a_.head.C, "targets",
+    // then skips the first step's h rows of its product). adam_t > 0: Adam's update of step t
+    // (set_adam's arrays) with these hyper-parameters at the end; 0: no update.
+    double run(py::handle ids, py::handle targets, bool use_lengths, bool use_weights,
+               double inv_total, bool use_state, int64_t adam_t, double lr, double b1, double b2,
+               double eps) {
+        const int64_t B = a_.B, Tn = a_.T_, N = B * Tn;
+        py::object io = checked(ids, "ids", py::dtype::of<int64_t>(), {B, Tn}, V_ == 0);
+        if (V_ == 0 && !io.is_none()) throw py::value_error("ids are for a table input only");
+        py::object to = checked(targets, "targets", py::dtype::of<int64_t>(), {B, Tn});
+        const int64_t* id = cptr<int64_t>(io);
+        const int64_t* target = cptr<int64_t>(to);
+        if (id) check_range(id, N, V_, "ids", "[0, V) = [0, " + std::to_string(V_) + ")");
+        check_range(target, N, a_.head.C, "targets",
                     "[0, C) = [0, " + std::to_string(a_.head.C) + ")");
+        a_.layers[0].f.ids = a_.layers[0].b.ids = id;
+        a_.head.targets = target;
         for (size_t l = 0; l < a_.layers.size(); ++l) {
             rk::StackLayer<T>& y = a_.layers[l];
             y.f.lengths = y.b.lengths = use_lengths ? lengths_ : nullptr;
@@ -166,6 +173,17 @@ class StackStep {
         }
         a_.head.w = use_weights ? weights_ : nullptr;
         a_.head.inv_total = inv_total;
+        a_.adam = nullptr;
+        if (adam_t > 0) {
+            if (adam_.n == 0) throw py::value_error("adam_t > 0 needs set_adam's arrays first");
+            // the scalars of rnnkern.optim.Adam._update, in double, each rounded once to T
+            const double bc1 = 1.0 - std::pow(b1, double(adam_t));
+            const double bc2_sqrt = std::sqrt(1.0 - std::pow(b2, double(adam_t)));
+            adam_s_ = {T(b1), T(1.0 - b1), T(b2), T(1.0 - b2), T(eps),
+                       T(adam_.tf_form ? lr * bc2_sqrt / bc1 : lr / bc1), T(bc2_sqrt)};
+            adam_.s = adam_s_.data();
+            a_.adam = &adam_;
+        }
         py::gil_scoped_release nogil;
         return stack_->step(a_);
     }
@@ -173,30 +191,27 @@ class StackStep {
     std::vector<int64_t> cut() const { return stack_->cut(); }
     void hold_cut(std::vector<int64_t> cut) { stack_->hold_cut(std::move(cut)); }
 
-    // Adam's update at the end of every run() (csrc/cpu/adam.h) over the flat p, g, m, v [n]
-    // with the scalars s [7] as they are at each run; p None: none (the caller updates).
-    void set_adam(py::handle p, py::handle g, py::handle m, py::handle v, py::handle s,
-                  bool tf_form) {
-        a_.adam = nullptr;
+    // The arrays of Adam's update (csrc/cpu/adam.h), run at the end of each run() given an
+    // adam_t: the flat p, g, m, v [n]; p None: none.
+    void set_adam(py::handle p, py::handle g, py::handle m, py::handle v, bool tf_form) {
+        adam_ = rk::AdamArgs<T>{};
         adam_keep_.clear();
         if (p.is_none()) return;
         if (!py::isinstance<py::array>(p))
             throw py::value_error("p must be a numpy.ndarray, got " +
                                   std::string(Py_TYPE(p.ptr())->tp_name));
         const int64_t n = int64_t(py::reinterpret_borrow<py::array>(p).size());
-        auto take = [&](py::handle o, const char* name, int64_t len) {
-            py::object c = checked(o, name, py::dtype::of<T>(), {len});
+        auto take = [&](py::handle o, const char* name) {
+            py::object c = checked(o, name, py::dtype::of<T>(), {n});
             adam_keep_.push_back(c);
             return mptr<T>(c);
         };
-        adam_.n = n;
-        adam_.p = take(p, "p", n);
-        adam_.g = take(g, "g", n);
-        adam_.m = take(m, "m", n);
-        adam_.v = take(v, "v", n);
-        adam_.s = take(s, "s", 7);
+        adam_.p = take(p, "p");
+        adam_.g = take(g, "g");
+        adam_.m = take(m, "m");
+        adam_.v = take(v, "v");
         adam_.tf_form = tf_form;
-        a_.adam = &adam_;
+        adam_.n = n;
     }
 
   private:
@@ -220,10 +235,9 @@ class StackStep {
     rk::StackArgs<T> a_;
     std::unique_ptr<rk::Stack<T>> stack_;
     rk::AdamArgs<T> adam_;
+    std::array<T, 7> adam_s_{};         // this run's Adam scalars (adam.h)
     std::vector<py::object> adam_keep_;  // set_adam's arrays
-    int64_t V_ = 0;
-    int64_t* ids_ = nullptr;
-    int64_t* targets_ = nullptr;
+    int64_t V_ = 0;                      // table rows (0: floats in)
     int64_t* lengths_ = nullptr;
     T* weights_ = nullptr;
 };
@@ -233,33 +247,33 @@ void bind_step(py::module_& m, const char* name) {
     py::class_<StackStep<T>>(m, name,
         "A training step of [input -> recurrent layers -> dense head + softmax cross-entropy\n"
         "(-> Adam)] in one call (csrc/cpu/stack.h) over arrays checked once, here.\n"
-        "layers: StackLayer per layer, bottom up. The first layer's input: table [V,G*H_0]\n"
-        "(its input projection per id) read by ids int64 [B,T], d_table [V,G*H_0] out (then\n"
-        "layer 0's dw_ih comes back zero: the caller forms it); table_transposed: table and\n"
-        "d_table are [G*H_0,V] (one-hot input: layer 0's w_ih and, the same array as its dw_ih,\n"
-        "dw_ih); or x [B,T,I] floats, with dx [B,T,I] out for their gradient (or None: not\n"
-        "formed). Head: weight [C,F], bias [C] | None, dw, db | None out,\n"
-        "targets int64 [N], weights [N], lengths int64 [B], head_mask [B,T,F] | None.\n"
-        "run(use_lengths, use_weights, inv_total, use_state) -> the loss; fills every h_n,\n"
-        "c_n and gradient.")
-        .def(py::init<const std::vector<StackLayerArrays>&, py::handle, py::handle, py::handle,
-                      bool, py::handle, py::handle, py::handle, py::handle, py::handle,
+        "layers: StackLayer per layer, bottom up; batch: (B, T). The first layer's input: a\n"
+        "table [V,G*H_0] (its input projection per id) that each run reads by its ids,\n"
+        "d_table [V,G*H_0] out (then layer 0's dw_ih comes back zero: the caller forms it);\n"
+        "table_transposed: table and d_table are [G*H_0,V] (one-hot input: layer 0's w_ih and,\n"
+        "the same array as its dw_ih, dw_ih); or x [B,T,I] floats, with dx [B,T,I] out for\n"
+        "their gradient (or None: not formed). Head: weight [C,F], bias [C] | None, dw,\n"
+        "db | None out, weights [N], lengths int64 [B], head_mask [B,T,F] | None.")
+        .def(py::init<const std::vector<StackLayerArrays>&, std::array<int64_t, 2>, py::handle,
+                      py::handle, bool, py::handle, py::handle, py::handle, py::handle,
                       py::handle, py::handle, py::handle, py::handle, py::handle>(),
-             py::arg("layers"), py::kw_only(), py::arg("table") = py::none(),
-             py::arg("ids") = py::none(), py::arg("d_table") = py::none(),
-             py::arg("table_transposed") = false, py::arg("x") = py::none(),
-             py::arg("dx") = py::none(),
-             py::arg("weight"), py::arg("bias"), py::arg("dw"), py::arg("db"),
-             py::arg("targets"), py::arg("weights"), py::arg("lengths"),
-             py::arg("head_mask") = py::none())
-        .def("run", &StackStep<T>::run, py::arg("use_lengths"), py::arg("use_weights"),
-             py::arg("inv_total"), py::arg("use_state") = true,
-             "One step; use_state False: every layer starts from zeros, whatever h0, c0 hold.")
+             py::arg("layers"), py::kw_only(), py::arg("batch"), py::arg("table") = py::none(),
+             py::arg("d_table") = py::none(), py::arg("table_transposed") = false,
+             py::arg("x") = py::none(), py::arg("dx") = py::none(), py::arg("weight"),
+             py::arg("bias"), py::arg("dw"), py::arg("db"), py::arg("weights"),
+             py::arg("lengths"), py::arg("head_mask") = py::none())
+        .def("run", &StackStep<T>::run, py::arg("ids"), py::arg("targets"),
+             py::arg("use_lengths"), py::arg("use_weights"), py::arg("inv_total"),
+             py::arg("use_state"), py::arg("adam_t") = 0, py::arg("lr") = 0.0,
+             py::arg("b1") = 0.0, py::arg("b2") = 0.0, py::arg("eps") = 0.0,
+             "One step over ids [B,T] (None: floats in) and targets [B,T], int64, read in\n"
+             "place; returns the loss and fills every h_n, c_n and gradient. use_state False:\n"
+             "every layer starts from zeros, whatever h0, c0 hold. adam_t > 0: then Adam's\n"
+             "update of step t (rnnkern.optim.Adam's rule and bits) with lr, b1, b2, eps.")
         .def("set_adam", &StackStep<T>::set_adam, py::arg("p"), py::arg("g"), py::arg("m"),
-             py::arg("v"), py::arg("s"), py::arg("tf_form"),
-             "Adam's update at the end of every run (csrc/cpu/adam.h): flat p, g, m, v [n] of\n"
-             "the dtype, s [7] = b1, 1-b1, b2, 1-b2, eps, step, sqrt(1-b2^t) as they are at each\n"
-             "run; p None turns it off.")
+             py::arg("v"), py::arg("tf_form"),
+             "The arrays of the update runs with adam_t > 0 (csrc/cpu/adam.h): flat p, g, m, v\n"
+             "[n] of the dtype; tf_form: TF's eps (else PyTorch's); p None: none.")
         .def_property_readonly("cut", &StackStep<T>::cut,
              "The forward's rows per thread, [0, c1, .., B]: thread k runs [cut[k], cut[k+1]).\n"
              "It follows the threads' measured speeds from step to step.")

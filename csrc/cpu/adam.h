@@ -20,7 +20,7 @@ struct AdamArgs {
     const T* g = nullptr;  // [n] their gradients
     T* m = nullptr;        // [n] first moments, updated
     T* v = nullptr;        // [n] second moments, updated
-    const T* s = nullptr;  // [7] b1, 1-b1, b2, 1-b2, eps, step, bc2, in T (Adam.step_scalars)
+    const T* s = nullptr;  // [7] b1, 1-b1, b2, 1-b2, eps, step, bc2, in T (each run's: stack.cpp)
     bool tf_form = true;
 };
 

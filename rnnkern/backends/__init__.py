@@ -96,9 +96,28 @@ def get_backend(name):
     return mod
 
 
+def _environ_reader(name):
+    """A function returning ``os.environ.get(name)``, read afresh at each call. Where CPython's
+    environ keeps its encoded mapping, it reads that directly: ``os.environ.get`` encodes the key
+    and decodes the value every time (~0.6 us), and a training step asks once per call."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if not (isinstance(data, dict) and encode and decode):
+        return lambda: os.environ.get(name)
+    key = encode(name)
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+    return read
+
+
+_env_backend = _environ_reader("RNNKERN_BACKEND")
+
+
 def preset():
     """The backend set by :func:`set_backend` or ``RNNKERN_BACKEND``, or None (automatic)."""
-    name = _chosen or os.environ.get("RNNKERN_BACKEND") or None
+    name = _chosen or _env_backend() or None
     return None if name == "auto" else name
 
 

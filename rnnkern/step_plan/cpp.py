@@ -26,6 +26,9 @@ from ..modules import Embedding, OneHot
 from ..optim import Adam
 from .plan import StepPlan, update_words
 
+_INT64 = np.dtype(np.int64)
+_INT64_MAX = np.iinfo(np.int64).max
+
 
 class CppPlan(StepPlan):
     def __init__(self, form, flat, optimizer, backend, shape):
@@ -41,9 +44,8 @@ class CppPlan(StepPlan):
         self.inv_n = 1.0 / (N + 1e-12)   # TF's sequence_loss: 1 / (the weight total + 1e-12)
         first = cells[0]
         GH = first.spec.gates * first.hidden
-        # buffers the call keeps: the batch, states, masks
-        self.ids = np.zeros((B, T), np.int64)
-        self.targets = np.zeros(N, np.int64)
+        # buffers the call keeps: states, masks, position weights and lengths (the batch's ids
+        # and targets it reads in place, each run)
         self.weights = np.zeros(N, dt)
         self.lens = np.zeros(B, np.int64)
         self.h0 = [np.zeros((B, c.hidden), dt) for c in cells]
@@ -68,12 +70,12 @@ class CppPlan(StepPlan):
         self.x_in = self.dx_in = self.table = self.d_table = None
         inputs = {}
         if self.table_mode and self.one_hot:     # W_ih is the table, read transposed
-            inputs = dict(table=p(first.layer, first.names[0]), ids=self.ids,
+            inputs = dict(table=p(first.layer, first.names[0]),
                           d_table=g(first.layer, first.names[0]), table_transposed=True)
             words = f"OneHot ids -> columns of W_ih [{GH},{V}], read inside the call"
         elif self.table_mode:                    # the table E W_ih^T, formed each step
             self.table, self.d_table = np.empty((V, GH), dt), np.empty((V, GH), dt)
-            inputs = dict(table=self.table, ids=self.ids, d_table=self.d_table)
+            inputs = dict(table=self.table, d_table=self.d_table)
             words = (f"Embedding ids -> rows of E W_ih^T [{V},{GH}] (NumPy GEMM), read inside "
                      f"the call; its gradient -> dW_ih, dE (NumPy GEMMs)")
         else:
@@ -86,16 +88,14 @@ class CppPlan(StepPlan):
                      f"call" + ("; their gradient scattered into dE" if self.dx_in is not None
                                 else ""))
         make = _C.StackStepF32 if dt == np.float32 else _C.StackStepF64
-        self.call = make(layers, **inputs, weight=p(head, "weight"),
+        self.call = make(layers, batch=self.shape, **inputs, weight=p(head, "weight"),
                          bias=head.params.get("bias"), dw=g(head, "weight"),
                          db=g(head, "bias") if "bias" in head.params else None,
-                         targets=self.targets, weights=self.weights, lengths=self.lens,
-                         head_mask=self.head_mask)
+                         weights=self.weights, lengths=self.lens, head_mask=self.head_mask)
         # Adam inside the call: possible for this optimizer and input (_adam_inside checks the
         # rest each step); the flat state and eps mode handed to the call, or None
         self.adam_may = type(optimizer) is Adam and type(enc) is not Embedding
         self.adam_flat, self.adam_eps_mode = None, None
-        self.adam_scalars = np.empty(7, dt)
         kinds = ", ".join(f"{type(r).__name__}({r.input_size}->{r.hidden_size}"
                           f"{f' x{r.num_layers}' if r.num_layers > 1 else ''})"
                           for r in form.recurrent)
@@ -116,7 +116,9 @@ class CppPlan(StepPlan):
     # ---------------------------------------------------------------- a step
     def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False):
         ids = self._load_input(x)
-        self._load_targets(y, weights)
+        targets = self._targets(y)
+        if weights is not None:
+            self._load_weights(weights)
         lens = None if lengths is None else self._lengths(lengths)
         if lens is not None:
             self.lens[:] = lens
@@ -126,17 +128,19 @@ class CppPlan(StepPlan):
         if self.draws_masks:            # before the generators move, what the call would refuse:
             if ids is not None:          # a bad batch changes nothing
                 self._check_ids(ids)
-            self._check_targets()
+            self._check_targets(targets)
             self._draw_masks()
-        inside = self.adam_may and self._adam_inside()
+        opt = self.optimizer
+        t = opt.iterations + 1 if self.adam_may and self._adam_inside() else 0
         if self.table is not None:       # the first layer's input projection per id
             first = self.form.cells[0]
             np.dot(self.form.table(), first.layer.params[first.names[0]].T, out=self.table)
         inv_total = (self.inv_n if weights is None
                      else 1.0 / (float(self.weights.sum(dtype=np.float64)) + 1e-12))
         try:
-            value = self.call.run(lens is not None, weights is not None, inv_total,
-                                  states0 is not None)
+            value = self.call.run(None if self.x_in is not None else ids, targets,
+                                  lens is not None, weights is not None, inv_total,
+                                  states0 is not None, t, opt.lr, *self._adam_hyper(t))
         except ValueError:
             if ids is not None:
                 self._check_ids(ids)     # name the encoder, as its forward would
@@ -144,34 +148,42 @@ class CppPlan(StepPlan):
         if self.embedded:
             self._embedding_grads(ids)
         self.form.model._ran = False     # the plan left no forward for model.backward()
-        if inside:
-            self.optimizer.iterations += 1   # what step_flat counts
+        if t:
+            opt.iterations = t           # what step_flat counts
         else:
             self._update()
         if return_state:
             return value, self._final_states()
         return value
 
+    def _adam_hyper(self, t):
+        opt = self.optimizer
+        return (opt.beta1, opt.beta2, opt.eps) if t else (0.0, 0.0, 0.0)
+
     def _load_input(self, x):
-        """The batch's ids into the call's buffer (their range: the call checks it) or rows,
-        or its floats; returns the ids (None without an encoder)."""
+        """The batch's ids, int64 [B,T] (their range: the call checks it; gathered here into
+        rows when the first layer reads floats), or its floats copied in; returns the ids (None
+        without an encoder)."""
         enc = self.form.encoder
         if enc is None:
             x, _ = self.form.recurrent[0]._check_x(x)
             np.copyto(self.x_in, x)
             return None
-        ids = np.asarray(x)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"{type(enc).__name__} input must be integer ids, got dtype "
-                            f"{ids.dtype}")
-        if ids.shape != self.shape:
+        if not (type(x) is np.ndarray and x.dtype == _INT64 and x.flags.c_contiguous):
+            x = np.asarray(x)
+            if x.dtype.kind not in "iu":
+                raise TypeError(f"{type(enc).__name__} input must be integer ids, got dtype "
+                                f"{x.dtype}")
+            if x.dtype.kind == "u" and x.size and x.max() > _INT64_MAX:
+                self._check_ids(x)       # no int64 holds it: refused with its value
+            x = np.ascontiguousarray(x, dtype=np.int64)
+        if x.shape != self.shape:
             raise ValueError(f"{type(enc).__name__} ids must have shape [B,T] = {self.shape}, "
-                             f"got {ids.shape}")
-        np.copyto(self.ids, ids, casting="unsafe")
+                             f"got {x.shape}")
         if self.x_in is not None:        # gathered here: checked first
-            self._check_ids(ids)
-            np.take(self.form.table(), self.ids, axis=0, out=self.x_in)
-        return ids
+            self._check_ids(x)
+            np.take(self.form.table(), x, axis=0, out=self.x_in)
+        return x
 
     def _check_ids(self, ids):
         V = self.form.table().shape[0]
@@ -181,31 +193,36 @@ class CppPlan(StepPlan):
             raise ValueError(f"{type(self.form.encoder).__name__} ids must lie in [0, {V}), "
                              f"got {bad}")
 
-    def _check_targets(self):
+    def _check_targets(self, targets):
         C = self.form.head.out_features
-        t = self.targets
-        if t.size and (t.min() < 0 or t.max() >= C):
-            raise ValueError(f"targets must lie in [0, C) = [0, {C}), got min {t.min()} and "
-                             f"max {t.max()}")
+        if targets.size and (targets.min() < 0 or targets.max() >= C):
+            raise ValueError(f"targets must lie in [0, C) = [0, {C}), got min {targets.min()} "
+                             f"and max {targets.max()}")
 
-    def _load_targets(self, y, weights):
-        """targets (their range: the call checks it) and position weights into the buffers."""
-        B, T = self.shape
+    def _targets(self, y):
+        """The targets as int64 [B,T] (their range: the call checks it)."""
+        if type(y) is np.ndarray and y.dtype == _INT64 and y.flags.c_contiguous \
+                and y.shape == self.shape:
+            return y
         targets = np.asarray(y)
         if targets.dtype.kind not in "iu":
             raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
-        if targets.shape != (B, T):
-            raise ValueError(f"targets must have shape [B,T] = {(B, T)}, got {targets.shape}")
-        np.copyto(self.targets.reshape(B, T), targets, casting="unsafe")
-        if weights is not None:
-            w = np.asarray(weights)
-            if w.dtype.kind not in "biuf":
-                raise TypeError(f"weights must be a floating-point array, got dtype {w.dtype}")
-            if w.shape != (B, T):
-                raise ValueError(f"weights must have shape [B,T] = {(B, T)}, got {w.shape}")
-            if w.size and not np.isfinite(w).all():
-                raise ValueError("weights contains NaN or infinity")
-            np.copyto(self.weights, w.reshape(-1), casting="unsafe")
+        if targets.shape != self.shape:
+            raise ValueError(f"targets must have shape [B,T] = {self.shape}, got "
+                             f"{targets.shape}")
+        if targets.dtype.kind == "u" and targets.size and targets.max() > _INT64_MAX:
+            self._check_targets(targets)  # no int64 holds it: refused with its value
+        return np.ascontiguousarray(targets, dtype=np.int64)
+
+    def _load_weights(self, weights):
+        w = np.asarray(weights)
+        if w.dtype.kind not in "biuf":
+            raise TypeError(f"weights must be a floating-point array, got dtype {w.dtype}")
+        if w.shape != self.shape:
+            raise ValueError(f"weights must have shape [B,T] = {self.shape}, got {w.shape}")
+        if w.size and not np.isfinite(w).all():
+            raise ValueError("weights contains NaN or infinity")
+        np.copyto(self.weights, w.reshape(-1), casting="unsafe")
 
     def _load_states(self, states0):
         cells = iter(range(len(self.form.cells)))
@@ -239,13 +256,13 @@ class CppPlan(StepPlan):
                                                                            first.names[0]))
             np.dot(self.d_table, w_ih, out=dE)
         else:
-            E.scatter_rows(self.ids, self.dx_in, out=dE)
+            E.scatter_rows(ids, self.dx_in, out=dE)
 
     def _adam_inside(self):
         """Whether the call runs the update this step: a plain Adam (no clipping, no weight
         decay) whose flat state exists (its first step, or one after ``load_state_dict``,
         builds it through step_flat), every gradient final inside the call (no embedding).
-        Hands the call Adam's state when it changed, and this step's scalars."""
+        Hands the call Adam's state arrays when they changed."""
         opt = self.optimizer
         flat = opt._flat
         if (flat is None or opt.clip_norm is not None or opt.clip_value is not None
@@ -255,15 +272,14 @@ class CppPlan(StepPlan):
             if flat["layout"] != self.flat.layout or flat["dtype"] != self.form.dtype:
                 return self._adam_off()
             self.call.set_adam(self.flat.params, self.flat.grads, flat["state"]["m"],
-                               flat["state"]["v"], self.adam_scalars, opt.eps_mode == "tf")
+                               flat["state"]["v"], opt.eps_mode == "tf")
             self.adam_flat, self.adam_eps_mode = flat, opt.eps_mode
             self.stages["update"] = "Adam inside the call, over the flat parameters (C++)"
-        opt.step_scalars(self.adam_scalars, opt.iterations + 1)
         return True
 
     def _adam_off(self):
         if self.adam_flat is not None:
-            self.call.set_adam(None, None, None, None, None, False)
+            self.call.set_adam(None, None, None, None, False)
             self.adam_flat = None
         self.stages["update"] = self._update_words
         return False
