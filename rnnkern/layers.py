@@ -328,40 +328,49 @@ class _Recurrent:
                 f"backend={self.backend!r})")
 
 
-class RNN(_Recurrent):
-    r"""Elman RNN: :math:`h_t = \mathrm{act}(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})`.
+def _document(cls, summary, options, state, example):
+    """Give a recurrent layer class a docstring that stands alone: its own math, options, state and
+    example around the arguments every recurrent layer shares (one copy of that text)."""
+    cls.__doc__ = f"""{summary}
 
     Args:
-        input_size (I), hidden_size (H), num_layers (L)
-        nonlinearity: "tanh" (default) or "relu"
-        dtype: "float32" or "float64";  backend: "auto" | "numpy" | "numba" | "cpp" | "cuda"
-        seed: seeds the U(-1/sqrt(H), 1/sqrt(H)) initialisation;  dropout: between layers
+        input_size:  I, features of ``x`` per step
+        hidden_size: H, units of each layer
+        num_layers:  L, layers stacked (layer k > 0 reads layer k-1's outputs)
+{options}
+        dtype:       "float32" (default) or "float64"
+        backend:     "auto" (C++, then Numba, then NumPy; CUDA for CuPy inputs) or one of
+                     "numpy", "numba", "cpp", "cuda"; see ``rnnkern.available_backends()``
+        seed:        seeds the U(-1/sqrt(H), 1/sqrt(H)) initialisation (PyTorch's) and dropout
+        dropout:     probability of zeroing each output of every layer but the last, in training
+
+    Parameters, PyTorch's names and shapes (G = {cls.gates} gates): ``params["weight_ih_l{{k}}"]``
+    [G*H, I or H], ``weight_hh_l{{k}}`` [G*H, H], ``bias_ih_l{{k}}`` and ``bias_hh_l{{k}}`` [G*H];
+    :attr:`grads` has the same keys after :meth:`backward`.
+
+    Call ``layer(x, initial_state=None, lengths=None)`` with ``x`` [B,T,I] floats (NumPy, or CuPy
+    for the GPU) -> ``(outputs [B,T,H], final_state)``; {state}
+    ``initial_state=None`` means zeros. ``lengths`` (ints [B] in [0, T]): steps at ``t >= lengths[b]`` output zeros and leave
+    the state unchanged (TF ``dynamic_rnn``).
 
     Example::
 
-        >>> rnn = RNN(5, 8, num_layers=2, seed=0)
-        >>> out, h_n = rnn(np.zeros((3, 7, 5), np.float32))     # out [3,7,8], h_n [2,3,8]
+{example}
     """
+    return cls
 
+
+class RNN(_Recurrent):
     kind = "rnn"
+    gates = 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, nonlinearity="tanh", **kwargs):
         super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, **kwargs)
 
 
 class LSTM(_Recurrent):
-    r"""LSTM with PyTorch's gate order ``i, f, g, o`` and TF1's run-time ``forget_bias``.
-
-    .. math::
-        i = \sigma(a_i),\ f = \sigma(a_f + \text{forget\_bias}),\ g = \tanh(a_g),\
-        o = \sigma(a_o),\ c' = f c + i g,\ h' = o \tanh(c')
-
-    with :math:`a = x W_{ih}^T + b_{ih} + h W_{hh}^T + b_{hh}`. ``forget_bias=1.0`` (default)
-    matches TF1 ``BasicLSTMCell``; ``forget_bias=0.0`` matches ``torch.nn.LSTM``.
-    State is ``(h, c)``, each [L,B,H]. Other arguments as :class:`RNN`.
-    """
-
     kind = "lstm"
+    gates = 4
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, forget_bias=1.0, **kwargs):
         if not isinstance(forget_bias, numbers.Real) or not np.isfinite(forget_bias):
@@ -371,16 +380,44 @@ class LSTM(_Recurrent):
 
 
 class GRU(_Recurrent):
-    r"""GRU with PyTorch's gate order ``r, z, n``, in either convention.
-
-    ``reset_after=True`` (default; PyTorch, cuDNN, Keras 2):
-    :math:`n = \tanh(x W_{in}^T + b_{in} + r (h W_{hn}^T + b_{hn}))`.
-    ``reset_after=False`` (TF1 ``GRUCell``): :math:`n = \tanh(x W_{in}^T + b_{in} + (r h) W_{hn}^T + b_{hn})`.
-    Both: :math:`h' = (1 - z) n + z h`. Other arguments as :class:`RNN`.
-    """
-
     kind = "gru"
+    gates = 3
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, reset_after=True, **kwargs):
         super().__init__(input_size, hidden_size, num_layers, reset_after=bool(reset_after),
                          **kwargs)
+
+
+_document(
+    RNN,
+    "Elman RNN: ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)`` (``torch.nn.RNN``).",
+    '''        nonlinearity: "tanh" (default) or "relu", the ``act`` above''',
+    "the state is ``h`` [L,B,H].",
+    """        >>> rnn = RNN(5, 8, num_layers=2, seed=0)
+        >>> out, h_n = rnn(np.zeros((3, 7, 5), np.float32))     # out [3,7,8], h_n [2,3,8]""")
+
+_document(
+    LSTM,
+    """LSTM with PyTorch's gate order ``i, f, g, o`` and TF1's run-time ``forget_bias``.
+
+    With ``a = x W_ih^T + b_ih + h W_hh^T + b_hh`` split into ``a_i, a_f, a_g, a_o``:
+    ``i = sigmoid(a_i)``, ``f = sigmoid(a_f + forget_bias)``, ``g = tanh(a_g)``,
+    ``o = sigmoid(a_o)``, ``c' = f c + i g``, ``h' = o tanh(c')``.""",
+    '''        forget_bias: added to the forget gate's input at run time; 1.0 (default) matches TF1
+                     ``BasicLSTMCell``, 0.0 matches ``torch.nn.LSTM``''',
+    "the state is ``(h, c)``, each [L,B,H].",
+    """        >>> lstm = LSTM(5, 8, seed=0)
+        >>> out, (h_n, c_n) = lstm(np.zeros((3, 7, 5), np.float32))   # out [3,7,8], h_n [1,3,8]""")
+
+_document(
+    GRU,
+    """GRU with PyTorch's gate order ``r, z, n``, in either convention.
+
+    With ``r = sigmoid(x W_ir^T + b_ir + h W_hr^T + b_hr)`` and ``z`` alike:
+    reset-after (PyTorch, cuDNN, Keras 2): ``n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn))``;
+    reset-before (TF1 ``GRUCell``): ``n = tanh(x W_in^T + b_in + (r h) W_hn^T + b_hn)``.
+    Both: ``h' = (1 - z) n + z h``.""",
+    '''        reset_after: True (default) for the reset-after convention, False for reset-before''',
+    "the state is ``h`` [L,B,H].",
+    """        >>> gru = GRU(5, 8, reset_after=False, seed=0)           # TF1's GRUCell
+        >>> out, h_n = gru(np.zeros((3, 7, 5), np.float32))     # out [3,7,8], h_n [1,3,8]""")

@@ -118,17 +118,17 @@ class Sequential:
         return self.train(False)
 
     # ------------------------------------------------------------------ forward / backward
-    def __call__(self, x, lengths=None, initial_state=None, return_state=False):
-        return self.forward(x, lengths, initial_state, return_state)
+    def __call__(self, x, initial_state=None, lengths=None, return_state=False):
+        return self.forward(x, initial_state, lengths, return_state)
 
-    def forward(self, x, lengths=None, initial_state=None, return_state=False):
+    def forward(self, x, initial_state=None, lengths=None, return_state=False):
         """Run every layer.
 
         Args:
             x:             input of the first layer: [B,T,I] floats, or [B,T] ids for
                            ``Embedding``/``OneHot``
-            lengths:       None or ints [B]; passed to recurrent layers and ``LastStep``
             initial_state: None, or a tuple with one entry per layer (see class docstring)
+            lengths:       None or ints [B]; passed to recurrent layers and ``LastStep``
             return_state:  also return the final state tuple
 
         Returns:
@@ -181,5 +181,5 @@ class Sequential:
         switch dropout off).
         """
         x_t = np.asarray(x_t)
-        y, state = self.forward(x_t[:, None], None, state, return_state=True)
+        y, state = self.forward(x_t[:, None], state, return_state=True)
         return (y[:, 0] if y.ndim == 3 else y), state

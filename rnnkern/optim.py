@@ -87,8 +87,9 @@ class Optimizer:
         clip_norm:   clip the gradients' global norm to this (TF ``clip_by_global_norm``)
         clip_value:  clamp each gradient element to ``[-clip_value, clip_value]``
 
-    The update rules are NumPy, once each; a training step on the C++ backend may run Adam's
-    inside its call instead (csrc/cpu/adam.h: the same operations, so the same bits).
+    The update rules are NumPy, once each; a training step on the C++ backend runs Adam's in C++
+    instead, inside its call or after it (csrc/cpu/adam.h: the same operations, so the same
+    bits).
     """
 
     _slots = ()  # names of the per-parameter state arrays
@@ -140,13 +141,16 @@ class Optimizer:
                 st = self.state[k] = self._init_state(p)
             self._update(p, np.asarray(grads[k], dtype=p.dtype), st)
 
-    def step_flat(self, flat_params, flat_grads, layout):
-        """:meth:`step` for parameters that live in one flat array, as a fused training step
+    def step_flat(self, flat_params, flat_grads, layout, update=None):
+        """:meth:`step` for parameters that live in one flat array, as a training step's plan
         keeps them (:class:`rnnkern.TrainStep`): the same clipping, update and per-name state.
 
         Args:
             flat_params, flat_grads: 1-D arrays of one float dtype, updated / clipped in place
             layout: ``((name, shape), ...)``, the parameters in the order they are concatenated
+            update: None, or ``update(flat_params, flat_grads, flat_state)``, another
+                    implementation of this optimizer's rule over the flat arrays (the C++ plan's
+                    Adam); the per-name fallback always runs the NumPy rule
         """
         if self.clip_value is not None:
             clip_grad_value([flat_grads], self.clip_value)
@@ -172,7 +176,7 @@ class Optimizer:
                 return
         st = flat["state"]
         slots = len(st)
-        self._update(flat_params, flat_grads, st)
+        (update or self._update)(flat_params, flat_grads, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
 
@@ -402,3 +406,14 @@ class Adagrad(Optimizer):
         std = np.sqrt(s)
         std += self.eps
         p -= self.lr * (g / std)
+
+
+# Each optimizer's docstring stands alone: the arguments they all take, written once.
+_SHARED_ARGS = """
+    Keyword arguments of every optimizer: ``clip_norm`` clips the gradients' global norm (TF
+    ``clip_by_global_norm``); ``clip_value`` clamps each element to ``[-clip_value, clip_value]``
+    (both in place, before the update). ``lr`` is an attribute that schedules may change.
+"""
+for _cls in (SGD, Adam, RMSprop, Adagrad):
+    _cls.__doc__ = _cls.__doc__.rstrip() + "\n" + _SHARED_ARGS
+del _cls

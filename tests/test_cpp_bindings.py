@@ -712,3 +712,45 @@ def test_empty_dimensions_match_reference(split_time_loop, threads, cell, dims):
     _check_against_reference(spec, _problem(spec, B=3, T=2, I=2, H=5, seed=9))  # dirty buffers
     Bq, Tq, Iq, Hq = dims
     _check_against_reference(spec, _problem(spec, B=Bq, T=Tq, I=Iq, H=Hq))
+
+
+# ---------------------------------------------------------------------------------------------
+# _C.adam: Adam's update after a training step's call (csrc/bindings/optim.cpp)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps_mode", ["tf", "torch"])
+@pytest.mark.parametrize("n", [1, 7, 40_000])     # 40_000: split over the threads
+def test_native_adam_is_bitwise_the_numpy_rule(monkeypatch, dtype, eps_mode, n):
+    from rnnkern.optim import Adam
+    monkeypatch.setattr(config, "CPP_THREADS", 2)
+    rng = np.random.default_rng(n)
+    layout = (("w", (n,)),)
+    p_np = rng.standard_normal(n).astype(dtype)
+    p_c = p_np.copy()
+    ref, ours = Adam(0.01, eps=1e-3, eps_mode=eps_mode), Adam(0.01, eps=1e-3, eps_mode=eps_mode)
+
+    def native(p, g, state):
+        _C.adam(p, g, state["m"], state["v"], t=ours.iterations, lr=ours.lr, b1=ours.beta1,
+                b2=ours.beta2, eps=ours.eps, tf_form=ours.eps_mode == "tf")
+
+    for _ in range(4):
+        g = rng.standard_normal(n).astype(dtype)
+        ref.step_flat(p_np, g.copy(), layout)
+        ours.step_flat(p_c, g.copy(), layout, update=native)
+    np.testing.assert_array_equal(p_c, p_np)
+    for s in ("m", "v"):
+        np.testing.assert_array_equal(ours.state["w"][s], ref.state["w"][s])
+
+
+def test_native_adam_names_its_bad_arguments():
+    p = np.zeros(5, np.float32)
+    ok = dict(t=1, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, tf_form=True)
+    with pytest.raises(ValueError, match="^p must have dtype float32 or float64"):
+        _C.adam(p.astype(np.int64), p, p, p, **ok)
+    with pytest.raises(ValueError, match="^g must"):
+        _C.adam(p, np.zeros(5), p, p, **ok)
+    with pytest.raises(ValueError, match="^v must"):
+        _C.adam(p, p, p, np.zeros(4, np.float32), **ok)
+    with pytest.raises(ValueError, match="^m must"):
+        _C.adam(p, p, np.zeros(10, np.float32)[::2], p, **ok)
+    with pytest.raises(ValueError, match="t must be >= 1"):
+        _C.adam(p, p, p, p, **dict(ok, t=0))

@@ -264,6 +264,35 @@ def test_state_carrying_and_step_match_full_forward(kind):
     assert state[0] is None and state[4] is None
 
 
+def test_one_argument_order_for_layers_and_sequential():
+    """(x, initial_state, lengths) positionally, the same for a recurrent layer and Sequential."""
+    rng = np.random.default_rng(4)
+    lstm = rk.LSTM(3, 4, seed=0, dtype=F64)
+    m = rk.Sequential([lstm, rk.Dense(4, 2, seed=1, dtype=F64)])
+    x = rng.standard_normal((2, 5, 3))
+    h0 = (rng.standard_normal((1, 2, 4)), rng.standard_normal((1, 2, 4)))
+    lengths = np.array([5, 2])
+    by_position = m(x, (h0, None), lengths)
+    by_name = m(x, lengths=lengths, initial_state=(h0, None))
+    close(by_position, by_name, rtol=0)
+    out, _ = lstm(x, h0, lengths)
+    assert np.all(out[1, 2:] == 0)                       # lengths took effect positionally too
+    close(by_position, out @ m[1].params["weight"].T + m[1].params["bias"], rtol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [rk.RNN, rk.LSTM, rk.GRU, rk.Sequential, rk.Dense, rk.Embedding,
+                                 rk.OneHot, rk.Dropout, rk.LastStep, rk.TrainStep, rk.Trainer,
+                                 rk.SGD, rk.Adam, rk.RMSprop, rk.Adagrad])
+def test_public_docstrings_stand_alone(cls):
+    doc = cls.__doc__ or ""
+    assert len(doc) > 150, f"{cls.__name__} has no real docstring"
+    assert "as :class:" not in doc and "Other arguments" not in doc
+    if cls in (rk.RNN, rk.LSTM, rk.GRU):
+        for arg in ("input_size", "hidden_size", "num_layers", "dtype", "backend", "seed",
+                    "dropout", "initial_state", "lengths"):
+            assert arg in doc, f"{cls.__name__}'s docstring does not explain {arg}"
+
+
 def test_train_eval_switches_dropout_everywhere():
     m = make_model(dropout=0.5)
     ids = np.random.default_rng(3).integers(0, 7, (2, 5))

@@ -222,6 +222,8 @@ def test_the_plan_says_which_stage_runs_where(backend):
     else:
         assert f"{backend}, one seam call per cell" in text
     assert "Adam.step_flat" in text     # an embedding's gradient is formed after the call
+    if backend == "cpp":
+        assert "its rule in C++ after the call" in text
     assert repr(step).startswith("TrainStep(step plan")
 
 

@@ -14,6 +14,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("__source_digest__") = RK_SOURCE_DIGEST;
     rkpy::bind_seam(m);
     rkpy::bind_stack(m);
+    rkpy::bind_optim(m);
     rkpy::bind_tunables(m);
     rkpy::bind_bench(m);
 }

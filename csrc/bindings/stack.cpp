@@ -176,11 +176,7 @@ class StackStep {
         a_.adam = nullptr;
         if (adam_t > 0) {
             if (adam_.n == 0) throw py::value_error("adam_t > 0 needs set_adam's arrays first");
-            // the scalars of rnnkern.optim.Adam._update, in double, each rounded once to T
-            const double bc1 = 1.0 - std::pow(b1, double(adam_t));
-            const double bc2_sqrt = std::sqrt(1.0 - std::pow(b2, double(adam_t)));
-            adam_s_ = {T(b1), T(1.0 - b1), T(b2), T(1.0 - b2), T(eps),
-                       T(adam_.tf_form ? lr * bc2_sqrt / bc1 : lr / bc1), T(bc2_sqrt)};
+            adam_s_ = rk::adam_scalars<T>(adam_t, lr, b1, b2, eps, adam_.tf_form);
             adam_.s = adam_s_.data();
             a_.adam = &adam_;
         }

@@ -259,11 +259,7 @@ double Stack<T>::step(const StackArgs<T>& a) {
     run_chunks(finishers, finishers, [](void* p, int64_t, int64_t) {
         finish_tasks<T>(*static_cast<State*>(p));
     }, &st);
-    if (a.adam && a.adam->n > 0)  // on the same threads, the gradients still in their caches
-        run_chunks(a.adam->n, int(std::min<int64_t>(n, a.adam->n)),
-                   [](void* p, int64_t lo, int64_t hi) {
-                       adam_range(*static_cast<const AdamArgs<T>*>(p), lo, hi);
-                   }, const_cast<AdamArgs<T>*>(a.adam));
+    if (a.adam) adam_update(*a.adam, n);  // on the same threads, the gradients still in cache
     return st.loss;
 }
 

@@ -6,7 +6,7 @@
 // Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, GRU 3),
 // S saved activations per element (RNN 1: h'; LSTM 5: i f g o tanh(c'); GRU 4: r z n gh_n).
 //
-// Buffer layouts (every kernel and rnnkern/backends/cuda.py agree on these):
+// Buffer layouts (every kernel and rnnkern/backends/cuda/ agree on these):
 //   gx      [B,T,G*H]  x W_ih^T, one GEMM before the time loop (b_ih is added in the kernels)
 //   h_all   [T+1,B,H]  carried hidden state; h_all[0] = h0, h_all[t+1] = state after step t
 //   c_all   [T+1,B,H]  carried cell state (LSTM)

@@ -35,7 +35,7 @@
 #include "common.cuh"
 
 #ifndef RK_CLUSTER_SIZE
-#define RK_CLUSTER_SIZE 8  // the host passes its own value (rnnkern/backends/cuda.py)
+#define RK_CLUSTER_SIZE 8  // the host passes its own value (rnnkern/backends/cuda/plan.py)
 #endif
 
 enum { RK_TEAM_GRID = 0, RK_TEAM_CLUSTER = 1 };

@@ -1,6 +1,7 @@
-// stepwise.cu -- strategy "stepwise": per time step, cuBLAS does the recurrent GEMM (launched by
-// rnnkern/backends/cuda.py through CuPy) and one of these kernels does the fused pointwise cell
-// math for all B*H elements. One thread per element (b, j); any 1-D grid covering B*H works.
+// stepwise.cu -- strategy "stepwise": per time step, cuBLAS does the recurrent GEMM (launched
+// by rnnkern/backends/cuda/seam.py through CuPy) and one of these kernels does the fused
+// pointwise cell math for all B*H elements. One thread per element (b, j); any 1-D grid
+// covering B*H works.
 //
 // Shape legend and buffer layouts: common.cuh. Every kernel takes the step index t and reads
 // or writes its slice of the whole-sequence buffers, so the host never builds views.

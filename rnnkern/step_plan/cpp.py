@@ -5,7 +5,8 @@ head and softmax cross-entropy, every layer's backward, then the gradient sums a
 Adam whose every gradient is final inside the call, Adam's update (csrc/cpu/stack.h). Python
 around it loads the batch into the call's buffers, draws the dropout masks (from the same
 generators, in the same order, as the layers' own forward), and finishes what the call leaves:
-an embedding's gradients and the update of any other optimizer.
+an embedding's gradients, clipping, and the update -- Adam's still in C++ (``_C.adam``), any
+other optimizer's in NumPy.
 
 Input stage, by the encoder and the batch: ids with V <= B*T read their rows of a table
 [V, G*H_0] inside the call -- for one-hot input that table is W_ih itself, read transposed, and
@@ -105,7 +106,7 @@ class CppPlan(StepPlan):
             "head": f"Dense({head.in_features}->{head.out_features}) + sequence_loss inside "
                     f"the call",
         }
-        self._update_words = self.stages["update"] = update_words(optimizer)  # or inside: run
+        self.stages["update"] = self._update_words()  # or inside the call: _adam_inside
 
     def _params(self, layer, name):
         return layer.params[name]
@@ -155,6 +156,28 @@ class CppPlan(StepPlan):
         if return_state:
             return value, self._final_states()
         return value
+
+    def _update(self):
+        """The update after the call: Adam's rule on the C++ threads (clipping, if any, first in
+        NumPy), any other optimizer's in NumPy."""
+        opt = self.optimizer
+        self.stages["update"] = self._update_words()
+        if not self._adam_after():
+            return super()._update()
+        opt.step_flat(self.flat.params, self.flat.grads, self.flat.layout, update=self._adam)
+
+    def _adam_after(self):
+        return type(self.optimizer) is Adam and not self.optimizer.weight_decay
+
+    def _update_words(self):
+        if self._adam_after():
+            return "Adam.step_flat over the flat parameters, its rule in C++ after the call"
+        return update_words(self.optimizer)
+
+    def _adam(self, p, g, state):
+        opt = self.optimizer
+        cpp_backend._C.adam(p, g, state["m"], state["v"], t=opt.iterations, lr=opt.lr,
+                            b1=opt.beta1, b2=opt.beta2, eps=opt.eps, tf_form=opt.eps_mode == "tf")
 
     def _adam_hyper(self, t):
         opt = self.optimizer
@@ -281,7 +304,7 @@ class CppPlan(StepPlan):
         if self.adam_flat is not None:
             self.call.set_adam(None, None, None, None, False)
             self.adam_flat = None
-        self.stages["update"] = self._update_words
+        self.stages["update"] = self._update_words()
         return False
 
     def _final_states(self):
