@@ -289,7 +289,7 @@ def test_the_plan_names_its_stages():
          "call; its gradient -> dW_ih, dE (NumPy GEMMs)"),
         "  stack   cpp, one call for the whole stack: GRU(3->5 x2), LSTM(5->7)",
         "  head    Dense(7->3) + sequence_loss inside the call",
-        "  update  Adam.step_flat over the flat parameters (NumPy)"]
+        "  update  Adam.step_flat over the flat parameters, its rule in C++ after the call"]
     assert repr(run.step) == f"TrainStep({run.step.plan})"
 
 
@@ -555,7 +555,8 @@ def test_buffers_on_huge_pages_change_no_result(tunable, threads):
 
 # ------------------------------------------------------------------------------ Adam inside
 INSIDE = "Adam inside the call, over the flat parameters (C++)"
-AFTER = "Adam.step_flat over the flat parameters (NumPy)"
+AFTER = "Adam.step_flat over the flat parameters, its rule in C++ after the call"
+NUMPY = "Adam.step_flat over the flat parameters (NumPy)"
 
 
 @pytest.mark.parametrize("eps_mode", ["tf", "torch"])
@@ -566,19 +567,22 @@ def test_adam_inside_the_call_gives_the_numpy_bits(monkeypatch, inp, dtype, eps_
     as Adam.step_flat after it, over steps with an lr change, a state reload (whose first step
     builds the flat state through step_flat, then the call takes it again), an eps_mode switch
     and a clip_value set and unset (the update leaves the call and comes back). References:
-    the same plan with the update kept outside (_adam_inside patched), and an Adam whose
-    clip_value clips nothing (np.clip to +-1e30 changes no finite gradient: the same math)."""
+    the same plan with the update kept outside (_adam_inside patched; _C.adam after the call),
+    that with NumPy's rule (_adam_after patched too), and an Adam whose clip_value clips
+    nothing (np.clip to +-1e30 changes no finite gradient: the same math)."""
     enc, V = INPUTS[inp]
     net = Net(enc=enc, V=V, stack=(("lstm", 2, 17), ("gru-rb", 1, 5)), dtype=dtype,
               dropout=0.2, head_dropout=0.1)
     calls = scenario(net, B=4, T=3)
     other = {"tf": "torch", "torch": "tf"}[eps_mode]
 
-    def run(clip_value=None, outside=False):
+    def run(clip_value=None, outside=False, numpy_rule=False):
         where = []
         with monkeypatch.context() as mp:
-            if outside:
+            if outside or numpy_rule:
                 mp.setattr(CppPlan, "_adam_inside", lambda self: False)
+            if numpy_rule:
+                mp.setattr(CppPlan, "_adam_after", lambda self: False)
             r = train(net, calls[:2], opt=lambda: rk.Adam(0.05, eps_mode=eps_mode,
                                                           clip_value=clip_value))
             opt, step = r.opt, r.step
@@ -609,6 +613,9 @@ def test_adam_inside_the_call_gives_the_numpy_bits(monkeypatch, inp, dtype, eps_
     outside, where = run(outside=True)
     assert set(where) == {AFTER}
     assert_same(inside, outside, dtype, bits=True)
+    numpy_rule, where = run(numpy_rule=True)
+    assert set(where) == {NUMPY}
+    assert_same(inside, numpy_rule, dtype, bits=True)
     clipped, where = run(clip_value=1e30)
     assert set(where) == {AFTER}
     assert_same(inside, clipped, dtype, bits=True)
@@ -626,8 +633,9 @@ def test_other_updates_run_after_the_call_and_match_the_generic_loop(enc, opt):
     net = Net(enc=enc, stack=(("gru", 1, 5), ("lstm", 1, 4)))
     got, want = both(net, scenario(net), opt=opt)
     assert_same(got, want, "float64")
-    assert got.step.plan.stages["update"] == (f"{type(got.opt).__name__}.step_flat over the "
-                                              f"flat parameters (NumPy)")
+    c_adam = type(got.opt) is rk.Adam and not got.opt.weight_decay  # Adam's rule in C++
+    assert got.step.plan.stages["update"] == (AFTER if c_adam else (
+        f"{type(got.opt).__name__}.step_flat over the flat parameters (NumPy)"))
     assert "inside the call" not in str(got.step.plan).split("update")[1]
 
 
