@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include "buffer.h"
 #include "chunks.h"
@@ -600,19 +601,19 @@ template <typename T>
 class LstmLayer final : public Layer<T> {
   public:
     void forward_prepare(const ForwardArgs<T>& a, int n) override {
-        f_.reset(new Fwd<T>(fwd_prepare(a, buf_, n)));
+        f_.emplace(fwd_prepare(a, buf_, n));
     }
     void forward_rows(int64_t lo, int64_t hi) const override { fwd_steps(*f_, lo, hi); }
     void backward_prepare(const BackwardArgs<T>& a, int n) override {
-        b_.reset(new Bwd<T>(bwd_prepare(a, buf_, n)));
+        b_.emplace(bwd_prepare(a, buf_, n));
     }
     void backward_rows(int64_t lo, int64_t hi) const override { back_steps(*b_, lo, hi); }
     void backward_finish() const override { bwd_finish(*b_); }
 
   private:
     Buffers<T> buf_;
-    std::unique_ptr<Fwd<T>> f_;
-    std::unique_ptr<Bwd<T>> b_;
+    std::optional<Fwd<T>> f_;  // this call's (in place: no allocation per call)
+    std::optional<Bwd<T>> b_;
 };
 
 }  // namespace

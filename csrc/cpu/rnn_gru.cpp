@@ -191,7 +191,8 @@ inline void column_sums(int64_t rows, int64_t cols, const T* __restrict__ m, T* 
 // Work arrays kept between calls (per layer object: no page faults per call).
 template <typename T>
 struct Buffers {
-    Buffer<T> w_ih_t, w_hh_t, bx, bhn, w_ih_p, w_hh_p, d_gx, d_gh, dh, parts, tables;
+    Buffer<T> w_ih_t, w_hh_t, bx, bhn, gh, ghn, last, w_ih_p, w_hh_p, d_gx, d_gh, dh, d_rh, parts,
+        tables;
 };
 
 // Padded sizes of one call: Hp units per block, GP = G*Hp gate columns, SP = S*Hp saved slots.
@@ -210,6 +211,9 @@ struct Fwd {
     const T* w_hh_t;  // [Hp, GP] = W_hh^T, padded rows and columns zero
     const T* bx;      // [GP] the biases outside W_hn's product (the row functions' legend)
     const T* bhn;     // [Hp] b_hn (GRU)
+    T* gh;            // [B, GP] a step's h W_hh^T (each chunk its rows)
+    T* ghn;           // [B, Hp] a step's (r h) W_hn^T (GRU reset-before)
+    T* last;          // [B, Hp] the state after the last step
     GemmPath path;
 };
 
@@ -248,12 +252,14 @@ RK_ALWAYS_INLINE void forward_rows_impl(const Fwd<T>& f, int64_t lo, int64_t hi)
         gemm<T>(false, Bc * Tn, GP, I, T(1), a.x + lo * Tn * I, I, f.w_ih_t, GP, T(0),
                 a.act + lo * Tn * SP, SP, path);
     }
-    Buffer<T> gh(Bc * GP), ghn(gru_before ? Bc * Hp : 0), last(Bc * Hp);
+    T* const gh = f.gh + lo * GP;  // this chunk's rows of the step scratch
+    T* const ghn = gru_before ? f.ghn + lo * Hp : nullptr;
+    T* const last = f.last + lo * Hp;
     const int64_t n_rec = gru_before ? 2 * Hp : GP;  // columns of h W_hh^T computed from h itself
     for (int64_t t = 0; t < Tn; ++t) {
         // gh = h_t W_hh^T: row b of h_t is hprev[b, t], rows T*Hp apart
         gemm<T>(false, Bc, n_rec, Hp, T(1), a.hprev + (lo * Tn + t) * Hp, Tn * Hp, f.w_hh_t, GP,
-                T(0), gh.data(), GP, path);
+                T(0), gh, GP, path);
         if (gru_before) {
             for (int64_t b = lo; b < hi; ++b) {
                 const int64_t row = b * Tn + t;
@@ -263,16 +269,16 @@ RK_ALWAYS_INLINE void forward_rows_impl(const Fwd<T>& f, int64_t lo, int64_t hi)
                     continue;
                 }
                 T* act = a.act + row * SP;
-                gru_before_gates_row(Hp, act, act + Hp, gh.data() + (b - lo) * GP, f.bx,
+                gru_before_gates_row(Hp, act, act + Hp, gh + (b - lo) * GP, f.bx,
                                      a.hprev + row * Hp, rh);
             }
             gemm<T>(false, Bc, Hp, Hp, T(1), a.rh + (lo * Tn + t) * Hp, Tn * Hp, f.w_hh_t + 2 * Hp,
-                    GP, T(0), ghn.data(), Hp, path);
+                    GP, T(0), ghn, Hp, path);
         }
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t row = b * Tn + t;
             const T* h_prev = a.hprev + row * Hp;
-            T* h_next = t + 1 == Tn ? last.data() + (b - lo) * Hp : a.hprev + (row + 1) * Hp;
+            T* h_next = t + 1 == Tn ? last + (b - lo) * Hp : a.hprev + (row + 1) * Hp;
             T* out = a.out + row * H;
             if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: carry the state
                 std::memset(out, 0, H * sizeof(T));
@@ -280,12 +286,12 @@ RK_ALWAYS_INLINE void forward_rows_impl(const Fwd<T>& f, int64_t lo, int64_t hi)
                 continue;
             }
             T* act = a.act + row * SP;
-            const T* ghb = gh.data() + (b - lo) * GP;
+            const T* ghb = gh + (b - lo) * GP;
             if (s.cell == Cell::rnn)
                 rnn_fwd_row(Hp, s.relu, act, ghb, f.bx, h_next);
             else if (gru_before)
                 gru_before_new_row(Hp, act, act + Hp, act + 2 * Hp, act + 3 * Hp,
-                                   ghn.data() + (b - lo) * Hp, f.bx + 2 * Hp, f.bhn, h_prev,
+                                   ghn + (b - lo) * Hp, f.bx + 2 * Hp, f.bhn, h_prev,
                                    h_next);
             else
                 gru_after_fwd_row(Hp, act, act + Hp, act + 2 * Hp, act + 3 * Hp, ghb, f.bx, f.bhn,
@@ -294,7 +300,7 @@ RK_ALWAYS_INLINE void forward_rows_impl(const Fwd<T>& f, int64_t lo, int64_t hi)
         }
     }
     for (int64_t b = lo; b < hi && Tn > 0; ++b)  // the final state
-        std::memcpy(a.h_n + b * H, last.data() + (b - lo) * Hp, H * sizeof(T));
+        std::memcpy(a.h_n + b * H, last + (b - lo) * Hp, H * sizeof(T));
 }
 
 // the time loop per ISA (the pointwise rows vectorise to the widest one available)
@@ -315,6 +321,7 @@ struct Bwd {
     T* d_gx;            // [B,T,GP] gate pre-activation gradients (the input side)
     T* d_gh;            // [B,T,GP] their hidden side: d_gx itself but for GRU reset_after
     T* dh;              // [B,Hp] the running dh
+    T* d_rh;            // [B,Hp] a step's d(r h) (GRU reset-before)
     T* parts;           // per chunk its partials: [dW_ih^T [I,GP] | dW_hh^T [Hp,GP] | db_ih | db_hh]
     int64_t part_size;  // GP * (I + Hp + 2)
     T* tables;          // table input: per chunk [V,G*H] its partial table gradient
@@ -340,7 +347,7 @@ RK_ALWAYS_INLINE void backward_rows_impl(const Bwd<T>& w, int64_t lo, int64_t hi
     if (a.d_h_n)
         for (int64_t b = lo; b < hi; ++b)
             std::memcpy(dh + b * Hp, a.d_h_n + b * H, H * sizeof(T));
-    Buffer<T> d_rh(gru_before ? Bc * Hp : 0);
+    T* const d_rh = gru_before ? w.d_rh + lo * Hp : nullptr;  // this chunk's rows
     for (int64_t t = Tn - 1; t >= 0; --t) {
         for (int64_t b = lo; b < hi; ++b) {
             const int64_t row = b * Tn + t;
@@ -367,12 +374,12 @@ RK_ALWAYS_INLINE void backward_rows_impl(const Bwd<T>& w, int64_t lo, int64_t hi
         if (gru_before) {
             // d_rh = d_an W_hn; rows of finished sequences are zero
             gemm<T>(false, Bc, Hp, Hp, T(1), d_gx + first * GP + 2 * Hp, Tn * GP,
-                    w.w_hh_p + 2 * Hp * Hp, Hp, T(0), d_rh.data(), Hp, path);
+                    w.w_hh_p + 2 * Hp * Hp, Hp, T(0), d_rh, Hp, path);
             for (int64_t b = lo; b < hi; ++b) {
                 if (a.lengths && t >= a.lengths[b]) continue;
                 const int64_t row = b * Tn + t;
                 gru_before_back_row2(Hp, a.act + row * SP, a.hprev + row * Hp,
-                                     d_rh.data() + (b - lo) * Hp, dh + b * Hp, d_gx + row * GP);
+                                     d_rh + (b - lo) * Hp, dh + b * Hp, d_gx + row * GP);
             }
             // dh += [d_ar d_az] W_h{r,z}
             gemm<T>(false, Bc, Hp, 2 * Hp, T(1), d_gx + first * GP, Tn * GP, w.w_hh_p, Hp, T(1),
@@ -494,7 +501,9 @@ class RnnGruLayer final : public Layer<T> {
             }
         // one thread: GEMMs as sized; several: each thread's on the loop (no nested BLAS
         // threads)
-        f_ = Fwd<T>{&a, d, w_ih_t, w_hh_t, bx, bhn,
+        const bool gru_before = gru && !a.spec.reset_after;
+        f_ = Fwd<T>{&a, d, w_ih_t, w_hh_t, bx, bhn, grow(buf_.gh, a.B * GP),
+                    gru_before ? grow(buf_.ghn, a.B * Hp) : nullptr, grow(buf_.last, a.B * Hp),
                     n > 1 ? GemmPath::loop : GemmPath::automatic};
     }
     void forward_rows(int64_t lo, int64_t hi) const override { fwd_rows(f_, lo, hi); }
@@ -516,7 +525,10 @@ class RnnGruLayer final : public Layer<T> {
         T* d_gx = grow(buf_.d_gx, BT * GP);
         const int64_t part_size = GP * (I + Hp + 2);
         b_ = Bwd<T>{&a, d, n, w_ih_p, w_hh_p, d_gx, gru_after ? grow(buf_.d_gh, BT * GP) : d_gx,
-                    grow(buf_.dh, a.B * Hp), grow(buf_.parts, n * part_size), part_size,
+                    grow(buf_.dh, a.B * Hp),
+                    a.spec.cell == Cell::gru && !a.spec.reset_after ? grow(buf_.d_rh, a.B * Hp)
+                                                                    : nullptr,
+                    grow(buf_.parts, n * part_size), part_size,
                     a.ids ? grow(buf_.tables, n * a.V * d.G * H) : nullptr,
                     n > 1 ? GemmPath::loop : GemmPath::automatic};
     }
@@ -526,9 +538,9 @@ class RnnGruLayer final : public Layer<T> {
   private:
     Buffers<T> buf_;
     Fwd<T> f_{nullptr, Dims(Spec{}, 0, 0, 0, 0, sizeof(T)), nullptr, nullptr, nullptr, nullptr,
-              GemmPath::automatic};
+              nullptr, nullptr, nullptr, GemmPath::automatic};
     Bwd<T> b_{nullptr, Dims(Spec{}, 0, 0, 0, 0, sizeof(T)), 0, nullptr, nullptr, nullptr,
-              nullptr, nullptr, nullptr, 0, nullptr, GemmPath::automatic};
+              nullptr, nullptr, nullptr, nullptr, 0, nullptr, GemmPath::automatic};
 };
 
 }  // namespace
