@@ -48,3 +48,18 @@ def assert_close(actual, expected, what):
     """``actual`` (float32 or float64) matches ``expected`` within the tolerance of its dtype."""
     actual = to_numpy(actual)
     np.testing.assert_allclose(actual, expected, err_msg=what, **TOLERANCE[actual.dtype])
+
+
+def numeric_grad(f, array, eps=1e-6):
+    """Central differences of the scalar ``f()`` w.r.t. every element of ``array`` (float64),
+    each perturbed in place and restored."""
+    grad = np.zeros_like(array, dtype=np.float64)
+    for idx in np.ndindex(array.shape):
+        orig = array[idx]
+        array[idx] = orig + eps
+        up = f()
+        array[idx] = orig - eps
+        down = f()
+        array[idx] = orig
+        grad[idx] = (up - down) / (2 * eps)
+    return grad

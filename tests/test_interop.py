@@ -6,6 +6,7 @@ import pytest
 
 import rnnkern as rk
 from rnnkern import interop
+from conftest import numeric_grad
 
 CELLS = ["rnn", "lstm", "gru"]
 I, H, B, T = 3, 4, 2, 5
@@ -138,18 +139,6 @@ def grads_of(layer, x, g_out):
     return layer
 
 
-def fd_grad(f, arr, eps=1e-6):
-    g = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        old = arr[idx]
-        arr[idx] = old + eps
-        up = f()
-        arr[idx] = old - eps
-        down = f()
-        arr[idx] = old
-        g[idx] = (up - down) / (2 * eps)
-    return g
-
 
 X = np.random.default_rng(11).normal(size=(B, T, I))
 
@@ -213,7 +202,7 @@ def test_to_tf1_grads_match_finite_differences_of_tf1_formulas(cell, opts):
     w = interop.to_tf1(layer, forget_bias=1.0)
     for k, wk in enumerate(w):
         for name, arr in wk.items():
-            num = fd_grad(lambda: float((tf1_forward(cell, w, X) * g_out).sum()), arr)
+            num = numeric_grad(lambda: float((tf1_forward(cell, w, X) * g_out).sum()), arr)
             np.testing.assert_allclose(dw[k][name], num, rtol=1e-6, atol=1e-8,
                                        err_msg=f"layer {k} {name}")
 
@@ -282,7 +271,7 @@ def test_to_keras_grads_match_finite_differences_of_keras_formulas(cell, reset_a
     dw = interop.to_keras(layer, "grads")
     w = interop.to_keras(layer)
     for j, arr in enumerate(w[0]):
-        num = fd_grad(lambda: float((keras_forward(cell, w, X) * g_out).sum()), arr)
+        num = numeric_grad(lambda: float((keras_forward(cell, w, X) * g_out).sum()), arr)
         np.testing.assert_allclose(dw[0][j], num, rtol=1e-6, atol=1e-8, err_msg=f"array {j}")
 
 

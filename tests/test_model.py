@@ -4,24 +4,10 @@ import numpy as np
 import pytest
 
 import rnnkern as rk
+from conftest import numeric_grad
 
 F64 = "float64"
 
-
-def numeric_grad(f, a, eps=1e-6):
-    """Central differences of scalar f() w.r.t. every element of array a (perturbed in place)."""
-    g = np.zeros_like(a, dtype=np.float64)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
 
 
 def close(a, b, rtol=1e-6, atol=1e-8):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import rnnkern as rk
+from conftest import numeric_grad
 
 CELLS = [
     ("rnn", dict(nonlinearity="tanh")),
@@ -39,19 +40,6 @@ def _loss_and_grads(layer, x, state0, lengths, R):
     return loss, d_state
 
 
-def _numeric_grad(f, array, eps=1e-6):
-    grad = np.zeros_like(array)
-    flat, gflat = array.reshape(-1), grad.reshape(-1)
-    for j in range(flat.size):
-        orig = flat[j]
-        flat[j] = orig + eps
-        up = f()
-        flat[j] = orig - eps
-        down = f()
-        flat[j] = orig
-        gflat[j] = (up - down) / (2 * eps)
-    return grad
-
 
 @pytest.mark.parametrize("kind,opts", CELLS, ids=ID)
 @pytest.mark.parametrize("L,lengths", [(1, None), (1, [4, 0, 2]), (2, [1, 4, 3])],
@@ -80,11 +68,11 @@ def test_gradients_match_finite_differences(kind, opts, L, lengths):
     analytic["h0"] = d_state0[0] if kind == "lstm" else d_state0
     if kind == "lstm":
         analytic["c0"] = d_state0[1]
-    numeric = {name: _numeric_grad(loss, p) for name, p in layer.params.items()}
-    numeric["x"] = _numeric_grad(loss, x)
-    numeric["h0"] = _numeric_grad(loss, h0)
+    numeric = {name: numeric_grad(loss, p) for name, p in layer.params.items()}
+    numeric["x"] = numeric_grad(loss, x)
+    numeric["h0"] = numeric_grad(loss, h0)
     if kind == "lstm":
-        numeric["c0"] = _numeric_grad(loss, c0)
+        numeric["c0"] = numeric_grad(loss, c0)
     assert out_shape == (B, T, H)
     for name in numeric:
         np.testing.assert_allclose(analytic[name], numeric[name], rtol=1e-6, atol=1e-7,

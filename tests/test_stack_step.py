@@ -28,6 +28,7 @@ import pytest
 import rnnkern as rk
 from rnnkern import config
 from rnnkern.cellspec import CellSpec
+from conftest import numeric_grad
 
 _OK, _WHY = rk.available_backends()["cpp"]
 if not _OK:
@@ -714,19 +715,9 @@ def test_gradients_match_finite_differences_of_the_generic_loss(cell, inp):
         pred = model.forward(call["x"], lengths=call["lengths"],
                              initial_state=call["initial_state"])
         return rk.sequence_loss(pred, call["y"], weights=call["weights"])
-    eps = 1e-6
     for k, p in model.params.items():
-        g = model.grads[k]
-        num = np.zeros_like(p)
-        for idx in np.ndindex(p.shape):
-            saved = p[idx]
-            p[idx] = saved + eps
-            up = loss()
-            p[idx] = saved - eps
-            down = loss()
-            p[idx] = saved
-            num[idx] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8, err_msg=k)
+        np.testing.assert_allclose(model.grads[k], numeric_grad(loss, p), rtol=1e-5, atol=1e-8,
+                                   err_msg=k)
 
 
 # ------------------------------------------------------------------------------ bad input
