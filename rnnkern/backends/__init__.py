@@ -15,10 +15,9 @@ Returned arrays belong to the caller (no workspace aliases).
 
 Selection: an explicit ``backend=`` wins, then :func:`set_backend` / ``RNNKERN_BACKEND``, then
 automatic: CuPy arrays -> ``cuda``; NumPy arrays -> the first available of ``cpp``, ``numba``,
-``numpy``, the order measured fastest (``benchmarks/README.md``, fwd+bwd on a 2-core machine,
-min of a run: the C++ LSTM 1.1-2x faster than Numba's at every size; the C++ GRU 2x faster at
-(1,6,5,5,1) and (170,10,25,25,2), level at (50,50,65,128,2), Numba's 14% faster at
-(64,100,512,512)) and the one whose training step runs in one call (:mod:`rnnkern.step_plan`).
+``numpy``: the order measured fastest over the sizes of ``benchmarks/bench_cpu.py`` (its table in
+``benchmarks/README.md``), and ``cpp`` is the backend whose training step runs in one call
+(:mod:`rnnkern.step_plan`).
 A layer runs on the same backend inside :class:`rnnkern.TrainStep` as when called directly. An
 explicitly requested backend that is unavailable raises with its reason.
 """
