@@ -13,8 +13,8 @@ from . import datasets, interop
 from .modules import Dense, Dropout, Embedding, LastStep, OneHot
 from .model import Sequential
 from .optim import SGD, Adagrad, Adam, ExponentialDecay, RMSprop, clip_grad_norm, clip_grad_value
-from .trainer import Callback, LambdaCallback, Trainer
-from .train_step import TrainStep
+from .trainer import Callback, LambdaCallback, TerminateOnNaN, Trainer
+from .train_step import NonFiniteLossError, TrainStep
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (CharVocab, MinMaxScaler, StreamBatches, next_step_windows, shifted_windows,
                    train_test_split)
@@ -26,6 +26,7 @@ __all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend"
            "sequence_loss", "mse", "sum_squares", "one_hot", "interop", "datasets"]
 __all__ += ["Dense", "Dropout", "Embedding", "LastStep", "OneHot", "Sequential", "SGD", "Adagrad",
             "Adam", "ExponentialDecay", "RMSprop", "clip_grad_norm", "clip_grad_value", "Callback",
-            "LambdaCallback", "Trainer", "TrainStep", "load_checkpoint", "save_checkpoint", "CharVocab",
+            "LambdaCallback", "TerminateOnNaN", "Trainer", "TrainStep", "NonFiniteLossError",
+            "load_checkpoint", "save_checkpoint", "CharVocab",
             "MinMaxScaler", "StreamBatches", "next_step_windows", "shifted_windows",
             "train_test_split", "argmax", "generate", "sample_logits"]

@@ -251,7 +251,8 @@ class LastStep(Module):
     """Many-to-one: ``[B,T,F] -> [B,F]``, each row's output at its last valid step.
 
     With ``lengths`` (ints [B] in [0,T]) row ``b`` takes step ``lengths[b]-1``; a row with length 0
-    gives zeros (the recurrent layers output zeros there too). Without lengths: step ``T-1``.
+    gives zeros (the recurrent layers output zeros there too), as does every row when T = 0.
+    Without lengths: step ``T-1``.
     Put it after a recurrent layer and before a :class:`Dense` (lab 12-5's ``outputs[:, -1]``).
     """
 
@@ -271,6 +272,8 @@ class LastStep(Module):
                 raise ValueError(f"lengths must lie in [0, T] = [0, {T}]")
             idx = idx.astype(np.int64) - 1
         self._saved = (x.shape, x.dtype, idx)
+        if T == 0:  # no step to take: every row is a length-0 row
+            return np.zeros((B, x.shape[2]), dtype=x.dtype)
         rows = np.arange(B)
         y = x[rows, np.maximum(idx, 0)]
         y[idx < 0] = 0

@@ -4,12 +4,23 @@ Shape legend: B batch, T time steps, I input width, C classes.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import backends
 from .step_plan import FlatParameters, build_plan, model_form, plan_backend
 
-__all__ = ["TrainStep"]
+__all__ = ["TrainStep", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step's loss (or the model's output) is NaN or infinite: the parameters and the
+    optimizer's state were left as they were. Usually the parameters hold NaN/inf already or
+    training diverged (lower the learning rate, clip gradients)."""
+
+
+_ON_NONFINITE = ("raise", "skip")
 
 
 class TrainStep:
@@ -35,11 +46,16 @@ class TrainStep:
         loss:      ``loss(pred, target, return_grad=True[, weights=w]) -> (value, d_pred)``
         optimizer: an object with ``step(params, grads)``
         generic:   True: always the generic loop (no plan)
+        on_nonfinite: what a step whose loss (or model output) is NaN or infinite does; either
+                   way nothing is updated (parameters, optimizer state and step count stay):
+                   "raise" (default) raises :class:`NonFiniteLossError`; "skip" returns the
+                   non-finite loss and counts the step in ``step.skipped``
 
     Call: ``step(x, y, initial_state=None, lengths=None, weights=None, return_state=False)``
     with ``x`` as the model takes it (ids [B,T] or floats [B,T,I]), ``y`` the loss's targets,
     ``initial_state`` as ``model.forward`` takes it, ``lengths`` ints [B], ``weights`` passed to
-    the loss. Returns the loss (float), and the final state when ``return_state``.
+    the loss. Returns the loss (float), and the final state when ``return_state``. An empty
+    batch (B = 0 or T = 0) raises ValueError: it has no loss to step on.
 
     After a call, ``step.plan`` is the plan it ran (``print(step.plan)`` names each stage's
     implementation and where it runs), or None when it took the generic loop, and
@@ -59,13 +75,17 @@ class TrainStep:
         >>> print(step.plan)
     """
 
-    def __init__(self, model, loss, optimizer, *, generic=False):
+    def __init__(self, model, loss, optimizer, *, generic=False, on_nonfinite="raise"):
         if not callable(loss):
             raise TypeError("loss must be callable: loss(pred, target, return_grad=True)")
         if not hasattr(optimizer, "step"):
             raise TypeError("optimizer must have step(params, grads)")
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.generic = bool(generic)
+        self.on_nonfinite = on_nonfinite
+        self.skipped = 0             # steps skipped for a non-finite loss (on_nonfinite="skip")
         self.plan = None             # the plan the last call ran (None: the generic loop)
         self.generic_reason = None   # why the last call took the generic loop
         self._form = None            # (model layers, ModelForm | None, reason)
@@ -76,8 +96,22 @@ class TrainStep:
                  return_state=False):
         plan = self._plan_for(x)
         if plan is not None:
-            return plan.run(x, y, initial_state, lengths, weights, return_state)
-        return self._generic(x, y, initial_state, lengths, weights, return_state)
+            out = plan.run(x, y, initial_state, lengths, weights, return_state)
+        else:
+            out = self._generic(x, y, initial_state, lengths, weights, return_state)
+        value = out[0] if return_state else out
+        if not math.isfinite(value):   # neither path updated anything
+            return self._nonfinite(value, out)
+        return out
+
+    def _nonfinite(self, value, out):
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"the loss is {value} at this step, so nothing was updated: the model's "
+                f"parameters hold NaN or infinity, or training diverged (lower the learning "
+                f"rate or clip the gradients; on_nonfinite='skip' skips such steps instead)")
+        self.skipped += 1
+        return out
 
     def __repr__(self):
         if self.plan is not None:
@@ -119,8 +153,7 @@ class TrainStep:
     def _new_plan(self, form, x, shape):
         if len(shape) < 2:
             return None, "x is not a batch [B,T,...]"   # the model's forward raises the error
-        if shape[0] * shape[1] == 0:
-            return None, "empty batch (B*T = 0)"
+        _check_not_empty(shape)
         backend, reason = plan_backend(form, x)
         if backend is None:
             return None, reason
@@ -130,17 +163,48 @@ class TrainStep:
 
     # ------------------------------------------------------------------ generic
     def _generic(self, x, y, initial_state, lengths, weights, return_state):
+        """The generic loop; a NaN or infinity that arises inside the model (its parameters'
+        doing, the input having been checked by the first layer) returns a NaN loss with
+        nothing updated, as the plans do."""
+        _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
         kwargs = {} if lengths is None else {"lengths": lengths}
         state = None
-        if return_state or initial_state is not None:
-            pred, state = self.model.forward(x, initial_state=initial_state, return_state=True,
-                                             **kwargs)
-        else:
-            pred = self.model.forward(x, **kwargs)
-        if weights is None:
-            value, d_pred = self.loss(pred, y, return_grad=True)
-        else:
-            value, d_pred = self.loss(pred, y, weights=weights, return_grad=True)
-        self.model.backward(d_pred)
-        self.optimizer.step(self.model.params, self.model.grads)
-        return (float(value), state) if return_state else float(value)
+        try:
+            if return_state or initial_state is not None:
+                pred, state = self.model.forward(x, initial_state=initial_state,
+                                                 return_state=True, **kwargs)
+            else:
+                pred = self.model.forward(x, **kwargs)
+            if _holds_nonfinite(pred):
+                value = math.nan
+            elif weights is None:
+                value, d_pred = self.loss(pred, y, return_grad=True)
+            else:
+                value, d_pred = self.loss(pred, y, weights=weights, return_grad=True)
+        except ValueError:
+            if all(_finite(p) for p in self.model.params.values()):
+                raise                  # a bad input, not a numerical failure
+            value = math.nan
+        value = float(value)
+        if math.isfinite(value):
+            self.model.backward(d_pred)
+            self.optimizer.step(self.model.params, self.model.grads)
+        return (value, state) if return_state else value
+
+
+def _check_not_empty(shape):
+    """ValueError for a batch with no positions (B = 0 or, for sequences, T = 0): it has no loss,
+    and an update from it would move the parameters on momentum alone."""
+    dims = tuple(shape[:2])
+    if dims and 0 in dims:
+        raise ValueError(f"x is an empty batch (shape {tuple(shape)}): a training step needs "
+                         f"B >= 1 and T >= 1")
+
+
+def _finite(a):
+    return not (isinstance(a, np.ndarray) and a.dtype.kind in "fc") or bool(np.isfinite(a).all())
+
+
+def _holds_nonfinite(pred):
+    arrays = pred if isinstance(pred, (tuple, list)) else (pred,)
+    return not all(_finite(a) for a in arrays)

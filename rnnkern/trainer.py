@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .train_step import TrainStep
+from .train_step import TrainStep, _check_not_empty
 
 
 class Callback:
@@ -45,6 +45,22 @@ class LambdaCallback(Callback):
             self.on_step_end = on_step_end
         if on_epoch_end is not None:
             self.on_epoch_end = on_epoch_end
+
+
+class TerminateOnNaN(Callback):
+    """Stop :meth:`Trainer.fit` after the first step whose loss is NaN or infinite (Keras'
+    ``TerminateOnNaN``), for a trainer made with ``on_nonfinite="skip"`` (the default "raise"
+    stops with :class:`~rnnkern.NonFiniteLossError` anyway). That step updated nothing, so the
+    parameters, and a checkpoint written after it, are those of the last finite step.
+    ``stopped_at`` is the trainer's ``global_step`` then (None while training goes on)."""
+
+    def __init__(self):
+        self.stopped_at = None
+
+    def on_step_end(self, trainer):
+        if trainer.last_loss is not None and not math.isfinite(trainer.last_loss):
+            self.stopped_at = trainer.global_step
+            trainer.stop_training = True
 
 
 def _unpack(batch):
@@ -118,6 +134,13 @@ class Trainer:
         generic:      True: every step is the generic loop; False (default): each step is a
                       :class:`~rnnkern.TrainStep`, which runs a step plan where the model allows
                       (same results, less overhead)
+        on_nonfinite: a step whose loss is NaN or infinite updates nothing, then "raise"
+                      (default: :class:`~rnnkern.NonFiniteLossError` out of :meth:`fit`) or
+                      "skip" (training goes on; the step counts in ``skipped_steps``, not in
+                      ``global_step`` or the epoch's mean loss; add :class:`TerminateOnNaN` to
+                      stop there instead)
+
+    An empty batch (B = 0 or T = 0) raises ValueError from :meth:`fit` and :meth:`evaluate`.
 
     Example::
 
@@ -128,7 +151,8 @@ class Trainer:
 
     def __init__(self, model, loss, optimizer, *, lr_schedule=None, stateful=False,
                  shuffle=False, seed=0, progress=True, callbacks=(), checkpoint=None,
-                 checkpoint_every="epoch", checkpoint_meta=None, generic=False):
+                 checkpoint_every="epoch", checkpoint_meta=None, generic=False,
+                 on_nonfinite="raise"):
         for attr in ("forward", "backward", "params", "grads", "train", "eval"):
             if not hasattr(model, attr):
                 raise TypeError(f"model has no {attr!r} (see rnnkern.trainer's docstring)")
@@ -144,7 +168,8 @@ class Trainer:
             raise ValueError("stateful=True carries state between consecutive batches; "
                              "shuffle=True would break that order")
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        self._step = TrainStep(model, loss, optimizer, generic=generic)
+        self._step = TrainStep(model, loss, optimizer, generic=generic,
+                               on_nonfinite=on_nonfinite)
         self.lr_schedule = lr_schedule
         self.stateful = bool(stateful)
         self.shuffle = bool(shuffle)
@@ -156,6 +181,7 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         self.epoch = 0              # index of the epoch being (or next to be) run
         self.global_step = 0        # optimizer steps taken
+        self.skipped_steps = 0      # steps with a non-finite loss, skipped (on_nonfinite)
         self.step_in_epoch = 0      # batches done in the current epoch
         self.last_loss = None
         self.stop_training = False
@@ -185,8 +211,11 @@ class Trainer:
         else:
             value = self._step(x, y, lengths=lengths, weights=weights)
         self._state = state
-        self.global_step += 1
         self.last_loss = float(value)
+        if math.isfinite(self.last_loss):
+            self.global_step += 1
+        else:                      # on_nonfinite="skip": nothing was updated
+            self.skipped_steps += 1
         return self.last_loss
 
     def evaluate(self, data):
@@ -201,6 +230,7 @@ class Trainer:
             total, count, state = 0.0, 0, None
             for batch in self._iterate(data, self.epoch, shuffle=False):
                 x, y, lengths, weights = _unpack(batch)
+                _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
                 if state is not None and _state_batch_size(state) != _batch_size(x):
                     state = None
                 pred, state = self._forward(x, state, lengths, self.stateful)
@@ -264,8 +294,10 @@ class Trainer:
                 continue
             loss = self.train_step(batch)
             self.step_in_epoch = i + 1
-            self._loss_sum += loss
-            self._loss_count += 1
+            stepped = math.isfinite(loss)
+            if stepped:
+                self._loss_sum += loss
+                self._loss_count += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=f"{self.epoch + 1}/{epochs}", loss=f"{loss:.4f}",
@@ -273,14 +305,15 @@ class Trainer:
             for cb in self.callbacks:
                 if hasattr(cb, "on_step_end"):
                     cb.on_step_end(self)
-            if (self.checkpoint is not None and self.checkpoint_every != "epoch"
+            if (stepped and self.checkpoint is not None and self.checkpoint_every != "epoch"
                     and self.global_step % self.checkpoint_every == 0):
                 self.save(self.checkpoint)
             if self.stop_training:
                 return
-        if self._loss_count == 0:
+        if self._loss_count == 0 and self.step_in_epoch == 0:
             raise ValueError("an epoch of data gave no batches")
-        self.history["loss"].append(self._loss_sum / self._loss_count)
+        self.history["loss"].append(self._loss_sum / self._loss_count if self._loss_count
+                                    else math.nan)   # every step skipped
         self.history["lr"].append(float(getattr(self.optimizer, "lr", math.nan)))
         self.history["val_loss"].append(None if val_data is None else self.evaluate(val_data))
         self.epoch_time = time.perf_counter() - t0

@@ -279,6 +279,17 @@ def test_public_docstrings_stand_alone(cls):
             assert arg in doc, f"{cls.__name__}'s docstring does not explain {arg}"
 
 
+def test_laststep_of_zero_steps_gives_zeros():
+    ls = rk.LastStep()
+    x = np.zeros((3, 0, 4))
+    close(ls(x), np.zeros((3, 4)), rtol=0)
+    close(ls(x, np.zeros(3, np.int64)), np.zeros((3, 4)), rtol=0)
+    assert ls.backward(np.ones((3, 4))).shape == (3, 0, 4)
+    m = rk.Sequential([rk.LSTM(4, 5, dtype=F64), rk.LastStep(), rk.Dense(5, 2, dtype=F64)])
+    y = m(x)
+    close(y, np.broadcast_to(m[2].params["bias"], (3, 2)), rtol=0)   # zeros through the head
+
+
 def test_train_eval_switches_dropout_everywhere():
     m = make_model(dropout=0.5)
     ids = np.random.default_rng(3).integers(0, 7, (2, 5))

@@ -267,10 +267,8 @@ def test_falls_back_where_the_plan_does_not_apply():
     step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.1))
     step(x, y)
     assert step.plan is None and "different backends" in step.generic_reason
-    empty = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.1))
-    empty(np.zeros((0, 4), np.int64), np.zeros((0, 4), np.int64))
-    assert empty.plan is None and empty.generic_reason.startswith("empty batch")
-    assert "generic loop" in repr(empty)
+    generic = rk.TrainStep(make_model(), rk.sequence_loss, rk.Adam(0.1), generic=True)
+    assert "generic loop" in repr(generic)
 
 
 class _OwnOptimizer(rk.SGD):
@@ -386,3 +384,96 @@ def test_nojit_seam_plan(enc):
     x, y = batch(enc, B=2, T=3)
     assert_same_run(*run_pair(lambda: make_model(enc, "gru", backend="numba"),
                               lambda: rk.Adam(0.05), [((x, y), {})] * 2), exact=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# failures leave nothing half-applied, and the plan and the generic loop fail alike
+OPTIMIZERS = {"adam": lambda: rk.Adam(0.05),                    # C++: inside the call
+              "adam-clip": lambda: rk.Adam(0.05, clip_norm=1.0),  # C++: after the call
+              "sgd-momentum": lambda: rk.SGD(0.1, momentum=0.9)}
+
+
+def _snapshot(model, opt):
+    return ({k: v.copy() for k, v in model.params.items()}, opt.iterations,
+            {k: {s: a.copy() for s, a in st.items()} for k, st in opt.state.items()})
+
+
+def _assert_unchanged(model, opt, snap):
+    params, iterations, state = snap
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(v, params[k], err_msg=k)
+    assert opt.iterations == iterations
+    assert opt.state.keys() == state.keys()
+    for k, st in opt.state.items():
+        for slot, a in st.items():
+            np.testing.assert_array_equal(a, state[k][slot], err_msg=f"{k} {slot}")
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["plan", "generic"])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("cell, opts", CELLS[::2] + [CELLS[3]], ids=CELL_IDS[::2] + [CELL_IDS[3]])
+def test_a_nonfinite_loss_updates_nothing_and_raises_or_skips(backend, cell, opts, opt_name,
+                                                               generic):
+    """NaN in a parameter: both paths raise NonFiniteLossError (or, with on_nonfinite="skip",
+    return the NaN loss) with the parameters, the optimizer's state and its step count as they
+    were; once the parameter is repaired, training goes on."""
+    x, y = batch("onehot")
+    for mode in ("raise", "skip"):
+        model, opt = make_model("onehot", cell, (2,), backend=backend, **opts), OPTIMIZERS[opt_name]()
+        step = rk.TrainStep(model, rk.sequence_loss, opt, generic=generic, on_nonfinite=mode)
+        step(x, y)
+        step(x, y)                   # Adam's flat state exists: its update runs inside the call
+        name = f"1.weight_hh_l{1}"
+        good = model.params[name][0, 0]
+        model.params[name][0, 0] = np.nan
+        snap = _snapshot(model, opt)
+        if mode == "raise":
+            with pytest.raises(rk.NonFiniteLossError, match="nothing was updated"):
+                step(x, y)
+            assert step.skipped == 0
+        else:
+            assert np.isnan(step(x, y))
+            assert step.skipped == 1
+        _assert_unchanged(model, opt, snap)
+        model.params[name][0, 0] = good
+        assert np.isfinite(step(x, y)) and opt.iterations == snap[1] + 1
+
+
+def test_a_nonfinite_loss_from_any_model_in_the_generic_loop():
+    """A model the plan does not cover (many-to-one, mse): NaN in a parameter is the same
+    NonFiniteLossError with nothing updated; a bad input is still the input's ValueError."""
+    model = rk.Sequential([rk.LSTM(3, 4, dtype="float64", seed=0),
+                           rk.LSTM(4, 4, dtype="float64", seed=1), rk.LastStep(),
+                           rk.Dense(4, 1, dtype="float64", seed=2)])
+    opt = rk.Adam(0.1)
+    step = rk.TrainStep(model, rk.mse, opt)
+    x, y = np.random.default_rng(0).standard_normal((2, 5, 3)), np.zeros((2, 1))
+    step(x, y)
+    model.params["0.weight_hh_l0"][1, 2] = np.inf   # the second LSTM's input check sees NaN
+    snap = _snapshot(model, opt)
+    with pytest.raises(rk.NonFiniteLossError):
+        step(x, y)
+    assert step.plan is None
+    _assert_unchanged(model, opt, snap)
+    model.params["0.weight_hh_l0"][1, 2] = 0.0
+    x[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="x contains NaN"):
+        step(x, y)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["plan", "generic"])
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)], ids=["B=0", "T=0"])
+def test_an_empty_batch_is_refused_and_updates_nothing(backend, shape, generic):
+    model, opt = make_model(backend=backend), rk.Adam(0.05)
+    step = rk.TrainStep(model, rk.sequence_loss, opt, generic=generic)
+    x, y = batch("onehot")
+    step(x, y)
+    snap = _snapshot(model, opt)
+    empty = np.zeros(shape, np.int64)
+    with pytest.raises(ValueError, match="empty batch"):
+        step(empty, empty)
+    _assert_unchanged(model, opt, snap)
+    many_to_one = rk.Sequential([rk.LSTM(3, 4), rk.LastStep(), rk.Dense(4, 1)])
+    with pytest.raises(ValueError, match="empty batch"):
+        rk.TrainStep(many_to_one, rk.mse, rk.SGD(0.1))(np.zeros(shape + (3,), np.float32),
+                                                       np.zeros((shape[0], 1), np.float32))

@@ -137,6 +137,59 @@ def test_progress_bar_shows_loss(capsys):
     assert "loss=" in err and "3/3" in err and "step" in err
 
 
+def test_nonfinite_loss_raises_by_default_and_updates_nothing(tmp_path):
+    v, x, y = hihello()
+    model, opt = char_model(), rk.Adam(0.1)
+    tr = rk.Trainer(model, rk.sequence_loss, opt, progress=False)
+    tr.fit([(x, y)], epochs=2)
+    model.params["3.bias"][0] = np.nan
+    before = {k: p.copy() for k, p in model.params.items()}
+    with pytest.raises(rk.NonFiniteLossError):
+        tr.fit([(x, y)], epochs=3)
+    assert tr.global_step == 2 and opt.iterations == 2 and tr.skipped_steps == 0
+    for k, p in model.params.items():
+        np.testing.assert_array_equal(p, before[k])
+
+
+def test_skip_nonfinite_steps_and_terminate_on_nan():
+    """on_nonfinite="skip": the bad steps update nothing and count nowhere but in
+    skipped_steps; TerminateOnNaN stops at the first one, with the last finite parameters."""
+    v, x, y = hihello()
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 5, (2, 6)), rng.integers(0, 5, (2, 6))) for _ in range(4)]
+    model, opt = char_model(), rk.Adam(0.05)
+    good = model.params["3.bias"][0]
+
+    def poison(t):    # the parameter is NaN during steps 2 and 3 of each epoch
+        model.params["3.bias"][0] = np.nan if t.step_in_epoch in (1, 2) else good
+
+    tr = rk.Trainer(model, rk.sequence_loss, opt, progress=False, on_nonfinite="skip",
+                    callbacks=[rk.LambdaCallback(on_step_end=poison)])
+    hist = tr.fit(batches, epochs=2)
+    assert tr.skipped_steps == 4 and tr.global_step == 4 and opt.iterations == 4
+    assert all(np.isfinite(hist["loss"])) and all(np.isfinite(p).all() for k, p in model.params.items() if k != "3.bias")
+    # TerminateOnNaN: stops right after the first skipped step
+    model, opt = char_model(), rk.Adam(0.05)
+    good = model.params["3.bias"][0]
+    stop = rk.TerminateOnNaN()
+    tr = rk.Trainer(model, rk.sequence_loss, opt, progress=False, on_nonfinite="skip",
+                    callbacks=[rk.LambdaCallback(on_step_end=poison), stop])
+    tr.fit(batches, epochs=2)
+    assert stop.stopped_at == 1 and tr.global_step == 1 and tr.skipped_steps == 1
+    assert tr.epoch == 0 and np.isnan(tr.last_loss)
+
+
+def test_empty_batches_are_refused():
+    v, x, y = hihello()
+    tr = rk.Trainer(char_model(), rk.sequence_loss, rk.Adam(0.1), progress=False)
+    empty = (np.zeros((0, 6), np.int64), np.zeros((0, 6), np.int64))
+    with pytest.raises(ValueError, match="empty batch"):
+        tr.fit([(x, y), empty], epochs=1)
+    assert tr.global_step == 1
+    with pytest.raises(ValueError, match="empty batch"):
+        tr.evaluate([(x[:, :0], y[:, :0])])
+
+
 def test_bad_construction():
     with pytest.raises(TypeError, match="forward"):
         rk.Trainer(object(), rk.sequence_loss, rk.Adam())

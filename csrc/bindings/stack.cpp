@@ -150,7 +150,8 @@ class StackStep {
     // One step over ids [B,T] (None: floats) and targets [B,T], both int64 and read in place.
     // use_state false: every layer starts from zeros, whatever h0 and c0 hold (the LSTM kernel
     // then skips the first step's h rows of its product). adam_t > 0: Adam's update of step t
-    // (set_adam's arrays) with these hyper-parameters at the end; 0: no update.
+    // (set_adam's arrays) with these hyper-parameters at the end, unless the loss is not
+    // finite; 0: no update.
     double run(py::handle ids, py::handle targets, bool use_lengths, bool use_weights,
                double inv_total, bool use_state, int64_t adam_t, double lr, double b1, double b2,
                double eps) {
@@ -265,7 +266,8 @@ void bind_step(py::module_& m, const char* name) {
              "One step over ids [B,T] (None: floats in) and targets [B,T], int64, read in\n"
              "place; returns the loss and fills every h_n, c_n and gradient. use_state False:\n"
              "every layer starts from zeros, whatever h0, c0 hold. adam_t > 0: then Adam's\n"
-             "update of step t (rnnkern.optim.Adam's rule and bits) with lr, b1, b2, eps.")
+             "update of step t (rnnkern.optim.Adam's rule and bits) with lr, b1, b2, eps, unless\n"
+             "the loss is not finite (then nothing is updated).")
         .def("set_adam", &StackStep<T>::set_adam, py::arg("p"), py::arg("g"), py::arg("m"),
              py::arg("v"), py::arg("tf_form"),
              "The arrays of the update runs with adam_t > 0 (csrc/cpu/adam.h): flat p, g, m, v\n"

@@ -264,7 +264,9 @@ double Stack<T>::step(const StackArgs<T>& a) {
     run_chunks(finishers, finishers, [](void* p, int64_t, int64_t) {
         finish_tasks<T>(*static_cast<State*>(p));
     }, &st);
-    if (a.adam) adam_update(*a.adam, n);  // on the same threads, the gradients still in cache
+    // on the same threads, the gradients still in cache; a non-finite loss updates nothing (the
+    // caller reports it: rnnkern.TrainStep)
+    if (a.adam && std::isfinite(st.loss)) adam_update(*a.adam, n);
     return st.loss;
 }
 

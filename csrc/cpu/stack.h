@@ -47,7 +47,8 @@ struct StackArgs {
     const T* head_mask = nullptr;   // [B,T,F] dropout mask before the head, or null
     T* head_dropped = nullptr;      // [B,T,F]
     // Adam's update of the parameters after the gradient sums (every gradient must then be
-    // final here: layer 0's dw_ih is, for a transposed one-hot table), or null: the caller's
+    // final here: layer 0's dw_ih is, for a transposed one-hot table), or null: the caller's.
+    // Skipped when the loss is not finite.
     const AdamArgs<T>* adam = nullptr;
 };
 

@@ -19,6 +19,8 @@ size of a cell (H_0: the first), C classes.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backends import cpp as cpp_backend
@@ -146,12 +148,14 @@ class CppPlan(StepPlan):
             if ids is not None:
                 self._check_ids(ids)     # name the encoder, as its forward would
             raise
-        if self.embedded:
-            self._embedding_grads(ids)
         self.form.model._ran = False     # the plan left no forward for model.backward()
-        if t:
+        if not math.isfinite(value):     # the call updated nothing; TrainStep reports it
+            pass
+        elif t:
             opt.iterations = t           # what step_flat counts
         else:
+            if self.embedded:
+                self._embedding_grads(ids)
             self._update()
         if return_state:
             return value, self._final_states()

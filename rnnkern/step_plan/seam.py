@@ -12,6 +12,8 @@ Shape legend: B batch, T time steps, H hidden size, C classes.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..losses import sequence_loss
@@ -56,7 +58,15 @@ class SeamPlan(StepPlan):
         if form.head_dropout is not None:
             layer_in = form.head_dropout.forward(layer_in)
         logits = form.head.forward(layer_in)
-        value, d = sequence_loss(logits, y, weights, return_grad=True)
+        try:
+            value, d = sequence_loss(logits, y, weights, return_grad=True)
+        except ValueError:
+            if np.isfinite(logits).all():
+                raise                   # bad targets or weights
+            value = math.nan            # NaN or inf from the parameters: nothing is updated
+        if not math.isfinite(value):    # (TrainStep reports it)
+            form.model._ran = False
+            return (value, self._state_tuple(states)) if return_state else value
         d = form.head.backward(d)
         if form.head_dropout is not None:
             d = form.head_dropout.backward(d)
