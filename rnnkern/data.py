@@ -16,6 +16,33 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _with_rows(name, value):
+    """``np.asarray(value)`` with at least one axis: ``len()`` of a scalar is a bare TypeError."""
+    value = np.asarray(value)
+    if value.ndim == 0:
+        raise ValueError(f"{name} must be an array with at least one axis (rows), got a scalar "
+                         f"{value!r}")
+    return value
+
+
+def _text(name, text):
+    """``text`` as a str. bytes are refused rather than decoded: the vocabulary holds characters,
+    and only the caller knows the file's encoding (a latin-1 or cp1252 text decoded as UTF-8 would
+    fail or, worse, give other characters), so it decodes first, as ``str`` APIs require."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}; decode it first, "
+                        f"e.g. {name}.decode('utf-8')")
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    return text
+
+
+def _quoted(chars, limit=10):
+    """``'x', 'y', 'z'`` (the first ``limit``, then how many more)."""
+    shown = ", ".join(repr(c) for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
 # ---------------------------------------------------------------------- vocabulary
 class CharVocab:
     """Characters <-> integer ids, in a deterministic order (never ``set()`` iteration order).
@@ -46,7 +73,7 @@ class CharVocab:
 
     @classmethod
     def from_text(cls, text, order="sorted"):
-        if not isinstance(text, str) or not text:
+        if not _text("text", text):
             raise ValueError("text must be a non-empty str")
         if order == "sorted":
             return cls(sorted(set(text)))  # sorted(): the order no longer depends on hashing
@@ -73,21 +100,38 @@ class CharVocab:
         return list(self.chars)
 
     def encode(self, text):
-        """str -> int64 ids [len(text)]; unknown characters raise ValueError."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        pos = np.searchsorted(self._codes, codes)
-        pos = np.minimum(pos, len(self._codes) - 1)
+        """str -> int64 ids [len(text)].
+
+        A non-str (bytes included: decode it first) raises TypeError; characters outside the
+        vocabulary raise ValueError naming them all and where the first one is."""
+        text = _text("text", text)
+        # surrogatepass: a lone surrogate is a valid vocabulary entry (one str character)
+        raw = text.encode("utf-32-le", "surrogatepass")
+        codes = np.frombuffer(raw, dtype=np.uint32).astype(np.int64)
+        pos = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
         bad = self._codes[pos] != codes
         if bad.any():
-            c = chr(int(codes[np.argmax(bad)]))
-            raise ValueError(f"character {c!r} is not in the vocabulary")
+            self._unknown(codes[bad], int(np.argmax(bad)))
         return self._ids[pos]
 
+    def _unknown(self, codes, first):
+        chars = [chr(c) for c in np.unique(codes).tolist()]
+        what = (f"character {chars[0]!r} is" if len(chars) == 1 else
+                f"characters {_quoted(chars)} are")
+        raise ValueError(f"{what} not in the vocabulary (first at index {first})")
+
     def decode(self, ids):
-        """ids (any int sequence) -> str."""
+        """ids (an int or a 1-D int sequence) -> str. Non-integer ids raise TypeError; a batch
+        ``[B,T]`` raises ValueError (decode each row) rather than running its rows together."""
         ids = np.asarray(ids)
-        if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= len(self)):
-            raise ValueError(f"ids must be integers in [0, {len(self)})")
+        if ids.dtype.kind not in "iu" and not (ids.size == 0 and ids.dtype.kind == "f"):
+            got = type(ids.item()).__name__ if ids.ndim == 0 else f"dtype {ids.dtype}"
+            raise TypeError(f"ids must be integers, got {got}")
+        if ids.ndim > 1:
+            raise ValueError(f"ids must be 1-D, got shape {ids.shape}; decode each row of a batch")
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise ValueError(f"ids must be in [0, {len(self)}), got min {ids.min()} and max "
+                             f"{ids.max()}")
         return "".join(self.chars[i] for i in ids.reshape(-1).tolist())
 
 
@@ -98,7 +142,7 @@ def shifted_windows(seq, seq_length, stride=1):
     ``x[n] = seq[s : s+T]``, ``y[n] = seq[s+1 : s+T+1]`` for ``s = 0, stride, ...`` while the target
     fits: N = ``(len(seq) - T - 1) // stride + 1`` windows. Returns copies ``x, y [N,T,...]``.
     """
-    seq = np.asarray(seq)
+    seq = _with_rows("seq", seq)
     T = _positive_int("seq_length", seq_length)
     stride = _positive_int("stride", stride)
     if len(seq) < T + 1:
@@ -114,8 +158,8 @@ def next_step_windows(data, seq_length, target=None):
     ``target`` defaults to ``data``; N = ``len(data) - T``. Returns copies ``x [N,T,...]``,
     ``y [N,...]``.
     """
-    data = np.asarray(data)
-    target = data if target is None else np.asarray(target)
+    data = _with_rows("data", data)
+    target = data if target is None else _with_rows("target", target)
     T = _positive_int("seq_length", seq_length)
     if len(target) != len(data):
         raise ValueError(f"target must have len(data) = {len(data)} rows, got {len(target)}")
@@ -153,6 +197,9 @@ class StreamBatches:
         return self.num_batches
 
     def __getitem__(self, k):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"batch index must be an int, got {type(k).__name__}")
+        k = int(k)
         if not -self.num_batches <= k < self.num_batches:
             raise IndexError(f"batch index {k} out of range for {self.num_batches} batches")
         k %= self.num_batches
@@ -169,42 +216,99 @@ class StreamBatches:
 
 
 # ---------------------------------------------------------------------- scaling and splits
+def _real_array(name, data):
+    """float64 copy of numeric data; complex and text are refused, not cast (complex would drop
+    its imaginary part with only a warning)."""
+    data = np.asarray(data)
+    if data.dtype.kind not in "biufO":
+        raise TypeError(f"{name} must be real numbers, got dtype {data.dtype}")
+    try:
+        return data.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be real numbers, got dtype {data.dtype}: {exc}") from None
+
+
+def _indices(mask):
+    return np.flatnonzero(np.atleast_1d(mask)).tolist()
+
+
 class MinMaxScaler:
     """Per-column ``(x - min) / (max - min + 1e-7)``, the lab 12-5 ``MinMaxScaler``.
 
-    ``fit`` on ``[N, F]`` (or ``[N]``) data, then ``transform`` / ``inverse_transform`` any array
-    whose last axis has the same F (or a subset of columns via ``columns=``).
+    ``fit`` on ``[N, F]`` data, then ``transform`` / ``inverse_transform`` any array whose last
+    axis has the same F (``[N,F]``, one row ``[F]``, windows ``[N,T,F]``), or, with ``columns=``
+    a list, that many of the fitted columns. A fit on ``[N]`` (one series) or an int ``columns``
+    is one feature, applied to every element of any shape. Another feature count raises
+    ValueError instead of broadcasting. ``fit`` refuses NaN and infinity (either would silently
+    turn a whole column into NaN or 0); ``transform`` maps a NaN element to NaN, elementwise.
     """
 
     def __init__(self, eps=1e-7):
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < np.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.eps = float(eps)
         self.min_ = self.scale_ = None
 
     def fit(self, data):
-        data = np.asarray(data, dtype=np.float64)
-        if data.ndim == 0 or len(data) == 0:
+        """Learn per-column min and scale; on error the previous fit (if any) is kept."""
+        data = _real_array("data", data)
+        if data.ndim not in (1, 2):
+            raise ValueError(f"fit needs [N, F] or [N] data, got shape {data.shape}; reshape "
+                             f"windows to (-1, F) first")
+        if len(data) == 0:
             raise ValueError("fit needs at least one row")
-        self.min_ = data.min(axis=0)
-        self.scale_ = data.max(axis=0) - self.min_ + self.eps
+        if data.ndim == 2 and data.shape[1] == 0:
+            raise ValueError("fit needs at least one feature (column)")
+        bad = ~np.isfinite(data).all(axis=0)
+        if bad.any():
+            raise ValueError(f"fit data contains NaN or infinity in column(s) {_indices(bad)}")
+        lo = data.min(axis=0)
+        scale = data.max(axis=0) - lo + self.eps
+        if (scale == 0).any():
+            raise ValueError(f"constant column(s) {_indices(scale == 0)} with eps=0 would divide "
+                             f"by zero; use eps > 0")
+        self.min_, self.scale_ = lo, scale
         return self
 
-    def _check(self, columns):
+    def _params(self, columns):
         if self.min_ is None:
-            raise RuntimeError("MinMaxScaler must be fit() first")
+            raise RuntimeError("MinMaxScaler is not fitted: call fit(data) first")
         if columns is None:
             return self.min_, self.scale_
-        return self.min_[columns], self.scale_[columns]
+        if self.min_.ndim == 0:
+            raise ValueError("columns needs a scaler fitted on [N, F] data; this one was fitted "
+                             "on [N] (one feature)")
+        try:
+            lo = self.min_[columns]
+        except (IndexError, TypeError):
+            lo = None
+        if lo is None or lo.ndim > 1:
+            raise ValueError(f"columns must index the {self.min_.size} fitted features, "
+                             f"got {columns!r}")
+        return lo, self.scale_[columns]
+
+    def _check(self, data, columns):
+        """data as float64 and the min/scale for it; the feature counts must match."""
+        lo, scale = self._params(columns)
+        data = _real_array("data", data)
+        if lo.ndim == 1 and (data.ndim == 0 or data.shape[-1] != lo.size):
+            have = ("data is a scalar" if data.ndim == 0 else
+                    f"data has {data.shape[-1]} feature(s) (last axis of shape {data.shape})")
+            want = (f"the scaler was fitted on {lo.size} features" if columns is None else
+                    f"columns={columns!r} selects {lo.size} features")
+            raise ValueError(f"{have}; {want}")
+        return data, lo, scale
 
     def transform(self, data, columns=None):
-        lo, scale = self._check(columns)
-        return (np.asarray(data, dtype=np.float64) - lo) / scale
+        data, lo, scale = self._check(data, columns)
+        return (data - lo) / scale
 
     def fit_transform(self, data):
         return self.fit(data).transform(data)
 
     def inverse_transform(self, data, columns=None):
-        lo, scale = self._check(columns)
-        return np.asarray(data, dtype=np.float64) * scale + lo
+        data, lo, scale = self._check(data, columns)
+        return data * scale + lo
 
 
 def train_test_split(*arrays, train_fraction=0.7, overlap=0, shuffle=False, seed=None):
@@ -220,11 +324,14 @@ def train_test_split(*arrays, train_fraction=0.7, overlap=0, shuffle=False, seed
         raise ValueError("train_test_split needs at least one array")
     if not (isinstance(train_fraction, numbers.Real) and 0.0 < train_fraction < 1.0):
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
-    arrays = [np.asarray(a) for a in arrays]
+    arrays = [_with_rows(f"arrays[{i}]", a) for i, a in enumerate(arrays)]
     N = len(arrays[0])
     if any(len(a) != N for a in arrays):
         raise ValueError(f"arrays must have the same length, got {[len(a) for a in arrays]}")
     n = int(N * train_fraction)
+    if n == 0:      # test is never empty: n < N for train_fraction < 1
+        raise ValueError(f"train_fraction {train_fraction!r} of {N} rows leaves the train split "
+                         f"empty; use more rows or a larger train_fraction")
     if isinstance(overlap, bool) or not isinstance(overlap, numbers.Integral) or not 0 <= overlap <= n:
         raise ValueError(f"overlap must be an int in [0, {n}], got {overlap!r}")
     if shuffle:

@@ -10,13 +10,46 @@ import numpy as np
 
 
 def _check_logits(logits):
+    """Float logits [..., C]. -inf is a mask ("never", as with torch.softmax), so it is allowed
+    while every row keeps a finite logit; NaN and +inf mean a diverged model: ValueError."""
     logits = np.asarray(logits)
     if logits.dtype.kind != "f" or logits.ndim == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be a float array [..., C], got {logits.dtype} "
                          f"{logits.shape}")
-    if not np.isfinite(logits).all():
-        raise ValueError("logits contain NaN or infinity")
+    if not np.isfinite(logits).all():      # the common case skips the two finer checks
+        if np.isnan(logits).any() or np.isposinf(logits).any():
+            raise ValueError("logits contain NaN or +infinity (a diverged model?)")
+        if np.isneginf(logits).all(axis=-1).any():
+            raise ValueError("every logit of a row is -inf: nothing left to choose")
     return logits
+
+
+def _check_temperature(temperature):
+    # bool is an Integral, so True would silently mean 1; NaN fails `>= 0`
+    if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real)
+            or not temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    return float(temperature)
+
+
+def _check_top_k(top_k):
+    if top_k is not None and (isinstance(top_k, (bool, np.bool_))
+                              or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
+    return None if top_k is None else int(top_k)
+
+
+def _tempered_weights(z, temperature):
+    """``exp((z - max) / temperature)`` per row, unnormalised; the max gets weight 1.
+
+    Shifting before dividing keeps every exponent <= 0 (or -inf): dividing first
+    overflows to inf for a tiny temperature (inf - inf = NaN, which drew id 0 every time).
+    Overflow to -inf (a tiny temperature, or a span beyond float64) is the right limit: weight 0.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = z - z.max(axis=-1, keepdims=True)
+        z = np.where(np.isneginf(z), -np.inf, z / temperature)   # -inf / inf would be NaN
+    return np.exp(z)
 
 
 def argmax(logits):
@@ -29,33 +62,49 @@ def argmax(logits):
 
 def sample_logits(logits, *, temperature=1.0, top_k=None, rng=None):
     """Draw ids from ``softmax(logits / temperature)``, optionally restricted to the ``top_k``
-    largest logits (exactly k kept; ties broken by lower id). ``temperature=0`` is :func:`argmax`.
+    largest logits (exactly k kept; ties broken by lower id). ``temperature=0`` is :func:`argmax`
+    (deterministic); a tiny positive one tends to it (uniform over tied maxima), ``inf`` is
+    uniform over the kept ids. ``-inf`` logits are never drawn (a mask).
+
+    Bad arguments raise ValueError naming them: temperature < 0 or NaN, top_k not None or an
+    int >= 1, NaN or +inf logits, or a row whose logits are all -inf.
 
     ``rng``: a ``np.random.Generator`` or a seed (None: fresh entropy). One uniform draw per row,
     so a given generator state always gives the same ids. ``[C] -> int``, ``[..., C] -> [...]``.
     """
     logits = _check_logits(logits)
-    if not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    C = logits.shape[-1]
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
-                              or not 1 <= top_k):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    temperature = _check_temperature(temperature)
+    top_k = _check_top_k(top_k)
     if temperature == 0:
         return argmax(logits)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    z = logits.reshape(-1, C).astype(np.float64) / temperature
+    C = logits.shape[-1]
+    z = logits.reshape(-1, C).astype(np.float64)
     if top_k is not None and top_k < C:
-        # stable sort of -z: equal logits keep id order, so the lower ids win ties
+        # on the logits, not the scaled values (which may tie at -inf); a stable sort of -z keeps
+        # equal logits in id order, so the lower ids win ties
         drop = np.argsort(-z, axis=-1, kind="stable")[:, top_k:]
         np.put_along_axis(z, drop, -np.inf, axis=-1)
-    z -= z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
+    p = _tempered_weights(z, temperature)
     cdf = np.cumsum(p, axis=-1)
     u = rng.random(len(z)) * cdf[:, -1]
     ids = (cdf <= u[:, None]).sum(axis=-1)          # first index whose cdf exceeds u
     ids = np.minimum(ids, C - 1).astype(np.int64)   # guard u == total after rounding
     return int(ids[0]) if logits.ndim == 1 else ids.reshape(logits.shape[:-1])
+
+
+def _check_prime(prime):
+    what = "prime must be a non-empty 1-D array of integer ids"
+    if isinstance(prime, str):      # ValueError, as for every bad argument of generate
+        raise ValueError(f"{what}, got str: encode text with CharVocab.encode first")
+    prime = np.asarray(prime)
+    if prime.dtype.kind not in "iu" and prime.size:
+        raise ValueError(f"{what}, got dtype {prime.dtype}")
+    if prime.ndim != 1 or prime.size == 0:
+        raise ValueError(f"{what}, got shape {prime.shape}")
+    if prime.min() < 0:
+        raise ValueError(f"prime ids must be >= 0, got {prime.min()}")
+    return prime
 
 
 def generate(model, prime, length, *, temperature=1.0, top_k=None, rng=None):
@@ -66,12 +115,15 @@ def generate(model, prime, length, *, temperature=1.0, top_k=None, rng=None):
     runs once as a sequence; each new id costs one :meth:`step`. The model is put in eval mode
     for the call and restored afterwards. Returns the ``length`` new ids (int64 [length]).
     ``temperature=0`` samples greedily.
+
+    Every argument is checked before the model runs; a bad one raises ValueError naming it
+    (prime, length, temperature, top_k as in :func:`sample_logits`). Ids the model does not
+    know raise its own ValueError (e.g. ``Embedding ids must lie in [0, C)``).
     """
-    prime = np.asarray(prime)
-    if prime.ndim != 1 or prime.size == 0 or prime.dtype.kind not in "iu":
-        raise ValueError("prime must be a non-empty 1-D array of integer ids")
+    prime = _check_prime(prime)
     if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
+    temperature, top_k = _check_temperature(temperature), _check_top_k(top_k)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     was_training = getattr(model, "training", True)
     model.eval()
