@@ -14,6 +14,10 @@ Corpus: tiny-shakespeare, packaged in :mod:`rnnkern.datasets`, or any UTF-8 text
 epoch prints its train and validation loss (nats/char). The checkpoint
 (params, optimizer, vocabulary, config) is written atomically after every epoch; ``--resume``
 continues from it exactly.
+
+Bad input (a missing, empty, binary or too-short text, a checkpoint that cannot be read or was
+written for another corpus, characters outside the vocabulary, out-of-range numbers) stops with
+one line ``char_rnn train: error: ...`` on stderr and exit status 2, before any training.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ import argparse
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 
 import rnnkern as rk
 from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
+from rnnkern.labs import CliParser, readable_file, run_cli
 
 
 CELLS = {"lstm": rk.LSTM, "gru": rk.GRU, "rnn": rk.RNN}
@@ -38,9 +44,25 @@ DEFAULTS = dict(model="lstm", rnn_size=128, num_layers=2, seq_length=50, batch_s
 # ---------------------------------------------------------------------- corpus
 def load_corpus(args):
     """(text, where it came from): ``--text``, else the packaged tiny-shakespeare."""
+    if args.text is not None:
+        readable_file(args.text, "--text")   # missing, a directory, empty: say which
     text = rk.datasets.tiny_shakespeare(args.text)
     source = args.text or "tiny-shakespeare (rnnkern.datasets)"
     return (text[:args.max_chars] if args.max_chars else text), source
+
+
+def check_long_enough(n_chars, args):
+    """ValueError unless the training part of ``n_chars`` characters (after holding out
+    ``--val-fraction``) fills one batch: StreamBatches needs B*T ids plus one target."""
+    B, T = args.batch_size, args.seq_length
+    n_train = n_chars - int(n_chars * args.val_fraction)   # as split_ids cuts it
+    if n_train < B * T + 1:
+        where = f"--text {args.text}" if args.text else "tiny-shakespeare"
+        cut = f" (--max-chars {args.max_chars})" if args.max_chars else ""
+        raise ValueError(f"{where}{cut}: {n_chars} characters are too short: one batch of "
+                         f"--batch-size {B} x --seq-length {T} needs {B * T + 1} for training "
+                         f"(after holding out --val-fraction {args.val_fraction}); give a longer "
+                         f"text or smaller sizes")
 
 
 def split_ids(ids, val_fraction, batch_size, seq_length):
@@ -92,21 +114,45 @@ class Limited:
         return self.batches[k]
 
 
-def sample_text(model, vocab, prime, length, temperature, top_k, seed):
+def check_prime(prime, vocab, where):
+    """ValueError naming the characters of ``prime`` that ``vocab`` (from ``where``) lacks."""
     missing = sorted(set(prime) - set(vocab.chars))
     if missing:
-        raise ValueError(f"--prime has characters not in the vocabulary: {missing}")
+        raise ValueError(f"--prime {prime!r} has characters not in the vocabulary of {where}: "
+                         f"{''.join(missing)!r}")
+
+
+def sample_text(model, vocab, prime, length, temperature, top_k, seed, where="the model"):
+    check_prime(prime, vocab, where)
     ids = rk.generate(model, vocab.encode(prime), length, temperature=temperature, top_k=top_k,
                       rng=seed)
     return prime + vocab.decode(ids)
 
 
 # ---------------------------------------------------------------------- train
+def plan_run(args, text, vocab, cfg, source):
+    """(prime, resume): what ``train`` samples from at the end and whether it continues
+    ``--checkpoint``, both checked before any training so that bad input costs no epoch."""
+    prime = args.prime
+    if prime is None:
+        prime = "The " if set("The ") <= set(vocab.chars) else text[0]
+    if args.sample_length:
+        check_prime(prime, vocab, source)
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        raise IsADirectoryError(f"--checkpoint {args.checkpoint}: is a directory, not a file")
+    resume = bool(args.resume and args.checkpoint and os.path.exists(args.checkpoint))
+    if resume:
+        check_resumable(args.checkpoint, vocab, cfg)
+    return prime, resume
+
+
 def train(args):
     text, source = load_corpus(args)
+    check_long_enough(len(text), args)
     vocab = rk.CharVocab.from_text(text)
-    ids = vocab.encode(text)
     cfg = {k: getattr(args, k) for k in DEFAULTS}
+    prime, resume = plan_run(args, text, vocab, cfg, source)
+    ids = vocab.encode(text)
     train_b, val_b = split_ids(ids, args.val_fraction, cfg["batch_size"], cfg["seq_length"])
     data = Limited(train_b, args.max_batches) if args.max_batches else train_b
     model = build_model(len(vocab), cfg, args.seed, args.backend)
@@ -144,10 +190,8 @@ def train(args):
     trainer = rk.Trainer(model, rk.sequence_loss, opt, stateful=True, seed=args.seed,
                          lr_schedule=rk.ExponentialDecay(cfg["learning_rate"], cfg["decay_rate"]),
                          progress=args.progress, callbacks=[Report()])
-    if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
-        saved = trainer.load(args.checkpoint)
-        if saved is None or saved.get("vocab") != vocab.to_list() or saved.get("config") != cfg:
-            raise ValueError(f"{args.checkpoint} was written for another corpus or config")
+    if resume:
+        trainer.load(args.checkpoint)
         log(f"resumed from {args.checkpoint} at epoch {trainer.epoch}, step {trainer.global_step}")
     trainer.fit(data, epochs=args.epochs, val_data=val_b)
 
@@ -159,11 +203,8 @@ def train(args):
               f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}", flush=True)
         if args.checkpoint:
             trainer.save(args.checkpoint, user=user)
-    prime = args.prime
-    if prime is None:
-        prime = "The " if set("The ") <= set(vocab.chars) else text[0]
     sample = sample_text(model, vocab, prime, args.sample_length, args.temperature,
-                         args.top_k, args.seed) if args.sample_length else ""
+                         args.top_k, args.seed, source) if args.sample_length else ""
     if sample:
         print("---- sample ----")
         print(sample)
@@ -172,13 +213,45 @@ def train(args):
             "seconds": time.perf_counter() - t_start}
 
 
+# ---------------------------------------------------------------------- checkpoints
+def read_checkpoint(path):
+    """``(checkpoint, user data)`` of a checkpoint written by ``train``; ValueError when it
+    cannot be read or has no vocabulary/config."""
+    try:
+        ck = rk.load_checkpoint(path)
+    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+        # BadZipFile/EOFError (truncated files) are no ValueError until rnnkern.checkpoint
+        # raises its CheckpointError for every unreadable file; say which file either way
+        raise ValueError(f"--checkpoint {path}: not a readable rnnkern checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
+    user = ck["meta"].get("user") or {}
+    if "vocab" not in user or "config" not in user:
+        raise ValueError(f"--checkpoint {path}: has no vocabulary/config: not a char_rnn "
+                         f"checkpoint")
+    return ck, user
+
+
+def check_resumable(path, vocab, cfg):
+    """ValueError unless the checkpoint at ``path`` was trained on this vocabulary and config
+    (checked before anything is loaded into the model)."""
+    _, user = read_checkpoint(path)
+    if user["vocab"] != vocab.to_list():
+        differ = "".join(sorted(set(user["vocab"]) ^ set(vocab.chars)))
+        raise ValueError(f"--resume: {path} was written for another corpus (its vocabulary of "
+                         f"{len(user['vocab'])} characters and this text's {len(vocab)} differ "
+                         f"in {differ!r}); give its --text, or another --checkpoint")
+    changed = sorted(k for k in cfg if user["config"].get(k) != cfg[k])
+    if changed:
+        raise ValueError(f"--resume: {path} was written with other settings ("
+                         + ", ".join(f"{k} {user['config'].get(k)!r}, here {cfg[k]!r}"
+                                     for k in changed)
+                         + "); give the same, or another --checkpoint")
+
+
 # ---------------------------------------------------------------------- sample
 def load_model(path, backend="auto"):
     """(model, vocab, user data) from a checkpoint written by ``train``."""
-    ck = rk.load_checkpoint(path)
-    user = ck["meta"].get("user") or {}
-    if "vocab" not in user or "config" not in user:
-        raise ValueError(f"{path} has no vocabulary/config: not a char_rnn checkpoint")
+    ck, user = read_checkpoint(path)
     vocab = rk.CharVocab(user["vocab"])
     model = build_model(len(vocab), user["config"], 0, backend)
     model.load_params(ck["params"])
@@ -186,72 +259,104 @@ def load_model(path, backend="auto"):
 
 
 def sample(args):
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: checkpoint not found (train "
+                                f"first: train --checkpoint {args.checkpoint})")
+    readable_file(args.checkpoint, "--checkpoint")   # a directory, an empty file
     model, vocab, _ = load_model(args.checkpoint, args.backend)
     text = sample_text(model, vocab, args.prime, args.length, args.temperature, args.top_k,
-                       args.seed)
+                       args.seed, args.checkpoint)
     print(text)
     return {"sample": text}
 
 
 # ---------------------------------------------------------------------- CLI
-def parser():
-    p = argparse.ArgumentParser(prog="char_rnn", description=__doc__.split("\n\n")[0])
+def number(kind, low, high=None):
+    """argparse type: a ``kind`` number in [low, high), so that a bad value stops at parse
+    time in one line instead of deep in the training or sampling."""
+    def convert(text):
+        value = kind(text)   # ValueError: argparse says "invalid <kind> value"
+        if not low <= value < (float("inf") if high is None else high):   # NaN fails too
+            bound = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def nonempty(text):
+    """argparse type for --prime: generation starts from at least one character."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def parser(prog="char_rnn"):
+    p = CliParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    count, positive = number(int, 0), number(int, 1)
 
     t = sub.add_parser("train", help="train on a text file and sample from the result")
     t.add_argument("--text", default=None, metavar="PATH",
                    help="training text, UTF-8 (default: the packaged tiny-shakespeare)")
-    t.add_argument("--max-chars", type=int, default=0,
+    t.add_argument("--max-chars", type=count, default=0,
                    help="use only the first N characters (0: all)")
-    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
     t.add_argument("--model", choices=list(CELLS), default=DEFAULTS["model"],
                    help="recurrent cell (default %(default)s)")
-    t.add_argument("--rnn-size", dest="rnn_size", type=int, default=DEFAULTS["rnn_size"])
-    t.add_argument("--num-layers", dest="num_layers", type=int, default=DEFAULTS["num_layers"])
-    t.add_argument("--seq-length", dest="seq_length", type=int, default=DEFAULTS["seq_length"])
-    t.add_argument("--batch-size", dest="batch_size", type=int, default=DEFAULTS["batch_size"])
+    t.add_argument("--rnn-size", dest="rnn_size", type=positive,
+                   default=DEFAULTS["rnn_size"])
+    t.add_argument("--num-layers", dest="num_layers", type=positive,
+                   default=DEFAULTS["num_layers"])
+    t.add_argument("--seq-length", dest="seq_length", type=positive,
+                   default=DEFAULTS["seq_length"])
+    t.add_argument("--batch-size", dest="batch_size", type=positive,
+                   default=DEFAULTS["batch_size"])
     t.add_argument("--lr", dest="learning_rate", type=float, default=DEFAULTS["learning_rate"])
     t.add_argument("--decay-rate", dest="decay_rate", type=float, default=DEFAULTS["decay_rate"])
     t.add_argument("--grad-clip", dest="grad_clip", type=float, default=DEFAULTS["grad_clip"])
-    t.add_argument("--dropout", type=float, default=DEFAULTS["dropout"],
+    t.add_argument("--dropout", type=number(float, 0, 1), default=DEFAULTS["dropout"],
                    help="drop LSTM outputs with this probability in training (default 0)")
-    t.add_argument("--epochs", type=int, default=50, help="(char-rnn's default %(default)s)")
-    t.add_argument("--max-batches", type=int, default=0, help="batches per epoch (0: all)")
-    t.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
+    t.add_argument("--epochs", type=count, default=50, help="(char-rnn's default %(default)s)")
+    t.add_argument("--max-batches", type=count, default=0, help="batches per epoch (0: all)")
+    t.add_argument("--time-limit", type=number(float, 0), default=0, metavar="SECONDS",
                    help="stop training after this long (0: no limit)")
     t.add_argument("--checkpoint", default=os.path.join("save", "char_rnn.npz"),
                    help="checkpoint file, written every epoch ('' for none; default %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     t.add_argument("--progress", action="store_true", help="show a tqdm progress bar")
-    t.add_argument("--prime", default=None,
+    t.add_argument("--prime", default=None, type=nonempty,
                    help="sample prefix (default 'The ', or the text's first character when "
                         "'The ' is not in its vocabulary)")
-    t.add_argument("--sample-length", type=int, default=500)
-    t.add_argument("--temperature", type=float, default=1.0)
-    t.add_argument("--top-k", type=int, default=None)
+    t.add_argument("--sample-length", type=count, default=500)
+    t.add_argument("--temperature", type=number(float, 0), default=1.0)
+    t.add_argument("--top-k", type=positive, default=None)
     add_common_args(t)
 
     s = sub.add_parser("sample", help="sample from a checkpoint")
     s.add_argument("--checkpoint", default=os.path.join("save", "char_rnn.npz"))
-    s.add_argument("-n", "--length", type=int, default=500)
-    s.add_argument("--prime", default="The ")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("-n", "--length", type=count, default=500)
+    s.add_argument("--prime", default="The ", type=nonempty)
+    s.add_argument("--temperature", type=number(float, 0), default=1.0)
+    s.add_argument("--top-k", type=positive, default=None)
     add_common_args(s)
     return p
 
 
-def main(argv=None):
-    args = parse(parser(), argv)
-    if args.command == "train":
-        return train(args)
-    if not os.path.isfile(args.checkpoint):
-        msg = f"checkpoint not found: {args.checkpoint} (train first: char_rnn.py train)"
-        if __name__ == "__main__":
-            sys.exit(msg)
-        raise FileNotFoundError(msg)
-    return sample(args)
+def main(argv=None, prog="char_rnn"):
+    """Run ``train`` or ``sample`` and return its results; bad input raises (see :func:`cli`)."""
+    args = parse(parser(prog), argv)
+    return train(args) if args.command == "train" else sample(args)
+
+
+def cli(argv=None, prog="char_rnn"):
+    """The command line (``python examples/char_rnn.py``, ``python -m rnnkern train|sample``):
+    exit status 0, or 2 with one line on stderr for bad input; other errors keep their
+    traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = f"{prog} {argv[0]}" if argv and argv[0] in ("train", "sample") else prog
+    return run_cli(command, lambda: main(argv, prog))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -68,8 +68,8 @@ def main(argv=None):
         return labs_main(rest)
     if command in ("train", "sample"):
         from .labs import load_example
-        load_example("char_rnn").main([command, *rest])
-        return 0
+        # cli(), not main(): the same one-line errors as `python examples/char_rnn.py`
+        return load_example("char_rnn").cli([command, *rest], prog="rnnkern")
     if command == "bench":
         return _bench(rest)
     if command == "backends":

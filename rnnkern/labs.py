@@ -43,6 +43,46 @@ def _examples_package():
     return module
 
 
+# ---------------------------------------------------------------------- command-line errors
+# What bad input raises: the library's ValueError (CheckpointError and UnicodeDecodeError are
+# ValueErrors) and the OS's errors for files. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, OSError)
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ...``, exit 2), like the
+    input errors :func:`run_cli` reports, instead of the full usage block first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_cli(prog, fn):
+    """Exit status of ``fn()``: 0, or 2 with one line ``prog: error: ...`` on stderr when it
+    fails on bad input (:data:`INPUT_ERRORS`)."""
+    try:
+        fn()
+    except INPUT_ERRORS as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__   # one line, whatever exc says
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def readable_file(path, what):
+    """Raise the OSError/ValueError that says why ``path`` (given as ``what``, e.g. "--csv")
+    cannot be read as a data file: missing, a directory, unreadable or empty."""
+    label = f"{what} {path}"
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{label}: is a directory, not a file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{label}: file not found")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{label}: permission denied")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{label}: file is empty")
+
+
 def load_example(name):
     """The example script ``name`` (e.g. ``"lab12_1_hello_rnn"``) as module
     ``rnnkern.examples.<name>``."""
@@ -92,8 +132,8 @@ LABS = [
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rnnkern labs",
-                                description="Run the lab 12 reproductions with short output.")
+    p = CliParser(prog="rnnkern labs",
+                  description="Run the lab 12 reproductions with short output.")
     p.add_argument("--only", nargs="+", metavar="N",
                    help="run only these labs (numbers 0-5 or module names)")
     p.add_argument("--csv", default=None, metavar="PATH",
@@ -107,6 +147,13 @@ def main(argv=None):
                    help="OpenBLAS threads for the run (default 1: the labs are tiny; 0 = leave "
                         "as is)")
     args = p.parse_args(argv)
+    if args.csv is not None:
+        # a data file named explicitly that cannot be read is the user's error, not a lab's
+        # mismatch: say so before running anything
+        try:
+            readable_file(args.csv, "--csv")
+        except INPUT_ERRORS as exc:
+            p.exit(2, f"{p.prog}: error: {exc}\n")
     if args.blas_threads:
         limit_blas_threads(args.blas_threads)
 
