@@ -253,9 +253,12 @@ def test_cli_labs_stock_plot_and_a_failing_lab(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"plot: {png}" in proc.stdout and png.read_bytes()[:4] == b"\x89PNG"
     # a lab that fails is reported as a mismatch with its reason, and the exit status says so
-    proc = _run_cli("labs", "--only", "0", "5", "--csv", str(tmp_path / "absent.csv"))
+    # (a --csv that cannot be read at all is a usage error instead: tests/test_cli_errors.py)
+    bad = tmp_path / "words.csv"
+    bad.write_text("open,high,low,volume,close\n")
+    proc = _run_cli("labs", "--only", "0", "5", "--csv", str(bad))
     assert proc.returncode == 1
-    assert "MISMATCH: FileNotFoundError: data file not found" in proc.stdout
+    assert "MISMATCH: ValueError: " in proc.stdout and "not a CSV of numbers" in proc.stdout
     assert "1 of 2 labs reproduced their documented outcome, MISMATCH: lab12_5" in proc.stdout
 
 
