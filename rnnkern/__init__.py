@@ -15,7 +15,7 @@ from .model import Sequential
 from .optim import SGD, Adagrad, Adam, ExponentialDecay, RMSprop, clip_grad_norm, clip_grad_value
 from .trainer import Callback, LambdaCallback, TerminateOnNaN, Trainer
 from .train_step import NonFiniteLossError, TrainStep
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (CharVocab, MinMaxScaler, StreamBatches, next_step_windows, shifted_windows,
                    train_test_split)
 from .sample import argmax, generate, sample_logits
@@ -27,6 +27,7 @@ __all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend"
 __all__ += ["Dense", "Dropout", "Embedding", "LastStep", "OneHot", "Sequential", "SGD", "Adagrad",
             "Adam", "ExponentialDecay", "RMSprop", "clip_grad_norm", "clip_grad_value", "Callback",
             "LambdaCallback", "TerminateOnNaN", "Trainer", "TrainStep", "NonFiniteLossError",
-            "load_checkpoint", "save_checkpoint", "CharVocab",
+            "CheckpointError", "load_checkpoint", "save_checkpoint",
+            "CharVocab",
             "MinMaxScaler", "StreamBatches", "next_step_windows", "shifted_windows",
             "train_test_split", "argmax", "generate", "sample_logits"]

@@ -18,7 +18,9 @@ import time
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, _is_count, _is_real, load_checkpoint,
+                         save_checkpoint)
+from .optim import Optimizer
 from .train_step import TrainStep, _check_not_empty
 
 
@@ -334,6 +336,12 @@ class Trainer:
         ``user``: optional JSON-serialisable data stored alongside (e.g. a vocabulary);
         default: the trainer's ``checkpoint_meta``. Read it back with :meth:`load` or
         ``rk.load_checkpoint(path)["meta"]["user"]`` (parameters: ``[...]["params"]``).
+
+        The file at ``path`` always holds a whole checkpoint, the previous one or this one: see
+        :func:`~rnnkern.save_checkpoint` (temporary file, fsync, rename; temporary files that
+        killed saves of ``path`` left behind are removed by a later save). Raises
+        :class:`~rnnkern.CheckpointError`, writing nothing, when ``user`` is not
+        JSON-serialisable; OSError when writing fails.
         """
         if user is None:
             user = self.checkpoint_meta
@@ -342,6 +350,7 @@ class Trainer:
         get_rng = getattr(self.model, "get_rng_state", None)
         meta = {
             "epoch": self.epoch, "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
             "step_in_epoch": self.step_in_epoch, "last_loss": self.last_loss,
             "loss_sum": self._loss_sum, "loss_count": self._loss_count,
             "history": self.history,
@@ -357,28 +366,200 @@ class Trainer:
 
     def load(self, path):
         """Restore everything :meth:`save` wrote; a following :meth:`fit` continues exactly as
-        the uninterrupted run would have. Returns the ``user`` data."""
+        the uninterrupted run would have. Returns the ``user`` data.
+
+        All or nothing: the checkpoint is read and checked against this trainer first --
+        parameter names, shapes and float dtypes; the optimizer's class and every state slot
+        (Adam's ``m`` and ``v`` for each parameter, shaped like it); counters, history, RNG
+        states, carried state -- and applied only then; should the model or optimizer still
+        refuse its state while it is applied, what was applied is undone. The optimizer's own
+        hyper-parameters (betas, momentum, ...) are kept; its ``lr`` and step count are restored.
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+            CheckpointError: (a ValueError) ``path`` is not a readable checkpoint (see
+                :func:`~rnnkern.load_checkpoint`) or does not fit this trainer: other parameter
+                names or shapes, another optimizer class (an Adam checkpoint into an SGD
+                trainer), a missing optimizer slot, missing or ill-typed trainer state. A
+                checkpoint of parameters alone (``rk.save_checkpoint(path, params=...)``) is
+                refused too: load it with ``model.load_params(rk.load_checkpoint(path)
+                ["params"])``. The model, optimizer and trainer are then exactly as before.
+        """
         ck = load_checkpoint(path)
-        params = self.model.params
-        if set(ck["params"]) != set(params):
-            raise ValueError(f"checkpoint parameters {sorted(ck['params'])} do not match the "
-                             f"model's {sorted(params)}")
-        for k, dst in params.items():
-            if ck["params"][k].shape != dst.shape:
-                raise ValueError(f"checkpoint parameter {k!r} has shape {ck['params'][k].shape}, "
-                                 f"the model's has {dst.shape}")
-        for k, dst in params.items():
-            dst[...] = ck["params"][k]
-        if ck["optimizer_state"] is not None and hasattr(self.optimizer, "load_state_dict"):
-            self.optimizer.load_state_dict(ck["optimizer_state"])
-        m = ck["meta"]
-        self.epoch, self.global_step = m["epoch"], m["global_step"]
-        self.step_in_epoch, self.last_loss = m["step_in_epoch"], m["last_loss"]
-        self._loss_sum, self._loss_count = m["loss_sum"], m["loss_count"]
-        self.history = m["history"]
-        self.rng.bit_generator.state = m["rng"]
-        self._epoch_rng_state = m["epoch_rng"]
-        if m["model_rng"] is not None and hasattr(self.model, "set_rng_state"):
-            self.model.set_rng_state(m["model_rng"])
-        self._state = _unflatten_state(m["carried_state"], ck["arrays"])
-        return m["user"]
+        meta = _checked_trainer_meta(path, ck["meta"], ck["arrays"], self.rng)
+        params = _checked_params(path, ck["params"], self.model.params)
+        opt_state = _checked_optimizer_state(path, ck["optimizer_state"], self.optimizer,
+                                             self.model.params)
+        self._restore_refusable(path, meta["model_rng"], opt_state)
+        # checked above: nothing below can fail
+        for k, dst in self.model.params.items():
+            dst[...] = params[k]
+        self.epoch, self.global_step = meta["epoch"], meta["global_step"]
+        self.skipped_steps = meta.get("skipped_steps", 0)    # absent in older checkpoints
+        self.step_in_epoch, self.last_loss = meta["step_in_epoch"], meta["last_loss"]
+        self._loss_sum, self._loss_count = float(meta["loss_sum"]), meta["loss_count"]
+        self.history = meta["history"]
+        self.rng.bit_generator.state = meta["rng"]
+        self._epoch_rng_state = meta["epoch_rng"]
+        self._state = _unflatten_state(meta["carried_state"], ck["arrays"])
+        return meta["user"]
+
+    def _restore_refusable(self, path, model_rng, opt_state):
+        """The two steps of :meth:`load` that the model or optimizer may still refuse (their
+        formats are theirs): set both, or on failure undo both and raise CheckpointError."""
+        undo, what = [], "the model's RNG state"
+        set_rng = getattr(self.model, "set_rng_state", None)
+        get_rng = getattr(self.model, "get_rng_state", None)
+        try:
+            if model_rng is not None and set_rng is not None:
+                if get_rng is not None:
+                    old_rng = get_rng()
+                    undo.append(lambda: set_rng(old_rng))
+                set_rng(model_rng)
+            if opt_state is not None:
+                what = f"the {type(self.optimizer).__name__} state"
+                old_opt = self.optimizer.state_dict()
+                undo.append(lambda: self.optimizer.load_state_dict(old_opt))
+                self.optimizer.load_state_dict(opt_state)
+        except Exception as e:
+            for step in reversed(undo):
+                step()
+            raise CheckpointError(f"{path}: {what} could not be restored ({e}); nothing was "
+                                  f"loaded") from e
+
+
+# ---------------------------------------------------------------------- Trainer.load's checks
+def _is_history(h):
+    keys = ("loss", "val_loss", "lr")
+    return (isinstance(h, dict) and all(isinstance(h.get(k), list) for k in keys)
+            and all(v is None or _is_real(v) for k in keys for v in h[k]))
+
+
+# what Trainer.save writes into the checkpoint's meta, and what each field must hold
+_TRAINER_FIELDS = {
+    "epoch": (_is_count, "an int >= 0"),
+    "global_step": (_is_count, "an int >= 0"),
+    "step_in_epoch": (_is_count, "an int >= 0"),
+    "last_loss": (lambda v: v is None or _is_real(v), "a number or null"),
+    "loss_sum": (_is_real, "a number"),
+    "loss_count": (_is_count, "an int >= 0"),
+    "history": (_is_history, 'an object with lists "loss", "val_loss", "lr" of numbers/null'),
+    "rng": (lambda v: isinstance(v, dict), "a generator state (an object)"),
+    "epoch_rng": (lambda v: v is None or isinstance(v, dict), "a generator state or null"),
+    "model_rng": (lambda v: True, "anything (the model checks it)"),
+    "carried_state": (lambda v: True, "checked by _check_carried_state"),
+    "user": (lambda v: True, "anything"),
+}
+
+
+def _checked_trainer_meta(path, meta, arrays, rng):
+    """``meta`` if it holds a whole trainer state that ``rng``'s generator accepts."""
+    missing = [k for k in _TRAINER_FIELDS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks trainer state ({', '.join(missing)}): not a whole "
+                              f"Trainer.save checkpoint; parameters alone load with "
+                              f"model.load_params(rk.load_checkpoint(path)['params'])")
+    for field, (ok, expected) in _TRAINER_FIELDS.items():
+        if not ok(meta[field]):
+            raise CheckpointError(f"{path}: trainer state {field!r} must be {expected}, got "
+                                  f"{meta[field]!r:.60}")
+    if "skipped_steps" in meta and not _is_count(meta["skipped_steps"]):
+        raise CheckpointError(f"{path}: trainer state 'skipped_steps' must be an int >= 0, got "
+                              f"{meta['skipped_steps']!r:.60}")
+    for field in ("rng", "epoch_rng"):
+        if meta[field] is not None:
+            try:    # on a scratch generator: ours changes only once everything is checked
+                type(rng.bit_generator)().state = meta[field]
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointError(f"{path}: trainer state {field!r} is not a "
+                                      f"{type(rng.bit_generator).__name__} state ({e})") from e
+    if meta["step_in_epoch"] and meta["epoch_rng"] is None:   # fit replays the epoch's order
+        raise CheckpointError(f"{path}: trainer state 'epoch_rng' is null in mid-epoch "
+                              f"(step_in_epoch={meta['step_in_epoch']})")
+    _check_carried_state(path, meta["carried_state"], arrays)
+    return meta
+
+
+def _check_carried_state(path, spec, arrays):
+    """``spec`` (see _flatten_state) names float arrays that the checkpoint holds."""
+    if spec is None:
+        return
+    if isinstance(spec, list):
+        for s in spec:
+            _check_carried_state(path, s, arrays)
+        return
+    key = spec.get("array") if isinstance(spec, dict) else None
+    a = arrays.get(key) if isinstance(key, str) else None
+    if a is None or a.dtype.kind != "f":
+        raise CheckpointError(f"{path}: trainer state 'carried_state' refers to {spec!r:.60}, "
+                              f"not a float array of the checkpoint")
+
+
+def _checked_params(path, saved, params):
+    """``saved`` if it has the model's parameter names and shapes, as floats."""
+    if set(saved) != set(params):
+        raise CheckpointError(f"{path}: the checkpoint's parameters do not match the model's: "
+                              f"missing {sorted(set(params) - set(saved))}, unexpected "
+                              f"{sorted(set(saved) - set(params))}")
+    for k, dst in params.items():
+        a = saved[k]
+        if a.shape != dst.shape:
+            raise CheckpointError(f"{path}: checkpoint parameter {k!r} has shape {a.shape}, the "
+                                  f"model's has {dst.shape}")
+        if a.dtype.kind != "f":
+            raise CheckpointError(f"{path}: checkpoint parameter {k!r} has dtype {a.dtype}, "
+                                  f"expected floating point")
+    return saved
+
+
+def _checked_optimizer_state(path, state, optimizer, params):
+    """The checkpoint's optimizer state (or None) if ``optimizer`` can take it whole."""
+    name = type(optimizer).__name__
+    restorable = hasattr(optimizer, "state_dict") and hasattr(optimizer, "load_state_dict")
+    if state is None:
+        if restorable:
+            raise CheckpointError(f"{path} has no optimizer state; the trainer's {name} needs it "
+                                  f"to resume")
+        return None
+    saved = state.get("class", "unnamed")
+    if not restorable:
+        raise CheckpointError(f"{path} holds {saved} optimizer state; the trainer's {name} "
+                              f"cannot take it (no state_dict/load_state_dict)")
+    if saved != name:
+        raise CheckpointError(f"{path} holds {saved} optimizer state; the trainer's optimizer is "
+                              f"{name}")
+    if not isinstance(optimizer, Optimizer):
+        return state        # not ours: its load_state_dict checks the rest
+    missing = [f for f in ("lr", "iterations", "hyper") if f not in state]
+    if missing:
+        raise CheckpointError(f"{path}: the {name} record lacks {', '.join(missing)}")
+    slots = state["state"]
+    if slots and set(slots) != set(params):  # empty before the first step
+        raise CheckpointError(f"{path}: the {name} state covers parameters {sorted(slots)}, the "
+                              f"model has {sorted(params)}")
+    first = None
+    for k, st in slots.items():
+        _check_slots(path, name, k, st, optimizer, params[k])
+        if first is not None and set(st) != first:
+            raise CheckpointError(f"{path}: the {name} state of {k!r} has slots {sorted(st)}, "
+                                  f"the other parameters' have {sorted(first)}")
+        first = set(st)
+    return state
+
+
+def _check_slots(path, name, k, st, optimizer, p):
+    """Parameter ``k``'s state ``st`` has every slot ``optimizer`` keeps, shaped like ``p``."""
+    required = set(optimizer._init_state(p))
+    # SGD with momentum makes its buffer at the first step, after _init_state
+    allowed = required | ({"momentum_buffer"} if getattr(optimizer, "momentum", 0) else set())
+    if required - set(st):
+        raise CheckpointError(f"{path}: the {name} state of {k!r} lacks slot(s) "
+                              f"{sorted(required - set(st))}; {name} keeps {sorted(required)} "
+                              f"for every parameter")
+    if set(st) - allowed:
+        raise CheckpointError(f"{path}: the {name} state of {k!r} has unexpected slot(s) "
+                              f"{sorted(set(st) - allowed)}; this {name} keeps {sorted(allowed)}")
+    for s, a in st.items():
+        if a.shape != p.shape or a.dtype.kind != "f":
+            raise CheckpointError(f"{path}: {name} slot {s!r} of {k!r} has shape {a.shape} and "
+                                  f"dtype {a.dtype}, expected {p.shape} and floating point")
