@@ -55,6 +55,7 @@ T* mptr(const py::object& o) {
 // One binder per job, each in its own file.
 void bind_seam(py::module_& m);      // seam.cpp: CellSpec, forward, backward (one layer)
 void bind_stack(py::module_& m);     // stack.cpp: StackLayer, StackStep (a training step)
+void bind_infer(py::module_& m);     // infer.cpp: InferStack (one-step inference, generation)
 void bind_optim(py::module_& m);     // optim.cpp: Adam's update over flat arrays
 void bind_tunables(py::module_& m);  // tunables.cpp: threads, pools, BLAS (rnnkern.config)
 void bind_bench(py::module_& m);     // bench.cpp: the GEMM benchmark hook

@@ -15,6 +15,7 @@ PYBIND11_MODULE(_C, m) {
     rkpy::bind_seam(m);
     rkpy::bind_stack(m);
     rkpy::bind_optim(m);
+    rkpy::bind_infer(m);
     rkpy::bind_tunables(m);
     rkpy::bind_bench(m);
 }
