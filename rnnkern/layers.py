@@ -52,6 +52,28 @@ def _xp(a):
     return np
 
 
+def _reversal(lengths, B, T, xp):
+    """How to reverse each row of a [B,T,F] array within its length (the reverse direction of
+    a bidirectional layer): None for a plain flip of the time axis (no lengths, or every row
+    full on the host), else index arrays ``(rows [B,1], steps [B,T])`` on ``xp`` with
+    ``steps[b,t] = lengths[b]-1-t`` for ``t < lengths[b]`` and ``t`` past it (padding stays in
+    place, so the reversal is its own inverse and zeros past a length stay there)."""
+    if lengths is None or (xp is np and B and int(lengths.min()) == T):
+        return None
+    t = xp.arange(T, dtype=np.int64)[None, :]
+    n = lengths[:, None]
+    return xp.arange(B, dtype=np.int64)[:, None], xp.where(t < n, n - 1 - t, t)
+
+
+def _reverse_rows(a, rev, xp):
+    """``a`` [B,T,F] (any strides) with each row reversed within its length, as a new
+    C-contiguous array: a flip or one vectorised gather (``rev`` from :func:`_reversal`)."""
+    if rev is None:
+        return xp.ascontiguousarray(a[:, ::-1])
+    rows, steps = rev
+    return xp.ascontiguousarray(a[rows, steps])
+
+
 def _has_nonfinite(a, xp):
     """True when ``a`` holds NaN or infinity. Device (CuPy) arrays are scanned only when
     ``config.CHECK_FINITE_ON_DEVICE`` is set: the answer is a device-to-host read, which stalls
@@ -67,10 +89,13 @@ class _Recurrent:
     kind = None  # "rnn" | "lstm" | "gru", set by subclasses
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, dtype="float32",
-                 backend="auto", seed=None, dropout=0.0, **cell_options):
+                 backend="auto", seed=None, dropout=0.0, bidirectional=False, **cell_options):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
+        if not isinstance(bidirectional, (bool, np.bool_)):
+            raise ValueError(f"bidirectional must be True or False, got {bidirectional!r}")
+        self.bidirectional = bool(bidirectional)
         self.dtype = _as_dtype(dtype)
         if backend != "auto":
             backends._check_name(backend)
@@ -86,16 +111,32 @@ class _Recurrent:
         self._saved = None
 
     # ------------------------------------------------------------------ parameters
+    @property
+    def num_directions(self):
+        """D: 2 for a bidirectional layer, else 1."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self):
+        """D*H: features of each output step (forward half, then backward half)."""
+        return self.num_directions * self.hidden_size
+
+    def _state_layout(self):
+        return "[2L,B,H]" if self.bidirectional else "[L,B,H]"
+
     def param_shapes(self):
-        """``{name: shape}`` of every parameter, PyTorch names: ``weight_ih_l0 [G*H,I]`` ..."""
+        """``{name: shape}`` of every parameter, PyTorch names and order: ``weight_ih_l0
+        [G*H,I]``, ``weight_hh_l0 [G*H,H]``, ``bias_ih_l0``, ``bias_hh_l0 [G*H]``, then (when
+        bidirectional) the same with ``_reverse``, then layer 1 (input D*H) ..."""
         G, H = self.spec.gates, self.hidden_size
         shapes = {}
         for k in range(self.num_layers):
-            n_in = self.input_size if k == 0 else H
-            shapes[f"weight_ih_l{k}"] = (G * H, n_in)
-            shapes[f"weight_hh_l{k}"] = (G * H, H)
-            shapes[f"bias_ih_l{k}"] = (G * H,)
-            shapes[f"bias_hh_l{k}"] = (G * H,)
+            n_in = self.input_size if k == 0 else self.output_size
+            for sfx in ("", "_reverse")[:self.num_directions]:
+                shapes[f"weight_ih_l{k}{sfx}"] = (G * H, n_in)
+                shapes[f"weight_hh_l{k}{sfx}"] = (G * H, H)
+                shapes[f"bias_ih_l{k}{sfx}"] = (G * H,)
+                shapes[f"bias_hh_l{k}{sfx}"] = (G * H,)
         return shapes
 
     def _init_params(self):
@@ -118,11 +159,13 @@ class _Recurrent:
         self.params = new
         self.grads = {k: np.zeros_like(v) for k, v in new.items()}
 
-    def _layer_weights(self, k, xp):
-        """(w_ih, w_hh, b_ih, b_hh) of layer k as C-contiguous arrays of the layer's dtype."""
+    def _layer_weights(self, k, xp, direction=0):
+        """(w_ih, w_hh, b_ih, b_hh) of layer k (direction 1: its ``_reverse`` weights) as
+        C-contiguous arrays of the layer's dtype."""
         weights = []
+        sfx = "_reverse" if direction else ""
         for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            w = self.params[f"{n}_l{k}"]
+            w = self.params[f"{n}_l{k}{sfx}"]
             # fast path: what load_params/optimizers keep is already right (no copy, no cast)
             if not (type(w) is xp.ndarray and w.dtype == self.dtype and w.flags.c_contiguous):
                 w = xp.ascontiguousarray(xp.asarray(w), dtype=self.dtype)
@@ -178,8 +221,9 @@ class _Recurrent:
         return xp.ascontiguousarray(xp.asarray(lengths), dtype=np.int64)
 
     def _check_state(self, state, name, B, xp):
-        """A [L,B,H] state array (or zeros for None), validated and cast."""
-        shape = (self.num_layers, B, self.hidden_size)
+        """A [L,B,H] state array ([2L,B,H] when bidirectional; or zeros for None), validated
+        and cast."""
+        shape = (self.num_directions * self.num_layers, B, self.hidden_size)
         if state is None:
             return xp.zeros(shape, dtype=self.dtype)
         if not hasattr(state, "shape"):
@@ -187,24 +231,25 @@ class _Recurrent:
         if state.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {state.dtype}")
         if tuple(state.shape) != shape:
-            raise ValueError(f"{name} must have shape [L,B,H] = {shape}, got {tuple(state.shape)}")
+            raise ValueError(f"{name} must have shape {self._state_layout()} = {shape}, "
+                             f"got {tuple(state.shape)}")
         if _has_nonfinite(state, _xp(state)):  # before any copy to the device: NumPy is scanned
             raise ValueError(f"{name} contains NaN or infinity")
         return xp.ascontiguousarray(xp.asarray(state), dtype=self.dtype)
 
     def _split_state(self, initial_state, B, xp):
-        """(h0 [L,B,H], c0 [L,B,H] or None) from the user's initial_state."""
+        """(h0 [D*L,B,H], c0 [D*L,B,H] or None) from the user's initial_state."""
         if self.spec.has_cell_state:
             if initial_state is None:
                 initial_state = (None, None)
             if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
-                raise ValueError("initial_state of an LSTM must be a tuple (h0, c0), "
-                                 "each [L,B,H]")
+                raise ValueError(f"initial_state of an LSTM must be a tuple (h0, c0), "
+                                 f"each {self._state_layout()}")
             return (self._check_state(initial_state[0], "initial_state[0] (h0)", B, xp),
                     self._check_state(initial_state[1], "initial_state[1] (c0)", B, xp))
         if isinstance(initial_state, (tuple, list)):
             raise ValueError(f"initial_state of a {self.kind.upper()} must be one array "
-                             f"[L,B,H], got a {type(initial_state).__name__}")
+                             f"{self._state_layout()}, got a {type(initial_state).__name__}")
         return self._check_state(initial_state, "initial_state", B, xp), None
 
     def _pack_state(self, h, c):
@@ -212,7 +257,7 @@ class _Recurrent:
 
     @staticmethod
     def _stack(xp, arrays):
-        """[L,B,H] from L arrays [B,H]; a view for one layer (the arrays are ours to give)."""
+        """[N,B,H] from N arrays [B,H]; a view for one (the arrays are ours to give)."""
         return arrays[0][None] if len(arrays) == 1 else xp.stack(arrays)
 
     # ------------------------------------------------------------------ forward / backward
@@ -224,13 +269,18 @@ class _Recurrent:
 
         Args:
             x:             [B,T,I] floating-point inputs (NumPy, or CuPy for the GPU)
-            initial_state: LSTM ``(h0, c0)`` each [L,B,H]; GRU/RNN ``h0`` [L,B,H]; None: zeros
+            initial_state: LSTM ``(h0, c0)`` each [L,B,H]; GRU/RNN ``h0`` [L,B,H]; None: zeros.
+                           Bidirectional: [2L,B,H], entry ``2*l + d`` for layer l, direction d
+                           (0 forward, 1 reverse), as PyTorch
             lengths:       None or ints [B] in [0, T]; steps at ``t >= lengths[b]`` output zeros
-                           and leave the state unchanged (TF ``dynamic_rnn``)
+                           and leave the state unchanged (TF ``dynamic_rnn``); the reverse
+                           direction starts at each row's last valid step (PyTorch's packed
+                           sequences, TF1 ``bidirectional_dynamic_rnn``)
 
         Returns:
-            outputs [B,T,H] of the last layer, and the final state with the structure of
-            ``initial_state`` (LSTM ``(h_n, c_n)``, else ``h_n``), each [L,B,H].
+            outputs [B,T,D*H] of the last layer (D = 2 when bidirectional: forward half, then
+            reverse half), and the final state with the structure of ``initial_state`` (LSTM
+            ``(h_n, c_n)``, else ``h_n``), each [D*L,B,H].
         """
         x, xp = self._check_x(x)
         B, T, _ = x.shape
@@ -240,25 +290,39 @@ class _Recurrent:
 
     def _forward_validated(self, x, h0, c0, lengths, xp=np):
         """:meth:`forward` after its checks (the step plan's seam stack calls it directly):
-        x [B,T,I] C-contiguous of the layer's dtype, h0 and c0 [L,B,H] (c0 None but for the
-        LSTM), lengths int64 [B] on x's device or None."""
+        x [B,T,I] C-contiguous of the layer's dtype, h0 and c0 [D*L,B,H] (c0 None but for the
+        LSTM), lengths int64 [B] on x's device or None.
+
+        A bidirectional layer runs each direction through the same one-direction seam: the
+        reverse one over each row reversed within its length (:func:`_reverse_rows`), its
+        outputs reversed back, so every backend runs it."""
         B, T, _ = x.shape
         backend = backends.resolve(self.backend, x)
+        D = self.num_directions
+        rev = _reversal(lengths, B, T, xp) if D == 2 else None
         layer_in = x
         h_n, c_n, saved, masks = [], [], [], []
         for k in range(self.num_layers):
-            out, h, c, s = backend.forward(self.spec, layer_in, *self._layer_weights(k, xp),
-                                           h0[k], None if c0 is None else c0[k], lengths)
-            h_n.append(h)
-            c_n.append(c)
-            saved.append(s)
+            outs, layer_saved = [], []
+            for d in range(D):
+                i = D * k + d
+                out, h, c, s = backend.forward(
+                    self.spec, _reverse_rows(layer_in, rev, xp) if d else layer_in,
+                    *self._layer_weights(k, xp, d), h0[i], None if c0 is None else c0[i],
+                    lengths)
+                outs.append(_reverse_rows(out, rev, xp) if d else out)
+                h_n.append(h)
+                c_n.append(c)
+                layer_saved.append(s)
+            out = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
+            saved.append(layer_saved)
             mask = None
             if self.dropout and self.training and k + 1 < self.num_layers:
                 mask = xp.asarray(dropout_mask(self._rng, out.shape, self.dropout, self.dtype))
                 out = out * mask
             masks.append(mask)
             layer_in = out
-        self._saved = dict(backend=backend, saved=saved, masks=masks, B=B, T=T, xp=xp)
+        self._saved = dict(backend=backend, saved=saved, masks=masks, rev=rev, B=B, T=T, xp=xp)
         h_n = self._stack(xp, h_n)
         c_n = self._stack(xp, c_n) if self.spec.has_cell_state else None
         return layer_in, self._pack_state(h_n, c_n)
@@ -267,7 +331,7 @@ class _Recurrent:
         """Backprop through time for the last forward call; fills :attr:`grads`.
 
         Args:
-            d_outputs: [B,T,H] gradient of the loss w.r.t. ``outputs`` (None: zeros)
+            d_outputs: [B,T,D*H] gradient of the loss w.r.t. ``outputs`` (None: zeros)
             d_state:   gradient w.r.t. the final state, same structure as the state (None: zeros)
 
         Returns:
@@ -276,7 +340,7 @@ class _Recurrent:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() call first")
         run = self._saved
-        B, T, xp, H = run["B"], run["T"], run["xp"], self.hidden_size
+        B, T, xp, H = run["B"], run["T"], run["xp"], self.output_size
         if d_outputs is not None:
             if not hasattr(d_outputs, "shape"):
                 d_outputs = np.asarray(d_outputs)
@@ -284,7 +348,8 @@ class _Recurrent:
                 raise TypeError(f"d_outputs must be a floating-point array, "
                                 f"got dtype {d_outputs.dtype}")
             if tuple(d_outputs.shape) != (B, T, H):
-                raise ValueError(f"d_outputs must have shape [B,T,H] = {(B, T, H)}, "
+                raise ValueError(f"d_outputs must have shape "
+                                 f"[B,T,{'2H' if self.bidirectional else 'H'}] = {(B, T, H)}, "
                                  f"got {tuple(d_outputs.shape)}")
             d_outputs = xp.ascontiguousarray(xp.asarray(d_outputs), dtype=self.dtype)
         d_h, d_c = (None, None)
@@ -299,21 +364,33 @@ class _Recurrent:
         return self._backward_validated(d_outputs, d_h, d_c)
 
     def _backward_validated(self, d_outputs, d_h=None, d_c=None):
-        """:meth:`backward` after its checks: d_outputs [B,T,H] of the layer's dtype and device
-        or None, d_h and d_c [L,B,H] or None. Fills :attr:`grads` with new arrays."""
+        """:meth:`backward` after its checks: d_outputs [B,T,D*H] of the layer's dtype and device
+        or None, d_h and d_c [D*L,B,H] or None. Fills :attr:`grads` with new arrays. The reverse
+        direction mirrors its forward: its half of ``d_outputs`` reversed within each row's
+        length, its ``dx`` reversed back and added to the forward direction's."""
         run = self._saved
-        xp, backend, L = run["xp"], run["backend"], self.num_layers
-        dh0, dc0 = [None] * L, [None] * L
+        xp, backend, L, rev = run["xp"], run["backend"], self.num_layers, run["rev"]
+        D, H = self.num_directions, self.hidden_size
+        dh0, dc0 = [None] * (D * L), [None] * (D * L)
         d_out = d_outputs
         for k in reversed(range(L)):
             if run["masks"][k] is not None and d_out is not None:
                 d_out = d_out * run["masks"][k]
-            dx, dh0[k], dc0[k], g = backend.backward(
-                self.spec, run["saved"][k], d_out,
-                None if d_h is None else d_h[k], None if d_c is None else d_c[k])
-            for short, name in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
-                                ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-                self.grads[f"{name}_l{k}"] = g[short]
+            dx = None
+            for d in range(D):
+                i = D * k + d
+                d_dir = d_out
+                if D == 2 and d_out is not None:
+                    d_dir = (_reverse_rows(d_out[:, :, H:], rev, xp) if d else
+                             xp.ascontiguousarray(d_out[:, :, :H]))
+                dx_d, dh0[i], dc0[i], g = backend.backward(
+                    self.spec, run["saved"][k][d], d_dir,
+                    None if d_h is None else d_h[i], None if d_c is None else d_c[i])
+                sfx = "_reverse" if d else ""
+                for short, name in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
+                                    ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                    self.grads[f"{name}_l{k}{sfx}"] = g[short]
+                dx = dx_d if not d else dx + _reverse_rows(dx_d, rev, xp)
             d_out = dx
         dh0 = self._stack(xp, dh0)
         dc0 = self._stack(xp, dc0) if self.spec.has_cell_state else None
@@ -324,7 +401,8 @@ class _Recurrent:
                 "lstm": f"forget_bias={self.spec.forget_bias}",
                 "gru": f"reset_after={self.spec.reset_after}"}[self.kind]
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
-                f"num_layers={self.num_layers}, {opts}, dtype={self.dtype.name!r}, "
+                f"num_layers={self.num_layers}, {opts}, "
+                f"{'bidirectional=True, ' if self.bidirectional else ''}dtype={self.dtype.name!r}, "
                 f"backend={self.backend!r})")
 
 
@@ -343,15 +421,21 @@ def _document(cls, summary, options, state, example):
                      "numpy", "numba", "cpp", "cuda"; see ``rnnkern.available_backends()``
         seed:        seeds the U(-1/sqrt(H), 1/sqrt(H)) initialisation (PyTorch's) and dropout
         dropout:     probability of zeroing each output of every layer but the last, in training
+        bidirectional: False (default), or True for a second, reverse direction per layer
+                     (D = 2, ``torch.nn.{cls.__name__}(bidirectional=True)``): outputs
+                     [B,T,2H] (forward half, then reverse half), states [2L,B,H] with entry
+                     ``2*k + d`` for layer k, direction d; layer k > 0 reads 2H features
 
     Parameters, PyTorch's names and shapes (G = {cls.gates} gates): ``params["weight_ih_l{{k}}"]``
-    [G*H, I or H], ``weight_hh_l{{k}}`` [G*H, H], ``bias_ih_l{{k}}`` and ``bias_hh_l{{k}}`` [G*H];
-    :attr:`grads` has the same keys after :meth:`backward`.
+    [G*H, I or D*H], ``weight_hh_l{{k}}`` [G*H, H], ``bias_ih_l{{k}}`` and ``bias_hh_l{{k}}`` [G*H],
+    and the same with a ``_reverse`` suffix when bidirectional; :attr:`grads` has the same keys
+    after :meth:`backward`.
 
     Call ``layer(x, initial_state=None, lengths=None)`` with ``x`` [B,T,I] floats (NumPy, or CuPy
-    for the GPU) -> ``(outputs [B,T,H], final_state)``; {state}
-    ``initial_state=None`` means zeros. ``lengths`` (ints [B] in [0, T]): steps at ``t >= lengths[b]`` output zeros and leave
-    the state unchanged (TF ``dynamic_rnn``).
+    for the GPU) -> ``(outputs [B,T,D*H], final_state)``; {state[:-1]} ([2L,B,H] when
+    bidirectional). ``initial_state=None`` means zeros. ``lengths`` (ints [B] in [0, T]): steps at
+    ``t >= lengths[b]`` output zeros and leave the state unchanged (TF ``dynamic_rnn``); the reverse
+    direction starts at each row's last valid step (PyTorch's packed sequences).
 
     Example::
 
@@ -407,7 +491,10 @@ _document(
                      ``BasicLSTMCell``, 0.0 matches ``torch.nn.LSTM``''',
     "the state is ``(h, c)``, each [L,B,H].",
     """        >>> lstm = LSTM(5, 8, seed=0)
-        >>> out, (h_n, c_n) = lstm(np.zeros((3, 7, 5), np.float32))   # out [3,7,8], h_n [1,3,8]""")
+        >>> out, (h_n, c_n) = lstm(np.zeros((3, 7, 5), np.float32))   # out [3,7,8], h_n [1,3,8]
+        >>> bi = LSTM(5, 8, num_layers=2, bidirectional=True, seed=0)
+        >>> out, (h_n, c_n) = bi(np.zeros((3, 7, 5), np.float32), lengths=[7, 2, 5])
+        >>> # out [3,7,16] (forward half, then reverse half), h_n and c_n [4,3,8]""")
 
 _document(
     GRU,

@@ -134,6 +134,25 @@ class Sequential:
         Returns:
             the last layer's output (e.g. logits [B,T,C]), and the state if ``return_state``.
         """
+        y, state = self._run(x, initial_state, lengths, keep=True)
+        self._ran = True
+        return (y, state) if return_state else y
+
+    def infer(self, x, initial_state=None, lengths=None, return_state=False):
+        """:meth:`forward` for inference: in eval mode for this call (no dropout), and nothing
+        kept for a backward -- each layer's saved activations are released as soon as the next
+        layer has its input, so the memory held is one layer's at a time, not every layer's.
+        Same arguments and results as :meth:`forward` (:meth:`backward` needs a forward)."""
+        was_training = self.training
+        self.train(False)
+        try:
+            y, state = self._run(x, initial_state, lengths, keep=False)
+        finally:
+            self.train(was_training)
+        self._ran = False
+        return (y, state) if return_state else y
+
+    def _run(self, x, initial_state, lengths, keep):
         n = len(self.layers)
         if initial_state is not None:
             if not isinstance(initial_state, (tuple, list)) or len(initial_state) != n:
@@ -147,8 +166,9 @@ class Sequential:
                 y, state[i] = layer.forward(y, s0, lengths)
             else:
                 y = layer.forward(y, lengths)
-        self._ran = True
-        return (y, tuple(state)) if return_state else y
+            if not keep:
+                _release(layer)
+        return y, tuple(state)
 
     def backward(self, d_out, d_state=None):
         """Backpropagate ``d_out`` (gradient w.r.t. the output of :meth:`forward`).
@@ -178,8 +198,23 @@ class Sequential:
 
         ``y_t`` is the output at that step (e.g. logits [B,C]). Equivalent to running
         :meth:`forward` over the whole prefix, without re-running it (call :meth:`eval` first to
-        switch dropout off).
+        switch dropout off). Each call is a one-step forward with every check; for many steps
+        :meth:`inference` is faster (a compiled stack, weights packed once).
         """
         x_t = np.asarray(x_t)
         y, state = self.forward(x_t[:, None], state, return_state=True)
         return (y[:, 0] if y.ndim == 3 else y), state
+
+    def inference(self, batch=1):
+        """A :class:`rnnkern.inference.Inference` of this model for ``batch`` sequences: one
+        compiled step per id over a snapshot of the current parameters (models of the step
+        plan's form whose recurrent layers run on the C++ backend; ValueError says why not)."""
+        from .inference import Inference
+        return Inference(self, batch)
+
+
+def _release(layer):
+    """Drop what a layer kept for its backward (its saved activations or masks)."""
+    for attr in ("_saved", "_mask", "_x", "_ids"):
+        if getattr(layer, attr, None) is not None:
+            setattr(layer, attr, None)

@@ -94,50 +94,78 @@ def sample_logits(logits, *, temperature=1.0, top_k=None, rng=None):
 
 
 def _check_prime(prime):
-    what = "prime must be a non-empty 1-D array of integer ids"
+    what = "prime must be a non-empty array of integer ids, [P] or [B,P]"
     if isinstance(prime, str):      # ValueError, as for every bad argument of generate
         raise ValueError(f"{what}, got str: encode text with CharVocab.encode first")
     prime = np.asarray(prime)
     if prime.dtype.kind not in "iu" and prime.size:
         raise ValueError(f"{what}, got dtype {prime.dtype}")
-    if prime.ndim != 1 or prime.size == 0:
+    if prime.ndim not in (1, 2) or prime.size == 0:
         raise ValueError(f"{what}, got shape {prime.shape}")
     if prime.min() < 0:
         raise ValueError(f"prime ids must be >= 0, got {prime.min()}")
-    return prime
+    return prime.astype(np.int64, copy=False)
+
+
+def _check_length(length):
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
+        raise ValueError(f"length must be an int >= 0, got {length!r}")
+    return int(length)
 
 
 def generate(model, prime, length, *, temperature=1.0, top_k=None, rng=None):
     """Feed ``prime`` (ids, at least one) then sample ``length`` more ids, one step at a time.
 
-    ``model`` needs ``forward(x, initial_state=..., return_state=True)`` and
-    ``step(ids [B], state) -> (logits [B,C], state)`` (:class:`rnnkern.Sequential`). The prefix
-    runs once as a sequence; each new id costs one :meth:`step`. The model is put in eval mode
-    for the call and restored afterwards. Returns the ``length`` new ids (int64 [length]).
-    ``temperature=0`` samples greedily.
+    ``prime``: ids [P] for one sequence, or [B,P] for B sequences generated at once (batched
+    generation: B times the tokens per step for little more time). Returns the new ids, int64
+    [length] (or [B, length]). ``temperature=0`` samples greedily; ``top_k`` as in
+    :func:`sample_logits`, whose draws these are (one uniform draw per sequence and step from
+    ``rng``).
+
+    A model of the step plan's form on the C++ backend runs through
+    :class:`rnnkern.inference.Inference`: the prime one step at a time, then the whole
+    generation, sampling included, in one compiled call. Any other model needs
+    ``forward(x, initial_state=..., return_state=True)`` and ``step(ids [B], state) ->
+    (logits [B,C], state)`` (:class:`rnnkern.Sequential`): the prime runs once as a sequence, then
+    one :meth:`step` per id. Both give the same ids. The model is put in eval mode for the call
+    and restored afterwards.
 
     Every argument is checked before the model runs; a bad one raises ValueError naming it
     (prime, length, temperature, top_k as in :func:`sample_logits`). Ids the model does not
-    know raise its own ValueError (e.g. ``Embedding ids must lie in [0, C)``).
+    know raise its own ValueError (e.g. ``Embedding ids must lie in [0, V)``).
     """
     prime = _check_prime(prime)
-    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
-        raise ValueError(f"length must be an int >= 0, got {length!r}")
+    length = _check_length(length)
     temperature, top_k = _check_temperature(temperature), _check_top_k(top_k)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    batch = prime if prime.ndim == 2 else prime[None]
     was_training = getattr(model, "training", True)
     model.eval()
     try:
-        state = None
-        if prime.size > 1:
-            _, state = model.forward(prime[None, :-1].astype(np.int64), initial_state=None,
-                                     return_state=True)
-        current = np.array([prime[-1]], dtype=np.int64)
-        out = np.empty(length, dtype=np.int64)
-        for t in range(length):
-            logits, state = model.step(current, state)
-            current[0] = sample_logits(logits[0], temperature=temperature, top_k=top_k, rng=rng)
-            out[t] = current[0]
+        from .inference import Inference, inference_reason
+        if inference_reason(model) is None:
+            inf = Inference(model, batch=batch.shape[0])
+            for t in range(batch.shape[1] - 1):
+                inf.step(batch[:, t])
+            out = inf.generate(batch[:, -1], length, temperature=temperature, top_k=top_k,
+                               rng=rng)
+        else:
+            out = _generate_stepwise(model, batch, length, temperature, top_k, rng)
     finally:
         model.train(was_training)
+    return out if prime.ndim == 2 else out[0]
+
+
+def _generate_stepwise(model, batch, length, temperature, top_k, rng):
+    """generate() through model.forward and model.step: any model, any backend."""
+    state = None
+    if batch.shape[1] > 1:
+        _, state = model.forward(batch[:, :-1], initial_state=None, return_state=True)
+    current = np.ascontiguousarray(batch[:, -1])
+    out = np.empty((batch.shape[0], length), dtype=np.int64)
+    for t in range(length):
+        logits, state = model.step(current, state)
+        current = np.asarray(sample_logits(logits, temperature=temperature, top_k=top_k,
+                                           rng=rng), dtype=np.int64).reshape(-1)
+        out[:, t] = current
     return out

@@ -194,12 +194,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, state, lengths, want_state):
+        """The model's output for evaluation: through ``model.infer`` when it has one (nothing
+        kept for a backward: :meth:`rnnkern.Sequential.infer`), else ``model.forward``."""
+        run = getattr(self.model, "infer", self.model.forward)
         kwargs = {}
         if lengths is not None:
             kwargs["lengths"] = lengths
         if want_state:
-            return self.model.forward(x, initial_state=state, return_state=True, **kwargs)
-        return self.model.forward(x, **kwargs), None
+            return run(x, initial_state=state, return_state=True, **kwargs)
+        return run(x, **kwargs), None
 
     def train_step(self, batch):
         """Forward, loss, backward and one optimizer step on ``batch``; returns the loss."""

@@ -168,11 +168,11 @@ class CountingModel:
     ({"top_k": 0}, r"top_k must be None \(no limit\) or an int >= 1, got 0"),
     ({"length": -1}, r"length must be an int >= 0, got -1"),
     ({"length": 2.0}, r"length must be an int >= 0, got 2.0"),
-    ({"prime": "hi"}, (r"prime must be a non-empty 1-D array of integer ids, got str: "
-                       r"encode text with CharVocab.encode first")),
+    ({"prime": "hi"}, (r"prime must be a non-empty array of integer ids, \[P\] or \[B,P\], "
+                       r"got str: encode text with CharVocab.encode first")),
     ({"prime": [1.0, 2.0]}, r"prime must be .*, got dtype float64"),
     ({"prime": []}, r"prime must be a non-empty"),
-    ({"prime": [[1, 2]]}, r"prime must be .* got shape \(1, 2\)"),
+    ({"prime": [[[1, 2]]]}, r"prime must be .* got shape \(1, 1, 2\)"),
     ({"prime": [1, -1]}, r"prime ids must be >= 0, got -1"),
 ])
 @pytest.mark.parametrize("length", [0, 5])

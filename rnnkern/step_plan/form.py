@@ -94,6 +94,8 @@ def model_form(model, loss, optimizer):
     head, recurrent = layers[-1], tuple(layers[:-1])
     if not all(isinstance(r, _Recurrent) for r in recurrent):
         return None, _SHAPE
+    if any(r.bidirectional for r in recurrent):
+        return None, "bidirectional layers take the generic loop"
     if len({m.dtype for m in model.layers if hasattr(m, "dtype")}) != 1:
         return None, "layers have different dtypes"
     width = (encoder.depth if type(encoder) is OneHot else

@@ -1,0 +1,150 @@
+"""Inference without the training forward's bookkeeping: the compiled one-step stack
+(rnnkern.inference.Inference over _C.InferStack) gives the training forward's logits to the bit
+and sample_logits' draws; generate() takes it where the model allows and the step-by-step path
+otherwise, with the same ids; Sequential.infer keeps nothing for a backward.
+
+Shape legend: B batch, T steps, P prime length, V vocabulary, H hidden size, C classes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnnkern as rk
+from rnnkern import inference
+
+CPP_OK, CPP_WHY = rk.available_backends()["cpp"]
+needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"backend 'cpp' unavailable: {CPP_WHY}")
+
+CELLS = [(rk.LSTM, {}), (rk.LSTM, {"forget_bias": 0.0}), (rk.GRU, {}),
+         (rk.GRU, {"reset_after": False}), (rk.RNN, {}), (rk.RNN, {"nonlinearity": "relu"})]
+IDS = ["lstm", "lstm-fb0", "gru", "gru-tf1", "rnn", "rnn-relu"]
+
+
+def lm(cell=rk.LSTM, opts=None, enc="embedding", V=11, H=6, layers=(2,), dtype="float64",
+       backend="auto", dropout=0.0, bias=True):
+    """[OneHot | Embedding] -> recurrent layer objects -> [Dropout] -> Dense(V)."""
+    mods = [rk.OneHot(V, dtype=dtype) if enc == "onehot" else rk.Embedding(V, 5, seed=0,
+                                                                            dtype=dtype)]
+    n_in = V if enc == "onehot" else 5
+    for i, L in enumerate(layers):
+        mods.append(cell(n_in, H, L, seed=1 + i, dtype=dtype, backend=backend, dropout=dropout,
+                         **(opts or {})))
+        n_in = H
+    if dropout:
+        mods.append(rk.Dropout(dropout, seed=9))
+    mods.append(rk.Dense(H, V, bias=bias, seed=7, dtype=dtype))
+    return rk.Sequential(mods)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cell, opts", CELLS, ids=IDS)
+def test_steps_give_the_training_forwards_logits_and_state_to_the_bit(cell, opts, dtype):
+    for enc, layers, B, bias in (("embedding", (2,), 3, True), ("onehot", (1, 2), 1, False)):
+        model = lm(cell, opts, enc=enc, layers=layers, dtype=dtype, dropout=0.3, bias=bias)
+        model.eval()
+        ids = np.random.default_rng(B).integers(0, 11, (B, 7))
+        want, want_state = model(ids, return_state=True)
+        inf = model.inference(batch=B)
+        got = np.stack([inf.step(ids[:, t]) for t in range(7)], axis=1)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+        for s_got, s_want in zip(inf.state, want_state):
+            if s_want is None:
+                assert s_got is None
+                continue
+            for a, b in zip(s_got if isinstance(s_want, tuple) else (s_got,),
+                            s_want if isinstance(s_want, tuple) else (s_want,)):
+                np.testing.assert_array_equal(a, b)
+        inf.reset()
+        np.testing.assert_array_equal(inf.step(ids[:, 0]), want[:, 0])
+
+
+@needs_cpp
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
+                                    dict(temperature=0.0), dict(temperature=1e-300)],
+                         ids=["t1", "t0.7-top4", "greedy", "tiny-t"])
+@pytest.mark.parametrize("prime_shape", [(4,), (1,), (3, 2)], ids=["P4", "P1", "B3-P2"])
+def test_generate_compiled_gives_the_stepwise_ids(monkeypatch, kwargs, prime_shape):
+    model = lm(rk.GRU, layers=(1, 1), dtype="float32")
+    prime = np.random.default_rng(0).integers(0, 11, prime_shape)
+    assert inference.inference_reason(model) is None
+    fast = rk.generate(model, prime, 40, rng=5, **kwargs)
+    monkeypatch.setattr(inference, "inference_reason", lambda m: "forced stepwise")
+    slow = rk.generate(model, prime, 40, rng=5, **kwargs)
+    assert fast.shape == (prime_shape[0], 40) if len(prime_shape) == 2 else (40,)
+    np.testing.assert_array_equal(fast, slow)
+    assert model.training     # restored
+
+
+@needs_cpp
+def test_inference_errors_name_the_problem():
+    model = lm()
+    inf = model.inference(batch=2)
+    with pytest.raises(ValueError, match=r"Embedding ids must lie in \[0, 11\)"):
+        inf.step([0, 11])
+    with pytest.raises(ValueError, match=r"ids must have shape \[B\] = \(2,\)"):
+        inf.step([0, 1, 2])
+    with pytest.raises(TypeError, match="integer ids"):
+        inf.step([0.0, 1.0])
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        model.inference(batch=0)
+    with pytest.raises(ValueError, match="no OneHot or Embedding input"):
+        rk.Sequential([rk.LSTM(3, 4), rk.Dense(4, 2)]).inference()
+    with pytest.raises(ValueError, match="does not run on the C\\+\\+ backend"):
+        lm(backend="numpy").inference()
+    with pytest.raises(ValueError, match="not \\[OneHot|Embedding\\]"):
+        rk.Sequential([rk.Embedding(5, 3), rk.LSTM(3, 4), rk.LastStep(), rk.Dense(4, 2)]).inference()
+    model.params["1.weight_hh_l0"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        rk.generate(model, [1, 2], 5, rng=0)
+
+
+@needs_cpp
+def test_inference_is_a_snapshot_of_the_parameters():
+    model = lm()
+    model.eval()
+    ids = np.array([3])
+    inf = model.inference()
+    before = inf.step(ids)
+    model.layers[-1].params["bias"][:] += 1.0
+    model.layers[0].params["weight"][:] *= 2.0
+    inf.reset()
+    np.testing.assert_array_equal(inf.step(ids), before)        # the packed weights
+    np.testing.assert_array_equal(model.inference().step(ids), model.step(ids)[0])
+
+
+def test_generate_on_other_backends_takes_the_stepwise_path():
+    model = lm(rk.LSTM, backend="numpy")
+    assert "C++" in inference.inference_reason(model)
+    out = rk.generate(model, [[1, 2], [3, 4]], 6, rng=0, temperature=0.5)
+    assert out.shape == (2, 6) and out.dtype == np.int64 and out.min() >= 0 and out.max() < 11
+
+
+@pytest.mark.parametrize("backend", ["numpy", "auto"])
+def test_sequential_infer_equals_forward_and_keeps_nothing(backend):
+    model = lm(rk.LSTM, layers=(1, 2), backend=backend, dropout=0.4)
+    ids = np.random.default_rng(1).integers(0, 11, (3, 5))
+    lengths = np.array([5, 2, 0])
+    got, got_state = model.infer(ids, lengths=lengths, return_state=True)
+    assert model.training                               # restored
+    model.eval()
+    want, want_state = model(ids, lengths=lengths, return_state=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_state[1][0], want_state[1][0])
+    model.train()
+    model.infer(ids)
+    assert all(getattr(layer, "_saved", None) is None for layer in model.layers)
+    with pytest.raises(RuntimeError, match="forward"):
+        model.backward(np.zeros_like(want))
+
+
+def test_trainer_evaluate_runs_through_infer(monkeypatch):
+    model = lm(rk.GRU, layers=(1,))
+    x = np.random.default_rng(2).integers(0, 11, (2, 6))
+    calls = []
+    monkeypatch.setattr(model, "infer", lambda *a, **k: calls.append(1) or model.forward(*a, **k))
+    tr = rk.Trainer(model, rk.sequence_loss, rk.Adam(0.01), progress=False)
+    value = tr.evaluate([(x, x)])
+    assert calls == [1] and value == pytest.approx(rk.sequence_loss(model(x), x))
