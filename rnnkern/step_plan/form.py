@@ -80,12 +80,18 @@ class ModelForm:
 
 def model_form(model, loss, optimizer):
     """``(ModelForm, None)``, or ``(None, reason)`` when the step plan does not apply."""
-    if type(model) is not Sequential:
-        return None, "model is not a Sequential"
     if loss is not sequence_loss:
         return None, "loss is not rnnkern.sequence_loss"
     if not isinstance(optimizer, Optimizer) or type(optimizer).step is not Optimizer.step:
         return None, "optimizer is not one of rnnkern.optim's"
+    return stack_form(model)
+
+
+def stack_form(model):
+    """The model's parts, as :func:`model_form` without the loss and optimizer (what the
+    inference path, rnnkern/inference.py, runs): ``(ModelForm, None)`` or ``(None, reason)``."""
+    if type(model) is not Sequential:
+        return None, "model is not a Sequential"
     layers = list(model.layers)
     encoder = layers.pop(0) if layers and type(layers[0]) in (OneHot, Embedding) else None
     head_dropout = layers.pop(-2) if len(layers) >= 2 and type(layers[-2]) is Dropout else None
