@@ -148,3 +148,20 @@ def test_trainer_evaluate_runs_through_infer(monkeypatch):
     tr = rk.Trainer(model, rk.sequence_loss, rk.Adam(0.01), progress=False)
     value = tr.evaluate([(x, x)])
     assert calls == [1] and value == pytest.approx(rk.sequence_loss(model(x), x))
+
+
+@pytest.mark.gpu
+def test_sequential_infer_on_the_gpu_equals_forward():
+    ok, why = rk.available_backends()["cuda"]
+    if not ok:
+        pytest.skip(f"backend 'cuda' unavailable: {why}")
+    import cupy
+    model = rk.Sequential([rk.GRU(4, 6, 2, seed=0, dtype="float64"),
+                           rk.LSTM(6, 5, seed=1, dtype="float64")])
+    for layer in model.layers:
+        layer.params = {k: cupy.asarray(v) for k, v in layer.params.items()}
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((3, 7, 4)))
+    lengths = cupy.asarray([7, 3, 0])
+    got = model.infer(x, lengths=lengths)
+    assert all(layer._saved is None for layer in model.layers)
+    np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(model(x, lengths=lengths)))
