@@ -16,8 +16,8 @@ from .optim import SGD, Adagrad, Adam, ExponentialDecay, RMSprop, clip_grad_norm
 from .trainer import Callback, LambdaCallback, TerminateOnNaN, Trainer
 from .train_step import NonFiniteLossError, TrainStep
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import (CharVocab, MinMaxScaler, StreamBatches, next_step_windows, shifted_windows,
-                   train_test_split)
+from .data import (CharVocab, MinMaxScaler, StreamBatches, WordVocab, next_step_windows,
+                   shifted_windows, train_test_split)
 from .sample import argmax, generate, sample_logits
 
 __version__ = "0.1.0"
@@ -28,6 +28,6 @@ __all__ += ["Dense", "Dropout", "Embedding", "LastStep", "OneHot", "Sequential",
             "Adam", "ExponentialDecay", "RMSprop", "clip_grad_norm", "clip_grad_value", "Callback",
             "LambdaCallback", "TerminateOnNaN", "Trainer", "TrainStep", "NonFiniteLossError",
             "CheckpointError", "load_checkpoint", "save_checkpoint",
-            "CharVocab",
+            "CharVocab", "WordVocab",
             "MinMaxScaler", "StreamBatches", "next_step_windows", "shifted_windows",
             "train_test_split", "argmax", "generate", "sample_logits"]
