@@ -372,8 +372,7 @@ def test_from_torch_float32_tensors():
                                _torch_out(torch, module, X.astype(np.float32)), atol=1e-5)
 
 
-@pytest.mark.parametrize("kw, match", [({"bidirectional": True}, "bidirectional"),
-                                       ({"proj_size": 2}, "proj_size"),
+@pytest.mark.parametrize("kw, match", [({"proj_size": 2}, "proj_size"),
                                        ({"bias": False}, "bias=False")])
 def test_from_torch_refuses_unsupported_modules(kw, match):
     torch = pytest.importorskip("torch")
@@ -397,7 +396,8 @@ def torch_sd(cell="lstm", L=1):
     (lambda sd: sd.update(weight_ih_l0=np.zeros((3 * H, I))), ValueError, "weight_ih_l0"),
     (lambda sd: sd.update(weight_ih_l0=np.zeros((4 * H, I), int)), TypeError, "weight_ih_l0"),
     (lambda sd: sd.update(bias_ih_l0=np.full(4 * H, np.nan)), ValueError, "bias_ih_l0"),
-    (lambda sd: sd.update(weight_ih_l0_reverse=np.zeros((4 * H, I))), ValueError, "bidirectional"),
+    (lambda sd: sd.update(weight_ih_l0_reverse=np.zeros((4 * H, I))), ValueError,
+     r"missing \['bias_hh_l0_reverse', 'bias_ih_l0_reverse', 'weight_hh_l0_reverse'\]: a bidir"),
 ])
 def test_from_torch_rejects_bad_state_dicts(mutate, exc, match):
     sd = torch_sd()
@@ -471,3 +471,230 @@ def test_importing_rnnkern_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+# ====================================================================== bidirectional
+# Independent forwards: each direction is a one-direction stack of the formulas above over each
+# row's valid steps (the backward one over them reversed, its outputs reversed back), zeros past
+# the row's length, the two concatenated; layer k+1 reads layer k's concatenation.
+def bidi_forward(run_one, layers, x, lengths=None):
+    """``run_one(w, x [1,n,F]) -> [1,n,H]`` per direction; ``layers``: per layer (fw, bw)."""
+    Bx, Tx, _ = x.shape
+    lengths = np.full(Bx, Tx) if lengths is None else np.asarray(lengths)
+    layer_in = x
+    for fw, bw in layers:
+        halves = []
+        for w, backward in ((fw, False), (bw, True)):
+            out = None
+            for b, n in enumerate(lengths):
+                seq = layer_in[b:b + 1, :n]
+                o = run_one(w, seq[:, ::-1])[:, ::-1] if backward else run_one(w, seq)
+                if out is None:
+                    out = np.zeros((Bx, Tx, o.shape[2]))
+                out[b, :n] = o[0]
+            halves.append(out)
+        layer_in = np.concatenate(halves, axis=2)
+    return layer_in
+
+
+def tf1_bidi(cell, weights, x, lengths=None, forget_bias=1.0):
+    split = [tuple({n[3:]: v for n, v in w.items() if n.startswith(d)} for d in ("fw/", "bw/"))
+             for w in weights]
+    return bidi_forward(lambda w, seq: tf1_forward(cell, [w], seq, forget_bias), split, x, lengths)
+
+
+def keras_bidi(cell, weights, x):
+    return bidi_forward(lambda w, seq: keras_forward(cell, [w], seq),
+                        [(g[:3], g[3:]) for g in weights], x)
+
+
+def rand_bidi_layer(cell, L=2, seed=0, **opts):
+    cls = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}[cell]
+    layer = cls(I, H, L, bidirectional=True, dtype="float64", backend="numpy", **opts)
+    rng = np.random.default_rng(seed)
+    layer.load_params({k: rng.normal(0, 0.5, s) for k, s in layer.param_shapes().items()})
+    return layer
+
+
+def rand_tf1_bidi(cell, L=2, seed=3):
+    fw, bw = rand_tf1(cell, L, seed), rand_tf1(cell, L, seed + 100)
+    rng = np.random.default_rng(seed + 200)
+    out = []
+    for k in range(L):
+        w = {}
+        for d, src in (("fw/", fw[k]), ("bw/", bw[k])):
+            for n, v in src.items():
+                if k and "kernel" in n:   # layer k > 0 reads 2H features: I + H = 3H rows
+                    v = rng.normal(0, .5, (3 * H, v.shape[1]))
+                w[d + n] = v
+        out.append(w)
+    return out
+
+
+def rand_keras_bidi(cell, L=2, reset_after=True, seed=4):
+    rng = np.random.default_rng(seed)
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    bshape = (2, 3 * H) if (cell == "gru" and reset_after) else (G * H,)
+    return [[a for _ in range(2) for a in
+             (rng.normal(0, .5, (I if k == 0 else 2 * H, G * H)),
+              rng.normal(0, .5, (H, G * H)), rng.normal(0, .5, bshape))] for k in range(L)]
+
+
+LENGTHS = np.array([5, 2])
+BI_TORCH = [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("kind, kw", BI_TORCH)
+@pytest.mark.parametrize("L", [1, 2])
+def test_torch_bidirectional_module_loads_with_same_outputs(kind, kw, L):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(2)
+    module = getattr(torch.nn, kind)(I, H, L, bidirectional=True, **kw).double()
+    want = _torch_out(torch, module, X)
+    for src in (module, module.state_dict()):
+        layer = interop.from_torch(src, backend="numpy", **(kw if src is not module else {}))
+        assert layer.bidirectional and layer.num_layers == L
+        assert list(layer.params) == list(module.state_dict())
+        np.testing.assert_allclose(layer(X)[0], want, atol=1e-13)
+    # and back: a bidirectional rk layer (forget_bias 1.0 folded into both directions' biases)
+    mine = rand_bidi_layer(kind.lower(), L, **kw)
+    sd = interop.to_torch(mine)
+    assert set(sd) == set(module.state_dict())
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    np.testing.assert_allclose(_torch_out(torch, module, X), mine(X)[0], atol=1e-13)
+    back = interop.from_torch(sd, forget_bias=1.0, backend="numpy", **kw) if kind == "LSTM" \
+        else interop.from_torch(sd, backend="numpy", **kw)
+    assert_same_function(mine, back)
+
+
+def test_from_torch_bidirectional_contradictions():
+    sd = interop.to_torch(rand_bidi_layer("gru", 1))
+    with pytest.raises(ValueError, match="bidirectional=False contradicts the state_dict"):
+        interop.from_torch(sd, bidirectional=False)
+    uni = interop.to_torch(rand_layer("gru", 1))
+    with pytest.raises(ValueError, match="bidirectional=True contradicts the state_dict"):
+        interop.from_torch(uni, bidirectional=True)
+    sd.pop("weight_hh_l0_reverse")
+    with pytest.raises(ValueError, match=r"missing \['weight_hh_l0_reverse'\]: a bidirectional"):
+        interop.from_torch(sd)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_from_tf1_bidirectional_matches_bidirectional_dynamic_rnn(cell):
+    w = rand_tf1_bidi(cell)
+    layer = interop.from_tf1(cell, w, backend="numpy")
+    assert layer.bidirectional and layer.num_layers == 2
+    np.testing.assert_allclose(layer(X, lengths=LENGTHS)[0], tf1_bidi(cell, w, X, LENGTHS),
+                               atol=1e-13)
+    one = interop.from_tf1(cell, w[0], backend="numpy")   # a single dict: one layer
+    np.testing.assert_allclose(one(X, lengths=LENGTHS)[0], tf1_bidi(cell, w[:1], X, LENGTHS),
+                               atol=1e-13)
+
+
+@pytest.mark.parametrize("cell, opts", [("rnn", {}), ("lstm", {"forget_bias": 1.0}),
+                                        ("lstm", {"forget_bias": 0.0}),
+                                        ("gru", {"reset_after": False})])
+def test_to_tf1_bidirectional_runs_in_tf1_formulas_and_round_trips(cell, opts):
+    layer = rand_bidi_layer(cell, **opts)
+    for tf_fb in ((1.0, 0.0) if cell == "lstm" else (1.0,)):
+        w = interop.to_tf1(layer, forget_bias=tf_fb)
+        assert sorted(w[1]) == sorted(f"{d}/{n}" for d in ("fw", "bw")
+                                      for n in interop._TF1_KEYS[cell])
+        np.testing.assert_allclose(tf1_bidi(cell, w, X, LENGTHS, forget_bias=tf_fb),
+                                   layer(X, lengths=LENGTHS)[0], atol=1e-13)
+    w = rand_tf1_bidi(cell)
+    back = interop.to_tf1(interop.from_tf1(cell, w))
+    for a, b in zip(w, back):
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_to_tf1_bidirectional_grads_match_finite_differences():
+    layer = rand_bidi_layer("lstm", L=1, forget_bias=0.0)
+    g_out = np.random.default_rng(5).normal(size=(B, T, 2 * H))
+    layer(X, lengths=LENGTHS)
+    layer.backward(g_out)
+    dw = interop.to_tf1(layer, "grads")
+    w = interop.to_tf1(layer, forget_bias=1.0)
+    for name, arr in w[0].items():
+        num = numeric_grad(lambda: float((tf1_bidi("lstm", w, X, LENGTHS) * g_out).sum()), arr)
+        np.testing.assert_allclose(dw[0][name], num, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_from_tf1_rejects_bad_bidirectional_weights():
+    w = rand_tf1_bidi("lstm")
+    with pytest.raises(ValueError, match=r"weights\[1\] must have keys \['fw/kernel'"):
+        interop.from_tf1("lstm", [w[0], {k[3:]: v for k, v in w[1].items() if k[:3] == "fw/"}])
+    with pytest.raises(ValueError, match=r"weights\[1\] fw/kernel must have I\+H = 12 rows"):
+        interop.from_tf1("lstm", [w[0], w[0]])
+    bad = dict(w[0], **{"bw/kernel": w[0]["bw/kernel"][1:]})
+    with pytest.raises(ValueError, match=r"weights\[0\] bw/kernel reads 2 inputs, fw/kernel 3"):
+        interop.from_tf1("lstm", [bad])
+    with pytest.raises(ValueError, match="bidirectional=False contradicts the TF1 variables"):
+        interop.from_tf1("lstm", w, bidirectional=False)
+    with pytest.raises(ValueError, match=r"or those under fw/ and bw/"):
+        interop.from_tf1("lstm", [{"fw/kernel": w[0]["fw/kernel"]}])
+
+
+@pytest.mark.parametrize("cell, reset_after", KERAS_CASES)
+def test_keras_bidirectional_weights_both_ways(cell, reset_after):
+    w = rand_keras_bidi(cell, reset_after=reset_after)
+    layer = interop.from_keras(cell, w, bidirectional=True, backend="numpy")
+    assert layer.bidirectional and layer.num_layers == 2
+    np.testing.assert_allclose(layer(X)[0], keras_bidi(cell, w, X), rtol=0, atol=1e-13)
+    flat = interop.from_keras(cell, [a for g in w for a in g], bidirectional=True)
+    assert flat.num_layers == 2
+    assert_same_function(flat, layer)
+    back = interop.to_keras(interop.from_keras(cell, w, bidirectional=True))
+    for a, b in zip(w, back):
+        assert len(b) == 6
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    mine = rand_bidi_layer(cell, **({"reset_after": reset_after} if cell == "gru" else {}))
+    np.testing.assert_allclose(keras_bidi(cell, interop.to_keras(mine), X), mine(X)[0],
+                               atol=1e-13)
+
+
+def test_from_keras_rejects_bad_bidirectional_weights():
+    w = rand_keras_bidi("lstm")
+    with pytest.raises(ValueError, match=r"forward then the backward layer per layer.*9 arrays"):
+        interop.from_keras("lstm", w[0] + w[1][:3], bidirectional=True)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be .*backward layer, got 3 arrays"):
+        interop.from_keras("lstm", [w[0][:3]], bidirectional=True)
+    with pytest.raises(ValueError, match=r"weights\[1\] \(forward\) kernel must have 8 rows"):
+        interop.from_keras("lstm", [w[0], w[0]], bidirectional=True)
+    bad = w[0][:3] + [w[0][3][1:]] + w[0][4:]
+    with pytest.raises(ValueError, match=r"\(backward\) kernel reads 2 inputs, the forward "
+                                         r"layer 3"):
+        interop.from_keras("lstm", [bad], bidirectional=True)
+    with pytest.raises(ValueError, match="bidirectional must be True or False"):
+        interop.from_keras("lstm", w, bidirectional=1)
+
+
+@pytest.mark.parametrize("fmt, cell, opts", _ROUND_TRIPS)
+def test_bidirectional_layer_round_trip_keeps_the_function(fmt, cell, opts):
+    layer = rand_bidi_layer(cell, **opts)
+    kw = dict(opts, backend="numpy")
+    if cell == "lstm":
+        kw["forget_bias"] = layer.spec.forget_bias
+    if fmt == "torch":
+        back = interop.from_torch(interop.to_torch(layer), cell, **kw)
+    elif fmt == "tf1":
+        back = interop.from_tf1(cell, interop.to_tf1(layer), **kw)
+    else:
+        back = interop.from_keras(cell, interop.to_keras(layer), bidirectional=True, **kw)
+    assert back.bidirectional and back.spec == layer.spec
+    assert list(back.params) == list(layer.params)
+    np.testing.assert_allclose(back(X, lengths=LENGTHS)[0], layer(X, lengths=LENGTHS)[0],
+                               rtol=0, atol=1e-13)
+    layer(X, lengths=LENGTHS)
+    layer.backward(np.ones((B, T, 2 * H)))
+    grads = getattr(interop, f"to_{fmt}")(layer, "grads")    # both directions' gradients
+    if fmt == "torch":
+        assert set(grads) == set(layer.grads)
+        np.testing.assert_array_equal(grads["weight_hh_l1_reverse"],
+                                      layer.grads["weight_hh_l1_reverse"])
+    else:
+        assert len(grads) == 2 and len(grads[1]) == (4 if fmt == "tf1" and cell != "gru"
+                                                     else 8 if fmt == "tf1" else 6)
