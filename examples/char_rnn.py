@@ -1,4 +1,5 @@
-"""char-rnn: a character-level language model on any text file, then sampled.
+"""char-rnn: a character-level (or, with ``--level word``, word-level) language model on any
+text file, then sampled.
 
     python examples/char_rnn.py train [--text PATH] [--epochs N] [--max-batches N] [--time-limit S]
     python examples/char_rnn.py sample [--checkpoint save/char_rnn.npz] [-n 500] [--prime "def "]
@@ -12,12 +13,19 @@ from batch to batch within an epoch (truncated BPTT over contiguous rows).
 Corpus: tiny-shakespeare, packaged in :mod:`rnnkern.datasets`, or any UTF-8 text file given with
 ``--text PATH`` (``.gz`` files are decompressed). The last 5% of the text is held out; each
 epoch prints its train and validation loss (nats/char). The checkpoint
-(params, optimizer, vocabulary, config) is written atomically after every epoch; ``--resume``
-continues from it exactly.
+(params, optimizer, level, vocabulary, config) is written atomically after every epoch;
+``--resume`` continues from it exactly, and ``sample`` reads the level and vocabulary from it.
+
+``--level word`` trains the same model on words and punctuation marks instead of characters
+(rk.WordVocab; ``--max-vocab``, ``--min-count``, ``--keep-case``; see examples/_levels.py and
+examples/word_rnn.py, which is this script with ``--level word`` as its default); each epoch
+then also prints the validation perplexity, exp(val loss).
 
 Bad input (a missing, empty, binary or too-short text, a checkpoint that cannot be read or was
 written for another corpus, characters outside the vocabulary, out-of-range numbers) stops with
 one line ``char_rnn train: error: ...`` on stderr and exit status 2, before any training.
+At the word level a ``--prime`` word outside the vocabulary is no error: it is read as ``<unk>``,
+with a note on stderr.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import numpy as np
 
 import rnnkern as rk
 from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
+from rnnkern.examples._levels import LEVELS, level_of, level_of_checkpoint, note
 from rnnkern.labs import CliParser, readable_file, run_cli
 
 
@@ -51,15 +60,18 @@ def load_corpus(args):
     return (text[:args.max_chars] if args.max_chars else text), source
 
 
-def check_long_enough(n_chars, args):
-    """ValueError unless the training part of ``n_chars`` characters (after holding out
+def corpus_name(args):
+    return f"--text {args.text}" if args.text else "tiny-shakespeare"
+
+
+def check_long_enough(n_chars, args, unit="characters"):
+    """ValueError unless the training part of ``n_chars`` tokens (after holding out
     ``--val-fraction``) fills one batch: StreamBatches needs B*T ids plus one target."""
     B, T = args.batch_size, args.seq_length
     n_train = n_chars - int(n_chars * args.val_fraction)   # as split_ids cuts it
     if n_train < B * T + 1:
-        where = f"--text {args.text}" if args.text else "tiny-shakespeare"
         cut = f" (--max-chars {args.max_chars})" if args.max_chars else ""
-        raise ValueError(f"{where}{cut}: {n_chars} characters are too short: one batch of "
+        raise ValueError(f"{corpus_name(args)}{cut}: {n_chars} {unit} are too short: one batch of "
                          f"--batch-size {B} x --seq-length {T} needs {B * T + 1} for training "
                          f"(after holding out --val-fraction {args.val_fraction}); give a longer "
                          f"text or smaller sizes")
@@ -114,30 +126,25 @@ class Limited:
         return self.batches[k]
 
 
-def check_prime(prime, vocab, where):
-    """ValueError naming the characters of ``prime`` that ``vocab`` (from ``where``) lacks."""
-    missing = sorted(set(prime) - set(vocab.chars))
-    if missing:
-        raise ValueError(f"--prime {prime!r} has characters not in the vocabulary of {where}: "
-                         f"{''.join(missing)!r}")
-
-
 def sample_text(model, vocab, prime, length, temperature, top_k, seed, where="the model"):
-    check_prime(prime, vocab, where)
-    ids = rk.generate(model, vocab.encode(prime), length, temperature=temperature, top_k=top_k,
-                      rng=seed)
-    return prime + vocab.decode(ids)
+    """``prime`` and ``length`` tokens sampled after it, as text (a CharVocab or a WordVocab)."""
+    level = level_of(vocab)
+    prime_ids, message = level.encode_prime(prime, vocab, where)
+    note(message)
+    ids = rk.generate(model, prime_ids, length, temperature=temperature, top_k=top_k, rng=seed)
+    return level.join(vocab, prime, prime_ids, ids)
 
 
 # ---------------------------------------------------------------------- train
 def plan_run(args, text, vocab, cfg, source):
     """(prime, resume): what ``train`` samples from at the end and whether it continues
     ``--checkpoint``, both checked before any training so that bad input costs no epoch."""
+    level = level_of(vocab)
     prime = args.prime
     if prime is None:
-        prime = "The " if set("The ") <= set(vocab.chars) else text[0]
+        prime = level.default_prime(text, vocab)
     if args.sample_length:
-        check_prime(prime, vocab, source)
+        level.encode_prime(prime, vocab, source)
     if args.checkpoint and os.path.isdir(args.checkpoint):
         raise IsADirectoryError(f"--checkpoint {args.checkpoint}: is a directory, not a file")
     resume = bool(args.resume and args.checkpoint and os.path.exists(args.checkpoint))
@@ -146,24 +153,43 @@ def plan_run(args, text, vocab, cfg, source):
     return prime, resume
 
 
+def perplexity(loss):
+    """exp(mean cross-entropy in nats per token), or None."""
+    return None if loss is None else float(np.exp(min(loss, 700.0)))
+
+
+def default_checkpoint(level):
+    return os.path.join("save", f"{level}_rnn.npz")
+
+
 def train(args):
+    level = LEVELS[args.level]
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint(level.name)
+    for name in set(LEVELS["word"].options) - set(level.options):
+        if getattr(args, name):
+            raise ValueError(f"--{name.replace('_', '-')} is for --level word only")
     text, source = load_corpus(args)
-    check_long_enough(len(text), args)
-    vocab = rk.CharVocab.from_text(text)
+    vocab = level.build(text, args, corpus_name(args))
+    ids = vocab.encode(text)
+    check_long_enough(len(ids), args, level.unit)
     cfg = {k: getattr(args, k) for k in DEFAULTS}
     prime, resume = plan_run(args, text, vocab, cfg, source)
-    ids = vocab.encode(text)
     train_b, val_b = split_ids(ids, args.val_fraction, cfg["batch_size"], cfg["seq_length"])
     data = Limited(train_b, args.max_batches) if args.max_batches else train_b
     model = build_model(len(vocab), cfg, args.seed, args.backend)
     opt = rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"])
-    user = {"vocab": vocab.to_list(), "config": cfg, "seed": args.seed, "source": source}
+    user = {**level.meta(vocab), "config": cfg, "seed": args.seed, "source": source}
+    ppl = (lambda loss: "" if loss is None or level.name == "char" else
+           f" (perplexity {perplexity(loss):.1f})")
 
     def log(msg):
         if not args.quiet:
             print(msg, flush=True)
 
-    log(f"corpus: {source}, {len(text):,} chars, vocabulary {len(vocab)}; "
+    log(f"corpus: {source}, {len(text):,} chars"
+        + (f", {len(ids):,} tokens" if level.name != "char" else "")
+        + f", vocabulary {len(vocab)}; "
         f"{len(data)} batches of {cfg['batch_size']}x{cfg['seq_length']} per epoch, "
         f"{0 if val_b is None else len(val_b)} validation batches; "
         f"model {model.num_params():,} params")
@@ -179,7 +205,8 @@ def train(args):
             h = trainer.history
             val = h["val_loss"][-1]
             print(f"epoch {trainer.epoch}/{args.epochs}: train loss {h['loss'][-1]:.4f}, "
-                  f"val loss {'n/a' if val is None else f'{val:.4f}'}, lr {h['lr'][-1]:.6f}, "
+                  f"val loss {'n/a' if val is None else f'{val:.4f}'}{ppl(val)}, "
+                  f"lr {h['lr'][-1]:.6f}, "
                   f"{trainer.epoch_time:.1f} s ({1e3 * trainer.epoch_time / len(data):.1f} "
                   f"ms/batch)", flush=True)
             if args.checkpoint:
@@ -200,7 +227,7 @@ def train(args):
         val_loss = trainer.evaluate(val_b) if val_b is not None else None
         print(f"time limit reached after {trainer.global_step} steps "
               f"({time.perf_counter() - t_start:.0f} s): val loss "
-              f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}", flush=True)
+              f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}{ppl(val_loss)}", flush=True)
         if args.checkpoint:
             trainer.save(args.checkpoint, user=user)
     sample = sample_text(model, vocab, prime, args.sample_length, args.temperature,
@@ -208,7 +235,9 @@ def train(args):
     if sample:
         print("---- sample ----")
         print(sample)
-    return {"history": trainer.history, "val_loss": val_loss, "vocab": vocab, "model": model,
+    return {"history": trainer.history, "val_loss": val_loss,
+            "val_perplexity": perplexity(val_loss), "level": level.name, "vocab": vocab,
+            "model": model,
             "steps": trainer.global_step, "sample": sample, "checkpoint": args.checkpoint,
             "seconds": time.perf_counter() - t_start}
 
@@ -232,14 +261,21 @@ def read_checkpoint(path):
 
 
 def check_resumable(path, vocab, cfg):
-    """ValueError unless the checkpoint at ``path`` was trained on this vocabulary and config
-    (checked before anything is loaded into the model)."""
+    """ValueError unless the checkpoint at ``path`` was trained at this level, on this
+    vocabulary and config (checked before anything is loaded into the model)."""
     _, user = read_checkpoint(path)
-    if user["vocab"] != vocab.to_list():
-        differ = "".join(sorted(set(user["vocab"]) ^ set(vocab.chars)))
+    level, written = level_of(vocab), level_of_checkpoint(user, path)
+    if written is not level:
+        raise ValueError(f"--resume: {path} was written at --level {written.name}, not "
+                         f"{level.name}; give --level {written.name}, or another --checkpoint")
+    if user["vocab"] != vocab.to_list() or user.get("lower", True) != getattr(vocab, "lower",
+                                                                               True):
+        differ = (level.difference(user["vocab"], vocab) if user["vocab"] != vocab.to_list()
+                  else "case (--keep-case)")
         raise ValueError(f"--resume: {path} was written for another corpus (its vocabulary of "
-                         f"{len(user['vocab'])} characters and this text's {len(vocab)} differ "
-                         f"in {differ!r}); give its --text, or another --checkpoint")
+                         f"{len(user['vocab'])} {level.unit} and this text's {len(vocab)} differ "
+                         f"in {differ}); give its --text and vocabulary options, or another "
+                         f"--checkpoint")
     changed = sorted(k for k in cfg if user["config"].get(k) != cfg[k])
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings ("
@@ -252,7 +288,7 @@ def check_resumable(path, vocab, cfg):
 def load_model(path, backend="auto"):
     """(model, vocab, user data) from a checkpoint written by ``train``."""
     ck, user = read_checkpoint(path)
-    vocab = rk.CharVocab(user["vocab"])
+    vocab = level_of_checkpoint(user, path).from_meta(user)
     model = build_model(len(vocab), user["config"], 0, backend)
     model.load_params(ck["params"])
     return model, vocab, user
@@ -291,7 +327,9 @@ def nonempty(text):
     return text
 
 
-def parser(prog="char_rnn"):
+def parser(prog="char_rnn", level="char"):
+    """The command line; ``level`` is the default of ``train --level`` and names ``sample``'s
+    default checkpoint, ``save/<level>_rnn.npz`` (``train``'s follows its ``--level``)."""
     p = CliParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     count, positive = number(int, 0), number(int, 1)
@@ -302,6 +340,16 @@ def parser(prog="char_rnn"):
     t.add_argument("--max-chars", type=count, default=0,
                    help="use only the first N characters (0: all)")
     t.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
+    t.add_argument("--level", choices=list(LEVELS), default=level,
+                   help="a token is a character (char) or a word or punctuation mark (word); "
+                        "default %(default)s")
+    t.add_argument("--max-vocab", type=count, default=None, metavar="N",
+                   help="word level: keep the N most frequent tokens, <unk> included (default "
+                        "10000; 0: all)")
+    t.add_argument("--min-count", type=positive, default=None, metavar="N",
+                   help="word level: keep only tokens seen at least N times (default 1)")
+    t.add_argument("--keep-case", action="store_true",
+                   help="word level: keep upper case (default: lowercase the text)")
     t.add_argument("--model", choices=list(CELLS), default=DEFAULTS["model"],
                    help="recurrent cell (default %(default)s)")
     t.add_argument("--rnn-size", dest="rnn_size", type=positive,
@@ -321,41 +369,47 @@ def parser(prog="char_rnn"):
     t.add_argument("--max-batches", type=count, default=0, help="batches per epoch (0: all)")
     t.add_argument("--time-limit", type=number(float, 0), default=0, metavar="SECONDS",
                    help="stop training after this long (0: no limit)")
-    t.add_argument("--checkpoint", default=os.path.join("save", "char_rnn.npz"),
-                   help="checkpoint file, written every epoch ('' for none; default %(default)s)")
+    t.add_argument("--checkpoint", default=None,
+                   help="checkpoint file, written every epoch ('' for none; default "
+                        "save/char_rnn.npz, or save/word_rnn.npz with --level word)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     t.add_argument("--progress", action="store_true", help="show a tqdm progress bar")
     t.add_argument("--prime", default=None, type=nonempty,
                    help="sample prefix (default 'The ', or the text's first character when "
-                        "'The ' is not in its vocabulary)")
+                        "'The ' is not in its vocabulary; word level: 'The', or its most "
+                        "frequent token)")
     t.add_argument("--sample-length", type=count, default=500)
     t.add_argument("--temperature", type=number(float, 0), default=1.0)
     t.add_argument("--top-k", type=positive, default=None)
     add_common_args(t)
 
     s = sub.add_parser("sample", help="sample from a checkpoint")
-    s.add_argument("--checkpoint", default=os.path.join("save", "char_rnn.npz"))
+    s.add_argument("--checkpoint", default=default_checkpoint(level),
+                   help="written by train, at either level (default %(default)s)")
     s.add_argument("-n", "--length", type=count, default=500)
-    s.add_argument("--prime", default="The ", type=nonempty)
+    s.add_argument("--prime", default="The ", type=nonempty,
+                   help="sample prefix (default %(default)r); at the word level, words outside "
+                        "the vocabulary are read as <unk>")
     s.add_argument("--temperature", type=number(float, 0), default=1.0)
     s.add_argument("--top-k", type=positive, default=None)
     add_common_args(s)
     return p
 
 
-def main(argv=None, prog="char_rnn"):
-    """Run ``train`` or ``sample`` and return its results; bad input raises (see :func:`cli`)."""
-    args = parse(parser(prog), argv)
+def main(argv=None, prog="char_rnn", level="char"):
+    """Run ``train`` or ``sample`` and return its results; bad input raises (see :func:`cli`).
+    ``level``: the default of ``--level`` (word_rnn.py: "word")."""
+    args = parse(parser(prog, level), argv)
     return train(args) if args.command == "train" else sample(args)
 
 
-def cli(argv=None, prog="char_rnn"):
+def cli(argv=None, prog="char_rnn", level="char"):
     """The command line (``python examples/char_rnn.py``, ``python -m rnnkern train|sample``):
     exit status 0, or 2 with one line on stderr for bad input; other errors keep their
     traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = f"{prog} {argv[0]}" if argv and argv[0] in ("train", "sample") else prog
-    return run_cli(command, lambda: main(argv, prog))
+    return run_cli(command, lambda: main(argv, prog, level))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Command line: ``python -m rnnkern labs|train|sample|bench|backends`` (or ``rnnkern ...``).
 
     python -m rnnkern labs                 lab 12 reproductions, short output, outcome checks
-    python -m rnnkern train [args]         char-rnn training, on tiny-shakespeare by default
+    python -m rnnkern train [args]         char-rnn training, on tiny-shakespeare by default;
+                                           --level word for a word-level model
                                            (examples/char_rnn.py train --help)
-    python -m rnnkern sample [args]        sample from a char-rnn checkpoint
+    python -m rnnkern sample [args]        sample from a checkpoint of either level
     python -m rnnkern bench [cpu|e2e|all] [args]
                                            benchmarks/bench_cpu.py (kernels vs PyTorch) and
                                            benchmarks/bench_e2e.py (training recipes vs PyTorch),

@@ -40,10 +40,14 @@ def work(tmp_path_factory):
     (d / "other.txt").write_text(words(100, ["xyz", "XYZ", "123", "w"]))
     (d / "empty.txt").write_text("")
     (d / "short.txt").write_text("hello world")
+    (d / "spaces.txt").write_text("  \t  " * 20)          # text, but no word-level token
     (d / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (d / "a_dir").mkdir()
     proc = run("train", "--text", "tiny.txt", "--checkpoint", "ck.npz", "--prime", "the", *TINY,
                cwd=d)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    proc = run("train", "--level", "word", "--text", "tiny.txt", "--checkpoint", "word_ck.npz",
+               "--prime", "the", *TINY, cwd=d)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     raw = (d / "ck.npz").read_bytes()
     (d / "truncated.npz").write_bytes(raw[:len(raw) // 2])
@@ -105,6 +109,33 @@ CASES = {
                                      "--temperature", "-1"], ["--temperature", ">= 0"]),
     "sample-top-k-0": (["sample", "--checkpoint", "ck.npz", "--prime", "the", "--top-k", "0"],
                        ["--top-k", ">= 1"]),
+    # word level (issue 20): a prime word outside the vocabulary is no error (read as <unk>:
+    # tests/test_word.py), a prime without any token is
+    "train-word-short-text": (["train", "--level", "word", "--text", "short.txt"],
+                              ["--text", "short.txt", "2 tokens", "too short"]),
+    "train-word-no-tokens": (["train", "--level", "word", "--text", "spaces.txt"],
+                             ["--text", "spaces.txt", "no tokens"]),
+    "train-word-min-count-too-high": (["train", "--level", "word", "--text", "tiny.txt",
+                                       "--min-count", "100000"],
+                                      ["tiny.txt", "--min-count 100000"]),
+    "train-word-option-at-char-level": (["train", "--text", "tiny.txt", "--max-vocab", "5"],
+                                        ["--max-vocab", "--level word only"]),
+    "train-unknown-level": (["train", "--level", "sentence"], ["--level", "sentence"]),
+    "train-resume-word-checkpoint-at-char-level": (["train", "--text", "tiny.txt",
+                                                    "--checkpoint", "word_ck.npz", "--resume"],
+                                                   ["--resume", "word_ck.npz",
+                                                    "give --level word"]),
+    "train-resume-char-checkpoint-at-word-level": (["train", "--level", "word", "--text",
+                                                    "tiny.txt", "--checkpoint", "ck.npz",
+                                                    "--resume"], ["ck.npz", "give --level char"]),
+    "train-word-resume-other-vocabulary": (["train", "--level", "word", "--text", "tiny.txt",
+                                            "--checkpoint", "word_ck.npz", "--resume",
+                                            "--max-vocab", "4"],
+                                           ["--resume", "word_ck.npz", "another corpus"]),
+    "train-word-prime-without-tokens": (["train", "--level", "word", "--text", "tiny.txt",
+                                         "--prime", " "], ["--prime", "no word"]),
+    "sample-word-prime-without-tokens": (["sample", "--checkpoint", "word_ck.npz", "--prime",
+                                          "\t"], ["--prime", "no word", "punctuation mark"]),
     "labs-missing-csv": (["labs", "--csv", "absent.csv"], ["--csv", "absent.csv", "not found"]),
     "labs-directory-csv": (["labs", "--csv", "a_dir"], ["--csv", "a_dir", "directory"]),
 }
@@ -128,6 +159,12 @@ def test_the_script_itself_reports_the_same_way(work, argv, names):
     share one error path."""
     proc = run(*argv, cwd=work, script=os.path.join(REPO, "examples", "char_rnn.py"))
     assert_one_line_error(proc, *names, prog=f"char_rnn {argv[0]}")
+
+
+def test_the_word_rnn_script_reports_the_same_way(work):
+    proc = run("train", "--text", "short.txt", *TINY, cwd=work,
+               script=os.path.join(REPO, "examples", "word_rnn.py"))
+    assert_one_line_error(proc, "short.txt", "tokens", "too short", prog="word_rnn train")
 
 
 def test_valid_input_trains_resumes_and_samples(work):

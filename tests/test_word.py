@@ -170,3 +170,82 @@ def test_errors_name_what_is_wrong():
         v.decode([1.0])
     with pytest.raises(TypeError, match="ids must be integers, got str"):
         v.decode("a")
+
+
+# ---------------------------------------------------------------------- the example and CLI
+def _text(path):
+    rng = np.random.default_rng(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "don't", "o'er"]
+    text = "\n".join(" ".join(rng.choice(words, 6)) + rng.choice([".", ",", "!"])
+                     for _ in range(300))
+    path.write_text(text)
+    return text
+
+
+SMALL = ["--rnn-size", "16", "--num-layers", "1", "--seq-length", "10", "--batch-size", "4",
+         "--lr", "0.01", "--max-batches", "30", "--quiet"]
+
+
+def test_word_rnn_trains_reports_perplexity_checkpoints_and_samples(tmp_path, capsys):
+    wr = load_example("word_rnn")
+    txt = tmp_path / "tiny.txt"
+    _text(txt)
+    ck = tmp_path / "ck.npz"
+    r = wr.main(["train", "--text", str(txt), "--epochs", "2", "--checkpoint", str(ck),
+                 "--sample-length", "12", "--prime", "The quick", *SMALL])
+    out = capsys.readouterr().out
+    assert r["level"] == "word" and isinstance(r["vocab"], rk.WordVocab)
+    assert r["vocab"].to_list()[0] == "<unk>"
+    assert len(r["vocab"]) == 15                    # <unk>, 10 words, 3 marks, "\n"
+    h = r["history"]
+    assert h["val_loss"][1] < h["val_loss"][0] < np.log(len(r["vocab"]))
+    assert r["val_perplexity"] == pytest.approx(np.exp(h["val_loss"][1]))
+    assert f"(perplexity {r['val_perplexity']:.1f})" in out
+    assert r["sample"].startswith("The quick") and len(r["vocab"].encode(r["sample"])) == 14
+    # the checkpoint records the level and the vocabulary; sample reads both
+    model, vocab, user = load_example("char_rnn").load_model(str(ck))
+    assert user["level"] == "word" and user["lower"] is True and vocab == r["vocab"]
+    s1 = wr.main(["sample", "--checkpoint", str(ck), "-n", "30", "--prime", "Over the",
+                  "--seed", "4"])["sample"]
+    s2 = wr.main(["sample", "--checkpoint", str(ck), "-n", "30", "--prime", "Over the",
+                  "--seed", "4"])["sample"]
+    assert s1 == s2 and s1.startswith("Over the")
+    assert len(vocab.encode(s1)) == 32 and "<unk>" not in s1   # (no <unk> in the text)
+
+
+def test_cli_word_level_train_resume_and_sample(tmp_path):
+    """`python -m rnnkern train --level word`, resumed, then `sample` of that checkpoint, with
+    prime words outside the vocabulary read as <unk> (a note, exit 0)."""
+    _text(tmp_path / "tiny.txt")
+
+    def cli(*args):
+        env = dict(os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR",
+                                                              "/tmp/numba-cache"))
+        proc = subprocess.run([sys.executable, "-m", "rnnkern", *args], capture_output=True,
+                              text=True, cwd=tmp_path, env=env, timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    train = ["train", "--level", "word", "--text", "tiny.txt", *SMALL[:-3], "--max-batches", "5",
+             "--sample-length", "8", "--prime", "the"]
+    proc = cli(*train, "--epochs", "1")
+    assert "vocabulary 15" in proc.stdout and "(perplexity " in proc.stdout
+    assert (tmp_path / "save" / "word_rnn.npz").is_file()       # the word level's default name
+    proc = cli(*train, "--epochs", "2", "--resume")
+    assert "resumed from save/word_rnn.npz at epoch 1" in proc.stdout and "epoch 2/2" in proc.stdout
+    proc = cli("sample", "--checkpoint", "save/word_rnn.npz", "-n", "20", "--prime",
+               "Zebras and unicorns", "--top-k", "3")
+    assert proc.stdout.startswith("Zebras and unicorns")
+    assert proc.stderr.startswith("note: --prime 'Zebras and unicorns': 'zebras', 'and', "
+                                  "'unicorns' not in the vocabulary of save/word_rnn.npz, "
+                                  "read as <unk>")
+
+
+def test_word_rnn_is_char_rnn_at_the_word_level():
+    wr, cr = load_example("word_rnn"), load_example("char_rnn")
+    args, char_args = wr.parser().parse_args(["train"]), cr.parser().parse_args(["train"])
+    assert args.level == "word" and char_args.level == "char"
+    assert args.checkpoint is None and char_args.checkpoint is None   # save/<level>_rnn.npz
+    assert wr.parser().parse_args(["sample"]).checkpoint == os.path.join("save", "word_rnn.npz")
+    same = {k: getattr(args, k) for k in cr.DEFAULTS}
+    assert same == {k: getattr(char_args, k) for k in cr.DEFAULTS} == cr.DEFAULTS
