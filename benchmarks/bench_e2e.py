@@ -1,8 +1,9 @@
 """End-to-end training benchmark: the examples' recipes in rnnkern and in PyTorch, one process.
 
-    python benchmarks/bench_e2e.py                         # hihello, lab12-4, char-rnn epoch
+    python benchmarks/bench_e2e.py                         # hihello, lab12-4, char-rnn, word-rnn
     python benchmarks/bench_e2e.py --only hihello lab12-4 --repeats 5
     python benchmarks/bench_e2e.py --only char-rnn --max-batches 100
+    python benchmarks/bench_e2e.py --only word-rnn --word-epochs 2   # + validation perplexities
     python benchmarks/bench_e2e.py --cells lstm gru rnn      # each workload with each cell
 
 Workloads (float32, full training steps: forward, loss, backward, optimizer update):
@@ -10,11 +11,20 @@ Workloads (float32, full training steps: forward, loss, backward, optimizer upda
 * ``hihello``:  one-hot(5) -> LSTM(5) -> dense 5, batch 1 x 6 steps, Adam 0.1, 2000 steps
 * ``lab12-4``:  one-hot(25) -> 2-layer LSTM(25) -> dense 25, 170 windows x 10, Adam 0.1, 500 steps
 * ``char-rnn``: embedding 128 -> 2-layer LSTM(128) -> dense 65 on tiny-shakespeare, batches
+  50 x 50 with the state carried between batches, Adam 2e-3, clip-by-global-norm 5, one epoch
+  over the 95% training part (``--max-batches`` shortens it), as examples/char_rnn.py trains.
+* ``word-rnn``: the same recipe on words (examples/word_rnn.py): rk.WordVocab of tiny-shakespeare
+  with ``--word-vocab`` 10,000 entries (<unk> included; 293,593 tokens, 111 batches of 50 x 50
+  per epoch), embedding 128 -> 2-layer LSTM(128) -> dense 10,000 (its bias starting at the log
+  unigram frequencies, as word_rnn's) -- the head (``[2500,128] x [128,10000]`` GEMMs and a
+  softmax over 10,000) is most of the work. Both sides
+  start from the same weights (rnnkern's TF1-style init, copied into the torch modules with
+  ``rk.interop.to_torch``), train ``--word-epochs`` timed epochs (lr decayed by 0.97 between
+  them) on the same batches, then report the validation perplexity, exp(mean cross-entropy over
+  the held-out 5%, state carried), which should agree within 5%.
 
 ``--cells gru rnn`` runs the same workloads with GRU (reset_after, as torch.nn.GRU) or tanh-RNN
 cells in the LSTM's place, on both sides.
-  50 x 50 with the state carried between batches, Adam 2e-3, clip-by-global-norm 5, one epoch
-  over the 95% training part (``--max-batches`` shortens it), as examples/char_rnn.py trains.
 
 rnnkern runs the examples' own model builders and loop (``backend="auto"``: the fastest CPU
 backend) with the examples' single-thread OpenBLAS (``--blas-threads``); PyTorch runs ``nn.LSTM`` + ``nn.Linear`` (+ ``nn.Embedding``), ``F.cross_entropy``,
@@ -38,7 +48,7 @@ sys.path.insert(0, ROOT)
 import rnnkern as rk  # noqa: E402
 from rnnkern.labs import load_example  # noqa: E402
 
-TARGETS = {"hihello": 20.0, "lab12-4": 5.0, "char-rnn": 1.5}
+TARGETS = {"hihello": 20.0, "lab12-4": 5.0, "char-rnn": 1.5, "word-rnn": 1.3}
 
 
 # ---------------------------------------------------------------------- workloads: data
@@ -63,6 +73,21 @@ def char_rnn_data(path, max_batches):
     train, _ = cr.split_ids(vocab.encode(text), 0.05, 50, 50)
     n = min(len(train), max_batches) if max_batches else len(train)
     return [train[k] for k in range(n)], len(vocab)
+
+
+def word_rnn_data(path, max_batches, max_vocab):
+    """word_rnn's training batches of ``path`` (None: the packaged tiny-shakespeare), its
+    validation batches, the vocabulary size and the initial output bias (the log unigram
+    frequencies of the training part, as word_rnn starts)."""
+    cr = load_example("char_rnn")
+    from rnnkern.examples._levels import LEVELS
+    text = rk.datasets.tiny_shakespeare(path)
+    vocab = rk.WordVocab.from_text(text, max_size=max_vocab)
+    ids = vocab.encode(text)
+    train, val = cr.split_ids(ids, 0.05, 50, 50)
+    bias = LEVELS["word"].output_bias(ids[:len(ids) - int(len(ids) * 0.05)], len(vocab))
+    n = min(len(train), max_batches) if max_batches else len(train)
+    return [train[k] for k in range(n)], [val[k] for k in range(len(val))], len(vocab), bias
 
 
 # ---------------------------------------------------------------------- rnnkern
@@ -100,19 +125,40 @@ def rk_lab12_4(steps, kind):
     return rk_full_batch(lambda: rk_lab_model(kind, C, 2), x, y, steps, 0.1)
 
 
-def rk_char_rnn(batches, C, kind):
+def rk_lm_model(C, kind, output_bias=None):
+    """examples/char_rnn.py's (and word_rnn.py's) model for C classes, as it starts training."""
+    cr = load_example("char_rnn")
+    return cr.build_model(C, dict(cr.DEFAULTS, model=kind), 0, output_bias=output_bias)
+
+
+def rk_char_rnn(batches, C, kind, val=None, output_bias=None):
+    """One epoch per call, as examples/char_rnn.py trains; ``run.evaluate()``: the mean
+    validation loss over ``val`` (state carried), untimed. With ``val`` (the perplexity
+    comparison), training starts from the model's initial weights after the warm-up, and Adam
+    puts eps where torch.optim.Adam does (``eps_mode="torch"``; the examples' TF form differs
+    from it early on, on rarely seen embedding rows): the same updates on both sides."""
     cr = load_example("char_rnn")
     cfg = dict(cr.DEFAULTS, model=kind)
-    model = cr.build_model(C, cfg, 0)
-    opt = rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"])
-    trainer = rk.Trainer(model, rk.sequence_loss, opt, stateful=True, progress=False,
-                         lr_schedule=rk.ExponentialDecay(cfg["learning_rate"], cfg["decay_rate"]))
+    model = rk_lm_model(C, kind, output_bias)
+    start = {k: v.copy() for k, v in model.params.items()}
+
+    def make_trainer():
+        return rk.Trainer(model, rk.sequence_loss,
+                          rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"],
+                                  eps_mode="tf" if val is None else "torch"),
+                          stateful=True, progress=False,
+                          lr_schedule=rk.ExponentialDecay(cfg["learning_rate"], cfg["decay_rate"]))
+    trainer = make_trainer()
     trainer.train_step(batches[0])   # warm-up
     trainer._state = None
+    if val is not None:              # measured: start again from the same weights, a fresh Adam
+        model.load_params(start)
+        trainer = make_trainer()
 
     def run():
         trainer.fit(batches, epochs=trainer.epoch + 1)
         return trainer.history["loss"][-1]
+    run.evaluate = lambda: trainer.evaluate(val)
     return run
 
 
@@ -161,11 +207,22 @@ def torch_full_batch(torch, x_ids, y_ids, C, H, L, steps, lr, kind):
     return run
 
 
-def torch_char_rnn(torch, batches, C, kind):
+def load_rk_weights(torch, model, rk_model):
+    """Copy an rnnkern Embedding -> LSTM/GRU/RNN -> Dense model's weights into ``model``."""
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.from_numpy(rk_model.layers[0].params["weight"]))
+        model.lstm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                                    rk.interop.to_torch(rk_model.layers[1]).items()})
+        model.fc.weight.copy_(torch.from_numpy(rk_model.layers[-1].params["weight"]))
+        model.fc.bias.copy_(torch.from_numpy(rk_model.layers[-1].params["bias"]))
+
+
+def torch_char_rnn(torch, batches, C, kind, val=None, init=None):
+    """PyTorch's side of :func:`rk_char_rnn`; ``init``: an rnnkern model to start from (its
+    weights), else PyTorch's own init."""
     F = torch.nn.functional
     model = TorchCharModel(torch, C, 128, 2, embed=True, kind=kind)
     params = model.parameters()
-    opt = torch.optim.Adam(params, lr=2e-3)
     data = [(torch.from_numpy(x), torch.from_numpy(y).reshape(-1)) for x, y in batches]
     epoch = [0]
 
@@ -179,7 +236,20 @@ def torch_char_rnn(torch, batches, C, kind):
         state = tuple(s.detach() for s in state) if kind == "lstm" else state.detach()
         return float(loss.detach()), state   # truncated BPTT
 
-    step(*data[0], None)
+    opt = torch.optim.Adam(params, lr=2e-3)
+    step(*data[0], None)                     # warm-up
+    if init is not None:                     # start (again) from those weights, a fresh Adam
+        load_rk_weights(torch, model, init)
+        opt = torch.optim.Adam(params, lr=2e-3)
+
+    def evaluate():
+        total, state = 0.0, None
+        with torch.no_grad():
+            for x, y in val:
+                logits, state = model(torch.from_numpy(x), state)
+                total += float(F.cross_entropy(logits.reshape(-1, C),
+                                               torch.from_numpy(y).reshape(-1)))
+        return total / len(val)
 
     def run():
         for g in opt.param_groups:
@@ -190,6 +260,7 @@ def torch_char_rnn(torch, batches, C, kind):
             total += loss
         epoch[0] += 1
         return total / len(data)
+    run.evaluate = evaluate
     return run
 
 
@@ -215,7 +286,13 @@ def main(argv=None):
     p.add_argument("--lab4-steps", type=int, default=500)
     p.add_argument("--text", default=None, metavar="PATH",
                    help="char-rnn text (default: the packaged tiny-shakespeare)")
-    p.add_argument("--max-batches", type=int, default=0, help="char-rnn batches (0: a full epoch)")
+    p.add_argument("--max-batches", type=int, default=0,
+                   help="char-rnn and word-rnn batches per epoch (0: a full epoch)")
+    p.add_argument("--word-epochs", type=int, default=1,
+                   help="word-rnn epochs per contestant, each timed; the validation perplexities "
+                        "are compared after the last (default %(default)s)")
+    p.add_argument("--word-vocab", type=int, default=10_000,
+                   help="word-rnn vocabulary size, <unk> included (default %(default)s)")
     p.add_argument("--threads", type=int, nargs="+", default=[2],
                    help="torch.set_num_threads for each PyTorch contestant (default 2; e.g. "
                         "'2 1' also runs a 1-thread PyTorch: on a loaded machine OpenMP's "
@@ -240,7 +317,7 @@ def main(argv=None):
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     tnames = [f"torch {n}t" for n in args.threads]
 
-    rows = []
+    rows, perplexities = [], []
     for name, kind in [(n, k) for n in args.only for k in args.cells]:
         cell = "" if kind == "lstm" else f" [{CELLS[kind]}]"
         if name == "hihello":
@@ -255,6 +332,14 @@ def main(argv=None):
             make_rk = lambda: rk_lab12_4(args.lab4_steps, kind)  # noqa: E731
             make_th = lambda: torch_full_batch(torch, x, y, C, C, 2, args.lab4_steps, 0.1, kind)  # noqa: E731
             reps = args.repeats
+        elif name == "word-rnn":
+            batches, val, C, bias = word_rnn_data(args.text, args.max_batches, args.word_vocab)
+            label = (f"word-rnn epoch, {len(batches)} batches 50x50, V={C} "
+                     f"({args.text or 'tiny-shakespeare'}){cell}")
+            init = rk_lm_model(C, kind, bias)   # both sides start from these weights
+            make_rk = lambda: rk_char_rnn(batches, C, kind, val, bias)  # noqa: E731
+            make_th = lambda: torch_char_rnn(torch, batches, C, kind, val, init)  # noqa: E731
+            reps = args.word_epochs
         else:
             batches, C = char_rnn_data(args.text, args.max_batches)
             label = (f"char-rnn epoch, {len(batches)} batches 50x50 "
@@ -276,6 +361,12 @@ def main(argv=None):
                 times[k].append(dt)
             print(f"# {name} repeat {r + 1}/{reps}: "
                   + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
+        if name == "word-rnn":   # validation perplexity after the same epochs, untimed
+            ppl = {k: float(np.exp(run.evaluate())) for k, (run, _) in contestants.items()}
+            print(f"# word-rnn validation perplexity after {reps} epoch(s) of {len(batches)} "
+                  f"batches: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+                  + f"; rnnkern / {tnames[0]} {ppl['rnnkern'] / ppl[tnames[0]]:.4f}", flush=True)
+            perplexities.append((label, reps, ppl))
         rows.append((label, times, losses, TARGETS[name]))
 
     print()
@@ -292,6 +383,17 @@ def main(argv=None):
         print(f"| {label} | {t_rk:.3f} / {np.median(times['rnnkern']):.3f} | {cells} | "
               f"{ratio:.1f}x | {best:.1f}x | >= {target:g}x {'met' if ratio >= target else 'NOT met'}"
               f" | {losses['rnnkern']:.4f} / {losses[tnames[0]]:.4f} |")
+    if perplexities:
+        print()
+        print("| workload | epochs | validation perplexity rnnkern | "
+              + " | ".join(f"PyTorch {n} thr" for n in args.threads)
+              + " | rnnkern / PyTorch | within 5% |")
+        print("|---" * (5 + len(args.threads)) + "|")
+        for label, epochs, ppl in perplexities:
+            rel = ppl["rnnkern"] / ppl[tnames[0]]
+            print(f"| {label} | {epochs} | {ppl['rnnkern']:.2f} | "
+                  + " | ".join(f"{ppl[t]:.2f}" for t in tnames)
+                  + f" | {rel:.4f} | {'yes' if abs(rel - 1) <= 0.05 else 'NO'} |")
     return rows
 
 

@@ -91,9 +91,11 @@ def split_ids(ids, val_fraction, batch_size, seq_length):
 
 
 # ---------------------------------------------------------------------- model
-def build_model(vocab_size, cfg, seed, backend="auto"):
+def build_model(vocab_size, cfg, seed, backend="auto", output_bias=None):
     """Embedding(V, H) -> LSTM(H, H, L) -> Dense(H, V), TF1-style init (glorot, zero biases);
-    ``cfg["model"]`` "gru" or "rnn" puts that cell in the LSTM's place.
+    ``cfg["model"]`` "gru" or "rnn" puts that cell in the LSTM's place. ``output_bias`` [V]:
+    the dense layer's initial bias instead of zeros (the word level's log unigram frequencies,
+    examples/_levels.py).
 
     ``cfg["dropout"] = p > 0`` drops each recurrent layer's outputs with probability p in
     training (char-rnn's ``DropoutWrapper(output_keep_prob=1-p)``): between the layers and
@@ -108,6 +110,8 @@ def build_model(vocab_size, cfg, seed, backend="auto"):
     rnn = tf1_glorot_init(cell(H, H, cfg["num_layers"], backend=backend, dropout=p,
                                seed=seed + 3), seed + 1)
     fc = rk.Dense(H, vocab_size, init="glorot", seed=seed + 2)
+    if output_bias is not None:
+        fc.params["bias"][...] = output_bias
     return rk.Sequential([emb, rnn] + ([rk.Dropout(p, seed=seed + 4)] if p else []) + [fc])
 
 
@@ -166,6 +170,8 @@ def train(args):
     level = LEVELS[args.level]
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint(level.name)
+    if args.epochs is None:
+        args.epochs = level.default_epochs
     for name in set(LEVELS["word"].options) - set(level.options):
         if getattr(args, name):
             raise ValueError(f"--{name.replace('_', '-')} is for --level word only")
@@ -177,7 +183,9 @@ def train(args):
     prime, resume = plan_run(args, text, vocab, cfg, source)
     train_b, val_b = split_ids(ids, args.val_fraction, cfg["batch_size"], cfg["seq_length"])
     data = Limited(train_b, args.max_batches) if args.max_batches else train_b
-    model = build_model(len(vocab), cfg, args.seed, args.backend)
+    n_train = len(ids) - int(len(ids) * args.val_fraction)   # as split_ids cuts it
+    model = build_model(len(vocab), cfg, args.seed, args.backend,
+                        level.output_bias(ids[:n_train], len(vocab)))
     opt = rk.Adam(lr=cfg["learning_rate"], clip_norm=cfg["grad_clip"])
     user = {**level.meta(vocab), "config": cfg, "seed": args.seed, "source": source}
     ppl = (lambda loss: "" if loss is None or level.name == "char" else
@@ -365,7 +373,9 @@ def parser(prog="char_rnn", level="char"):
     t.add_argument("--grad-clip", dest="grad_clip", type=float, default=DEFAULTS["grad_clip"])
     t.add_argument("--dropout", type=number(float, 0, 1), default=DEFAULTS["dropout"],
                    help="drop LSTM outputs with this probability in training (default 0)")
-    t.add_argument("--epochs", type=count, default=50, help="(char-rnn's default %(default)s)")
+    t.add_argument("--epochs", type=count, default=None,
+                   help="(default 50, char-rnn's; 8 at the word level, where the validation "
+                        "perplexity of tiny-shakespeare stops falling)")
     t.add_argument("--max-batches", type=count, default=0, help="batches per epoch (0: all)")
     t.add_argument("--time-limit", type=number(float, 0), default=0, metavar="SECONDS",
                    help="stop training after this long (0: no limit)")

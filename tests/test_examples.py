@@ -307,6 +307,18 @@ def test_cli_bench_e2e_runs_a_tiny_table():
     assert "| hihello, 5 Adam steps |" in proc.stdout and "speed-up" in proc.stdout
 
 
+def test_cli_bench_e2e_word_rnn_reports_both_perplexities():
+    pytest.importorskip("torch")
+    proc = _run_cli("bench", "e2e", "--only", "word-rnn", "--max-batches", "2", "--word-epochs",
+                    "1", "--word-vocab", "300", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "| word-rnn epoch, 2 batches 50x50, V=300 (tiny-shakespeare) |" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines()
+               if line.startswith("| word-rnn") and line.endswith(" | yes |"))
+    rk_ppl, torch_ppl = (float(c) for c in row.split(" | ")[2:4])
+    assert rk_ppl == pytest.approx(torch_ppl, rel=1e-3)   # same start, same updates
+
+
 def _bench_cpu():
     import importlib.util
     spec = importlib.util.spec_from_file_location(

@@ -249,3 +249,14 @@ def test_word_rnn_is_char_rnn_at_the_word_level():
     assert wr.parser().parse_args(["sample"]).checkpoint == os.path.join("save", "word_rnn.npz")
     same = {k: getattr(args, k) for k in cr.DEFAULTS}
     assert same == {k: getattr(char_args, k) for k in cr.DEFAULTS} == cr.DEFAULTS
+
+
+def test_the_word_level_starts_the_output_bias_at_the_log_unigram():
+    """(examples/_levels.py: from zeros, training stalled at the unigram's perplexity.)"""
+    from rnnkern.examples._levels import LEVELS
+    bias = LEVELS["word"].output_bias(np.array([1, 1, 2, 1]), 4)   # add-one: counts 1, 4, 2, 1
+    np.testing.assert_allclose(bias, np.log(np.array([1, 4, 2, 1]) / 8))
+    assert LEVELS["char"].output_bias(np.array([0, 1]), 2) is None      # char-rnn's zeros
+    cr = load_example("char_rnn")
+    model = cr.build_model(4, dict(cr.DEFAULTS, rnn_size=8, num_layers=1), 0, output_bias=bias)
+    np.testing.assert_allclose(model.params["2.bias"], bias, rtol=1e-6)
