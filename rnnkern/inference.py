@@ -100,9 +100,42 @@ class Inference:
         """One step from ids [B]: returns the logits [B,C]; the state moves on."""
         return self._stack.step(self._ids(ids))
 
+    def run(self, ids, lengths=None):
+        """Steps over ids [B,T] from the current state: returns the logits [B,T,C], the state
+        moved on. ``lengths`` (ints [B] in [0, T]): row b stops at its length, as in the training
+        forward (its state carried, its later logits the head's of a zero output)."""
+        ids = np.ascontiguousarray(_check_ids(ids, self._vocab, type(self._form.encoder).__name__),
+                                   dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"ids must have shape [B,T] with B = {self.batch}, got {ids.shape}")
+        if lengths is not None:
+            lengths = self._form.recurrent[0]._check_lengths(lengths, self.batch, ids.shape[1])
+        return self._stack.run(ids, lengths)
+
     def reset(self):
         """Every layer's state to zeros (a new sequence)."""
         self._stack.reset()
+
+    def set_state(self, state):
+        """Start from ``state``, the structure :attr:`state` and ``Sequential.forward(...,
+        return_state=True)`` have (None entries, and None: zeros)."""
+        self.reset()
+        if state is None:
+            return
+        n = len(self._form.model.layers)
+        if not isinstance(state, (tuple, list)) or len(state) != n:
+            raise ValueError(f"state must be a tuple with one entry per layer ({n}), as "
+                             f"returned by forward(..., return_state=True)")
+        views, cell = self._stack.state, 0
+        for i, r in enumerate(self._form.recurrent):
+            s = state[self._form.recurrent_index(i)]
+            h0, c0 = (None, None) if s is None else r._split_state(s, self.batch, np)
+            for k in range(r.num_layers):
+                if h0 is not None:
+                    views[2 * cell][...] = h0[k]
+                    if c0 is not None:
+                        views[2 * cell + 1][...] = c0[k]
+                cell += 1
 
     @property
     def state(self):

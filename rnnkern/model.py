@@ -140,13 +140,29 @@ class Sequential:
 
     def infer(self, x, initial_state=None, lengths=None, return_state=False):
         """:meth:`forward` for inference: in eval mode for this call (no dropout), and nothing
-        kept for a backward -- each layer's saved activations are released as soon as the next
-        layer has its input, so the memory held is one layer's at a time, not every layer's.
-        Same arguments and results as :meth:`forward` (:meth:`backward` needs a forward)."""
+        kept for a backward. Same arguments and results as :meth:`forward` (:meth:`backward`
+        then needs a forward of its own).
+
+        Ids into a model that :class:`rnnkern.inference.Inference` runs (the step plan's form,
+        on the C++ backend) go through its compiled stack one step at a time: besides the
+        output, O(B*H) per layer. Otherwise every layer runs as in :meth:`forward` and its saved
+        activations are released as soon as the next layer has its input (one layer's at a
+        time, not every layer's)."""
+        from .inference import Inference, inference_reason
         was_training = self.training
         self.train(False)
         try:
-            y, state = self._run(x, initial_state, lengths, keep=False)
+            x_arr = np.asarray(x) if not hasattr(x, "dtype") else x
+            if (type(x_arr) is np.ndarray and x_arr.ndim == 2 and x_arr.dtype.kind in "iu"
+                    and x_arr.shape[0] > 0 and inference_reason(self) is None):
+                inf = Inference(self, batch=x_arr.shape[0])
+                inf.set_state(initial_state)
+                y = inf.run(x_arr, lengths)
+                state = inf.state
+                for layer in self.layers:   # nothing of an earlier forward kept either
+                    _release(layer)
+            else:
+                y, state = self._run(x, initial_state, lengths, keep=False)
         finally:
             self.train(was_training)
         self._ran = False

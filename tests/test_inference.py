@@ -122,22 +122,40 @@ def test_generate_on_other_backends_takes_the_stepwise_path():
     assert out.shape == (2, 6) and out.dtype == np.int64 and out.min() >= 0 and out.max() < 11
 
 
+def _flat_state(state):
+    return [a for s in state if s is not None for a in (s if isinstance(s, tuple) else (s,))]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cell, opts", CELLS[::2], ids=IDS[::2])
 @pytest.mark.parametrize("backend", ["numpy", "auto"])
-def test_sequential_infer_equals_forward_and_keeps_nothing(backend):
-    model = lm(rk.LSTM, layers=(1, 2), backend=backend, dropout=0.4)
-    ids = np.random.default_rng(1).integers(0, 11, (3, 5))
+def test_sequential_infer_equals_forward_and_keeps_nothing(backend, cell, opts, dtype):
+    """Through the compiled stack (auto: cpp) or layer by layer (numpy): the forward's logits
+    and states, with lengths 0..T and an initial state, and nothing kept for a backward."""
+    model = lm(cell, opts, layers=(1, 2), backend=backend, dropout=0.4, dtype=dtype)
+    if backend == "auto" and CPP_OK:
+        assert inference.inference_reason(model) is None
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 11, (3, 5))
     lengths = np.array([5, 2, 0])
-    got, got_state = model.infer(ids, lengths=lengths, return_state=True)
-    assert model.training                               # restored
     model.eval()
-    want, want_state = model(ids, lengths=lengths, return_state=True)
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got_state[1][0], want_state[1][0])
+    _, s0 = model(rng.integers(0, 11, (3, 4)), return_state=True)
+    want, want_state = model(ids, initial_state=s0, lengths=lengths, return_state=True)
     model.train()
+    got, got_state = model.infer(ids, initial_state=s0, lengths=lengths, return_state=True)
+    assert model.training                               # restored
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, **tol)
+    assert got.dtype == want.dtype
+    for a, b in zip(_flat_state(got_state), _flat_state(want_state), strict=True):
+        np.testing.assert_allclose(a, b, **tol)
+    np.testing.assert_allclose(model.infer(ids[:, :0]), want[:, :0])   # T = 0
     model.infer(ids)
     assert all(getattr(layer, "_saved", None) is None for layer in model.layers)
     with pytest.raises(RuntimeError, match="forward"):
         model.backward(np.zeros_like(want))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        model.infer(ids, lengths=[6, 1, 1])
 
 
 def test_trainer_evaluate_runs_through_infer(monkeypatch):

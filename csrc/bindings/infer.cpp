@@ -57,6 +57,24 @@ class InferStack {
         return logits;
     }
 
+    py::array_t<T> run(py::handle ids, py::handle lengths) {
+        const int64_t B = stack_->batch();
+        if (!py::isinstance<py::array>(ids) || py::reinterpret_borrow<py::array>(ids).ndim() != 2)
+            throw py::value_error("ids must be a 2-D numpy.ndarray [B,T]");
+        const int64_t Tn = py::reinterpret_borrow<py::array>(ids).shape(1);
+        py::object io = checked(ids, "ids", py::dtype::of<int64_t>(), {B, Tn});
+        const int64_t* id = cptr<int64_t>(io);
+        check_range(id, B * Tn, V_, "ids", "[0, V) = [0, " + std::to_string(V_) + ")");
+        py::object lo = checked(lengths, "lengths", py::dtype::of<int64_t>(), {B}, true);
+        const int64_t* len = cptr<int64_t>(lo);
+        if (len) check_range(len, B, Tn + 1, "lengths", "[0, T] = [0, " + std::to_string(Tn) + "]");
+        auto logits = new_array<T>({B, Tn, stack_->classes()});
+        T* out = logits.mutable_data();
+        py::gil_scoped_release nogil;
+        stack_->run(id, Tn, len, out);
+        return logits;
+    }
+
     py::array_t<int64_t> generate(py::handle ids, int64_t length, py::handle u,
                                   double temperature, int64_t top_k) {
         const int64_t B = stack_->batch();
@@ -132,6 +150,10 @@ void bind(py::module_& m, const char* name) {
              py::arg("weight"), py::arg("bias"))
         .def("step", &InferStack<T>::step, py::arg("ids"),
              "One step from ids int64 [B] in [0, V): the state moves on; returns logits [B,C].")
+        .def("run", &InferStack<T>::run, py::arg("ids"), py::arg("lengths") = py::none(),
+             "Steps over ids int64 [B,T] from the current state; returns logits [B,T,C].\n"
+             "lengths int64 [B] in [0, T] | None: row b stops at its length (its state then\n"
+             "carried; later logits are the head's of a zero output), as the training forward.")
         .def("generate", &InferStack<T>::generate, py::arg("ids"), py::arg("length"),
              py::kw_only(), py::arg("u"), py::arg("temperature"), py::arg("top_k"),
              "length steps from ids [B], each next id drawn from the step's logits as\n"
