@@ -143,9 +143,9 @@ class Sequential:
         kept for a backward. Same arguments and results as :meth:`forward` (:meth:`backward`
         then needs a forward of its own).
 
-        Ids into a model that :class:`rnnkern.inference.Inference` runs (the step plan's form,
-        on the C++ backend) go through its compiled stack one step at a time: besides the
-        output, O(B*H) per layer. Otherwise every layer runs as in :meth:`forward` and its saved
+        A model that :class:`rnnkern.inference.Inference` runs (the step plan's form, on the
+        C++ backend; ids or float input) goes through its compiled stack one step at a time:
+        besides the output, O(B*H) per layer. Otherwise every layer runs as in :meth:`forward` and its saved
         activations are released as soon as the next layer has its input (one layer's at a
         time, not every layer's)."""
         from .inference import Inference, inference_reason
@@ -153,8 +153,9 @@ class Sequential:
         self.train(False)
         try:
             x_arr = np.asarray(x) if not hasattr(x, "dtype") else x
-            if (type(x_arr) is np.ndarray and x_arr.ndim == 2 and x_arr.dtype.kind in "iu"
-                    and x_arr.shape[0] > 0 and inference_reason(self) is None):
+            ids = type(self.layers[0]).__name__ in ("OneHot", "Embedding")
+            if (type(x_arr) is np.ndarray and x_arr.ndim == (2 if ids else 3)
+                    and x_arr.shape[0] > 0 and inference_reason(self, ids=False) is None):
                 inf = Inference(self, batch=x_arr.shape[0])
                 inf.set_state(initial_state)
                 y = inf.run(x_arr, lengths)

@@ -23,9 +23,11 @@ IDS = ["lstm", "lstm-fb0", "gru", "gru-tf1", "rnn", "rnn-relu"]
 
 def lm(cell=rk.LSTM, opts=None, enc="embedding", V=11, H=6, layers=(2,), dtype="float64",
        backend="auto", dropout=0.0, bias=True):
-    """[OneHot | Embedding] -> recurrent layer objects -> [Dropout] -> Dense(V)."""
-    mods = [rk.OneHot(V, dtype=dtype) if enc == "onehot" else rk.Embedding(V, 5, seed=0,
-                                                                            dtype=dtype)]
+    """[OneHot | Embedding | nothing: floats of width 5] -> recurrent layer objects ->
+    [Dropout] -> Dense(V)."""
+    mods = ([] if enc == "none" else
+            [rk.OneHot(V, dtype=dtype) if enc == "onehot" else rk.Embedding(V, 5, seed=0,
+                                                                             dtype=dtype)])
     n_in = V if enc == "onehot" else 5
     for i, L in enumerate(layers):
         mods.append(cell(n_in, H, L, seed=1 + i, dtype=dtype, backend=backend, dropout=dropout,
@@ -90,8 +92,13 @@ def test_inference_errors_name_the_problem():
         inf.step([0.0, 1.0])
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         model.inference(batch=0)
-    with pytest.raises(ValueError, match="no OneHot or Embedding input"):
-        rk.Sequential([rk.LSTM(3, 4), rk.Dense(4, 2)]).inference()
+    floats = rk.Sequential([rk.LSTM(3, 4), rk.Dense(4, 2)]).inference()  # run(x) only
+    with pytest.raises(ValueError, match="takes floats, not ids"):
+        floats.step([0])
+    assert "no OneHot or Embedding input" in inference.inference_reason(
+        rk.Sequential([rk.LSTM(3, 4), rk.Dense(4, 2)]))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        floats.run(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="does not run on the C\\+\\+ backend"):
         lm(backend="numpy").inference()
     with pytest.raises(ValueError, match="not \\[OneHot|Embedding\\]"):
@@ -126,20 +133,26 @@ def _flat_state(state):
     return [a for s in state if s is not None for a in (s if isinstance(s, tuple) else (s,))]
 
 
+@pytest.mark.parametrize("enc", ["embedding", "none"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("cell, opts", CELLS[::2], ids=IDS[::2])
 @pytest.mark.parametrize("backend", ["numpy", "auto"])
-def test_sequential_infer_equals_forward_and_keeps_nothing(backend, cell, opts, dtype):
-    """Through the compiled stack (auto: cpp) or layer by layer (numpy): the forward's logits
-    and states, with lengths 0..T and an initial state, and nothing kept for a backward."""
-    model = lm(cell, opts, layers=(1, 2), backend=backend, dropout=0.4, dtype=dtype)
+def test_sequential_infer_equals_forward_and_keeps_nothing(backend, cell, opts, dtype, enc):
+    """Through the compiled stack (auto: cpp; ids or floats in) or layer by layer (numpy): the
+    forward's logits and states, with lengths 0..T and an initial state, and nothing kept for
+    a backward."""
+    model = lm(cell, opts, enc=enc, layers=(1, 2), backend=backend, dropout=0.4, dtype=dtype)
     if backend == "auto" and CPP_OK:
-        assert inference.inference_reason(model) is None
+        assert inference.inference_reason(model, ids=False) is None
     rng = np.random.default_rng(1)
-    ids = rng.integers(0, 11, (3, 5))
+
+    def batch(T):
+        return (rng.integers(0, 11, (3, T)) if enc != "none"
+                else rng.standard_normal((3, T, 5)).astype(dtype))
+    ids = batch(5)
     lengths = np.array([5, 2, 0])
     model.eval()
-    _, s0 = model(rng.integers(0, 11, (3, 4)), return_state=True)
+    _, s0 = model(batch(4), return_state=True)
     want, want_state = model(ids, initial_state=s0, lengths=lengths, return_state=True)
     model.train()
     got, got_state = model.infer(ids, initial_state=s0, lengths=lengths, return_state=True)

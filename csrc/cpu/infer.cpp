@@ -83,26 +83,38 @@ void InferStack<T>::reset() {
 
 template <typename T>
 void InferStack<T>::step(const int64_t* ids, T* logits) {
-    advance(ids, 1, logits, C_);
+    gather(ids, 1);
+    advance(logits, C_);
 }
 
 template <typename T>
-void InferStack<T>::run(const int64_t* ids, int64_t steps, const int64_t* lengths, T* logits) {
+void InferStack<T>::run(const int64_t* ids, const T* x, int64_t steps, const int64_t* lengths,
+                        T* logits) {
     alive_.assign(size_t(B_), 1);
     for (auto& s : layers_) s->f.lengths = lengths ? alive_.data() : nullptr;
     for (int64_t t = 0; t < steps; ++t) {
         if (lengths)  // a one-step length per row: 1 while it lasts, then 0 (state carried)
             for (int64_t b = 0; b < B_; ++b) alive_[size_t(b)] = t < lengths[b] ? 1 : 0;
-        advance(ids + t, steps, logits + t * C_, steps * C_);
+        if (ids)
+            gather(ids + t, steps);
+        else
+            for (int64_t b = 0; b < B_; ++b)
+                std::memcpy(x_.data() + b * I_, x + (b * steps + t) * I_, I_ * sizeof(T));
+        advance(logits + t * C_, steps * C_);
     }
     for (auto& s : layers_) s->f.lengths = nullptr;
 }
 
-// One step: row b's id is ids[b * id_stride]; its logits go to logits + b * ldc.
+// The first layer's input rows: row b is the table's row ids[b * stride].
 template <typename T>
-void InferStack<T>::advance(const int64_t* ids, int64_t id_stride, T* logits, int64_t ldc) {
+void InferStack<T>::gather(const int64_t* ids, int64_t stride) {
     for (int64_t b = 0; b < B_; ++b)
-        std::memcpy(x_.data() + b * I_, table_ + ids[b * id_stride] * I_, I_ * sizeof(T));
+        std::memcpy(x_.data() + b * I_, table_ + ids[b * stride] * I_, I_ * sizeof(T));
+}
+
+// One step from the rows in x_: row b's logits go to logits + b * ldc.
+template <typename T>
+void InferStack<T>::advance(T* logits, int64_t ldc) {
     for (auto& s : layers_) {
         run_chunks(B_, s->n, [](void* p, int64_t lo, int64_t hi) {
             static_cast<const Layer<T>*>(p)->forward_rows(lo, hi);
