@@ -9,6 +9,7 @@ Shape legend: B batch, T time steps, I input size, H hidden size, L layers, G ga
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
@@ -72,6 +73,31 @@ def _reverse_rows(a, rev, xp):
         return xp.ascontiguousarray(a[:, ::-1])
     rows, steps = rev
     return xp.ascontiguousarray(a[rows, steps])
+
+
+def _infer_run_steps(spec, B, H, itemsize):
+    """K: the steps of one inference run whose activations fit ``config.INFER_CHUNK_BYTES``."""
+    return max(1, int(config.INFER_CHUNK_BYTES) // max(1, B * (spec.gates + 3) * H * itemsize))
+
+
+def _run_unsaved(backend, spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, xp=np):
+    """One direction's seam forward over x [B,T,I] in runs of K steps (:func:`_infer_run_steps`),
+    the state carried between runs (a row's length within a run: clip(lengths - t0, 0, K); a
+    row already ended carries its state through untouched), each run's saved activations
+    dropped as soon as it returns. Returns (outputs [B,T,H], h [B,H], c [B,H] | None, None)."""
+    B, T, _ = x.shape
+    K = _infer_run_steps(spec, B, w_hh.shape[1], x.dtype.itemsize)
+    if T <= K:
+        out, h, c, _ = backend.forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+        return out, h, c, None
+    out = xp.empty((B, T, w_hh.shape[1]), dtype=x.dtype)
+    h, c = h0, c0
+    for t0 in range(0, T, K):
+        t1 = min(T, t0 + K)
+        run_lengths = None if lengths is None else xp.clip(lengths - t0, 0, t1 - t0)
+        out[:, t0:t1], h, c, _ = backend.forward(
+            spec, xp.ascontiguousarray(x[:, t0:t1]), w_ih, w_hh, b_ih, b_hh, h, c, run_lengths)
+    return out, h, c, None
 
 
 def _has_nonfinite(a, xp):
@@ -288,16 +314,33 @@ class _Recurrent:
         h0, c0 = self._split_state(initial_state, B, xp)
         return self._forward_validated(x, h0, c0, lengths, xp)
 
-    def _forward_validated(self, x, h0, c0, lengths, xp=np):
+    def infer(self, x, initial_state=None, lengths=None):
+        """:meth:`forward` for inference: no dropout and nothing kept for :meth:`backward`.
+
+        Same arguments and results as :meth:`forward`. Each direction's time loop runs in runs
+        of ``config.INFER_TIME_CHUNK`` (K) steps, the state carried from one to the next, so the
+        activations held at once are O(B*K*G*H) rather than O(B*T*G*H); the outputs are those
+        of :meth:`forward` in eval mode."""
+        x, xp = self._check_x(x)
+        B, T, _ = x.shape
+        lengths = self._check_lengths(lengths, B, T, xp)
+        h0, c0 = self._split_state(initial_state, B, xp)
+        return self._forward_validated(x, h0, c0, lengths, xp, keep=False)
+
+    def _forward_validated(self, x, h0, c0, lengths, xp=np, keep=True):
         """:meth:`forward` after its checks (the step plan's seam stack calls it directly):
         x [B,T,I] C-contiguous of the layer's dtype, h0 and c0 [D*L,B,H] (c0 None but for the
         LSTM), lengths int64 [B] on x's device or None.
 
         A bidirectional layer runs each direction through the same one-direction seam: the
         reverse one over each row reversed within its length (:func:`_reverse_rows`), its
-        outputs reversed back, so every backend runs it."""
+        outputs reversed back, so every backend runs it.
+
+        ``keep=False`` (:meth:`infer`): no dropout, each direction run in time chunks
+        (:func:`_run_unsaved`), nothing saved; :meth:`backward` then needs a forward of its own."""
         B, T, _ = x.shape
         backend = backends.resolve(self.backend, x)
+        run = backend.forward if keep else functools.partial(_run_unsaved, backend, xp=xp)
         D = self.num_directions
         rev = _reversal(lengths, B, T, xp) if D == 2 else None
         layer_in = x
@@ -306,7 +349,7 @@ class _Recurrent:
             outs, layer_saved = [], []
             for d in range(D):
                 i = D * k + d
-                out, h, c, s = backend.forward(
+                out, h, c, s = run(
                     self.spec, _reverse_rows(layer_in, rev, xp) if d else layer_in,
                     *self._layer_weights(k, xp, d), h0[i], None if c0 is None else c0[i],
                     lengths)
@@ -317,12 +360,13 @@ class _Recurrent:
             out = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
             saved.append(layer_saved)
             mask = None
-            if self.dropout and self.training and k + 1 < self.num_layers:
+            if keep and self.dropout and self.training and k + 1 < self.num_layers:
                 mask = xp.asarray(dropout_mask(self._rng, out.shape, self.dropout, self.dtype))
                 out = out * mask
             masks.append(mask)
             layer_in = out
-        self._saved = dict(backend=backend, saved=saved, masks=masks, rev=rev, B=B, T=T, xp=xp)
+        self._saved = (dict(backend=backend, saved=saved, masks=masks, rev=rev, B=B, T=T, xp=xp)
+                       if keep else None)
         h_n = self._stack(xp, h_n)
         c_n = self._stack(xp, c_n) if self.spec.has_cell_state else None
         return layer_in, self._pack_state(h_n, c_n)

@@ -143,31 +143,39 @@ class Sequential:
         kept for a backward. Same arguments and results as :meth:`forward` (:meth:`backward`
         then needs a forward of its own).
 
-        A model that :class:`rnnkern.inference.Inference` runs (the step plan's form, on the
-        C++ backend; ids or float input) goes through its compiled stack one step at a time:
-        besides the output, O(B*H) per layer. Otherwise every layer runs as in :meth:`forward` and its saved
-        activations are released as soon as the next layer has its input (one layer's at a
-        time, not every layer's)."""
+        Which path runs:
+
+        - a model that :class:`rnnkern.inference.Inference` runs (the step plan's form, on the
+          C++ backend; ids or float input) goes through its compiled stack one step at a time:
+          besides the output, O(B*H) per layer;
+        - any other model runs layer by layer, each recurrent layer through its
+          :meth:`~rnnkern.LSTM.infer` (its time loop in runs of ``config.INFER_TIME_CHUNK``
+          steps, nothing saved): besides each layer's output, O(B*K*G*H) activations at a
+          time, on every backend."""
         from .inference import Inference, inference_reason
+        x_arr = np.asarray(x) if not hasattr(x, "dtype") else x
+        ids = type(self.layers[0]).__name__ in ("OneHot", "Embedding")
+        if (type(x_arr) is np.ndarray and x_arr.ndim == (2 if ids else 3)
+                and x_arr.shape[0] > 0 and inference_reason(self, ids=False) is None):
+            inf = Inference(self, batch=x_arr.shape[0])
+            inf.set_state(initial_state)
+            y = inf.run(x_arr, lengths)
+            state = inf.state
+            for layer in self.layers:   # nothing of an earlier forward kept either
+                _release(layer)
+        else:
+            y, state = self._run_eval(x, initial_state, lengths)
+        self._ran = False
+        return (y, state) if return_state else y
+
+    def _run_eval(self, x, initial_state, lengths):
+        """Every layer in eval mode for this call, nothing kept for a backward."""
         was_training = self.training
         self.train(False)
         try:
-            x_arr = np.asarray(x) if not hasattr(x, "dtype") else x
-            ids = type(self.layers[0]).__name__ in ("OneHot", "Embedding")
-            if (type(x_arr) is np.ndarray and x_arr.ndim == (2 if ids else 3)
-                    and x_arr.shape[0] > 0 and inference_reason(self, ids=False) is None):
-                inf = Inference(self, batch=x_arr.shape[0])
-                inf.set_state(initial_state)
-                y = inf.run(x_arr, lengths)
-                state = inf.state
-                for layer in self.layers:   # nothing of an earlier forward kept either
-                    _release(layer)
-            else:
-                y, state = self._run(x, initial_state, lengths, keep=False)
+            return self._run(x, initial_state, lengths, keep=False)
         finally:
             self.train(was_training)
-        self._ran = False
-        return (y, state) if return_state else y
 
     def _run(self, x, initial_state, lengths, keep):
         n = len(self.layers)
@@ -180,7 +188,7 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             if _is_recurrent(layer):
                 s0 = None if initial_state is None else initial_state[i]
-                y, state[i] = layer.forward(y, s0, lengths)
+                y, state[i] = (layer.forward if keep else layer.infer)(y, s0, lengths)
             else:
                 y = layer.forward(y, lengths)
             if not keep:
@@ -214,12 +222,13 @@ class Sequential:
         """One time step, carrying state: ``x_t`` [B,I] floats or [B] ids -> ``(y_t, state)``.
 
         ``y_t`` is the output at that step (e.g. logits [B,C]). Equivalent to running
-        :meth:`forward` over the whole prefix, without re-running it (call :meth:`eval` first to
-        switch dropout off). Each call is a one-step forward with every check; for many steps
-        :meth:`inference` is faster (a compiled stack, weights packed once).
+        :meth:`infer` over the whole prefix, without re-running it: eval mode (no dropout), the
+        current parameters, nothing kept for a backward, every check. For many steps
+        :meth:`inference` is faster (one compiled call a step, over a snapshot of the weights).
         """
         x_t = np.asarray(x_t)
-        y, state = self.forward(x_t[:, None], state, return_state=True)
+        y, state = self._run_eval(x_t[:, None], state, None)
+        self._ran = False
         return (y[:, 0] if y.ndim == 3 else y), state
 
     def inference(self, batch=1):

@@ -196,3 +196,75 @@ def test_sequential_infer_on_the_gpu_equals_forward():
     got = model.infer(x, lengths=lengths)
     assert all(layer._saved is None for layer in model.layers)
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(model(x, lengths=lengths)))
+
+
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.gpu) if b == "cuda" else b
+                        for b in ("numpy", "numba", "cpp", "cuda")])
+def any_backend(request):
+    ok, why = rk.available_backends()[request.param]
+    if not ok:
+        pytest.skip(f"backend {request.param!r} unavailable: {why}")
+    return request.param
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell, opts", CELLS, ids=IDS)
+def test_layer_infer_runs_in_time_chunks_and_equals_forward(monkeypatch, any_backend, cell,
+                                                            opts, bidirectional):
+    """layer.infer over runs of K=3 steps of a T=8 sequence (runs 3+3+2; rows of length 8, 5,
+    3, 1 and 0 end inside, at the edge of and before a run): the eval-mode forward's outputs and
+    states, dropout off, nothing kept."""
+    from rnnkern import config, layers
+    xp = np
+    if any_backend == "cuda":
+        import cupy as xp
+    layer = cell(4, 5, 2, seed=3, dtype="float64", backend=any_backend, dropout=0.5,
+                 bidirectional=bidirectional, **opts)
+    monkeypatch.setattr(config, "INFER_CHUNK_BYTES", 3 * 5 * (layer.spec.gates + 3) * 5 * 8)
+    assert layers._infer_run_steps(layer.spec, 5, 5, 8) == 3
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((5, 8, 4)))
+    lengths = xp.asarray([8, 5, 3, 1, 0])
+    D = 2 if bidirectional else 1
+    h0 = xp.asarray(rng.standard_normal((2 * D, 5, 5)))
+    s0 = (h0, xp.asarray(rng.standard_normal((2 * D, 5, 5)))) if cell is rk.LSTM else h0
+    layer.eval()
+    want, want_state = layer(x, s0, lengths)
+    layer.train()
+    got, got_state = layer.infer(x, s0, lengths)
+    assert layer._saved is None and layer.training
+    with pytest.raises(RuntimeError, match="forward"):
+        layer.backward(None)
+    as_np = (lambda a: a.get()) if xp is not np else np.asarray
+    np.testing.assert_allclose(as_np(got), as_np(want), rtol=1e-12, atol=1e-14)
+    for a, b in zip(got_state if cell is rk.LSTM else (got_state,),
+                    want_state if cell is rk.LSTM else (want_state,)):
+        np.testing.assert_allclose(as_np(a), as_np(b), rtol=1e-12, atol=1e-14)
+
+
+def test_layer_infer_holds_a_chunks_activations_not_the_sequences(monkeypatch):
+    """Peak memory (tracemalloc sees NumPy's allocations) of the reference backend's LSTM over a
+    long sequence: forward keeps O(T*B*G*H) activations for the backward, infer those of one
+    run (INFER_CHUNK_BYTES, here half an output's worth) besides the [B,T,H] output; the
+    output is the same."""
+    import tracemalloc
+    from rnnkern import config
+    monkeypatch.setattr(config, "INFER_CHUNK_BYTES", 1 << 19)
+    layer = rk.LSTM(8, 32, seed=0, dtype="float64", backend="numpy")
+    x = np.random.default_rng(0).standard_normal((4, 1024, 8))
+    out_bytes = 4 * 1024 * 32 * 8
+
+    def peak(run):
+        tracemalloc.start()
+        try:
+            y, _ = run(x)
+            return tracemalloc.get_traced_memory()[1], y
+        finally:
+            tracemalloc.stop()
+    layer._saved = None
+    fwd_peak, want = peak(layer.forward)
+    layer._saved = None
+    inf_peak, got = peak(layer.infer)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert fwd_peak > 8 * out_bytes          # gates, cell states, caches: many outputs' worth
+    assert inf_peak < 3 * out_bytes, (inf_peak, out_bytes)
