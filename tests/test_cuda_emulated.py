@@ -137,14 +137,18 @@ def test_emulator_catches_writes_past_shared_memory(emulated, monkeypatch):
                                            cuda_cases.SHAPES["B5-odd"], np.float64)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_multilayer_layer_through_cuda_backend(emulated, kind):
-    """The layer API with backend='cuda': 2 layers, lengths, initial state, every gradient."""
+def test_multilayer_layer_through_cuda_backend(emulated, kind, bidirectional, monkeypatch):
+    """The layer API with backend='cuda': 2 layers, one or two directions, lengths, initial
+    state, every gradient; and infer in runs of 2-3 steps."""
     cls = getattr(rk, kind)
     x = np.random.default_rng(1).standard_normal((3, 5, 4))
     lengths = np.array([5, 2, 0])
-    layers = {b: cls(4, 6, 2, dtype="float64", seed=3, backend=b) for b in ("numpy", "cuda")}
-    h0 = np.random.default_rng(2).standard_normal((2, 3, 6))
+    layers = {b: cls(4, 6, 2, dtype="float64", seed=3, backend=b, bidirectional=bidirectional)
+              for b in ("numpy", "cuda")}
+    D = 2 if bidirectional else 1
+    h0 = np.random.default_rng(2).standard_normal((2 * D, 3, 6))
     state0 = (h0, -h0) if kind == "LSTM" else h0
     results = {}
     for b, layer in layers.items():
@@ -157,6 +161,11 @@ def test_multilayer_layer_through_cuda_backend(emulated, kind):
             np.testing.assert_allclose(gg, rr, rtol=1e-10, atol=1e-12)
     for k in ref[4]:
         np.testing.assert_allclose(got[4][k], ref[4][k], rtol=1e-10, atol=1e-12, err_msg=k)
+    monkeypatch.setattr(config, "INFER_CHUNK_BYTES", 2 * 3 * 7 * 6 * 8)   # runs of 2-3 steps
+    out, state = layers["cuda"].infer(x, state0, lengths)
+    for r, g in zip((ref[0],) + (ref[1] if kind == "LSTM" else (ref[1],)),
+                    (out,) + (state if kind == "LSTM" else (state,))):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", cuda.plan.STRATEGIES)
