@@ -1,10 +1,13 @@
-"""Command line: ``python -m rnnkern labs|train|sample|bench|backends`` (or ``rnnkern ...``).
+"""Command line: ``python -m rnnkern labs|train|sample|export|bench|backends`` (or ``rnnkern ...``).
 
     python -m rnnkern labs                 lab 12 reproductions, short output, outcome checks
     python -m rnnkern train [args]         char-rnn training, on tiny-shakespeare by default;
                                            --level word for a word-level model
                                            (examples/char_rnn.py train --help)
     python -m rnnkern sample [args]        sample from a checkpoint of either level
+    python -m rnnkern export --checkpoint X --onnx model.onnx
+                                           the checkpoint's model as ONNX (needs onnx;
+                                           --with-lengths, --with-state, --opset N)
     python -m rnnkern bench [cpu|e2e|all] [args]
                                            benchmarks/bench_cpu.py (kernels vs PyTorch) and
                                            benchmarks/bench_e2e.py (training recipes vs PyTorch),
@@ -71,6 +74,9 @@ def main(argv=None):
         from .labs import load_example
         # cli(), not main(): the same one-line errors as `python examples/char_rnn.py`
         return load_example("char_rnn").cli([command, *rest], prog="rnnkern")
+    if command == "export":
+        from .onnx.cli import main as export_main
+        return export_main(rest)
     if command == "bench":
         return _bench(rest)
     if command == "backends":
