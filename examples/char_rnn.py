@@ -26,6 +26,12 @@ written for another corpus, characters outside the vocabulary, out-of-range numb
 one line ``char_rnn train: error: ...`` on stderr and exit status 2, before any training.
 At the word level a ``--prime`` word outside the vocabulary is no error: it is read as ``<unk>``,
 with a note on stderr.
+
+``mpiexec -n N python -m rnnkern train --distributed ...`` trains data-parallel on N MPI ranks
+(``pip install "rnnkern[mpi]"``): each rank takes its share of every batch's rows (the batches and
+the results are one process's, up to rounding), the ranks on a machine share its CPUs, and only
+rank 0 prints, writes the checkpoint and samples. Every rank reads ``--text`` and, with
+``--resume``, ``--checkpoint``: give paths that every rank sees.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import zipfile
 import numpy as np
 
 import rnnkern as rk
+import rnnkern.config
 from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
 from rnnkern.examples._levels import LEVELS, level_of, level_of_checkpoint, note
 from rnnkern.labs import CliParser, readable_file, run_cli
@@ -166,8 +173,22 @@ def default_checkpoint(level):
     return os.path.join("save", f"{level}_rnn.npz")
 
 
+def ranks_of(args):
+    """(the MPIGroup, whether this rank prints) for ``--distributed``, else (None, True); the
+    ranks on one machine divide its CPUs among their C++ and Numba threads."""
+    if not args.distributed:
+        return None, True
+    group = rk.distributed.MPIGroup()
+    threads = max(1, len(os.sched_getaffinity(0)) // group.ranks_on_this_node())
+    rk.config.NUMBA_THREADS = threads
+    if rk.available_backends()["cpp"][0]:
+        rk.config.CPP_THREADS = threads
+    return group, group.is_root
+
+
 def train(args):
     level = LEVELS[args.level]
+    group, root = ranks_of(args)
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint(level.name)
     if args.epochs is None:
@@ -192,7 +213,7 @@ def train(args):
            f" (perplexity {perplexity(loss):.1f})")
 
     def log(msg):
-        if not args.quiet:
+        if not args.quiet and root:
             print(msg, flush=True)
 
     log(f"corpus: {source}, {len(text):,} chars"
@@ -200,23 +221,30 @@ def train(args):
         + f", vocabulary {len(vocab)}; "
         f"{len(data)} batches of {cfg['batch_size']}x{cfg['seq_length']} per epoch, "
         f"{0 if val_b is None else len(val_b)} validation batches; "
-        f"model {model.num_params():,} params")
+        f"model {model.num_params():,} params"
+        + ("" if group is None else f"; MPI ranks {group.size}, threads per rank "
+                                    f"{rk.config.NUMBA_THREADS}"))
 
     t_start = time.perf_counter()
 
     class Report(rk.Callback):
         def on_step_end(self, trainer):
-            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
-                trainer.stop_training = True
+            if args.time_limit:
+                over = time.perf_counter() - t_start > args.time_limit
+                if group is not None:      # the ranks stop together: when any is over
+                    over = group.sum(float(over)) > 0
+                if over:
+                    trainer.stop_training = True
 
         def on_epoch_end(self, trainer):
             h = trainer.history
             val = h["val_loss"][-1]
-            print(f"epoch {trainer.epoch}/{args.epochs}: train loss {h['loss'][-1]:.4f}, "
-                  f"val loss {'n/a' if val is None else f'{val:.4f}'}{ppl(val)}, "
-                  f"lr {h['lr'][-1]:.6f}, "
-                  f"{trainer.epoch_time:.1f} s ({1e3 * trainer.epoch_time / len(data):.1f} "
-                  f"ms/batch)", flush=True)
+            if root:
+                print(f"epoch {trainer.epoch}/{args.epochs}: train loss {h['loss'][-1]:.4f}, "
+                      f"val loss {'n/a' if val is None else f'{val:.4f}'}{ppl(val)}, "
+                      f"lr {h['lr'][-1]:.6f}, "
+                      f"{trainer.epoch_time:.1f} s ({1e3 * trainer.epoch_time / len(data):.1f} "
+                      f"ms/batch)", flush=True)
             if args.checkpoint:
                 trainer.save(args.checkpoint, user=user)
 
@@ -224,7 +252,7 @@ def train(args):
         os.makedirs(os.path.dirname(os.path.abspath(args.checkpoint)), exist_ok=True)
     trainer = rk.Trainer(model, rk.sequence_loss, opt, stateful=True, seed=args.seed,
                          lr_schedule=rk.ExponentialDecay(cfg["learning_rate"], cfg["decay_rate"]),
-                         progress=args.progress, callbacks=[Report()])
+                         progress=args.progress, callbacks=[Report()], distributed=group)
     if resume:
         trainer.load(args.checkpoint)
         log(f"resumed from {args.checkpoint} at epoch {trainer.epoch}, step {trainer.global_step}")
@@ -233,13 +261,15 @@ def train(args):
     val_loss = trainer.history["val_loss"][-1] if trainer.history["val_loss"] else None
     if trainer.stop_training:   # stopped by --time-limit mid-epoch: measure and save here
         val_loss = trainer.evaluate(val_b) if val_b is not None else None
-        print(f"time limit reached after {trainer.global_step} steps "
-              f"({time.perf_counter() - t_start:.0f} s): val loss "
-              f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}{ppl(val_loss)}", flush=True)
+        if root:
+            print(f"time limit reached after {trainer.global_step} steps "
+                  f"({time.perf_counter() - t_start:.0f} s): val loss "
+                  f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}{ppl(val_loss)}",
+                  flush=True)
         if args.checkpoint:
             trainer.save(args.checkpoint, user=user)
     sample = sample_text(model, vocab, prime, args.sample_length, args.temperature,
-                         args.top_k, args.seed, source) if args.sample_length else ""
+                         args.top_k, args.seed, source) if args.sample_length and root else ""
     if sample:
         print("---- sample ----")
         print(sample)
@@ -384,6 +414,9 @@ def parser(prog="char_rnn", level="char"):
                         "save/char_rnn.npz, or save/word_rnn.npz with --level word)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     t.add_argument("--progress", action="store_true", help="show a tqdm progress bar")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI: mpiexec -n N python -m rnnkern train "
+                        "--distributed ... (pip install \"rnnkern[mpi]\")")
     t.add_argument("--prime", default=None, type=nonempty,
                    help="sample prefix (default 'The ', or the text's first character when "
                         "'The ' is not in its vocabulary; word level: 'The', or its most "

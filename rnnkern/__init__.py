@@ -16,6 +16,8 @@ from .optim import SGD, Adagrad, Adam, ExponentialDecay, RMSprop, clip_grad_norm
 from .trainer import Callback, LambdaCallback, TerminateOnNaN, Trainer
 from .train_step import NonFiniteLossError, TrainStep
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from . import distributed   # data-parallel over MPI; mpi4py is imported only when used
+from .distributed import DistributedError
 from .data import (CharVocab, MinMaxScaler, StreamBatches, WordVocab, next_step_windows,
                    shifted_windows, train_test_split)
 from .sample import argmax, generate, sample_logits
@@ -27,7 +29,7 @@ __all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend"
 __all__ += ["Dense", "Dropout", "Embedding", "LastStep", "OneHot", "Sequential", "SGD", "Adagrad",
             "Adam", "ExponentialDecay", "RMSprop", "clip_grad_norm", "clip_grad_value", "Callback",
             "LambdaCallback", "TerminateOnNaN", "Trainer", "TrainStep", "NonFiniteLossError",
-            "CheckpointError", "load_checkpoint", "save_checkpoint",
+            "CheckpointError", "load_checkpoint", "save_checkpoint", "DistributedError",
             "CharVocab", "WordVocab",
             "MinMaxScaler", "StreamBatches", "next_step_windows", "shifted_windows",
             "train_test_split", "argmax", "generate", "sample_logits"]

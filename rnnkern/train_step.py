@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from . import backends
+from .distributed import resolve, shard_batch, split_streams
 from .step_plan import FlatParameters, build_plan, model_form, plan_backend
 
 __all__ = ["TrainStep", "NonFiniteLossError"]
@@ -50,6 +51,17 @@ class TrainStep:
                    way nothing is updated (parameters, optimizer state and step count stay):
                    "raise" (default) raises :class:`NonFiniteLossError`; "skip" returns the
                    non-finite loss and counts the step in ``step.skipped``
+        distributed: None (one process), "mpi" or an :class:`rnnkern.distributed.MPIGroup`:
+                   data-parallel over MPI ranks (run under ``mpiexec``). Every rank calls the
+                   step with the same global batch and trains on its contiguous share of the
+                   rows (``step.rows(B)``); the gradients and loss are summed over the ranks,
+                   each weighted by its share of the loss's normaliser, in one allreduce of the
+                   flat gradient, so the update is one process's on the whole batch up to
+                   rounding; clipping and the update follow on every rank alike. Rank 0's
+                   parameters, optimizer state and dropout generators (rank r's jumped r times)
+                   are broadcast at the first call (:meth:`synchronise`). ``initial_state`` and
+                   the returned state are this rank's rows. An error on one rank ends the step
+                   on every rank (:mod:`rnnkern.distributed`).
 
     Call: ``step(x, y, initial_state=None, lengths=None, weights=None, return_state=False)``
     with ``x`` as the model takes it (ids [B,T] or floats [B,T,I]), ``y`` the loss's targets,
@@ -75,7 +87,8 @@ class TrainStep:
         >>> print(step.plan)
     """
 
-    def __init__(self, model, loss, optimizer, *, generic=False, on_nonfinite="raise"):
+    def __init__(self, model, loss, optimizer, *, generic=False, on_nonfinite="raise",
+                 distributed=None):
         if not callable(loss):
             raise TypeError("loss must be callable: loss(pred, target, return_grad=True)")
         if not hasattr(optimizer, "step"):
@@ -91,14 +104,20 @@ class TrainStep:
         self._form = None            # (model layers, ModelForm | None, reason)
         self._flat = None            # FlatParameters of the form's model
         self._plan = self._plan_reason = self._plan_key = None
+        self.group = resolve(distributed)   # None, or the MPIGroup of a data-parallel step
+        self._synchronised = False
+        self._grad_buffer = None     # the generic loop's gradients packed for the allreduce
 
     def __call__(self, x, y, initial_state=None, lengths=None, weights=None,
                  return_state=False):
-        plan = self._plan_for(x)
-        if plan is not None:
-            out = plan.run(x, y, initial_state, lengths, weights, return_state)
+        if self.group is not None:
+            out = self._sharded(x, y, initial_state, lengths, weights, return_state)
         else:
-            out = self._generic(x, y, initial_state, lengths, weights, return_state)
+            plan = self._plan_for(x)
+            if plan is not None:
+                out = plan.run(x, y, initial_state, lengths, weights, return_state)
+            else:
+                out = self._generic(x, y, initial_state, lengths, weights, return_state)
         value = out[0] if return_state else out
         if not math.isfinite(value):   # neither path updated anything
             return self._nonfinite(value, out)
@@ -118,6 +137,82 @@ class TrainStep:
             return f"TrainStep({self.plan})"
         return ("TrainStep(generic loop: model.forward -> loss -> model.backward -> "
                 f"optimizer.step{f'; {self.generic_reason}' if self.generic_reason else ''})")
+
+    # ------------------------------------------------------------------ data-parallel
+    def rows(self, B):
+        """The rows of a batch of ``B`` rows that this process trains on, a slice (all of them
+        without ``distributed``)."""
+        return slice(0, B) if self.group is None else self.group.rows(B)
+
+    def synchronise(self):
+        """Data-parallel: rank 0's parameters and optimizer state on every rank, and its
+        dropout generators, rank r's jumped r times (independent masks for each rank's rows).
+        The first call runs it; :class:`rnnkern.Trainer` runs it whenever ``fit`` starts."""
+        group, model = self.group, self.model
+        with group.failing_together():
+            for p in model.params.values():
+                group.broadcast(p)
+            if hasattr(self.optimizer, "state_dict"):
+                state = group.broadcast_object(self.optimizer.state_dict())
+                if not group.is_root:
+                    self.optimizer.load_state_dict(state)
+            if hasattr(model, "get_rng_state") and hasattr(model, "set_rng_state"):
+                rng = group.broadcast_object(model.get_rng_state())
+                if not group.is_root:
+                    model.set_rng_state(rng)
+                split_streams(model, group.rank)
+        self._synchronised = True
+
+    def _sharded(self, x, y, initial_state, lengths, weights, return_state):
+        """One data-parallel step on this rank's share of the global batch."""
+        group = self.group
+        _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
+        share = shard_batch(group, self.loss, x, y, lengths, weights)  # same check on each rank
+        if not self._synchronised:
+            self.synchronise()
+        with group.failing_together():
+            plan = self._plan_for(share.x)
+            if plan is not None:
+                if "allreduce" not in plan.stages:   # say it, before the update
+                    update = plan.stages.pop("update")
+                    plan.stages["allreduce"] = (
+                        f"the flat gradient and the loss summed over {group.size} ranks "
+                        f"(one MPI Iallreduce, in place) once the backward is done")
+                    plan.stages["update"] = update
+                return plan.run(share.x, share.y, initial_state, share.lengths, share.weights,
+                                return_state, loss_scale=share.fraction,
+                                exchange=self._exchange_flat)
+            return self._generic(share.x, share.y, initial_state, share.lengths, share.weights,
+                                 return_state, loss_scale=share.fraction,
+                                 exchange=self._exchange_dicts)
+
+    def _exchange_flat(self, value):
+        """The plan's flat gradient and ``value`` (in the slot after it) summed over the ranks."""
+        buf = self._flat.reduce_buffer
+        buf[-1] = value
+        self.group.allreduce_sum(buf)
+        return float(buf[-1])
+
+    def _exchange_dicts(self, value):
+        """The generic loop's: the model's gradient arrays packed into one buffer with
+        ``value``, summed over the ranks, and unpacked."""
+        grads = self.model.grads
+        dtype = np.result_type(*grads.values())
+        total = sum(g.size for g in grads.values())
+        if self._grad_buffer is None or self._grad_buffer.shape != (total + 1,) \
+                or self._grad_buffer.dtype != dtype:
+            self._grad_buffer = np.empty(total + 1, dtype)
+        buf, lo = self._grad_buffer, 0
+        for g in grads.values():
+            buf[lo:lo + g.size] = g.reshape(-1)
+            lo += g.size
+        buf[-1] = value
+        self.group.allreduce_sum(buf)
+        lo = 0
+        for g in grads.values():
+            g[...] = buf[lo:lo + g.size].reshape(g.shape)
+            lo += g.size
+        return float(buf[-1])
 
     # ------------------------------------------------------------------ the plan
     def _plan_for(self, x):
@@ -162,10 +257,12 @@ class TrainStep:
         return build_plan(form, self._flat, self.optimizer, backend, shape[:2]), None
 
     # ------------------------------------------------------------------ generic
-    def _generic(self, x, y, initial_state, lengths, weights, return_state):
+    def _generic(self, x, y, initial_state, lengths, weights, return_state, loss_scale=1.0,
+                 exchange=None):
         """The generic loop; a NaN or infinity that arises inside the model (its parameters'
         doing, the input having been checked by the first layer) returns a NaN loss with
-        nothing updated, as the plans do."""
+        nothing updated, as the plans do. ``loss_scale``, ``exchange``: as a plan's
+        (:meth:`rnnkern.step_plan.plan.StepPlan.run`)."""
         _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
         kwargs = {} if lengths is None else {"lengths": lengths}
         state = None
@@ -187,7 +284,12 @@ class TrainStep:
             value = math.nan
         value = float(value)
         if math.isfinite(value):
+            if loss_scale != 1.0:
+                value, d_pred = value * loss_scale, d_pred * loss_scale
             self.model.backward(d_pred)
+        if exchange is not None:
+            value = exchange(value)
+        if math.isfinite(value):
             self.optimizer.step(self.model.params, self.model.grads)
         return (value, state) if return_state else value
 

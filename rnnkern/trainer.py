@@ -10,15 +10,20 @@ Batches are ``(x, y)`` tuples or dicts with keys ``x``, ``y`` and optional ``len
 ``weights``. ``fit`` accepts a sequence of batches (re-used every epoch; ``shuffle=True`` permutes
 it with the trainer's seeded generator), any re-iterable (e.g. :class:`rnnkern.StreamBatches`),
 or a callable ``data(epoch) -> iterable of batches``.
+
+``distributed="mpi"`` trains data-parallel over MPI ranks (``mpiexec -n N python train.py``):
+every rank runs the same script with the same data; see :class:`Trainer`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 import numpy as np
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed import shard_batch
 from .resume_checks import checked_optimizer_state, checked_params, checked_trainer_meta
 from .train_step import TrainStep, _check_not_empty
 
@@ -106,6 +111,15 @@ def _flatten_state(state, prefix, out):
     return {"array": prefix}
 
 
+def _map_state(fn, state):
+    """``state`` with ``fn`` applied to each array (nested tuples of arrays/None)."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return tuple(_map_state(fn, s) for s in state)
+    return fn(state)
+
+
 def _unflatten_state(spec, arrays):
     if spec is None:
         return None
@@ -140,6 +154,19 @@ class Trainer:
                       "skip" (training goes on; the step counts in ``skipped_steps``, not in
                       ``global_step`` or the epoch's mean loss; add :class:`TerminateOnNaN` to
                       stop there instead)
+        distributed:  None (one process), "mpi" or an :class:`rnnkern.distributed.MPIGroup`:
+                      data-parallel training over MPI ranks. Every rank makes the trainer and
+                      calls ``fit`` with the same data; each trains on its contiguous share of
+                      every batch's rows, the gradients summed over the ranks before the update
+                      (:class:`~rnnkern.TrainStep`), so the result is one process's on the same
+                      batches, up to rounding. ``fit`` first broadcasts rank 0's parameters and
+                      optimizer state; the carried state (``stateful``) is each rank's rows;
+                      validation losses are summed over the ranks; only rank 0 shows progress
+                      and writes checkpoints (call :meth:`save` on every rank: the carried state
+                      is gathered); :meth:`load` reads on rank 0 and works with a checkpoint of
+                      any number of ranks. ``is_root`` tells a callback whether to print. An
+                      error on one rank ends ``fit`` on every rank with
+                      :class:`~rnnkern.DistributedError` naming it.
 
     An empty batch (B = 0 or T = 0) raises ValueError from :meth:`fit` and :meth:`evaluate`.
 
@@ -153,7 +180,7 @@ class Trainer:
     def __init__(self, model, loss, optimizer, *, lr_schedule=None, stateful=False,
                  shuffle=False, seed=0, progress=True, callbacks=(), checkpoint=None,
                  checkpoint_every="epoch", checkpoint_meta=None, generic=False,
-                 on_nonfinite="raise"):
+                 on_nonfinite="raise", distributed=None):
         for attr in ("forward", "backward", "params", "grads", "train", "eval"):
             if not hasattr(model, attr):
                 raise TypeError(f"model has no {attr!r} (see rnnkern.trainer's docstring)")
@@ -170,11 +197,13 @@ class Trainer:
                              "shuffle=True would break that order")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self._step = TrainStep(model, loss, optimizer, generic=generic,
-                               on_nonfinite=on_nonfinite)
+                               on_nonfinite=on_nonfinite, distributed=distributed)
+        self.group = self._step.group     # None, or the ranks of a data-parallel trainer
+        self.is_root = self.group is None or self.group.is_root
         self.lr_schedule = lr_schedule
         self.stateful = bool(stateful)
         self.shuffle = bool(shuffle)
-        self.progress = bool(progress)
+        self.progress = bool(progress) and self.is_root
         self.callbacks = list(callbacks)
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
@@ -190,7 +219,8 @@ class Trainer:
         self._epoch_rng_state = None  # the generator's state when the current epoch began
         self._loss_sum = 0.0          # running sums of the current epoch
         self._loss_count = 0
-        self._state = None            # carried recurrent state (stateful=True)
+        self._state = None            # carried recurrent state (stateful=True): this rank's rows
+        self._state_rows = None       # ... of a batch of this many rows
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, state, lengths, want_state):
@@ -208,13 +238,13 @@ class Trainer:
         """Forward, loss, backward and one optimizer step on ``batch``; returns the loss."""
         x, y, lengths, weights = _unpack(batch)
         state = self._state
-        if state is not None and _state_batch_size(state) != _batch_size(x):
+        if state is not None and self._state_rows != _batch_size(x):
             state = None
         if self.stateful:
             value, state = self._step(x, y, state, lengths, weights, return_state=True)
         else:
             value = self._step(x, y, lengths=lengths, weights=weights)
-        self._state = state
+        self._state, self._state_rows = state, _batch_size(x)
         self.last_loss = float(value)
         if math.isfinite(self.last_loss):
             self.global_step += 1
@@ -226,23 +256,32 @@ class Trainer:
         """Mean loss over ``data`` (weighted by batch size) in eval mode, no updates.
 
         With ``stateful=True`` the state is carried across ``data``'s batches from zeros.
+        Data-parallel, every rank evaluates its rows of each batch (call it on every rank); the
+        ranks' shares of each batch's loss are summed, so the result is one process's.
         """
         _check_data(data)
         was_training = getattr(self.model, "training", True)
         self.model.eval()
         try:
-            total, count, state = 0.0, 0, None
-            for batch in self._iterate(data, self.epoch, shuffle=False):
-                x, y, lengths, weights = _unpack(batch)
-                _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
-                if state is not None and _state_batch_size(state) != _batch_size(x):
-                    state = None
-                pred, state = self._forward(x, state, lengths, self.stateful)
-                value = self.loss(pred, y) if weights is None else self.loss(pred, y,
-                                                                             weights=weights)
-                n = _batch_size(x)
-                total += float(value) * n
-                count += n
+            with self._failing_together():
+                total, count, state = 0.0, 0, None
+                for batch in self._iterate(data, self.epoch, shuffle=False):
+                    x, y, lengths, weights = _unpack(batch)
+                    _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
+                    n, fraction = _batch_size(x), 1.0
+                    if self.group is not None:    # this rank's rows, its share of the loss
+                        share = shard_batch(self.group, self.loss, x, y, lengths, weights)
+                        x, y, lengths, weights = share.x, share.y, share.lengths, share.weights
+                        fraction = share.fraction
+                    if state is not None and _state_batch_size(state) != _batch_size(x):
+                        state = None
+                    pred, state = self._forward(x, state, lengths, self.stateful)
+                    value = self.loss(pred, y) if weights is None else self.loss(pred, y,
+                                                                                 weights=weights)
+                    total += float(value) * fraction * n
+                    count += n
+                if self.group is not None:
+                    total = self.group.sum(total)
         finally:
             self.model.train(was_training)
         if count == 0:
@@ -268,19 +307,28 @@ class Trainer:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
         _check_data(data)
         self.stop_training = False
-        bar = None
-        if self.progress and self.epoch < epochs:
-            from tqdm.auto import tqdm
-            per_epoch = len(data) if hasattr(data, "__len__") else None
-            total = None if per_epoch is None else (epochs - self.epoch) * per_epoch - self.step_in_epoch
-            bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
-        try:
-            while self.epoch < epochs and not self.stop_training:
-                self._run_epoch(data, epochs, val_data, bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        with self._failing_together():
+            if self.group is not None:
+                self._step.synchronise()
+            bar = None
+            if self.progress and self.epoch < epochs:
+                from tqdm.auto import tqdm
+                per_epoch = len(data) if hasattr(data, "__len__") else None
+                total = (None if per_epoch is None else
+                         (epochs - self.epoch) * per_epoch - self.step_in_epoch)
+                bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+            try:
+                while self.epoch < epochs and not self.stop_training:
+                    self._run_epoch(data, epochs, val_data, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
         return self.history
+
+    def _failing_together(self):
+        """Data-parallel: an error in the block is told to the other ranks (which then stop
+        with a DistributedError naming it) before it propagates here."""
+        return contextlib.nullcontext() if self.group is None else self.group.failing_together()
 
     def _run_epoch(self, data, epochs, val_data, bar):
         skip = self.step_in_epoch  # > 0 only when resuming mid-epoch
@@ -344,11 +392,23 @@ class Trainer:
         killed saves of ``path`` left behind are removed by a later save). Raises
         :class:`~rnnkern.CheckpointError`, writing nothing, when ``user`` is not
         JSON-serialisable; OSError when writing fails.
+
+        Data-parallel, call it on every rank: each rank's rows of the carried state are
+        gathered, and rank 0 writes the file (the others write nothing).
         """
         if user is None:
             user = self.checkpoint_meta
+        with self._failing_together():
+            self._save(path, user)
+
+    def _save(self, path, user):
+        state = self._state
+        if self.group is not None:   # every rank's rows of the carried state; rank 0 writes
+            state = _map_state(lambda a: self.group.gather_rows(a, self._state_rows), state)
+            if not self.group.is_root:
+                return
         arrays = {}
-        state_spec = _flatten_state(self._state, "state", arrays)
+        state_spec = _flatten_state(state, "state", arrays)
         get_rng = getattr(self.model, "get_rng_state", None)
         meta = {
             "epoch": self.epoch, "global_step": self.global_step,
@@ -386,9 +446,19 @@ class Trainer:
                 checkpoint of parameters alone (``rk.save_checkpoint(path, params=...)``) is
                 refused too: load it with ``model.load_params(rk.load_checkpoint(path)
                 ["params"])``. The model, optimizer and trainer are then exactly as before.
+
+        Data-parallel, call it on every rank: rank 0 reads the file and sends its contents
+        (or its error) to every rank; each takes its rows of the carried state, so a
+        checkpoint of any number of ranks (or of one process) resumes on any number.
         """
-        ck = load_checkpoint(path)
+        ck = (load_checkpoint(path) if self.group is None else
+              self.group.from_root(lambda: load_checkpoint(path)))   # every rank, rank 0's read
         meta = checked_trainer_meta(path, ck["meta"], ck["arrays"], self.rng)
+        state = _unflatten_state(meta["carried_state"], ck["arrays"])
+        state_rows = _state_batch_size(state)
+        if self.group is not None and state is not None:   # this rank's rows of it
+            rows = self.group.rows(state_rows)
+            state = _map_state(lambda a: a[..., rows, :], state)
         params = checked_params(path, ck["params"], self.model.params)
         opt_state = checked_optimizer_state(path, ck["optimizer_state"], self.optimizer,
                                              self.model.params)
@@ -403,7 +473,7 @@ class Trainer:
         self.history = meta["history"]
         self.rng.bit_generator.state = meta["rng"]
         self._epoch_rng_state = meta["epoch_rng"]
-        self._state = _unflatten_state(meta["carried_state"], ck["arrays"])
+        self._state, self._state_rows = state, state_rows
         return meta["user"]
 
     def _restore_refusable(self, path, model_rng, opt_state):

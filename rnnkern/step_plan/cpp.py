@@ -6,7 +6,9 @@ Adam whose every gradient is final inside the call, Adam's update (csrc/cpu/stac
 around it loads the batch into the call's buffers, draws the dropout masks (from the same
 generators, in the same order, as the layers' own forward), and finishes what the call leaves:
 an embedding's gradients, clipping, and the update -- Adam's still in C++ (``_C.adam``), any
-other optimizer's in NumPy.
+other optimizer's in NumPy. In a data-parallel step (:mod:`rnnkern.distributed`) the update
+never runs inside the call: the flat gradient is summed over the ranks first, once the call has
+returned and the embedding's gradients are formed.
 
 Input stage, by the encoder and the batch: ids with V <= B*T read their rows of a table
 [V, G*H_0] inside the call -- for one-hot input that table is W_ih itself, read transposed, and
@@ -117,7 +119,8 @@ class CppPlan(StepPlan):
         return self.flat.grad(layer, name)
 
     # ---------------------------------------------------------------- a step
-    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False):
+    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False,
+            loss_scale=1.0, exchange=None):
         ids = self._load_input(x)
         targets = self._targets(y)
         if weights is not None:
@@ -134,12 +137,16 @@ class CppPlan(StepPlan):
             self._check_targets(targets)
             self._draw_masks()
         opt = self.optimizer
-        t = opt.iterations + 1 if self.adam_may and self._adam_inside() else 0
+        if exchange is not None:         # data-parallel: the update waits for the gradient sum
+            self._adam_off()
+            t = 0
+        else:
+            t = opt.iterations + 1 if self.adam_may and self._adam_inside() else 0
         if self.table is not None:       # the first layer's input projection per id
             first = self.form.cells[0]
             np.dot(self.form.table(), first.layer.params[first.names[0]].T, out=self.table)
-        inv_total = (self.inv_n if weights is None
-                     else 1.0 / (float(self.weights.sum(dtype=np.float64)) + 1e-12))
+        inv_total = loss_scale * (self.inv_n if weights is None
+                                  else 1.0 / (float(self.weights.sum(dtype=np.float64)) + 1e-12))
         try:
             value = self.call.run(None if self.x_in is not None else ids, targets,
                                   lens is not None, weights is not None, inv_total,
@@ -149,13 +156,15 @@ class CppPlan(StepPlan):
                 self._check_ids(ids)     # name the encoder, as its forward would
             raise
         self.form.model._ran = False     # the plan left no forward for model.backward()
+        if math.isfinite(value) and not t and self.embedded:
+            self._embedding_grads(ids)
+        if exchange is not None:         # every gradient final: summed over the ranks
+            value = exchange(value)
         if not math.isfinite(value):     # the call updated nothing; TrainStep reports it
             pass
         elif t:
             opt.iterations = t           # what step_flat counts
         else:
-            if self.embedded:
-                self._embedding_grads(ids)
             self._update()
         if return_state:
             return value, self._final_states()

@@ -12,14 +12,18 @@ import numpy as np
 
 class FlatParameters:
     """``params`` / ``grads`` [P]: the model's parameters, layer by layer in ``layout`` order;
-    ``layout``: ``((name, shape), ...)`` with the model's ``"{i}.{name}"`` names."""
+    ``layout``: ``((name, shape), ...)`` with the model's ``"{i}.{name}"`` names;
+    ``reduce_buffer`` [P+1]: ``grads`` and a slot for the loss."""
 
     def __init__(self, model, dtype):
         self.layout = tuple((f"{i}.{k}", v.shape) for i, layer in enumerate(model.layers)
                             for k, v in layer.params.items())
         total = sum(int(np.prod(s, dtype=np.int64)) for _, s in self.layout)
         self.params = np.empty(total, dtype)
-        self.grads = np.zeros(total, dtype)
+        # the gradient and one slot after it: a data-parallel step (rnnkern.distributed) sums
+        # the ranks' gradients and loss shares in one allreduce over this buffer
+        self.reduce_buffer = np.zeros(total + 1, dtype)
+        self.grads = self.reduce_buffer[:total]
         self._bound = []   # (layer, name, param view, grad view)
         lo = 0
         for layer in model.layers:

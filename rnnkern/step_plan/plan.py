@@ -29,8 +29,15 @@ class StepPlan:
         lines += [f"  {stage:7s} {what}" for stage, what in self.stages.items()]
         return "\n".join(lines)
 
-    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False):
-        """One training step; returns the loss (and the final state with ``return_state``)."""
+    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False,
+            loss_scale=1.0, exchange=None):
+        """One training step; returns the loss (and the final state with ``return_state``).
+
+        Data-parallel steps (:mod:`rnnkern.distributed`) pass ``loss_scale``, this rank's share
+        of the loss's normaliser, which scales its loss and gradients, and ``exchange(value) ->
+        value``, which sums the flat gradient and the loss over the ranks once the gradients
+        are final (also when this rank's loss is not finite: every rank takes part); the
+        update then follows where the sum is finite."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- shared pieces

@@ -37,7 +37,8 @@ class SeamPlan(StepPlan):
             "update": update_words(optimizer),
         }
 
-    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False):
+    def run(self, x, y, initial_state=None, lengths=None, weights=None, return_state=False,
+            loss_scale=1.0, exchange=None):
         form = self.form
         if form.encoder is not None:
             layer_in = form.encoder.forward(x)          # checks the ids
@@ -64,17 +65,21 @@ class SeamPlan(StepPlan):
             if np.isfinite(logits).all():
                 raise                   # bad targets or weights
             value = math.nan            # NaN or inf from the parameters: nothing is updated
-        if not math.isfinite(value):    # (TrainStep reports it)
-            form.model._ran = False
-            return (value, self._state_tuple(states)) if return_state else value
-        d = form.head.backward(d)
-        if form.head_dropout is not None:
-            d = form.head_dropout.backward(d)
-        for r in reversed(form.recurrent):
-            d, _ = r._backward_validated(d)
-        if form.encoder is not None and type(form.encoder) is not OneHot:
-            form.encoder.backward(d)
-        form.model._ran = False     # the plan left no forward for model.backward()
-        self.flat.collect_grads()
-        self._update()
+        form.model._ran = False     # the plan leaves no forward for model.backward()
+        if math.isfinite(value):
+            if loss_scale != 1.0:
+                value *= loss_scale
+                d *= loss_scale
+            d = form.head.backward(d)
+            if form.head_dropout is not None:
+                d = form.head_dropout.backward(d)
+            for r in reversed(form.recurrent):
+                d, _ = r._backward_validated(d)
+            if form.encoder is not None and type(form.encoder) is not OneHot:
+                form.encoder.backward(d)
+            self.flat.collect_grads()
+        if exchange is not None:
+            value = exchange(value)
+        if math.isfinite(value):        # else nothing is updated (TrainStep reports it)
+            self._update()
         return (value, self._state_tuple(states)) if return_state else value
