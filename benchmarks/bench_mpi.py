@@ -3,6 +3,7 @@ compute and the gradient allreduce.
 
     python benchmarks/bench_mpi.py                              # 1x2, 2x1, 1x1, one epoch each
     python benchmarks/bench_mpi.py --configs 2x1 1x2 --max-batches 100 --repeats 3
+    python benchmarks/bench_mpi.py --rnn-size 416 --max-batches 30   # a model ~10x larger
 
 A config ``RxT`` is R ranks with T threads each (the C++ and Numba time loops' threads; OpenBLAS
 on one thread, as the examples run it): 1-rank
@@ -62,7 +63,7 @@ def worker(args):
     train, _ = cr.split_ids(vocab.encode(text), 0.05, 50, 50)
     n = min(len(train), args.max_batches) if args.max_batches else len(train)
     batches = [train[k] for k in range(n)]
-    model = cr.build_model(len(vocab), dict(cr.DEFAULTS), seed=0)
+    model = cr.build_model(len(vocab), dict(cr.DEFAULTS, rnn_size=args.rnn_size), seed=0)
     trainer = rk.Trainer(model, rk.sequence_loss, rk.Adam(2e-3, clip_norm=5.0), stateful=True,
                          progress=False, distributed=group)
     trainer.fit(batches[:3], epochs=1)                 # warm-up: plans, pools, pages
@@ -90,7 +91,8 @@ def worker(args):
 def run_config(config, args):
     ranks, threads = (int(v) for v in config.split("x"))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--ranks", str(ranks),
-           "--threads", str(threads), "--max-batches", str(args.max_batches)]
+           "--threads", str(threads), "--max-batches", str(args.max_batches),
+           "--rnn-size", str(args.rnn_size)]
     if ranks > 1:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -106,12 +108,15 @@ def main(argv=None):
                    help="RANKSxTHREADS per config (default: 1x2 2x1 1x1)")
     p.add_argument("--max-batches", type=int, default=0, help="batches per epoch (0: all)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--rnn-size", type=int, default=128,
+                   help="hidden size (default 128, char-rnn's; 416 gives ~10x the parameters)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ranks", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    print(f"# load average at the start: {os.getloadavg()}", flush=True)
     runs = {c: [] for c in args.configs}
     for r in range(args.repeats):
         order = args.configs[r % len(args.configs):] + args.configs[:r % len(args.configs)]

@@ -10,10 +10,12 @@ after that sum, on every rank alike, so parameters and optimizer state stay iden
 
 A rank failure ends the job with an error on every rank instead of a hang: a rank whose step,
 callback or checkpoint raises tells the others (a message on a communicator of its own) before
-its error propagates, and a rank waiting in a collective polls for such messages while it
-waits; one that waits longer than ``timeout`` (MPI collectives have no timeout of their own)
-raises :class:`DistributedError` and aborts the job when its process exits, so that a rank that
-hangs is ended too.
+its error propagates, as does a rank whose program ends while the group is still in use, and a
+rank waiting in a collective polls for such messages while it waits; one that waits longer than
+``timeout`` (MPI collectives have no timeout of their own) raises :class:`DistributedError` and
+aborts the job when its process exits, so that a rank that hangs is ended too. Every rank must
+make the same collective calls in the same order: ``fit``, ``evaluate``, ``save`` and ``load``
+on every rank, and ``stop_training`` set alike on all of them.
 
 ``import rnnkern`` never imports mpi4py: :class:`MPIGroup` does, when it is made.
 
@@ -98,6 +100,7 @@ class MPIGroup:
         self.broken = None            # why the group can no longer be used, once it cannot
         self._sent = []               # notice requests in flight
         self.timings = {"allreduce": [0.0, 0], "reduce": [0.0, 0], "broadcast": [0.0, 0]}
+        atexit.register(self._notify, "exited", None)   # a rank that leaves early says so
 
     def __repr__(self):
         return f"MPIGroup(rank {self.rank} of {self.size}, timeout {self.timeout:g} s)"
@@ -155,17 +158,17 @@ class MPIGroup:
     def from_root(self, fn):
         """``fn()`` run on rank 0, its result (or its exception, raised) on every rank: e.g.
         a checkpoint read where only rank 0 may see the file."""
+        payload = None
         if self.is_root:
             try:
                 payload = (True, fn())
+                pickle.dumps(payload)    # what cannot travel fails here, on rank 0 alone
             except Exception as exc:
-                payload = (False, exc)
-            try:
-                pickle.dumps(payload[1])
-            except Exception:
-                payload = (False, RuntimeError(f"{type(payload[1]).__name__}: {payload[1]}"))
-        else:
-            payload = None
+                try:
+                    payload = (False, exc)
+                    pickle.dumps(payload)
+                except Exception:
+                    payload = (False, RuntimeError(f"{type(exc).__name__}: {exc}"))
         ok, value = self.broadcast_object(payload)
         if not ok:
             raise value
@@ -195,13 +198,18 @@ class MPIGroup:
     def fail(self, exc):
         """Tell every other rank that this one failed with ``exc``; the group is unusable from
         here on. Sent once; never blocks."""
-        if self.broken is not None:
+        self._notify("failed", f"{type(exc).__name__}: {exc}")
+
+    def _notify(self, event, text):
+        """Send (event, text) to every other rank, once per group ("exited": at exit, unless the
+        group failed already)."""
+        if self.broken is not None or self._MPI.Is_finalized():
             return
-        text = f"{type(exc).__name__}: {exc}"
-        self.broken = f"rank {self.rank} failed ({text})"
+        self.broken = f"rank {self.rank} {event}" + (f" ({text})" if text else "")
         for peer in range(self.size):
             if peer != self.rank:
-                self._sent.append(self._notices.isend(text, dest=peer, tag=_NOTICE_TAG))
+                self._sent.append(self._notices.isend((event, text), dest=peer,
+                                                      tag=_NOTICE_TAG))
         deadline = time.monotonic() + 1.0    # small messages leave at once; don't hang here
         while self._sent and time.monotonic() < deadline:
             self._sent = [r for r in self._sent if not r.Test()]
@@ -220,11 +228,7 @@ class MPIGroup:
             while not request.Test():
                 if self._notices.Iprobe(source=self._MPI.ANY_SOURCE, tag=_NOTICE_TAG,
                                         status=status):
-                    peer = status.Get_source()
-                    text = self._notices.recv(source=peer, tag=_NOTICE_TAG)
-                    self.broken = f"rank {peer} failed ({text})"
-                    raise DistributedError(f"rank {self.rank}: rank {peer} of {self.size} "
-                                           f"failed with {text}; stopping here too")
+                    raise self._peer_left(status.Get_source(), kind)
                 now = time.monotonic()
                 if now > deadline:
                     self.broken = f"no answer from the other ranks for {self.timeout:g} s"
@@ -241,6 +245,17 @@ class MPIGroup:
         spent = self.timings[kind]
         spent[0] += time.perf_counter() - t0
         spent[1] += 1
+
+    def _peer_left(self, peer, kind):
+        """The DistributedError for the notice ``peer`` sent (the group is broken from here)."""
+        event, text = self._notices.recv(source=peer, tag=_NOTICE_TAG)
+        self.broken = f"rank {peer} {event}" + (f" ({text})" if text else "")
+        if event == "failed":
+            return DistributedError(f"rank {self.rank}: rank {peer} of {self.size} failed with "
+                                    f"{text}; stopping here too")
+        return DistributedError(f"rank {self.rank}: rank {peer} of {self.size} ended its program "
+                                f"while this rank waits in {_WHAT[kind]}: every rank must make "
+                                f"the same calls (fit, evaluate, save, load) in the same order")
 
     def _abort_job(self):
         """At exit after a timeout: end every rank, the one that hangs included (after this

@@ -16,6 +16,7 @@ Cases:
   fail-step    ids out of range in rank 1's rows only: rank 1 raises inside the step
   fail-save    rank 0 cannot write its checkpoint (a directory stands at its path)
   hang         rank 1 sleeps in a callback; the group's 2 s timeout ends the job
+  leave        rank 1's program ends after 2 steps while rank 0 trains on
 
 Shape legend: B batch rows (global), T time steps, V vocabulary, H hidden size, C classes.
 """
@@ -264,8 +265,15 @@ def hang(out):
     make_trainer(group, callbacks=[Sleep()]).fit(train, epochs=3)
 
 
+def leave(out):
+    group = rk.distributed.MPIGroup(timeout=60)
+    train, _ = stream_data()
+    trainer = make_trainer(group)
+    trainer.fit([train[0], train[1]] if group.rank == 1 else train, epochs=1)
+
+
 CASES = {"equivalence": equivalence, "resume": resume, "fail-step": fail_step,
-         "fail-save": fail_save, "hang": hang}
+         "fail-save": fail_save, "hang": hang, "leave": leave}
 
 if __name__ == "__main__":
     CASES[sys.argv[1]](sys.argv[2])

@@ -40,6 +40,7 @@ needs_mpi = pytest.mark.skipif(
 def launch(args, ranks=2, timeout=120, cwd=None):
     """Run ``args`` (after ``python``) on ``ranks`` ranks, or as one plain process (ranks=0)."""
     env = dict(os.environ, RNNKERN_MPI_TIMEOUT="60", PYTHONUNBUFFERED="1")
+    env.setdefault("HYDRA_LAUNCHER", "fork")   # MPICH: start local ranks directly, never ssh
     cmd = [sys.executable, *args]
     if ranks:
         cmd = [MPIEXEC, "-n", str(ranks), *cmd]
@@ -143,10 +144,13 @@ def test_bad_input_raises_on_every_rank(equivalence):
     ("fail-save", "IsADirectoryError",
      "rank 1: rank 0 of 2 failed with IsADirectoryError"),
     ("hang", None, "rank 0: no answer from the other ranks for 2 s"),
+    ("leave", None, "rank 0: rank 1 of 2 ended its program while this rank waits in a step's "
+                    "gradient allreduce"),
 ])
 def test_a_failing_rank_ends_the_job(tmp_path, case, failed, told):
-    """A rank that raises (inside the step, or writing the checkpoint) or hangs: the job ends
-    with a non-zero status, the failing rank's own error and the other's naming it."""
+    """A rank that raises (inside the step, or writing the checkpoint), hangs, or leaves early:
+    the job ends with a non-zero status, the failing rank's own error and the other's naming
+    it."""
     proc = launch([CASES, case, str(tmp_path)], timeout=60)
     assert proc.returncode != 0
     if failed is not None:
