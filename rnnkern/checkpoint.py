@@ -5,6 +5,10 @@ fsync'ed, then ``os.replace``'d over the target, so a crash mid-save leaves the 
 checkpoint intact, never a truncated one. A crash (kill -9, power loss) can leave that temporary
 file behind; the next save of the same checkpoint removes it (see :func:`save_checkpoint`).
 
+Arrays on the GPU are saved as host copies and loaded as host arrays: a model saved from the GPU
+loads on the CPU, and ``model.load_params(load_checkpoint(path)["params"])`` puts the values on
+the model's current device.
+
 Loading uses ``allow_pickle=False``: a checkpoint cannot run code. Every file that cannot be read
 as a checkpoint -- empty, truncated, bit-flipped, another format, a directory -- raises
 :class:`CheckpointError` (a ValueError) naming the file and what is wrong; a missing file raises
@@ -55,7 +59,13 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------- save
 def _blob(path, key, value):
-    """``value`` as an array that np.save writes without pickling, else CheckpointError."""
+    """``value`` as a host array that np.save writes without pickling, else CheckpointError.
+    GPU (CuPy) arrays are copied to the host: a checkpoint holds host arrays only, so one saved
+    from a model on the GPU loads on a CPU-only machine."""
+    if type(value).__module__.startswith("cupy"):
+        # rnnkern.device.to_host, inlined: this module stays loadable on its own (no imports
+        # from the package), as the crash tests load it
+        value = value.get()
     try:
         a = np.asarray(value)
     except (ValueError, TypeError) as e:       # ragged nested lists

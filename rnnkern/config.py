@@ -77,6 +77,8 @@ CUDA_SMEM_LIMIT = None          # None: the device's opt-in shared memory per bl
 CUDA_CHECK_BARRIER = True       # persistent: read the barrier's error flag after a launch
 CUDA_DIRECT_GEMM = True         # stepwise: per-step GEMMs straight to cuBLAS (not cupy.matmul,
                                 # whose Python overhead dominates a step)
+CUDA_ELEMENTWISE_BLOCKS_PER_SM = 32  # element-wise kernels (fused optimizer updates, dropout
+                                # masks; grid-stride loops): at most this many blocks per SM
 
 # ---------------------------------------------------------------------- C++ backend
 # name: (the _C getter, the _C setter, what it means). csrc/cpu/chunks.h and the files it

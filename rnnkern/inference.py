@@ -42,6 +42,8 @@ def _form(model, ids=True):
         return None, reason
     if ids and form.encoder is None:
         return None, "the model has no OneHot or Embedding input: there are no ids to feed"
+    if getattr(model, "device", "cpu") != "cpu":
+        return None, "the model is on the GPU (the compiled stack runs on the CPU)"
     for r in form.recurrent:
         if backends.resolve(r.backend, np.zeros(1)).name != "cpp":
             return None, "a recurrent layer does not run on the C++ backend"

@@ -16,6 +16,8 @@ import numpy as np
 
 from . import backends, config
 from .cellspec import CellSpec
+from .device import array_module as _xp  # also the name rnnkern.torch.stack imports
+from .device import check_device, check_same_device, device_of, to_device, to_host
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -33,24 +35,25 @@ def _positive_int(name, value, minimum=1):
     return int(value)
 
 
-def dropout_mask(rng, shape, p, dtype, out=None):
+def dropout_mask(rng, shape, p, dtype, out=None, device="cpu"):
     """The inverted-dropout mask that every dropout here draws (the layers' own, ``Dropout``'s,
     the fused step's): ``1/(1-p)`` where ``rng.random(shape) < 1-p``, else 0, in ``dtype``
     (written into ``out`` when given). The same draw from ``rng`` and the same bits as
     ``((rng.random(shape) < keep) / keep).astype(dtype)`` (the boolean times 1/keep rounded
     to ``dtype`` is 0 or that value), without that form's float64 quotient and cast: char-rnn's
     [50,50,128] float32 mask, 3.5 -> 1.8 ms alone; char-rnn with --dropout 0.2, blocks of 10
-    batches alternating in one process, 26.85 -> 25.80 ms a batch."""
+    batches alternating in one process, 26.85 -> 25.80 ms a batch.
+
+    ``device="cuda"``: the mask is drawn on the GPU (a CuPy array) by a counter-based generator
+    keyed by ONE integer drawn from ``rng`` (csrc/cuda/dropout.cu): the same ``1/(1-p)``-or-0
+    values and keep probability, reproducible from ``rng``'s state (so from the seed and from a
+    checkpoint of it), other draws than the host's."""
+    if check_device(device) != "cpu":
+        from .backends.cuda import elementwise
+        key = int(rng.integers(0, 2 ** 63))
+        return elementwise.dropout_mask(key, shape, p, dtype, out=out)
     keep = 1.0 - p
     return np.multiply(rng.random(shape) < keep, np.asarray(1.0 / keep).astype(dtype), out=out)
-
-
-def _xp(a):
-    """The array module of ``a``: NumPy, or CuPy for CuPy arrays."""
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
 
 
 def _reversal(lengths, B, T, xp):
@@ -172,18 +175,36 @@ class _Recurrent:
                 for name, shape in self.param_shapes().items()}
 
     def load_params(self, params):
-        """Replace every parameter (same names and shapes; values are copied and cast)."""
+        """Replace every parameter (same names and shapes; values are copied and cast), on the
+        layer's device whichever device the values come from."""
         expected = self.param_shapes()
         if set(params) != set(expected):
             raise ValueError(f"params must have keys {sorted(expected)}, got {sorted(params)}")
-        new = {}
+        device, new = self.device, {}
         for name, shape in expected.items():
-            value = np.asarray(params[name])
+            value = to_host(params[name])
             if value.shape != shape:
                 raise ValueError(f"params[{name!r}] must have shape {shape}, got {value.shape}")
-            new[name] = np.array(value, dtype=self.dtype, order="C")
+            new[name] = to_device(np.array(value, dtype=self.dtype, order="C"), device)
         self.params = new
-        self.grads = {k: np.zeros_like(v) for k, v in new.items()}
+        self.grads = {k: _xp(v).zeros_like(v) for k, v in new.items()}
+
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self):
+        """Where the parameters live: "cpu" (NumPy) or "cuda" (CuPy); inputs must live there
+        too."""
+        return device_of(next(iter(self.params.values())))
+
+    def to(self, device):
+        """Move the parameters and gradients to ``device`` ("cpu" or "cuda"; copies, as
+        ``torch.nn.Module.to``); what the last forward kept for a backward is dropped. Returns
+        the layer. ``"cuda"`` needs CuPy (ImportError naming the package otherwise)."""
+        device = check_device(device)
+        self.params = {k: to_device(v, device) for k, v in self.params.items()}
+        self.grads = {k: to_device(v, device) for k, v in self.grads.items()}
+        self._saved = None
+        return self
 
     def _layer_weights(self, k, xp, direction=0):
         """(w_ih, w_hh, b_ih, b_hh) of layer k (direction 1: its ``_reverse`` weights) as
@@ -208,10 +229,10 @@ class _Recurrent:
 
     # ------------------------------------------------------------------ validation
     def _check_x(self, x):
-        xp = _xp(x)
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             x = np.asarray(x)
-            xp = np
+        check_same_device(x, self.device, "x", type(self).__name__)
+        xp = _xp(x)
         if x.dtype.kind not in "f":
             raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
         if x.ndim != 3:
@@ -361,7 +382,8 @@ class _Recurrent:
             saved.append(layer_saved)
             mask = None
             if keep and self.dropout and self.training and k + 1 < self.num_layers:
-                mask = xp.asarray(dropout_mask(self._rng, out.shape, self.dropout, self.dtype))
+                mask = dropout_mask(self._rng, out.shape, self.dropout, self.dtype,
+                                    device=device_of(out))
                 out = out * mask
             masks.append(mask)
             layer_in = out

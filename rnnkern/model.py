@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .device import check_device, device_of, to_device
 from .layers import _Recurrent
 
 
@@ -51,6 +52,7 @@ class Sequential:
         self.training = True
         self.d_initial_state = None  # gradient w.r.t. initial_state after backward()
         self._ran = False
+        self._device = "cpu"         # where to() last put the model (layers without arrays)
 
     # ------------------------------------------------------------------ container
     def __len__(self):
@@ -81,17 +83,52 @@ class Sequential:
         return int(sum(v.size for v in self.params.values()))
 
     def load_params(self, params):
-        """Copy values into the existing parameter arrays (same keys and shapes required)."""
+        """Copy values into the existing parameter arrays (same keys and shapes required), on
+        the model's device whichever device the values come from (a checkpoint's host arrays
+        go to the GPU of a model there)."""
         mine = self.params
         if set(params) != set(mine):
             missing, extra = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
             raise ValueError(f"params keys differ: missing {missing}, unexpected {extra}")
         for k, dst in mine.items():
-            src = np.asarray(params[k])
-            if src.shape != dst.shape:
+            src = params[k] if hasattr(params[k], "shape") else np.asarray(params[k])
+            if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"params[{k!r}] must have shape {dst.shape}, got {src.shape}")
         for k, dst in mine.items():
-            dst[...] = params[k]
+            dst[...] = to_device(params[k], device_of(dst))
+
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self):
+        """Where the layers' arrays live: "cpu" (NumPy) or "cuda" (CuPy). Inputs must live
+        there too (``rnnkern.device.to_device(x, model.device)``); layers without arrays
+        (Dropout, LastStep) run wherever their input is. RuntimeError when layers were moved
+        to different devices one by one."""
+        found = {}
+        for i, layer in enumerate(self.layers):
+            d = getattr(layer, "device", None)
+            if d is not None:
+                found.setdefault(d, []).append(i)
+        if len(found) > 1:
+            raise RuntimeError("the layers live on different devices ("
+                               + ", ".join(f"{d}: layers {v}" for d, v in sorted(found.items()))
+                               + "); put the whole model on one with model.to(device)")
+        return next(iter(found), self._device)
+
+    def to(self, device):
+        """Move every layer's parameters, gradients and fixed tables to ``device`` ("cpu" or
+        "cuda", which needs CuPy); returns the model. Parameter arrays are replaced, so read
+        ``model.params`` afresh afterwards; an optimizer's state follows the parameters at its
+        next step (:class:`rnnkern.optim.Optimizer`)."""
+        device = check_device(device)
+        for i, layer in enumerate(self.layers):
+            if not hasattr(layer, "to"):
+                raise TypeError(f"layers[{i}] ({type(layer).__name__}) has no to(device)")
+        for layer in self.layers:
+            layer.to(device)
+        self._device = device
+        self._ran = False
+        return self
 
     def get_rng_state(self):
         """The state of every layer's random generator (dropout masks), for checkpoints."""
@@ -226,7 +263,7 @@ class Sequential:
         current parameters, nothing kept for a backward, every check. For many steps
         :meth:`inference` is faster (one compiled call a step, over a snapshot of the weights).
         """
-        x_t = np.asarray(x_t)
+        x_t = x_t if hasattr(x_t, "shape") else np.asarray(x_t)
         y, state = self._run_eval(x_t[:, None], state, None)
         self._ran = False
         return (y[:, 0] if y.ndim == 3 else y), state

@@ -6,6 +6,10 @@
 ``params``/``grads`` dicts and ``train()``/``eval()``. ``backward`` overwrites ``grads`` (it does
 not accumulate, unlike PyTorch's ``.grad``), as the recurrent layers do.
 
+Devices: ``to("cuda")``/``to("cpu")`` moves a module's parameters, gradients and fixed tables
+(:mod:`rnnkern.device`); every module computes with the array module of its input (NumPy or
+CuPy), and an input on another device than the module's arrays raises ValueError naming both.
+
 Shape legend: B batch, T time steps, F features (``in_features``), O ``out_features``,
 V vocabulary (``num_embeddings``), E ``embedding_dim``.
 """
@@ -15,16 +19,27 @@ import numbers
 
 import numpy as np
 
+from . import config
+from .device import (array_module, check_device, check_same_device, device_of, is_device_array,
+                     to_device)
 from .layers import _as_dtype, _positive_int, dropout_mask
 
 
+def _as_array(x):
+    """``x`` itself when it is an array (NumPy or CuPy), else ``np.asarray(x)``."""
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+
+
 def _check_ids(x, limit, name):
-    """Integer ids array, every id in [0, limit)."""
-    x = np.asarray(x)
+    """Integer ids array, every id in [0, limit). Ids on the GPU are range-checked only when
+    ``config.CHECK_FINITE_ON_DEVICE`` is set: the check is a device-to-host read."""
+    x = _as_array(x)
     if x.dtype.kind not in "iu":
         raise TypeError(f"{name} input must be integer ids, got dtype {x.dtype}")
-    if x.size and (x.min() < 0 or x.max() >= limit):
-        raise ValueError(f"{name} ids must lie in [0, {limit}), got min {x.min()} and max {x.max()}")
+    if x.size and (not is_device_array(x) or config.CHECK_FINITE_ON_DEVICE):
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name} ids must lie in [0, {limit}), got min {low} and max {high}")
     return x
 
 
@@ -49,6 +64,38 @@ class Module:
     def _need_forward(self, saved):
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() call first")
+
+    # ------------------------------------------------------------------ device
+    def _fixed(self):
+        """``{attribute: array}`` the module keeps besides its parameters (OneHot's table)."""
+        return {}
+
+    @property
+    def device(self):
+        """Where the module's arrays live, "cpu" or "cuda"; None for a module with none
+        (Dropout, LastStep), which runs wherever its input is."""
+        for a in (*self.params.values(), *self._fixed().values()):
+            return device_of(a)
+        return None
+
+    def to(self, device):
+        """Move parameters, gradients and fixed tables to ``device`` ("cpu" or "cuda";
+        copies); what the last forward kept for a backward is dropped. Returns the module."""
+        device = check_device(device)
+        self.params = {k: to_device(v, device) for k, v in self.params.items()}
+        self.grads = {k: to_device(v, device) for k, v in self.grads.items()}
+        for name, a in self._fixed().items():
+            setattr(self, name, to_device(a, device))
+        for attr in ("_saved", "_mask", "_x", "_ids"):
+            if getattr(self, attr, None) is not None:
+                setattr(self, attr, None)
+        return self
+
+    def _check_device(self, a, what):
+        """ValueError unless ``a`` lives where this module's arrays do."""
+        device = self.device
+        if device is not None:
+            check_same_device(a, device, what, type(self).__name__)
 
 
 class Dense(Module):
@@ -95,12 +142,13 @@ class Dense(Module):
         self._x = None
 
     def forward(self, x, lengths=None):
-        x = np.asarray(x)
+        x = _as_array(x)
         if x.dtype.kind != "f":
             raise TypeError(f"Dense input must be a floating-point array, got dtype {x.dtype}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Dense input.shape[-1] must be equal to in_features. "
                              f"Expected {self.in_features}, got {x.shape[-1] if x.ndim else None}")
+        self._check_device(x, "x")
         x = x.astype(self.dtype, copy=False)
         self._x = x
         # one 2-D GEMM over all B*T rows (3-D matmul broadcasting is much slower in NumPy)
@@ -112,7 +160,9 @@ class Dense(Module):
     def backward(self, dy):
         self._need_forward(self._x)
         x = self._x
-        dy = np.asarray(dy, dtype=self.dtype)
+        dy = _as_array(dy)
+        self._check_device(dy, "dy")
+        dy = dy.astype(self.dtype, copy=False)
         expected = x.shape[:-1] + (self.out_features,)
         if dy.shape != expected:
             raise ValueError(f"Dense dy must have shape {expected}, got {dy.shape}")
@@ -159,13 +209,16 @@ class Embedding(Module):
 
     def forward(self, x, lengths=None):
         ids = _check_ids(x, self.num_embeddings, "Embedding")
+        self._check_device(ids, "ids")
         self._ids = ids
         return self.params["weight"][ids]
 
     def backward(self, dy):
         self._need_forward(self._ids)
         E = self.embedding_dim
-        dy = np.asarray(dy, dtype=self.dtype)
+        dy = _as_array(dy)
+        self._check_device(dy, "dy")
+        dy = dy.astype(self.dtype, copy=False)
         if dy.shape != self._ids.shape + (E,):
             raise ValueError(f"Embedding dy must have shape {self._ids.shape + (E,)}, got {dy.shape}")
         self.grads["weight"] = self.scatter_rows(self._ids, dy, out=None)
@@ -174,12 +227,21 @@ class Embedding(Module):
     def scatter_rows(self, ids, rows, out=None):
         """The table's gradient from its rows' gradients: ``out[v] = sum of rows[n] where
         ids[n] == v`` (zero for ids not present). ids [...] ints in [0, V), rows [..., E];
-        out [V,E] (new when None). Returns out."""
+        out [V,E] (new when None). Returns out.
+
+        On the GPU (CuPy arrays) the rows are added with ``cupyx.scatter_add`` (atomic adds:
+        the summation order of repeated ids varies from run to run, within rounding)."""
         E = self.embedding_dim
         if out is None:
-            out = np.zeros_like(self.params["weight"])
+            out = array_module(self.params["weight"]).zeros_like(self.params["weight"])
         else:
             out.fill(0)
+        if is_device_array(out):
+            import cupyx
+            ids = ids.reshape(-1)
+            if ids.size:
+                cupyx.scatter_add(out, ids, rows.reshape(-1, E))
+            return out
         ids = np.asarray(ids).reshape(-1)
         if ids.size:
             # repeated ids add up. Sort, then sum each id's run of rows with reduceat: the sums
@@ -209,8 +271,13 @@ class OneHot(Module):
         self.dtype = _as_dtype(dtype)
         self._table = np.eye(self.depth, dtype=self.dtype)
 
+    def _fixed(self):
+        return {"_table": self._table}
+
     def forward(self, x, lengths=None):
-        return self._table[_check_ids(x, self.depth, "OneHot")]
+        ids = _check_ids(x, self.depth, "OneHot")
+        self._check_device(ids, "ids")
+        return self._table[ids]
 
     def backward(self, dy):
         return None
@@ -232,16 +299,17 @@ class Dropout(Module):
         self._mask = None
 
     def forward(self, x, lengths=None):
-        x = np.asarray(x)
+        x = _as_array(x)
         if not self.training or self.p == 0.0:
             self._mask = 1.0
             return x
-        self._mask = dropout_mask(self._rng, x.shape, self.p, x.dtype)
+        # on the GPU: drawn there, keyed by one draw from self._rng (reproducible from the seed)
+        self._mask = dropout_mask(self._rng, x.shape, self.p, x.dtype, device=device_of(x))
         return x * self._mask
 
     def backward(self, dy):
         self._need_forward(self._mask)
-        return np.asarray(dy) * self._mask
+        return _as_array(dy) * self._mask
 
     def __repr__(self):
         return f"Dropout(p={self.p})"
@@ -257,24 +325,27 @@ class LastStep(Module):
     """
 
     def forward(self, x, lengths=None):
-        x = np.asarray(x)
+        x = _as_array(x)
+        xp = array_module(x)
         if x.ndim != 3:
             raise ValueError(f"LastStep input must have 3 dimensions [B,T,F], got shape {x.shape}")
         B, T, _ = x.shape
         if lengths is None:
-            idx = np.full(B, T - 1, dtype=np.int64)
+            idx = xp.full(B, T - 1, dtype=np.int64)
         else:
-            idx = np.asarray(lengths)
+            idx = _as_array(lengths)
             if idx.dtype.kind not in "iu" or idx.shape != (B,):
                 raise ValueError(f"lengths must be integers of shape [B] = ({B},), "
                                  f"got {idx.dtype} {idx.shape}")
-            if B and (idx.min() < 0 or idx.max() > T):
+            # GPU lengths: checked only on request (a device-to-host read), as the layers do
+            if B and (not is_device_array(idx) or config.CHECK_FINITE_ON_DEVICE) and (
+                    int(idx.min()) < 0 or int(idx.max()) > T):
                 raise ValueError(f"lengths must lie in [0, T] = [0, {T}]")
-            idx = idx.astype(np.int64) - 1
+            idx = xp.asarray(idx).astype(np.int64) - 1      # on x's device
         self._saved = (x.shape, x.dtype, idx)
         if T == 0:  # no step to take: every row is a length-0 row
-            return np.zeros((B, x.shape[2]), dtype=x.dtype)
-        rows = np.arange(B)
+            return xp.zeros((B, x.shape[2]), dtype=x.dtype)
+        rows = xp.arange(B)
         y = x[rows, np.maximum(idx, 0)]
         y[idx < 0] = 0
         return y
@@ -282,12 +353,13 @@ class LastStep(Module):
     def backward(self, dy):
         self._need_forward(getattr(self, "_saved", None))
         shape, dtype, idx = self._saved
-        dy = np.asarray(dy)
+        dy = _as_array(dy)
         if dy.shape != (shape[0], shape[2]):
             raise ValueError(f"LastStep dy must have shape {(shape[0], shape[2])}, got {dy.shape}")
-        dx = np.zeros(shape, dtype=dtype)
+        xp = array_module(idx)
+        dx = xp.zeros(shape, dtype=dtype)
         valid = idx >= 0
-        dx[np.arange(shape[0])[valid], idx[valid]] = dy[valid]
+        dx[xp.arange(shape[0])[valid], idx[valid]] = dy[valid]
         return dx
 
     def __repr__(self):

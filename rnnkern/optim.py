@@ -10,6 +10,12 @@ survives a model whose arrays are replaced (e.g. ``LSTM.load_params``).
 
 Gradient clipping (``clip_value``, then ``clip_norm``) happens inside :meth:`Optimizer.step`,
 in place on the grads arrays, as ``torch.nn.utils.clip_grad_*_`` do.
+
+On the GPU (parameters and gradients CuPy arrays, after ``model.to("cuda")``): clipping runs
+there without reading anything back to the host, and each step's update is ONE launch of the
+optimizer's fused kernel (``csrc/cuda/optim.cu``) over the flat parameter, gradient and state
+buffers, the NumPy rule operation by operation (same bits). The state follows the parameters:
+it moves to their device at the first step that sees them elsewhere (:attr:`Optimizer.device`).
 """
 from __future__ import annotations
 
@@ -18,34 +24,61 @@ import numbers
 
 import numpy as np
 
+from .device import array_module, device_of, is_device_array, to_device, to_host
+
+
+def _arrays_of(grads, what="grads"):
+    """(list of the arrays of a dict or iterable, their array module); ValueError when they
+    mix host and GPU arrays."""
+    arrays = list(grads.values() if isinstance(grads, dict) else grads)
+    devices = {device_of(a) for a in arrays}
+    if len(devices) > 1:
+        raise ValueError(f"{what} mix host and GPU arrays; put the model on one device with "
+                         f"model.to(device)")
+    return arrays, (array_module(arrays[0]) if arrays else np)
+
 
 # ---------------------------------------------------------------------- clipping
 def global_norm(grads):
-    """sqrt(sum of squares) over every array in ``grads`` (a dict or iterable), in float64."""
-    arrays = grads.values() if isinstance(grads, dict) else grads
-    return math.sqrt(sum(float(np.vdot(g, g)) for g in arrays))
+    """sqrt(sum of squares) over every array in ``grads`` (a dict or iterable), in float64: a
+    Python float, or for GPU arrays a 0-d float64 GPU array (nothing read back)."""
+    arrays, xp = _arrays_of(grads)
+    if xp is np:
+        return math.sqrt(sum(float(np.vdot(g, g)) for g in arrays))
+    return xp.sqrt(sum(xp.vdot(g, g).astype(np.float64) for g in arrays))
 
 
 def clip_grad_norm(grads, max_norm):
-    """Scale every gradient in place by ``max_norm / max(norm, max_norm)``; return the norm.
+    """Scale every gradient in place by ``max_norm / max(norm, max_norm)``; return the norm
+    (as :func:`global_norm` gives it).
 
     This is TF's ``tf.clip_by_global_norm`` (char-rnn's ``grad_clip``). PyTorch's
     ``clip_grad_norm_`` differs only by using ``max_norm / (norm + 1e-6)``.
     """
     _check_positive("max_norm", max_norm)
-    norm = global_norm(grads)
-    if norm > max_norm:
-        scale = max_norm / norm
-        for g in (grads.values() if isinstance(grads, dict) else grads):
-            g *= scale
+    arrays, xp = _arrays_of(grads)
+    norm = global_norm(arrays)
+    if xp is np:
+        if norm > max_norm:
+            scale = max_norm / norm
+            for g in arrays:
+                g *= scale
+        return norm
+    # on the GPU, no branch on the norm (a host read): the scale is exactly 1 when
+    # norm <= max_norm, and fmax skips a NaN norm as the host's `norm > max_norm` does; rounded
+    # to each gradient's dtype as the host's Python float is, so the same bits for one norm
+    scale = max_norm / xp.fmax(norm, max_norm)
+    for g in arrays:
+        g *= scale.astype(g.dtype)
     return norm
 
 
 def clip_grad_value(grads, clip_value):
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place."""
     _check_positive("clip_value", clip_value)
-    for g in (grads.values() if isinstance(grads, dict) else grads):
-        np.clip(g, -clip_value, clip_value, out=g)
+    arrays, xp = _arrays_of(grads)
+    for g in arrays:
+        xp.clip(g, -clip_value, clip_value, out=g)
 
 
 def _check_positive(name, value, allow_zero=False):
@@ -89,7 +122,15 @@ class Optimizer:
 
     The update rules are NumPy, once each; a training step on the C++ backend runs Adam's in C++
     instead, inside its call or after it (csrc/cpu/adam.h: the same operations, so the same
-    bits).
+    bits), and parameters on the GPU run the rule's fused kernel (csrc/cuda/optim.cu: the same
+    operations again, :meth:`_fused_update`).
+
+    State placement: the state lives where the parameters it updates live. A step (or
+    :meth:`step_flat`) on parameters of another device first moves the whole state there, so
+    ``model.to("cuda")`` needs nothing of the optimizer. :meth:`state_dict` always gives host
+    (NumPy) copies; :meth:`load_state_dict` puts the state on :attr:`device`, the device of the
+    parameters it last stepped (the host before any step), and a later step on parameters
+    elsewhere moves it.
     """
 
     _slots = ()  # names of the per-parameter state arrays
@@ -101,7 +142,23 @@ class Optimizer:
         self.iterations = 0   # number of step() calls so far (Adam's t)
         self.state = {}       # name -> {slot: array}
         self.last_grad_norm = None  # global norm before clipping, when clip_norm is set
+                                    # (a float; a 0-d GPU array for parameters on the GPU)
         self._flat = None     # layout and flat state of the concatenated update (see step)
+        self._device = "cpu"  # where the state lives (that of the last parameters stepped)
+
+    @property
+    def device(self):
+        """Where the state lives, "cpu" or "cuda": that of the parameters last stepped."""
+        return self._device
+
+    def _follow(self, device):
+        """Move the state to ``device``, where the parameters it updates now live."""
+        if device == self._device:
+            return
+        self.state = {k: {s: to_device(a, device) for s, a in st.items()}
+                      for k, st in self.state.items()}
+        self._flat = None
+        self._device = device
 
     def _hyper(self):
         return {}
@@ -118,20 +175,41 @@ class Optimizer:
             raise ValueError(f"grads keys must match params keys: missing "
                              f"{sorted(set(params) - set(grads))}, unexpected "
                              f"{sorted(set(grads) - set(params))}")
-        total, dtypes = 0, set()
+        total, dtypes, devices = 0, set(), set()
         for k, p in params.items():
             g = grads[k]
-            if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
-                raise TypeError(f"params[{k!r}] must be a floating-point NumPy array")
+            if not isinstance(p, np.ndarray) and not is_device_array(p) or p.dtype.kind != "f":
+                raise TypeError(f"params[{k!r}] must be a floating-point NumPy or CuPy array")
             if g.shape != p.shape:
                 raise ValueError(f"grads[{k!r}] must have shape {p.shape}, got {g.shape}")
+            if device_of(g) != device_of(p):
+                raise ValueError(f"grads[{k!r}] is on {device_of(g)!r} but params[{k!r}] is on "
+                                 f"{device_of(p)!r}")
             total += p.size
             dtypes.add(p.dtype)
+            devices.add(device_of(p))
+        if len(devices) > 1:
+            raise ValueError("params live on different devices; put the model on one device "
+                             "with model.to(device)")
+        device = devices.pop() if devices else self._device
+        self._follow(device)
         if self.clip_value is not None:
             clip_grad_value(grads, self.clip_value)
         if self.clip_norm is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip_norm)
         self.iterations += 1
+        if device != "cpu":
+            # one fused launch over the flat buffers; per name when dtypes differ or the state
+            # cannot be laid out flat (a launch each)
+            if len(dtypes) == 1 and self._step_flat(params, grads, self._fused_update):
+                return
+            self._flat = None
+            for k, p in params.items():
+                st = self.state.get(k)
+                if st is None:
+                    st = self.state[k] = self._init_state(p)
+                self._fused_update(p, grads[k], st)
+            return
         if len(dtypes) == 1 and total <= self.FLAT_MAX_ELEMENTS and self._step_flat(params, grads):
             return
         self._flat = None
@@ -150,8 +228,11 @@ class Optimizer:
             layout: ``((name, shape), ...)``, the parameters in the order they are concatenated
             update: None, or ``update(flat_params, flat_grads, flat_state)``, another
                     implementation of this optimizer's rule over the flat arrays (the C++ plan's
-                    Adam); the per-name fallback always runs the NumPy rule
+                    Adam); None: the NumPy rule, or the fused kernel for GPU arrays (which the
+                    per-name fallback always runs, on the host the NumPy rule)
         """
+        self._follow(device_of(flat_params))
+        rule = self._update if not is_device_array(flat_params) else self._fused_update
         if self.clip_value is not None:
             clip_grad_value([flat_grads], self.clip_value)
         if self.clip_norm is not None:
@@ -172,33 +253,35 @@ class Optimizer:
                     st = self.state.get(k)
                     if st is None:
                         st = self.state[k] = self._init_state(p)
-                    self._update(p, g, st)
+                    rule(p, g, st)
                 return
         st = flat["state"]
         slots = len(st)
-        (update or self._update)(flat_params, flat_grads, st)
+        (update or rule)(flat_params, flat_grads, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
 
-    def _step_flat(self, params, grads):
-        """One update over concatenated params/grads; per-name state are views of flat state.
-        Returns False (nothing done) when the per-name state cannot be laid out flat."""
+    def _step_flat(self, params, grads, rule=None):
+        """One update (``rule``: the NumPy rule by default) over concatenated params/grads;
+        per-name state are views of flat state. Returns False (nothing done) when the per-name
+        state cannot be laid out flat."""
         layout = tuple((k, p.shape) for k, p in params.items())
         dtype = next(iter(params.values())).dtype
+        xp = array_module(next(iter(params.values())))
         flat = self._flat
         if flat is None or flat["layout"] != layout or flat["dtype"] != dtype:
             flat = self._build_flat(layout, params)
             if flat is None:
                 return False
-        p_flat = np.concatenate([p.reshape(-1) for p in params.values()])
-        g_flat = np.concatenate([np.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
+        p_flat = xp.concatenate([p.reshape(-1) for p in params.values()])
+        g_flat = xp.concatenate([xp.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
         st = flat["state"]
         slots = len(st)
-        self._update(p_flat, g_flat, st)
+        (rule or self._update)(p_flat, g_flat, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
         for (k, shape), (lo, hi) in zip(layout, flat["spans"]):
-            np.copyto(params[k], p_flat[lo:hi].reshape(shape))
+            xp.copyto(params[k], p_flat[lo:hi].reshape(shape))
         return True
 
     def _build_flat(self, layout, params):
@@ -212,7 +295,8 @@ class Optimizer:
             spans.append((lo, lo + n))
             lo += n
         dtype = next(iter(params.values())).dtype
-        state = {s: np.concatenate([np.asarray(per_name[k][s], dtype=dtype).reshape(-1)
+        xp = array_module(next(iter(params.values())))
+        state = {s: xp.concatenate([xp.asarray(per_name[k][s], dtype=dtype).reshape(-1)
                                     for k, _ in layout]) for s in next(iter(slots))}
         flat = self._flat = {"layout": layout, "spans": spans, "state": state, "dtype": dtype}
         self._bind_views(flat)
@@ -223,23 +307,45 @@ class Optimizer:
             self.state[k] = {s: a[lo:hi].reshape(shape) for s, a in flat["state"].items()}
 
     def _init_state(self, p):
-        return {s: np.zeros_like(p) for s in self._slots}
+        return {s: array_module(p).zeros_like(p) for s in self._slots}
 
     def _update(self, p, g, st):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _kernel_args(self, p, g, st, real):  # pragma: no cover - abstract
+        """``(kernel name, arguments after n)`` of this rule's fused kernel in
+        csrc/cuda/optim.cu; scalars rounded with ``real`` (the dtype's scalar type)."""
+        raise NotImplementedError
+
+    def _fused_update(self, p, g, st):
+        """:meth:`_update` as one launch of the rule's fused kernel (csrc/cuda/optim.cu) over
+        ``p``, ``g`` and the state ``st`` (arrays of one shape on the kernels' device; the
+        tests' host emulator runs it on NumPy arrays)."""
+        from .backends.cuda import elementwise
+        xp = array_module(p)
+        work = p if p.flags.c_contiguous else xp.ascontiguousarray(p)
+        g = xp.ascontiguousarray(g, dtype=p.dtype)
+        name, args = self._kernel_args(work, g, st, p.dtype.type)
+        elementwise.launch("optim", name, p.size, args, p.dtype)
+        if work is not p:
+            p[...] = work
+
     def state_dict(self):
-        """Everything needed to continue exactly: hyper-parameters, lr, step count, state arrays."""
+        """Everything needed to continue exactly: hyper-parameters, lr, step count, state arrays
+        (host copies, wherever the state lives)."""
         return {"class": type(self).__name__, "lr": self.lr, "iterations": self.iterations,
                 "hyper": self._hyper(),
-                "state": {k: {s: a.copy() for s, a in st.items()} for k, st in self.state.items()}}
+                "state": {k: {s: to_host(a, copy=True) for s, a in st.items()}
+                          for k, st in self.state.items()}}
 
     def load_state_dict(self, state):
+        """Restore :meth:`state_dict`'s record; the arrays are copied to :attr:`device`."""
         if state["class"] != type(self).__name__:
             raise ValueError(f"state is for {state['class']}, not {type(self).__name__}")
         self.lr = float(state["lr"])
         self.iterations = int(state["iterations"])
-        self.state = {k: {s: np.array(a) for s, a in st.items()} for k, st in state["state"].items()}
+        self.state = {k: {s: to_device(to_host(a, copy=True), self._device) for s, a in st.items()}
+                      for k, st in state["state"].items()}
         self._flat = None
 
     def __repr__(self):
@@ -282,6 +388,18 @@ class SGD(Optimizer):
             g = g + self.momentum * buf if self.nesterov else buf
         p -= self.lr * g
 
+    def _kernel_args(self, p, g, st, real):
+        buf, first = p, 0            # the kernel leaves buf alone without momentum
+        if self.momentum:
+            buf = st.get("momentum_buffer")
+            if buf is None:          # created at the first step, as _update does
+                buf = st["momentum_buffer"] = array_module(p).empty_like(p)
+                first = 1
+        return "rk_sgd_update", (p, g, buf, real(self.lr), real(self.momentum),
+                                 real(self.weight_decay), np.int32(bool(self.weight_decay)),
+                                 np.int32(bool(self.momentum)), np.int32(self.nesterov),
+                                 np.int32(first))
+
 
 class Adam(Optimizer):
     r"""Adam (Kingma & Ba 2015). Defaults are TF's: ``beta1=0.9, beta2=0.999, eps=1e-8``.
@@ -315,26 +433,36 @@ class Adam(Optimizer):
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "eps_mode": self.eps_mode, "weight_decay": self.weight_decay}
 
+    def _bias_correction(self):
+        """``(sqrt(1-b2^t), step size)`` of step t = :attr:`iterations`: the step size is
+        ``lr sqrt(1-b2^t)/(1-b1^t)`` (tf) or ``lr/(1-b1^t)`` (torch)."""
+        t = self.iterations
+        bc1 = 1.0 - self.beta1 ** t
+        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
+        return bc2_sqrt, (self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1)
+
     def _update(self, p, g, st):
         if self.weight_decay:
             g = g + self.weight_decay * p
-        t = self.iterations
         m, v = st["m"], st["v"]
         m *= self.beta1
         m += (1.0 - self.beta1) * g
         v *= self.beta2
         v += (1.0 - self.beta2) * (g * g)
-        bc1 = 1.0 - self.beta1 ** t
-        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
-        if self.eps_mode == "tf":
-            denom = np.sqrt(v)
-            denom += self.eps
-            p -= (self.lr * bc2_sqrt / bc1) * (m / denom)
-        else:
-            denom = np.sqrt(v)
+        bc2_sqrt, step = self._bias_correction()
+        denom = np.sqrt(v)
+        if self.eps_mode == "torch":
             denom /= bc2_sqrt
-            denom += self.eps
-            p -= (self.lr / bc1) * (m / denom)
+        denom += self.eps
+        p -= step * (m / denom)
+
+    def _kernel_args(self, p, g, st, real):
+        bc2_sqrt, step = self._bias_correction()
+        return "rk_adam_update", (p, g, st["m"], st["v"], real(self.beta1), real(1.0 - self.beta1),
+                                  real(self.beta2), real(1.0 - self.beta2), real(self.eps),
+                                  real(step), real(bc2_sqrt), real(self.weight_decay),
+                                  np.int32(bool(self.weight_decay)),
+                                  np.int32(self.eps_mode == "torch"))
 
 
 class RMSprop(Optimizer):
@@ -379,6 +507,14 @@ class RMSprop(Optimizer):
         else:
             p -= self.lr * (g / avg)
 
+    def _kernel_args(self, p, g, st, real):
+        # the kernel leaves grad_avg / momentum_buffer alone when their flag is 0
+        return "rk_rmsprop_update", (p, g, st["square_avg"], st.get("grad_avg", p),
+                                     st.get("momentum_buffer", p), real(self.rho),
+                                     real(1.0 - self.rho), real(self.eps), real(self.lr),
+                                     real(self.momentum), np.int32(self.centered),
+                                     np.int32(bool(self.momentum)))
+
 
 class Adagrad(Optimizer):
     """Adagrad with ``torch.optim.Adagrad``'s rule: ``s += g^2; p -= lr g/(sqrt(s) + eps)``.
@@ -398,7 +534,7 @@ class Adagrad(Optimizer):
         return {"initial_accumulator_value": self.initial_accumulator_value, "eps": self.eps}
 
     def _init_state(self, p):
-        return {"sum": np.full_like(p, self.initial_accumulator_value)}
+        return {"sum": array_module(p).full_like(p, self.initial_accumulator_value)}
 
     def _update(self, p, g, st):
         s = st["sum"]
@@ -406,6 +542,9 @@ class Adagrad(Optimizer):
         std = np.sqrt(s)
         std += self.eps
         p -= self.lr * (g / std)
+
+    def _kernel_args(self, p, g, st, real):
+        return "rk_adagrad_update", (p, g, st["sum"], real(self.lr), real(self.eps))
 
 
 # Each optimizer's docstring stands alone: the arguments they all take, written once.

@@ -8,6 +8,8 @@ import numbers
 
 import numpy as np
 
+from .device import to_device, to_host
+
 
 def _check_logits(logits):
     """Float logits [..., C]. -inf is a mask ("never", as with torch.softmax), so it is allowed
@@ -130,6 +132,10 @@ def generate(model, prime, length, *, temperature=1.0, top_k=None, rng=None):
     one :meth:`step` per id. Both give the same ids. The model is put in eval mode for the call
     and restored afterwards.
 
+    A model on the GPU (``model.to("cuda")``) runs the second way: each step's ids go to the
+    device and its logits come back to the host for the draw, so the ids are those the same
+    model gives on the CPU with the same generator (up to float rounding of the logits).
+
     Every argument is checked before the model runs; a bad one raises ValueError naming it
     (prime, length, temperature, top_k as in :func:`sample_logits`). Ids the model does not
     know raise its own ValueError (e.g. ``Embedding ids must lie in [0, V)``).
@@ -157,15 +163,18 @@ def generate(model, prime, length, *, temperature=1.0, top_k=None, rng=None):
 
 
 def _generate_stepwise(model, batch, length, temperature, top_k, rng):
-    """generate() through model.forward and model.step: any model, any backend."""
+    """generate() through model.forward and model.step: any model, any backend, any device
+    (ids go to the model's device, logits come back to the host for the draw)."""
+    device = getattr(model, "device", None) or "cpu"
     state = None
     if batch.shape[1] > 1:
-        _, state = model.forward(batch[:, :-1], initial_state=None, return_state=True)
+        _, state = model.forward(to_device(batch[:, :-1], device), initial_state=None,
+                                 return_state=True)
     current = np.ascontiguousarray(batch[:, -1])
     out = np.empty((batch.shape[0], length), dtype=np.int64)
     for t in range(length):
-        logits, state = model.step(current, state)
-        current = np.asarray(sample_logits(logits, temperature=temperature, top_k=top_k,
-                                           rng=rng), dtype=np.int64).reshape(-1)
+        logits, state = model.step(to_device(current, device), state)
+        current = np.asarray(sample_logits(to_host(logits), temperature=temperature,
+                                           top_k=top_k, rng=rng), dtype=np.int64).reshape(-1)
         out[:, t] = current
     return out

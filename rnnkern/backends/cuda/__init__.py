@@ -27,12 +27,14 @@ A size rule picks one (:mod:`.plan`, with the measurements behind it); force one
 :mod:`rnnkern.config`, read at call time.
 
 Files, one job each: :mod:`.runtime` (sources, compile, cache, launch, cuBLAS, the probe),
-:mod:`.plan` (strategy and launch shapes), :mod:`.seam` (forward and backward).
+:mod:`.plan` (strategy and launch shapes), :mod:`.seam` (forward and backward),
+:mod:`.elementwise` (the whole model's element-wise kernels: fused optimizer updates, dropout
+masks).
 """
-from . import plan, runtime, seam
+from . import elementwise, plan, runtime, seam
 from .runtime import available
 from .seam import backward, forward
 
 name = "cuda"
 
-__all__ = ["name", "available", "forward", "backward", "plan", "runtime", "seam"]
+__all__ = ["name", "available", "forward", "backward", "elementwise", "plan", "runtime", "seam"]

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ... import config
+from ...device import CUPY_MISSING
 
 ENV_CSRC = "RNNKERN_CSRC"
-MODULES = ("stepwise", "persistent", "cluster")  # csrc/cuda/<module>.cu
+# csrc/cuda/<module>.cu: the recurrent time loops, then the model's element-wise kernels
+# (fused optimizer updates, dropout masks)
+MODULES = ("stepwise", "persistent", "cluster", "optim", "dropout")
 CLUSTER_SIZE = 8  # blocks per cluster of the "cluster" kernels (8: the portable maximum)
 
 
@@ -123,7 +126,7 @@ def _probe():
             import cupy
             n = cupy.cuda.runtime.getDeviceCount()
         except ImportError:
-            return False, "CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
+            return False, CUPY_MISSING
         except Exception as exc:  # noqa: BLE001 - CUDARuntimeError and friends, no driver
             return False, (f"no usable CUDA device ({type(exc).__name__}: {exc}; "
                            f"{versions()}){_warned(caught)}")
