@@ -103,9 +103,8 @@ def _rnnkern_fns(kind, B, T, I, H, L, strategy, seam=False):
     import cupy
     cls = rk.LSTM if kind == "lstm" else rk.GRU
     opts = dict(forget_bias=0.0) if kind == "lstm" else {}
-    layer = cls(I, H, L, dtype="float32", backend="cuda", seed=0, **opts)
     # weights live on the device for the whole run, as a training loop would keep them
-    layer.params = {k: cupy.asarray(v) for k, v in layer.params.items()}
+    layer = cls(I, H, L, dtype="float32", backend="cuda", seed=0, **opts).to("cuda")
     rng = np.random.default_rng(0)
     x = cupy.asarray(rng.standard_normal((B, T, I)).astype(np.float32))
     d_out = cupy.asarray(rng.standard_normal((B, T, H)).astype(np.float32))

@@ -178,6 +178,8 @@ def test_layer_api_matches_reference(compiled_backend, layer, num_layers, dtype)
                **options)
     ref = cls(I, H, num_layers, dtype="float64", backend="numpy", **options)
     ref.load_params(fast.params)
+    if xp is not np:
+        fast.to("cuda")                   # device input needs the parameters there too
     x = rng.standard_normal((B, T, I)).astype(dtype)
     state0 = _state(cls, rng, num_layers, B, H, dtype)
     lengths = np.array([4, 0, 2])

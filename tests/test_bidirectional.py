@@ -447,7 +447,7 @@ def test_cuda_matches_numpy(cell):
     if not ok:
         pytest.skip(f"cuda backend unavailable: {reason}")
     import cupy
-    ref, dev = make(cell, 2, "numpy"), make(cell, 2, "cuda")
+    ref, dev = make(cell, 2, "numpy"), make(cell, 2, "cuda").to("cuda")
     rng = np.random.default_rng(13)
     x = rng.normal(size=(5, 6, I))
     g = rng.normal(size=(5, 6, 2 * H))

@@ -113,6 +113,7 @@ def test_layer_auto_picks_cuda_for_cupy_input(kind, monkeypatch):
     x = np.random.default_rng(1).standard_normal((3, 5, 4))
     lengths = np.array([5, 2, 0])
     cpu, gpu = (cls(4, 6, 2, dtype="float64", seed=3, backend=b) for b in ("numpy", "auto"))
+    gpu.to("cuda")                        # device input needs the parameters there too
     out_c, _ = cpu(x, lengths=lengths)
     out_g, _ = gpu(cupy.asarray(x), lengths=lengths)
     assert backends.resolve("auto", cupy.asarray(x)) is cuda
@@ -151,7 +152,7 @@ def test_device_input_is_scanned_for_nan_only_when_asked(monkeypatch):
     """No device-to-host read per call by default (NaN propagates, as in PyTorch); with
     config.CHECK_FINITE_ON_DEVICE the layer names the bad argument."""
     from rnnkern import config
-    lstm = rk.LSTM(3, 4, dtype="float64", seed=0, backend="cuda")
+    lstm = rk.LSTM(3, 4, dtype="float64", seed=0, backend="cuda").to("cuda")
     x = cupy.zeros((2, 3, 3))
     x[0, 1, 2] = cupy.nan
     out, _ = lstm(x)

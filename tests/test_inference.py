@@ -189,8 +189,7 @@ def test_sequential_infer_on_the_gpu_equals_forward():
     import cupy
     model = rk.Sequential([rk.GRU(4, 6, 2, seed=0, dtype="float64"),
                            rk.LSTM(6, 5, seed=1, dtype="float64")])
-    for layer in model.layers:
-        layer.params = {k: cupy.asarray(v) for k, v in layer.params.items()}
+    model.to("cuda")
     x = cupy.asarray(np.random.default_rng(0).standard_normal((3, 7, 4)))
     lengths = cupy.asarray([7, 3, 0])
     got = model.infer(x, lengths=lengths)
@@ -220,6 +219,8 @@ def test_layer_infer_runs_in_time_chunks_and_equals_forward(monkeypatch, any_bac
         import cupy as xp
     layer = cell(4, 5, 2, seed=3, dtype="float64", backend=any_backend, dropout=0.5,
                  bidirectional=bidirectional, **opts)
+    if xp is not np:
+        layer.to("cuda")                  # device input needs the parameters there too
     monkeypatch.setattr(config, "INFER_CHUNK_BYTES", 3 * 5 * (layer.spec.gates + 3) * 5 * 8)
     assert layers._infer_run_steps(layer.spec, 5, 5, 8) == 3
     rng = np.random.default_rng(0)

@@ -94,6 +94,8 @@ def run_case(backend, case_id):
     torch.manual_seed(list(CASES).index(case_id))  # str hash() varies per process
     module = getattr(torch.nn, kind)(I, H, L, batch_first=batch_first, **kw).double()
     layer = interop.from_torch(module, backend=backend)
+    if backend == "cuda":
+        layer.to("cuda")                  # device input needs the parameters there too
     assert layer.dtype == np.float64 and layer.num_layers == L
     if kind == "LSTM":
         assert layer.spec.forget_bias == 0.0  # PyTorch's LSTM has no runtime forget bias
