@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check for the cuda backend, on an NVIDIA machine with CuPy and a CUDA build of PyTorch
-# (no network needed): compile the kernels, run the `gpu` tests, then time every strategy
-# against torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5. About 5 minutes at most.
+# (no network needed): compile the kernels, run the `gpu` tests (the layers' kernels, then whole
+# models on the device: tests/test_device.py), then time every strategy against
+# torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5. About 6 minutes at most.
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
 #   RNNKERN_GPU_TUNING=1 bash benchmarks/gpu_check.sh    # also the tuning points (~1 min more)
@@ -10,7 +11,7 @@
 # go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt (and the main table's rows to
 # $OUT/gpu_bench.json; at most 8 files come back from a device run). Exit status: non-zero
 # if the compile, a test or a benchmark failed (later steps still run after a failure).
-# Time limits per step add up to under 5 minutes.
+# Time limits per step add up to under 6 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,12 +31,13 @@ print("cuda backend:", cuda.available())
 PY
 
 echo "== compile (NVRTC through CuPy, float and double, every module)"
-timeout 45 "$PY" - <<'PY' || status=1
+timeout 60 "$PY" - <<'PY' || status=1
 import time, numpy as np
 from rnnkern.backends import cuda
 rt = cuda.runtime.get_runtime()
 first = {"stepwise": "rk_lstm_fwd_step", "persistent": "rk_lstm_persist_fwd",
-         "cluster": "rk_lstm_cluster_fwd"}
+         "cluster": "rk_lstm_cluster_fwd", "optim": "rk_adam_update",
+         "dropout": "rk_dropout_mask"}
 for module in cuda.runtime.MODULES:
     if module == "cluster" and not rt.supports_clusters():
         print("  cluster: skipped (no thread-block clusters before compute capability 9.0)")
@@ -54,8 +56,12 @@ PY
 pytest_gpu=("$PY" -m pytest -q -m gpu -p no:cacheprovider -W default --tb=short)
 echo "== gpu tests: tests/test_cuda.py"
 timeout 60 "${pytest_gpu[@]}" tests/test_cuda.py || status=1
+echo "== gpu tests: whole models on the device (tests/test_device.py: CPU parity of training,"
+echo "   fused optimizer kernels to the bit, dropout masks, checkpoints, generate)"
+timeout 60 "${pytest_gpu[@]}" tests/test_device.py || status=1
 echo "== gpu tests: the cuda cases of the other suites (backend and torch parity)"
-timeout 40 "${pytest_gpu[@]}" tests/ --ignore=tests/test_cuda.py || status=1
+timeout 40 "${pytest_gpu[@]}" tests/ --ignore=tests/test_cuda.py --ignore=tests/test_device.py \
+  || status=1
 
 bench() {  # bench NAME TIMEOUT ARGS...: one bench_gpu.py run, its table also under $OUT
   local name="$1" limit="$2"

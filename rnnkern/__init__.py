@@ -9,7 +9,7 @@ from .backends import available_backends, set_backend
 from .cellspec import CellSpec
 from .layers import GRU, LSTM, RNN
 from .losses import mse, one_hot, sequence_loss, sum_squares
-from . import datasets, interop
+from . import datasets, device, interop   # device: to_device, array_module (CPU/GPU)
 from .modules import Dense, Dropout, Embedding, LastStep, OneHot
 from .model import Sequential
 from .optim import SGD, Adagrad, Adam, ExponentialDecay, RMSprop, clip_grad_norm, clip_grad_value
@@ -25,7 +25,8 @@ from .sample import argmax, generate, sample_logits
 __version__ = "0.1.0"
 
 __all__ = ["LSTM", "GRU", "RNN", "CellSpec", "available_backends", "set_backend", "__version__",
-           "sequence_loss", "mse", "sum_squares", "one_hot", "interop", "datasets"]
+           "sequence_loss", "mse", "sum_squares", "one_hot", "interop", "datasets",
+           "device"]
 __all__ += ["Dense", "Dropout", "Embedding", "LastStep", "OneHot", "Sequential", "SGD", "Adagrad",
             "Adam", "ExponentialDecay", "RMSprop", "clip_grad_norm", "clip_grad_value", "Callback",
             "LambdaCallback", "TerminateOnNaN", "Trainer", "TrainStep", "NonFiniteLossError",
