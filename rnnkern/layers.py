@@ -201,6 +201,9 @@ class _Recurrent:
         ``torch.nn.Module.to``); what the last forward kept for a backward is dropped. Returns
         the layer. ``"cuda"`` needs CuPy (ImportError naming the package otherwise)."""
         device = check_device(device)
+        if device == "cuda" and self.backend not in ("auto", "cuda"):
+            raise ValueError(f"{type(self).__name__} with backend={self.backend!r} runs on the "
+                             f"CPU; on the GPU use backend='auto' or 'cuda'")
         self.params = {k: to_device(v, device) for k, v in self.params.items()}
         self.grads = {k: to_device(v, device) for k, v in self.grads.items()}
         self._saved = None

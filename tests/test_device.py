@@ -137,6 +137,13 @@ def test_sequential_round_trip_keeps_values_and_training():
     assert model.device == "cpu"
 
 
+def test_a_cpu_backend_layer_refuses_the_gpu_before_moving():
+    lstm = rk.LSTM(2, 3, backend="numpy")
+    with pytest.raises(ValueError, match=r"backend='numpy' runs on the CPU.*'auto' or 'cuda'"):
+        lstm.to("cuda")
+    assert lstm.device == "cpu"
+
+
 def test_to_drops_what_a_forward_kept():
     model = lm()
     model(np.array([[1, 2]]))
