@@ -53,7 +53,10 @@ def _replace(model, table, extra, root_name):
         return memo[id(module)]
 
     def walk(parent, prefix):
-        for name, child in list(parent.named_children()):
+        # every slot, not named_children(): that skips a module's second appearance
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             path = f"{prefix}.{name}"
             twin = swap(child, path)
             if twin is not None:

@@ -25,10 +25,11 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
+from rnnkern import backends
 from rnnkern.torch import stack
 from rnnkern.torch.crossing import cupy_module, device_scope, to_array, to_tensor
+from rnnkern.torch.threads import KernelThreads
 
 DOUBLE_BACKWARD_ERROR = (
     "rnnkern.torch: the gradient of a gradient (double backward, e.g. create_graph=True "
@@ -48,9 +49,12 @@ def _run_forward(cfg, x, h0, c0, lengths, masks, weights):
     """Tensors in, (out, h_n, c_n or None) tensors and the record out."""
     with device_scope(x):
         xa = to_array(x)
-        out, h_n, c_n, record = stack.forward(
-            cfg, xa, to_array(h0), to_array(c0), _lengths_array(lengths, xa),
-            [to_array(w) for w in weights], None if not masks else [to_array(m) for m in masks])
+        backend = backends.resolve(cfg.backend, xa)
+        with KernelThreads(backend):
+            out, h_n, c_n, record = stack.forward(
+                cfg, xa, to_array(h0), to_array(c0), _lengths_array(lengths, xa),
+                [to_array(w) for w in weights],
+                None if not masks else [to_array(m) for m in masks], backend)
         return to_tensor(out), to_tensor(h_n), to_tensor(c_n), record
 
 
@@ -60,11 +64,25 @@ def _contiguous(t):
 
 def _run_backward(record, x, d_out, d_h, d_c):
     """Gradient tensors (None: zeros) in; dx, dh0, dc0 or None, weight grads list out."""
-    with device_scope(x):
+    with device_scope(x), KernelThreads(record.backend):
         dx, dh0, dc0, grads = stack.backward(
             record, to_array(_contiguous(d_out)), to_array(_contiguous(d_h)),
             to_array(_contiguous(d_c)))
         return to_tensor(dx), to_tensor(dh0), to_tensor(dc0), [to_tensor(g) for g in grads]
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on first-order gradients computed under ``create_graph=True``; differentiating
+    them again raises :data:`DOUBLE_BACKWARD_ERROR`. (``once_differentiable`` would say only
+    "does not require grad" when the incoming gradients need none.)"""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(None if g is None else g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 class RecurrentStackFunction(torch.autograd.Function):
@@ -73,7 +91,7 @@ class RecurrentStackFunction(torch.autograd.Function):
     x [B,T,I], h0 and c0 [D*L,B,H] (c0 None but for the LSTM), lengths int64 [B] or None,
     masks None or L-1 tensors [B,T,D*H], weights 4*D*L tensors in PyTorch's parameter order;
     every tensor C-contiguous and of one float dtype. Returns out [B,T,D*H] and h_n (and c_n)
-    [D*L,B,H].
+    [D*L,B,H]. First-order gradients only (a second derivative raises).
     """
 
     @staticmethod
@@ -85,13 +103,15 @@ class RecurrentStackFunction(torch.autograd.Function):
         return (out, h_n) if c_n is None else (out, h_n, c_n)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_h, d_c=None):
-        dx, dh0, dc0, grads = _run_backward(ctx.record, ctx.x, d_out, d_h, d_c)
+        with torch.no_grad():
+            dx, dh0, dc0, grads = _run_backward(ctx.record, ctx.x, d_out, d_h, d_c)
         need = ctx.needs_input_grad
-        return (None, dx if need[1] else None, dh0 if need[2] else None,
-                dc0 if need[3] else None, None, None,
-                *(g if n else None for g, n in zip(grads, need[6:])))
+        result = [dx if need[1] else None, dh0 if need[2] else None, dc0 if need[3] else None]
+        result += [g if n else None for g, n in zip(grads, need[6:])]
+        if torch.is_grad_enabled():   # create_graph=True: these must not be differentiated
+            result = _NoSecondDerivative.apply(torch.ones((), requires_grad=True), *result)
+        return (None, *result[:3], None, None, *result[3:])
 
 
 # ------------------------------------------------------------------ the custom operator
