@@ -407,6 +407,27 @@ def test_cpu_tensors_cross_without_copies(monkeypatch):
     assert seen["w"] == [p.data_ptr() for p in m.parameters()]
 
 
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_split_threshold_raised_only_while_torch_has_workers(monkeypatch, torch_threads):
+    from rnnkern.backends import cpp
+    from rnnkern.torch import threads
+    if not cpp.available()[0]:
+        pytest.skip(f"cpp backend unavailable: {cpp.available()[1]}")
+    before = cpp._C.split_min_work()
+    seen = []
+    real_forward, real_backward = cpp.forward, cpp.backward
+    monkeypatch.setattr(cpp, "forward",
+                        lambda *a: seen.append(cpp._C.split_min_work()) or real_forward(*a))
+    monkeypatch.setattr(cpp, "backward",
+                        lambda *a: seen.append(cpp._C.split_min_work()) or real_backward(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
+    m = rkt.GRU(3, 4, 2, backend="cpp")
+    m(torch.randn(4, 2, 3))[0].sum().backward()
+    expected = max(before, threads.TORCH_SPLIT_MIN_WORK) if torch_threads > 1 else before
+    assert seen == [expected] * 4
+    assert cpp._C.split_min_work() == before   # restored
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_run_on_the_cuda_backend():
     from rnnkern.backends import cuda
