@@ -173,6 +173,8 @@ def test_bad_input_raises_naming_the_argument():
         rkt.GRU(3, 4)(torch.zeros(2, 2, 3), (torch.zeros(1, 2, 4),))
     with pytest.raises(ValueError, match="unbatched 2-D input, hx should also be 2-D"):
         rkt.GRU(3, 4)(torch.zeros(2, 3), torch.zeros(1, 1, 4))
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run input on cpu"):
+        rkt.RNN(3, 4, backend="cuda")(torch.zeros(2, 1, 3))
 
 
 # ---------------------------------------------------------------------- parity with torch.nn
@@ -216,6 +218,23 @@ def test_packed_sequence_parity(name, nn_name, kw, bidirectional, enforce_sorted
         a, b = getattr(out_ours, attr), getattr(out_ref, attr)
         assert (a is None and b is None) or torch.equal(a, b), attr
     assert_parity(ref, ours, packed, packed, hx, hx)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+@pytest.mark.parametrize("nn_name", ["LSTM", "GRU"])
+def test_every_cpu_backend(backend, nn_name):
+    import rnnkern as rk
+    ok, reason = rk.available_backends()[backend]
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, nn_name)(3, 4, 2, bidirectional=True, dtype=F64)
+    ours = getattr(rkt, nn_name)(3, 4, 2, bidirectional=True, dtype=F64, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 3, dtype=F64)
+    packed = pack_padded_sequence(x, torch.tensor([3, 5, 2]), enforce_sorted=False)
+    packed.data.requires_grad_(True)
+    assert_parity(ref, ours, packed, packed, None, None)
 
 
 @pytest.mark.parametrize("name,nn_name,kw", CELLS[:3])

@@ -144,6 +144,10 @@ class _RecurrentModule(torch.nn.Module):
         if x.device != w.device:
             raise ValueError(f"{name} must be on the module's device, {w.device}, "
                              f"got {x.device}")
+        on_gpu = x.device.type == "cuda"
+        if self.backend != "auto" and (self.backend == "cuda") != on_gpu:
+            raise ValueError(f"backend {self.backend!r} cannot run {name} on {x.device}: CUDA "
+                             f"tensors run on 'cuda', CPU tensors on 'numpy', 'numba' or 'cpp'")
         if x.shape[2] != self.input_size:
             raise ValueError(f"{name}.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[2]}")
