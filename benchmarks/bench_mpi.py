@@ -22,6 +22,11 @@ its share of every batch (25 rows on 2 ranks). After 3 untimed warm-up steps, on
 * ``compute``: step - allreduce wait.
 
 Each repeat runs every config in a rotating order (noisy VM: compare min and median).
+
+``--plan`` measures the compute per batch row of one machine (1 rank x 2 threads, char-rnn's
+model and one ~10x larger) and prints the scaling plan's table for N = 4..64 machines on 10 and
+100 Gbit/s links (benchmarks/SCALING.md explains the model): bytes each rank sends per
+allreduce, its time, and the rows per machine from which it costs <= 10% of the compute.
 """
 from __future__ import annotations
 
@@ -102,6 +107,46 @@ def run_config(config, args):
     return json.loads(line[len("RESULT "):])
 
 
+# ---------------------------------------------------------------------- the scaling plan
+LINKS = {  # name: (bytes/s, per-message latency alpha in s)
+    "10 Gbit/s (TCP)": (10e9 / 8, 20e-6),
+    "100 Gbit/s (RDMA)": (100e9 / 8, 2e-6),
+}
+
+
+def allreduce_seconds(n, nbytes, bandwidth, alpha):
+    """Bandwidth-optimal allreduce of ``nbytes`` over ``n`` ranks (ring, or MPICH's
+    reduce-scatter + allgather for long messages): each rank sends 2(n-1)/n * nbytes; latency
+    2*log2(n) messages (recursive halving/doubling; a ring pays 2(n-1))."""
+    import math
+    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * math.log2(n) * alpha
+
+
+def plan(args):
+    rows = []
+    for size in (args.rnn_size, args.big_rnn_size):
+        sub = argparse.Namespace(**{**vars(args), "rnn_size": size})
+        best = min((run_config("1x2", sub) for _ in range(args.repeats)),
+                   key=lambda r: r["epoch_s"])
+        ms_row = 1e3 * best["epoch_s"] / best["steps"] / 50
+        rows.append((size, best["params"], ms_row))
+        print(f"# H={size}: {best['params']:,} parameters, {ms_row:.3f} ms per row of 50 steps "
+              f"(1 rank x 2 threads, {best['steps']} steps)", flush=True)
+    print("\n| H (params) | machines N | link | MB sent per rank per step | allreduce ms | "
+          "rows per machine for <= 10% | global batch then |")
+    print("|---|---|---|---|---|---|---|")
+    for size, params, ms_row in rows:
+        nbytes = 4 * (params + 1)
+        for n in (4, 8, 16, 32, 64):
+            for link, (bw, alpha) in LINKS.items():
+                t = allreduce_seconds(n, nbytes, bw, alpha)
+                need = 10 * 1e3 * t / ms_row
+                print(f"| {size} ({params:,}) | {n} | {link} | "
+                      f"{2 * (n - 1) / n * nbytes / 1e6:.2f} | {1e3 * t:.2f} | "
+                      f"{need:.0f} | {n * need:,.0f} |")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["1x2", "2x1", "1x1"],
@@ -110,12 +155,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--rnn-size", type=int, default=128,
                    help="hidden size (default 128, char-rnn's; 416 gives ~10x the parameters)")
+    p.add_argument("--plan", action="store_true",
+                   help="measure compute per row and print the scaling plan's table")
+    p.add_argument("--big-rnn-size", type=int, default=416,
+                   help="--plan: the hidden size of the ~10x larger model (default 416)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ranks", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.plan:
+        return plan(args)
     print(f"# load average at the start: {os.getloadavg()}", flush=True)
     runs = {c: [] for c in args.configs}
     for r in range(args.repeats):
