@@ -131,7 +131,10 @@ def alternate(contestants, steps, repeats):
 
 def breakdown(torch, rkt_stack, base_rnn, conv_rnn, x_example, steps, repeats):
     """ms per call (min over repeats) of the recurrent module alone, forward + backward of a
-    fixed output gradient, in torch and converted, and of the bare seam calls."""
+    fixed output gradient, in torch and converted, and of the bare seam calls (under the bridge's
+    thread rule, as the converted module's calls run)."""
+    from rnnkern.backends import resolve
+    from rnnkern.torch.threads import KernelThreads
     x = x_example
     with torch.no_grad():
         d_out = torch.randn(base_rnn(x)[0].shape)
@@ -152,9 +155,12 @@ def breakdown(torch, rkt_stack, base_rnn, conv_rnn, x_example, steps, repeats):
     c0 = h0 if cfg.spec.has_cell_state else None
     d_a = d_out.numpy()
 
+    backend = resolve(cfg.backend, xa)
+
     def seam():
-        record = rkt_stack.forward(cfg, xa, h0, c0, None, weights)[3]
-        rkt_stack.backward(record, d_a)
+        with KernelThreads(backend):
+            record = rkt_stack.forward(cfg, xa, h0, c0, None, weights, backend=backend)[3]
+            rkt_stack.backward(record, d_a)
     fns = {"torch module": module_step(base_rnn), "converted module": module_step(conv_rnn),
            "seam": seam}
     for f in fns.values():

@@ -88,7 +88,8 @@ class _NoSecondDerivative(torch.autograd.Function):
 class RecurrentStackFunction(torch.autograd.Function):
     """``apply(cfg, x, h0, c0, lengths, masks, *weights)`` -> ``(out, h_n[, c_n])``.
 
-    x [B,T,I], h0 and c0 [D*L,B,H] (c0 None but for the LSTM), lengths int64 [B] or None,
+    x [B,T,I], h0 and c0 [D*L,B,H] (c0 None but for the LSTM; both None: zeros), lengths
+    int64 [B] or None,
     masks None or L-1 tensors [B,T,D*H], weights 4*D*L tensors in PyTorch's parameter order;
     every tensor C-contiguous and of one float dtype. Returns out [B,T,D*H] and h_n (and c_n)
     [D*L,B,H]. First-order gradients only (a second derivative raises).
@@ -147,10 +148,10 @@ COMPILE_SUPPORTED = all(hasattr(torch.library, n) for n in
 
 if COMPILE_SUPPORTED:
     @torch.library.custom_op("rnnkern::recurrent_stack", mutates_args=())
-    def recurrent_stack_op(x: torch.Tensor, h0: torch.Tensor, c0: Optional[torch.Tensor],
-                           lengths: Optional[torch.Tensor], masks: List[torch.Tensor],
-                           weights: List[torch.Tensor], kind: str, nonlinearity: str,
-                           num_layers: int, bidirectional: bool, backend: str
+    def recurrent_stack_op(x: torch.Tensor, h0: Optional[torch.Tensor],
+                           c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+                           masks: List[torch.Tensor], weights: List[torch.Tensor], kind: str,
+                           nonlinearity: str, num_layers: int, bidirectional: bool, backend: str
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stack's forward as an operator: (out, h_n, c_n (empty but for the LSTM),
         handle)."""
@@ -158,45 +159,53 @@ if COMPILE_SUPPORTED:
         out, h_n, c_n, record = _run_forward(cfg, x, h0, c0, lengths, masks, weights)
         return out, h_n, (h_n.new_empty(0) if c_n is None else c_n), _handle_for(record)
 
+    def _state_shape(x, weights):
+        """[D*L,B,H] from x [B,T,I] and the 4*D*L weights (weight_hh_l0 [G*H,H])."""
+        return (len(weights) // stack.WEIGHTS_PER_CELL, x.shape[0], weights[1].shape[1])
+
     @recurrent_stack_op.register_fake
     def _recurrent_stack_fake(x, h0, c0, lengths, masks, weights, kind, nonlinearity,
                               num_layers, bidirectional, backend):
-        B, T = x.shape[0], x.shape[1]
-        DH = (2 if bidirectional else 1) * h0.shape[2]
-        c_n = h0.new_empty(0) if c0 is None else c0.new_empty(c0.shape)
-        return (x.new_empty((B, T, DH)), h0.new_empty(h0.shape), c_n,
+        shape = _state_shape(x, weights)
+        DH = (2 if bidirectional else 1) * shape[2]
+        c_n = x.new_empty(shape if kind == "lstm" else (0,))
+        return (x.new_empty((x.shape[0], x.shape[1], DH)), x.new_empty(shape), c_n,
                 torch.empty(1, dtype=torch.int64))
 
     @torch.library.custom_op("rnnkern::recurrent_stack_backward", mutates_args=())
     def recurrent_stack_backward_op(handle: torch.Tensor, d_out: Optional[torch.Tensor],
                                     d_h: Optional[torch.Tensor], d_c: Optional[torch.Tensor],
-                                    x: torch.Tensor, h0: torch.Tensor,
-                                    weights: List[torch.Tensor]
+                                    x: torch.Tensor, weights: List[torch.Tensor],
+                                    kind: str, state_given: bool
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                List[torch.Tensor]]:
-        """The stack's backward: (dx, dh0, dc0 (empty but for the LSTM), weight grads)."""
+        """The stack's backward: (dx, dh0, dc0, weight grads); dh0 and dc0 are empty where
+        no initial state was given, dc0 but for the LSTM."""
         dx, dh0, dc0, grads = _run_backward(_record_of(handle), x, d_out, d_h, d_c)
-        return dx, dh0, (dh0.new_empty(0) if dc0 is None else dc0), grads
+        return (dx, x.new_empty(0) if dh0 is None else dh0,
+                x.new_empty(0) if dc0 is None else dc0, grads)
 
     @recurrent_stack_backward_op.register_fake
-    def _recurrent_stack_backward_fake(handle, d_out, d_h, d_c, x, h0, weights):
-        dc0 = h0.new_empty(0) if d_c is None or d_c.numel() == 0 else h0.new_empty(h0.shape)
-        return (x.new_empty(x.shape), h0.new_empty(h0.shape), dc0,
-                [w.new_empty(w.shape) for w in weights])
+    def _recurrent_stack_backward_fake(handle, d_out, d_h, d_c, x, weights, kind, state_given):
+        shape = _state_shape(x, weights)
+        dh0 = x.new_empty(shape if state_given else (0,))
+        dc0 = x.new_empty(shape if state_given and kind == "lstm" else (0,))
+        return x.new_empty(x.shape), dh0, dc0, [w.new_empty(w.shape) for w in weights]
 
     def _setup_context(ctx, inputs, output):
         x, h0, c0, _, masks, weights, kind, _, _, _, _ = inputs
-        ctx.save_for_backward(output[3], x, h0, *weights)
-        ctx.lstm, ctx.n_masks = kind == "lstm", len(masks)
+        ctx.save_for_backward(output[3], x, *weights)
+        ctx.kind, ctx.state_given, ctx.n_masks = kind, h0 is not None, len(masks)
 
     def _backward(ctx, d_out, d_h, d_c, _d_handle):
-        handle, x, h0, *weights = ctx.saved_tensors
-        if not ctx.lstm or (d_c is not None and d_c.numel() == 0):
+        handle, x, *weights = ctx.saved_tensors
+        if ctx.kind != "lstm" or (d_c is not None and d_c.numel() == 0):
             d_c = None
-        dx, dh0, dc0, grads = recurrent_stack_backward_op(handle, d_out, d_h, d_c, x, h0,
-                                                          weights)
-        return (dx, dh0, dc0 if ctx.lstm else None, None, [None] * ctx.n_masks, grads,
-                None, None, None, None, None)
+        dx, dh0, dc0, grads = recurrent_stack_backward_op(handle, d_out, d_h, d_c, x, weights,
+                                                          ctx.kind, ctx.state_given)
+        lstm_state = ctx.state_given and ctx.kind == "lstm"
+        return (dx, dh0 if ctx.state_given else None, dc0 if lstm_state else None, None,
+                [None] * ctx.n_masks, grads, None, None, None, None, None)
 
     recurrent_stack_op.register_autograd(_backward, setup_context=_setup_context)
 

@@ -153,10 +153,8 @@ class _RecurrentModule(torch.nn.Module):
                              f"Expected {self.input_size}, got {x.shape[2]}")
 
     def _state(self, value, name, B, x, unbatched):
-        """A [D*L,B,H] state tensor ([D*L,H] for unbatched input), checked; zeros for None."""
+        """A [D*L,B,H] state tensor ([D*L,H] for unbatched input), checked."""
         shape = (self.num_directions * self.num_layers, B, self.hidden_size)
-        if value is None:
-            return torch.zeros(shape, dtype=x.dtype, device=x.device)
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
         if unbatched:
@@ -174,14 +172,14 @@ class _RecurrentModule(torch.nn.Module):
         return value.contiguous()
 
     def _initial_state(self, hx, B, x, unbatched):
-        """(h0, c0 or None), each [D*L,B,H]."""
+        """(h0, c0 or None), each [D*L,B,H]; (None, None) for zeros."""
+        if hx is None:
+            return None, None
         if self.kind != "lstm":
             if isinstance(hx, (tuple, list)):
                 raise TypeError(f"hx of a {self.torch_name} must be one tensor [D*L,B,H], "
                                 f"got a {type(hx).__name__}")
             return self._state(hx, "hx", B, x, unbatched), None
-        if hx is None:
-            hx = (None, None)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError("hx of an LSTM must be a tuple (h_0, c_0), each [D*L,B,H]")
         return (self._state(hx[0], "hx[0] (h_0)", B, x, unbatched),

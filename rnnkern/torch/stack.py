@@ -48,8 +48,9 @@ def stack_config(kind, nonlinearity, num_layers, bidirectional, backend):
 @dataclass
 class StackRecord:
     """What a forward keeps for its backward: its configuration and backend, each cell's saved
-    activations ``saved[k][d]``, the dropout masks applied after layer k (None where none) and
-    the row reversal of the reverse direction."""
+    activations ``saved[k][d]``, the dropout masks applied after layer k (None where none),
+    the row reversal of the reverse direction, and whether an initial state was given (else
+    the backward forms no gradient for it)."""
 
     cfg: StackConfig
     backend: object
@@ -57,6 +58,7 @@ class StackRecord:
     masks: list
     rev: object
     xp: object
+    state_given: bool = True
 
 
 def _stack(xp, arrays):
@@ -76,7 +78,7 @@ def forward(cfg, x, h0, c0, lengths, weights, masks=None, backend=None):
     Args:
         cfg:     :class:`StackConfig`
         x:       [B,T,I] C-contiguous, float32 or float64
-        h0, c0:  [D*L,B,H] C-contiguous (c0 None but for the LSTM)
+        h0, c0:  [D*L,B,H] C-contiguous (c0 None but for the LSTM), or both None for zeros
         lengths: int64 [B] in [0, T] on x's device, or None (every row full)
         weights: 4*D*L arrays in PyTorch's order, C-contiguous, x's dtype
         masks:   None, or L-1 arrays [B,T,D*H] multiplied into layer k's output (k < L-1)
@@ -89,6 +91,11 @@ def forward(cfg, x, h0, c0, lengths, weights, masks=None, backend=None):
     backend = backend or backends.resolve(cfg.backend, x)
     B, T, _ = x.shape
     D, spec = cfg.directions, cfg.spec
+    state_given = h0 is not None
+    if not state_given:   # zeros, made here: cheaper than a tensor's trip through the bridge
+        shape = (D * cfg.num_layers, B, weights[1].shape[1])
+        h0 = xp.zeros(shape, x.dtype)
+        c0 = xp.zeros(shape, x.dtype) if spec.has_cell_state else None
     rev = _reversal(lengths, B, T, xp) if D == 2 else None
     layer_in = x
     h_n, c_n, saved, kept_masks = [], [], [], []
@@ -111,7 +118,7 @@ def forward(cfg, x, h0, c0, lengths, weights, masks=None, backend=None):
             out = out * mask
         kept_masks.append(mask)
         layer_in = out
-    record = StackRecord(cfg, backend, saved, kept_masks, rev, xp)
+    record = StackRecord(cfg, backend, saved, kept_masks, rev, xp, state_given)
     return (layer_in, _stack(xp, h_n), _stack(xp, c_n) if spec.has_cell_state else None,
             record)
 
@@ -124,8 +131,8 @@ def backward(record, d_outputs, d_h_n=None, d_c_n=None):
         d_h_n, d_c_n: [D*L,B,H] C-contiguous or None (zeros)
 
     Returns:
-        dx [B,T,I], dh0 [D*L,B,H], dc0 [D*L,B,H] or None, and the weight gradients as a list in
-        the order of ``weights``.
+        dx [B,T,I], dh0 [D*L,B,H], dc0 [D*L,B,H] or None (both None when the forward was given
+        no initial state), and the weight gradients as a list in the order of ``weights``.
     """
     cfg, xp, backend, rev = record.cfg, record.xp, record.backend, record.rev
     L, D = cfg.num_layers, cfg.directions
@@ -150,5 +157,7 @@ def backward(record, d_outputs, d_h_n=None, d_c_n=None):
                 g["w_ih"], g["w_hh"], g["b_ih"], g["b_hh"])
             dx = dx_d if not d else dx + _reverse_rows(dx_d, rev, xp)
         d_out = dx
+    if not record.state_given:
+        return d_out, None, None, grads
     return (d_out, _stack(xp, dh0), _stack(xp, dc0) if cfg.spec.has_cell_state else None,
             grads)
