@@ -15,6 +15,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError(
         'rnnkern.torch needs PyTorch, which is not importable here; install it with '
         'pip install "rnnkern[torch]" (or pip install torch)') from exc
+if not hasattr(torch, "autograd"):   # rnnkern/ itself on sys.path: this package shadows torch
+    raise ImportError(f"'import torch' found {getattr(torch, '__file__', torch)!r}, not "
+                      f"PyTorch; run from outside the rnnkern/ folder")
 
 from rnnkern.torch.convert import convert, revert
 from rnnkern.torch.modules import GRU, LSTM, RNN

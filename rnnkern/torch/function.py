@@ -8,9 +8,9 @@ custom operator ``torch.ops.rnnkern.recurrent_stack`` instead, registered with
 ``torch.library`` (fake shapes and autograd formula included), so Dynamo records one opaque node
 instead of breaking the graph at NumPy code. Both run the same :mod:`rnnkern.torch.stack` code.
 
-Why two entries: a custom operator call costs ~50 us eagerly against ~9 us for the Function's
-(measured on this kind of machine), which is a visible share of a small model's step, while
-compiled graphs need an operator. A custom operator can only return tensors, so there the
+Why two entries: an eager call through the operator's dispatch costs several times the
+Function's, a visible share of a small model's step, while compiled graphs need an operator.
+A custom operator can only return tensors, so there the
 record travels as a one-element int64 "handle" tensor: the handle's own memory owns the
 record's key (the record is dropped when the last reference to that memory goes, e.g. when the
 compiled graph that saved it for the backward is freed).

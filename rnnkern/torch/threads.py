@@ -6,9 +6,9 @@ its batch over rnnkern's own threads then waits for a thread that has no core un
 scheduler moves a spinner aside, which costs ~ms. So while torch's pool has more than one thread,
 the bridge lets a layer call split only from a higher amount of work than rnnkern alone uses
 (``rnnkern.config.CPP_SPLIT_MIN_WORK``): :data:`TORCH_SPLIT_MIN_WORK` multiply-adds as the C++
-backend counts them (4*B*T*G*H*H). Measured on 2 cores, torch at 2 threads, a training step of
-lab 12-4's shape (4*B*T*G*H*H = 17M per layer) took 5.4 ms split against 2.5 ms on one thread,
-char-rnn's (655M) 25 ms split against 36 ms on one thread (benchmarks/bench_torch_convert.py).
+backend counts them (4*B*T*G*H*H): lab 12-4's layers (17M) then run on one thread, where a
+split step measured about twice as slow, and char-rnn's (655M) still split, where the split
+step is faster (benchmarks/bench_torch_convert.py; the figures are in the commit message).
 """
 from __future__ import annotations
 
