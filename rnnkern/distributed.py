@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -258,11 +259,14 @@ class MPIGroup:
                                 f"the same calls (fit, evaluate, save, load) in the same order")
 
     def _abort_job(self):
-        """At exit after a timeout: end every rank, the one that hangs included (after this
-        rank's traceback has been printed)."""
+        """At exit after a timeout (this rank's traceback printed): end every rank, the one
+        that hangs included. This process ends by a signal, which the launcher (mpiexec's
+        process manager) answers by killing every rank: MPI_Abort's request to the launcher
+        was seen to lose a race with the process's exit on a loaded machine, and a rank that
+        merely exits leaves the others running."""
         sys.stdout.flush()
         sys.stderr.flush()
-        self._comm.Abort(1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -------------------------------------------------------------------- shares of a batch

@@ -15,7 +15,7 @@ Cases:
   resume       (one plain process) the 2-rank checkpoint of ``equivalence`` resumed here
   fail-step    ids out of range in rank 1's rows only: rank 1 raises inside the step
   fail-save    rank 0 cannot write its checkpoint (a directory stands at its path)
-  hang         rank 1 sleeps in a callback; the group's 2 s timeout ends the job
+  hang         rank 1 sleeps in a callback; the group's 4 s timeout ends the job
   leave        rank 1's program ends after 2 steps while rank 0 trains on
 
 Shape legend: B batch rows (global), T time steps, V vocabulary, H hidden size, C classes.
@@ -260,7 +260,7 @@ class Sleep(rk.Callback):
 
 
 def hang(out):
-    group = rk.distributed.MPIGroup(timeout=2)
+    group = rk.distributed.MPIGroup(timeout=4)
     train, _ = stream_data()
     make_trainer(group, callbacks=[Sleep()]).fit(train, epochs=3)
 

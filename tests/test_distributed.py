@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,10 +141,10 @@ def test_bad_input_raises_on_every_rank(equivalence):
 @needs_mpi
 @pytest.mark.parametrize("case, failed, told", [
     ("fail-step", "ValueError: OneHot ids must lie in [0, 9)",
-     "rank 0: rank 1 of 2 failed with ValueError: OneHot ids must lie in [0, 9)"),
-    ("fail-save", "IsADirectoryError",
-     "rank 1: rank 0 of 2 failed with IsADirectoryError"),
-    ("hang", None, "rank 0: no answer from the other ranks for 2 s"),
+     r"rank 0: rank 1 of 2 failed with ValueError: OneHot ids must lie in \[0, 9\)"),
+    ("fail-save", "IsADirectoryError", "rank 1: rank 0 of 2 failed with IsADirectoryError"),
+    # (a loaded machine may delay either rank past the timeout first: either may say it)
+    ("hang", None, r"rank [01]: no answer from the other ranks for 4 s"),
     ("leave", None, "rank 0: rank 1 of 2 ended its program while this rank waits in a step's "
                     "gradient allreduce"),
 ])
@@ -155,7 +156,7 @@ def test_a_failing_rank_ends_the_job(tmp_path, case, failed, told):
     assert proc.returncode != 0
     if failed is not None:
         assert failed in proc.stderr
-    assert "DistributedError: " + told in proc.stderr, proc.stderr
+    assert re.search("DistributedError: " + told, proc.stderr), proc.stderr
 
 
 CLI = ["-m", "rnnkern", "train", "--max-chars", "8000", "--batch-size", "6", "--seq-length",
