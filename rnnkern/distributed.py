@@ -36,7 +36,8 @@ import numpy as np
 
 from .losses import _EPS, sequence_loss, sum_squares
 
-__all__ = ["DistributedError", "MPIGroup", "resolve", "loss_fraction", "Shard", "shard_batch"]
+__all__ = ["DistributedError", "MPIGroup", "resolve", "loss_fraction", "Shard", "shard_batch",
+           "split_streams"]
 
 INSTALL_HINT = 'pip install "rnnkern[mpi]"'
 DEFAULT_TIMEOUT = 300.0     # seconds a rank waits in one collective; RNNKERN_MPI_TIMEOUT sets it
@@ -48,8 +49,9 @@ _WHAT = {"allreduce": "a step's gradient allreduce", "reduce": "a sum over the r
 
 
 class DistributedError(RuntimeError):
-    """Data-parallel training stopped: another rank failed (its error is named), or no answer
-    came from the other ranks within the group's timeout."""
+    """Data-parallel training stopped: another rank failed (its error is named) or ended its
+    program while this one waited, or no answer came from the other ranks within the group's
+    timeout."""
 
 
 def _mpi():

@@ -36,15 +36,18 @@ B, T, V, H, C = 7, 5, 9, 6, 9      # 7 rows: shares of 4 and 3 on 2 ranks
 CELLS = {"lstm": rk.LSTM, "gru": rk.GRU, "rnn": rk.RNN}
 
 
-def make_model(cell, enc, backend, layers=2, seed=0):
-    """[OneHot(V) | Embedding(V,4)] -> recurrent(H, layers) -> Dense(C), float64."""
+def make_model(cell, enc, backend, layers=2, seed=0, dropout=0.0):
+    """[OneHot(V) | Embedding(V,4)] -> recurrent(H, layers) -> [Dropout] -> Dense(C), float64."""
     mods, n_in = [], V
     if enc == "onehot":
         mods.append(rk.OneHot(V, dtype="float64"))
     else:
         mods.append(rk.Embedding(V, 4, seed=seed, dtype="float64"))
         n_in = 4
-    mods.append(CELLS[cell](n_in, H, layers, dtype="float64", seed=seed + 1, backend=backend))
+    mods.append(CELLS[cell](n_in, H, layers, dtype="float64", seed=seed + 1, backend=backend,
+                            dropout=dropout))
+    if dropout:
+        mods.append(rk.Dropout(dropout, seed=seed + 3))
     mods.append(rk.Dense(H, C, seed=seed + 2, dtype="float64"))
     return rk.Sequential(mods)
 
@@ -138,6 +141,14 @@ def equivalence(out):
                   generic=True),
         run_steps(make_model("lstm", "embedding", "cpp", seed=group.rank), rk.sequence_loss,
                   data, group, True, generic=True))
+    for backend in ("cpp", "numpy"):     # dropout: each rank its own masks, one update
+        model = make_model("lstm", "embedding", backend, seed=group.rank, dropout=0.4)
+        step = rk.TrainStep(model, rk.sequence_loss, rk.Adam(0.05), distributed=group)
+        step.synchronise()
+        streams = model.get_rng_state()
+        for x, y, _ in batches(3, False):
+            step(x, y)
+        results[f"dropout-{backend}"] = [flat(model).tolist(), streams]
     arrays = {}
     for name, value in results.items():
         if not isinstance(value, tuple):

@@ -95,6 +95,21 @@ def test_two_ranks_equal_one_process(equivalence):
 
 
 @needs_mpi
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_dropout_ranks_draw_their_own_masks_and_keep_one_model(equivalence, backend):
+    """After synchronise, rank 1's dropout generators are rank 0's jumped once; training with
+    dropout keeps the ranks' parameters identical."""
+    _, _, notes = equivalence
+    (params0, streams0), (params1, streams1) = (n[f"dropout-{backend}"] for n in notes)
+    assert params0 == params1 and np.isfinite(params0).all()
+    assert len(streams0) == 2 and streams0.keys() == streams1.keys()   # the LSTM, the Dropout
+    for key, st in streams0.items():
+        bits = np.random.PCG64()
+        bits.state = st
+        assert streams1[key] == bits.jumped(1).state
+
+
+@needs_mpi
 def test_trainer_two_ranks_equal_one_process(equivalence):
     """The stateful Trainer (carried state, validation) over 2 epochs."""
     _, ranks, _ = equivalence
