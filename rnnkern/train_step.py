@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from . import backends
+from .device import array_module, is_device_array
 from .distributed import resolve, shard_batch, split_streams
 from .step_plan import FlatParameters, build_plan, model_form, plan_backend
 
@@ -166,6 +167,11 @@ class TrainStep:
     def _sharded(self, x, y, initial_state, lengths, weights, return_state):
         """One data-parallel step on this rank's share of the global batch."""
         group = self.group
+        device = getattr(self.model, "device", "cpu")
+        if device != "cpu" or is_device_array(x):
+            raise ValueError(f"distributed='mpi' trains on the host: the model is on {device!r} "
+                             f"and x on {'cuda' if is_device_array(x) else 'cpu'!r}; move both "
+                             f"with model.to('cpu') and host batches")
         _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
         share = shard_batch(group, self.loss, x, y, lengths, weights)  # same check on each rank
         if not self._synchronised:
@@ -231,6 +237,12 @@ class TrainStep:
         form = self._form[1]
         if form is None:
             self.plan, self.generic_reason = None, self._form[2]
+            return None
+        device = getattr(self.model, "device", "cpu")
+        if device != "cpu":
+            self.plan = None
+            self.generic_reason = (f"the model is on {device!r}: the step plans run on the host "
+                                   f"(the generic loop runs there, every stage on the device)")
             return None
         shape = x.shape if type(x) is np.ndarray else np.shape(x)
         hd = form.head_dropout
@@ -304,7 +316,10 @@ def _check_not_empty(shape):
 
 
 def _finite(a):
-    return not (isinstance(a, np.ndarray) and a.dtype.kind in "fc") or bool(np.isfinite(a).all())
+    """False when the NumPy or CuPy array ``a`` holds NaN or infinity (a read, on the device)."""
+    if not (hasattr(a, "dtype") and hasattr(a, "shape")) or a.dtype.kind not in "fc":
+        return True
+    return bool(array_module(a).isfinite(a).all())
 
 
 def _holds_nonfinite(pred):

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .device import device_of, to_device, to_host
 from .distributed import shard_batch
 from .resume_checks import checked_optimizer_state, checked_params, checked_trainer_meta
 from .train_step import TrainStep, _check_not_empty
@@ -107,7 +108,7 @@ def _flatten_state(state, prefix, out):
         return None
     if isinstance(state, (tuple, list)):
         return [_flatten_state(s, f"{prefix}.{i}", out) for i, s in enumerate(state)]
-    out[prefix] = np.asarray(state)
+    out[prefix] = to_host(state)
     return {"array": prefix}
 
 
@@ -234,9 +235,17 @@ class Trainer:
             return run(x, initial_state=state, return_state=True, **kwargs)
         return run(x, **kwargs), None
 
+    def _on_model_device(self, x, y, lengths, weights):
+        """A batch for a model on the GPU copied there (host batches are what loaders give);
+        on the host, as it is (a device batch then meets the layers' device check)."""
+        device = getattr(self.model, "device", "cpu")
+        if device == "cpu":
+            return x, y, lengths, weights
+        return tuple(None if a is None else to_device(a, device) for a in (x, y, lengths, weights))
+
     def train_step(self, batch):
         """Forward, loss, backward and one optimizer step on ``batch``; returns the loss."""
-        x, y, lengths, weights = _unpack(batch)
+        x, y, lengths, weights = self._on_model_device(*_unpack(batch))
         state = self._state
         if state is not None and self._state_rows != _batch_size(x):
             state = None
@@ -266,7 +275,7 @@ class Trainer:
             with self._failing_together():
                 total, count, state = 0.0, 0, None
                 for batch in self._iterate(data, self.epoch, shuffle=False):
-                    x, y, lengths, weights = _unpack(batch)
+                    x, y, lengths, weights = self._on_model_device(*_unpack(batch))
                     _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
                     n, fraction = _batch_size(x), 1.0
                     if self.group is not None:    # this rank's rows, its share of the loss
@@ -465,7 +474,10 @@ class Trainer:
         self._restore_refusable(path, meta["model_rng"], opt_state)
         # checked above: nothing below can fail
         for k, dst in self.model.params.items():
-            dst[...] = params[k]
+            dst[...] = to_device(params[k], device_of(dst))
+        device = getattr(self.model, "device", "cpu")
+        if device != "cpu":                  # the carried state goes where the model is
+            state = _map_state(lambda a: to_device(a, device), state)
         self.epoch, self.global_step = meta["epoch"], meta["global_step"]
         self.skipped_steps = meta.get("skipped_steps", 0)    # absent in older checkpoints
         self.step_in_epoch, self.last_loss = meta["step_in_epoch"], meta["last_loss"]

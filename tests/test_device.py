@@ -716,3 +716,39 @@ def test_gpu_generate_equals_the_cpu_ids():
         want = rk.generate(cpu, [[1, 2, 3], [4, 0, 6]], 12, **kwargs)
         got = rk.generate(gpu, [[1, 2, 3], [4, 0, 6]], 12, **kwargs)
         np.testing.assert_array_equal(got, want, err_msg=str(kwargs))
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_fits_saves_and_resumes_as_on_the_cpu(tmp_path):
+    """A stateful Trainer over host batches: the GPU model (the generic loop, batches copied to
+    the device) follows the CPU one (a step plan) over 2 epochs with validation, float64; the
+    GPU checkpoint resumes on the CPU and on the GPU alike."""
+    cupy = _gpu()
+    batches = _batches(n=4)
+    runs = {}
+    for name in ("cpu", "cuda"):
+        model = lm().to(name)
+        tr = rk.Trainer(model, rk.sequence_loss, rk.Adam(0.05, clip_norm=0.5), stateful=True,
+                        progress=False)
+        hist = tr.fit(batches, epochs=2, val_data=batches[:2])
+        if name == "cuda":
+            assert tr._step.plan is None and "on 'cuda'" in tr._step.generic_reason
+            assert all(isinstance(v, cupy.ndarray) for v in model.params.values())
+        tr.save(str(tmp_path / f"{name}.ckpt"))
+        runs[name] = (hist, {k: device.to_host(v) for k, v in model.params.items()})
+    (h_cpu, p_cpu), (h_gpu, p_gpu) = runs["cpu"], runs["cuda"]
+    np.testing.assert_allclose(h_gpu["loss"], h_cpu["loss"], rtol=1e-10)
+    np.testing.assert_allclose(h_gpu["val_loss"], h_cpu["val_loss"], rtol=1e-10)
+    for k in p_cpu:
+        np.testing.assert_allclose(p_gpu[k], p_cpu[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    resumed = {}
+    for name in ("cpu", "cuda"):
+        model = lm(seed=5).to(name)
+        tr = rk.Trainer(model, rk.sequence_loss, rk.Adam(0.05, clip_norm=0.5), stateful=True,
+                        progress=False)
+        tr.load(str(tmp_path / "cuda.ckpt"))
+        tr.fit(batches, epochs=3)
+        resumed[name] = {k: device.to_host(v) for k, v in model.params.items()}
+    for k in resumed["cpu"]:
+        np.testing.assert_allclose(resumed["cuda"][k], resumed["cpu"][k], rtol=1e-10,
+                                   atol=1e-12, err_msg=k)
