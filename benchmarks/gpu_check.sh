@@ -2,7 +2,8 @@
 # One GPU check for the cuda backend, on an NVIDIA machine with CuPy and a CUDA build of PyTorch
 # (no network needed): compile the kernels, run the `gpu` tests (the layers' kernels, then whole
 # models on the device: tests/test_device.py), then time every strategy against
-# torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5. About 6 minutes at most.
+# torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5, and a char-rnn epoch trained on the
+# GPU against PyTorch (benchmarks/bench_gpu_train.py). About 8 minutes at most.
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
 #   RNNKERN_GPU_TUNING=1 bash benchmarks/gpu_check.sh    # also the tuning points (~1 min more)
@@ -11,7 +12,7 @@
 # go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt (and the main table's rows to
 # $OUT/gpu_bench.json; at most 8 files come back from a device run). Exit status: non-zero
 # if the compile, a test or a benchmark failed (later steps still run after a failure).
-# Time limits per step add up to under 6 minutes.
+# Time limits per step add up to under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -79,6 +80,13 @@ bench gpu_bench 100 --budget 75 ${out_dir:+--json "$out_dir/gpu_bench.json"} "$@
 echo "== benchmark: backend seam (kernels without layer validation), small shapes"
 small="1,6,5,5,1;1,100,64,128,1;32,100,128,256,1;50,50,65,128,2"
 bench gpu_bench_seam 30 --seam --kinds lstm,gru --shapes "$small" --budget 22
+echo "== benchmark: a char-rnn epoch (100 batches) trained wholly on the GPU vs PyTorch"
+if [ -n "$out_dir" ]; then
+  timeout 120 "$PY" benchmarks/bench_gpu_train.py --max-batches 100 --repeats 3 \
+    | tee "$out_dir/gpu_train.txt" || status=1
+else
+  timeout 120 "$PY" benchmarks/bench_gpu_train.py --max-batches 100 --repeats 3 || status=1
+fi
 if [ -n "${RNNKERN_GPU_TUNING:-}" ]; then
   echo "== tuning points (backend seam, LSTM): stepwise GEMMs straight to cuBLAS vs through"
   echo "   cupy.matmul on the large shapes; cluster teams capped at 8; where cluster stops paying"
