@@ -19,8 +19,10 @@ Shapes and recipes are ``bench_e2e.py``'s (its data loaders are reused):
 Each repeat times ``--steps`` steps of each contestant (their order alternating between
 repeats) after one untimed warm-up step each; reported: ms per step, min and median over the
 repeats, and the speed-up (PyTorch min / converted min). Thread counts are set before torch is
-imported (``--threads`` for torch's intra-op pool, ``--blas-threads`` for the OpenBLAS pools as
-``bench_e2e.py``). Where the time goes, measured in the same process at each shape: the
+imported (``--threads`` for torch's intra-op pool, both contestants; ``--blas-threads`` for the
+OpenBLAS pools as ``bench_e2e.py``). A further converted contestant runs with torch on one
+thread (``--convert-threads``): the configuration that leaves the cores to rnnkern's kernels,
+since the converted model's remaining torch ops are small. Where the time goes, measured in the same process at each shape: the
 recurrent module alone (forward + backward of a fixed output gradient) in torch and converted,
 the bare rnnkern seam calls at that shape (``rnnkern.torch.stack`` forward + backward on NumPy
 arrays: the kernels alone), and the rest of the step (head, loss, Adam) by difference.
@@ -119,13 +121,18 @@ def timed(fn, n):
     return dt, out
 
 
-def alternate(contestants, steps, repeats):
-    """{name: [seconds per call per repeat]}, order alternating between repeats."""
+def alternate(contestants, steps, repeats, torch=None):
+    """{name: [seconds per call per repeat]}, order alternating between repeats; a contestant
+    is a function, or (function, torch threads) run after ``torch.set_num_threads``."""
     times = {k: [] for k in contestants}
     order = list(contestants)
     for r in range(repeats):
         for k in (order if r % 2 == 0 else order[::-1]):
-            times[k].append(timed(contestants[k], steps)[0])
+            fn = contestants[k]
+            if isinstance(fn, tuple):
+                fn, threads = fn
+                torch.set_num_threads(threads)
+            times[k].append(timed(fn, steps)[0])
     return times
 
 
@@ -178,7 +185,12 @@ def main(argv=None):
                    help="steps per repeat (default: hihello 400, lab12-4 100, char-rnn 20)")
     p.add_argument("--char-batches", type=int, default=40,
                    help="char-rnn batches of the text cycled through (default %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch.set_num_threads of both contestants (default 2)")
+    p.add_argument("--convert-threads", type=int, nargs="*", default=None,
+                   help="more converted contestants, each with its own torch.set_num_threads "
+                        "(default: 1 when --threads > 1: torch's ops on one thread leave the "
+                        "cores to rnnkern's kernels)")
     p.add_argument("--blas-threads", type=int, default=1,
                    help="NumPy's and SciPy's OpenBLAS pools (default 1; 0: unchanged)")
     p.add_argument("--rk-threads", type=int, default=None,
@@ -202,6 +214,8 @@ def main(argv=None):
           f"{platform.processor() or platform.machine()}; --blas-threads "
           f"{args.blas_threads or 'unchanged'}; load avg {os.getloadavg()[0]:.1f}", flush=True)
 
+    extra = args.convert_threads if args.convert_threads is not None else \
+        ([1] if args.threads > 1 else [])
     rows, parts = [], []
     for name in args.only:
         for kind in args.cells:
@@ -211,12 +225,20 @@ def main(argv=None):
             conv = rkt.convert(copy.deepcopy(base))
             assert type(conv.rnn).__module__.startswith("rnnkern.torch")
             steps = args.steps or STEPS[name]
-            contestants = {"torch": trainer(torch, base, batches, C, lr, clip, stateful),
-                           "converted": trainer(torch, conv, batches, C, lr, clip, stateful)}
-            for f in contestants.values():
+            contestants = {"torch": (trainer(torch, base, batches, C, lr, clip, stateful),
+                                     args.threads),
+                           "converted": (trainer(torch, conv, batches, C, lr, clip, stateful),
+                                         args.threads)}
+            for n in extra:
+                model = rkt.convert(copy.deepcopy(base))
+                contestants[f"converted, torch {n}t"] = (
+                    trainer(torch, model, batches, C, lr, clip, stateful), n)
+            for f, n in contestants.values():
+                torch.set_num_threads(n)
                 f()   # warm-up: oneDNN primitives, the kernels' first call
-            times = alternate(contestants, steps, args.repeats)
-            losses = {k: float(f().detach()) for k, f in contestants.items()}
+            times = alternate(contestants, steps, args.repeats, torch)
+            torch.set_num_threads(args.threads)
+            losses = {k: float(f().detach()) for k, (f, _) in contestants.items()}
             rows.append((label, times, losses, TARGETS[name]))
             print(f"# {label}: " + ", ".join(
                 f"{k} {min(v) * 1e3:.3f} ms/step" for k, v in times.items()), flush=True)
@@ -225,17 +247,22 @@ def main(argv=None):
                                     max(steps // 2, 5), args.repeats)))
 
     print(f"\n# load avg at the end {os.getloadavg()[0]:.1f}")
-    print("| workload | PyTorch ms/step (min / median) | converted ms/step (min / median) | "
-          "speed-up | target | final loss PyTorch / converted |")
-    print("|---|---|---|---|---|---|")
+    others = [f"converted, torch {n}t" for n in extra]
+    print(f"| workload | PyTorch {args.threads}t ms/step (min / median) | converted "
+          f"ms/step (min / median) | speed-up | target | "
+          + "".join(f"{k} ms/step (min) | its speed-up | " for k in others)
+          + "final loss PyTorch / converted |")
+    print("|---" * (6 + 2 * len(others)) + "|")
     for label, times, losses, target in rows:
         t, c = times["torch"], times["converted"]
         ratio = min(t) / min(c)
         verdict = "-" if target is None else \
             f">= {target:g}x {'met' if ratio >= target else 'NOT met'}"
+        more = "".join(f"{min(times[k]) * 1e3:.3f} | {min(t) / min(times[k]):.2f}x | "
+                       for k in others)
         print(f"| {label} | {min(t) * 1e3:.3f} / {np.median(t) * 1e3:.3f} | "
               f"{min(c) * 1e3:.3f} / {np.median(c) * 1e3:.3f} | {ratio:.2f}x | {verdict} | "
-              f"{losses['torch']:.4f} / {losses['converted']:.4f} |")
+              f"{more}{losses['torch']:.4f} / {losses['converted']:.4f} |")
     print("\nWhere the time goes (ms, min over repeats; module = forward + backward of the "
           "recurrent module alone; bridge = converted module - seam; rest = step - module):")
     print("| workload | torch step | torch module | torch rest | converted step | "
