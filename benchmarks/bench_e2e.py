@@ -131,15 +131,18 @@ def rk_lm_model(C, kind, output_bias=None):
     return cr.build_model(C, dict(cr.DEFAULTS, model=kind), 0, output_bias=output_bias)
 
 
-def rk_char_rnn(batches, C, kind, val=None, output_bias=None):
+def rk_char_rnn(batches, C, kind, val=None, output_bias=None, device="cpu"):
     """One epoch per call, as examples/char_rnn.py trains; ``run.evaluate()``: the mean
     validation loss over ``val`` (state carried), untimed. With ``val`` (the perplexity
     comparison), training starts from the model's initial weights after the warm-up, and Adam
     puts eps where torch.optim.Adam does (``eps_mode="torch"``; the examples' TF form differs
-    from it early on, on rarely seen embedding rows): the same updates on both sides."""
+    from it early on, on rarely seen embedding rows): the same updates on both sides.
+    ``device``: where the model trains ("cuda": the batches are copied there first)."""
     cr = load_example("char_rnn")
     cfg = dict(cr.DEFAULTS, model=kind)
-    model = rk_lm_model(C, kind, output_bias)
+    model = rk_lm_model(C, kind, output_bias).to(device)
+    if device != "cpu":
+        batches = [tuple(rk.device.to_device(a, device) for a in b) for b in batches]
     start = {k: v.copy() for k, v in model.params.items()}
 
     def make_trainer():
@@ -217,13 +220,16 @@ def load_rk_weights(torch, model, rk_model):
         model.fc.bias.copy_(torch.from_numpy(rk_model.layers[-1].params["bias"]))
 
 
-def torch_char_rnn(torch, batches, C, kind, val=None, init=None):
+def torch_char_rnn(torch, batches, C, kind, val=None, init=None, device="cpu"):
     """PyTorch's side of :func:`rk_char_rnn`; ``init``: an rnnkern model to start from (its
-    weights), else PyTorch's own init."""
+    weights), else PyTorch's own init; ``device``: a torch device (the batches go there first)."""
     F = torch.nn.functional
     model = TorchCharModel(torch, C, 128, 2, embed=True, kind=kind)
+    for m in model.modules:
+        m.to(device)
     params = model.parameters()
-    data = [(torch.from_numpy(x), torch.from_numpy(y).reshape(-1)) for x, y in batches]
+    data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).reshape(-1).to(device))
+            for x, y in batches]
     epoch = [0]
 
     def step(x, y, state):
@@ -246,9 +252,9 @@ def torch_char_rnn(torch, batches, C, kind, val=None, init=None):
         total, state = 0.0, None
         with torch.no_grad():
             for x, y in val:
-                logits, state = model(torch.from_numpy(x), state)
+                logits, state = model(torch.from_numpy(x).to(device), state)
                 total += float(F.cross_entropy(logits.reshape(-1, C),
-                                               torch.from_numpy(y).reshape(-1)))
+                                               torch.from_numpy(y).reshape(-1).to(device)))
         return total / len(val)
 
     def run():
