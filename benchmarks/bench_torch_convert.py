@@ -24,8 +24,9 @@ OpenBLAS pools as ``bench_e2e.py``). A further converted contestant runs with to
 thread (``--convert-threads``): the configuration that leaves the cores to rnnkern's kernels,
 since the converted model's remaining torch ops are small. Where the time goes, measured in the
 same process at each shape: the recurrent module alone (forward + backward of a fixed output
-gradient) in torch and converted, the bare rnnkern seam calls at that shape (``rnnkern.torch.stack`` forward + backward on NumPy
-arrays: the kernels alone), and the rest of the step (head, loss, Adam) by difference.
+gradient) in torch and converted, the bare rnnkern seam calls at that shape
+(``rnnkern.torch.stack`` forward + backward on NumPy arrays: the kernels alone), and the rest
+of the step (head, loss, Adam) by difference.
 """
 from __future__ import annotations
 
