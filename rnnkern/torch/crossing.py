@@ -46,13 +46,13 @@ def to_tensor(a):
     return torch.from_dlpack(a)
 
 
-def device_scope(t):
-    """A context in which CuPy works on ``t``'s device and torch's current stream there, so
-    the kernels queue behind (and ahead of) torch's own work; nothing for CPU tensors."""
-    if t.device.type != "cuda":
+def device_scope(device):
+    """A context in which CuPy works on torch ``device`` and torch's current stream there, so
+    the kernels queue behind (and ahead of) torch's own work; nothing for the CPU."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     cupy = cupy_module()
-    stack = contextlib.ExitStack()
-    stack.enter_context(cupy.cuda.Device(t.device.index))
-    stack.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream))
-    return stack
+    scope = contextlib.ExitStack()
+    scope.enter_context(cupy.cuda.Device(device.index))
+    scope.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream))
+    return scope

@@ -10,10 +10,9 @@ instead of breaking the graph at NumPy code. Both run the same :mod:`rnnkern.tor
 
 Why two entries: an eager call through the operator's dispatch costs several times the
 Function's, a visible share of a small model's step, while compiled graphs need an operator.
-A custom operator can only return tensors, so there the
-record travels as a one-element int64 "handle" tensor: the handle's own memory owns the
-record's key (the record is dropped when the last reference to that memory goes, e.g. when the
-compiled graph that saved it for the backward is freed).
+A custom operator can only return tensors, so there the record travels as a one-element int64
+"handle" tensor whose own memory owns the record's key: the record is dropped when the last
+reference to that memory goes (when the compiled graph that saved it for the backward is freed).
 
 Shape legend: B batch, T time steps, I input size, H hidden size, L layers, D directions.
 """
@@ -47,7 +46,7 @@ def _lengths_array(lengths, x):
 
 def _run_forward(cfg, x, h0, c0, lengths, masks, weights):
     """Tensors in, (out, h_n, c_n or None) tensors and the record out."""
-    with device_scope(x):
+    with device_scope(x.device):
         xa = to_array(x)
         backend = backends.resolve(cfg.backend, xa)
         with KernelThreads(backend):
@@ -62,9 +61,9 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _run_backward(record, x, d_out, d_h, d_c):
+def _run_backward(record, device, d_out, d_h, d_c):
     """Gradient tensors (None: zeros) in; dx, dh0, dc0 or None, weight grads list out."""
-    with device_scope(x), KernelThreads(record.backend):
+    with device_scope(device), KernelThreads(record.backend):
         dx, dh0, dc0, grads = stack.backward(
             record, to_array(_contiguous(d_out)), to_array(_contiguous(d_h)),
             to_array(_contiguous(d_c)))
@@ -88,25 +87,24 @@ class _NoSecondDerivative(torch.autograd.Function):
 class RecurrentStackFunction(torch.autograd.Function):
     """``apply(cfg, x, h0, c0, lengths, masks, *weights)`` -> ``(out, h_n[, c_n])``.
 
-    x [B,T,I], h0 and c0 [D*L,B,H] (c0 None but for the LSTM; both None: zeros), lengths
-    int64 [B] or None,
-    masks None or L-1 tensors [B,T,D*H], weights 4*D*L tensors in PyTorch's parameter order;
-    every tensor C-contiguous and of one float dtype. Returns out [B,T,D*H] and h_n (and c_n)
-    [D*L,B,H]. First-order gradients only (a second derivative raises).
+    x [B,T,I], h0 and c0 [D*L,B,H] (c0 None but for the LSTM; both None: zeros), lengths int64
+    [B] or None, masks None or L-1 tensors [B,T,D*H], weights 4*D*L tensors in PyTorch's
+    parameter order; every tensor C-contiguous and of one float dtype. Returns out [B,T,D*H]
+    and h_n (and c_n) [D*L,B,H]. First-order gradients only (a second derivative raises).
     """
 
     @staticmethod
     def forward(ctx, cfg, x, h0, c0, lengths, masks, *weights):
         out, h_n, c_n, record = _run_forward(cfg, x, h0, c0, lengths, masks, weights)
         ctx.record = record        # the activations live exactly as long as this graph node
-        ctx.x = x.detach()         # only its device, for the backward's stream scope
+        ctx.device = x.device      # for the backward's stream scope
         ctx.set_materialize_grads(False)   # unused outputs arrive as None: the kernels skip them
         return (out, h_n) if c_n is None else (out, h_n, c_n)
 
     @staticmethod
     def backward(ctx, d_out, d_h, d_c=None):
         with torch.no_grad():
-            dx, dh0, dc0, grads = _run_backward(ctx.record, ctx.x, d_out, d_h, d_c)
+            dx, dh0, dc0, grads = _run_backward(ctx.record, ctx.device, d_out, d_h, d_c)
         need = ctx.needs_input_grad
         result = [dx if need[1] else None, dh0 if need[2] else None, dc0 if need[3] else None]
         result += [g if n else None for g, n in zip(grads, need[6:])]
@@ -181,7 +179,7 @@ if COMPILE_SUPPORTED:
                                                List[torch.Tensor]]:
         """The stack's backward: (dx, dh0, dc0, weight grads); dh0 and dc0 are empty where
         no initial state was given, dc0 but for the LSTM."""
-        dx, dh0, dc0, grads = _run_backward(_record_of(handle), x, d_out, d_h, d_c)
+        dx, dh0, dc0, grads = _run_backward(_record_of(handle), x.device, d_out, d_h, d_c)
         return (dx, x.new_empty(0) if dh0 is None else dh0,
                 x.new_empty(0) if dc0 is None else dc0, grads)
 
