@@ -399,7 +399,16 @@ def test_torch_compile_runs_without_graph_break():
     close(loss, expected_loss, "compiled loss")
     for a, p in zip(got, model.parameters()):
         close(a, p.grad, "compiled gradient")
-    del loss, compiled
+    # an LSTM given its initial state: the state's gradients come through the operator too
+    ref, lstm = pair("LSTM", 3, 4, 2)
+    h0, c0 = (torch.randn(2, 2, 4, dtype=F64, requires_grad=True) for _ in range(2))
+    run = torch.compile(lambda x, h, c: lstm(x, (h, c))[1][1].sum(), backend="aot_eager")
+    grads = torch.autograd.grad(run(x.transpose(0, 1), h0, c0), [h0, c0, lstm.weight_hh_l1])
+    expected = torch.autograd.grad(ref(x.transpose(0, 1), (h0, c0))[1][1].sum(),
+                                   [h0, c0, ref.weight_hh_l1])
+    for a, b in zip(grads, expected):
+        close(a, b, "compiled LSTM state gradient")
+    del loss, compiled, run
     torch._dynamo.reset()
     gc.collect()
     assert not function._RECORDS   # each saved record went with its graph
