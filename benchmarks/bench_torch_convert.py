@@ -25,7 +25,7 @@ thread (``--convert-threads``): the configuration that leaves the cores to rnnke
 since the converted model's remaining torch ops are small. Where the time goes, measured in the
 same process at each shape: the recurrent module alone (forward + backward of a fixed output
 gradient) in torch and converted, the bare rnnkern seam calls at that shape
-(``rnnkern.torch.stack`` forward + backward on NumPy arrays: the kernels alone), and the rest
+(``rnnkern.recurrent_stack`` forward + backward on NumPy arrays: the kernels alone), and the rest
 of the step (head, loss, Adam) by difference.
 """
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main(argv=None):
     import rnnkern.torch as rkt
     from rnnkern import config
     from rnnkern.backends import resolve
-    from rnnkern.torch import stack as rkt_stack
+    from rnnkern import recurrent_stack as rkt_stack
     if args.rk_threads is not None:
         config.CPP_THREADS = args.rk_threads
     backend = resolve("auto", np.zeros(1)).name

@@ -9,14 +9,13 @@ Shape legend: B batch, T time steps, I input size, H hidden size, L layers, G ga
 """
 from __future__ import annotations
 
-import functools
 import numbers
 
 import numpy as np
 
-from . import backends, config
+from . import backends, config, recurrent_stack
 from .cellspec import CellSpec
-from .device import array_module as _xp  # also the name rnnkern.torch.stack imports
+from .device import array_module as _xp
 from .device import check_device, check_same_device, device_of, to_device, to_host
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -56,53 +55,6 @@ def dropout_mask(rng, shape, p, dtype, out=None, device="cpu"):
     return np.multiply(rng.random(shape) < keep, np.asarray(1.0 / keep).astype(dtype), out=out)
 
 
-def _reversal(lengths, B, T, xp):
-    """How to reverse each row of a [B,T,F] array within its length (the reverse direction of
-    a bidirectional layer): None for a plain flip of the time axis (no lengths, or every row
-    full on the host), else index arrays ``(rows [B,1], steps [B,T])`` on ``xp`` with
-    ``steps[b,t] = lengths[b]-1-t`` for ``t < lengths[b]`` and ``t`` past it (padding stays in
-    place, so the reversal is its own inverse and zeros past a length stay there)."""
-    if lengths is None or (xp is np and B and int(lengths.min()) == T):
-        return None
-    t = xp.arange(T, dtype=np.int64)[None, :]
-    n = lengths[:, None]
-    return xp.arange(B, dtype=np.int64)[:, None], xp.where(t < n, n - 1 - t, t)
-
-
-def _reverse_rows(a, rev, xp):
-    """``a`` [B,T,F] (any strides) with each row reversed within its length, as a new
-    C-contiguous array: a flip or one vectorised gather (``rev`` from :func:`_reversal`)."""
-    if rev is None:
-        return xp.ascontiguousarray(a[:, ::-1])
-    rows, steps = rev
-    return xp.ascontiguousarray(a[rows, steps])
-
-
-def _infer_run_steps(spec, B, H, itemsize):
-    """K: the steps of one inference run whose activations fit ``config.INFER_CHUNK_BYTES``."""
-    return max(1, int(config.INFER_CHUNK_BYTES) // max(1, B * (spec.gates + 3) * H * itemsize))
-
-
-def _run_unsaved(backend, spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, xp=np):
-    """One direction's seam forward over x [B,T,I] in runs of K steps (:func:`_infer_run_steps`),
-    the state carried between runs (a row's length within a run: clip(lengths - t0, 0, K); a
-    row already ended carries its state through untouched), each run's saved activations
-    dropped as soon as it returns. Returns (outputs [B,T,H], h [B,H], c [B,H] | None, None)."""
-    B, T, _ = x.shape
-    K = _infer_run_steps(spec, B, w_hh.shape[1], x.dtype.itemsize)
-    if T <= K:
-        out, h, c, _ = backend.forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
-        return out, h, c, None
-    out = xp.empty((B, T, w_hh.shape[1]), dtype=x.dtype)
-    h, c = h0, c0
-    for t0 in range(0, T, K):
-        t1 = min(T, t0 + K)
-        run_lengths = None if lengths is None else xp.clip(lengths - t0, 0, t1 - t0)
-        out[:, t0:t1], h, c, _ = backend.forward(
-            spec, xp.ascontiguousarray(x[:, t0:t1]), w_ih, w_hh, b_ih, b_hh, h, c, run_lengths)
-    return out, h, c, None
-
-
 def _has_nonfinite(a, xp):
     """True when ``a`` holds NaN or infinity. Device (CuPy) arrays are scanned only when
     ``config.CHECK_FINITE_ON_DEVICE`` is set: the answer is a device-to-host read, which stalls
@@ -136,6 +88,9 @@ class _Recurrent:
         self.spec = CellSpec(self.kind, **cell_options)
         self._rng = np.random.default_rng(seed)
         self.params = self._init_params()
+        self._param_names = tuple(self.params)     # PyTorch's order, the stack's weight order
+        self._stack_config = recurrent_stack.StackConfig(self.spec, self.num_layers,
+                                                         self.bidirectional, backend)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._saved = None
 
@@ -305,11 +260,6 @@ class _Recurrent:
     def _pack_state(self, h, c):
         return (h, c) if self.spec.has_cell_state else h
 
-    @staticmethod
-    def _stack(xp, arrays):
-        """[N,B,H] from N arrays [B,H]; a view for one (the arrays are ours to give)."""
-        return arrays[0][None] if len(arrays) == 1 else xp.stack(arrays)
-
     # ------------------------------------------------------------------ forward / backward
     def __call__(self, x, initial_state=None, lengths=None):
         return self.forward(x, initial_state, lengths)
@@ -342,9 +292,10 @@ class _Recurrent:
         """:meth:`forward` for inference: no dropout and nothing kept for :meth:`backward`.
 
         Same arguments and results as :meth:`forward`. Each direction's time loop runs in runs
-        of ``config.INFER_TIME_CHUNK`` (K) steps, the state carried from one to the next, so the
-        activations held at once are O(B*K*G*H) rather than O(B*T*G*H); the outputs are those
-        of :meth:`forward` in eval mode."""
+        of K steps, the state carried from one to the next, K chosen so that a run's
+        activations fit ``config.INFER_CHUNK_BYTES``: memory bounded whatever T is, rather than
+        O(B*T*G*H) (:func:`rnnkern.recurrent_stack.run_unsaved`). The outputs are those of
+        :meth:`forward` in eval mode."""
         x, xp = self._check_x(x)
         B, T, _ = x.shape
         lengths = self._check_lengths(lengths, B, T, xp)
@@ -354,47 +305,26 @@ class _Recurrent:
     def _forward_validated(self, x, h0, c0, lengths, xp=np, keep=True):
         """:meth:`forward` after its checks (the step plan's seam stack calls it directly):
         x [B,T,I] C-contiguous of the layer's dtype, h0 and c0 [D*L,B,H] (c0 None but for the
-        LSTM), lengths int64 [B] on x's device or None.
+        LSTM), lengths int64 [B] on x's device or None. The stack runs in
+        :mod:`rnnkern.recurrent_stack` (a reverse direction through the same one-direction
+        seam, each row reversed within its length), with this layer's dropout masks.
 
-        A bidirectional layer runs each direction through the same one-direction seam: the
-        reverse one over each row reversed within its length (:func:`_reverse_rows`), its
-        outputs reversed back, so every backend runs it.
-
-        ``keep=False`` (:meth:`infer`): no dropout, each direction run in time chunks
-        (:func:`_run_unsaved`), nothing saved; :meth:`backward` then needs a forward of its own."""
+        ``keep=False`` (:meth:`infer`): no dropout, each direction run in bounded time chunks,
+        nothing saved; :meth:`backward` then needs a forward of its own."""
         B, T, _ = x.shape
-        backend = backends.resolve(self.backend, x)
-        run = backend.forward if keep else functools.partial(_run_unsaved, backend, xp=xp)
-        D = self.num_directions
-        rev = _reversal(lengths, B, T, xp) if D == 2 else None
-        layer_in = x
-        h_n, c_n, saved, masks = [], [], [], []
-        for k in range(self.num_layers):
-            outs, layer_saved = [], []
-            for d in range(D):
-                i = D * k + d
-                out, h, c, s = run(
-                    self.spec, _reverse_rows(layer_in, rev, xp) if d else layer_in,
-                    *self._layer_weights(k, xp, d), h0[i], None if c0 is None else c0[i],
-                    lengths)
-                outs.append(_reverse_rows(out, rev, xp) if d else out)
-                h_n.append(h)
-                c_n.append(c)
-                layer_saved.append(s)
-            out = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
-            saved.append(layer_saved)
-            mask = None
-            if keep and self.dropout and self.training and k + 1 < self.num_layers:
-                mask = dropout_mask(self._rng, out.shape, self.dropout, self.dtype,
-                                    device=device_of(out))
-                out = out * mask
-            masks.append(mask)
-            layer_in = out
-        self._saved = (dict(backend=backend, saved=saved, masks=masks, rev=rev, B=B, T=T, xp=xp)
-                       if keep else None)
-        h_n = self._stack(xp, h_n)
-        c_n = self._stack(xp, c_n) if self.spec.has_cell_state else None
-        return layer_in, self._pack_state(h_n, c_n)
+        L, D = self.num_layers, self.num_directions
+        masks = None
+        if keep and self.dropout and self.training and L > 1:   # drawn in the layers' order
+            masks = [dropout_mask(self._rng, (B, T, D * self.hidden_size), self.dropout,
+                                  self.dtype, device=device_of(x)) for _ in range(L - 1)]
+        cfg = self._stack_config
+        if cfg.backend != self.backend:
+            cfg = self._stack_config = recurrent_stack.StackConfig(
+                self.spec, L, self.bidirectional, self.backend)
+        weights = [w for k in range(L) for d in range(D) for w in self._layer_weights(k, xp, d)]
+        out, h_n, c_n, self._saved = recurrent_stack.forward(
+            cfg, x, h0, c0, lengths, weights, masks, backends.resolve(self.backend, x), keep=keep)
+        return out, self._pack_state(h_n, c_n)
 
     def backward(self, d_outputs, d_state=None):
         """Backprop through time for the last forward call; fills :attr:`grads`.
@@ -409,7 +339,7 @@ class _Recurrent:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() call first")
         run = self._saved
-        B, T, xp, H = run["B"], run["T"], run["xp"], self.output_size
+        B, T, xp, H = run.B, run.T, run.xp, self.output_size
         if d_outputs is not None:
             if not hasattr(d_outputs, "shape"):
                 d_outputs = np.asarray(d_outputs)
@@ -434,36 +364,11 @@ class _Recurrent:
 
     def _backward_validated(self, d_outputs, d_h=None, d_c=None):
         """:meth:`backward` after its checks: d_outputs [B,T,D*H] of the layer's dtype and device
-        or None, d_h and d_c [D*L,B,H] or None. Fills :attr:`grads` with new arrays. The reverse
-        direction mirrors its forward: its half of ``d_outputs`` reversed within each row's
-        length, its ``dx`` reversed back and added to the forward direction's."""
-        run = self._saved
-        xp, backend, L, rev = run["xp"], run["backend"], self.num_layers, run["rev"]
-        D, H = self.num_directions, self.hidden_size
-        dh0, dc0 = [None] * (D * L), [None] * (D * L)
-        d_out = d_outputs
-        for k in reversed(range(L)):
-            if run["masks"][k] is not None and d_out is not None:
-                d_out = d_out * run["masks"][k]
-            dx = None
-            for d in range(D):
-                i = D * k + d
-                d_dir = d_out
-                if D == 2 and d_out is not None:
-                    d_dir = (_reverse_rows(d_out[:, :, H:], rev, xp) if d else
-                             xp.ascontiguousarray(d_out[:, :, :H]))
-                dx_d, dh0[i], dc0[i], g = backend.backward(
-                    self.spec, run["saved"][k][d], d_dir,
-                    None if d_h is None else d_h[i], None if d_c is None else d_c[i])
-                sfx = "_reverse" if d else ""
-                for short, name in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
-                                    ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-                    self.grads[f"{name}_l{k}{sfx}"] = g[short]
-                dx = dx_d if not d else dx + _reverse_rows(dx_d, rev, xp)
-            d_out = dx
-        dh0 = self._stack(xp, dh0)
-        dc0 = self._stack(xp, dc0) if self.spec.has_cell_state else None
-        return d_out, self._pack_state(dh0, dc0)
+        or None, d_h and d_c [D*L,B,H] or None. Fills :attr:`grads` with new arrays
+        (:func:`rnnkern.recurrent_stack.backward`)."""
+        dx, dh0, dc0, grads = recurrent_stack.backward(self._saved, d_outputs, d_h, d_c)
+        self.grads.update(zip(self._param_names, grads))   # both in PyTorch's order
+        return dx, self._pack_state(dh0, dc0)
 
     def __repr__(self):
         opts = {"rnn": f"nonlinearity={self.spec.nonlinearity!r}",

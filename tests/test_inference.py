@@ -213,7 +213,7 @@ def test_layer_infer_runs_in_time_chunks_and_equals_forward(monkeypatch, any_bac
     """layer.infer over runs of K=3 steps of a T=8 sequence (runs 3+3+2; rows of length 8, 5,
     3, 1 and 0 end inside, at the edge of and before a run): the eval-mode forward's outputs and
     states, dropout off, nothing kept."""
-    from rnnkern import config, layers
+    from rnnkern import config, recurrent_stack
     xp = np
     if any_backend == "cuda":
         import cupy as xp
@@ -222,7 +222,7 @@ def test_layer_infer_runs_in_time_chunks_and_equals_forward(monkeypatch, any_bac
     if xp is not np:
         layer.to("cuda")                  # device input needs the parameters there too
     monkeypatch.setattr(config, "INFER_CHUNK_BYTES", 3 * 5 * (layer.spec.gates + 3) * 5 * 8)
-    assert layers._infer_run_steps(layer.spec, 5, 5, 8) == 3
+    assert recurrent_stack.infer_run_steps(layer.spec, 5, 5, 8) == 3
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.standard_normal((5, 8, 4)))
     lengths = xp.asarray([8, 5, 3, 1, 0])

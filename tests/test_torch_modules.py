@@ -23,7 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import rnnkern.torch as rkt  # noqa: E402
-from rnnkern.torch import crossing, function, stack  # noqa: E402
+from rnnkern import recurrent_stack as stack  # noqa: E402
+from rnnkern.torch import crossing, function  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 F64 = torch.float64

@@ -2,11 +2,11 @@
 
 :func:`recurrent_stack` is the only entry the modules use. Eagerly it runs
 :class:`RecurrentStackFunction`, a ``torch.autograd.Function`` whose context keeps the forward's
-:class:`~rnnkern.torch.stack.StackRecord` (so two forwards then two backwards each find their
+:class:`~rnnkern.recurrent_stack.StackRecord` (so two forwards then two backwards each find their
 own activations; nothing is kept on a shared layer object). Under ``torch.compile`` it calls the
 custom operator ``torch.ops.rnnkern.recurrent_stack`` instead, registered with
 ``torch.library`` (fake shapes and autograd formula included), so Dynamo records one opaque node
-instead of breaking the graph at NumPy code. Both run the same :mod:`rnnkern.torch.stack` code.
+instead of breaking the graph at NumPy code. Both run the same :mod:`rnnkern.recurrent_stack` code.
 
 Why two entries: an eager call through the operator's dispatch costs several times the
 Function's, a visible share of a small model's step, while compiled graphs need an operator.
@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from rnnkern import backends
-from rnnkern.torch import stack
+from rnnkern import recurrent_stack as stack
+from rnnkern.cellspec import CellSpec
 from rnnkern.torch.crossing import cupy_module, device_scope, to_array, to_tensor
 from rnnkern.torch.threads import KernelThreads
 
@@ -137,8 +139,13 @@ def _record_of(handle):
     return record
 
 
-def _cfg(kind, nonlinearity, num_layers, bidirectional, backend):
-    return stack.stack_config(kind, nonlinearity, num_layers, bidirectional, backend)
+@lru_cache(maxsize=None)
+def stack_config(kind, nonlinearity, num_layers, bidirectional, backend):
+    """The (cached, hashable) :class:`~rnnkern.recurrent_stack.StackConfig` of a torch-style
+    stack: LSTM with ``forget_bias=0`` and GRU reset-after, as ``torch.nn`` computes them."""
+    spec = CellSpec(kind, nonlinearity=nonlinearity, forget_bias=0.0, reset_after=True)
+    return stack.StackConfig(spec, int(num_layers), bool(bidirectional), backend)
+
 
 
 COMPILE_SUPPORTED = all(hasattr(torch.library, n) for n in
@@ -153,7 +160,7 @@ if COMPILE_SUPPORTED:
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stack's forward as an operator: (out, h_n, c_n (empty but for the LSTM),
         handle)."""
-        cfg = _cfg(kind, nonlinearity, num_layers, bidirectional, backend)
+        cfg = stack_config(kind, nonlinearity, num_layers, bidirectional, backend)
         out, h_n, c_n, record = _run_forward(cfg, x, h0, c0, lengths, masks, weights)
         return out, h_n, (h_n.new_empty(0) if c_n is None else c_n), _handle_for(record)
 
@@ -217,7 +224,7 @@ if COMPILE_SUPPORTED:
 def recurrent_stack(cfg, x, h0, c0, lengths, masks, weights):
     """``(out [B,T,D*H], h_n [D*L,B,H], c_n [D*L,B,H] or None)``, differentiable w.r.t. x, h0,
     c0 and the weights. Arguments as :class:`RecurrentStackFunction`'s (cfg a
-    :class:`~rnnkern.torch.stack.StackConfig`)."""
+    :class:`~rnnkern.recurrent_stack.StackConfig`)."""
     if COMPILE_SUPPORTED and torch.compiler.is_compiling():
         spec = cfg.spec
         out, h_n, c_n, _ = recurrent_stack_op(

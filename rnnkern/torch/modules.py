@@ -24,8 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from rnnkern import backends
 from rnnkern.cellspec import CellSpec
 from rnnkern.layers import _Recurrent
-from rnnkern.torch.function import recurrent_stack
-from rnnkern.torch.stack import stack_config
+from rnnkern.torch.function import recurrent_stack, stack_config
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
