@@ -13,7 +13,6 @@ import copy
 import gc
 import itertools
 import os
-import socket
 import subprocess
 import sys
 
@@ -577,12 +576,14 @@ def _ddp_batch():
     return (torch.randint(0, 7, (4, 6), generator=gen), torch.randint(0, 7, (4, 6), generator=gen))
 
 
-def _ddp_worker(rank, port, out_dir):
-    """One of two gloo ranks: the converted TinyLM under DDP, each on half the batch."""
+def _ddp_worker(rank, out_dir):
+    """One of two gloo ranks: the converted TinyLM under DDP, each on half the batch. They meet
+    through a file store in ``out_dir`` (a free TCP port found beforehand can be taken by
+    another process before the ranks bind it)."""
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}",
+                            rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(rkt.convert(TinyLM()))
@@ -595,14 +596,8 @@ def _ddp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_data_parallel_matches_one_process(tmp_path):
-    torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)),
+    torch.multiprocessing.start_processes(_ddp_worker, args=(str(tmp_path),),
                                           nprocs=2, join=True, start_method="spawn")
     torch.manual_seed(0)
     single = rkt.convert(TinyLM())
