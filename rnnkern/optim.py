@@ -198,26 +198,19 @@ class Optimizer:
         if self.clip_norm is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip_norm)
         self.iterations += 1
-        if device != "cpu":
-            # one fused launch over the flat buffers; per name when dtypes differ or the state
-            # cannot be laid out flat (a launch each)
-            if len(dtypes) == 1 and self._step_flat(params, grads, self._fused_update):
-                return
-            self._flat = None
-            for k, p in params.items():
-                st = self.state.get(k)
-                if st is None:
-                    st = self.state[k] = self._init_state(p)
-                self._fused_update(p, grads[k], st)
-            return
-        if len(dtypes) == 1 and total <= self.FLAT_MAX_ELEMENTS and self._step_flat(params, grads):
+        # on the device: one fused launch over the flat buffers (whatever their size), else
+        # per name when dtypes differ or the state cannot be laid out flat (a launch each)
+        on_device = device != "cpu"
+        update = self._fused_update if on_device else self._update
+        if (len(dtypes) == 1 and (on_device or total <= self.FLAT_MAX_ELEMENTS)
+                and self._step_flat(params, grads, update)):
             return
         self._flat = None
         for k, p in params.items():
             st = self.state.get(k)
             if st is None:
                 st = self.state[k] = self._init_state(p)
-            self._update(p, np.asarray(grads[k], dtype=p.dtype), st)
+            update(p, grads[k] if on_device else np.asarray(grads[k], dtype=p.dtype), st)
 
     def step_flat(self, flat_params, flat_grads, layout, update=None):
         """:meth:`step` for parameters that live in one flat array, as a training step's plan
