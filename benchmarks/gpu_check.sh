@@ -3,7 +3,7 @@
 # (no network needed): compile the kernels, run the `gpu` tests (the layers' kernels, then whole
 # models on the device: tests/test_device.py), then time every strategy against
 # torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5, and a char-rnn epoch trained on the
-# GPU against PyTorch (benchmarks/bench_gpu_train.py). About 8 minutes at most.
+# GPU against PyTorch (benchmarks/bench_gpu_train.py). About 9 minutes at most.
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
 #   RNNKERN_GPU_TUNING=1 bash benchmarks/gpu_check.sh    # also the tuning points (~1 min more)
@@ -12,7 +12,7 @@
 # go to stdout and, when $OUT is set, to $OUT/gpu_bench*.txt (and the main table's rows to
 # $OUT/gpu_bench.json; at most 8 files come back from a device run). Exit status: non-zero
 # if the compile, a test or a benchmark failed (later steps still run after a failure).
-# Time limits per step add up to under 8 minutes.
+# Time limits per step add up to under 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -60,9 +60,12 @@ timeout 60 "${pytest_gpu[@]}" tests/test_cuda.py || status=1
 echo "== gpu tests: whole models on the device (tests/test_device.py: CPU parity of training,"
 echo "   fused optimizer kernels to the bit, dropout masks, checkpoints, generate)"
 timeout 60 "${pytest_gpu[@]}" tests/test_device.py || status=1
+echo "== gpu tests: the step reads nothing back (tests/test_device_step.py: the gate skips a NaN"
+echo "   step as the CPU does, Trainer history = CPU, no wait for the device inside a step)"
+timeout 45 "${pytest_gpu[@]}" tests/test_device_step.py || status=1
 echo "== gpu tests: the cuda cases of the other suites (backend and torch parity)"
 timeout 40 "${pytest_gpu[@]}" tests/ --ignore=tests/test_cuda.py --ignore=tests/test_device.py \
-  || status=1
+  --ignore=tests/test_device_step.py || status=1
 
 bench() {  # bench NAME TIMEOUT ARGS...: one bench_gpu.py run, its table also under $OUT
   local name="$1" limit="$2"

@@ -14,8 +14,12 @@ in place on the grads arrays, as ``torch.nn.utils.clip_grad_*_`` do.
 On the GPU (parameters and gradients CuPy arrays, after ``model.to("cuda")``): clipping runs
 there without reading anything back to the host, and each step's update is ONE launch of the
 optimizer's fused kernel (``csrc/cuda/optim.cu``) over the flat parameter, gradient and state
-buffers, the NumPy rule operation by operation (same bits). The state follows the parameters:
-it moves to their device at the first step that sees them elsewhere (:attr:`Optimizer.device`).
+buffers, the NumPy rule operation by operation (same bits), after a one-thread gate kernel that
+counts the step on the device. Given the step's ``loss`` (a 0-d device array), the gate looks at
+it there and a NaN/inf loss updates nothing -- parameters, state, step count -- with nothing
+read back: how :class:`rnnkern.TrainStep` steps a model on the GPU. The state follows the
+parameters: it moves to their device at the first step that sees them elsewhere
+(:attr:`Optimizer.device`).
 """
 from __future__ import annotations
 
@@ -131,6 +135,14 @@ class Optimizer:
     (NumPy) copies; :meth:`load_state_dict` puts the state on :attr:`device`, the device of the
     parameters it last stepped (the host before any step), and a later step on parameters
     elsewhere moves it.
+
+    The step count on the GPU: every step there first launches the gate
+    (``rk_step_gate``), which advances a device counter -- only when the step's ``loss``, if
+    given, is finite -- and the update kernels read their step (Adam's ``t``) from it, so no
+    step waits for the host. :attr:`iterations` reads that counter when asked (one
+    device-to-host copy); setting it, or :meth:`load_state_dict`, writes it at the next step.
+    On the host the count is the plain attribute ``_iterations``, which the host steps (and the
+    C++ plan) update directly.
     """
 
     _slots = ()  # names of the per-parameter state arrays
@@ -139,12 +151,34 @@ class Optimizer:
         self.lr = _check_positive("lr", lr, allow_zero=True)
         self.clip_norm = None if clip_norm is None else _check_positive("clip_norm", clip_norm)
         self.clip_value = None if clip_value is None else _check_positive("clip_value", clip_value)
-        self.iterations = 0   # number of step() calls so far (Adam's t)
+        self._iterations = 0  # steps taken so far (Adam's t), while the count is on the host
         self.state = {}       # name -> {slot: array}
         self.last_grad_norm = None  # global norm before clipping, when clip_norm is set
                                     # (a float; a 0-d GPU array for parameters on the GPU)
         self._flat = None     # layout and flat state of the concatenated update (see step)
         self._device = "cpu"  # where the state lives (that of the last parameters stepped)
+        # the fused (device) steps' own: the step counter [t, lazy slots written] and this
+        # step's flags [go, first] (csrc/cuda/optim.cu), an upper bound on t, Adam's table, and
+        # a count set on the host for the counter's next step
+        self._clock = self._flags = self._bias = self._count_set = None
+        self._t_bound = 0
+
+    @property
+    def iterations(self):
+        """Steps taken so far (Adam's ``t``; skipped steps do not count). While the count lives
+        on the device it is read from there (one device-to-host copy) unless set since."""
+        if self._clock is None:
+            return self._iterations
+        if self._count_set is not None:
+            return self._count_set
+        return int(to_host(self._clock)[0])
+
+    @iterations.setter
+    def iterations(self, value):
+        if self._clock is None:
+            self._iterations = value
+        else:                       # written into the device counter at the next step
+            self._count_set = int(value)
 
     @property
     def device(self):
@@ -155,10 +189,18 @@ class Optimizer:
         """Move the state to ``device``, where the parameters it updates now live."""
         if device == self._device:
             return
+        self._clock_home()
         self.state = {k: {s: to_device(a, device) for s, a in st.items()}
                       for k, st in self.state.items()}
         self._flat = None
         self._device = device
+
+    def _clock_home(self):
+        """The device step counter's count back on the host (``_iterations``)."""
+        if self._clock is not None:
+            count = self.iterations            # a value set since, or the counter's
+            self._clock = self._flags = self._bias = self._count_set = None
+            self._iterations = count
 
     def _hyper(self):
         return {}
@@ -169,8 +211,13 @@ class Optimizer:
     # is the whole cost. Above it, concatenating would only add memory traffic.
     FLAT_MAX_ELEMENTS = 1 << 16
 
-    def step(self, params, grads):
-        """Update every ``params[name]`` in place using ``grads[name]`` (clipped in place first)."""
+    def step(self, params, grads, *, loss=None, tally=None):
+        """Update every ``params[name]`` in place using ``grads[name]`` (clipped in place first).
+
+        ``loss``, ``tally``: as :meth:`step_flat`'s. On the device the parameters, gradients
+        and state are concatenated for the one fused launch and the parameters copied back;
+        :meth:`step_flat` over parameters that already live in one flat buffer (a training
+        step's plan) does without both copies."""
         if grads.keys() != params.keys():
             raise ValueError(f"grads keys must match params keys: missing "
                              f"{sorted(set(params) - set(grads))}, unexpected "
@@ -193,26 +240,64 @@ class Optimizer:
                              "with model.to(device)")
         device = devices.pop() if devices else self._device
         self._follow(device)
+        if params and (device != "cpu" or _FUSED_ON_HOST):
+            self._fused_step(params, grads, dtypes, loss, tally)
+            return
+        if (loss is not None or tally is not None) and not _host_gate(loss, tally):
+            return
         if self.clip_value is not None:
             clip_grad_value(grads, self.clip_value)
         if self.clip_norm is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip_norm)
-        self.iterations += 1
-        # on the device: one fused launch over the flat buffers (whatever their size), else
-        # per name when dtypes differ or the state cannot be laid out flat (a launch each)
-        on_device = device != "cpu"
-        update = self._fused_update if on_device else self._update
-        if (len(dtypes) == 1 and (on_device or total <= self.FLAT_MAX_ELEMENTS)
-                and self._step_flat(params, grads, update)):
+        self._iterations += 1
+        if len(dtypes) == 1 and total <= self.FLAT_MAX_ELEMENTS and self._step_flat(params, grads):
             return
         self._flat = None
         for k, p in params.items():
             st = self.state.get(k)
             if st is None:
                 st = self.state[k] = self._init_state(p)
-            update(p, grads[k] if on_device else np.asarray(grads[k], dtype=p.dtype), st)
+            self._update(p, np.asarray(grads[k], dtype=p.dtype), st)
 
-    def step_flat(self, flat_params, flat_grads, layout, update=None):
+    def _fused_step(self, params, grads, dtypes, loss, tally):
+        """:meth:`step` on the device: one fused launch over concatenated copies (per name when
+        dtypes differ or the state cannot be laid out flat, a launch each), after the gate."""
+        first = next(iter(params.values()))
+        xp = array_module(first)
+        self._device_clock(xp)
+        if self.clip_value is not None:
+            clip_grad_value(grads, self.clip_value)
+        norm = None if self.clip_norm is None else clip_grad_norm(grads, self.clip_norm)
+        layout = tuple((k, p.shape) for k, p in params.items())
+        flat = self._flat if len(dtypes) == 1 else None
+        if len(dtypes) == 1 and (flat is None or flat["layout"] != layout
+                                 or flat["dtype"] != first.dtype):
+            flat = self._build_flat(layout, params)
+        if flat is not None:
+            dtype = first.dtype
+            p_flat = xp.concatenate([p.reshape(-1) for p in params.values()])
+            g_flat = xp.concatenate([xp.asarray(grads[k], dtype=dtype).reshape(-1)
+                                     for k in params])
+            runs = [(p_flat, g_flat, flat["state"])]
+        else:
+            self._flat = None
+            runs = []
+            for k, p in params.items():
+                st = self.state.get(k)
+                if st is None:
+                    st = self.state[k] = self._init_state(p)
+                runs.append((p, grads[k], st))
+        slots = None if flat is None else len(flat["state"])
+        self._open_step(xp, first.dtype, [(p, st) for p, _, st in runs], loss, tally, norm)
+        for p, g, st in runs:
+            self._fused_update(p, g, st)
+        if flat is not None:
+            if len(flat["state"]) != slots:     # a slot made lazily (SGD's momentum buffer)
+                self._bind_views(flat)
+            for (k, shape), (lo, hi) in zip(layout, flat["spans"]):
+                xp.copyto(params[k], p_flat[lo:hi].reshape(shape))
+
+    def step_flat(self, flat_params, flat_grads, layout, update=None, *, loss=None, tally=None):
         """:meth:`step` for parameters that live in one flat array, as a training step's plan
         keeps them (:class:`rnnkern.TrainStep`): the same clipping, update and per-name state.
 
@@ -220,17 +305,37 @@ class Optimizer:
             flat_params, flat_grads: 1-D arrays of one float dtype, updated / clipped in place
             layout: ``((name, shape), ...)``, the parameters in the order they are concatenated
             update: None, or ``update(flat_params, flat_grads, flat_state)``, another
-                    implementation of this optimizer's rule over the flat arrays (the C++ plan's
-                    Adam); None: the NumPy rule, or the fused kernel for GPU arrays (which the
-                    per-name fallback always runs, on the host the NumPy rule)
+                    implementation of this optimizer's rule over the flat host arrays (the C++
+                    plan's Adam); None: the NumPy rule. GPU arrays always take the rule's fused
+                    kernel (one launch over the flat buffers, in place)
+            loss:   None, or this step's loss: when it is NaN or infinite nothing is updated
+                    (parameters, state, step count and ``last_grad_norm`` stay; the gradients
+                    may be clipped in place all the same). On the GPU, a 0-d device array that
+                    is never read on the host: the gate kernel looks at it on the device and the
+                    update kernels leave everything untouched when it says non-finite.
+            tally:  None, or a float64 [4] array on the parameters' device that the step adds
+                    its loss to: [0] sum of the finite losses, [1] finite steps, [2]
+                    non-finite steps, [3] the last loss (how :class:`rnnkern.Trainer` reads
+                    the loss on the GPU every few steps instead of every step)
         """
-        self._follow(device_of(flat_params))
-        rule = self._update if not is_device_array(flat_params) else self._fused_update
+        device = device_of(flat_params)
+        self._follow(device)
+        fused = device != "cpu" or _FUSED_ON_HOST
+        if fused:
+            xp = array_module(flat_params)
+            self._device_clock(xp)
+        elif (loss is not None or tally is not None) and not _host_gate(loss, tally):
+            return
         if self.clip_value is not None:
             clip_grad_value([flat_grads], self.clip_value)
+        norm = None
         if self.clip_norm is not None:
-            self.last_grad_norm = clip_grad_norm([flat_grads], self.clip_norm)
-        self.iterations += 1
+            norm = clip_grad_norm([flat_grads], self.clip_norm)
+            if not fused:
+                self.last_grad_norm = norm
+        if not fused:
+            self._iterations += 1
+        rule = self._fused_update if fused else (update or self._update)
         flat = self._flat
         if flat is None or flat["layout"] != layout or flat["dtype"] != flat_params.dtype:
             views, lo = {}, 0     # name -> (param view, grad view)
@@ -242,39 +347,46 @@ class Optimizer:
             flat = self._build_flat(layout, {k: p for k, (p, _) in views.items()})
             if flat is None:  # per-name state that cannot be laid out flat: name by name
                 self._flat = None
+                runs = []
                 for k, (p, g) in views.items():
                     st = self.state.get(k)
                     if st is None:
                         st = self.state[k] = self._init_state(p)
-                    rule(p, g, st)
+                    runs.append((p, g, st))
+                if fused:
+                    self._open_step(xp, flat_params.dtype, [(p, st) for p, _, st in runs],
+                                    loss, tally, norm)
+                for p, g, st in runs:
+                    (self._fused_update if fused else self._update)(p, g, st)
                 return
         st = flat["state"]
         slots = len(st)
-        (update or rule)(flat_params, flat_grads, st)
+        if fused:
+            self._open_step(xp, flat_params.dtype, [(flat_params, st)], loss, tally, norm)
+        rule(flat_params, flat_grads, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
 
-    def _step_flat(self, params, grads, rule=None):
-        """One update (``rule``: the NumPy rule by default) over concatenated params/grads;
-        per-name state are views of flat state. Returns False (nothing done) when the per-name
-        state cannot be laid out flat."""
+    def _step_flat(self, params, grads):
+        """One update with the NumPy rule over concatenated params/grads; per-name state are
+        views of flat state. Returns False (nothing done) when the per-name state cannot be
+        laid out flat."""
         layout = tuple((k, p.shape) for k, p in params.items())
         dtype = next(iter(params.values())).dtype
-        xp = array_module(next(iter(params.values())))
         flat = self._flat
         if flat is None or flat["layout"] != layout or flat["dtype"] != dtype:
             flat = self._build_flat(layout, params)
             if flat is None:
                 return False
-        p_flat = xp.concatenate([p.reshape(-1) for p in params.values()])
-        g_flat = xp.concatenate([xp.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
+        p_flat = np.concatenate([p.reshape(-1) for p in params.values()])
+        g_flat = np.concatenate([np.asarray(grads[k], dtype=dtype).reshape(-1) for k in params])
         st = flat["state"]
         slots = len(st)
-        (rule or self._update)(p_flat, g_flat, st)
+        self._update(p_flat, g_flat, st)
         if len(st) != slots:            # a slot created lazily (SGD's momentum buffer)
             self._bind_views(flat)
         for (k, shape), (lo, hi) in zip(layout, flat["spans"]):
-            xp.copyto(params[k], p_flat[lo:hi].reshape(shape))
+            np.copyto(params[k], p_flat[lo:hi].reshape(shape))
         return True
 
     def _build_flat(self, layout, params):
@@ -302,18 +414,78 @@ class Optimizer:
     def _init_state(self, p):
         return {s: array_module(p).zeros_like(p) for s in self._slots}
 
+    def _lazy_slots(self):
+        """State slots the rule makes at its first step rather than up front (SGD's momentum
+        buffer); their first update differs from the later ones."""
+        return ()
+
     def _update(self, p, g, st):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the fused (device) step
+    def _device_clock(self, xp):
+        """The device step counter ``[t, lazy slots written]`` (int64 [2], made from the host
+        count at the first fused step); a count set on the host since is written into it here
+        (a fill: nothing read)."""
+        if self._clock is None:
+            count = self._iterations
+            self._clock = xp.asarray(np.array([count, 1], np.int64))
+            self._flags = xp.zeros(2, np.int32)
+            self._t_bound = count
+        elif self._count_set is not None:
+            self._clock[0] = self._t_bound = self._count_set
+            self._count_set = None
+        return self._clock
+
+    def _open_step(self, xp, dtype, runs, loss, tally, norm):
+        """What a fused step does before its update launches: make the lazily made slots of
+        ``runs`` (``[(like, state dict)]``) that do not exist yet (marked unwritten on the
+        device), launch the gate on ``loss`` / ``tally``, and keep the clipping's ``norm`` as
+        :attr:`last_grad_norm` where the gate lets the step through."""
+        from .backends.cuda import elementwise
+        made = False
+        for like, st in runs:
+            for s in self._lazy_slots():
+                if s not in st:     # zeros, not garbage, until a step goes (state_dict skips it)
+                    st[s] = xp.zeros_like(like)
+                    made = True
+        if made:
+            self._clock[1] = 0
+        if loss is not None:
+            loss = xp.asarray(loss, dtype=np.float64)
+            if loss.shape != ():
+                raise ValueError(f"loss must be a scalar, got shape {loss.shape}")
+        if tally is not None and (array_module(tally) is not xp or tally.dtype != np.float64
+                                  or tally.shape != (4,) or not tally.flags.c_contiguous):
+            raise ValueError(f"tally must be a C-contiguous float64 array of shape (4,) on the "
+                             f"parameters' device, got {type(tally).__name__} "
+                             f"{getattr(tally, 'dtype', None)} {getattr(tally, 'shape', None)}")
+        flags = self._flags
+        elementwise.launch("optim", "rk_step_gate", 1,
+                           (flags if loss is None else loss, np.int32(loss is not None),
+                            self._clock, flags, flags if tally is None else tally,
+                            np.int32(tally is not None)), dtype)
+        self._t_bound += 1
+        if norm is not None:
+            if loss is None:
+                self.last_grad_norm = norm
+            elif xp is np:               # the emulator's host arrays: the flag is right here
+                self.last_grad_norm = norm if flags[0] else self.last_grad_norm
+            else:                        # on the device, chosen there (nothing read back)
+                prev = self.last_grad_norm
+                self.last_grad_norm = xp.where(flags[0] != 0, norm,
+                                               xp.nan if prev is None else prev)
+
     def _kernel_args(self, p, g, st, real):  # pragma: no cover - abstract
         """``(kernel name, arguments after n)`` of this rule's fused kernel in
-        csrc/cuda/optim.cu; scalars rounded with ``real`` (the dtype's scalar type)."""
+        csrc/cuda/optim.cu; scalars rounded with ``real`` (the dtype's scalar type). The gate
+        has run: ``self._flags`` and ``self._clock`` are this step's."""
         raise NotImplementedError
 
     def _fused_update(self, p, g, st):
         """:meth:`_update` as one launch of the rule's fused kernel (csrc/cuda/optim.cu) over
         ``p``, ``g`` and the state ``st`` (arrays of one shape on the kernels' device; the
-        tests' host emulator runs it on NumPy arrays)."""
+        tests' host emulator runs it on NumPy arrays), after the gate (:meth:`_open_step`)."""
         from .backends.cuda import elementwise
         xp = array_module(p)
         work = p if p.flags.c_contiguous else xp.ascontiguousarray(p)
@@ -325,10 +497,21 @@ class Optimizer:
 
     def state_dict(self):
         """Everything needed to continue exactly: hyper-parameters, lr, step count, state arrays
-        (host copies, wherever the state lives)."""
-        return {"class": type(self).__name__, "lr": self.lr, "iterations": self.iterations,
+        (host copies, wherever the state lives; the step count read from the device, and
+        lazily made slots left out while no step has gone since they were made, as on the
+        host, where a skipped step makes nothing)."""
+        iterations, unwritten = self._iterations, ()
+        if self._clock is not None:
+            iterations = self._count_set
+            clock = to_host(self._clock)          # one read: the count and the written flag
+            if iterations is None:
+                iterations = int(clock[0])
+            if not clock[1]:
+                unwritten = self._lazy_slots()
+        return {"class": type(self).__name__, "lr": self.lr, "iterations": iterations,
                 "hyper": self._hyper(),
-                "state": {k: {s: to_host(a, copy=True) for s, a in st.items()}
+                "state": {k: {s: to_host(a, copy=True) for s, a in st.items()
+                              if s not in unwritten}
                           for k, st in self.state.items()}}
 
     def load_state_dict(self, state):
@@ -336,14 +519,36 @@ class Optimizer:
         if state["class"] != type(self).__name__:
             raise ValueError(f"state is for {state['class']}, not {type(self).__name__}")
         self.lr = float(state["lr"])
-        self.iterations = int(state["iterations"])
+        self.iterations = int(state["iterations"])   # into the device counter at the next step
         self.state = {k: {s: to_device(to_host(a, copy=True), self._device) for s, a in st.items()}
                       for k, st in state["state"].items()}
         self._flat = None
+        if self._clock is not None:
+            self._clock[1] = 1   # the loaded slots hold values (missing ones: made, unwritten)
 
     def __repr__(self):
         hyper = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
         return f"{type(self).__name__}(lr={self.lr!r}, {hyper})"
+
+
+# Tests only: host (NumPy) arrays take the fused path too, its kernels run by the host emulator
+# (tests/cuda_emu.py), so the device step's logic is checked without a GPU.
+_FUSED_ON_HOST = False
+
+
+def _host_gate(loss, tally):
+    """The gate of a host step given ``loss`` / ``tally``: whether the step goes on (the loss
+    finite, or none given); the tally counts it as rk_step_gate does on the device."""
+    value = 0.0 if loss is None else float(loss)
+    go = loss is None or math.isfinite(value)
+    if tally is not None:
+        if go:
+            tally[0] += value
+            tally[1] += 1.0
+        else:
+            tally[2] += 1.0
+        tally[3] = value
+    return go
 
 
 class SGD(Optimizer):
@@ -381,17 +586,16 @@ class SGD(Optimizer):
             g = g + self.momentum * buf if self.nesterov else buf
         p -= self.lr * g
 
+    def _lazy_slots(self):
+        return ("momentum_buffer",) if self.momentum else ()
+
     def _kernel_args(self, p, g, st, real):
-        buf, first = p, 0            # the kernel leaves buf alone without momentum
-        if self.momentum:
-            buf = st.get("momentum_buffer")
-            if buf is None:          # created at the first step, as _update does
-                buf = st["momentum_buffer"] = array_module(p).empty_like(p)
-                first = 1
-        return "rk_sgd_update", (p, g, buf, real(self.lr), real(self.momentum),
+        # the kernel leaves buf alone without momentum; with it, the gate's `first` flag says
+        # whether buf (made by _open_step) is written for the first time, as _update's g.copy()
+        buf = st["momentum_buffer"] if self.momentum else p
+        return "rk_sgd_update", (p, g, buf, self._flags, real(self.lr), real(self.momentum),
                                  real(self.weight_decay), np.int32(bool(self.weight_decay)),
-                                 np.int32(bool(self.momentum)), np.int32(self.nesterov),
-                                 np.int32(first))
+                                 np.int32(bool(self.momentum)), np.int32(self.nesterov))
 
 
 class Adam(Optimizer):
@@ -426,13 +630,43 @@ class Adam(Optimizer):
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "eps_mode": self.eps_mode, "weight_decay": self.weight_decay}
 
-    def _bias_correction(self):
-        """``(sqrt(1-b2^t), step size)`` of step t = :attr:`iterations`: the step size is
-        ``lr sqrt(1-b2^t)/(1-b1^t)`` (tf) or ``lr/(1-b1^t)`` (torch)."""
-        t = self.iterations
+    def _bias_correction(self, t=None):
+        """``(1-b1^t, sqrt(1-b2^t), step size)`` of step t (default :attr:`iterations`), in
+        Python floats: the step size is ``lr sqrt(1-b2^t)/(1-b1^t)`` (tf) or ``lr/(1-b1^t)``
+        (torch). The device's table holds the first two for every t (:meth:`_bias_table`);
+        rk_adam_update forms the step size from them as this does."""
+        if t is None:
+            t = self._iterations      # a host step's (a device step gives its t)
         bc1 = 1.0 - self.beta1 ** t
         bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
-        return bc2_sqrt, (self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf" else self.lr / bc1)
+        return bc1, bc2_sqrt, (self.lr * bc2_sqrt / bc1 if self.eps_mode == "tf"
+                               else self.lr / bc1)
+
+    # the bias table grows to at least this many rows, and doubles when it must grow
+    BIAS_TABLE_MIN_ROWS = 64
+
+    def _bias_table(self, xp):
+        """``(table, R)``: the device's float64 [R,2] rows ``(1-b1^t, sqrt(1-b2^t))`` for
+        t = 1..R, computed here by :meth:`_bias_correction` (Python's pow, whose bits the
+        device's pow need not share). It covers every t the device counter can hold now
+        (at most ``_t_bound``), or it ends where both columns reach 1.0 exactly, beyond which
+        every row is that one (rk_adam_update reads row min(t, R)). Grown by doubling: an
+        upload now and then (about log2 of the steps taken), no read."""
+        key = (self.beta1, self.beta2, xp)
+        table = self._bias
+        if table is None or table["key"] != key:
+            table = self._bias = {"key": key, "rows": [], "array": None, "full": False}
+        rows = table["rows"]
+        if len(rows) < self._t_bound and not table["full"]:
+            goal = max(self.BIAS_TABLE_MIN_ROWS, 2 * len(rows), self._t_bound)
+            while len(rows) < goal:
+                bc1, bc2_sqrt, _ = self._bias_correction(len(rows) + 1)
+                rows.append((bc1, bc2_sqrt))
+                if bc1 == 1.0 and bc2_sqrt == 1.0:   # so for every later t too
+                    table["full"] = True
+                    break
+            table["array"] = xp.asarray(np.array(rows, np.float64))
+        return table["array"], len(rows)
 
     def _update(self, p, g, st):
         if self.weight_decay:
@@ -442,7 +676,7 @@ class Adam(Optimizer):
         m += (1.0 - self.beta1) * g
         v *= self.beta2
         v += (1.0 - self.beta2) * (g * g)
-        bc2_sqrt, step = self._bias_correction()
+        _, bc2_sqrt, step = self._bias_correction()
         denom = np.sqrt(v)
         if self.eps_mode == "torch":
             denom /= bc2_sqrt
@@ -450,10 +684,11 @@ class Adam(Optimizer):
         p -= step * (m / denom)
 
     def _kernel_args(self, p, g, st, real):
-        bc2_sqrt, step = self._bias_correction()
-        return "rk_adam_update", (p, g, st["m"], st["v"], real(self.beta1), real(1.0 - self.beta1),
-                                  real(self.beta2), real(1.0 - self.beta2), real(self.eps),
-                                  real(step), real(bc2_sqrt), real(self.weight_decay),
+        table, rows = self._bias_table(array_module(p))
+        return "rk_adam_update", (p, g, st["m"], st["v"], self._flags, self._clock, table,
+                                  np.int64(rows), np.float64(self.lr), real(self.beta1),
+                                  real(1.0 - self.beta1), real(self.beta2),
+                                  real(1.0 - self.beta2), real(self.eps), real(self.weight_decay),
                                   np.int32(bool(self.weight_decay)),
                                   np.int32(self.eps_mode == "torch"))
 
@@ -503,7 +738,7 @@ class RMSprop(Optimizer):
     def _kernel_args(self, p, g, st, real):
         # the kernel leaves grad_avg / momentum_buffer alone when their flag is 0
         return "rk_rmsprop_update", (p, g, st["square_avg"], st.get("grad_avg", p),
-                                     st.get("momentum_buffer", p), real(self.rho),
+                                     st.get("momentum_buffer", p), self._flags, real(self.rho),
                                      real(1.0 - self.rho), real(self.eps), real(self.lr),
                                      real(self.momentum), np.int32(self.centered),
                                      np.int32(bool(self.momentum)))
@@ -537,7 +772,8 @@ class Adagrad(Optimizer):
         p -= self.lr * (g / std)
 
     def _kernel_args(self, p, g, st, real):
-        return "rk_adagrad_update", (p, g, st["sum"], real(self.lr), real(self.eps))
+        return "rk_adagrad_update", (p, g, st["sum"], self._flags, real(self.lr),
+                                     real(self.eps))
 
 
 # Each optimizer's docstring stands alone: the arguments they all take, written once.

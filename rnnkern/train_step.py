@@ -5,15 +5,17 @@ Shape legend: B batch, T time steps, I input width, C classes.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from . import backends
-from .device import array_module, is_device_array
+from .device import array_module, is_device_array, to_host
 from .distributed import resolve, shard_batch, split_streams
 from .step_plan import FlatParameters, build_plan, model_form, plan_backend
+from .step_plan.device import DevicePlan, device_plan_reason, gates_on_device
 
-__all__ = ["TrainStep", "NonFiniteLossError"]
+__all__ = ["TrainStep", "NonFiniteLossError", "StepTally"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -23,6 +25,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 _ON_NONFINITE = ("raise", "skip")
+
+
+class StepTally(NamedTuple):
+    """What :meth:`TrainStep.read` reads of a device step's tally since it was reset: the sum of
+    the finite steps' losses and their number, the number of non-finite (skipped) steps, the last
+    step's loss (NaN before any), and how many of each came since the previous read."""
+
+    loss_sum: float
+    steps: int
+    nonfinite: int
+    last_loss: float
+    new_steps: int
+    new_nonfinite: int
+
+
+# Tests only: host batches take the GPU form of the step (its update through the fused kernels
+# of the host emulator: rnnkern.optim._FUSED_ON_HOST), so its logic is checked without a GPU.
+_DEVICE_FORM_ON_HOST = False
 
 
 class TrainStep:
@@ -51,7 +71,8 @@ class TrainStep:
         on_nonfinite: what a step whose loss (or model output) is NaN or infinite does; either
                    way nothing is updated (parameters, optimizer state and step count stay):
                    "raise" (default) raises :class:`NonFiniteLossError`; "skip" returns the
-                   non-finite loss and counts the step in ``step.skipped``
+                   non-finite loss and counts the step in ``step.skipped``. On the device
+                   both act at the next :meth:`read` (see "On the GPU")
         distributed: None (one process), "mpi" or an :class:`rnnkern.distributed.MPIGroup`:
                    data-parallel over MPI ranks (run under ``mpiexec``). Every rank calls the
                    step with the same global batch and trains on its contiguous share of the
@@ -73,6 +94,18 @@ class TrainStep:
     After a call, ``step.plan`` is the plan it ran (``print(step.plan)`` names each stage's
     implementation and where it runs), or None when it took the generic loop, and
     ``step.generic_reason`` says why (None when a plan ran).
+
+    On the GPU (``model.to("cuda")``, an optimizer of :mod:`rnnkern.optim`), a step reads
+    nothing back to the host: it returns the loss as a 0-d float64 device array (``float(loss)``
+    reads it), and its plan is the GPU form (:mod:`rnnkern.step_plan.device`): the parameters
+    and gradients are views of one flat device buffer and the update is the optimizer's fused
+    kernel over it, gated on the device by the loss, so a NaN/inf step updates nothing there
+    either. The step adds its loss to ``step.tally`` (loss sum, finite steps, skipped steps,
+    last loss, on the device); :meth:`read` reads it in one copy and applies ``on_nonfinite``
+    to the steps skipped since the previous read ("raise": :class:`NonFiniteLossError`;
+    "skip": counted in ``skipped``), so ``skipped`` is current as of the last read.
+    :class:`rnnkern.Trainer` reads every ``log_every`` steps. With any other optimizer the
+    device step reads its loss every step, as on the host.
 
     Note: the first planned call replaces every array in the layers' ``params`` (and ``grads``)
     dicts by a view of one flat array holding the same values, as ``load_params`` replaces
@@ -108,11 +141,24 @@ class TrainStep:
         self.group = resolve(distributed)   # None, or the MPIGroup of a data-parallel step
         self._synchronised = False
         self._grad_buffer = None     # the generic loop's gradients packed for the allreduce
+        self.tally = None            # device steps: float64 [4] on the device (see read)
+        self._device_plan = None     # the GPU form's DevicePlan, kept while it serves
+        self._tally_start = (0.0, 0)  # (loss sum, finite steps) the tally starts from
+        self._tally_fresh = True     # the tally is to be (re)written from _tally_start
+        self._seen = (0, 0)          # (finite, non-finite) steps of the tally already read
+        self._device_reason = None   # why the GPU form updates the parameter dicts instead
 
     def __call__(self, x, y, initial_state=None, lengths=None, weights=None,
                  return_state=False):
         if self.group is not None:
             out = self._sharded(x, y, initial_state, lengths, weights, return_state)
+        elif ((type(x) is not np.ndarray or _DEVICE_FORM_ON_HOST)
+              and (is_device_array(x) or _DEVICE_FORM_ON_HOST)
+              and gates_on_device(self.optimizer)
+              and (_DEVICE_FORM_ON_HOST or getattr(self.model, "device", "cpu") != "cpu")):
+            # a batch and a model on the GPU: the GPU form (with one of them on the host, the
+            # path below, whose forward names both devices)
+            return self._device_step(x, y, initial_state, lengths, weights, return_state)
         else:
             plan = self._plan_for(x)
             if plan is not None:
@@ -127,9 +173,7 @@ class TrainStep:
     def _nonfinite(self, value, out):
         if self.on_nonfinite == "raise":
             raise NonFiniteLossError(
-                f"the loss is {value} at this step, so nothing was updated: the model's "
-                f"parameters hold NaN or infinity, or training diverged (lower the learning "
-                f"rate or clip the gradients; on_nonfinite='skip' skips such steps instead)")
+                f"the loss is {value} at this step, so nothing was updated: {_DIVERGED}")
         self.skipped += 1
         return out
 
@@ -241,8 +285,12 @@ class TrainStep:
         device = getattr(self.model, "device", "cpu")
         if device != "cpu":
             self.plan = None
-            self.generic_reason = (f"the model is on {device!r}: the step plans run on the host "
-                                   f"(the generic loop runs there, every stage on the device)")
+            self.generic_reason = (
+                f"the model is on {device!r} and " + (
+                    "x is not: the GPU form takes batches on the device" if gates_on_device(
+                        self.optimizer) else "the optimizer is not one of rnnkern.optim's: the "
+                    "generic loop, every stage on the device, the loss read on the host every "
+                    "step"))
             return None
         shape = x.shape if type(x) is np.ndarray else np.shape(x)
         hd = form.head_dropout
@@ -268,23 +316,105 @@ class TrainStep:
             self._flat = FlatParameters(self.model, form.dtype)
         return build_plan(form, self._flat, self.optimizer, backend, shape[:2]), None
 
+    # ------------------------------------------------------------------ the GPU form
+    def _device_step(self, x, y, initial_state, lengths, weights, return_state):
+        """One step of a model on the device that reads nothing back: forward, loss (kept a 0-d
+        device array), backward, and the optimizer's update gated on the device by the loss
+        (over the flat buffers of the :class:`DevicePlan`, or the parameter dicts with
+        ``generic=True`` or a model it cannot lay out flat). The output is not scanned for
+        NaN (a read); a NaN there makes the loss NaN, which the gate stops."""
+        xp = array_module(next(iter(self.model.params.values()), np.zeros(0)))
+        plan = self._device_plan_for(xp)
+        state, value, d_pred = self._forward_loss(x, y, initial_state, lengths, weights,
+                                                  return_state, scan=False)
+        if not (getattr(value, "dtype", None) == np.float64 and getattr(value, "shape", None)
+                == () and array_module(value) is xp):
+            value = xp.asarray(value, dtype=np.float64)   # a loss made on the host: no read
+        if d_pred is not None:
+            self.model.backward(d_pred)
+        tally = self._device_tally(xp)
+        if plan is not None:
+            plan.update(value, tally)
+        else:
+            self.optimizer.step(self.model.params, self.model.grads, loss=value, tally=tally)
+        return (value, state) if return_state else value
+
+    def _device_plan_for(self, xp):
+        """The :class:`DevicePlan` for this call (also ``self.plan``), or None with
+        ``self.generic_reason`` saying why the parameter dicts are updated instead."""
+        if self.generic:
+            self.plan, self.generic_reason = None, ("generic=True (on the device: the update "
+                                                    "gated there, the parameters concatenated)")
+            return None
+        plan = self._device_plan
+        if plan is None or not plan.still_current(self.model):
+            reason = device_plan_reason(self.model)
+            plan = self._device_plan = (DevicePlan(self.model, self.loss, self.optimizer)
+                                        if reason is None else None)
+            self._device_reason = None if reason is None else (
+                f"{reason}: the generic loop on the device, the update gated there")
+        self.plan, self.generic_reason = plan, self._device_reason
+        return plan
+
+    def _device_tally(self, xp):
+        """``self.tally`` on the device, written from the start values after a reset."""
+        if self._tally_fresh:
+            if self.tally is None or array_module(self.tally) is not xp:
+                self.tally = xp.zeros(4, np.float64)
+            loss_sum, steps = self._tally_start
+            self.tally[0], self.tally[1] = loss_sum, steps    # fills, nothing read
+            self.tally[2], self.tally[3] = 0.0, math.nan
+            self._tally_fresh = False
+        return self.tally
+
+    def reset_tally(self, loss_sum=0.0, steps=0):
+        """Start the device tally again from ``loss_sum`` over ``steps`` finite steps (the
+        Trainer's epoch sums: zero, or a checkpoint's), no skipped steps and no last loss. Written
+        on the device at the next step; nothing is read."""
+        self._tally_start = (float(loss_sum), int(steps))
+        self._tally_fresh = True
+        self._seen = (int(steps), 0)
+
+    def read(self, check=True):
+        """Read the device tally (ONE device-to-host copy of four numbers) as a
+        :class:`StepTally`, and apply ``on_nonfinite`` to the steps skipped since the previous
+        read: "skip" adds them to ``skipped``; "raise" (when ``check``) raises
+        :class:`NonFiniteLossError`. The gate skipped those steps' updates and the steps after
+        them went on until this read, so the parameters are those of the last finite step.
+        Before any device step (or right after :meth:`reset_tally`) nothing is read."""
+        if self.tally is None or self._tally_fresh:
+            loss_sum, steps = self._tally_start
+            nonfinite, last = 0, math.nan
+        else:
+            host = to_host(self.tally)
+            loss_sum, steps, nonfinite, last = (float(host[0]), int(host[1]), int(host[2]),
+                                                float(host[3]))
+        new_steps, new_nonfinite = steps - self._seen[0], nonfinite - self._seen[1]
+        self._seen = (steps, nonfinite)
+        tally = StepTally(loss_sum, steps, nonfinite, last, new_steps, new_nonfinite)
+        if new_nonfinite:
+            if self.on_nonfinite == "skip":
+                self.skipped += new_nonfinite
+            elif check:
+                raise NonFiniteLossError(nonfinite_message(tally))
+        return tally
+
     # ------------------------------------------------------------------ generic
-    def _generic(self, x, y, initial_state, lengths, weights, return_state, loss_scale=1.0,
-                 exchange=None):
-        """The generic loop; a NaN or infinity that arises inside the model (its parameters'
-        doing, the input having been checked by the first layer) returns a NaN loss with
-        nothing updated, as the plans do. ``loss_scale``, ``exchange``: as a plan's
-        (:meth:`rnnkern.step_plan.plan.StepPlan.run`)."""
+    def _forward_loss(self, x, y, initial_state, lengths, weights, return_state, scan=True):
+        """``(state, loss value, d_pred)`` of the batch; ``(state, nan, None)`` when a NaN or
+        infinity arose inside the model (its parameters' doing, the input having been checked
+        by the first layer): the output scanned for one when ``scan``, and a ValueError of the
+        loss with non-finite parameters."""
         _check_not_empty(np.shape(x) if not hasattr(x, "shape") else x.shape)
         kwargs = {} if lengths is None else {"lengths": lengths}
-        state = None
+        state, d_pred = None, None
         try:
             if return_state or initial_state is not None:
                 pred, state = self.model.forward(x, initial_state=initial_state,
                                                  return_state=True, **kwargs)
             else:
                 pred = self.model.forward(x, **kwargs)
-            if _holds_nonfinite(pred):
+            if scan and _holds_nonfinite(pred):
                 value = math.nan
             elif weights is None:
                 value, d_pred = self.loss(pred, y, return_grad=True)
@@ -293,7 +423,16 @@ class TrainStep:
         except ValueError:
             if all(_finite(p) for p in self.model.params.values()):
                 raise                  # a bad input, not a numerical failure
-            value = math.nan
+            value, d_pred = math.nan, None
+        return state, value, d_pred
+
+    def _generic(self, x, y, initial_state, lengths, weights, return_state, loss_scale=1.0,
+                 exchange=None):
+        """The generic loop; a NaN or infinity that arises inside the model returns a NaN loss
+        with nothing updated, as the plans do (:meth:`_forward_loss`). ``loss_scale``,
+        ``exchange``: as a plan's (:meth:`rnnkern.step_plan.plan.StepPlan.run`)."""
+        state, value, d_pred = self._forward_loss(x, y, initial_state, lengths, weights,
+                                                  return_state)
         value = float(value)
         if math.isfinite(value):
             if loss_scale != 1.0:
@@ -304,6 +443,18 @@ class TrainStep:
         if math.isfinite(value):
             self.optimizer.step(self.model.params, self.model.grads)
         return (value, state) if return_state else value
+
+
+_DIVERGED = ("the model's parameters hold NaN or infinity, or training diverged (lower the "
+             "learning rate or clip the gradients; on_nonfinite='skip' skips such steps instead)")
+
+
+def nonfinite_message(tally):
+    """The words of a device read (a :class:`StepTally`) that found skipped steps."""
+    return (f"{tally.new_nonfinite} step(s) since the previous read had a NaN or infinite loss "
+            f"(the last loss: {tally.last_loss}); on the device their updates were skipped and "
+            f"training went on until this read, so the parameters are those of the last finite "
+            f"step: {_DIVERGED}")
 
 
 def _check_not_empty(shape):

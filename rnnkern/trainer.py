@@ -26,7 +26,11 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .device import device_of, to_device, to_host
 from .distributed import shard_batch
 from .resume_checks import checked_optimizer_state, checked_params, checked_trainer_meta
-from .train_step import TrainStep, _check_not_empty
+from .train_step import NonFiniteLossError, TrainStep, _check_not_empty, nonfinite_message
+
+# steps between two reads of the loss on the device when log_every is None (each read waits
+# for the device to finish the steps queued before it)
+DEVICE_LOG_EVERY = 50
 
 
 class Callback:
@@ -35,6 +39,11 @@ class Callback:
     Useful trainer attributes: ``epoch`` (0-based, current), ``global_step``, ``step_in_epoch``,
     ``last_loss``, ``history`` (``{"loss": [...], "val_loss": [...], "lr": [...]}`` per epoch),
     ``model``, ``optimizer``. Set ``trainer.stop_training = True`` to stop after this step/epoch.
+
+    On the GPU the trainer reads the loss every ``log_every`` steps (see :class:`Trainer`), and
+    ``on_step_end`` runs at each read, after the steps it covers: ``last_loss`` is then the
+    last of them, ``global_step`` / ``skipped_steps`` count them all, and ``read_skipped`` says
+    how many of them were skipped for a non-finite loss.
     """
 
     def on_step_end(self, trainer):
@@ -59,13 +68,18 @@ class TerminateOnNaN(Callback):
     ``TerminateOnNaN``), for a trainer made with ``on_nonfinite="skip"`` (the default "raise"
     stops with :class:`~rnnkern.NonFiniteLossError` anyway). That step updated nothing, so the
     parameters, and a checkpoint written after it, are those of the last finite step.
-    ``stopped_at`` is the trainer's ``global_step`` then (None while training goes on)."""
+    ``stopped_at`` is the trainer's ``global_step`` then (None while training goes on).
+
+    On the GPU it sees the loss at each read (every ``log_every`` steps): it stops at the first
+    read that covers a skipped step, and the finite steps between that step and the read have
+    updated the parameters."""
 
     def __init__(self):
         self.stopped_at = None
 
     def on_step_end(self, trainer):
-        if trainer.last_loss is not None and not math.isfinite(trainer.last_loss):
+        if (trainer.last_loss is not None and not math.isfinite(trainer.last_loss)
+                or getattr(trainer, "read_skipped", 0)):
             self.stopped_at = trainer.global_step
             trainer.stop_training = True
 
@@ -154,7 +168,13 @@ class Trainer:
                       (default: :class:`~rnnkern.NonFiniteLossError` out of :meth:`fit`) or
                       "skip" (training goes on; the step counts in ``skipped_steps``, not in
                       ``global_step`` or the epoch's mean loss; add :class:`TerminateOnNaN` to
-                      stop there instead)
+                      stop there instead). On the GPU, "raise" raises at the first read that
+                      sees such a step (``log_every``); the steps up to that read ran, the
+                      skipped ones updating nothing, so the parameters are those of the last
+                      finite step
+        log_every:    on the GPU, read the loss every this many steps (default None: 50); see
+                      below. On the host every step's loss is a Python float already and is
+                      used at once, whatever this is
         distributed:  None (one process), "mpi" or an :class:`rnnkern.distributed.MPIGroup`:
                       data-parallel training over MPI ranks. Every rank makes the trainer and
                       calls ``fit`` with the same data; each trains on its contiguous share of
@@ -171,6 +191,15 @@ class Trainer:
 
     An empty batch (B = 0 or T = 0) raises ValueError from :meth:`fit` and :meth:`evaluate`.
 
+    On the GPU (a model moved with ``model.to("cuda")`` and an optimizer of
+    :mod:`rnnkern.optim`) a step reads nothing back (:class:`~rnnkern.TrainStep`): the epoch's
+    loss sum and its numbers of finite and skipped steps accumulate on the device, and the
+    trainer reads them -- one device-to-host copy -- every ``log_every`` steps, at the end of
+    an epoch, before a checkpoint every ``checkpoint_every`` steps, and before :meth:`save`.
+    ``last_loss``, ``global_step``, ``skipped_steps``, the progress bar and the callbacks'
+    ``on_step_end`` follow those reads; the history is the same as on the host. Validation
+    losses are summed on the device too (one read per :meth:`evaluate`).
+
     Example::
 
         >>> trainer = Trainer(model, sequence_loss, Adam(0.1), progress=False)
@@ -181,7 +210,7 @@ class Trainer:
     def __init__(self, model, loss, optimizer, *, lr_schedule=None, stateful=False,
                  shuffle=False, seed=0, progress=True, callbacks=(), checkpoint=None,
                  checkpoint_every="epoch", checkpoint_meta=None, generic=False,
-                 on_nonfinite="raise", distributed=None):
+                 on_nonfinite="raise", distributed=None, log_every=None):
         for attr in ("forward", "backward", "params", "grads", "train", "eval"):
             if not hasattr(model, attr):
                 raise TypeError(f"model has no {attr!r} (see rnnkern.trainer's docstring)")
@@ -193,6 +222,9 @@ class Trainer:
                 (isinstance(checkpoint_every, int) and checkpoint_every > 0)):
             raise ValueError(f"checkpoint_every must be 'epoch' or a positive int, "
                              f"got {checkpoint_every!r}")
+        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int)
+                                      or log_every < 1):
+            raise ValueError(f"log_every must be None or an int >= 1, got {log_every!r}")
         if stateful and shuffle:
             raise ValueError("stateful=True carries state between consecutive batches; "
                              "shuffle=True would break that order")
@@ -209,12 +241,14 @@ class Trainer:
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.checkpoint_meta = checkpoint_meta
+        self.log_every = log_every
         self.rng = np.random.default_rng(seed)
         self.epoch = 0              # index of the epoch being (or next to be) run
         self.global_step = 0        # optimizer steps taken
         self.skipped_steps = 0      # steps with a non-finite loss, skipped (on_nonfinite)
         self.step_in_epoch = 0      # batches done in the current epoch
         self.last_loss = None
+        self.read_skipped = 0       # steps skipped among those the last device read covered
         self.stop_training = False
         self.history = {"loss": [], "val_loss": [], "lr": []}
         self._epoch_rng_state = None  # the generator's state when the current epoch began
@@ -222,6 +256,7 @@ class Trainer:
         self._loss_count = 0
         self._state = None            # carried recurrent state (stateful=True): this rank's rows
         self._state_rows = None       # ... of a batch of this many rows
+        self._pending = 0             # device steps since the last read of the loss
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, state, lengths, want_state):
@@ -244,7 +279,9 @@ class Trainer:
         return tuple(None if a is None else to_device(a, device) for a in (x, y, lengths, weights))
 
     def train_step(self, batch):
-        """Forward, loss, backward and one optimizer step on ``batch``; returns the loss."""
+        """Forward, loss, backward and one optimizer step on ``batch``; returns the loss: a
+        float, or on the GPU a 0-d device array, not read (the counters follow at the next read
+        of :meth:`fit`'s loop, or of :meth:`save`)."""
         x, y, lengths, weights = self._on_model_device(*_unpack(batch))
         state = self._state
         if state is not None and self._state_rows != _batch_size(x):
@@ -254,6 +291,9 @@ class Trainer:
         else:
             value = self._step(x, y, lengths=lengths, weights=weights)
         self._state, self._state_rows = state, _batch_size(x)
+        if not isinstance(value, float):   # a device step's loss: read every log_every steps
+            self._pending += 1
+            return value
         self.last_loss = float(value)
         if math.isfinite(self.last_loss):
             self.global_step += 1
@@ -287,7 +327,8 @@ class Trainer:
                     pred, state = self._forward(x, state, lengths, self.stateful)
                     value = self.loss(pred, y) if weights is None else self.loss(pred, y,
                                                                                  weights=weights)
-                    total += float(value) * fraction * n
+                    # a float, or on the GPU a 0-d device array: summed there, read once below
+                    total = total + value * fraction * n
                     count += n
                 if self.group is not None:
                     total = self.group.sum(total)
@@ -295,7 +336,7 @@ class Trainer:
             self.model.train(was_training)
         if count == 0:
             raise ValueError("evaluate() got no batches")
-        return total / count
+        return float(total) / count
 
     # ------------------------------------------------------------------ epochs
     def _iterate(self, data, epoch, shuffle):
@@ -340,21 +381,35 @@ class Trainer:
         return contextlib.nullcontext() if self.group is None else self.group.failing_together()
 
     def _run_epoch(self, data, epochs, val_data, bar):
+        if self._pending:          # device steps of train_step calls outside fit: counted
+            self._read_device()
         skip = self.step_in_epoch  # > 0 only when resuming mid-epoch
         if skip:
             self.rng.bit_generator.state = self._epoch_rng_state   # replay this epoch's order
         else:
             self._epoch_rng_state = self.rng.bit_generator.state
             self._loss_sum, self._loss_count, self._state = 0.0, 0, None
+        # device steps add to a tally on the device from the epoch's sums (so far)
+        self._step.reset_tally(self._loss_sum, self._loss_count)
+        self._pending = 0
         if self.lr_schedule is not None:
             self.optimizer.lr = float(self.lr_schedule(self.epoch))
         self.model.train()
         t0 = time.perf_counter()
+        every = DEVICE_LOG_EVERY if self.log_every is None else self.log_every
         for i, batch in enumerate(self._iterate(data, self.epoch, self.shuffle)):
             if i < skip:
                 continue
             loss = self.train_step(batch)
             self.step_in_epoch = i + 1
+            if self._pending:         # a device step: its loss is read every `every` steps
+                if bar is not None:
+                    bar.update(1)
+                if self._pending >= every or self._checkpoint_due():
+                    self._after_read(bar, epochs)
+                if self.stop_training:
+                    return
+                continue
             stepped = math.isfinite(loss)
             if stepped:
                 self._loss_sum += loss
@@ -369,6 +424,10 @@ class Trainer:
             if (stepped and self.checkpoint is not None and self.checkpoint_every != "epoch"
                     and self.global_step % self.checkpoint_every == 0):
                 self.save(self.checkpoint)
+            if self.stop_training:
+                return
+        if self._pending:             # the epoch's last device steps
+            self._after_read(bar, epochs)
             if self.stop_training:
                 return
         if self._loss_count == 0 and self.step_in_epoch == 0:
@@ -387,6 +446,47 @@ class Trainer:
                 cb.on_epoch_end(self)
         if self.checkpoint is not None and self.checkpoint_every == "epoch":
             self.save(self.checkpoint)
+
+    def _after_read(self, bar, epochs):
+        """Device steps: read them (:meth:`_read_device`), then what a host step does after
+        each step -- the progress bar's loss, the callbacks, and a checkpoint when no step was
+        skipped and ``global_step`` reached a multiple of ``checkpoint_every``."""
+        stepped = self._read_device() == 0
+        if bar is not None:
+            bar.set_postfix(epoch=f"{self.epoch + 1}/{epochs}", loss=f"{self.last_loss:.4f}",
+                            refresh=False)
+        for cb in self.callbacks:
+            if hasattr(cb, "on_step_end"):
+                cb.on_step_end(self)
+        if (stepped and self.checkpoint is not None and self.checkpoint_every != "epoch"
+                and self.global_step % self.checkpoint_every == 0):
+            self.save(self.checkpoint)
+
+    def _checkpoint_due(self):
+        """Device steps: whether the steps since the last read could have brought
+        ``global_step`` to a checkpoint (all of them finite), so a read must say. After a read
+        that finds a skipped step, the next step where the count could get there reads again:
+        the checkpoint is written after the same step as on the host."""
+        return (self.checkpoint is not None and self.checkpoint_every != "epoch"
+                and (self.global_step + self._pending) % self.checkpoint_every == 0)
+
+    def _read_device(self):
+        """One read of the device steps' tally since the previous (:meth:`TrainStep.read`):
+        the counters, the epoch's sums and ``last_loss`` from it; returns the number of steps
+        it found skipped, or raises NonFiniteLossError for them with ``on_nonfinite="raise"``
+        (after the counters, so they say where training stopped)."""
+        tally = self._step.read(check=False)
+        self._pending = 0
+        self.global_step += tally.new_steps
+        self._loss_sum, self._loss_count = tally.loss_sum, tally.steps
+        if tally.new_steps or tally.new_nonfinite:
+            self.last_loss = tally.last_loss
+        self.read_skipped = tally.new_nonfinite
+        if tally.new_nonfinite:
+            if self._step.on_nonfinite == "raise":
+                raise NonFiniteLossError(nonfinite_message(tally))
+            self.skipped_steps += tally.new_nonfinite
+        return tally.new_nonfinite
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path, user=None):
@@ -407,6 +507,8 @@ class Trainer:
         """
         if user is None:
             user = self.checkpoint_meta
+        if self._pending:             # device steps not yet read: the counters first
+            self._read_device()
         with self._failing_together():
             self._save(path, user)
 

@@ -43,8 +43,10 @@ def _ctype(param, real):
         return ctypes.c_int
     if typ == "long long":
         return ctypes.c_longlong
-    if typ in ("real", "float", "double"):
+    if typ == "real":
         return ctypes.c_double if real == "double" else ctypes.c_float
+    if typ in ("float", "double"):      # spelled out: that type in either build
+        return ctypes.c_double if typ == "double" else ctypes.c_float
     raise TypeError(f"emulator: unsupported kernel parameter {param!r}")
 
 

@@ -12,7 +12,9 @@ optimizer, batch shape, dtype, backend) whose stages are
 
 with one implementation per backend: :mod:`.cpp` runs input, stack, head (and a plain Adam)
 as one call; :mod:`.seam` runs the layers through any other backend's seam, a cell at a time.
-``str(plan)`` says which ran where. Other models take the generic loop.
+``str(plan)`` says which ran where. Other models take the generic loop. A model on the GPU
+takes the GPU form instead (:mod:`.device`): its own modules on the device, the parameters flat
+there, the update gated on the device by the loss, nothing read back in the step.
 """
 from __future__ import annotations
 

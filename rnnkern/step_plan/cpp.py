@@ -141,7 +141,9 @@ class CppPlan(StepPlan):
             self._adam_off()
             t = 0
         else:
-            t = opt.iterations + 1 if self.adam_may and self._adam_inside() else 0
+            # the optimizer's host count (Optimizer.iterations without the property's cost;
+            # a host plan's optimizer never holds a device counter)
+            t = opt._iterations + 1 if self.adam_may and self._adam_inside() else 0
         if self.table is not None:       # the first layer's input projection per id
             first = self.form.cells[0]
             np.dot(self.form.table(), first.layer.params[first.names[0]].T, out=self.table)
@@ -163,7 +165,7 @@ class CppPlan(StepPlan):
         if not math.isfinite(value):     # the call updated nothing; TrainStep reports it
             pass
         elif t:
-            opt.iterations = t           # what step_flat counts
+            opt._iterations = t          # what step_flat counts
         else:
             self._update()
         if return_state:
@@ -189,7 +191,7 @@ class CppPlan(StepPlan):
 
     def _adam(self, p, g, state):
         opt = self.optimizer
-        cpp_backend._C.adam(p, g, state["m"], state["v"], t=opt.iterations, lr=opt.lr,
+        cpp_backend._C.adam(p, g, state["m"], state["v"], t=opt._iterations, lr=opt.lr,
                             b1=opt.beta1, b2=opt.beta2, eps=opt.eps, tf_form=opt.eps_mode == "tf")
 
     def _adam_hyper(self, t):

@@ -3,32 +3,39 @@
 The layers' ``params`` and ``grads`` dicts hold views of the two flat arrays, so the optimizer
 updates all parameters in one pass (``Optimizer.step_flat``), a kernel writes gradients straight
 where the optimizer reads them, and everything that reads the dicts -- checkpoints, the generic
-step, ``state_dict`` -- sees the same values.
+step, ``state_dict`` -- sees the same values. The flat arrays live where the parameters do: host
+arrays for the host plans, one device buffer each for the GPU form of the step
+(:mod:`.device`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..device import array_module
+
 
 class FlatParameters:
     """``params`` / ``grads`` [P]: the model's parameters, layer by layer in ``layout`` order;
     ``layout``: ``((name, shape), ...)`` with the model's ``"{i}.{name}"`` names;
-    ``reduce_buffer`` [P+1]: ``grads`` and a slot for the loss."""
+    ``reduce_buffer`` [P+1]: ``grads`` and a slot for the loss; ``xp``: their array module
+    (that of the model's parameters)."""
 
     def __init__(self, model, dtype):
         self.layout = tuple((f"{i}.{k}", v.shape) for i, layer in enumerate(model.layers)
                             for k, v in layer.params.items())
         total = sum(int(np.prod(s, dtype=np.int64)) for _, s in self.layout)
-        self.params = np.empty(total, dtype)
+        first = next((v for layer in model.layers for v in layer.params.values()), None)
+        self.xp = xp = np if first is None else array_module(first)
+        self.params = xp.empty(total, dtype)
         # the gradient and one slot after it: a data-parallel step (rnnkern.distributed) sums
         # the ranks' gradients and loss shares in one allreduce over this buffer
-        self.reduce_buffer = np.zeros(total + 1, dtype)
+        self.reduce_buffer = xp.zeros(total + 1, dtype)
         self.grads = self.reduce_buffer[:total]
         self._bound = []   # (layer, name, param view, grad view)
         lo = 0
         for layer in model.layers:
             for name in list(layer.params):
-                value = np.asarray(layer.params[name])
+                value = xp.asarray(layer.params[name])
                 p = self.params[lo:lo + value.size].reshape(value.shape)
                 g = self.grads[lo:lo + value.size].reshape(value.shape)
                 p[...] = value
@@ -56,5 +63,5 @@ class FlatParameters:
         for layer, name, _, g in self._bound:
             got = layer.grads[name]
             if got is not g:
-                np.copyto(g, got)
+                self.xp.copyto(g, got)
                 layer.grads[name] = g
