@@ -8,8 +8,9 @@ side in one run (issue 23's end-to-end target: >= 1.5x on a GPU).
 
 The recipe and both contestants are bench_e2e.py's char-rnn ones (examples/char_rnn.py's model
 and Trainer; PyTorch's loop with Adam, clip 5 and the state carried), placed on ``--device``
-with their batches before the clock starts; float32, TF32 off on both sides; both read the loss
-every step. PyTorch starts from rnnkern's initial weights. Reported: seconds per epoch (min and
+with their batches before the clock starts; float32, TF32 off on both sides. PyTorch's loop
+reads its loss every step; rnnkern's Trainer on the GPU every 50 (its ``log_every``) and at the
+epoch's end. PyTorch starts from rnnkern's initial weights. Reported: seconds per epoch (min and
 median over ``--repeats``, contestants alternating which goes first), the speed-up (PyTorch min
 / rnnkern min), and each side's mean training loss of its last epoch (close, not equal: float32
 on different kernels, and Adam's eps in TF's place on rnnkern's side).

@@ -294,6 +294,8 @@ class Trainer:
         if not isinstance(value, float):   # a device step's loss: read every log_every steps
             self._pending += 1
             return value
+        if self._pending:                  # device steps before this host one (a model moved)
+            self._read_device()
         self.last_loss = float(value)
         if math.isfinite(self.last_loss):
             self.global_step += 1

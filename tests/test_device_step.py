@@ -667,10 +667,11 @@ def test_gpu_trainer_history_equals_the_cpu_one():
 
 @pytest.mark.gpu
 def test_gpu_step_never_waits_for_the_device(monkeypatch):
-    """Nothing in a device step copies to the host: with a kernel that spins ~1 s queued ahead
-    of them on the stream, TrainStep calls and Trainer.train_step calls (device batches) return
-    long before it ends; any read inside them would have waited for it. (The persistent
-    strategy's barrier check, a read after each of its launches, is turned off here.)"""
+    """Nothing in a device step copies to the host: with a kernel that spins about a second
+    queued ahead of them on the stream, TrainStep calls and Trainer.train_step calls (device
+    batches) return long before it ends; any read inside them would have waited for it. (The
+    persistent strategy's barrier check, a read after each of its launches, is turned off
+    here.)"""
     cupy = _gpu()
     monkeypatch.setattr(config, "CUDA_CHECK_BARRIER", False)
     spin = cupy.RawKernel(r'''
@@ -678,25 +679,29 @@ def test_gpu_step_never_waits_for_the_device(monkeypatch):
             const long long t0 = clock64();
             while (clock64() - t0 < cycles) { }
         }''', "spin")
-    khz = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["clockRate"]
-    seconds = 1.0
+    try:                                   # cudaDevAttrClockRate (kHz)
+        khz = cupy.cuda.runtime.deviceGetAttribute(13, cupy.cuda.Device().id)
+    except Exception:  # noqa: BLE001 - an SM clock of about 2 GHz
+        khz = 2_000_000
+    cycles = np.int64(khz * 1000)          # about a second at that clock
+    spin((1,), (1,), (np.int64(0),))       # compiled here, not in the timed part
     data = [tuple(cupy.asarray(a) for a in b) for b in batches(8)]
     step = rk.TrainStep(gpu_lm().to("cuda"), rk.sequence_loss, rk.Adam(0.05, clip_norm=0.5))
     trainer = rk.Trainer(gpu_lm().to("cuda"), rk.sequence_loss, rk.SGD(0.1, momentum=0.9),
                          progress=False)
-    for x, y in data[:3]:                        # compile, plan, tally, pool: made here
+    for x, y in data[:3]:                  # compile, plan, tally, memory pool: made here
         step(x, y)
         trainer.train_step((x, y))
     cupy.cuda.get_current_stream().synchronize()
     for run in (lambda x, y: step(x, y), lambda x, y: trainer.train_step((x, y))):
         t0 = time.perf_counter()
-        spin((1,), (1,), (np.int64(seconds * khz * 1000),))
+        spin((1,), (1,), (cycles,))
         for x, y in data[3:]:
             run(x, y)
         host = time.perf_counter() - t0
         cupy.cuda.get_current_stream().synchronize()
         total = time.perf_counter() - t0
-        assert total > 0.8 * seconds, f"the spin kernel ended early ({total:.3f} s)"
-        assert host < 0.5 * seconds, (f"5 steps took {host:.3f} s on the host behind a "
-                                      f"{total:.3f} s kernel: something waited for the device")
+        assert total > 0.3, f"the spin kernel ended early ({total:.3f} s)"
+        assert host < 0.5 * total, (f"5 steps took {host:.3f} s on the host behind a "
+                                    f"{total:.3f} s kernel: something waited for the device")
     assert step.optimizer.iterations == 8 and trainer._pending == 8
