@@ -418,14 +418,7 @@ class Trainer:
                 self._loss_count += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=f"{self.epoch + 1}/{epochs}", loss=f"{loss:.4f}",
-                                refresh=False)
-            for cb in self.callbacks:
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(self)
-            if (stepped and self.checkpoint is not None and self.checkpoint_every != "epoch"
-                    and self.global_step % self.checkpoint_every == 0):
-                self.save(self.checkpoint)
+            self._after_step(bar, epochs, loss, stepped)
             if self.stop_training:
                 return
         if self._pending:             # the epoch's last device steps
@@ -454,8 +447,14 @@ class Trainer:
         each step -- the progress bar's loss, the callbacks, and a checkpoint when no step was
         skipped and ``global_step`` reached a multiple of ``checkpoint_every``."""
         stepped = self._read_device() == 0
+        self._after_step(bar, epochs, self.last_loss, stepped)
+
+    def _after_step(self, bar, epochs, loss, stepped):
+        """After a host step, or a read of device steps: the progress bar's loss, the
+        callbacks, and a checkpoint when the step(s) were finite and ``global_step`` reached a
+        multiple of ``checkpoint_every``."""
         if bar is not None:
-            bar.set_postfix(epoch=f"{self.epoch + 1}/{epochs}", loss=f"{self.last_loss:.4f}",
+            bar.set_postfix(epoch=f"{self.epoch + 1}/{epochs}", loss=f"{loss:.4f}",
                             refresh=False)
         for cb in self.callbacks:
             if hasattr(cb, "on_step_end"):
