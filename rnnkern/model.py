@@ -186,9 +186,9 @@ class Sequential:
           C++ backend; ids or float input) goes through its compiled stack one step at a time:
           besides the output, O(B*H) per layer;
         - any other model runs layer by layer, each recurrent layer through its
-          :meth:`~rnnkern.LSTM.infer` (its time loop in runs of ``config.INFER_TIME_CHUNK``
-          steps, nothing saved): besides each layer's output, O(B*K*G*H) activations at a
-          time, on every backend."""
+          :meth:`~rnnkern.LSTM.infer` (its time loop in runs of steps whose activations fit
+          ``config.INFER_CHUNK_BYTES``, nothing saved): besides each layer's output, bounded
+          memory whatever T is, on every backend."""
         from .inference import Inference, inference_reason
         x_arr = np.asarray(x) if not hasattr(x, "dtype") else x
         ids = type(self.layers[0]).__name__ in ("OneHot", "Embedding")

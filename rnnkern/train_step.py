@@ -152,10 +152,8 @@ class TrainStep:
                  return_state=False):
         if self.group is not None:
             out = self._sharded(x, y, initial_state, lengths, weights, return_state)
-        elif ((type(x) is not np.ndarray or _DEVICE_FORM_ON_HOST)
-              and (is_device_array(x) or _DEVICE_FORM_ON_HOST)
-              and gates_on_device(self.optimizer)
-              and (_DEVICE_FORM_ON_HOST or getattr(self.model, "device", "cpu") != "cpu")):
+        elif gates_on_device(self.optimizer) and (_DEVICE_FORM_ON_HOST or (
+                is_device_array(x) and getattr(self.model, "device", "cpu") != "cpu")):
             # a batch and a model on the GPU: the GPU form (with one of them on the host, the
             # path below, whose forward names both devices)
             return self._device_step(x, y, initial_state, lengths, weights, return_state)
