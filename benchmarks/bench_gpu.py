@@ -5,8 +5,9 @@
                                    [--cupy-matmul] [--max-teams N] [--json out.json]
 
 For each (B,T,I,H,L) and cell it prints forward and forward+backward milliseconds per call for
-cuDNN, rnnkern stepwise, persistent and cluster (where the device has thread-block clusters), and
-which strategy the size rule picks.
+cuDNN, rnnkern stepwise (its time loop replayed as a CUDA graph), the same loop launched from
+Python ("eager"), persistent and cluster (where the device has thread-block clusters), and which
+strategy the size rule picks.
 Forward means a training forward (activations saved for backward) on both sides.
 
 Method: each implementation runs in the same process; after two warm-up calls (which include
@@ -99,7 +100,7 @@ class TorchTimer(Timer):
         return start.elapsed_time(end)
 
 
-def _rnnkern_fns(kind, B, T, I, H, L, strategy, seam=False):
+def _rnnkern_fns(kind, B, T, I, H, L, strategy, seam=False, graphs=True):
     import cupy
     cls = rk.LSTM if kind == "lstm" else rk.GRU
     opts = dict(forget_bias=0.0) if kind == "lstm" else {}
@@ -109,22 +110,22 @@ def _rnnkern_fns(kind, B, T, I, H, L, strategy, seam=False):
     x = cupy.asarray(rng.standard_normal((B, T, I)).astype(np.float32))
     d_out = cupy.asarray(rng.standard_normal((B, T, H)).astype(np.float32))
     if seam:
-        return _seam_fns(layer, x, d_out, strategy)
+        return _seam_fns(layer, x, d_out, strategy, graphs)
 
     # the timers of the strategies alternate, so each call sets its own
     def fwd():
-        config.CUDA_STRATEGY = strategy
+        config.CUDA_STRATEGY, config.CUDA_GRAPHS = strategy, graphs
         layer(x)
 
     def fwd_bwd():
-        config.CUDA_STRATEGY = strategy
+        config.CUDA_STRATEGY, config.CUDA_GRAPHS = strategy, graphs
         layer(x)
         layer.backward(d_out)
 
     return fwd, fwd_bwd
 
 
-def _seam_fns(layer, x, d_out, strategy):
+def _seam_fns(layer, x, d_out, strategy, graphs):
     """The backend seam called directly, layer by layer: no input validation, no finite check."""
     import cupy
     spec, L, B, H = layer.spec, layer.num_layers, x.shape[0], layer.hidden_size
@@ -133,7 +134,7 @@ def _seam_fns(layer, x, d_out, strategy):
     c0 = h0 if spec.has_cell_state else None
 
     def fwd():
-        config.CUDA_STRATEGY = strategy
+        config.CUDA_STRATEGY, config.CUDA_GRAPHS = strategy, graphs
         out, saved = x, []
         for w in weights:
             out, _, _, s = cuda.forward(spec, out, *w, h0, c0, None)
@@ -207,8 +208,10 @@ def main(argv=None):
           f"{'cupy.matmul' if args.cupy_matmul else 'cuBLAS direct'}")
     print(f"# ms per call, median of {REPEATS} repeats; ratio = cuDNN / best rnnkern "
           f"(> 1: rnnkern faster)")
+    print("# stepwise: its time loop replayed as a CUDA graph (the default); eager: the same "
+          "loop launched from Python step by step (config.CUDA_GRAPHS = False)")
     head = (f"{'cell':5} {'B,T,I,H,L':>20} {'mode':7} {'cuDNN':>9} {'stepwise':>9} "
-            f"{'persist':>9} {'cluster':>9} {'rule':>10} {'ratio':>6}")
+            f"{'eager':>9} {'persist':>9} {'cluster':>9} {'rule':>10} {'ratio':>6}")
     print(head)
     print("-" * len(head))
     t_start = time.perf_counter()
@@ -238,6 +241,10 @@ def main(argv=None):
                 f, fb = _rnnkern_fns(kind, B, T, I, H, L, strategy, args.seam)
                 timers["fwd"].append(CupyTimer(strategy, f))
                 timers["fwd+bwd"].append(CupyTimer(strategy, fb))
+                if strategy == "stepwise":
+                    f, fb = _rnnkern_fns(kind, B, T, I, H, L, strategy, args.seam, graphs=False)
+                    timers["fwd"].append(CupyTimer("eager", f))
+                    timers["fwd+bwd"].append(CupyTimer("eager", fb))
             for mode, ts in timers.items():
                 for t in ts:
                     t.warm()
@@ -245,16 +252,17 @@ def main(argv=None):
                     for t in ts:
                         t.measure()
                 ms = {t.label: t.ms for t in ts}
-                best = min(v for k, v in ms.items() if k != "cuDNN")
+                best = min(v for k, v in ms.items() if k not in ("cuDNN", "eager"))
                 row = dict(cell=kind, shape=shape, mode=mode, rule=rule, **ms,
                            ratio=ms["cuDNN"] / best)
                 rows.append(row)
                 print(f"{kind:5} {str(shape):>20} {mode:7} {ms['cuDNN']:9.3f} "
                       f"{ms.get('stepwise', float('nan')):9.3f} "
+                      f"{ms.get('eager', float('nan')):9.3f} "
                       f"{ms.get('persistent', float('nan')):9.3f} "
                       f"{ms.get('cluster', float('nan')):9.3f} {rule:>10} "
                       f"{row['ratio']:6.2f}", flush=True)
-            config.CUDA_STRATEGY = "auto"
+            config.CUDA_STRATEGY, config.CUDA_GRAPHS = "auto", True
     print(f"# total {time.perf_counter() - t_start:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -77,6 +77,11 @@ CUDA_SMEM_LIMIT = None          # None: the device's opt-in shared memory per bl
 CUDA_CHECK_BARRIER = True       # persistent: read the barrier's error flag after a launch
 CUDA_DIRECT_GEMM = True         # stepwise: per-step GEMMs straight to cuBLAS (not cupy.matmul,
                                 # whose Python overhead dominates a step)
+CUDA_GRAPHS = os.environ.get("RNNKERN_CUDA_GRAPHS", "1") != "0"  # stepwise: capture the time
+                                # loop as a CUDA graph and replay it (rnnkern/backends/cuda/
+                                # graphs.py); needs CUDA_DIRECT_GEMM
+CUDA_GRAPH_MIN_CALLS = 2        # ... from a shape's 2nd call on (a shape met once runs eagerly)
+CUDA_GRAPH_POOL = 8             # ... idle captured instances kept (each holds a call's buffers)
 CUDA_ELEMENTWISE_BLOCKS_PER_SM = 32  # element-wise kernels (fused optimizer updates, dropout
                                 # masks; grid-stride loops): at most this many blocks per SM
 

@@ -322,6 +322,7 @@ class _Recurrent:
             cfg = self._stack_config = recurrent_stack.StackConfig(
                 self.spec, L, self.bidirectional, self.backend)
         weights = [w for k in range(L) for d in range(D) for w in self._layer_weights(k, xp, d)]
+        self._saved = None  # the last call's activations go before this call's are made
         out, h_n, c_n, self._saved = recurrent_stack.forward(
             cfg, x, h0, c0, lengths, weights, masks, backends.resolve(self.backend, x), keep=keep)
         return out, self._pack_state(h_n, c_n)

@@ -56,12 +56,12 @@ def host(a):
 
 
 def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a, wscale=0.6,
-                            backend_lengths=None):
+                            backend_lengths=None, seed=0):
     """Run forward and backward on ``backend`` and on the reference; assert all results agree.
     ``to_device`` moves every array (lengths too) where the backend wants it, as the layer does;
     ``backend_lengths``: lengths the backend gets instead of the shape's (the reference keeps
-    those), say out-of-range values that must act as the shape's."""
-    fwd, bwd = make_case(spec, shape, dtype, wscale=wscale)
+    those), say out-of-range values that must act as the shape's; ``seed``: of the inputs."""
+    fwd, bwd = make_case(spec, shape, dtype, seed=seed, wscale=wscale)
     ref_out = reference.forward(spec, *fwd)
     if backend_lengths is not None:
         fwd = fwd[:-1] + (np.asarray(backend_lengths, dtype=np.int64),)
@@ -81,3 +81,56 @@ def check_against_reference(backend, spec, shape, dtype, to_device=lambda a: a, 
         assert mine.dtype == dtype and mine.shape == ref.shape, what
         np.testing.assert_allclose(mine, ref, err_msg=what, **tol)
     return out, got_b
+
+
+def check_graph_reuse(backend, spec, shape, dtype, to_device=lambda a: a, wscale=0.6):
+    """The stepwise strategy's CUDA graphs (``rnnkern.backends.cuda.graphs``) against the
+    reference, with new inputs and weights at every call of one shape: eager, captured, then
+    replayed; two forwards before their two backwards (the second runs on a second instance);
+    a record backpropagated twice (``retain_graph``); a forward without a backward. At the end
+    every result handed out is checked again: none may alias a buffer a later call reused.
+    Returns each forward's graph instance (its record's ``"instance"``: None when eager), in
+    order; the records themselves are dropped as a training loop drops them."""
+    tol = TOL[dtype]
+    records, results = [], []  # results: (what, mine, reference)
+
+    def check(what, mine, want):
+        results.append((what, mine, want))
+        if want is None:
+            assert mine is None, what
+        else:
+            np.testing.assert_allclose(host(mine), want, err_msg=what, **tol)
+
+    def run(seed):
+        fwd, bwd = make_case(spec, shape, dtype, seed=seed, wscale=wscale)
+        out = backend.forward(spec, *[None if a is None else to_device(a) for a in fwd])
+        records.append(out[3]["instance"])
+        ref = reference.forward(spec, *fwd)
+        for what, mine, want in zip(("outputs", "h_n", "c_n"), out[:3], ref[:3]):
+            check(f"seed {seed}: {what}", mine, want)
+        return seed, out, ref, bwd
+
+    def back(seed, out, ref, bwd):
+        got = backend.backward(spec, out[3], *[None if a is None else to_device(a) for a in bwd])
+        want = reference.backward(spec, ref[3], *bwd)
+        for what, mine, ref_grad in zip(("dx", "dh0", "dc0"), got[:3], want[:3]):
+            check(f"seed {seed}: {what}", mine, ref_grad)
+        for k in want[3]:
+            check(f"seed {seed}: d{k}", got[3][k], want[3][k])
+
+    for seed in range(3):                       # eager, captured, replayed
+        back(*run(seed))
+    first, second = run(10), run(11)            # both alive at once
+    back(*second)
+    back(*first)
+    del first, second
+    again = run(12)
+    back(*again)
+    back(*again)
+    del again
+    run(13)
+    back(*run(14))
+    for what, mine, want in results:
+        if want is not None:
+            np.testing.assert_allclose(host(mine), want, err_msg=f"afterwards, {what}", **tol)
+    return records

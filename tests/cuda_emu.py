@@ -106,6 +106,9 @@ class EmuRuntime:
         self.launches = []  # (kernel name, grid, block, smem) of every launch, for tests
         self.max_resident = None  # blocks that fit at once (None: any number), for tests
         self.refuse_clusters = False  # launches of cluster kernels fail, for tests
+        self.refuse_capture = False  # graph captures fail, for tests
+        self.captures = self.replays = 0
+        self._recording = None  # the ops of the capture under way, or None
 
     def props(self):
         return self._n_sm, self._smem
@@ -151,9 +154,40 @@ class EmuRuntime:
         if smem > self._smem:
             raise ValueError(f"{kern.name}: {smem} bytes of shared memory > limit {self._smem}")
         self.launches.append((kern.name, grid, block, smem))
-        kern.fn(grid, block, smem, *conv)
-        if kern.overrun():
-            raise AssertionError(f"{kern.name} wrote past its {smem} bytes of shared memory")
+
+        def run():
+            kern.fn(grid, block, smem, *conv)
+            if kern.overrun():
+                raise AssertionError(f"{kern.name} wrote past its {smem} bytes of shared memory")
+
+        self._run_or_record(run)
+
+    def _run_or_record(self, op):
+        if self._recording is None:
+            op()
+        else:
+            self._recording.append(op)
+
+    def capture(self, body):
+        """What ``CupyRuntime.capture`` does: ``body``'s launches and GEMMs are recorded, with
+        the arrays (pointers) they were given, and run only when the graph is replayed. So a
+        loop that read an array it does not own, or did array work outside launch and matmul,
+        gives wrong results here as it would on a GPU."""
+        if self.refuse_capture:
+            raise RuntimeError("stream capture refused (emulated)")
+        self._recording = []
+        try:
+            body()
+            graph = EmuGraph(self._recording)
+        finally:
+            self._recording = None
+        self.captures += 1
+        return graph
+
+    def replay(self, graph):
+        self.replays += 1
+        for op in graph.ops:
+            op()
 
     def matmul(self, a, b, out):
         """What ``CupyRuntime.matmul`` does: the cuBLAS call :func:`runtime.gemm_args` describes,
@@ -161,12 +195,22 @@ class EmuRuntime:
         tests checks the operand mapping (``np.matmul`` where the GPU takes ``cupy.matmul``)."""
         spec = runtime.gemm_args(a, b, out) if config.CUDA_DIRECT_GEMM else None
         if spec is None:
+            if self._recording is not None:
+                raise AssertionError("cupy.matmul inside a graph capture")
             np.matmul(a, b, out=out)
         elif spec == "empty":
-            out.fill(0)
+            self._run_or_record(lambda: out.fill(0))
         else:
             op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
-            colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c)
+            self._run_or_record(
+                lambda: colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c))
+
+
+class EmuGraph:
+    """A recorded capture: the launches and GEMMs to run, in order, at each replay."""
+
+    def __init__(self, ops):
+        self.ops = ops
 
 
 def colmajor_gemm(op_a, op_b, m, n, k, A, lda, B, ldb, C, ldc):

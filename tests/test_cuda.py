@@ -106,6 +106,39 @@ def test_runs_on_the_current_stream(strategy):
         stream.synchronize()
 
 
+@pytest.fixture
+def graph_pool(monkeypatch):
+    """The stepwise strategy forced, its CUDA graphs on, no shape seen yet."""
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise", CUDA_GRAPHS=True, CUDA_DIRECT_GEMM=True,
+             CUDA_GRAPH_MIN_CALLS=2)
+    pool = cuda.graphs.pool(cuda.runtime.get_runtime())
+    pool.clear()
+    return pool
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_stepwise_graphs_replay_with_new_inputs(spec, dtype, graph_pool):
+    """Captured once (cuBLAS GEMMs and the pointwise kernels), replayed with new inputs and
+    weights; two records alive at once; one record backpropagated twice."""
+    before = graph_pool.captures
+    instances = cuda_cases.check_graph_reuse(cuda, spec, cuda_cases.SHAPES["odd-lengths"], dtype,
+                                             cupy.asarray)
+    assert graph_pool.broken is None, graph_pool.broken
+    assert instances[0] is None and instances[2] is instances[1]
+    assert graph_pool.captures - before == 4
+
+
+@pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb1"], cuda_cases.SPECS["gru-before"]],
+                         ids=["lstm", "gru-before"])
+def test_stepwise_graphs_larger_float32_on_a_side_stream(spec, graph_pool):
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        cuda_cases.check_graph_reuse(cuda, spec, (32, 20, 16, 128, None, True), np.float32,
+                                     cupy.asarray, wscale=128 ** -0.5)
+        stream.synchronize()
+    assert graph_pool.broken is None, graph_pool.broken
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_layer_auto_picks_cuda_for_cupy_input(kind, monkeypatch):
     monkeypatch.delenv("RNNKERN_BACKEND", raising=False)
@@ -145,7 +178,7 @@ def test_device_lengths_are_used_in_place():
     spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["odd-lengths"]
     fwd, _ = cuda_cases.make_case(spec, shape, np.float64)
     dev = [None if a is None else cupy.asarray(a) for a in fwd]
-    assert cuda.forward(spec, *dev)[3]["lengths"] is dev[-1]
+    assert cuda.forward(spec, *dev)[3]["bufs"].lengths is dev[-1]
 
 
 def test_device_input_is_scanned_for_nan_only_when_asked(monkeypatch):

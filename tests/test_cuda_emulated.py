@@ -39,6 +39,7 @@ def emulated(emu_runtime, monkeypatch, request):
     monkeypatch.setattr(cuda, "available", lambda: (True, "emulated on host threads"))
     tunables(monkeypatch, CUDA_THREADS=32, CUDA_MAX_BATCH_CHUNK=2,
              CUDA_DOT_MIN_CHUNK=request.param, CUDA_STRATEGY="auto")
+    cuda.graphs.pool(emu_runtime).clear()  # every test starts with no shape seen
     return emu_runtime
 
 
@@ -206,8 +207,8 @@ def test_lengths_are_used_in_place(emulated):
     lengths=None, one cached all-T array per device and shape."""
     spec, shape = cuda_cases.SPECS["gru-after"], cuda_cases.SHAPES["odd-lengths"]
     fwd, _ = cuda_cases.make_case(spec, shape, np.float64)
-    assert cuda.forward(spec, *fwd)[3]["lengths"] is fwd[-1]
-    first, second = (cuda.forward(spec, *fwd[:-1], None)[3]["lengths"] for _ in range(2))
+    assert cuda.forward(spec, *fwd)[3]["bufs"].lengths is fwd[-1]
+    first, second = (cuda.forward(spec, *fwd[:-1], None)[3]["bufs"].lengths for _ in range(2))
     assert first is second and first.tolist() == [shape[1]] * shape[0]
 
 
@@ -220,6 +221,95 @@ def test_falls_back_to_stepwise_when_blocks_cannot_be_resident(emulated, monkeyp
     tunables(monkeypatch, CUDA_STRATEGY="persistent")  # forced: the error surfaces instead
     with pytest.raises(cuda.runtime.NotResident):
         cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stepwise time loop as a CUDA graph (rnnkern/backends/cuda/graphs.py)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", ["odd-lengths", "B5-odd", "T1-B1-H1"])
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_stepwise_graphs_replay_with_new_inputs(emulated, spec, shape, dtype, monkeypatch):
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise")
+    pool = cuda.graphs.pool(emulated)
+    captures = pool.captures
+    instances = cuda_cases.check_graph_reuse(cuda, spec, cuda_cases.SHAPES[shape], dtype)
+    assert instances[0] is None                       # the first call of a shape: eager
+    assert all(i is not None for i in instances[1:])
+    assert instances[2] is instances[1]               # reused once the record was gone
+    assert instances[4] is not instances[3]           # two records alive: two instances
+    assert len({id(i) for i in instances[1:]}) == 2
+    # one forward graph per instance, one backward graph (with d_outputs) per instance
+    assert pool.captures - captures == 4
+    assert emulated.replays > 0
+
+
+def test_a_replayed_call_launches_nothing_from_python(emulated, monkeypatch):
+    """Once captured, a call's time loop is one graph replay: no per-step launch or GEMM."""
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise")
+    spec, shape = cuda_cases.SPECS["lstm-fb1"], (3, 7, 4, 5, None, True)
+    for seed in range(2):
+        cuda_cases.check_against_reference(cuda, spec, shape, np.float64, seed=seed)
+    n_launches, n_replays = len(emulated.launches), emulated.replays
+    cuda_cases.check_against_reference(cuda, spec, shape, np.float64, seed=2)
+    assert len(emulated.launches) == n_launches
+    assert emulated.replays == n_replays + 2          # forward and backward
+
+
+def test_graphs_off_runs_every_call_eagerly(emulated, monkeypatch):
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise", CUDA_GRAPHS=False)
+    captures = cuda.graphs.pool(emulated).captures
+    instances = cuda_cases.check_graph_reuse(cuda, cuda_cases.SPECS["gru-before"],
+                                             cuda_cases.SHAPES["odd-lengths"], np.float32)
+    assert instances == [None] * len(instances)
+    assert cuda.graphs.pool(emulated).captures == captures
+
+
+def test_a_refused_capture_warns_once_and_runs_eagerly(emulated, monkeypatch):
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise")
+    monkeypatch.setattr(emulated, "refuse_capture", True)
+    pool = cuda.graphs.pool(emulated)
+    monkeypatch.setattr(pool, "broken", None)
+    captures = pool.captures
+    spec, shape = cuda_cases.SPECS["rnn-relu"], cuda_cases.SHAPES["odd-lengths"]
+    with pytest.warns(RuntimeWarning, match="could not capture") as caught:
+        for seed in range(4):
+            cuda_cases.check_against_reference(cuda, spec, shape, np.float64, seed=seed)
+    assert len(caught) == 1 and "refused (emulated)" in pool.broken
+    assert pool.captures == captures
+
+
+def test_the_pool_keeps_at_most_its_idle_instances(emulated, monkeypatch):
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise", CUDA_GRAPH_POOL=2, CUDA_GRAPH_MIN_CALLS=1)
+    spec = cuda_cases.SPECS["rnn-tanh"]
+    for T in range(1, 6):
+        cuda_cases.check_against_reference(cuda, spec, (2, T, 3, 4, None, False), np.float64)
+    pool = cuda.graphs.pool(emulated)
+    assert [inst.key[-2] for inst in pool.idle.values()] == [4, 5]  # the latest two T
+
+
+def test_layers_train_through_graphs(emulated, monkeypatch):
+    """A 2-layer bidirectional LSTM's forward and backward, called again and again with new
+    inputs as a training loop does, equals the numpy backend's each time."""
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise")
+    captures = cuda.graphs.pool(emulated).captures
+    kw = dict(num_layers=2, bidirectional=True, dtype="float64")
+    ref, dev = (rk.LSTM(3, 4, backend=b, seed=1, **kw) for b in ("numpy", "cuda"))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        x = rng.standard_normal((5, 6, 3))
+        lengths = np.array([6, 2, 0, 5, 6])
+        d = rng.standard_normal((5, 6, 8))
+        want, got = ref(x, lengths=lengths), dev(x, lengths=lengths)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dev.backward(d)[0], ref.backward(d)[0], rtol=1e-10, atol=1e-12)
+        for name in ref.grads:
+            np.testing.assert_allclose(dev.grads[name], ref.grads[name], rtol=1e-10, atol=1e-12)
+    # the 4 layer-directions share one shape key and are alive at once: 4 instances, each
+    # captured once forward and once backward, then replayed (the layer drops its last record
+    # before the next forward, so no fifth instance is made)
+    assert cuda.graphs.pool(emulated).captures - captures == 8
 
 
 # ----------------------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ class CupyRuntime:
         self._kernels = {}
         self._props = {}
         self._occupancy = {}
+        self._capturing = False  # inside capture(): matmul leaves cuBLAS's stream alone
 
     def device_id(self):
         return self.xp.cuda.Device().id
@@ -258,6 +259,34 @@ class CupyRuntime:
                 self._occupancy[key] = float("inf")
         return self._occupancy[key]
 
+    def capture(self, body):
+        """A CUDA graph of what ``body()`` launches (it must only call :meth:`launch` and
+        :meth:`matmul`), captured on a side stream of this device; nothing runs yet. cuBLAS is
+        set to that stream before the capture, as its stream may not change inside one."""
+        from cupy_backends.cuda.libs import cublas
+        key = ("capture_stream", self.device_id())
+        if key not in self.cache:
+            self.cache[key] = self.xp.cuda.Stream(non_blocking=True)
+        stream = self.cache[key]
+        handle = self.xp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, stream.ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        self._capturing = True
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    body()
+                finally:
+                    graph = stream.end_capture()  # always: a stream left capturing is unusable
+        finally:
+            self._capturing = False
+        return graph
+
+    def replay(self, graph):
+        """Launch a graph from :meth:`capture` on the current stream."""
+        graph.launch()
+
     def matmul(self, a, b, out):
         """``out[m,n] = a[m,k] @ b[k,n]`` on the current stream. The stepwise loops call this
         twice per step, so it goes straight to cuBLAS (:func:`gemm_args`; a few µs from
@@ -276,8 +305,9 @@ class CupyRuntime:
         double = out.dtype == np.float64
         one, zero = self._scalars(out.dtype)
         handle = self.xp.cuda.device.get_cublas_handle()
-        cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        if not self._capturing:  # capture() set both for the whole capture
+            cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)
+            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         (cublas.dgemm if double else cublas.sgemm)(
             handle, ops[op_b], ops[op_a], m, n, k, one.ctypes.data, b.data.ptr, ld_b,
             a.data.ptr, ld_a, zero.ctypes.data, out.data.ptr, ld_c)

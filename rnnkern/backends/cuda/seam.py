@@ -16,6 +16,11 @@ shared by every strategy, so backward may use any, whichever forward ran)::
 What is not recurrent is hoisted: ``x W_ih^T`` is one GEMM over all ``B*T`` rows before the
 loop and ``dx, dW_ih, dW_hh`` are single GEMMs after the backward loop.
 
+The stepwise loops launch two operations per step from Python; from a shape's second call on
+they are captured once as CUDA graphs and replayed (:mod:`.graphs`), on buffers the graph owns:
+:class:`LoopBuffers` holds every array a loop touches, fresh per call or owned by a graph
+instance, so both routes run the same loop code.
+
 The grid-team persistent kernels need every block resident at once for their grid barrier:
 the grid is at most one block per SM, the occupancy calculator is asked before the launch (if
 it says no, the call runs stepwise unless that strategy was forced), and a barrier that waits
@@ -32,7 +37,7 @@ import math
 import numpy as np
 
 from ... import config
-from . import runtime
+from . import graphs, runtime
 from .plan import choose_strategy, device_limits, forced_strategy
 from .runtime import NotResident
 
@@ -45,100 +50,206 @@ def _grid(n):
     return max(1, math.ceil(n / config.CUDA_THREADS))
 
 
+class LoopBuffers:
+    """Every device array the time loops of one layer call read or write (layouts in
+    ``csrc/cuda/common.cuh``). Fresh per call, with the caller's ``w_hh``, biases and
+    ``lengths`` used as they are; or ``owned`` by a graph instance (:mod:`.graphs`), which holds
+    copies of those too and keeps one set of backward buffers, since a graph replays on the
+    pointers it was captured with.
+
+    forward   gx [B,T,G*H], h_all [T+1,B,H], c_all [T+1,B,H] (LSTM; else [1]), outputs [B,T,H],
+              acts [T,B,S*H], rh [T,B,H] (GRU reset-before; else [1]), w_hh [G*H,H],
+              b_ih, b_hh [G*H], lengths int64 [B]; step scratch gh [B,G*H] (GRU reset-before:
+              [B,2H], and gh_n [B,H]; else [1])
+    backward  :class:`BackwardBuffers`
+    """
+
+    def __init__(self, xp, spec, dtype, B, T, H, owned=False):
+        G, S = spec.gates, _SAVED_PER_UNIT[spec.kind]
+        lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
+        self.xp, self.spec, self.owned = xp, spec, owned
+        self.shape = (B, T, H)
+
+        def new(*shape):
+            return xp.empty(shape, dtype=dtype)
+
+        self.gx = new(B, T, G * H)
+        self.h_all = new(T + 1, B, H)
+        self.c_all = new(T + 1, B, H) if lstm else new(1)
+        self.outputs = new(B, T, H)
+        self.acts = new(T, B, S * H)
+        self.rh = new(T, B, H) if two_phase else new(1)
+        self.gh = new(B, 2 * H if two_phase else G * H)
+        self.gh_n = new(B, H) if two_phase else new(1)
+        if owned:
+            self.w_hh, self.b_ih, self.b_hh = new(G * H, H), new(G * H), new(G * H)
+            self.lengths = xp.empty((B,), dtype=np.int64)
+        self._backward = None
+
+    def load(self, x, w_ih, w_hh, b_ih, b_hh, lengths, h0, c0):
+        """The hoisted input GEMM into gx, the initial state into h_all[0] and c_all[0], and
+        the recurrent weights, biases and lengths (copied when owned)."""
+        B, T, I = x.shape
+        self.xp.matmul(x.reshape(B * T, I), w_ih.T, out=self.gx.reshape(B * T, self.gx.shape[2]))
+        if self.owned:
+            self.w_hh[...], self.b_ih[...], self.b_hh[...] = w_hh, b_ih, b_hh
+            self.lengths[...] = lengths
+        else:
+            self.w_hh, self.b_ih, self.b_hh, self.lengths = w_hh, b_ih, b_hh, lengths
+        self.h_all[0] = h0
+        if self.spec.kind == "lstm":
+            self.c_all[0] = c0
+
+    def backward_buffers(self, d_outputs, d_h_n, d_c_n):
+        """The :class:`BackwardBuffers` of one backward, loaded with the incoming gradients:
+        one set kept when owned, a fresh set otherwise (the results of an earlier backward from
+        the same record stay the caller's)."""
+        if self._backward is None or not self.owned:
+            self._backward = BackwardBuffers(self)
+        bw = self._backward
+        bw.load(d_outputs, d_h_n, d_c_n)
+        return bw
+
+
+class BackwardBuffers:
+    """d_out [B,T,H] (owned buffers, or the caller's array; [1] when absent), dh [B,H],
+    dc [B,H] (LSTM; else [1]), d_gx [B,T,G*H], d_gh [T,B,G*H], step scratch dh_gemm [B,H]
+    (the later step's d_gh W_hh) and d_rh [B,H] (GRU reset-before; else [1])."""
+
+    def __init__(self, fwd):
+        B, T, H = fwd.shape
+        spec, xp, dtype = fwd.spec, fwd.xp, fwd.gx.dtype
+        GH = spec.gates * H
+        two_phase = spec.kind == "gru" and not spec.reset_after
+        self.xp, self.owned = xp, fwd.owned
+        self.dh = xp.empty((B, H), dtype=dtype)
+        self.dc = xp.empty((B, H) if spec.kind == "lstm" else (1,), dtype=dtype)
+        self.d_gx = xp.empty((B, T, GH), dtype=dtype)
+        self.d_gh = xp.empty((T, B, GH), dtype=dtype)
+        self.dh_gemm = xp.empty((B, H), dtype=dtype)
+        self.d_rh = xp.empty((B, H) if two_phase else (1,), dtype=dtype)
+        self._no_dout = xp.zeros((1,), dtype=dtype)
+        self._own_dout = xp.empty((B, T, H), dtype=dtype) if fwd.owned else None
+        self.d_out = self._no_dout
+
+    def load(self, d_outputs, d_h_n, d_c_n):
+        for buf, d in ((self.dh, d_h_n), (self.dc, d_c_n)):
+            if d is None:
+                buf.fill(0)
+            else:
+                buf[...] = d
+        if d_outputs is None:
+            self.d_out = self._no_dout
+        elif self.owned:
+            self._own_dout[...] = d_outputs
+            self.d_out = self._own_dout
+        else:
+            self.d_out = d_outputs
+        self.dh_gemm.fill(0)
+
+
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     """See :mod:`rnnkern.backends`. x [B,T,I], w_ih [G*H,I], w_hh [G*H,H], b_ih, b_hh [G*H],
     h0, c0 [B,H], lengths [B] or None: CuPy arrays on the current device."""
     rt = runtime.get_runtime()
     xp = rt.xp
     dtype = x.dtype
-    B, T, I = x.shape
+    B, T, _ = x.shape
     H = w_hh.shape[1]
-    G = spec.gates
-    lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
+    lstm = spec.kind == "lstm"
     flag = int(spec.nonlinearity == "relu") if spec.kind == "rnn" else int(spec.reset_after)
     if lengths is None:  # read-only, so one per device and shape serves every call
         lengths = runtime.cached(rt, ("lengths", rt.stream_key()[0], B, T),
                                  lambda: xp.full((B,), T, dtype=np.int64))
-    gx = (x.reshape(B * T, I) @ w_ih.T).reshape(B, T, G * H)  # hoisted GEMM; b_ih: kernels
-    h_all = xp.empty((T + 1, B, H), dtype=dtype)
-    h_all[0] = h0
-    c_all = xp.empty((T + 1, B, H) if lstm else (1,), dtype=dtype)
-    if lstm:
-        c_all[0] = c0
-    outputs = xp.empty((B, T, H), dtype=dtype)
-    acts = xp.empty((T, B, _SAVED_PER_UNIT[spec.kind] * H), dtype=dtype)
-    rh = xp.empty((T, B, H) if two_phase else (1,), dtype=dtype)
     n_sm, smem_limit = device_limits(rt)
     strategy, plan = choose_strategy(spec, B, H, dtype.itemsize, n_sm, smem_limit,
                                      rt.supports_clusters())
+    graph_pool = graphs.pool(rt)
+    instance = None
+    if B and T and strategy == "stepwise":
+        instance = graph_pool.acquire(
+            (rt.stream_key(), spec, dtype.str, B, T, H),
+            lambda: LoopBuffers(xp, spec, dtype, B, T, H, owned=True))
+    bufs = instance.buffers if instance else LoopBuffers(xp, spec, dtype, B, T, H)
+    bufs.load(x, w_ih, w_hh, b_ih, b_hh, lengths, h0, c0)
     real = dtype.type
     i32 = np.int32
     if B and T and strategy in _KERNEL_STEM:
         kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_fwd", dtype)
         bar = _barrier(rt)
         args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_fwd),
-                i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), real(spec.forget_bias), gx, w_hh,
-                b_ih, b_hh, lengths, h_all, c_all, outputs, acts, rh, bar)
+                i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), real(spec.forget_bias), bufs.gx,
+                bufs.w_hh, bufs.b_ih, bufs.b_hh, bufs.lengths, bufs.h_all, bufs.c_all,
+                bufs.outputs, bufs.acts, bufs.rh, bar)
         if not _launch_persistent(rt, kern, plan, args, plan.smem_fwd, bar, "forward"):
             strategy, plan = "stepwise", None
     if B and T and strategy == "stepwise":
-        _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_ih, b_hh, lengths, h_all, c_all,
-                          outputs, acts, rh)
-    saved = dict(strategy=strategy, plan=plan, x=x, w_ih=w_ih, w_hh=w_hh, lengths=lengths,
-                 h_all=h_all, c_all=c_all, acts=acts, rh=rh, flag=flag)
-    # h_all[T] and c_all[T] are fresh per call and backward never reads them: safe to hand out
-    return outputs, h_all[T], (c_all[T] if lstm else None), saved
+        def body():
+            _stepwise_forward(rt, spec, flag, real, bufs)
+        if instance:
+            instance.run(rt, graph_pool, "forward", body)
+        else:
+            body()
+    saved = _Saved(strategy=strategy, plan=plan, x=x, w_ih=w_ih, bufs=bufs, flag=flag,
+                   instance=instance)
+    if instance:
+        graph_pool.hold(instance, saved)
+    own = bufs.owned  # owned buffers are the next call's: hand out copies
+    h_n, c_n = bufs.h_all[T], (bufs.c_all[T] if lstm else None)
+    return ((bufs.outputs.copy(), h_n.copy(), c_n.copy() if lstm else None, saved) if own
+            else (bufs.outputs, h_n, c_n, saved))  # h_all[T], c_all[T]: backward never reads
+
+
+class _Saved(dict):
+    """A forward's record for its backward (a dict that can be weakly referenced, so a graph
+    instance is freed when the record is)."""
 
 
 def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     """See :mod:`rnnkern.backends`. d_outputs [B,T,H], d_h_n, d_c_n [B,H] or None (zeros)."""
     rt = runtime.get_runtime()
     xp = rt.xp
-    x, w_ih, w_hh = saved["x"], saved["w_ih"], saved["w_hh"]
-    h_all, c_all, acts, rh = saved["h_all"], saved["c_all"], saved["acts"], saved["rh"]
-    dtype = x.dtype
+    x, w_ih, bufs = saved["x"], saved["w_ih"], saved["bufs"]
     B, T, I = x.shape
-    H = w_hh.shape[1]
-    G = spec.gates
-    GH = G * H
+    H = bufs.w_hh.shape[1]
+    GH = spec.gates * H
     lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
-
-    def state(d):  # a fresh [B,H] buffer the kernels may update in place
-        return xp.zeros((B, H), dtype=dtype) if d is None else d.copy()
-
-    dh = state(d_h_n)
-    dc = state(d_c_n) if lstm else xp.zeros((1,), dtype=dtype)
+    bw = bufs.backward_buffers(d_outputs, d_h_n, d_c_n if lstm else None)
     has_dout = d_outputs is not None
-    d_out = d_outputs if has_dout else xp.zeros((1,), dtype=dtype)
-    d_gx = xp.empty((B, T, GH), dtype=dtype)
-    d_gh = xp.empty((T, B, GH), dtype=dtype)
     i32 = np.int32
-    flag, lengths = saved["flag"], saved["lengths"]
+    flag = saved["flag"]
     strategy = saved["strategy"]
     if B and T and strategy in _KERNEL_STEM:
         plan = saved["plan"]
-        kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_bwd", dtype)
+        kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_bwd", x.dtype)
         bar = _barrier(rt)
         args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_bwd),
-                i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), w_hh, lengths, acts, h_all, c_all,
-                d_out, i32(has_dout), dh, dc, d_gx, d_gh, bar)
+                i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), bufs.w_hh, bufs.lengths, bufs.acts,
+                bufs.h_all, bufs.c_all, bw.d_out, i32(has_dout), bw.dh, bw.dc, bw.d_gx,
+                bw.d_gh, bar)
         if not _launch_persistent(rt, kern, plan, args, plan.smem_bwd, bar, "backward"):
             strategy = "stepwise"
     if B and T and strategy == "stepwise":
-        _stepwise_backward(rt, spec, flag, lengths, w_hh, acts, h_all, c_all, d_out, has_dout,
-                           dh, dc, d_gx, d_gh)
+        def body():
+            _stepwise_backward(rt, spec, flag, bufs, bw, has_dout)
+        if saved["instance"]:
+            saved["instance"].run(rt, graphs.pool(rt), ("backward", has_dout), body)
+        else:
+            body()
+        bw.dh += bw.dh_gemm
     # the non-recurrent gradients, one GEMM each over all B*T rows
-    d_gx2 = d_gx.reshape(B * T, GH)
-    d_gh2 = d_gh.reshape(T * B, GH)
-    h_prev = h_all[:T].reshape(T * B, H)
+    d_gx2 = bw.d_gx.reshape(B * T, GH)
+    d_gh2 = bw.d_gh.reshape(T * B, GH)
+    h_prev = bufs.h_all[:T].reshape(T * B, H)
     dx = (d_gx2 @ w_ih).reshape(B, T, I)
     if two_phase:
         dw_hh = xp.concatenate([d_gh2[:, : 2 * H].T @ h_prev,
-                                d_gh2[:, 2 * H:].T @ rh.reshape(T * B, H)], axis=0)
+                                d_gh2[:, 2 * H:].T @ bufs.rh.reshape(T * B, H)], axis=0)
     else:
         dw_hh = d_gh2.T @ h_prev
     grads = dict(w_ih=d_gx2.T @ x.reshape(B * T, I), w_hh=dw_hh,
                  b_ih=d_gx2.sum(axis=0), b_hh=d_gh2.sum(axis=0))
+    dh, dc = (bw.dh.copy(), bw.dc.copy()) if bufs.owned else (bw.dh, bw.dc)
     return dx, dh, (dc if lstm else None), grads
 
 
@@ -186,64 +297,59 @@ def _check_barrier(bar, where):
 # reset_after=False)
 
 
-def _stepwise_forward(rt, spec, flag, real, gx, w_hh, b_ih, b_hh, lengths, h_all, c_all,
-                      outputs, acts, rh):
-    xp = rt.xp
-    T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
-    G = spec.gates
+def _stepwise_forward(rt, spec, flag, real, bufs):
+    """The forward time loop over :class:`LoopBuffers` (only ``rt.launch`` and ``rt.matmul``:
+    it may be captured as a graph)."""
+    B, T, H = bufs.shape
     i32 = np.int32
     grid, threads = _grid(B * H), config.CUDA_THREADS
+    dtype = bufs.gx.dtype
 
     def args(t, gh):
-        return (i32(B), i32(T), i32(H), i32(t), i32(flag), real(spec.forget_bias), gx, gh,
-                i32(gh.shape[1]), b_ih, b_hh, lengths, h_all, c_all, outputs, acts, rh)
+        return (i32(B), i32(T), i32(H), i32(t), i32(flag), real(spec.forget_bias), bufs.gx, gh,
+                i32(gh.shape[1]), bufs.b_ih, bufs.b_hh, bufs.lengths, bufs.h_all, bufs.c_all,
+                bufs.outputs, bufs.acts, bufs.rh)
 
     if spec.kind == "gru" and not spec.reset_after:
-        gates = rt.kernel("stepwise", "rk_gru_fwd_gates_step", gx.dtype)
-        cand = rt.kernel("stepwise", "rk_gru_fwd_cand_step", gx.dtype)
-        w_rz_t, w_n_t = w_hh[: 2 * H].T, w_hh[2 * H:].T
-        gh_rz = xp.empty((B, 2 * H), dtype=gx.dtype)
-        gh_n = xp.empty((B, H), dtype=gx.dtype)
+        gates = rt.kernel("stepwise", "rk_gru_fwd_gates_step", dtype)
+        cand = rt.kernel("stepwise", "rk_gru_fwd_cand_step", dtype)
+        w_rz_t, w_n_t = bufs.w_hh[: 2 * H].T, bufs.w_hh[2 * H:].T
         for t in range(T):
-            rt.matmul(h_all[t], w_rz_t, gh_rz)
-            rt.launch(gates, grid, threads, args(t, gh_rz))
-            rt.matmul(rh[t], w_n_t, gh_n)
-            rt.launch(cand, grid, threads, args(t, gh_n))
+            rt.matmul(bufs.h_all[t], w_rz_t, bufs.gh)
+            rt.launch(gates, grid, threads, args(t, bufs.gh))
+            rt.matmul(bufs.rh[t], w_n_t, bufs.gh_n)
+            rt.launch(cand, grid, threads, args(t, bufs.gh_n))
         return
-    step = rt.kernel("stepwise", f"rk_{spec.kind}_fwd_step", gx.dtype)
-    gh = xp.empty((B, G * H), dtype=gx.dtype)
-    w_t = w_hh.T
+    step = rt.kernel("stepwise", f"rk_{spec.kind}_fwd_step", dtype)
+    w_t = bufs.w_hh.T
     for t in range(T):
-        rt.matmul(h_all[t], w_t, gh)
-        rt.launch(step, grid, threads, args(t, gh))
+        rt.matmul(bufs.h_all[t], w_t, bufs.gh)
+        rt.launch(step, grid, threads, args(t, bufs.gh))
 
 
-def _stepwise_backward(rt, spec, flag, lengths, w_hh, acts, h_all, c_all, d_out, has_dout, dh,
-                       dc, d_gx, d_gh):
-    """Fills d_gx, d_gh and leaves dL/dh0 in dh (and dL/dc0 in dc)."""
-    xp = rt.xp
-    T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
-    dtype = dh.dtype
+def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout):
+    """The backward time loop: fills bw.d_gx and bw.d_gh, leaves the last step's d_gh W_hh in
+    bw.dh_gemm (dL/dh0 = bw.dh + bw.dh_gemm) and dL/dc0 in bw.dc. Only ``rt.launch`` and
+    ``rt.matmul``: it may be captured as a graph."""
+    B, T, H = bufs.shape
+    dtype = bw.dh.dtype
     i32 = np.int32
     grid, threads = _grid(B * H), config.CUDA_THREADS
-    dh_gemm = xp.zeros((B, H), dtype=dtype)  # the later step's d_gh W_hh
 
     def args(t, gemm):
-        return (i32(B), i32(T), i32(H), i32(t), i32(flag), lengths, acts, h_all, c_all,
-                d_out, i32(has_dout), gemm, dh, dc, d_gx, d_gh)
+        return (i32(B), i32(T), i32(H), i32(t), i32(flag), bufs.lengths, bufs.acts, bufs.h_all,
+                bufs.c_all, bw.d_out, i32(has_dout), gemm, bw.dh, bw.dc, bw.d_gx, bw.d_gh)
 
     step = rt.kernel("stepwise", f"rk_{spec.kind}_bwd_step", dtype)
     if spec.kind == "gru" and not spec.reset_after:
         reset = rt.kernel("stepwise", "rk_gru_bwd_reset_step", dtype)
-        d_rh = xp.empty((B, H), dtype=dtype)
-        w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
+        w_rz, w_n = bufs.w_hh[: 2 * H], bufs.w_hh[2 * H:]
         for t in reversed(range(T)):
-            rt.launch(step, grid, threads, args(t, dh_gemm))
-            rt.matmul(d_gh[t][:, 2 * H:], w_n, d_rh)
-            rt.launch(reset, grid, threads, args(t, d_rh))
-            rt.matmul(d_gh[t][:, : 2 * H], w_rz, dh_gemm)
+            rt.launch(step, grid, threads, args(t, bw.dh_gemm))
+            rt.matmul(bw.d_gh[t][:, 2 * H:], w_n, bw.d_rh)
+            rt.launch(reset, grid, threads, args(t, bw.d_rh))
+            rt.matmul(bw.d_gh[t][:, : 2 * H], w_rz, bw.dh_gemm)
     else:
         for t in reversed(range(T)):
-            rt.launch(step, grid, threads, args(t, dh_gemm))
-            rt.matmul(d_gh[t], w_hh, dh_gemm)
-    dh += dh_gemm
+            rt.launch(step, grid, threads, args(t, bw.dh_gemm))
+            rt.matmul(bw.d_gh[t], bufs.w_hh, bw.dh_gemm)
