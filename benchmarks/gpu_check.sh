@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check for the cuda backend, on an NVIDIA machine with CuPy and a CUDA build of PyTorch
-# (no network needed): compile the kernels, run the `gpu` tests (the layers' kernels, then whole
-# models on the device: tests/test_device.py), then time every strategy against
+# (no network needed): compile the kernels, run the `gpu` tests (the layers' kernels, the stepwise
+# loop captured as CUDA graphs, then whole models on the device: tests/test_device.py), then
+# time every strategy (stepwise both as graphs and launched step by step) against
 # torch.nn.LSTM/GRU on cuDNN for the six shapes of issue 5, and a char-rnn epoch trained on the
 # GPU against PyTorch (benchmarks/bench_gpu_train.py). About 9 minutes at most.
 #
@@ -56,7 +57,7 @@ PY
 # the kernels' results.
 pytest_gpu=("$PY" -m pytest -q -m gpu -p no:cacheprovider -W default --tb=short)
 echo "== gpu tests: tests/test_cuda.py"
-timeout 60 "${pytest_gpu[@]}" tests/test_cuda.py || status=1
+timeout 75 "${pytest_gpu[@]}" tests/test_cuda.py || status=1
 echo "== gpu tests: whole models on the device (tests/test_device.py: CPU parity of training,"
 echo "   fused optimizer kernels to the bit, dropout masks, checkpoints, generate)"
 timeout 60 "${pytest_gpu[@]}" tests/test_device.py || status=1

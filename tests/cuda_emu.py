@@ -12,6 +12,7 @@ specifics, GPU memory ordering and caches, launch limits, speed.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import re
@@ -108,6 +109,7 @@ class EmuRuntime:
         self.refuse_clusters = False  # launches of cluster kernels fail, for tests
         self.refuse_capture = False  # graph captures fail, for tests
         self.captures = self.replays = 0
+        self.side_blocks = 0  # on_side_stream blocks entered, for tests
         self._recording = None  # the ops of the capture under way, or None
 
     def props(self):
@@ -189,7 +191,17 @@ class EmuRuntime:
         for op in graph.ops:
             op()
 
-    def matmul(self, a, b, out):
+    @contextlib.contextmanager
+    def on_side_stream(self):
+        """One stream here: the side stream's work runs (or is recorded) in program order,
+        which is an order the GPU may also choose."""
+        self.side_blocks += 1
+        yield
+
+    def join_side(self):
+        pass
+
+    def matmul(self, a, b, out, accumulate=False):
         """What ``CupyRuntime.matmul`` does: the cuBLAS call :func:`runtime.gemm_args` describes,
         here read from memory the way cuBLAS reads it, so every stepwise GEMM of the emulated
         tests checks the operand mapping (``np.matmul`` where the GPU takes ``cupy.matmul``)."""
@@ -197,13 +209,17 @@ class EmuRuntime:
         if spec is None:
             if self._recording is not None:
                 raise AssertionError("cupy.matmul inside a graph capture")
-            np.matmul(a, b, out=out)
+            if accumulate:
+                out += a @ b
+            else:
+                np.matmul(a, b, out=out)
         elif spec == "empty":
-            self._run_or_record(lambda: out.fill(0))
+            if not accumulate:
+                self._run_or_record(lambda: out.fill(0))
         else:
             op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
-            self._run_or_record(
-                lambda: colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a, out, ld_c))
+            self._run_or_record(lambda: colmajor_gemm(op_b, op_a, m, n, k, b, ld_b, a, ld_a,
+                                                      out, ld_c, accumulate))
 
 
 class EmuGraph:
@@ -213,12 +229,17 @@ class EmuGraph:
         self.ops = ops
 
 
-def colmajor_gemm(op_a, op_b, m, n, k, A, lda, B, ldb, C, ldc):
-    """cuBLAS's GEMM on host memory: C[m,n] = op(A)[m,k] op(B)[k,n], every matrix column-major
-    from its view's first element with the given leading dimension."""
+def colmajor_gemm(op_a, op_b, m, n, k, A, lda, B, ldb, C, ldc, accumulate=False):
+    """cuBLAS's GEMM on host memory: C[m,n] = op(A)[m,k] op(B)[k,n] (beta = 1 with
+    ``accumulate``: C +=), every matrix column-major from its view's first element with the
+    given leading dimension."""
     def read(X, op, rows, cols, ld):
         shape = (rows, cols) if op == "N" else (cols, rows)
         stored = np.lib.stride_tricks.as_strided(X, shape, (X.itemsize, ld * X.itemsize))
         return stored if op == "N" else stored.T
     c_view = np.lib.stride_tricks.as_strided(C, (m, n), (C.itemsize, ldc * C.itemsize))
-    c_view[...] = read(A, op_a, m, k, lda) @ read(B, op_b, k, n, ldb)
+    product = read(A, op_a, m, k, lda) @ read(B, op_b, k, n, ldb)
+    if accumulate:
+        c_view += product
+    else:
+        c_view[...] = product

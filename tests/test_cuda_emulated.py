@@ -257,6 +257,22 @@ def test_a_replayed_call_launches_nothing_from_python(emulated, monkeypatch):
     assert emulated.replays == n_replays + 2          # forward and backward
 
 
+@pytest.mark.parametrize("chunks,ranges", [(1, 1), (3, 3), (100, 7)])
+@pytest.mark.parametrize("spec", [cuda_cases.SPECS["lstm-fb0"], cuda_cases.SPECS["gru-before"]],
+                         ids=["lstm", "gru-before"])
+def test_dw_hh_summed_by_step_ranges_on_the_side_stream(emulated, spec, chunks, ranges,
+                                                         monkeypatch):
+    """T=7 steps in CUDA_WGRAD_CHUNKS ranges (of ceil(7 / chunks) steps), each range's dW_hh
+    GEMM queued on the side stream once the backward loop has left it; eager and replayed."""
+    tunables(monkeypatch, CUDA_STRATEGY="stepwise", CUDA_WGRAD_CHUNKS=chunks)
+    shape = (3, 7, 4, 5, [7, 2, 5], True)
+    before = emulated.side_blocks
+    cuda_cases.check_against_reference(cuda, spec, shape, np.float64, seed=0)   # eager
+    assert emulated.side_blocks - before == ranges
+    for seed in (1, 2):                                                          # graphs
+        cuda_cases.check_against_reference(cuda, spec, shape, np.float64, seed=seed)
+
+
 def test_graphs_off_runs_every_call_eagerly(emulated, monkeypatch):
     tunables(monkeypatch, CUDA_STRATEGY="stepwise", CUDA_GRAPHS=False)
     captures = cuda.graphs.pool(emulated).captures

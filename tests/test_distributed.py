@@ -171,7 +171,8 @@ def test_a_failing_rank_ends_the_job(tmp_path, case, failed, told):
     assert proc.returncode != 0
     if failed is not None:
         assert failed in proc.stderr
-    assert re.search("DistributedError: " + told, proc.stderr), proc.stderr
+    # the two ranks write their tracebacks at once, and one may land inside the other's line
+    assert "DistributedError" in proc.stderr and re.search(told, proc.stderr), proc.stderr
 
 
 CLI = ["-m", "rnnkern", "train", "--max-chars", "8000", "--batch-size", "6", "--seq-length",

@@ -17,8 +17,9 @@ over them. The :class:`GraphPool` of a runtime keeps the instances:
 - if a capture fails (a toolkit that refuses one), the pool warns once and from then on every
   call runs eagerly.
 
-A captured body may only call ``rt.launch`` and ``rt.matmul``: anything else (an array
-operation, an allocation, a host read) would run once at capture time instead of at each replay.
+A captured body may only call the runtime's ``launch``, ``matmul``, ``on_side_stream`` and
+``join_side``: anything else (an array operation, an allocation, a host read) would run once at
+capture time instead of at each replay.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ Shape legend: B batch, T time steps, I input, H hidden, G gates (RNN 1, LSTM 4, 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -178,6 +179,7 @@ class CupyRuntime:
         self._props = {}
         self._occupancy = {}
         self._capturing = False  # inside capture(): matmul leaves cuBLAS's stream alone
+        self._side_handle = None  # inside on_side_stream(): the side stream's cuBLAS handle
 
     def device_id(self):
         return self.xp.cuda.Device().id
@@ -260,14 +262,16 @@ class CupyRuntime:
         return self._occupancy[key]
 
     def capture(self, body):
-        """A CUDA graph of what ``body()`` launches (it must only call :meth:`launch` and
-        :meth:`matmul`), captured on a side stream of this device; nothing runs yet. cuBLAS is
+        """A CUDA graph of what ``body()`` launches (it must only call :meth:`launch`,
+        :meth:`matmul`, :meth:`on_side_stream` and :meth:`join_side`), captured on a stream of
+        its own; nothing runs yet. cuBLAS is
         set to that stream before the capture, as its stream may not change inside one."""
         from cupy_backends.cuda.libs import cublas
         key = ("capture_stream", self.device_id())
         if key not in self.cache:
             self.cache[key] = self.xp.cuda.Stream(non_blocking=True)
         stream = self.cache[key]
+        self._side_of(stream)  # made now: nothing may allocate inside the capture
         handle = self.xp.cuda.device.get_cublas_handle()
         cublas.setStream(handle, stream.ptr)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
@@ -287,30 +291,77 @@ class CupyRuntime:
         """Launch a graph from :meth:`capture` on the current stream."""
         graph.launch()
 
-    def matmul(self, a, b, out):
-        """``out[m,n] = a[m,k] @ b[k,n]`` on the current stream. The stepwise loops call this
-        twice per step, so it goes straight to cuBLAS (:func:`gemm_args`; a few µs from
-        Python, where ``cupy.matmul`` takes tens); ``rnnkern.config.CUDA_DIRECT_GEMM = False``,
-        or operands cuBLAS cannot take as they are, use ``cupy.matmul``."""
+    @contextlib.contextmanager
+    def on_side_stream(self):
+        """Queue what the block launches on the side stream of the current one, after all that
+        is queued there so far, to overlap what the current stream does next; :meth:`join_side`
+        makes the current stream wait for it. The side stream's GEMMs use a cuBLAS handle of
+        their own (created once, its stream set once), so a capture never changes a handle's
+        stream."""
+        main = self.xp.cuda.get_current_stream()
+        side, handle, start, done = self._side_of(main)
+        start.record(main)
+        side.wait_event(start)
+        outer = self._side_handle
+        self._side_handle = handle
+        try:
+            with side:
+                yield
+        finally:
+            self._side_handle = outer
+        done.record(side)
+
+    def join_side(self):
+        """The current stream waits for what :meth:`on_side_stream` queued beside it."""
+        main = self.xp.cuda.get_current_stream()
+        main.wait_event(self._side_of(main)[3])
+
+    def _side_of(self, main):
+        """(side stream, its cuBLAS handle, fork event, join event) of stream ``main``, made
+        on first use (before a capture on ``main``: a handle's creation allocates)."""
+        from cupy_backends.cuda.libs import cublas
+        key = ("side", self.device_id(), main.ptr)
+        if key not in self.cache:
+            side = self.xp.cuda.Stream(non_blocking=True)
+            handle = cublas.create()
+            cublas.setStream(handle, side.ptr)
+            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+            self.cache[key] = (side, handle, self.xp.cuda.Event(disable_timing=True),
+                               self.xp.cuda.Event(disable_timing=True))
+        return self.cache[key]
+
+    def matmul(self, a, b, out, accumulate=False):
+        """``out[m,n] = a[m,k] @ b[k,n]`` (``+=`` with ``accumulate``) on the current stream.
+        The stepwise loops call this twice per step, so it goes straight to cuBLAS
+        (:func:`gemm_args`; a few µs from Python, where ``cupy.matmul`` takes tens);
+        ``rnnkern.config.CUDA_DIRECT_GEMM = False``, or operands cuBLAS cannot take as they
+        are, use ``cupy.matmul``."""
         spec = gemm_args(a, b, out) if config.CUDA_DIRECT_GEMM else None
         if spec is None:
-            self.xp.matmul(a, b, out=out)
+            if accumulate:
+                out += self.xp.matmul(a, b)
+            else:
+                self.xp.matmul(a, b, out=out)
             return
         if spec == "empty":
-            out.fill(0)
+            if not accumulate:
+                out.fill(0)
             return
         from cupy_backends.cuda.libs import cublas
         op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
         ops = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
         double = out.dtype == np.float64
         one, zero = self._scalars(out.dtype)
-        handle = self.xp.cuda.device.get_cublas_handle()
-        if not self._capturing:  # capture() set both for the whole capture
-            cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)
-            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        if self._side_handle is not None:  # its stream and pointer mode are set for good
+            handle = self._side_handle
+        else:
+            handle = self.xp.cuda.device.get_cublas_handle()
+            if not self._capturing:  # capture() set both for the whole capture
+                cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)
+                cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         (cublas.dgemm if double else cublas.sgemm)(
             handle, ops[op_b], ops[op_a], m, n, k, one.ctypes.data, b.data.ptr, ld_b,
-            a.data.ptr, ld_a, zero.ctypes.data, out.data.ptr, ld_c)
+            a.data.ptr, ld_a, (one if accumulate else zero).ctypes.data, out.data.ptr, ld_c)
 
     def _scalars(self, dtype):
         """Host 1 and 0 of ``dtype`` for cuBLAS's alpha and beta, kept alive here."""

@@ -14,7 +14,9 @@ shared by every strategy, so backward may use any, whichever forward ran)::
     gx [B,T,G*H]  h_all, c_all [T+1,B,H]  acts [T,B,S*H]  rh [T,B,H]  d_gx [B,T,G*H]  d_gh [T,B,G*H]
 
 What is not recurrent is hoisted: ``x W_ih^T`` is one GEMM over all ``B*T`` rows before the
-loop and ``dx, dW_ih, dW_hh`` are single GEMMs after the backward loop.
+loop and ``dx, dW_ih`` are single GEMMs after the backward loop; ``dW_hh`` is one GEMM after a
+persistent kernel, and in the stepwise backward a GEMM per range of steps on a side stream,
+overlapping the rest of the loop (``config.CUDA_WGRAD_CHUNKS`` ranges).
 
 The stepwise loops launch two operations per step from Python; from a shape's second call on
 they are captured once as CUDA graphs and replayed (:mod:`.graphs`), on buffers the graph owns:
@@ -113,8 +115,9 @@ class LoopBuffers:
 
 class BackwardBuffers:
     """d_out [B,T,H] (owned buffers, or the caller's array; [1] when absent), dh [B,H],
-    dc [B,H] (LSTM; else [1]), d_gx [B,T,G*H], d_gh [T,B,G*H], step scratch dh_gemm [B,H]
-    (the later step's d_gh W_hh) and d_rh [B,H] (GRU reset-before; else [1])."""
+    dc [B,H] (LSTM; else [1]), d_gx [B,T,G*H], d_gh [T,B,G*H], dw_hh [G*H,H] (summed step
+    range by step range), step scratch dh_gemm [B,H] (the later step's d_gh W_hh) and
+    d_rh [B,H] (GRU reset-before; else [1])."""
 
     def __init__(self, fwd):
         B, T, H = fwd.shape
@@ -126,6 +129,7 @@ class BackwardBuffers:
         self.dc = xp.empty((B, H) if spec.kind == "lstm" else (1,), dtype=dtype)
         self.d_gx = xp.empty((B, T, GH), dtype=dtype)
         self.d_gh = xp.empty((T, B, GH), dtype=dtype)
+        self.dw_hh = xp.empty((GH, H), dtype=dtype)
         self.dh_gemm = xp.empty((B, H), dtype=dtype)
         self.d_rh = xp.empty((B, H) if two_phase else (1,), dtype=dtype)
         self._no_dout = xp.zeros((1,), dtype=dtype)
@@ -146,6 +150,7 @@ class BackwardBuffers:
         else:
             self.d_out = d_outputs
         self.dh_gemm.fill(0)
+        self.dw_hh.fill(0)
 
 
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
@@ -208,12 +213,11 @@ class _Saved(dict):
 def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     """See :mod:`rnnkern.backends`. d_outputs [B,T,H], d_h_n, d_c_n [B,H] or None (zeros)."""
     rt = runtime.get_runtime()
-    xp = rt.xp
     x, w_ih, bufs = saved["x"], saved["w_ih"], saved["bufs"]
     B, T, I = x.shape
     H = bufs.w_hh.shape[1]
     GH = spec.gates * H
-    lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
+    lstm = spec.kind == "lstm"
     bw = bufs.backward_buffers(d_outputs, d_h_n, d_c_n if lstm else None)
     has_dout = d_outputs is not None
     i32 = np.int32
@@ -227,7 +231,9 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
                 i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), bufs.w_hh, bufs.lengths, bufs.acts,
                 bufs.h_all, bufs.c_all, bw.d_out, i32(has_dout), bw.dh, bw.dc, bw.d_gx,
                 bw.d_gh, bar)
-        if not _launch_persistent(rt, kern, plan, args, plan.smem_bwd, bar, "backward"):
+        if _launch_persistent(rt, kern, plan, args, plan.smem_bwd, bar, "backward"):
+            _accumulate_dw_hh(rt, spec, bufs, bw, 0, T)
+        else:
             strategy = "stepwise"
     if B and T and strategy == "stepwise":
         def body():
@@ -240,17 +246,28 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     # the non-recurrent gradients, one GEMM each over all B*T rows
     d_gx2 = bw.d_gx.reshape(B * T, GH)
     d_gh2 = bw.d_gh.reshape(T * B, GH)
-    h_prev = bufs.h_all[:T].reshape(T * B, H)
     dx = (d_gx2 @ w_ih).reshape(B, T, I)
-    if two_phase:
-        dw_hh = xp.concatenate([d_gh2[:, : 2 * H].T @ h_prev,
-                                d_gh2[:, 2 * H:].T @ bufs.rh.reshape(T * B, H)], axis=0)
-    else:
-        dw_hh = d_gh2.T @ h_prev
-    grads = dict(w_ih=d_gx2.T @ x.reshape(B * T, I), w_hh=dw_hh,
+    grads = dict(w_ih=d_gx2.T @ x.reshape(B * T, I), w_hh=bw.dw_hh,
                  b_ih=d_gx2.sum(axis=0), b_hh=d_gh2.sum(axis=0))
-    dh, dc = (bw.dh.copy(), bw.dc.copy()) if bufs.owned else (bw.dh, bw.dc)
+    dh, dc = bw.dh, bw.dc
+    if bufs.owned:
+        dh, dc, grads["w_hh"] = dh.copy(), dc.copy(), grads["w_hh"].copy()
     return dx, dh, (dc if lstm else None), grads
+
+
+def _accumulate_dw_hh(rt, spec, bufs, bw, t0, t1):
+    """bw.dw_hh += the W_hh gradient of steps t0..t1-1: d_gh^T h_prev over their (t1-t0)*B
+    rows (GRU reset-before: its n block against rh). Only ``rt.matmul``."""
+    B, _, H = bufs.shape
+    n = (t1 - t0) * B
+    d_gh = bw.d_gh[t0:t1].reshape(n, bw.d_gh.shape[2])
+    h_prev = bufs.h_all[t0:t1].reshape(n, H)
+    if spec.kind == "gru" and not spec.reset_after:
+        rt.matmul(d_gh[:, : 2 * H].T, h_prev, bw.dw_hh[: 2 * H], accumulate=True)
+        rt.matmul(d_gh[:, 2 * H:].T, bufs.rh[t0:t1].reshape(n, H), bw.dw_hh[2 * H:],
+                  accumulate=True)
+    else:
+        rt.matmul(d_gh.T, h_prev, bw.dw_hh, accumulate=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,9 +345,9 @@ def _stepwise_forward(rt, spec, flag, real, bufs):
 
 
 def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout):
-    """The backward time loop: fills bw.d_gx and bw.d_gh, leaves the last step's d_gh W_hh in
-    bw.dh_gemm (dL/dh0 = bw.dh + bw.dh_gemm) and dL/dc0 in bw.dc. Only ``rt.launch`` and
-    ``rt.matmul``: it may be captured as a graph."""
+    """The backward time loop: fills bw.d_gx, bw.d_gh and bw.dw_hh, leaves the last step's
+    d_gh W_hh in bw.dh_gemm (dL/dh0 = bw.dh + bw.dh_gemm) and dL/dc0 in bw.dc. Only the
+    runtime's launch, matmul and side-stream calls: it may be captured as a graph."""
     B, T, H = bufs.shape
     dtype = bw.dh.dtype
     i32 = np.int32
@@ -339,6 +356,15 @@ def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout):
     def args(t, gemm):
         return (i32(B), i32(T), i32(H), i32(t), i32(flag), bufs.lengths, bufs.acts, bufs.h_all,
                 bufs.c_all, bw.d_out, i32(has_dout), gemm, bw.dh, bw.dc, bw.d_gx, bw.d_gh)
+
+    # dW_hh of each range of K steps is summed on a side stream as soon as the loop has
+    # finished the range, overlapping the loop's remaining steps
+    K = -(-T // max(1, int(config.CUDA_WGRAD_CHUNKS)))
+
+    def range_done(t):
+        if t % K == 0:
+            with rt.on_side_stream():
+                _accumulate_dw_hh(rt, spec, bufs, bw, t, min(T, t + K))
 
     step = rt.kernel("stepwise", f"rk_{spec.kind}_bwd_step", dtype)
     if spec.kind == "gru" and not spec.reset_after:
@@ -349,7 +375,10 @@ def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout):
             rt.matmul(bw.d_gh[t][:, 2 * H:], w_n, bw.d_rh)
             rt.launch(reset, grid, threads, args(t, bw.d_rh))
             rt.matmul(bw.d_gh[t][:, : 2 * H], w_rz, bw.dh_gemm)
+            range_done(t)
     else:
         for t in reversed(range(T)):
             rt.launch(step, grid, threads, args(t, bw.dh_gemm))
             rt.matmul(bw.d_gh[t], bufs.w_hh, bw.dh_gemm)
+            range_done(t)
+    rt.join_side()
