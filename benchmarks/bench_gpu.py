@@ -2,7 +2,8 @@
 
     python benchmarks/bench_gpu.py [--shapes "B,T,I,H,L;..."] [--kinds lstm,gru] [--budget 150]
                                    [--tf32] [--seam] [--max-blocks N] [--no-barrier-check]
-                                   [--cupy-matmul] [--max-teams N] [--json out.json]
+                                   [--cupy-matmul] [--max-teams N] [--tile-min N]
+                                   [--json out.json]
 
 For each (B,T,I,H,L) and cell it prints forward and forward+backward milliseconds per call for
 cuDNN, rnnkern stepwise (its time loop replayed as a CUDA graph), the same loop launched from
@@ -184,10 +185,15 @@ def main(argv=None):
                     help="skip reading the persistent barrier's error flag (saves a sync)")
     ap.add_argument("--cupy-matmul", action="store_true",
                     help="stepwise GEMMs through cupy.matmul instead of straight to cuBLAS")
+    ap.add_argument("--tile-min", type=int, default=None,
+                    help="persistent/cluster: dots per block from which they go in 4x4 tiles "
+                         "(config.CUDA_TILE_MIN_DOTS; 2147483647: never)")
     ap.add_argument("--max-teams", type=int, default=None,
                     help="cap on cluster teams (config.CUDA_MAX_TEAMS; default n_sm / 8)")
     args = ap.parse_args(argv)
     config.CUDA_MAX_TEAMS = args.max_teams
+    if args.tile_min is not None:
+        config.CUDA_TILE_MIN_DOTS = args.tile_min
     config.CUDA_DIRECT_GEMM = not args.cupy_matmul
     config.CUDA_MAX_BLOCKS = args.max_blocks
     config.CUDA_CHECK_BARRIER = not args.no_barrier_check
@@ -204,6 +210,7 @@ def main(argv=None):
           f"rnnkern through {'the backend seam' if args.seam else 'the layer API'}; "
           f"persistent max blocks: {args.max_blocks or 'one per SM'}; "
           f"cluster teams at most: {args.max_teams or 'n_sm / 8'}; "
+          f"dots in 4x4 tiles from: {config.CUDA_TILE_MIN_DOTS} a block; "
           f"barrier flag read: {not args.no_barrier_check}; stepwise GEMMs: "
           f"{'cupy.matmul' if args.cupy_matmul else 'cuBLAS direct'}")
     print(f"# ms per call, median of {REPEATS} repeats; ratio = cuDNN / best rnnkern "

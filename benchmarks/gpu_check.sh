@@ -93,10 +93,13 @@ else
 fi
 if [ -n "${RNNKERN_GPU_TUNING:-}" ]; then
   echo "== tuning points (backend seam, LSTM): stepwise GEMMs straight to cuBLAS vs through"
-  echo "   cupy.matmul on the large shapes; cluster teams capped at 8; where cluster stops paying"
+  echo "   cupy.matmul on the large shapes; persistent dots without 4x4 tiles on the large shapes;"
+  echo "   cluster teams capped at 8; where cluster stops paying"
   large="64,100,512,512,1;128,100,1024,1024,1"
   bench gpu_tune_direct_gemm 25 --seam --kinds lstm --shapes "$large" --budget 15
   bench gpu_tune_cupy_matmul 25 --seam --kinds lstm --shapes "$large" --cupy-matmul --budget 15
+  bench gpu_tune_no_tiles 25 --seam --kinds lstm --shapes "$large" --tile-min 2147483647 \
+    --budget 15
   bench gpu_tune_teams8 20 --seam --kinds lstm --shapes "$small" --max-teams 8 --budget 14
   bench gpu_tune_cutoff 30 --seam --kinds lstm,gru \
     --shapes "64,100,128,256,1;128,50,128,256,1;256,50,65,128,1" --budget 22

@@ -98,6 +98,22 @@ def test_larger_sizes_float32(spec, strategy):
                                        cupy.asarray, wscale=128 ** -0.5)
 
 
+@pytest.mark.parametrize("strategy", ["persistent", "cluster"], indirect=True)
+@pytest.mark.parametrize("tile_min", [1, 40], ids=["all-tiled", "some-tiled"])
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_dots_in_tiles(spec, strategy, tile_min, monkeypatch):
+    """4 x 4 tiles of dot products per thread (CUDA_TILE_MIN_DOTS), ragged at both edges: few
+    'SMs' and 5-row batch chunks, float64; then a larger float32 layer with every block tiled."""
+    if strategy == "cluster" and not cuda.runtime.get_runtime().supports_clusters():
+        pytest.skip("no thread-block clusters on this device")
+    tunables(monkeypatch, CUDA_TILE_MIN_DOTS=tile_min, CUDA_MAX_BATCH_CHUNK=5, CUDA_N_SM=4)
+    cuda_cases.check_against_reference(cuda, spec, (7, 6, 3, 13, [6, 0, 2, 6, 1, 3, 6], True),
+                                       np.float64, cupy.asarray)
+    tunables(monkeypatch, CUDA_TILE_MIN_DOTS=1, CUDA_MAX_BATCH_CHUNK=64, CUDA_N_SM=None)
+    cuda_cases.check_against_reference(cuda, spec, (64, 12, 16, 128, None, True), np.float32,
+                                       cupy.asarray, wscale=128 ** -0.5)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES, indirect=True)
 def test_runs_on_the_current_stream(strategy):
     spec, shape = cuda_cases.SPECS["lstm-fb0"], cuda_cases.SHAPES["odd-lengths"]

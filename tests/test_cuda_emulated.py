@@ -223,6 +223,22 @@ def test_falls_back_to_stepwise_when_blocks_cannot_be_resident(emulated, monkeyp
         cuda_cases.check_against_reference(cuda, spec, shape, np.float64)
 
 
+@pytest.mark.parametrize("tile_min", [1, 20], ids=["all-tiled", "some-tiled"])
+@pytest.mark.parametrize("strategy", ["persistent", "cluster"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(7, 4, 3, 9, [4, 0, 2, 4, 1, 3, 4], True),
+                                   (5, 3, 2, 13, None, False), (1, 2, 2, 1, None, True)],
+                         ids=["B7-H9", "B5-H13", "B1-H1"])
+@pytest.mark.parametrize("spec", cuda_cases.SPECS.values(), ids=cuda_cases.SPECS.keys())
+def test_dots_in_tiles(emulated, spec, shape, dtype, strategy, tile_min, monkeypatch):
+    """Blocks with at least CUDA_TILE_MIN_DOTS dot products in a step form them in 4 x 4 tiles
+    per thread: ragged tiles at both edges (5-row batch chunks, 3 or 5 units a block), every
+    dot product of the step (forward, GRU candidate, backward, GRU reset)."""
+    tunables(monkeypatch, CUDA_STRATEGY=strategy, CUDA_TILE_MIN_DOTS=tile_min,
+             CUDA_MAX_BATCH_CHUNK=5)
+    cuda_cases.check_against_reference(cuda, spec, shape, dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # the stepwise time loop as a CUDA graph (rnnkern/backends/cuda/graphs.py)
 

@@ -23,7 +23,8 @@
 //   Every row stride in shared memory is odd (ldw = H|1, ldh = H|1, ldc = ldg = G*H|1), so
 //   threads reading the same offset of different rows hit different banks.
 //
-// Dot products (rk_block_dots): with more than half a block's worth of them, one per thread;
+// Dot products (rk_block_dots): with many of them (a large batch), 4 x 4 tiles per thread, so
+// shared memory is read a quarter as often; with more than half a block's worth, one per thread;
 // with fewer (small B), each on a group of up to 32 lanes that take interleaved terms
 // (consecutive addresses, no bank conflicts) and add up with shuffles, so a step is not a few
 // threads' serial loops of length H (forward) or G*H (backward).
@@ -88,50 +89,102 @@ __device__ __forceinline__ void rk_stage_rows(real* dst, int ld_dst, const real*
     }
 }
 
-// res[o] = dot(x, w, n) for each of n_items items, where operands(i, x, w) sets the operands of
-// item i and returns its output offset o. Each dot runs on a group of gs lanes of one warp (a
-// power of two up to 32, while n_items * gs fits the block and every lane keeps >= min_chunk
-// terms; 1 when there are many dots): lane l of the group takes terms l, l + gs, ... (the group
-// reads consecutive addresses, no bank conflicts) and the group adds up with shuffles. The
-// passes over the items are the same for every thread, so whole warps reach each shuffle.
-// Ends with __syncthreads.
-template <class Operands>
-__device__ void rk_block_dots(int n_items, int n, int min_chunk, real* res, Operands operands) {
+// rk_block_dots with a 4 x 4 tile of dots per thread: a step k reads 8 values from shared
+// memory for 16 products, where a dot per thread reads 2 for 1, so a block with many dots (the
+// forward of a large batch) is bound by shared-memory reads a quarter as much. Consecutive
+// threads take consecutive column tiles of one row tile, so a warp's reads of x rows are
+// broadcasts. A tile past the edge repeats the last row or column and stores nothing for it.
+template <class XRow, class WRow, class Out>
+__device__ void rk_block_tiles(int nr, int nc, int n, XRow xrow, WRow wrow, Out out) {
+    constexpr int R = 4, C = 4;
+    const int tiles_c = (nc + C - 1) / C, tiles = (nr + R - 1) / R * tiles_c;
+    for (int tile = threadIdx.x; tile < tiles; tile += blockDim.x) {
+        const int r0 = tile / tiles_c * R, c0 = (tile % tiles_c) * C;
+        const real* x[R];
+        const real* w[C];
+#pragma unroll
+        for (int u = 0; u < R; ++u) x[u] = xrow(min(r0 + u, nr - 1));
+#pragma unroll
+        for (int v = 0; v < C; ++v) w[v] = wrow(min(c0 + v, nc - 1));
+        real acc[R][C];
+#pragma unroll
+        for (int u = 0; u < R; ++u)
+#pragma unroll
+            for (int v = 0; v < C; ++v) acc[u][v] = 0;
+        for (int k = 0; k < n; ++k) {
+            real xk[R], wk[C];
+#pragma unroll
+            for (int u = 0; u < R; ++u) xk[u] = x[u][k];
+#pragma unroll
+            for (int v = 0; v < C; ++v) wk[v] = w[v][k];
+#pragma unroll
+            for (int u = 0; u < R; ++u)
+#pragma unroll
+                for (int v = 0; v < C; ++v) acc[u][v] += xk[u] * wk[v];
+        }
+#pragma unroll
+        for (int u = 0; u < R; ++u)
+#pragma unroll
+            for (int v = 0; v < C; ++v)
+                if (r0 + u < nr && c0 + v < nc) out(r0 + u, c0 + v, acc[u][v]);
+    }
+    __syncthreads();
+}
+
+// out(r, c, dot(xrow(r), wrow(c), n)) for every r < nr, c < nc: rows of shared memory, dotted
+// in one of three ways (each adds its terms in order k = 0, 1, ... within a thread):
+//  - at least tile_min dots: 4 x 4 tiles of them per thread (rk_block_tiles);
+//  - more than half a block's worth: one per thread;
+//  - fewer: each on a group of gs lanes of one warp (a power of two up to 32, while nr * nc * gs
+//    fits the block and every lane keeps >= min_chunk terms): lane l of the group takes terms
+//    l, l + gs, ... (the group reads consecutive addresses, no bank conflicts) and the group
+//    adds up with shuffles. The passes over the dots are the same for every thread, so whole
+//    warps reach each shuffle.
+// Dot (r, c) is item i = r * nc + c of the one-per-thread and lane-group passes. Ends with
+// __syncthreads.
+template <class XRow, class WRow, class Out>
+__device__ void rk_block_dots(int nr, int nc, int n, int min_chunk, int tile_min, XRow xrow,
+                              WRow wrow, Out out) {
+    const int n_items = nr * nc;
+    if (n_items >= tile_min) {
+        rk_block_tiles(nr, nc, n, xrow, wrow, out);
+        return;
+    }
     int gs = 1;
     if (blockDim.x % 32 == 0)
         while (gs < 32 && n_items * gs * 2 <= (int)blockDim.x && n >= gs * 2 * min_chunk) gs *= 2;
-    const real* x;
-    const real* w;
     if (gs == 1) {  // a plain loop: with the strided loop below instead, the cluster forward at
                     // B,T,I,H = 32,100,128,256 (two dots of 256 terms a thread) ran 2x slower
         for (int i = threadIdx.x; i < n_items; i += blockDim.x) {
-            const int o = operands(i, x, w);
+            const int r = i / nc, c = i - r * nc;
+            const real* x = xrow(r);
+            const real* w = wrow(c);
             real acc = 0;
             for (int k = 0; k < n; ++k) acc += x[k] * w[k];
-            res[o] = acc;
+            out(r, c, acc);
         }
         __syncthreads();
         return;
     }
     const int per_pass = blockDim.x / gs, lane = threadIdx.x % gs;
     for (int base = 0; base < n_items; base += per_pass) {
-        const int i = base + threadIdx.x / gs;
-        int o = 0;
+        const int i = base + threadIdx.x / gs, r = i / nc, c = i - r * nc;
         real acc = 0;
         if (i < n_items) {
-            o = operands(i, x, w);
+            const real* x = xrow(r);
+            const real* w = wrow(c);
             for (int k = lane; k < n; k += gs) acc += x[k] * w[k];
         }
         for (int offset = gs / 2; offset > 0; offset >>= 1)
             acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-        if (i < n_items && lane == 0) res[o] = acc;
+        if (i < n_items && lane == 0) out(r, c, acc);
     }
     __syncthreads();
 }
 
 template <int KIND, int TEAM>
 __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int min_chunk,
-                               int flag, real forget_bias,
+                               int tile_min, int flag, real forget_bias,
                                const real* __restrict__ gx, const real* __restrict__ w_hh,
                                const real* __restrict__ b_ih, const real* __restrict__ b_hh,
                                const i64* __restrict__ lengths,
@@ -159,12 +212,12 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int
             const int nb = min(nbc, own.b_hi - b0);
             rk_stage_rows(h_s, ldh, h_all + ((i64)t * B + b0) * H, nb, H, 0, H);
             __syncthreads();
-            rk_block_dots(nb * Gd * nj, H, min_chunk, p_s,
-                          [&](int i, const real*& x, const real*& w) {
-                              const int jl = i % nj, g = (i / nj) % Gd, bl = i / (nj * Gd);
-                              x = h_s + (i64)bl * ldh;
-                              w = w_s + ((i64)g * hb + jl) * ldw;
-                              return (bl * G + g) * hb + jl;
+            // column c of the dots: gate block g = c / nj, unit jl = c % nj
+            rk_block_dots(nb, Gd * nj, H, min_chunk, tile_min,
+                          [&](int bl) { return h_s + (i64)bl * ldh; },
+                          [&](int c) { return w_s + ((i64)(c / nj) * hb + c % nj) * ldw; },
+                          [&](int bl, int c, real v) {
+                              p_s[(bl * G + c / nj) * hb + c % nj] = v;
                           });
             for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
                 const int jl = i % nj, bl = i / nj, b = b0 + bl, j = j0 + jl;
@@ -186,13 +239,10 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int
                 const int nb = min(nbc, own.b_hi - b0);
                 rk_stage_rows(h_s, ldh, rh + ((i64)t * B + b0) * H, nb, H, 0, H);
                 __syncthreads();
-                rk_block_dots(nb * nj, H, min_chunk, p_s,
-                              [&](int i, const real*& x, const real*& w) {
-                                  const int jl = i % nj, bl = i / nj;
-                                  x = h_s + (i64)bl * ldh;
-                                  w = w_s + (2 * (i64)hb + jl) * ldw;
-                                  return i;
-                              });
+                rk_block_dots(nb, nj, H, min_chunk, tile_min,
+                              [&](int bl) { return h_s + (i64)bl * ldh; },
+                              [&](int jl) { return w_s + (2 * (i64)hb + jl) * ldw; },
+                              [&](int bl, int jl, real v) { p_s[bl * nj + jl] = v; });
                 for (int i = threadIdx.x; i < nb * nj; i += blockDim.x)
                     rk_gru_fwd_cand_elem(a, t, b0 + i / nj, j0 + i % nj, p_s[i]);
                 __syncthreads();
@@ -204,7 +254,7 @@ __device__ void rk_persist_fwd(int B, int T, int H, int hb, int bc, int nbc, int
 
 template <int KIND, int TEAM>
 __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int min_chunk,
-                               int flag, const real* __restrict__ w_hh,
+                               int tile_min, int flag, const real* __restrict__ w_hh,
                                const i64* __restrict__ lengths,
                                const real* __restrict__ acts, const real* __restrict__ h_all,
                                const real* __restrict__ c_all, const real* __restrict__ d_out,
@@ -244,12 +294,10 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int
                 const int nb = min(nbc, own.b_hi - b0);
                 rk_stage_rows(g_s, ldg, dg_t + (i64)b0 * GH, nb, GH, 2 * H, H);
                 __syncthreads();
-                rk_block_dots(nb * nj, H, min_chunk, r_s,
-                              [&](int i, const real*& x, const real*& w) {
-                                  x = g_s + (i64)(i / nj) * ldg;
-                                  w = wc + (i64)(i % nj) * ldc + 2 * H;
-                                  return i;
-                              });
+                rk_block_dots(nb, nj, H, min_chunk, tile_min,
+                              [&](int bl) { return g_s + (i64)bl * ldg; },
+                              [&](int jl) { return wc + (i64)jl * ldc + 2 * H; },
+                              [&](int bl, int jl, real v) { r_s[bl * nj + jl] = v; });
                 for (int i = threadIdx.x; i < nb * nj; i += blockDim.x)
                     rk_gru_bwd_reset_elem(a, t, b0 + i / nj, j0 + i % nj, r_s[i]);
                 __syncthreads();
@@ -261,12 +309,10 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int
             const int nb = min(nbc, own.b_hi - b0);
             rk_stage_rows(g_s, ldg, dg_t + (i64)b0 * GH, nb, GH, 0, rows);
             __syncthreads();
-            rk_block_dots(nb * nj, rows, min_chunk, r_s,
-                          [&](int i, const real*& x, const real*& w) {
-                              x = g_s + (i64)(i / nj) * ldg;
-                              w = wc + (i64)(i % nj) * ldc;
-                              return i;
-                          });
+            rk_block_dots(nb, nj, rows, min_chunk, tile_min,
+                          [&](int bl) { return g_s + (i64)bl * ldg; },
+                          [&](int jl) { return wc + (i64)jl * ldc; },
+                          [&](int bl, int jl, real v) { r_s[bl * nj + jl] = v; });
             for (int i = threadIdx.x; i < nb * nj; i += blockDim.x) {
                 const int b = b0 + i / nj;
                 if (t < lengths[b]) dh[(i64)b * H + j0 + i % nj] += r_s[i];
@@ -278,20 +324,20 @@ __device__ void rk_persist_bwd(int B, int T, int H, int hb, int bc, int nbc, int
 
 // the kernels' parameter lists (persistent.cu and cluster.cu); bc: batch rows per team (B for
 // the grid team); bar: the grid barrier's words (unused by the cluster kernels)
-#define RK_PERSIST_FWD_ARGS                                                               \
-    int B, int T, int H, int hb, int bc, int nbc, int min_chunk, int flag, real forget_bias, \
-        const real* gx, const real* w_hh, const real* b_ih, const real* b_hh,              \
-        const i64* lengths, real* h_all, real* c_all, real* outputs, real* acts, real* rh, \
-        unsigned int* bar
-#define RK_PERSIST_FWD_CALL                                                                \
-    (B, T, H, hb, bc, nbc, min_chunk, flag, forget_bias, gx, w_hh, b_ih, b_hh, lengths,     \
-     h_all, c_all, outputs, acts, rh, bar)
+#define RK_PERSIST_FWD_ARGS                                                                 \
+    int B, int T, int H, int hb, int bc, int nbc, int min_chunk, int tile_min, int flag,     \
+        real forget_bias, const real* gx, const real* w_hh, const real* b_ih,                \
+        const real* b_hh, const i64* lengths, real* h_all, real* c_all, real* outputs,       \
+        real* acts, real* rh, unsigned int* bar
+#define RK_PERSIST_FWD_CALL                                                                  \
+    (B, T, H, hb, bc, nbc, min_chunk, tile_min, flag, forget_bias, gx, w_hh, b_ih, b_hh,      \
+     lengths, h_all, c_all, outputs, acts, rh, bar)
 
-#define RK_PERSIST_BWD_ARGS                                                               \
-    int B, int T, int H, int hb, int bc, int nbc, int min_chunk, int flag, const real* w_hh, \
-        const i64* lengths, const real* acts, const real* h_all, const real* c_all,        \
-        const real* d_out, int has_dout, real* dh, real* dc, real* d_gx, real* d_gh,       \
-        unsigned int* bar
-#define RK_PERSIST_BWD_CALL                                                                \
-    (B, T, H, hb, bc, nbc, min_chunk, flag, w_hh, lengths, acts, h_all, c_all, d_out,       \
-     has_dout, dh, dc, d_gx, d_gh, bar)
+#define RK_PERSIST_BWD_ARGS                                                                 \
+    int B, int T, int H, int hb, int bc, int nbc, int min_chunk, int tile_min, int flag,     \
+        const real* w_hh, const i64* lengths, const real* acts, const real* h_all,           \
+        const real* c_all, const real* d_out, int has_dout, real* dh, real* dc, real* d_gx,  \
+        real* d_gh, unsigned int* bar
+#define RK_PERSIST_BWD_CALL                                                                  \
+    (B, T, H, hb, bc, nbc, min_chunk, tile_min, flag, w_hh, lengths, acts, h_all, c_all,      \
+     d_out, has_dout, dh, dc, d_gx, d_gh, bar)

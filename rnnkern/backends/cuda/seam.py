@@ -183,7 +183,8 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
         kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_fwd", dtype)
         bar = _barrier(rt)
         args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_fwd),
-                i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), real(spec.forget_bias), bufs.gx,
+                i32(config.CUDA_DOT_MIN_CHUNK), i32(config.CUDA_TILE_MIN_DOTS), i32(flag),
+                real(spec.forget_bias), bufs.gx,
                 bufs.w_hh, bufs.b_ih, bufs.b_hh, bufs.lengths, bufs.h_all, bufs.c_all,
                 bufs.outputs, bufs.acts, bufs.rh, bar)
         if not _launch_persistent(rt, kern, plan, args, plan.smem_fwd, bar, "forward"):
@@ -228,7 +229,8 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         kern = rt.kernel(strategy, f"rk_{spec.kind}_{_KERNEL_STEM[strategy]}_bwd", x.dtype)
         bar = _barrier(rt)
         args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_bwd),
-                i32(config.CUDA_DOT_MIN_CHUNK), i32(flag), bufs.w_hh, bufs.lengths, bufs.acts,
+                i32(config.CUDA_DOT_MIN_CHUNK), i32(config.CUDA_TILE_MIN_DOTS), i32(flag),
+                bufs.w_hh, bufs.lengths, bufs.acts,
                 bufs.h_all, bufs.c_all, bw.d_out, i32(has_dout), bw.dh, bw.dc, bw.d_gx,
                 bw.d_gh, bar)
         if _launch_persistent(rt, kern, plan, args, plan.smem_bwd, bar, "backward"):
