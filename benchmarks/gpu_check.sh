@@ -79,7 +79,7 @@ bench() {  # bench NAME TIMEOUT ARGS...: one bench_gpu.py run, its table also un
 }
 
 echo "== benchmark: layer API (what users call), float32, ms per call"
-bench gpu_bench 100 --budget 75 ${out_dir:+--json "$out_dir/gpu_bench.json"} "$@"
+bench gpu_bench 115 --budget 90 ${out_dir:+--json "$out_dir/gpu_bench.json"} "$@"
 
 echo "== benchmark: backend seam (kernels without layer validation), small shapes"
 small="1,6,5,5,1;1,100,64,128,1;32,100,128,256,1;50,50,65,128,2"

@@ -10,10 +10,13 @@ what is not recurrent (:mod:`.seam`):
 
 * ``stepwise`` (``csrc/cuda/stepwise.cu``): per step a cuBLAS ``h W_hh^T`` (on the current
   stream) and one fused pointwise kernel; backward one kernel and one GEMM per step (a GRU with
-  ``reset_after=False`` needs two of each). 2T launches; wins when GEMMs are big.
+  ``reset_after=False`` needs two of each), ``dW_hh`` summed range by range on a side stream.
+  2T launches, captured once per shape as a CUDA graph and replayed (:mod:`.graphs`); wins
+  when GEMMs are big.
 * ``persistent`` (``csrc/cuda/persistent.cu``): one launch per layer and direction. Each block
-  keeps its slice of ``W_hh`` in shared memory for the whole sequence and the blocks meet at a
-  grid barrier once per step (plan: :func:`.plan.persistent_plan`; residency and the barrier's
+  keeps its slice of ``W_hh`` in shared memory for the whole sequence (a block with many dot
+  products forms them in 4 x 4 tiles per thread) and the blocks meet at a grid barrier once per
+  step (plan: :func:`.plan.persistent_plan`; residency and the barrier's
   error flag: :mod:`.seam`). Wins when launches dominate.
 * ``cluster`` (``csrc/cuda/cluster.cu``, compute capability 9.0+): the same time loop with one
   team per thread-block cluster of :data:`.runtime.CLUSTER_SIZE` blocks. A team owns a slice of
@@ -26,15 +29,17 @@ A size rule picks one (:mod:`.plan`, with the measurements behind it); force one
 (``stepwise`` | ``persistent`` | ``cluster`` | ``auto``). Every tunable is a ``CUDA_*`` name of
 :mod:`rnnkern.config`, read at call time.
 
-Files, one job each: :mod:`.runtime` (sources, compile, cache, launch, cuBLAS, the probe),
-:mod:`.plan` (strategy and launch shapes), :mod:`.seam` (forward and backward),
+Files, one job each: :mod:`.runtime` (sources, compile, cache, launch, cuBLAS, graph capture,
+the side stream, the probe), :mod:`.plan` (strategy and launch shapes), :mod:`.seam` (forward
+and backward, the buffers of a call), :mod:`.graphs` (the pool of captured stepwise loops),
 :mod:`.elementwise` (the whole model's element-wise kernels: fused optimizer updates, dropout
 masks).
 """
-from . import elementwise, plan, runtime, seam
+from . import elementwise, graphs, plan, runtime, seam
 from .runtime import available
 from .seam import backward, forward
 
 name = "cuda"
 
-__all__ = ["name", "available", "forward", "backward", "elementwise", "plan", "runtime", "seam"]
+__all__ = ["name", "available", "forward", "backward", "elementwise", "graphs", "plan", "runtime",
+           "seam"]
