@@ -13,7 +13,8 @@ over them. The :class:`GraphPool` of a runtime keeps the instances:
 - an instance is busy from its forward until that forward's saved record is garbage (a backward
   may run more than once from one record, as under ``retain_graph``), then idle, and the next
   call of its shape replays its graphs;
-- at most ``config.CUDA_GRAPH_POOL`` idle instances are kept, least recently used dropped first;
+- at most ``config.CUDA_GRAPH_POOL`` idle instances are kept, least recently used dropped first
+  (:func:`clear` frees them all);
 - if a capture fails (a toolkit that refuses one), the pool warns once and from then on every
   call runs eagerly.
 
@@ -110,3 +111,11 @@ def pool(rt):
     if "graph_pool" not in rt.cache:
         rt.cache["graph_pool"] = GraphPool()
     return rt.cache["graph_pool"]
+
+
+def clear():
+    """Free every idle captured instance of this process's runtime (their buffers hold a layer
+    call's activations each), say after training; later calls capture again as needed."""
+    from . import runtime
+    if runtime._runtime is not None:
+        pool(runtime._runtime).clear()
