@@ -69,7 +69,7 @@ CUDA_MAX_BATCH_CHUNK = 64       # persistent/cluster: batch rows staged in share
 CUDA_DOT_MIN_CHUNK = 8          # persistent/cluster: when a block has few dot products, each is
                                 # shared by up to 32 lanes while every lane keeps at least this
                                 # many terms (csrc/cuda/persistent.cuh)
-CUDA_TILE_MIN_DOTS = 512       # persistent/cluster: a block with at least this many dot products
+CUDA_TILE_MIN_DOTS = 1024      # persistent/cluster: a block with at least this many dot products
                                 # in a step forms them in 4 x 4 tiles per thread (unmeasured on a
                                 # GPU; 2**31 - 1 turns the tiles off)
 CUDA_N_SM = None                # None: the device's SM count (tests: a small number)

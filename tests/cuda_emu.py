@@ -201,6 +201,15 @@ class EmuRuntime:
     def join_side(self):
         pass
 
+    def new_event(self):  # one stream: an event orders nothing here
+        return None
+
+    def record(self, event):
+        pass
+
+    def wait(self, event):
+        pass
+
     def matmul(self, a, b, out, accumulate=False):
         """What ``CupyRuntime.matmul`` does: the cuBLAS call :func:`runtime.gemm_args` describes,
         here read from memory the way cuBLAS reads it, so every stepwise GEMM of the emulated

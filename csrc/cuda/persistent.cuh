@@ -91,21 +91,23 @@ __device__ __forceinline__ void rk_stage_rows(real* dst, int ld_dst, const real*
 
 // rk_block_dots with a 4 x 4 tile of dots per thread: a step k reads 8 values from shared
 // memory for 16 products, where a dot per thread reads 2 for 1, so a block with many dots (the
-// forward of a large batch) is bound by shared-memory reads a quarter as much. Consecutive
-// threads take consecutive column tiles of one row tile, so a warp's reads of x rows are
-// broadcasts. A tile past the edge repeats the last row or column and stores nothing for it.
+// forward of a large batch) is bound by shared-memory reads a quarter as much. A tile is rows
+// r0..r0+3 and the interleaved columns ct, ct + tiles_c, ct + 2 tiles_c, ct + 3 tiles_c:
+// consecutive threads take consecutive ct of one row tile, so a warp reads x rows as
+// broadcasts and consecutive w rows (odd strides: different banks). A tile past the edge
+// repeats the last row or column and stores nothing for it.
 template <class XRow, class WRow, class Out>
 __device__ void rk_block_tiles(int nr, int nc, int n, XRow xrow, WRow wrow, Out out) {
     constexpr int R = 4, C = 4;
     const int tiles_c = (nc + C - 1) / C, tiles = (nr + R - 1) / R * tiles_c;
     for (int tile = threadIdx.x; tile < tiles; tile += blockDim.x) {
-        const int r0 = tile / tiles_c * R, c0 = (tile % tiles_c) * C;
+        const int r0 = tile / tiles_c * R, ct = tile % tiles_c;
         const real* x[R];
         const real* w[C];
 #pragma unroll
         for (int u = 0; u < R; ++u) x[u] = xrow(min(r0 + u, nr - 1));
 #pragma unroll
-        for (int v = 0; v < C; ++v) w[v] = wrow(min(c0 + v, nc - 1));
+        for (int v = 0; v < C; ++v) w[v] = wrow(min(ct + v * tiles_c, nc - 1));
         real acc[R][C];
 #pragma unroll
         for (int u = 0; u < R; ++u)
@@ -125,8 +127,10 @@ __device__ void rk_block_tiles(int nr, int nc, int n, XRow xrow, WRow wrow, Out 
 #pragma unroll
         for (int u = 0; u < R; ++u)
 #pragma unroll
-            for (int v = 0; v < C; ++v)
-                if (r0 + u < nr && c0 + v < nc) out(r0 + u, c0 + v, acc[u][v]);
+            for (int v = 0; v < C; ++v) {
+                const int c = ct + v * tiles_c;
+                if (r0 + u < nr && c < nc) out(r0 + u, c, acc[u][v]);
+            }
     }
     __syncthreads();
 }

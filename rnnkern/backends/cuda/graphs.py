@@ -7,7 +7,8 @@ owns: an :class:`Instance` holds one layer call's :class:`~.seam.LoopBuffers` (w
 reads is copied in before a replay, what it leaves is copied out after) and the graphs captured
 over them. The :class:`GraphPool` of a runtime keeps the instances:
 
-- a shape (stream, cell, dtype, B, T, H) is captured from its ``config.CUDA_GRAPH_MIN_CALLS``-th
+- a shape (stream, cell, dtype, B, T, H, and the tunables the loop reads) is captured from its
+  ``config.CUDA_GRAPH_MIN_CALLS``-th
   stepwise call on; earlier calls, and every call when ``config.CUDA_GRAPHS`` is off, run the
   same loop eagerly on fresh buffers;
 - an instance is busy from its forward until that forward's saved record is garbage (a backward
@@ -34,12 +35,15 @@ _MAX_SHAPES_COUNTED = 4096  # call counts kept per pool before they start over
 
 
 class Instance:
-    """One shape's owned buffers and the graphs captured over them (by name)."""
+    """One shape's owned buffers, the graphs captured over them (by name), and ``done``: an
+    event the caller records on its stream once it has finished with the buffers (the next
+    user of the instance, on whatever stream, waits for it)."""
 
-    def __init__(self, key, buffers):
+    def __init__(self, key, buffers, done):
         self.key = key
         self.buffers = buffers
         self.graphs = {}
+        self.done = done
 
     def run(self, rt, pool, name, body):
         """Run ``body`` (the loop over :attr:`buffers`) through graph ``name``: captured on the
@@ -68,8 +72,9 @@ class GraphPool:
         self.captures = 0           # graphs captured so far (tests and benchmarks read it)
         self.broken = None          # why capture was given up, or None
 
-    def acquire(self, key, make_buffers):
-        """An idle instance of ``key``, a new one, or None: run eagerly on fresh buffers."""
+    def acquire(self, rt, key, make_buffers):
+        """An idle instance of ``key`` (the current stream made to wait for its last use), a
+        new one, or None: run eagerly on fresh buffers."""
         # a graph needs the GEMMs straight to cuBLAS: cupy.matmul sets the stream (and may
         # allocate) inside a capture
         if not (config.CUDA_GRAPHS and config.CUDA_DIRECT_GEMM) or self.broken is not None:
@@ -79,11 +84,12 @@ class GraphPool:
         self.calls[key] += 1
         if self.calls[key] < max(1, int(config.CUDA_GRAPH_MIN_CALLS)):
             return None
-        for ident, inst in self.idle.items():
+        for ident, inst in list(self.idle.items()):  # (a finalizer may add to it meanwhile)
             if inst.key == key:
                 del self.idle[ident]
+                rt.wait(inst.done)
                 return inst
-        return Instance(key, make_buffers())
+        return Instance(key, make_buffers(), rt.new_event())
 
     def hold(self, inst, record):
         """Keep ``inst`` busy until ``record`` (the forward's saved dict) is garbage."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -178,8 +179,10 @@ class CupyRuntime:
         self._kernels = {}
         self._props = {}
         self._occupancy = {}
-        self._capturing = False  # inside capture(): matmul leaves cuBLAS's stream alone
-        self._side_handle = None  # inside on_side_stream(): the side stream's cuBLAS handle
+        # per thread: inside capture() (matmul leaves cuBLAS's stream alone), and the side
+        # stream's cuBLAS handle inside on_side_stream()
+        self._state = threading.local()
+        self._blas = None     # blas.Cublas once looked for (False: not found)
 
     def device_id(self):
         return self.xp.cuda.Device().id
@@ -264,18 +267,18 @@ class CupyRuntime:
     def capture(self, body):
         """A CUDA graph of what ``body()`` launches (it must only call :meth:`launch`,
         :meth:`matmul`, :meth:`on_side_stream` and :meth:`join_side`), captured on a stream of
-        its own; nothing runs yet. cuBLAS is
-        set to that stream before the capture, as its stream may not change inside one."""
-        from cupy_backends.cuda.libs import cublas
+        its own; nothing runs yet. cuBLAS's stream is set to that stream before the capture,
+        and the GEMMs inside go straight to the library (:mod:`.blas`), as a handle's stream
+        may not change inside a capture."""
+        if self.direct_blas() is None:
+            raise RuntimeError("the cuBLAS library CuPy loaded was not found for direct calls")
         key = ("capture_stream", self.device_id())
         if key not in self.cache:
             self.cache[key] = self.xp.cuda.Stream(non_blocking=True)
         stream = self.cache[key]
         self._side_of(stream)  # made now: nothing may allocate inside the capture
-        handle = self.xp.cuda.device.get_cublas_handle()
-        cublas.setStream(handle, stream.ptr)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-        self._capturing = True
+        self._bind(self.xp.cuda.device.get_cublas_handle(), stream)
+        self._state.capturing = True
         try:
             with stream:
                 stream.begin_capture()
@@ -284,12 +287,23 @@ class CupyRuntime:
                 finally:
                     graph = stream.end_capture()  # always: a stream left capturing is unusable
         finally:
-            self._capturing = False
+            self._state.capturing = False
         return graph
 
     def replay(self, graph):
         """Launch a graph from :meth:`capture` on the current stream."""
         graph.launch()
+
+    def new_event(self):
+        return self.xp.cuda.Event(disable_timing=True)
+
+    def record(self, event):
+        """``event`` marks what is queued on the current stream so far."""
+        event.record(self.xp.cuda.get_current_stream())
+
+    def wait(self, event):
+        """The current stream waits for ``event`` (recorded on any stream)."""
+        self.xp.cuda.get_current_stream().wait_event(event)
 
     @contextlib.contextmanager
     def on_side_stream(self):
@@ -302,13 +316,13 @@ class CupyRuntime:
         side, handle, start, done = self._side_of(main)
         start.record(main)
         side.wait_event(start)
-        outer = self._side_handle
-        self._side_handle = handle
+        outer = getattr(self._state, "side_handle", None)
+        self._state.side_handle = handle
         try:
             with side:
                 yield
         finally:
-            self._side_handle = outer
+            self._state.side_handle = outer
         done.record(side)
 
     def join_side(self):
@@ -318,24 +332,42 @@ class CupyRuntime:
 
     def _side_of(self, main):
         """(side stream, its cuBLAS handle, fork event, join event) of stream ``main``, made
-        on first use (before a capture on ``main``: a handle's creation allocates)."""
+        on first use (before a capture on ``main``: a handle's creation allocates). One handle
+        per stream ever used: a program that makes streams without end makes handles so."""
         from cupy_backends.cuda.libs import cublas
         key = ("side", self.device_id(), main.ptr)
         if key not in self.cache:
             side = self.xp.cuda.Stream(non_blocking=True)
             handle = cublas.create()
-            cublas.setStream(handle, side.ptr)
-            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-            self.cache[key] = (side, handle, self.xp.cuda.Event(disable_timing=True),
-                               self.xp.cuda.Event(disable_timing=True))
+            self._bind(handle, side)
+            self.cache[key] = (side, handle, self.new_event(), self.new_event())
         return self.cache[key]
+
+    def _bind(self, handle, stream):
+        """Set a cuBLAS handle's stream, and host pointer mode (alpha and beta on the host)."""
+        blas = self.direct_blas()
+        if blas is not None:
+            blas.set_stream(handle, stream.ptr)
+            blas.set_pointer_mode_host(handle)
+        else:
+            from cupy_backends.cuda.libs import cublas
+            cublas.setStream(handle, stream.ptr)
+            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+
+    def direct_blas(self):
+        """The :class:`.blas.Cublas` on the library CuPy loaded, or None (looked for once)."""
+        if self._blas is None:
+            from . import blas
+            self.xp.cuda.device.get_cublas_handle()  # CuPy loads libcublas with a handle
+            self._blas = blas.load() or False
+        return self._blas or None
 
     def matmul(self, a, b, out, accumulate=False):
         """``out[m,n] = a[m,k] @ b[k,n]`` (``+=`` with ``accumulate``) on the current stream.
         The stepwise loops call this twice per step, so it goes straight to cuBLAS
-        (:func:`gemm_args`; a few µs from Python, where ``cupy.matmul`` takes tens);
-        ``rnnkern.config.CUDA_DIRECT_GEMM = False``, or operands cuBLAS cannot take as they
-        are, use ``cupy.matmul``."""
+        (:func:`gemm_args`, :mod:`.blas`; a few µs from Python, where ``cupy.matmul`` takes
+        tens); ``rnnkern.config.CUDA_DIRECT_GEMM = False``, or operands cuBLAS cannot take as
+        they are, use ``cupy.matmul``."""
         spec = gemm_args(a, b, out) if config.CUDA_DIRECT_GEMM else None
         if spec is None:
             if accumulate:
@@ -347,21 +379,25 @@ class CupyRuntime:
             if not accumulate:
                 out.fill(0)
             return
-        from cupy_backends.cuda.libs import cublas
         op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
-        ops = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
         double = out.dtype == np.float64
         one, zero = self._scalars(out.dtype)
-        if self._side_handle is not None:  # its stream and pointer mode are set for good
-            handle = self._side_handle
-        else:
+        beta = one if accumulate else zero
+        handle = getattr(self._state, "side_handle", None)  # bound to its stream for good
+        if handle is None:
             handle = self.xp.cuda.device.get_cublas_handle()
-            if not self._capturing:  # capture() set both for the whole capture
-                cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)
-                cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+            if not getattr(self._state, "capturing", False):  # capture() bound it already
+                self._bind(handle, self.xp.cuda.get_current_stream())
+        blas = self.direct_blas()
+        if blas is not None:
+            blas.gemm(double, handle, op_b, op_a, m, n, k, one.ctypes.data, b.data.ptr, ld_b,
+                      a.data.ptr, ld_a, beta.ctypes.data, out.data.ptr, ld_c)
+            return
+        from cupy_backends.cuda.libs import cublas  # (sets the handle's stream itself)
+        ops = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
         (cublas.dgemm if double else cublas.sgemm)(
             handle, ops[op_b], ops[op_a], m, n, k, one.ctypes.data, b.data.ptr, ld_b,
-            a.data.ptr, ld_a, (one if accumulate else zero).ctypes.data, out.data.ptr, ld_c)
+            a.data.ptr, ld_a, beta.ctypes.data, out.data.ptr, ld_c)
 
     def _scalars(self, dtype):
         """Host 1 and 0 of ``dtype`` for cuBLAS's alpha and beta, kept alive here."""

@@ -106,9 +106,12 @@ class LoopBuffers:
         """The :class:`BackwardBuffers` of one backward, loaded with the incoming gradients:
         one set kept when owned, a fresh set otherwise (the results of an earlier backward from
         the same record stay the caller's)."""
-        if self._backward is None or not self.owned:
-            self._backward = BackwardBuffers(self)
-        bw = self._backward
+        if not self.owned:  # not kept: the record must not hold them after its backward
+            bw = BackwardBuffers(self)
+        else:
+            if self._backward is None:
+                self._backward = BackwardBuffers(self)
+            bw = self._backward
         bw.load(d_outputs, d_h_n, d_c_n)
         return bw
 
@@ -172,8 +175,10 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
     graph_pool = graphs.pool(rt)
     instance = None
     if B and T and strategy == "stepwise":
+        # the key holds what a captured loop bakes in: shapes, cell, stream and tunables
         instance = graph_pool.acquire(
-            (rt.stream_key(), spec, dtype.str, B, T, H),
+            rt, (rt.stream_key(), spec, dtype.str, B, T, H, config.CUDA_THREADS,
+                 config.CUDA_WGRAD_CHUNKS),
             lambda: LoopBuffers(xp, spec, dtype, B, T, H, owned=True))
     bufs = instance.buffers if instance else LoopBuffers(xp, spec, dtype, B, T, H)
     bufs.load(x, w_ih, w_hh, b_ih, b_hh, lengths, h0, c0)
@@ -190,20 +195,23 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
         if not _launch_persistent(rt, kern, plan, args, plan.smem_fwd, bar, "forward"):
             strategy, plan = "stepwise", None
     if B and T and strategy == "stepwise":
+        kernels = _stepwise_kernels(rt, spec, dtype, "fwd")  # fetched before any capture
+
         def body():
-            _stepwise_forward(rt, spec, flag, real, bufs)
+            _stepwise_forward(rt, spec, flag, real, bufs, kernels)
         if instance:
             instance.run(rt, graph_pool, "forward", body)
         else:
             body()
     saved = _Saved(strategy=strategy, plan=plan, x=x, w_ih=w_ih, bufs=bufs, flag=flag,
                    instance=instance)
-    if instance:
-        graph_pool.hold(instance, saved)
-    own = bufs.owned  # owned buffers are the next call's: hand out copies
     h_n, c_n = bufs.h_all[T], (bufs.c_all[T] if lstm else None)
-    return ((bufs.outputs.copy(), h_n.copy(), c_n.copy() if lstm else None, saved) if own
-            else (bufs.outputs, h_n, c_n, saved))  # h_all[T], c_all[T]: backward never reads
+    if not instance:  # h_all[T], c_all[T]: backward never reads them
+        return bufs.outputs, h_n, c_n, saved
+    outputs, h_n, c_n = bufs.outputs.copy(), h_n.copy(), (c_n.copy() if lstm else None)
+    rt.record(instance.done)  # owned buffers are the next call's: copies go out
+    graph_pool.hold(instance, saved)
+    return outputs, h_n, c_n, saved
 
 
 class _Saved(dict):
@@ -238,8 +246,10 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         else:
             strategy = "stepwise"
     if B and T and strategy == "stepwise":
+        kernels = _stepwise_kernels(rt, spec, x.dtype, "bwd")  # fetched before any capture
+
         def body():
-            _stepwise_backward(rt, spec, flag, bufs, bw, has_dout)
+            _stepwise_backward(rt, spec, flag, bufs, bw, has_dout, kernels)
         if saved["instance"]:
             saved["instance"].run(rt, graphs.pool(rt), ("backward", has_dout), body)
         else:
@@ -252,8 +262,9 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     grads = dict(w_ih=d_gx2.T @ x.reshape(B * T, I), w_hh=bw.dw_hh,
                  b_ih=d_gx2.sum(axis=0), b_hh=d_gh2.sum(axis=0))
     dh, dc = bw.dh, bw.dc
-    if bufs.owned:
+    if saved["instance"]:
         dh, dc, grads["w_hh"] = dh.copy(), dc.copy(), grads["w_hh"].copy()
+        rt.record(saved["instance"].done)
     return dx, dh, (dc if lstm else None), grads
 
 
@@ -316,13 +327,23 @@ def _check_barrier(bar, where):
 # reset_after=False)
 
 
-def _stepwise_forward(rt, spec, flag, real, bufs):
-    """The forward time loop over :class:`LoopBuffers` (only ``rt.launch`` and ``rt.matmul``:
-    it may be captured as a graph)."""
+def _stepwise_kernels(rt, spec, dtype, direction):
+    """The stepwise kernels of ``direction`` ("fwd" | "bwd") for this cell, in the order the
+    loops take them: one, or two for a GRU with reset_after=False."""
+    if spec.kind == "gru" and not spec.reset_after:
+        names = (("rk_gru_fwd_gates_step", "rk_gru_fwd_cand_step") if direction == "fwd"
+                 else ("rk_gru_bwd_step", "rk_gru_bwd_reset_step"))
+    else:
+        names = (f"rk_{spec.kind}_{direction}_step",)
+    return [rt.kernel("stepwise", name, dtype) for name in names]
+
+
+def _stepwise_forward(rt, spec, flag, real, bufs, kernels):
+    """The forward time loop over :class:`LoopBuffers`, with :func:`_stepwise_kernels` (only
+    ``rt.launch`` and ``rt.matmul``: it may be captured as a graph)."""
     B, T, H = bufs.shape
     i32 = np.int32
     grid, threads = _grid(B * H), config.CUDA_THREADS
-    dtype = bufs.gx.dtype
 
     def args(t, gh):
         return (i32(B), i32(T), i32(H), i32(t), i32(flag), real(spec.forget_bias), bufs.gx, gh,
@@ -330,8 +351,7 @@ def _stepwise_forward(rt, spec, flag, real, bufs):
                 bufs.outputs, bufs.acts, bufs.rh)
 
     if spec.kind == "gru" and not spec.reset_after:
-        gates = rt.kernel("stepwise", "rk_gru_fwd_gates_step", dtype)
-        cand = rt.kernel("stepwise", "rk_gru_fwd_cand_step", dtype)
+        gates, cand = kernels
         w_rz_t, w_n_t = bufs.w_hh[: 2 * H].T, bufs.w_hh[2 * H:].T
         for t in range(T):
             rt.matmul(bufs.h_all[t], w_rz_t, bufs.gh)
@@ -339,19 +359,18 @@ def _stepwise_forward(rt, spec, flag, real, bufs):
             rt.matmul(bufs.rh[t], w_n_t, bufs.gh_n)
             rt.launch(cand, grid, threads, args(t, bufs.gh_n))
         return
-    step = rt.kernel("stepwise", f"rk_{spec.kind}_fwd_step", dtype)
+    step, = kernels
     w_t = bufs.w_hh.T
     for t in range(T):
         rt.matmul(bufs.h_all[t], w_t, bufs.gh)
         rt.launch(step, grid, threads, args(t, bufs.gh))
 
 
-def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout):
+def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout, kernels):
     """The backward time loop: fills bw.d_gx, bw.d_gh and bw.dw_hh, leaves the last step's
     d_gh W_hh in bw.dh_gemm (dL/dh0 = bw.dh + bw.dh_gemm) and dL/dc0 in bw.dc. Only the
     runtime's launch, matmul and side-stream calls: it may be captured as a graph."""
     B, T, H = bufs.shape
-    dtype = bw.dh.dtype
     i32 = np.int32
     grid, threads = _grid(B * H), config.CUDA_THREADS
 
@@ -368,9 +387,9 @@ def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout):
             with rt.on_side_stream():
                 _accumulate_dw_hh(rt, spec, bufs, bw, t, min(T, t + K))
 
-    step = rt.kernel("stepwise", f"rk_{spec.kind}_bwd_step", dtype)
+    step = kernels[0]
     if spec.kind == "gru" and not spec.reset_after:
-        reset = rt.kernel("stepwise", "rk_gru_bwd_reset_step", dtype)
+        reset = kernels[1]
         w_rz, w_n = bufs.w_hh[: 2 * H], bufs.w_hh[2 * H:]
         for t in reversed(range(T)):
             rt.launch(step, grid, threads, args(t, bw.dh_gemm))
