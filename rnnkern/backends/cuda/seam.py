@@ -61,8 +61,9 @@ class LoopBuffers:
 
     forward   gx [B,T,G*H], h_all [T+1,B,H], c_all [T+1,B,H] (LSTM; else [1]), outputs [B,T,H],
               acts [T,B,S*H], rh [T,B,H] (GRU reset-before; else [1]), w_hh [G*H,H],
-              b_ih, b_hh [G*H], lengths int64 [B]; step scratch gh [B,G*H] (GRU reset-before:
-              [B,2H], and gh_n [B,H]; else [1])
+              b_ih, b_hh [G*H], lengths int64 [B]; the stepwise loop's scratch
+              (:meth:`add_step_scratch`): gh [B,G*H] (GRU reset-before: [B,2H], and
+              gh_n [B,H]; else [1])
     backward  :class:`BackwardBuffers`
     """
 
@@ -81,12 +82,22 @@ class LoopBuffers:
         self.outputs = new(B, T, H)
         self.acts = new(T, B, S * H)
         self.rh = new(T, B, H) if two_phase else new(1)
-        self.gh = new(B, 2 * H if two_phase else G * H)
-        self.gh_n = new(B, H) if two_phase else new(1)
-        if owned:
+        self.stepwise = False
+        if owned:  # (only the stepwise loop is captured)
             self.w_hh, self.b_ih, self.b_hh = new(G * H, H), new(G * H), new(G * H)
             self.lengths = xp.empty((B,), dtype=np.int64)
+            self.add_step_scratch()
         self._backward = None
+
+    def add_step_scratch(self):
+        """The stepwise loops' per-step buffers (forward here, backward in its buffers)."""
+        if not self.stepwise:
+            B, _, H = self.shape
+            two_phase = self.spec.kind == "gru" and not self.spec.reset_after
+            dtype = self.gx.dtype
+            self.gh = self.xp.empty((B, 2 * H if two_phase else self.spec.gates * H), dtype)
+            self.gh_n = self.xp.empty((B, H) if two_phase else (1,), dtype)
+            self.stepwise = True
 
     def load(self, x, w_ih, w_hh, b_ih, b_hh, lengths, h0, c0):
         """The hoisted input GEMM into gx, the initial state into h_all[0] and c_all[0], and
@@ -117,43 +128,54 @@ class LoopBuffers:
 
 
 class BackwardBuffers:
-    """d_out [B,T,H] (owned buffers, or the caller's array; [1] when absent), dh [B,H],
-    dc [B,H] (LSTM; else [1]), d_gx [B,T,G*H], d_gh [T,B,G*H], dw_hh [G*H,H] (summed step
-    range by step range), step scratch dh_gemm [B,H] (the later step's d_gh W_hh) and
-    d_rh [B,H] (GRU reset-before; else [1])."""
+    """d_out [B,T,H] (owned buffers, or the caller's array; [1] zeros when absent), dh [B,H],
+    dc [B,H] (LSTM; else [1]), d_gx [B,T,G*H], d_gh [T,B,G*H], dw_hh [G*H,H] (written by
+    :func:`_dw_hh`); for the stepwise loop also dh_gemm [B,H] (the later step's d_gh W_hh)
+    and d_rh [B,H] (GRU reset-before; else [1])."""
 
     def __init__(self, fwd):
         B, T, H = fwd.shape
         spec, xp, dtype = fwd.spec, fwd.xp, fwd.gx.dtype
         GH = spec.gates * H
-        two_phase = spec.kind == "gru" and not spec.reset_after
-        self.xp, self.owned = xp, fwd.owned
-        self.dh = xp.empty((B, H), dtype=dtype)
-        self.dc = xp.empty((B, H) if spec.kind == "lstm" else (1,), dtype=dtype)
+        self.fwd, self.xp, self.owned = fwd, xp, fwd.owned
+        self.dc_shape = (B, H) if spec.kind == "lstm" else (1,)
         self.d_gx = xp.empty((B, T, GH), dtype=dtype)
         self.d_gh = xp.empty((T, B, GH), dtype=dtype)
         self.dw_hh = xp.empty((GH, H), dtype=dtype)
-        self.dh_gemm = xp.empty((B, H), dtype=dtype)
-        self.d_rh = xp.empty((B, H) if two_phase else (1,), dtype=dtype)
-        self._no_dout = xp.zeros((1,), dtype=dtype)
-        self._own_dout = xp.empty((B, T, H), dtype=dtype) if fwd.owned else None
-        self.d_out = self._no_dout
+        self.stepwise = False
+        if fwd.owned:
+            self.dh, self.dc = xp.empty((B, H), dtype), xp.empty(self.dc_shape, dtype)
+            self._no_dout = xp.zeros((1,), dtype)
+            self._own_dout = xp.empty((B, T, H), dtype)
+            self.add_step_scratch()
+
+    def add_step_scratch(self):
+        if not self.stepwise:
+            B, _, H = self.fwd.shape
+            spec, dtype = self.fwd.spec, self.d_gx.dtype
+            two_phase = spec.kind == "gru" and not spec.reset_after
+            self.dh_gemm = self.xp.empty((B, H), dtype)
+            self.d_rh = self.xp.empty((B, H) if two_phase else (1,), dtype)
+            self.stepwise = True
 
     def load(self, d_outputs, d_h_n, d_c_n):
-        for buf, d in ((self.dh, d_h_n), (self.dc, d_c_n)):
-            if d is None:
-                buf.fill(0)
-            else:
-                buf[...] = d
-        if d_outputs is None:
-            self.d_out = self._no_dout
-        elif self.owned:
-            self._own_dout[...] = d_outputs
-            self.d_out = self._own_dout
-        else:
-            self.d_out = d_outputs
-        self.dh_gemm.fill(0)
-        self.dw_hh.fill(0)
+        """The incoming gradients: into the kept buffers when owned, else fresh arrays (d_h_n
+        and d_c_n copied: the kernels update dh and dc in place)."""
+        xp, dtype = self.xp, self.d_gx.dtype
+        B, _, H = self.fwd.shape
+        if self.owned:
+            for buf, d in ((self.dh, d_h_n), (self.dc, d_c_n)):
+                if d is None:
+                    buf.fill(0)
+                else:
+                    buf[...] = d
+            if d_outputs is not None:
+                self._own_dout[...] = d_outputs
+            self.d_out = self._no_dout if d_outputs is None else self._own_dout
+            return
+        self.dh = xp.zeros((B, H), dtype) if d_h_n is None else d_h_n.copy()
+        self.dc = xp.zeros(self.dc_shape, dtype) if d_c_n is None else d_c_n.copy()
+        self.d_out = xp.zeros((1,), dtype) if d_outputs is None else d_outputs
 
 
 def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
@@ -189,12 +211,12 @@ def forward(spec, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None):
         bar = _barrier(rt)
         args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_fwd),
                 i32(config.CUDA_DOT_MIN_CHUNK), i32(config.CUDA_TILE_MIN_DOTS), i32(flag),
-                real(spec.forget_bias), bufs.gx,
-                bufs.w_hh, bufs.b_ih, bufs.b_hh, bufs.lengths, bufs.h_all, bufs.c_all,
-                bufs.outputs, bufs.acts, bufs.rh, bar)
+                real(spec.forget_bias), bufs.gx, bufs.w_hh, bufs.b_ih, bufs.b_hh, bufs.lengths,
+                bufs.h_all, bufs.c_all, bufs.outputs, bufs.acts, bufs.rh, bar)
         if not _launch_persistent(rt, kern, plan, args, plan.smem_fwd, bar, "forward"):
             strategy, plan = "stepwise", None
     if B and T and strategy == "stepwise":
+        bufs.add_step_scratch()
         kernels = _stepwise_kernels(rt, spec, dtype, "fwd")  # fetched before any capture
 
         def body():
@@ -238,14 +260,17 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
         bar = _barrier(rt)
         args = (i32(B), i32(T), i32(H), i32(plan.hb), i32(plan.bc), i32(plan.nbc_bwd),
                 i32(config.CUDA_DOT_MIN_CHUNK), i32(config.CUDA_TILE_MIN_DOTS), i32(flag),
-                bufs.w_hh, bufs.lengths, bufs.acts,
-                bufs.h_all, bufs.c_all, bw.d_out, i32(has_dout), bw.dh, bw.dc, bw.d_gx,
-                bw.d_gh, bar)
+                bufs.w_hh, bufs.lengths, bufs.acts, bufs.h_all, bufs.c_all, bw.d_out,
+                i32(has_dout), bw.dh, bw.dc, bw.d_gx, bw.d_gh, bar)
         if _launch_persistent(rt, kern, plan, args, plan.smem_bwd, bar, "backward"):
-            _accumulate_dw_hh(rt, spec, bufs, bw, 0, T)
+            _dw_hh(rt, spec, bufs, bw, 0, T, accumulate=False)
         else:
             strategy = "stepwise"
+    if not (B and T):
+        bw.dw_hh.fill(0)
     if B and T and strategy == "stepwise":
+        bw.add_step_scratch()
+        bw.dh_gemm.fill(0)
         kernels = _stepwise_kernels(rt, spec, x.dtype, "bwd")  # fetched before any capture
 
         def body():
@@ -268,19 +293,20 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     return dx, dh, (dc if lstm else None), grads
 
 
-def _accumulate_dw_hh(rt, spec, bufs, bw, t0, t1):
-    """bw.dw_hh += the W_hh gradient of steps t0..t1-1: d_gh^T h_prev over their (t1-t0)*B
-    rows (GRU reset-before: its n block against rh). Only ``rt.matmul``."""
+def _dw_hh(rt, spec, bufs, bw, t0, t1, accumulate):
+    """bw.dw_hh = (or += with ``accumulate``) the W_hh gradient of steps t0..t1-1:
+    d_gh^T h_prev over their (t1-t0)*B rows (GRU reset-before: its n block against rh). Only
+    ``rt.matmul``."""
     B, _, H = bufs.shape
     n = (t1 - t0) * B
     d_gh = bw.d_gh[t0:t1].reshape(n, bw.d_gh.shape[2])
     h_prev = bufs.h_all[t0:t1].reshape(n, H)
     if spec.kind == "gru" and not spec.reset_after:
-        rt.matmul(d_gh[:, : 2 * H].T, h_prev, bw.dw_hh[: 2 * H], accumulate=True)
+        rt.matmul(d_gh[:, : 2 * H].T, h_prev, bw.dw_hh[: 2 * H], accumulate=accumulate)
         rt.matmul(d_gh[:, 2 * H:].T, bufs.rh[t0:t1].reshape(n, H), bw.dw_hh[2 * H:],
-                  accumulate=True)
+                  accumulate=accumulate)
     else:
-        rt.matmul(d_gh.T, h_prev, bw.dw_hh, accumulate=True)
+        rt.matmul(d_gh.T, h_prev, bw.dw_hh, accumulate=accumulate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,13 +405,14 @@ def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout, kernels):
                 bufs.c_all, bw.d_out, i32(has_dout), gemm, bw.dh, bw.dc, bw.d_gx, bw.d_gh)
 
     # dW_hh of each range of K steps is summed on a side stream as soon as the loop has
-    # finished the range, overlapping the loop's remaining steps
+    # finished the range, overlapping the loop's remaining steps (the first range it finishes,
+    # the last in time, writes dW_hh; the others add to it)
     K = -(-T // max(1, int(config.CUDA_WGRAD_CHUNKS)))
 
     def range_done(t):
         if t % K == 0:
             with rt.on_side_stream():
-                _accumulate_dw_hh(rt, spec, bufs, bw, t, min(T, t + K))
+                _dw_hh(rt, spec, bufs, bw, t, min(T, t + K), accumulate=t + K < T)
 
     step = kernels[0]
     if spec.kind == "gru" and not spec.reset_after:
