@@ -84,7 +84,8 @@ CUDA_GRAPHS = os.environ.get("RNNKERN_CUDA_GRAPHS", "1") != "0"  # stepwise: cap
                                 # loop as a CUDA graph and replay it (rnnkern/backends/cuda/
                                 # graphs.py); needs CUDA_DIRECT_GEMM
 CUDA_GRAPH_MIN_CALLS = 2        # ... from a shape's 2nd call on (a shape met once runs eagerly)
-CUDA_GRAPH_POOL = 8             # ... idle captured instances kept (each holds a call's buffers)
+CUDA_GRAPH_POOL = 4             # ... idle captured instances kept for this many shapes (each
+                                # instance holds one layer call's buffers)
 CUDA_WGRAD_CHUNKS = 4           # stepwise backward: dW_hh summed over this many step ranges on a
                                 # side stream, each as soon as the loop has left it
 CUDA_ELEMENTWISE_BLOCKS_PER_SM = 32  # element-wise kernels (fused optimizer updates, dropout

@@ -6,6 +6,7 @@ order, the status checks, and the row-major-to-column-major operand mapping of
 """
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -103,6 +104,24 @@ def test_a_failing_status_raises(fake_cublas):
     stream = ctypes.CDLL(fake_cublas.path).fake_stream
     stream.restype = ctypes.c_void_p
     assert stream() == 1234
+
+
+def test_the_symbols_are_found_through_a_module_that_links_the_library(fake_cublas, tmp_path):
+    """CuPy's cuBLAS extension links libcublas: the binding looks the entry points up through
+    it, so it lands on the library CuPy uses (a stand-in module linking the stand-in here)."""
+    (tmp_path / "module.cpp").write_text('extern "C" int cupy_like_module_marker() { return 1; }')
+    module = tmp_path / "cublas_module.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(tmp_path / "module.cpp"), "-Wl,--no-as-needed",
+                    fake_cublas.path, "-o", str(module)], check=True, capture_output=True)
+    loaded = blas.load(types.SimpleNamespace(__file__=str(module)))
+    assert loaded is not None and loaded.path == str(module)
+    out = np.empty((2, 2))
+    loaded.set_pointer_mode_host(0)
+    matmul(loaded, np.eye(2), np.full((2, 2), 3.0), out)
+    np.testing.assert_array_equal(out, np.full((2, 2), 3.0))
+    # a module without the symbols: the next way (the library in the process maps)
+    plain = blas.load(types.SimpleNamespace(__file__=str(tmp_path / "missing.so")))
+    assert plain is None or plain.path == blas.loaded_library()
 
 
 def test_the_loaded_library_is_found_in_the_process_maps(tmp_path):

@@ -67,12 +67,16 @@ def loaded_library(maps_path="/proc/self/maps"):
     return ctypes.util.find_library("cublas")
 
 
-def load():
-    """A :class:`Cublas` on :func:`loaded_library`, or None (then graphs cannot hold GEMMs)."""
-    path = loaded_library()
-    if path is None:
-        return None
-    try:
-        return Cublas(path)
-    except (OSError, AttributeError):
-        return None
+def load(cupy_cublas_module=None):
+    """A :class:`Cublas` on the library CuPy's cuBLAS module links (the symbols are looked up
+    through that module, so it is the very library CuPy uses), else on
+    :func:`loaded_library`; None when neither has them (then graphs cannot hold GEMMs)."""
+    paths = [getattr(cupy_cublas_module, "__file__", None), loaded_library()]
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            return Cublas(path)
+        except (OSError, AttributeError):
+            continue
+    return None

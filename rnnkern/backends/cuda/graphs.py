@@ -14,7 +14,8 @@ over them. The :class:`GraphPool` of a runtime keeps the instances:
 - an instance is busy from its forward until that forward's saved record is garbage (a backward
   may run more than once from one record, as under ``retain_graph``), then idle, and the next
   call of its shape replays its graphs;
-- at most ``config.CUDA_GRAPH_POOL`` idle instances are kept, least recently used dropped first
+- the idle instances of the ``config.CUDA_GRAPH_POOL`` shapes released last are kept (all of a
+  shape's: a deep stack has many layer-directions of one shape), older shapes' are dropped
   (:func:`clear` frees them all);
 - if a capture fails (a toolkit that refuses one), the pool warns once and from then on every
   call runs eagerly.
@@ -25,6 +26,7 @@ capture time instead of at each replay.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections import Counter, OrderedDict
@@ -64,13 +66,15 @@ class Instance:
 
 
 class GraphPool:
-    """The instances of one runtime (see the module docstring)."""
+    """The instances of one runtime (see the module docstring). Thread-safe: a lock guards
+    the counts and the idle lists (a record's finalizer may run on any thread)."""
 
     def __init__(self):
         self.calls = Counter()      # stepwise calls seen per shape key
-        self.idle = OrderedDict()   # id(instance) -> instance, least recently used first
+        self.idle = OrderedDict()   # key -> [idle instances], least recently used key first
         self.captures = 0           # graphs captured so far (tests and benchmarks read it)
         self.broken = None          # why capture was given up, or None
+        self._lock = threading.Lock()
 
     def acquire(self, rt, key, make_buffers):
         """An idle instance of ``key`` (the current stream made to wait for its last use), a
@@ -79,31 +83,39 @@ class GraphPool:
         # allocate) inside a capture
         if not (config.CUDA_GRAPHS and config.CUDA_DIRECT_GEMM) or self.broken is not None:
             return None
-        if len(self.calls) > _MAX_SHAPES_COUNTED:
-            self.calls.clear()
-        self.calls[key] += 1
-        if self.calls[key] < max(1, int(config.CUDA_GRAPH_MIN_CALLS)):
-            return None
-        for ident, inst in list(self.idle.items()):  # (a finalizer may add to it meanwhile)
-            if inst.key == key:
-                del self.idle[ident]
-                rt.wait(inst.done)
-                return inst
-        return Instance(key, make_buffers(), rt.new_event())
+        with self._lock:
+            if len(self.calls) > _MAX_SHAPES_COUNTED:
+                self.calls.clear()
+            self.calls[key] += 1
+            if self.calls[key] < max(1, int(config.CUDA_GRAPH_MIN_CALLS)):
+                return None
+            idle = self.idle.get(key)
+            inst = idle.pop() if idle else None
+            if idle is not None and not idle:
+                del self.idle[key]
+        if inst is None:
+            return Instance(key, make_buffers(), rt.new_event())
+        rt.wait(inst.done)
+        return inst
 
     def hold(self, inst, record):
         """Keep ``inst`` busy until ``record`` (the forward's saved dict) is garbage."""
         weakref.finalize(record, self.release, inst)
 
     def release(self, inst):
-        self.idle[id(inst)] = inst
-        while len(self.idle) > max(0, int(config.CUDA_GRAPH_POOL)):
-            self.idle.popitem(last=False)
+        """``inst`` is idle: kept with its shape's others, while its shape is one of the
+        ``config.CUDA_GRAPH_POOL`` most recently released."""
+        with self._lock:
+            self.idle.setdefault(inst.key, []).append(inst)
+            self.idle.move_to_end(inst.key)
+            while len(self.idle) > max(0, int(config.CUDA_GRAPH_POOL)):
+                self.idle.popitem(last=False)
 
     def clear(self):
         """Drop every idle instance (their buffers and graphs) and the call counts."""
-        self.idle.clear()
-        self.calls.clear()
+        with self._lock:
+            self.idle.clear()
+            self.calls.clear()
 
     def give_up(self, exc):
         self.broken = f"{type(exc).__name__}: {exc}"

@@ -182,6 +182,7 @@ class CupyRuntime:
         # per thread: inside capture() (matmul leaves cuBLAS's stream alone), and the side
         # stream's cuBLAS handle inside on_side_stream()
         self._state = threading.local()
+        self._capture_lock = threading.Lock()  # one capture at a time: they share a stream
         self._blas = None     # blas.Cublas once looked for (False: not found)
 
     def device_id(self):
@@ -272,6 +273,10 @@ class CupyRuntime:
         may not change inside a capture."""
         if self.direct_blas() is None:
             raise RuntimeError("the cuBLAS library CuPy loaded was not found for direct calls")
+        with self._capture_lock:
+            return self._capture(body)
+
+    def _capture(self, body):
         key = ("capture_stream", self.device_id())
         if key not in self.cache:
             self.cache[key] = self.xp.cuda.Stream(non_blocking=True)
@@ -357,9 +362,11 @@ class CupyRuntime:
     def direct_blas(self):
         """The :class:`.blas.Cublas` on the library CuPy loaded, or None (looked for once)."""
         if self._blas is None:
+            from cupy_backends.cuda.libs import cublas
+
             from . import blas
             self.xp.cuda.device.get_cublas_handle()  # CuPy loads libcublas with a handle
-            self._blas = blas.load() or False
+            self._blas = blas.load(cublas) or False
         return self._blas or None
 
     def matmul(self, a, b, out, accumulate=False):

@@ -249,6 +249,8 @@ def backward(spec, saved, d_outputs=None, d_h_n=None, d_c_n=None):
     H = bufs.w_hh.shape[1]
     GH = spec.gates * H
     lstm = spec.kind == "lstm"
+    if saved["instance"]:  # an earlier backward of this record may still use its buffers
+        rt.wait(saved["instance"].done)
     bw = bufs.backward_buffers(d_outputs, d_h_n, d_c_n if lstm else None)
     has_dout = d_outputs is not None
     i32 = np.int32
