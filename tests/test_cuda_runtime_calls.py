@@ -110,6 +110,12 @@ def rt(monkeypatch):
     cuda = FakeCuda()
     cupy = types.ModuleType("cupy")
     cupy.cuda = cuda
+
+    def matmul(a, b, out=None):
+        cuda.log.append(("cupy.matmul", cuda.current.ptr))
+        return np.matmul(a, b, out=out)
+
+    cupy.matmul = matmul
     libs = types.ModuleType("cupy_backends.cuda.libs")
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
 
@@ -193,3 +199,20 @@ def test_no_direct_cublas_means_no_capture(rt):
     rt._blas = False
     with pytest.raises(RuntimeError, match="not found for direct calls"):
         rt.capture(lambda: None)
+
+
+def test_without_direct_cublas_gemms_go_through_cupy_matmul(rt):
+    """No libcublas entry points found: every GEMM, the side stream's too, is cupy.matmul on
+    the current stream (it sets its handle's stream itself), and no side handle is made."""
+    cuda = rt.xp.cuda
+    rt._blas = False
+    a = dev(np.arange(4.0).reshape(2, 2))
+    out = dev(np.ones((2, 2)))
+    with rt.on_side_stream():
+        rt.matmul(a, a, out, accumulate=True)
+    rt.join_side()
+    np.testing.assert_array_equal(out, 1 + a @ a)
+    side, handle = rt._side_of(cuda.null)[:2]
+    assert handle is None and cuda.handles == 0
+    assert [e for e in cuda.log if e[0] in ("gemm", "bind", "cupy.matmul")] == [
+        ("cupy.matmul", side.ptr)]

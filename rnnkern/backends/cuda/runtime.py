@@ -338,26 +338,23 @@ class CupyRuntime:
     def _side_of(self, main):
         """(side stream, its cuBLAS handle, fork event, join event) of stream ``main``, made
         on first use (before a capture on ``main``: a handle's creation allocates). One handle
-        per stream ever used: a program that makes streams without end makes handles so."""
-        from cupy_backends.cuda.libs import cublas
+        per stream ever used: a program that makes streams without end makes handles so. No
+        handle without the direct cuBLAS calls (the GEMMs then go through ``cupy.matmul``)."""
         key = ("side", self.device_id(), main.ptr)
         if key not in self.cache:
-            side = self.xp.cuda.Stream(non_blocking=True)
-            handle = cublas.create()
-            self._bind(handle, side)
+            side, handle = self.xp.cuda.Stream(non_blocking=True), None
+            if self.direct_blas() is not None:
+                from cupy_backends.cuda.libs import cublas
+                handle = cublas.create()
+                self._bind(handle, side)
             self.cache[key] = (side, handle, self.new_event(), self.new_event())
         return self.cache[key]
 
     def _bind(self, handle, stream):
         """Set a cuBLAS handle's stream, and host pointer mode (alpha and beta on the host)."""
         blas = self.direct_blas()
-        if blas is not None:
-            blas.set_stream(handle, stream.ptr)
-            blas.set_pointer_mode_host(handle)
-        else:
-            from cupy_backends.cuda.libs import cublas
-            cublas.setStream(handle, stream.ptr)
-            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        blas.set_stream(handle, stream.ptr)
+        blas.set_pointer_mode_host(handle)
 
     def direct_blas(self):
         """The :class:`.blas.Cublas` on the library CuPy loaded, or None (looked for once)."""
@@ -373,10 +370,11 @@ class CupyRuntime:
         """``out[m,n] = a[m,k] @ b[k,n]`` (``+=`` with ``accumulate``) on the current stream.
         The stepwise loops call this twice per step, so it goes straight to cuBLAS
         (:func:`gemm_args`, :mod:`.blas`; a few µs from Python, where ``cupy.matmul`` takes
-        tens); ``rnnkern.config.CUDA_DIRECT_GEMM = False``, or operands cuBLAS cannot take as
-        they are, use ``cupy.matmul``."""
+        tens); ``rnnkern.config.CUDA_DIRECT_GEMM = False``, operands cuBLAS cannot take as
+        they are, or no direct cuBLAS found, use ``cupy.matmul``."""
         spec = gemm_args(a, b, out) if config.CUDA_DIRECT_GEMM else None
-        if spec is None:
+        blas = self.direct_blas() if spec is not None else None
+        if spec is None or blas is None:
             if accumulate:
                 out += self.xp.matmul(a, b)
             else:
@@ -387,24 +385,15 @@ class CupyRuntime:
                 out.fill(0)
             return
         op_b, op_a, m, n, k, ld_b, ld_a, ld_c = spec
-        double = out.dtype == np.float64
         one, zero = self._scalars(out.dtype)
-        beta = one if accumulate else zero
         handle = getattr(self._state, "side_handle", None)  # bound to its stream for good
         if handle is None:
             handle = self.xp.cuda.device.get_cublas_handle()
             if not getattr(self._state, "capturing", False):  # capture() bound it already
                 self._bind(handle, self.xp.cuda.get_current_stream())
-        blas = self.direct_blas()
-        if blas is not None:
-            blas.gemm(double, handle, op_b, op_a, m, n, k, one.ctypes.data, b.data.ptr, ld_b,
-                      a.data.ptr, ld_a, beta.ctypes.data, out.data.ptr, ld_c)
-            return
-        from cupy_backends.cuda.libs import cublas  # (sets the handle's stream itself)
-        ops = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
-        (cublas.dgemm if double else cublas.sgemm)(
-            handle, ops[op_b], ops[op_a], m, n, k, one.ctypes.data, b.data.ptr, ld_b,
-            a.data.ptr, ld_a, beta.ctypes.data, out.data.ptr, ld_c)
+        blas.gemm(out.dtype == np.float64, handle, op_b, op_a, m, n, k, one.ctypes.data,
+                  b.data.ptr, ld_b, a.data.ptr, ld_a, (one if accumulate else zero).ctypes.data,
+                  out.data.ptr, ld_c)
 
     def _scalars(self, dtype):
         """Host 1 and 0 of ``dtype`` for cuBLAS's alpha and beta, kept alive here."""

@@ -48,6 +48,11 @@ _SAVED_PER_UNIT = {"rnn": 1, "lstm": 5, "gru": 4}  # S
 _KERNEL_STEM = {"persistent": "persist", "cluster": "cluster"}
 
 
+def _two_phase(spec):
+    """A GRU with reset_after=False: its candidate's GEMM takes r * h, a second phase a step."""
+    return spec.kind == "gru" and not spec.reset_after
+
+
 def _grid(n):
     return max(1, math.ceil(n / config.CUDA_THREADS))
 
@@ -69,7 +74,7 @@ class LoopBuffers:
 
     def __init__(self, xp, spec, dtype, B, T, H, owned=False):
         G, S = spec.gates, _SAVED_PER_UNIT[spec.kind]
-        lstm, two_phase = spec.kind == "lstm", spec.kind == "gru" and not spec.reset_after
+        lstm, two_phase = spec.kind == "lstm", _two_phase(spec)
         self.xp, self.spec, self.owned = xp, spec, owned
         self.shape = (B, T, H)
 
@@ -93,8 +98,7 @@ class LoopBuffers:
         """The stepwise loops' per-step buffers (forward here, backward in its buffers)."""
         if not self.stepwise:
             B, _, H = self.shape
-            two_phase = self.spec.kind == "gru" and not self.spec.reset_after
-            dtype = self.gx.dtype
+            two_phase, dtype = _two_phase(self.spec), self.gx.dtype
             self.gh = self.xp.empty((B, 2 * H if two_phase else self.spec.gates * H), dtype)
             self.gh_n = self.xp.empty((B, H) if two_phase else (1,), dtype)
             self.stepwise = True
@@ -152,10 +156,9 @@ class BackwardBuffers:
     def add_step_scratch(self):
         if not self.stepwise:
             B, _, H = self.fwd.shape
-            spec, dtype = self.fwd.spec, self.d_gx.dtype
-            two_phase = spec.kind == "gru" and not spec.reset_after
+            dtype = self.d_gx.dtype
             self.dh_gemm = self.xp.empty((B, H), dtype)
-            self.d_rh = self.xp.empty((B, H) if two_phase else (1,), dtype)
+            self.d_rh = self.xp.empty((B, H) if _two_phase(self.fwd.spec) else (1,), dtype)
             self.stepwise = True
 
     def load(self, d_outputs, d_h_n, d_c_n):
@@ -303,7 +306,7 @@ def _dw_hh(rt, spec, bufs, bw, t0, t1, accumulate):
     n = (t1 - t0) * B
     d_gh = bw.d_gh[t0:t1].reshape(n, bw.d_gh.shape[2])
     h_prev = bufs.h_all[t0:t1].reshape(n, H)
-    if spec.kind == "gru" and not spec.reset_after:
+    if _two_phase(spec):
         rt.matmul(d_gh[:, : 2 * H].T, h_prev, bw.dw_hh[: 2 * H], accumulate=accumulate)
         rt.matmul(d_gh[:, 2 * H:].T, bufs.rh[t0:t1].reshape(n, H), bw.dw_hh[2 * H:],
                   accumulate=accumulate)
@@ -358,7 +361,7 @@ def _check_barrier(bar, where):
 def _stepwise_kernels(rt, spec, dtype, direction):
     """The stepwise kernels of ``direction`` ("fwd" | "bwd") for this cell, in the order the
     loops take them: one, or two for a GRU with reset_after=False."""
-    if spec.kind == "gru" and not spec.reset_after:
+    if _two_phase(spec):
         names = (("rk_gru_fwd_gates_step", "rk_gru_fwd_cand_step") if direction == "fwd"
                  else ("rk_gru_bwd_step", "rk_gru_bwd_reset_step"))
     else:
@@ -378,7 +381,7 @@ def _stepwise_forward(rt, spec, flag, real, bufs, kernels):
                 i32(gh.shape[1]), bufs.b_ih, bufs.b_hh, bufs.lengths, bufs.h_all, bufs.c_all,
                 bufs.outputs, bufs.acts, bufs.rh)
 
-    if spec.kind == "gru" and not spec.reset_after:
+    if _two_phase(spec):
         gates, cand = kernels
         w_rz_t, w_n_t = bufs.w_hh[: 2 * H].T, bufs.w_hh[2 * H:].T
         for t in range(T):
@@ -417,7 +420,7 @@ def _stepwise_backward(rt, spec, flag, bufs, bw, has_dout, kernels):
                 _dw_hh(rt, spec, bufs, bw, t, min(T, t + K), accumulate=t + K < T)
 
     step = kernels[0]
-    if spec.kind == "gru" and not spec.reset_after:
+    if _two_phase(spec):
         reset = kernels[1]
         w_rz, w_n = bufs.w_hh[: 2 * H], bufs.w_hh[2 * H:]
         for t in reversed(range(T)):
