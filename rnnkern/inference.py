@@ -28,19 +28,17 @@ from .modules import _check_ids
 __all__ = ["Inference", "inference_reason"]
 
 
-def inference_reason(model, ids=True):
-    """None when :class:`Inference` can run ``model``, else why not (a sentence). ``ids``:
-    fed ids (step, generate; the model needs a OneHot or Embedding input); False: float
-    sequences through :meth:`Inference.run` will do."""
-    return _form(model, ids)[1]
+def inference_reason(model):
+    """None when :class:`Inference` can run ``model``, else why not (a sentence)."""
+    return _form(model)[1]
 
 
-def _form(model, ids=True):
+def _form(model):
     from .step_plan.form import stack_form   # step_plan imports the layers: import it late
     form, reason = stack_form(model)
     if form is None:
         return None, reason
-    if ids and form.encoder is None:
+    if form.encoder is None:
         return None, "the model has no OneHot or Embedding input: there are no ids to feed"
     if getattr(model, "device", "cpu") != "cpu":
         return None, "the model is on the GPU (the compiled stack runs on the CPU)"
@@ -73,7 +71,7 @@ class Inference:
     """
 
     def __init__(self, model, batch=1):
-        form, reason = _form(model, ids=False)
+        form, reason = _form(model)
         if form is None:
             raise ValueError(f"Inference cannot run this model: {reason}")
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
@@ -81,7 +79,7 @@ class Inference:
         from .backends.cpp import _C, native_spec
         self._form, self.batch = form, int(batch)
         self.num_classes = form.head.out_features
-        self._vocab = None if form.encoder is None else form.table().shape[0]
+        self._vocab = form.table().shape[0]
         def snapshot(a):   # the stack reads some arrays in place: give it its own copies
             return None if a is None else np.array(a, dtype=form.dtype, order="C", copy=True)
 
@@ -89,16 +87,11 @@ class Inference:
                   for c in form.cells]
         head = form.head
         make = _C.InferStackF32 if form.dtype == np.float32 else _C.InferStackF64
-        table = None if form.encoder is None else snapshot(form.table())
-        self._stack = make(layers, batch=self.batch, table=table,
-                           input_size=form.recurrent[0].input_size,
+        self._stack = make(layers, batch=self.batch, table=snapshot(form.table()),
                            weight=snapshot(head.params["weight"]),
                            bias=snapshot(head.params.get("bias")))
 
     def _ids(self, ids, name="ids"):
-        if self._vocab is None:
-            raise ValueError("this model takes floats, not ids (no OneHot or Embedding input): "
-                             "only run(x) applies")
         ids = np.ascontiguousarray(_check_ids(ids, self._vocab, type(self._form.encoder).__name__),
                                    dtype=np.int64)
         if ids.shape != (self.batch,):
@@ -109,52 +102,9 @@ class Inference:
         """One step from ids [B]: returns the logits [B,C]; the state moves on."""
         return self._stack.step(self._ids(ids))
 
-    def run(self, x, lengths=None):
-        """Steps over a batch from the current state: ids [B,T] (floats [B,T,I] for a model
-        without an encoder); returns the logits [B,T,C], the state moved on. ``lengths`` (ints
-        [B] in [0, T]): row b stops at its length, as in the training forward (its state
-        carried, its later logits the head's of a zero output)."""
-        first = self._form.recurrent[0]
-        if self._vocab is None:
-            x, _ = first._check_x(x)
-            ids = None
-        else:
-            ids = np.ascontiguousarray(
-                _check_ids(x, self._vocab, type(self._form.encoder).__name__), dtype=np.int64)
-            if ids.ndim != 2:
-                raise ValueError(f"ids must have shape [B,T], got {ids.shape}")
-            x = None
-        rows = (ids if x is None else x).shape
-        if rows[0] != self.batch:
-            raise ValueError(f"the batch must have B = {self.batch} rows, got shape {rows}")
-        if lengths is not None:
-            lengths = first._check_lengths(lengths, self.batch, rows[1])
-        return self._stack.run(ids=ids, x=x, lengths=lengths)
-
     def reset(self):
         """Every layer's state to zeros (a new sequence)."""
         self._stack.reset()
-
-    def set_state(self, state):
-        """Start from ``state``, the structure :attr:`state` and ``Sequential.forward(...,
-        return_state=True)`` have (None entries, and None: zeros)."""
-        self.reset()
-        if state is None:
-            return
-        n = len(self._form.model.layers)
-        if not isinstance(state, (tuple, list)) or len(state) != n:
-            raise ValueError(f"state must be a tuple with one entry per layer ({n}), as "
-                             f"returned by forward(..., return_state=True)")
-        views, cell = self._stack.state, 0
-        for i, r in enumerate(self._form.recurrent):
-            s = state[self._form.recurrent_index(i)]
-            h0, c0 = (None, None) if s is None else r._split_state(s, self.batch, np)
-            for k in range(r.num_layers):
-                if h0 is not None:
-                    views[2 * cell][...] = h0[k]
-                    if c0 is not None:
-                        views[2 * cell + 1][...] = c0[k]
-                cell += 1
 
     @property
     def state(self):

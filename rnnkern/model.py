@@ -178,30 +178,11 @@ class Sequential:
     def infer(self, x, initial_state=None, lengths=None, return_state=False):
         """:meth:`forward` for inference: in eval mode for this call (no dropout), and nothing
         kept for a backward. Same arguments and results as :meth:`forward` (:meth:`backward`
-        then needs a forward of its own).
-
-        Which path runs:
-
-        - a model that :class:`rnnkern.inference.Inference` runs (the step plan's form, on the
-          C++ backend; ids or float input) goes through its compiled stack one step at a time:
-          besides the output, O(B*H) per layer;
-        - any other model runs layer by layer, each recurrent layer through its
-          :meth:`~rnnkern.LSTM.infer` (its time loop in runs of steps whose activations fit
-          ``config.INFER_CHUNK_BYTES``, nothing saved): besides each layer's output, bounded
-          memory whatever T is, on every backend."""
-        from .inference import Inference, inference_reason
-        x_arr = np.asarray(x) if not hasattr(x, "dtype") else x
-        ids = type(self.layers[0]).__name__ in ("OneHot", "Embedding")
-        if (type(x_arr) is np.ndarray and x_arr.ndim == (2 if ids else 3)
-                and x_arr.shape[0] > 0 and inference_reason(self, ids=False) is None):
-            inf = Inference(self, batch=x_arr.shape[0])
-            inf.set_state(initial_state)
-            y = inf.run(x_arr, lengths)
-            state = inf.state
-            for layer in self.layers:   # nothing of an earlier forward kept either
-                _release(layer)
-        else:
-            y, state = self._run_eval(x, initial_state, lengths)
+        then needs a forward of its own). Layer by layer, each recurrent layer through its
+        :meth:`~rnnkern.LSTM.infer` (its time loop in runs of steps whose activations fit
+        ``config.INFER_CHUNK_BYTES``, nothing saved): besides each layer's output, bounded
+        memory whatever T is, on every backend."""
+        y, state = self._run_eval(x, initial_state, lengths)
         self._ran = False
         return (y, state) if return_state else y
 

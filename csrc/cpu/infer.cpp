@@ -83,38 +83,8 @@ void InferStack<T>::reset() {
 
 template <typename T>
 void InferStack<T>::step(const int64_t* ids, T* logits) {
-    gather(ids, 1);
-    advance(logits, C_);
-}
-
-template <typename T>
-void InferStack<T>::run(const int64_t* ids, const T* x, int64_t steps, const int64_t* lengths,
-                        T* logits) {
-    alive_.assign(size_t(B_), 1);
-    for (auto& s : layers_) s->f.lengths = lengths ? alive_.data() : nullptr;
-    for (int64_t t = 0; t < steps; ++t) {
-        if (lengths)  // a one-step length per row: 1 while it lasts, then 0 (state carried)
-            for (int64_t b = 0; b < B_; ++b) alive_[size_t(b)] = t < lengths[b] ? 1 : 0;
-        if (ids)
-            gather(ids + t, steps);
-        else
-            for (int64_t b = 0; b < B_; ++b)
-                std::memcpy(x_.data() + b * I_, x + (b * steps + t) * I_, I_ * sizeof(T));
-        advance(logits + t * C_, steps * C_);
-    }
-    for (auto& s : layers_) s->f.lengths = nullptr;
-}
-
-// The first layer's input rows: row b is the table's row ids[b * stride].
-template <typename T>
-void InferStack<T>::gather(const int64_t* ids, int64_t stride) {
     for (int64_t b = 0; b < B_; ++b)
-        std::memcpy(x_.data() + b * I_, table_ + ids[b * stride] * I_, I_ * sizeof(T));
-}
-
-// One step from the rows in x_: row b's logits go to logits + b * ldc.
-template <typename T>
-void InferStack<T>::advance(T* logits, int64_t ldc) {
+        std::memcpy(x_.data() + b * I_, table_ + ids[b] * I_, I_ * sizeof(T));
     for (auto& s : layers_) {
         run_chunks(B_, s->n, [](void* p, int64_t lo, int64_t hi) {
             static_cast<const Layer<T>*>(p)->forward_rows(lo, hi);
@@ -125,10 +95,10 @@ void InferStack<T>::advance(T* logits, int64_t ldc) {
     }
     const Slot& top = *layers_.back();
     gemm<T>(false, B_, C_, top.f.H, T(1), top.out.data(), top.f.H, wt_.data(), C_, T(0), logits,
-            ldc, GemmPath::automatic);
+            C_, GemmPath::automatic);
     if (bias_)
         for (int64_t b = 0; b < B_; ++b)
-            for (int64_t k = 0; k < C_; ++k) logits[b * ldc + k] += bias_[k];
+            for (int64_t k = 0; k < C_; ++k) logits[b * C_ + k] += bias_[k];
 }
 
 template <typename T>

@@ -51,9 +51,8 @@ int64_t sample_row(const T* logits, int64_t C, const SampleArgs& s, double u,
 template <typename T>
 class InferStack {
   public:
-    // table [V, I]: the rows ids select (an embedding's E; the identity for one-hot input), or
-    // null for float input (run() only); weight [C, H_top], bias [C] or null. The arrays must
-    // outlive this object.
+    // table [V, I]: the rows ids select (an embedding's E; the identity for one-hot input);
+    // weight [C, H_top], bias [C] or null. The arrays must outlive this object.
     InferStack(const std::vector<InferLayerArgs<T>>& layers, int64_t B, const T* table,
                int64_t V, int64_t I, const T* weight, const T* bias, int64_t C);
     ~InferStack();
@@ -69,11 +68,6 @@ class InferStack {
     // One step from ids [B] (each in [0, V): the caller checks them): the states move on and
     // logits [B,C] receive the head's output.
     void step(const int64_t* ids, T* logits);
-    // Steps over ids [B,T] (or, ids null, floats x [B,T,I]: the first layer's input itself)
-    // from the current states, the logits of step t into logits[:, t] ([B,T,C]); with lengths
-    // [B] (in [0, T]) row b stops at its length, as the training forward does: its state is
-    // then carried and its later steps' logits are the head's of a zero output.
-    void run(const int64_t* ids, const T* x, int64_t steps, const int64_t* lengths, T* logits);
     // `length` steps from ids [B]: each step's logits pick the next ids (u [length, B] uniform
     // draws; null for temperature 0), written to out [length, B] and fed to the next step. A
     // row that cannot be sampled (sample_row's codes) ends the call there, its code in out.
@@ -87,10 +81,7 @@ class InferStack {
     const T* weight_;
     const T* bias_;
     std::vector<std::unique_ptr<Slot>> layers_;
-    void gather(const int64_t* ids, int64_t stride);
-    void advance(T* logits, int64_t ldc);
     Buffer<T> x_, wt_, logits_;   // gathered rows [B, I], W^T [H_top, C], scratch logits [B, C]
-    std::vector<int64_t> alive_;  // run(): per row 1 while its sequence lasts, then 0
 };
 
 }  // namespace rk
