@@ -332,11 +332,16 @@ def load_model(path, backend="auto"):
     return model, vocab, user
 
 
+def check_checkpoint(path):
+    """FileNotFoundError (train first) or readable_file's error for ``--checkpoint path``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path}: checkpoint not found (train first: "
+                                f"python -m rnnkern train --checkpoint {path})")
+    readable_file(path, "--checkpoint")   # a directory, an empty file
+
+
 def sample(args):
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: checkpoint not found (train "
-                                f"first: train --checkpoint {args.checkpoint})")
-    readable_file(args.checkpoint, "--checkpoint")   # a directory, an empty file
+    check_checkpoint(args.checkpoint)
     model, vocab, _ = load_model(args.checkpoint, args.backend)
     text = sample_text(model, vocab, args.prime, args.length, args.temperature, args.top_k,
                        args.seed, args.checkpoint)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import elem_type
-from .signature import _host
+from ..device import to_host
 
 
 def one_hot(g, layer, ids):
@@ -23,16 +23,16 @@ def one_hot(g, layer, ids):
 
 def embedding(g, layer, ids):
     """``Embedding(V, E)``: a Gather of the table's rows, [T',B] -> [T',B,E]."""
-    table = g.const(_host(layer.params["weight"]).astype(layer.dtype), hint="embedding")
+    table = g.const(to_host(layer.params["weight"]).astype(layer.dtype), hint="embedding")
     return g.op("Gather", [table, ids], axis=0, hint="embedded")
 
 
 def dense(g, layer, x):
     """``Dense(F, O)``: ``x W^T + b`` on the last axis, any leading axes."""
-    w_t = g.const(_host(layer.params["weight"]).astype(layer.dtype).T, hint="dense_weight_t")
+    w_t = g.const(to_host(layer.params["weight"]).astype(layer.dtype).T, hint="dense_weight_t")
     y = g.op("MatMul", [x, w_t], hint="dense")
     if "bias" in layer.params:
-        y = g.op("Add", [y, g.const(_host(layer.params["bias"]).astype(layer.dtype),
+        y = g.op("Add", [y, g.const(to_host(layer.params["bias"]).astype(layer.dtype),
                                     hint="dense_bias")], hint="dense")
     return y
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..labs import CliParser, load_example, readable_file, run_cli
+from ..labs import CliParser, load_example, run_cli
 from . import signature
 
 
@@ -32,11 +32,8 @@ def parser(prog):
 
 def export_checkpoint(args):
     """Load the checkpoint, export it, say what was written; returns the ModelProto."""
-    path = args.checkpoint
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint {path}: checkpoint not found (train first: "
-                                f"python -m rnnkern train --checkpoint {path})")
-    readable_file(path, "--checkpoint")            # a directory, an empty file
+    char_rnn = load_example("char_rnn")
+    char_rnn.check_checkpoint(args.checkpoint)
     if os.path.isdir(args.onnx):
         raise IsADirectoryError(f"--onnx {args.onnx}: is a directory, not a file")
     try:
@@ -45,7 +42,7 @@ def export_checkpoint(args):
     except ImportError as exc:                     # one line, as every other bad setup here
         raise ValueError(str(exc)) from exc
     from .exporter import build_model, save
-    model, _, user = load_example("char_rnn").load_model(path)
+    model, _, user = char_rnn.load_model(args.checkpoint)
     model.eval()
     proto = build_model(model, with_lengths=args.with_lengths, with_state=args.with_state,
                         opset=args.opset)

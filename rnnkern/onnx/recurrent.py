@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .signature import _host
+from ..interop import _KERAS_GRU, _layer_arrays, _permute, _shift_forget
 
-ONNX_GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
+# block j of ONNX's gate order is block ORDER[j] of rnnkern's (PyTorch's): LSTM i,f,g,o ->
+# i,o,f,c; GRU r,z,n -> z,r,h (Keras's order too)
+ONNX_GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": _KERAS_GRU, "rnn": (0,)}
 
 
 def _weights(layer, k, d):
-    """(w_ih [G*H,In], w_hh [G*H,H], b_ih, b_hh [G*H]) of layer k, direction d, on the host."""
+    """(w_ih [G*H,In], w_hh [G*H,H], b_ih, b_hh [G*H]) of layer k, direction d: host copies,
+    TF1's ``forget_bias`` folded into b_ih's forget block (both forms add it there)."""
+    params = _layer_arrays(layer, "params")
+    if layer.spec.kind == "lstm":
+        _shift_forget(params, layer.hidden_size, layer.spec.forget_bias)
     sfx = "_reverse" if d else ""
-    return [_host(layer.params[f"{n}_l{k}{sfx}"]).astype(layer.dtype)
+    return [params[f"{n}_l{k}{sfx}"].astype(layer.dtype)
             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-
-
-def _reorder(a, order, H):
-    return np.concatenate([a[j * H:(j + 1) * H] for j in order], axis=0)
 
 
 def _layer_states(g, state, D, k):
@@ -77,12 +79,9 @@ def _operator_layer(g, steps, layer, k, x, h0, c0, want_state):
     W, R, Bias = [], [], []
     for d in range(D):
         w_ih, w_hh, b_ih, b_hh = _weights(layer, k, d)
-        if spec.kind == "lstm" and spec.forget_bias:
-            b_ih = b_ih.copy()
-            b_ih[H:2 * H] += np.asarray(spec.forget_bias, dtype=layer.dtype)
-        W.append(_reorder(w_ih, order, H))
-        R.append(_reorder(w_hh, order, H))
-        Bias.append(np.concatenate([_reorder(b_ih, order, H), _reorder(b_hh, order, H)]))
+        W.append(_permute(w_ih, order, H))
+        R.append(_permute(w_hh, order, H))
+        Bias.append(np.concatenate([_permute(b_ih, order, H), _permute(b_hh, order, H)]))
     op = spec.kind.upper()
     attrs = dict(hidden_size=H, direction="bidirectional" if D == 2 else "forward")
     if spec.kind == "rnn":
@@ -176,15 +175,10 @@ def _cell_body(g, spec, H, dtype, w_hh, b_hh):
 
     c_new = None
     if spec.kind == "rnn":
-        a = b.op("Add", [b.op("Add", [gx, b.op("MatMul", [h, b.const(w_hh.T, hint="W_hh_t")])]),
-                         b.const(b_hh, hint="b_hh")])
+        a = b.op("Add", [gx, matmul_add(h, w_hh, b_hh)])
         h_new = b.op("Relu" if spec.nonlinearity == "relu" else "Tanh", [a])
     elif lstm:
-        a = b.op("Add", [b.op("Add", [gx, b.op("MatMul", [h, b.const(w_hh.T, hint="W_hh_t")])]),
-                         b.const(b_hh, hint="b_hh")])
-        a_i, a_f, a_g, a_o = split(a, 4)
-        if spec.forget_bias:
-            a_f = b.op("Add", [a_f, b.const(np.asarray(spec.forget_bias, dtype))])
+        a_i, a_f, a_g, a_o = split(b.op("Add", [gx, matmul_add(h, w_hh, b_hh)]), 4)
         i, f, o = (b.op("Sigmoid", [v]) for v in (a_i, a_f, a_o))
         c_new = b.op("Add", [b.op("Mul", [f, c]), b.op("Mul", [i, b.op("Tanh", [a_g])])])
         h_new = b.op("Mul", [o, b.op("Tanh", [c_new])])

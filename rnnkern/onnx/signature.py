@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import _Recurrent
+from ..device import to_host
+from ..model import _is_recurrent
 
 INPUT, LENGTHS, OUTPUT = "input", "lengths", "output"
 
 
 def recurrent_layers(model):
     """``[(i, layer)]`` for every recurrent layer of the model, in order."""
-    return [(i, layer) for i, layer in enumerate(model.layers) if isinstance(layer, _Recurrent)]
+    return [(i, layer) for i, layer in enumerate(model.layers) if _is_recurrent(layer)]
 
 
 def state_names(i, layer, prefix):
@@ -52,20 +53,16 @@ def output_names(model, *, with_state=False):
     return names
 
 
-def _host(a):
-    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
-
-
 def feeds(model, x, *, lengths=None, initial_state=None, with_state=False):
     """The input dict of an exported model for ``model.forward(x, initial_state, lengths)``:
     ``input`` (ids as int64, floats in the first layer's dtype), ``lengths`` (int64) when
     given, and, when ``with_state``, every ``initial_h.{i}``/``initial_c.{i}`` from
     ``initial_state`` (Sequential's tuple, one entry per layer; None or a None entry: zeros).
     Pass ``lengths`` exactly when the model was exported ``with_lengths``."""
-    x = _host(x)
+    x = to_host(x)
     feed = {INPUT: x.astype(np.int64) if x.dtype.kind in "iu" else x.astype(input_dtype(model))}
     if lengths is not None:
-        feed[LENGTHS] = _host(lengths).astype(np.int64)
+        feed[LENGTHS] = to_host(lengths).astype(np.int64)
     if with_state:
         B = x.shape[0]
         for i, layer in recurrent_layers(model):
@@ -74,7 +71,7 @@ def feeds(model, x, *, lengths=None, initial_state=None, with_state=False):
             shape = (layer.num_directions * layer.num_layers, B, layer.hidden_size)
             for name, part in zip(state_names(i, layer, "initial"), parts):
                 feed[name] = (np.zeros(shape, layer.dtype) if part is None
-                              else _host(part).astype(layer.dtype))
+                              else to_host(part).astype(layer.dtype))
     return feed
 
 
