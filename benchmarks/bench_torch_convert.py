@@ -157,17 +157,15 @@ def breakdown(torch, rkt_stack, base_rnn, conv_rnn, x_example, steps, repeats):
 
     cfg = conv_rnn._stack_config
     xa = np.ascontiguousarray(x.numpy())
-    D, L, H, B = conv_rnn.num_directions, conv_rnn.num_layers, conv_rnn.hidden_size, x.shape[0]
-    h0 = np.zeros((D * L, B, H), np.float32)
     weights = [w.detach().numpy() for w in conv_rnn._weights()]
-    c0 = h0 if cfg.spec.has_cell_state else None
     d_a = d_out.numpy()
 
     backend = resolve(cfg.backend, xa)
 
     def seam():
         with KernelThreads(backend):
-            record = rkt_stack.forward(cfg, xa, h0, c0, None, weights, backend=backend)[3]
+            # no initial state, as the module is called (hx=None): no state gradients formed
+            record = rkt_stack.forward(cfg, xa, None, None, None, weights, backend=backend)[3]
             rkt_stack.backward(record, d_a)
     fns = {"torch module": module_step(base_rnn), "converted module": module_step(conv_rnn),
            "seam": seam}

@@ -282,11 +282,7 @@ class _Recurrent:
             reverse half), and the final state with the structure of ``initial_state`` (LSTM
             ``(h_n, c_n)``, else ``h_n``), each [D*L,B,H].
         """
-        x, xp = self._check_x(x)
-        B, T, _ = x.shape
-        lengths = self._check_lengths(lengths, B, T, xp)
-        h0, c0 = self._split_state(initial_state, B, xp)
-        return self._forward_validated(x, h0, c0, lengths, xp)
+        return self._forward_validated(*self._checked(x, initial_state, lengths))
 
     def infer(self, x, initial_state=None, lengths=None):
         """:meth:`forward` for inference: no dropout and nothing kept for :meth:`backward`.
@@ -296,11 +292,15 @@ class _Recurrent:
         activations fit ``config.INFER_CHUNK_BYTES``: memory bounded whatever T is, rather than
         O(B*T*G*H) (:func:`rnnkern.recurrent_stack.run_unsaved`). The outputs are those of
         :meth:`forward` in eval mode."""
+        return self._forward_validated(*self._checked(x, initial_state, lengths), keep=False)
+
+    def _checked(self, x, initial_state, lengths):
+        """forward's and infer's arguments checked: (x, h0, c0, lengths, xp)."""
         x, xp = self._check_x(x)
         B, T, _ = x.shape
         lengths = self._check_lengths(lengths, B, T, xp)
         h0, c0 = self._split_state(initial_state, B, xp)
-        return self._forward_validated(x, h0, c0, lengths, xp, keep=False)
+        return x, h0, c0, lengths, xp
 
     def _forward_validated(self, x, h0, c0, lengths, xp=np, keep=True):
         """:meth:`forward` after its checks (the step plan's seam stack calls it directly):
@@ -318,9 +318,6 @@ class _Recurrent:
             masks = [dropout_mask(self._rng, (B, T, D * self.hidden_size), self.dropout,
                                   self.dtype, device=device_of(x)) for _ in range(L - 1)]
         cfg = self._stack_config
-        if cfg.backend != self.backend:
-            cfg = self._stack_config = recurrent_stack.StackConfig(
-                self.spec, L, self.bidirectional, self.backend)
         weights = [w for k in range(L) for d in range(D) for w in self._layer_weights(k, xp, d)]
         self._saved = None  # the last call's activations go before this call's are made
         out, h_n, c_n, self._saved = recurrent_stack.forward(

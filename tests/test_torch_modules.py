@@ -81,13 +81,13 @@ def assert_parity(ref, ours, x_ref, x_ours, hx_ref, hx_ours, seed=1):
     o1, s1, gi1, gp1 = run_and_grad(ref, x_ref, hx_ref, w)
     o2, s2, gi2, gp2 = run_and_grad(ours, x_ours, hx_ours, w)
     close(o2, o1, "output")
-    for k, (a, b) in enumerate(zip(s2, s1)):
+    for k, (a, b) in enumerate(zip(s2, s1, strict=True)):
         close(a, b, f"final state {k}")
-    for k, (a, b) in enumerate(zip(gi2, gi1)):
+    for k, (a, b) in enumerate(zip(gi2, gi1, strict=True)):
         close(a, b, f"gradient of input/initial state {k}")
     names = [n for n, _ in ref.named_parameters()]
     assert names == [n for n, _ in ours.named_parameters()]
-    for n, a, b in zip(names, gp2, gp1):
+    for n, a, b in zip(names, gp2, gp1, strict=True):
         close(a, b, f"gradient of {n}")
 
 
@@ -127,7 +127,8 @@ def test_state_dict_both_ways_and_same_initialisation(nn_name):
     ref = getattr(torch.nn, nn_name)(5, 6, 2, bidirectional=True)
     torch.manual_seed(3)
     mine = getattr(rkt, nn_name)(5, 6, 2, bidirectional=True)
-    for (n1, a), (n2, b) in zip(ref.state_dict().items(), mine.state_dict().items()):
+    for (n1, a), (n2, b) in zip(ref.state_dict().items(), mine.state_dict().items(),
+                                strict=True):
         assert n1 == n2 and torch.equal(a, b), n1   # torch.nn's draws, in its order
     other = getattr(rkt, nn_name)(5, 6, 2, bidirectional=True)
     other.load_state_dict(ref.state_dict())

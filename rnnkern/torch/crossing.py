@@ -12,17 +12,9 @@ import contextlib
 import numpy as np
 import torch
 
+from rnnkern.device import cupy_module
 
-def cupy_module():
-    """CuPy, or a RuntimeError saying how to install it."""
-    try:
-        import cupy
-    except ImportError as exc:
-        raise RuntimeError(
-            "rnnkern.torch runs CUDA tensors on rnnkern's 'cuda' backend, which needs CuPy "
-            "(pip install cupy-cuda12x, matching your CUDA); it is not importable: "
-            f"{exc}") from exc
-    return cupy
+_CUDA_TENSORS = "rnnkern.torch with CUDA tensors (run on rnnkern's 'cuda' backend)"
 
 
 def to_array(t):
@@ -33,7 +25,7 @@ def to_array(t):
     if t.device.type == "cpu":
         return t.numpy()
     if t.device.type == "cuda":
-        return cupy_module().from_dlpack(t)
+        return cupy_module(_CUDA_TENSORS).from_dlpack(t)
     raise ValueError(f"rnnkern.torch runs CPU and CUDA tensors, got a tensor on {t.device}")
 
 
@@ -51,7 +43,7 @@ def device_scope(device):
     the kernels queue behind (and ahead of) torch's own work; nothing for the CPU."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    cupy = cupy_module()
+    cupy = cupy_module(_CUDA_TENSORS)
     scope = contextlib.ExitStack()
     scope.enter_context(cupy.cuda.Device(device.index))
     scope.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream))

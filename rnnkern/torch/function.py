@@ -29,7 +29,8 @@ import torch
 from rnnkern import backends
 from rnnkern import recurrent_stack as stack
 from rnnkern.cellspec import CellSpec
-from rnnkern.torch.crossing import cupy_module, device_scope, to_array, to_tensor
+from rnnkern.device import to_device
+from rnnkern.torch.crossing import device_scope, to_array, to_tensor
 from rnnkern.torch.threads import KernelThreads
 
 DOUBLE_BACKWARD_ERROR = (
@@ -43,7 +44,7 @@ def _lengths_array(lengths, x):
     if lengths is None:
         return None
     a = lengths.detach().to("cpu", torch.int64).contiguous().numpy()
-    return a if isinstance(x, np.ndarray) else cupy_module().asarray(a)
+    return a if isinstance(x, np.ndarray) else to_device(a, "cuda")
 
 
 def _run_forward(cfg, x, h0, c0, lengths, masks, weights):
