@@ -8,7 +8,10 @@ One place for the array-module logic every layer, module, loss and optimizer sha
 - :func:`to_device` / :func:`to_host` -- copies between them (a missing CuPy raises
   ImportError naming the package to install);
 - :func:`check_device` -- validates a ``device`` argument;
-- :func:`check_same_device` -- the error for an input on another device than the parameters.
+- :func:`check_same_device` -- the error for an input on another device than the parameters;
+- :func:`check_finite` / :func:`check_range` -- the value checks of inputs, made on the host
+  always and on the GPU only when ``config.CHECK_FINITE_ON_DEVICE`` asks (:func:`scanned`: the
+  answer is a device-to-host read, which stalls the host until the GPU is done).
 
     >>> from rnnkern.device import to_device
     >>> x_gpu = to_device(x, "cuda")          # what model.to("cuda") takes as input
@@ -18,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["DEVICES", "CUPY_MISSING", "array_module", "is_device_array", "device_of",
-           "check_device", "cupy_module", "to_device", "to_host", "check_same_device"]
+           "check_device", "cupy_module", "to_device", "to_host", "check_same_device",
+           "scanned", "check_finite", "check_range"]
 
 DEVICES = ("cpu", "cuda")
 
@@ -92,3 +96,25 @@ def check_same_device(a, device, what, owner):
         raise ValueError(f"{owner}: {what} is on {got!r} but the parameters are on {device!r}; "
                          f"move the input with rnnkern.device.to_device({what}, {device!r}) "
                          f"or the model with .to({got!r})")
+
+
+def scanned(a):
+    """Whether ``a``'s values are checked: a non-empty host array always, a device array only
+    when ``config.CHECK_FINITE_ON_DEVICE`` is set."""
+    from . import config
+    return bool(a.size) and (not is_device_array(a) or config.CHECK_FINITE_ON_DEVICE)
+
+
+def check_finite(a, name):
+    """ValueError naming ``name`` when ``a`` (if :func:`scanned`) holds NaN or infinity."""
+    if scanned(a) and not bool(array_module(a).isfinite(a).all()):
+        raise ValueError(f"{name} contains NaN or infinity")
+
+
+def check_range(a, name, low, high, what):
+    """ValueError naming ``name`` unless every value of integer array ``a`` (if
+    :func:`scanned`) lies in [low, high); ``what`` writes that range for the message."""
+    if scanned(a):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < low or hi >= high:
+            raise ValueError(f"{name} must lie in {what}, got min {lo} and max {hi}")

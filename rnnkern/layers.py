@@ -13,10 +13,11 @@ import numbers
 
 import numpy as np
 
-from . import backends, config, recurrent_stack
+from . import backends, recurrent_stack
 from .cellspec import CellSpec
 from .device import array_module as _xp
-from .device import check_device, check_same_device, device_of, to_device, to_host
+from .device import (check_device, check_finite, check_range, check_same_device, device_of,
+                     to_device, to_host)
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -53,15 +54,6 @@ def dropout_mask(rng, shape, p, dtype, out=None, device="cpu"):
         return elementwise.dropout_mask(key, shape, p, dtype, out=out)
     keep = 1.0 - p
     return np.multiply(rng.random(shape) < keep, np.asarray(1.0 / keep).astype(dtype), out=out)
-
-
-def _has_nonfinite(a, xp):
-    """True when ``a`` holds NaN or infinity. Device (CuPy) arrays are scanned only when
-    ``config.CHECK_FINITE_ON_DEVICE`` is set: the answer is a device-to-host read, which stalls
-    the host until the GPU has finished all queued work, on every call."""
-    if not a.size or (xp is not np and not config.CHECK_FINITE_ON_DEVICE):
-        return False
-    return not bool(xp.isfinite(a).all())
 
 
 class _Recurrent:
@@ -199,8 +191,7 @@ class _Recurrent:
             raise ValueError(f"x.shape[-1] must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[2]}")
         x = xp.ascontiguousarray(x, dtype=self.dtype)
-        if _has_nonfinite(x, xp):
-            raise ValueError("x contains NaN or infinity")
+        check_finite(x, "x")
         return x, xp
 
     def _check_lengths(self, lengths, B, T, xp=np):
@@ -218,11 +209,7 @@ class _Recurrent:
             raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (B,):
             raise ValueError(f"lengths must have shape [B] = ({B},), got {tuple(lengths.shape)}")
-        if B and (not on_device or config.CHECK_FINITE_ON_DEVICE):
-            low, high = int(lengths.min()), int(lengths.max())
-            if low < 0 or high > T:
-                raise ValueError(f"lengths must lie in [0, T] = [0, {T}], "
-                                 f"got min {low} and max {high}")
+        check_range(lengths, "lengths", 0, T + 1, f"[0, T] = [0, {T}]")
         return xp.ascontiguousarray(xp.asarray(lengths), dtype=np.int64)
 
     def _check_state(self, state, name, B, xp):
@@ -238,8 +225,7 @@ class _Recurrent:
         if tuple(state.shape) != shape:
             raise ValueError(f"{name} must have shape {self._state_layout()} = {shape}, "
                              f"got {tuple(state.shape)}")
-        if _has_nonfinite(state, _xp(state)):  # before any copy to the device: NumPy is scanned
-            raise ValueError(f"{name} contains NaN or infinity")
+        check_finite(state, name)  # before any copy to the device: NumPy is scanned
         return xp.ascontiguousarray(xp.asarray(state), dtype=self.dtype)
 
     def _split_state(self, initial_state, B, xp):

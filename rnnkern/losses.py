@@ -24,23 +24,18 @@ import numbers
 
 import numpy as np
 
-from . import config
-from .device import array_module, device_of, is_device_array, to_device, to_host
+from .device import (array_module, check_finite, check_range, device_of, is_device_array,
+                     to_device, to_host)
 
 __all__ = ["sequence_loss", "mse", "sum_squares", "one_hot"]
 
 _EPS = 1e-12  # TF sequence_loss adds it to the weight total
 
 
-def _scanned(a):
-    """Whether ``a`` is checked for values: always on the host, on the GPU only on request."""
-    return a.size and (not is_device_array(a) or config.CHECK_FINITE_ON_DEVICE)
-
-
 def _float_array(value, name, allow_int=False, device="cpu"):
     """A float array on ``device`` from ``value``; Python lists become float64. Integer/bool
     arrays are refused unless ``allow_int`` (masks, integer targets), which casts them to
-    float64. Scanned for NaN/infinity where it is before any move (:func:`_scanned`)."""
+    float64. Scanned for NaN/infinity where it is before any move (:func:`device.scanned`)."""
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         a = to_host(value) if device == "cpu" else (
             value if is_device_array(value) else np.asarray(value))
@@ -53,23 +48,20 @@ def _float_array(value, name, allow_int=False, device="cpu"):
             a = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be an array of numbers: {exc}") from None
-    if _scanned(a) and not bool(array_module(a).isfinite(a).all()):
-        raise ValueError(f"{name} contains NaN or infinity")
+    check_finite(a, name)
     return to_device(a, device)
 
 
 def _int_array(value, name, limit=None, what="", device="cpu"):
     """An integer array on ``device`` from ``value``; with ``limit``, its values must lie in
     [0, limit) (``what`` names that range in the error), checked where it is before any move
-    (:func:`_scanned`)."""
+    (:func:`device.scanned`)."""
     a = to_host(value) if device == "cpu" else (
         value if is_device_array(value) else np.asarray(value))
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
-    if limit is not None and _scanned(a):
-        low, high = int(a.min()), int(a.max())
-        if low < 0 or high >= limit:
-            raise ValueError(f"{name} must lie in {what}, got min {low} and max {high}")
+    if limit is not None:
+        check_range(a, name, 0, limit, what)
     return to_device(a, device)
 
 

@@ -19,9 +19,8 @@ import numbers
 
 import numpy as np
 
-from . import config
-from .device import (array_module, check_device, check_same_device, device_of, is_device_array,
-                     to_device)
+from .device import (array_module, check_device, check_range, check_same_device, device_of,
+                     is_device_array, to_device)
 from .layers import _as_dtype, _positive_int, dropout_mask
 
 
@@ -36,10 +35,7 @@ def _check_ids(x, limit, name):
     x = _as_array(x)
     if x.dtype.kind not in "iu":
         raise TypeError(f"{name} input must be integer ids, got dtype {x.dtype}")
-    if x.size and (not is_device_array(x) or config.CHECK_FINITE_ON_DEVICE):
-        low, high = int(x.min()), int(x.max())
-        if low < 0 or high >= limit:
-            raise ValueError(f"{name} ids must lie in [0, {limit}), got min {low} and max {high}")
+    check_range(x, f"{name} ids", 0, limit, f"[0, {limit})")
     return x
 
 
@@ -337,10 +333,7 @@ class LastStep(Module):
             if idx.dtype.kind not in "iu" or idx.shape != (B,):
                 raise ValueError(f"lengths must be integers of shape [B] = ({B},), "
                                  f"got {idx.dtype} {idx.shape}")
-            # GPU lengths: checked only on request (a device-to-host read), as the layers do
-            if B and (not is_device_array(idx) or config.CHECK_FINITE_ON_DEVICE) and (
-                    int(idx.min()) < 0 or int(idx.max()) > T):
-                raise ValueError(f"lengths must lie in [0, T] = [0, {T}]")
+            check_range(idx, "lengths", 0, T + 1, f"[0, T] = [0, {T}]")
             idx = xp.asarray(idx).astype(np.int64) - 1      # on x's device
         self._saved = (x.shape, x.dtype, idx)
         if T == 0:  # no step to take: every row is a length-0 row

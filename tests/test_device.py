@@ -14,6 +14,7 @@ device.
 
 Shape legend: B batch, T time steps, V vocabulary, E embedding width, H hidden, N elements.
 """
+import os
 import subprocess
 import sys
 
@@ -115,11 +116,19 @@ def test_missing_cupy_names_what_to_install():
     assert cuda.available() == (False, device.CUPY_MISSING)
 
 
-def test_importing_rnnkern_leaves_cupy_alone():
+def test_importing_rnnkern_leaves_cupy_alone(tmp_path):
+    """A stand-in cupy on the path that ends the process when imported: even a guarded import
+    (try: import cupy) at import time would show, where CuPy is not installed."""
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text("import os\nos._exit(17)\n")
     code = ("import sys, rnnkern, rnnkern.device, rnnkern.backends.cuda.elementwise; "
             "print('cupy' in sys.modules)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert (res.returncode, res.stdout.strip()) == (0, "False"), res.stderr[-2000:]
+    probe = subprocess.run([sys.executable, "-c", "import cupy"], env=env)
+    assert probe.returncode == 17                  # the stand-in is what 'import cupy' finds
 
 
 # ====================================================================== to() and .device

@@ -148,19 +148,33 @@ def test_bad_x(cls):
 
 
 def test_nan_scan_of_device_arrays_only_when_asked(monkeypatch):
-    """NumPy arrays are always scanned; a device array module (a stand-in for CuPy here) only
-    with config.CHECK_FINITE_ON_DEVICE, since the answer is a device-to-host read."""
-    import types
-    from rnnkern import config, layers
+    """NumPy arrays are always scanned; a device array (a stand-in for CuPy here) only with
+    config.CHECK_FINITE_ON_DEVICE, since the answer is a device-to-host read: the NaN check
+    and the range check alike (rnnkern.device.check_finite / check_range)."""
+    from rnnkern import config, device
+
+    class StandIn(np.ndarray):
+        pass
+    StandIn.__module__ = "cupy._stand_in"       # what device.is_device_array looks at
+    monkeypatch.setattr(device, "array_module", lambda a: np)
     a = np.zeros((2, 3))
     a[1, 2] = np.inf
-    device = types.SimpleNamespace(isfinite=np.isfinite)
-    assert layers._has_nonfinite(a, np) and not layers._has_nonfinite(a[:1], np)
+    on_device = a.view(StandIn)
+    assert device.is_device_array(on_device) and not device.is_device_array(a)
+    with pytest.raises(ValueError, match="x contains NaN or infinity"):
+        device.check_finite(a, "x")
+    device.check_finite(a[:1], "x")
+    ids = np.array([0, 5])
     monkeypatch.setattr(config, "CHECK_FINITE_ON_DEVICE", False)
-    assert layers._has_nonfinite(a, np)
-    assert not layers._has_nonfinite(a, device)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\), got min 0 and max 5"):
+        device.check_range(ids, "ids", 0, 5, "[0, 5)")
+    device.check_finite(on_device, "x")          # not scanned
+    device.check_range(ids.view(StandIn), "ids", 0, 5, "[0, 5)")
     monkeypatch.setattr(config, "CHECK_FINITE_ON_DEVICE", True)
-    assert layers._has_nonfinite(a, device)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        device.check_finite(on_device, "x")
+    with pytest.raises(ValueError, match="ids must lie in"):
+        device.check_range(ids.view(StandIn), "ids", 0, 5, "[0, 5)")
 
 
 @pytest.mark.parametrize("lengths,exc,match", [

@@ -37,6 +37,12 @@ enum { RK_RNN = 0, RK_LSTM = 1, RK_GRU = 2 };
 #define RK_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// A grid-stride loop over elements e in [0, n) of the element-wise kernels (optim.cu,
+// dropout.cu): any 1-D grid covers any n.
+#define RK_FOR_EACH_ELEMENT(n)                                                      \
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (n);   \
+         e += (long long)gridDim.x * blockDim.x)
+
 // Loads of buffers that other blocks of the same launch write (h_all, rh, d_gh): through L2
 // only, because L1 is not coherent between SMs.
 template <typename T>

@@ -26,8 +26,7 @@ RK_HD inline unsigned long long rk_splitmix64(unsigned long long key, unsigned l
 extern "C" __global__ void rk_dropout_mask(long long n, real* out, long long key,
                                            long long threshold, real scale) {
     const unsigned long long k = (unsigned long long)key;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += (long long)gridDim.x * blockDim.x) {
+    RK_FOR_EACH_ELEMENT(n) {
         const long long u53 = (long long)(rk_splitmix64(k, (unsigned long long)e) >> 11);
         out[e] = u53 < threshold ? scale : (real)0;
     }

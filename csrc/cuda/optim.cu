@@ -61,9 +61,6 @@ __device__ __forceinline__ bool rk_finite(double x) { return rk_sub(x, x) == 0.0
 // Every update kernel starts with RK_GATE: a step the gate stopped reads and writes nothing.
 #define RK_GATE(flags) \
     if (!(flags)[0]) return
-#define RK_FOR_EACH_ELEMENT(n)                                                      \
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (n);   \
-         e += (long long)gridDim.x * blockDim.x)
 
 // The step gate, launched with ONE thread before the update kernels (n is 1). go = the loss is
 // finite (always, when has_loss is 0: a plain optimizer.step); a go step advances t and marks
