@@ -15,8 +15,9 @@ read and how the sampled ids are written after it.
   output layer's bias starts at the log unigram frequencies of the training tokens (add-one
   smoothed) instead of zeros (Karpathy's "init well"): from zeros, the 2-layer LSTM's top layer
   saturated to a constant that carried the unigram distribution to the head within the first
-  100 steps (|h| ~0.94), and training stalled there: validation perplexity ~340, near the
-  unigram model's 357, for 6+ epochs (PyTorch from the same start: the same for the 2 epochs
+  100 steps (|h| ~0.94), and training stalled there: validation perplexity ~340, worse than
+  an add-one unigram model of the training tokens (303.0 on the same validation tokens), for
+  6+ epochs (PyTorch from the same start: the same for the 2 epochs
   measured). With this init: 132 after 3 epochs, 116 after 8. The benchmark's word-rnn workload
   (benchmarks/bench_e2e.py) starts both rnnkern and PyTorch this way.
 """
