@@ -45,6 +45,7 @@ import numpy as np
 
 import rnnkern as rk
 import rnnkern.config
+from rnnkern.backends import numba_runtime
 from rnnkern.examples._common import add_common_args, parse, tf1_glorot_init
 from rnnkern.examples._levels import LEVELS, level_of, level_of_checkpoint, note
 from rnnkern.labs import CliParser, readable_file, run_cli
@@ -179,7 +180,7 @@ def ranks_of(args):
     if not args.distributed:
         return None, True
     group = rk.distributed.MPIGroup()
-    threads = max(1, len(os.sched_getaffinity(0)) // group.ranks_on_this_node())
+    threads = max(1, numba_runtime._cpus() // group.ranks_on_this_node())
     rk.config.NUMBA_THREADS = threads
     if rk.available_backends()["cpp"][0]:
         rk.config.CPP_THREADS = threads

@@ -321,7 +321,7 @@ class TrainStep:
         (over the flat buffers of the :class:`DevicePlan`, or the parameter dicts with
         ``generic=True`` or a model it cannot lay out flat). The output is not scanned for
         NaN (a read); a NaN there makes the loss NaN, which the gate stops."""
-        xp = array_module(next(iter(self.model.params.values()), np.zeros(0)))
+        xp = array_module(x)    # the model's device: the caller routed a device batch here
         plan = self._device_plan_for(xp)
         state, value, d_pred = self._forward_loss(x, y, initial_state, lengths, weights,
                                                   return_state, scan=False)
